@@ -1,0 +1,54 @@
+# Everything a fresh Debian 12 machine needs is installed from here; nothing by hand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := wireguard-go wireguard-tools coturn iperf3 nftables iproute2 iputils-ping procps
+# npm comes with nodejs on machines that use NodeSource's build; Debian's own nodejs needs its npm package.
+NODE_PACKAGES := nodejs npm
+PYTEST_ARGS ?=
+
+.PHONY: setup deb venv js test lint typecheck demo bench clean
+
+setup: deb venv js
+
+# Installs only what is missing, so a second run is quick and needs no network.
+deb:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(NODE_PACKAGES) >/dev/null; }
+	@# coturn's package starts a system turnserver; our tests start their own on chosen ports.
+	@-systemctl disable --now coturn >/dev/null 2>&1 || true
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+js: lab/js/node_modules/.installed
+
+lab/js/node_modules/.installed: lab/js/package.json
+	cd lab/js && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+typecheck: venv
+	$(VENV)/bin/mypy protocol dataplane agent lab tests
+
+test: setup lint typecheck
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m lab.demo
+
+clean:
+	rm -rf $(VENV) lab/js/node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Drivers: the only part of the data plane that touches sockets, threads, TUN devices and the clock."""

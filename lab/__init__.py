@@ -1,0 +1,1 @@
+"""The local world: dev portal, netns topologies, relay launcher, demo and benchmarks."""

@@ -1,0 +1,1 @@
+"""The portal wire protocol: pure, sans-IO (no sockets, clocks, threads or randomness)."""

@@ -1,0 +1,67 @@
+"""Fixtures every test gets: no ERROR log records, no leaked threads, no leaked namespaces (design.md §6)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lab.netns import leftover_namespaces
+
+
+class _ErrorRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_error_logs: the test provokes ERROR log records on purpose")
+
+
+@pytest.fixture(autouse=True)
+def _no_error_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    recorder = _ErrorRecorder()
+    root = logging.getLogger()
+    root.addHandler(recorder)
+    try:
+        yield
+    finally:
+        root.removeHandler(recorder)
+    if recorder.records and request.node.get_closest_marker("allow_error_logs") is None:
+        lines = "\n".join(f"{r.name}: {r.getMessage()}" for r in recorder.records[:10])
+        pytest.fail(f"ERROR log records during the test:\n{lines}")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 3.0
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        # asyncio's default executor threads and pytest-timeout's watchdog are not ours to join.
+        leaked = [t for t in leaked if not t.name.startswith(("asyncio_", "ThreadPoolExecutor", "pytest_timeout"))]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if leaked:
+        pytest.fail(f"threads left running: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_namespaces(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("integration") is None:
+        yield
+        return
+    before = set(leftover_namespaces())
+    yield
+    leaked = set(leftover_namespaces()) - before
+    if leaked:
+        pytest.fail(f"network namespaces left behind: {sorted(leaked)}")

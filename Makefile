@@ -50,5 +50,10 @@ test: setup lint typecheck
 demo: setup
 	$(PY) -m lab.demo
 
+# Data-plane benchmarks in network namespaces; wireguard-go is measured in the same run as the reference.
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m lab.bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) lab/js/node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,163 @@
+"""``firezone-gateway``: configuration → health server → portal link → event loop (portal-protocol.md §5).
+
+Exit codes: 0 clean shutdown (SIGTERM/SIGINT), 1 fatal portal error, 2 bad configuration. Errors are one line
+``error: ...`` on stderr; logs go to stderr too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent.config import ConfigError, Settings, load_settings
+from agent.eventloop import AuthorizationBook, Eventloop
+from agent.health import HealthServer, MetricsText
+from agent.logs import RedactingFilter, configure_logging
+from agent.portal import PortalLink
+from dataplane.io.rng import SystemRng
+from protocol.errors import PortalError
+from protocol.phoenix import ChannelEvent
+
+logger = logging.getLogger("agent.main")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+
+def generate_key_pair() -> tuple[X25519PrivateKey, str]:
+    """A fresh X25519 WireGuard key pair per process start, never persisted; public key as 44-char base64."""
+    private_key = X25519PrivateKey.generate()
+    public_raw = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return private_key, base64.b64encode(public_raw).decode()
+
+
+class Gateway:
+    """The running agent: one portal link, the event loop over the gateway state, the health server."""
+
+    def __init__(self, settings: Settings, public_key_b64: str) -> None:
+        self.settings = settings
+        self.public_key_b64 = public_key_b64
+        self.link = PortalLink(
+            api_url=settings.api_url,
+            firezone_id=settings.firezone_id,
+            name=settings.name,
+            public_key_b64=public_key_b64,
+            token=settings.token,
+            rng=SystemRng(),
+            wall_clock=time.time,
+            heartbeat_interval=settings.heartbeat_interval,
+            max_partition_time=settings.max_partition_time,
+        )
+        self.state = AuthorizationBook(wall_clock=time.time)
+        self.eventloop = Eventloop(self.link, self.state, time.monotonic)
+        host, port = settings.health_check_addr
+        self.health = HealthServer(host, port, ready=self.ready, metrics=self.metrics)
+
+    def ready(self) -> bool:
+        return self.link.joined and self.eventloop.init_applied
+
+    def metrics(self) -> str:
+        stats = self.link.stats
+        text = MetricsText()
+        text.family("firezone_gateway_up", "gauge", "1 while the event loop runs.", [({}, 1)])
+        text.family("firezone_portal_joined", "gauge", "1 while joined to the portal.", [({}, int(self.link.joined))])
+        text.family("firezone_portal_ready", "gauge", "1 when joined and init applied.", [({}, int(self.ready()))])
+        text.family(
+            "firezone_portal_connect_attempts_total",
+            "counter",
+            "WebSocket connect attempts.",
+            [({}, stats.connect_attempts)],
+        )
+        text.family(
+            "firezone_portal_reconnects_total",
+            "counter",
+            "Connect attempts after a first join.",
+            [({}, stats.reconnects)],
+        )
+        text.family("firezone_portal_joins_total", "counter", "Successful channel joins.", [({}, stats.joins)])
+        text.family(
+            "firezone_portal_messages_received_total",
+            "counter",
+            "Portal pushes by event.",
+            [({"event": event}, count) for event, count in sorted(stats.received.items())],
+        )
+        text.family(
+            "firezone_portal_messages_sent_total",
+            "counter",
+            "Frames sent to the portal by event.",
+            [({"event": event}, count) for event, count in sorted(stats.sent.items())],
+        )
+        drops = [({"layer": "phoenix", "reason": r}, n) for r, n in sorted(self.link.channel.drops.counts.items())]
+        drops += [({"layer": "messages", "reason": r}, n) for r, n in sorted(self.eventloop.drops.counts.items())]
+        text.family("firezone_portal_drops_total", "counter", "Portal input dropped, by reason.", drops)
+        text.family(
+            "firezone_clients", "gauge", "Clients with at least one authorization.", [({}, len(self.state.clients))]
+        )
+        return text.render()
+
+    def _on_channel_event(self, event: ChannelEvent) -> None:
+        self.eventloop.handle_channel_event(event)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self.health.start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._request_shutdown, signum)
+        ticks = asyncio.ensure_future(self.eventloop.run_ticks())
+        logger.info(
+            "starting gateway",
+            extra={"firezone_id_source": self.settings.firezone_id_source, "gateway_name": self.settings.name},
+        )
+        try:
+            await self.link.run(self._on_channel_event)
+        except PortalError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_FATAL
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            ticks.cancel()
+            await asyncio.gather(ticks, return_exceptions=True)
+            await self.health.stop()
+        logger.info("shut down cleanly")
+        return EXIT_OK
+
+    def _request_shutdown(self, signum: int) -> None:
+        logger.info("received %s; shutting down", signal.Signals(signum).name)
+        self.link.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv, os.environ)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    redactor: RedactingFilter = configure_logging(
+        settings.log_format, settings.log_spec, secrets=[settings.token.reveal()]
+    )
+    del redactor
+    _private_key, public_key_b64 = generate_key_pair()
+    gateway = Gateway(settings, public_key_b64)
+    try:
+        return asyncio.run(gateway.run())
+    except OSError as exc:
+        # E.g. the health port is taken: nothing else can work either.
+        print(f"error: {exc.__class__.__name__}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+"""``firezone-wg [-f] IFNAME``: a userspace WireGuard daemon that the stock `wg` tool configures, like wireguard-go.
+
+It creates the TUN device, serves the UAPI on ``/var/run/wireguard/IFNAME.sock`` and moves packets between the TUN
+device, the UDP sockets and the sans-IO :class:`dataplane.wireguard.device.Device` in one thread: every wakeup handles a
+batch (TUN → ``send_packets`` → ``drain_transmits`` → UDP, UDP → ``receive_datagrams`` → ``drain_packets`` → TUN) and
+the single timer is re-armed to ``Device.poll_timeout()``.
+
+Without ``-f`` it daemonises (double fork); the parent exits 0 once the interface is up, or 1 with the daemon's error.
+SIGTERM/SIGINT, deleting the UAPI socket or deleting the link stop it; the socket and the device are removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dataplane.base import Transmit
+    from dataplane.io.tun import Tun
+    from dataplane.io.udp import UdpSocket
+    from dataplane.wireguard.device import Device
+    from dataplane.wireguard.uapi import Uapi, UapiSession
+
+__all__ = ["SOCKET_DIRECTORY", "WgDaemon", "StartupError", "main", "socket_path"]
+
+logger = logging.getLogger("firezone_wg")
+
+SOCKET_DIRECTORY = "/var/run/wireguard"
+DEFAULT_MTU = 1420  # wireguard-go's DefaultMTU
+TUN_BATCH = 128  # wireguard-go's conn.IdealBatchSize
+UDP_BATCH = 64
+HOUSEKEEPING_INTERVAL = 1.0
+PORT_RETRIES = 100  # wireguard-go retries this often to find a random port free on both families
+CAP_NET_ADMIN = 12
+IFNAMSIZ = 16
+VERSION = "0.1.0"
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFMTU = 0x8922
+IFF_UP = 0x1
+
+
+class StartupError(Exception):
+    """A condition that stops the daemon from starting; the message is printed as one line."""
+
+
+def socket_path(ifname: str) -> str:
+    return f"{SOCKET_DIRECTORY}/{ifname}.sock"
+
+
+# -- preflight checks ---------------------------------------------------------------------------------------------
+
+
+def _has_cap_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _interface_exists(ifname: str) -> bool:
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
+def preflight(ifname: str) -> None:
+    """Checks what can be checked before forking, so the errors reach the caller's terminal."""
+    if not ifname or len(ifname.encode()) >= IFNAMSIZ or "/" in ifname or any(c.isspace() for c in ifname):
+        raise StartupError(f"invalid interface name {ifname!r} (1-{IFNAMSIZ - 1} characters, no '/' or spaces)")
+    if os.geteuid() != 0 and not _has_cap_net_admin():
+        raise StartupError("must be run as root (creating a TUN device needs CAP_NET_ADMIN)")
+    if not os.path.exists("/dev/net/tun"):
+        raise StartupError("/dev/net/tun is missing (load the tun module, or pass the device into the container)")
+    if _interface_exists(ifname):
+        raise StartupError(f"interface {ifname} already exists")
+
+
+# -- the daemon ---------------------------------------------------------------------------------------------------
+
+
+def _open_uapi_listener(ifname: str) -> tuple[socket.socket, os.stat_result]:
+    os.makedirs(SOCKET_DIRECTORY, mode=0o755, exist_ok=True)
+    path = socket_path(ifname)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        try:
+            listener.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                pass  # stale socket of a dead daemon: take it over
+            else:
+                raise StartupError(f"UAPI socket {path} is in use by another process") from None
+            finally:
+                probe.close()
+            os.unlink(path)
+            listener.bind(path)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    listener.listen(16)
+    listener.setblocking(False)
+    return listener, os.stat(path)
+
+
+def _set_link_up(ifname: str, mtu: int) -> None:
+    """``ip link set IFNAME mtu MTU up`` through the classic ioctls (no netlink library needed)."""
+    name = ifname.encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCSIFMTU, struct.pack("16si20x", name, mtu))
+        flags = struct.unpack_from("16sH", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, struct.pack("16sH22x", name, 0)))[1]
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name, flags | IFF_UP))
+
+
+def _apply_mark(udp: UdpSocket, mark: int) -> None:
+    # SO_MARK on a dup of the descriptor applies to the shared socket.
+    with socket.socket(fileno=os.dup(udp.fileno())) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK
+
+
+class WgDaemon:
+    """The driver: owns the TUN device, the UDP sockets, the UAPI listener and the event loop."""
+
+    def __init__(self, ifname: str, *, num_tun_queues: int = 1, mtu: int = DEFAULT_MTU) -> None:
+        self.ifname = ifname
+        self.num_tun_queues = num_tun_queues
+        self.mtu = mtu
+        self.tun: Tun | None = None
+        self.udp4: UdpSocket | None = None
+        self.udp6: UdpSocket | None = None
+        self.device: Device | None = None
+        self.uapi: Uapi | None = None
+        self.fwmark = 0
+        self._listener: socket.socket | None = None
+        self._socket_stat: os.stat_result | None = None
+        self._selector = selectors.DefaultSelector()
+        self._sessions: dict[int, tuple[socket.socket, UapiSession]] = {}
+        self._stop = False
+        self._signal_pair: tuple[socket.socket, socket.socket] | None = None
+        self._previous_wakeup_fd = -1
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Creates everything; raises StartupError (or OSError) with nothing left behind."""
+        from dataplane.io.rng import SystemRng
+        from dataplane.io.tun import Tun
+        from dataplane.wireguard.device import Device
+        from dataplane.wireguard.uapi import Uapi
+
+        try:
+            try:
+                self.tun = Tun.create(self.ifname, queues=self.num_tun_queues)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    raise StartupError(f"interface {self.ifname} already exists") from exc
+                raise StartupError(exc.strerror or str(exc)) from exc
+            self._listener, self._socket_stat = _open_uapi_listener(self.ifname)
+            # Padding must not grow a full-size packet past the MTU (wireguard-go pads to min(MTU, 16-multiple)).
+            self.device = Device(rng=SystemRng(), wall_clock=time.time, mtu=self.mtu)
+            port = self._bind(0)
+            self.uapi = Uapi(self.device, listen_port=port, on_listen_port=self._bind, on_fwmark=self._set_fwmark)
+            _set_link_up(self.ifname, self.mtu)
+        except BaseException:
+            self.close()
+            raise
+        selector = self._selector
+        selector.register(self.tun.wakeup_fd, selectors.EVENT_READ, self._on_tun_readable)
+        selector.register(self._listener, selectors.EVENT_READ, self._on_uapi_accept)
+        logger.info("Device started (UDP port %d, UAPI %s)", port, socket_path(self.ifname))
+
+    def close(self) -> None:
+        for sock, _ in list(self._sessions.values()):
+            self._close_session(sock)
+        if self._listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+            self._remove_socket_file()
+        for udp in (self.udp4, self.udp6):
+            if udp is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(udp.fileno())
+                udp.close()
+        self.udp4 = self.udp6 = None
+        if self.tun is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self.tun.wakeup_fd)
+            # A non-persistent TUN device disappears with its last descriptor.
+            self.tun.close()
+            self.tun = None
+        self._selector.close()
+
+    def _remove_socket_file(self) -> None:
+        path = socket_path(self.ifname)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            return
+        # Only remove our own socket, not one a successor bound after us.
+        if self._socket_stat is not None and (current.st_ino, current.st_dev) == (
+            self._socket_stat.st_ino,
+            self._socket_stat.st_dev,
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    # -- UDP binding (called at start and from the UAPI) ----------------------------------------------------------
+
+    def _bind(self, port: int) -> int:
+        from dataplane.io.udp import UdpSocket
+
+        old_port = self.udp4.local_address[1] if self.udp4 is not None else None
+        self._close_udp()
+        last_error: OSError | None = None
+        for _ in range(PORT_RETRIES if port == 0 else 1):
+            try:
+                udp4 = UdpSocket.bind("0.0.0.0", port, mark=self.fwmark or None)
+            except OSError as exc:
+                last_error = exc
+                continue
+            bound = udp4.local_address[1]
+            try:
+                udp6: UdpSocket | None = UdpSocket.bind("::", bound, mark=self.fwmark or None)
+            except OSError as exc:
+                if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                    udp6 = None  # no IPv6 here: IPv4 alone is fine
+                else:
+                    udp4.close()
+                    last_error = exc
+                    continue
+            self._install_udp(udp4, udp6)
+            return bound
+        if old_port is not None and port != old_port:
+            # Keep serving on the old port rather than ending up without sockets.
+            with contextlib.suppress(OSError):
+                self._bind(old_port)
+        assert last_error is not None
+        raise last_error
+
+    def _install_udp(self, udp4: UdpSocket, udp6: UdpSocket | None) -> None:
+        self.udp4, self.udp6 = udp4, udp6
+        self._selector.register(udp4.fileno(), selectors.EVENT_READ, self._make_udp_reader(udp4))
+        if udp6 is not None:
+            self._selector.register(udp6.fileno(), selectors.EVENT_READ, self._make_udp_reader(udp6))
+
+    def _close_udp(self) -> None:
+        for udp in (self.udp4, self.udp6):
+            if udp is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(udp.fileno())
+                udp.close()
+        self.udp4 = self.udp6 = None
+
+    def _set_fwmark(self, mark: int) -> None:
+        self.fwmark = mark
+        for udp in (self.udp4, self.udp6):
+            if udp is not None:
+                _apply_mark(udp, mark)
+
+    # -- event loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serves until stopped by a signal, by removing the UAPI socket, or by deleting the link."""
+        assert self.device is not None
+        device = self.device
+        selector = self._selector
+        self._install_signal_handlers()
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+        try:
+            while not self._stop:
+                deadline = device.poll_timeout()
+                now = time.monotonic()
+                wake_at = next_housekeeping if deadline is None else min(deadline, next_housekeeping)
+                events = selector.select(max(0.0, wake_at - now))
+                now = time.monotonic()
+                for key, _ in events:
+                    key.data(now)
+                if deadline is not None and now >= deadline:
+                    device.handle_timeout(now)
+                self._flush()
+                if now >= next_housekeeping:
+                    next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                    self._housekeeping()
+        finally:
+            self._restore_signal_handlers()
+
+    def _flush(self) -> None:
+        device = self.device
+        assert device is not None
+        transmits = device.drain_transmits()
+        if transmits:
+            self._send(transmits)
+        packets = device.drain_packets()
+        if packets:
+            assert self.tun is not None
+            self.tun.send_many(packets)
+        while (event := device.poll_event()) is not None:
+            public_key, what = event
+            logger.debug("peer %s: %s", public_key.hex()[:16], type(what).__name__)
+
+    def _send(self, transmits: list[Transmit]) -> None:
+        udp4, udp6 = self.udp4, self.udp6
+        if udp4 is None:
+            return
+        if udp6 is None:
+            udp4.send_many(transmits)
+            return
+        v4 = [t for t in transmits if ":" not in t.dst[0]]
+        if len(v4) == len(transmits):
+            udp4.send_many(transmits)
+            return
+        if v4:
+            udp4.send_many(v4)
+        udp6.send_many([t for t in transmits if ":" in t.dst[0]])
+
+    def _on_tun_readable(self, now: float) -> None:
+        assert self.tun is not None and self.device is not None
+        packets = self.tun.poll_recv_many(TUN_BATCH)
+        if packets:
+            self.device.send_packets(packets, now)
+
+    def _make_udp_reader(self, udp: UdpSocket) -> Callable[[float], None]:
+        def on_readable(now: float) -> None:
+            assert self.device is not None
+            datagrams = udp.recv_many(UDP_BATCH)
+            if datagrams:
+                self.device.receive_datagrams(datagrams, now)
+
+        return on_readable
+
+    def _housekeeping(self) -> None:
+        # Like wireguard-go: deleting the UAPI socket or the link stops the daemon.
+        try:
+            current = os.stat(socket_path(self.ifname))
+        except FileNotFoundError:
+            current = None
+        if current is None or self._socket_stat is None or current.st_ino != self._socket_stat.st_ino:
+            logger.info("UAPI socket removed; shutting down")
+            self._stop = True
+        elif not _interface_exists(self.ifname):
+            logger.info("interface removed; shutting down")
+            self._stop = True
+
+    # -- UAPI connections -----------------------------------------------------------------------------------------
+
+    def _on_uapi_accept(self, now: float) -> None:
+        assert self._listener is not None and self.uapi is not None
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.warning("UAPI accept failed: %s", exc)
+            return
+        # Replies are small and the client reads them at once; a short timeout bounds a stuck client.
+        conn.settimeout(2.0)
+        session = self.uapi.open_session()
+        self._sessions[conn.fileno()] = (conn, session)
+        self._selector.register(conn, selectors.EVENT_READ, lambda now, conn=conn: self._on_uapi_readable(conn, now))
+
+    def _on_uapi_readable(self, conn: socket.socket, now: float) -> None:
+        _, session = self._sessions[conn.fileno()]
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            session.receive_eof(now)
+            self._close_session(conn)
+            return
+        session.receive_data(data, now)
+        # Applying configuration may have queued handshakes or keepalives; they go out in this loop turn's flush.
+        reply = session.data_to_send()
+        if reply:
+            try:
+                conn.sendall(reply)
+            except OSError as exc:
+                logger.debug("UAPI client went away: %s", exc)
+                self._close_session(conn)
+                return
+        if session.closed:
+            self._close_session(conn)
+
+    def _close_session(self, conn: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn)
+        self._sessions.pop(conn.fileno(), None)
+        conn.close()
+
+    # -- signals --------------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._signal_pair = (reader, writer)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._selector.register(reader, selectors.EVENT_READ, self._on_signal)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: self.request_stop())
+
+    def _on_signal(self, now: float) -> None:
+        assert self._signal_pair is not None
+        with contextlib.suppress(BlockingIOError):
+            self._signal_pair[0].recv(64)
+
+    def _restore_signal_handlers(self) -> None:
+        if self._signal_pair is None:
+            return
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self._signal_pair[0])
+        for sock in self._signal_pair:
+            sock.close()
+        self._signal_pair = None
+
+
+# -- process plumbing ---------------------------------------------------------------------------------------------
+
+
+def _log_level() -> int | None:
+    """wireguard-go's LOG_LEVEL: verbose/debug, error (the default), silent."""
+    value = os.environ.get("LOG_LEVEL", "error").strip().lower()
+    if value in ("verbose", "debug"):
+        return logging.DEBUG
+    if value in ("info",):
+        return logging.INFO
+    if value in ("silent", "none", "off"):
+        return None
+    return logging.ERROR
+
+
+def _configure_logging(ifname: str) -> None:
+    level = _log_level()
+    handler: logging.Handler = logging.StreamHandler(sys.stderr) if level is not None else logging.NullHandler()
+    handler.setFormatter(logging.Formatter(f"%(levelname)s: ({ifname}) %(asctime)s %(message)s", "%Y/%m/%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if level is not None else logging.CRITICAL + 1)
+
+
+def _num_tun_queues() -> int:
+    from dataplane.io.tun import queues_from_env
+
+    try:
+        return queues_from_env()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _serve(ifname: str, ready_fd: int | None) -> int:
+    """Runs the daemon in this process; reports startup success or failure on ``ready_fd`` (daemon mode)."""
+    daemon: WgDaemon | None = None
+    try:
+        daemon = WgDaemon(ifname, num_tun_queues=_num_tun_queues())
+        daemon.start()
+    except Exception as exc:
+        logger.debug("startup failed", exc_info=True)
+        message = (
+            f"firezone-wg: {exc}"
+            if isinstance(exc, (StartupError, OSError))
+            else f"firezone-wg: internal error: {exc!r}"
+        )
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+        else:
+            print(message, file=sys.stderr)
+        return 1
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+    try:
+        daemon.run()
+    finally:
+        daemon.close()
+        logger.info("Device closed")
+    return 0
+
+
+def _daemonise(ifname: str) -> int:
+    read_fd, write_fd = os.pipe()
+    first = os.fork()
+    if first > 0:
+        os.close(write_fd)
+        chunks = []
+        while chunk := os.read(read_fd, 4096):
+            chunks.append(chunk)
+        os.close(read_fd)
+        os.waitpid(first, 0)
+        status = b"".join(chunks).decode(errors="replace").strip()
+        if status == "ok":
+            return 0
+        print(status or "firezone-wg: the daemon exited during startup", file=sys.stderr)
+        return 1
+    # First child: leave the caller's session, then fork again so the daemon can never regain a terminal.
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    if "LOG_LEVEL" not in os.environ:
+        # Like wireguard-go, the daemon keeps stdout/stderr only when asked to log.
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    os.close(devnull)
+    code = 1
+    try:
+        code = _serve(ifname, write_fd)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="firezone-wg",
+        description="Userspace WireGuard daemon configured through the UAPI socket, like wireguard-go.",
+    )
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("--version", action="version", version=f"firezone-wg {VERSION}")
+    parser.add_argument("interface", metavar="INTERFACE-NAME")
+    args = parser.parse_args(argv)
+    ifname: str = args.interface
+    try:
+        preflight(ifname)
+        _num_tun_queues()
+    except StartupError as exc:
+        print(f"firezone-wg: {exc}", file=sys.stderr)
+        return 1
+    _configure_logging(ifname)
+    if args.foreground:
+        return _serve(ifname, None)
+    return _daemonise(ifname)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

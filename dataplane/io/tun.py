@@ -1,0 +1,485 @@
+"""Linux TUN device driver: multi-queue, one reader and one writer thread per queue, offloads, batches.
+
+The event loop never blocks on the device: reader threads push received packets into one bounded deque and bump an
+eventfd (``wakeup_fd``) once per batch; ``send``/``send_many`` append to a bounded per-queue deque that the queue's
+writer thread drains. The queue for a written packet is picked by its flow hash so one flow is always written by one
+thread, in order (Firezone #10231: racing writers reordered flows and TCP throttled). On read the kernel already steers a
+flow to one queue, and each reader appends its batches in order, so reads keep per-flow order too.
+
+With offloads (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``), readers split TSO/USO super-packets and writers merge consecutive
+same-flow segments (see :mod:`dataplane.packet`); the syscalls and this Python work run in the threads, and
+``os.read``/``os.write`` release the GIL while the kernel works.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dataplane.base import DropCounter
+from dataplane.packet import (
+    VIRTIO_NET_HDR_LEN,
+    PacketParseError,
+    VirtioNetHdr,
+    coalesce,
+    flow_hash,
+    split_gso,
+)
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+SIOCSIFTXQLEN = 0x8943
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+
+TUN_OFFLOADS_FULL = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6
+TUN_OFFLOADS_TCP = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+
+DEFAULT_TXQUEUELEN = 10000
+LOCK_DIR = "/run/firezone"
+NUM_TUN_THREADS_ENV = "FIREZONE_NUM_TUN_THREADS"
+# One read can return a 64 KiB TSO frame plus its virtio header.
+_READ_SIZE = 65536 + VIRTIO_NET_HDR_LEN
+# How many frames a reader takes from the device before handing the batch over.
+_READ_BURST = 64
+# How many packets a writer takes per pass (merged before writing when offloads are on).
+_WRITE_BURST = 128
+
+
+@dataclass(frozen=True, slots=True)
+class TunStats:
+    rx_frames: int
+    rx_packets: int
+    tx_frames: int
+    tx_packets: int
+
+
+class TunError(OSError):
+    """The device cannot be created or attached (in use by another process, exists already, no permission...)."""
+
+
+class TunDropReason(enum.Enum):
+    INBOUND_QUEUE_FULL = "inbound_queue_full"
+    OUTBOUND_QUEUE_FULL = "outbound_queue_full"
+    MALFORMED_OFFLOAD_FRAME = "malformed_offload_frame"
+    WRITE_FAILED = "write_failed"
+    READ_FAILED = "read_failed"
+
+
+def queues_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``FIREZONE_NUM_TUN_THREADS``, default 2 (1 on a single-CPU machine)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(NUM_TUN_THREADS_ENV, "").strip()
+    if raw:
+        value = int(raw)
+        if not 1 <= value <= 64:
+            raise ValueError(f"{NUM_TUN_THREADS_ENV} must be between 1 and 64, got {value}")
+        return value
+    return 1 if (os.cpu_count() or 1) < 2 else 2
+
+
+def _set_offload(fd: int, flags: int) -> None:
+    """``TUNSETOFFLOAD``; a seam so tests can force the probe to fail."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def _open_queue(name: str, flags: int) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _netns_id() -> int:
+    """Identity of the calling thread's network namespace: one interface name may exist once per namespace."""
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
+def _interface_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _set_txqueuelen(name: str, length: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCSIFTXQLEN, struct.pack("16si20x", name.encode(), length))
+
+
+class _Queue:
+    """One queue's fd, its writer's pending packets and the writer's wakeup eventfd."""
+
+    __slots__ = ("fd", "outbound", "rx_frames", "rx_packets", "tx_frames", "tx_packets", "wake_fd", "writer_idle")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        # Written by this queue's threads only; read for stats.
+        self.rx_frames = 0
+        self.rx_packets = 0
+        self.tx_frames = 0
+        self.tx_packets = 0
+        self.outbound: collections.deque[bytes] = collections.deque()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.writer_idle = False
+
+
+class Tun:
+    """A TUN device with ``queues`` queues. Create with :meth:`create`; call from one (event loop) thread."""
+
+    def __init__(
+        self,
+        name: str,
+        queue_fds: Sequence[int],
+        lock_fd: int,
+        *,
+        offload_flags: int,
+        inbound_capacity: int,
+        outbound_capacity: int,
+    ) -> None:
+        self.name = name
+        self.queues = len(queue_fds)
+        self.offload_flags = offload_flags
+        self.offload_enabled = offload_flags != 0
+        self.drops = DropCounter()
+        self.inbound_capacity = inbound_capacity
+        self.outbound_capacity = outbound_capacity
+        self._coalesce_tcp = bool(offload_flags & (TUN_F_TSO4 | TUN_F_TSO6))
+        self._coalesce_udp = bool(offload_flags & (TUN_F_USO4 | TUN_F_USO6))
+        self._lock_fd = lock_fd
+        self._drops_lock = threading.Lock()
+        self._queues = [_Queue(fd) for fd in queue_fds]
+        self._inbound: collections.deque[bytes] = collections.deque()
+        self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        for index, queue in enumerate(self._queues):
+            for role, target in (("rx", self._reader), ("tx", self._writer)):
+                thread = threading.Thread(target=target, args=(queue,), name=f"tun-{name}-{role}{index}", daemon=True)
+                self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        *,
+        queues: int = 1,
+        offload: bool = True,
+        txqueuelen: int = DEFAULT_TXQUEUELEN,
+        inbound_capacity: int = 4096,
+        outbound_capacity: int = 2048,
+    ) -> Tun:
+        """Creates ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE`` when more than one) in the calling thread's
+        network namespace. Raises :class:`TunError` when another process holds the device or it exists already."""
+        if not name or len(name.encode()) > 15:
+            raise ValueError(f"invalid interface name {name!r}")
+        if queues < 1:
+            raise ValueError("queues must be >= 1")
+        lock_fd = cls._lock(name)
+        fds: list[int] = []
+        try:
+            if _interface_exists(name):
+                raise TunError(errno.EEXIST, f"interface {name} already exists and is not managed by this process")
+            base = IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if queues > 1 else 0)
+            offload_flags = 0
+            if offload:
+                fds.append(_open_queue(name, base | IFF_VNET_HDR))
+                offload_flags = cls._probe_offloads(fds[0])
+                if not offload_flags:
+                    # The device must be recreated without the virtio header: closing its only fd removes it.
+                    os.close(fds.pop())
+            flags = base | (IFF_VNET_HDR if offload_flags else 0)
+            while len(fds) < queues:
+                fds.append(_open_queue(name, flags))
+            try:
+                _set_txqueuelen(name, txqueuelen)
+            except OSError as exc:
+                log.warning("could not set txqueuelen %d on %s: %s", txqueuelen, name, exc)
+        except BaseException as exc:
+            for fd in fds:
+                os.close(fd)
+            os.close(lock_fd)
+            if isinstance(exc, OSError) and not isinstance(exc, TunError):
+                raise TunError(exc.errno, f"cannot create TUN device {name}: {exc.strerror or exc}") from exc
+            raise
+        log.info("TUN %s: %d queue(s), offloads %#x", name, queues, offload_flags)
+        return cls(
+            name,
+            fds,
+            lock_fd,
+            offload_flags=offload_flags,
+            inbound_capacity=inbound_capacity,
+            outbound_capacity=outbound_capacity,
+        )
+
+    @staticmethod
+    def _lock(name: str) -> int:
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        path = os.path.join(LOCK_DIR, f"tun-{_netns_id()}-{name}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TunError(errno.EBUSY, f"TUN device {name} is in use by another process (lock {path})") from None
+        return fd
+
+    @staticmethod
+    def _probe_offloads(fd: int) -> int:
+        for flags in (TUN_OFFLOADS_FULL, TUN_OFFLOADS_TCP):
+            try:
+                _set_offload(fd, flags)
+            except OSError as exc:
+                log.debug("TUNSETOFFLOAD %#x refused: %s", flags, exc)
+                continue
+            return flags
+        log.info("TUN offloads unavailable; falling back to one packet per read/write")
+        return 0
+
+    # -- the event loop side ------------------------------------------------------------------------------------------
+
+    def poll_recv_many(self, max: int = 100) -> list[bytes]:
+        """Up to ``max`` received IP packets, without blocking; ``[]`` when none wait."""
+        inbound = self._inbound
+        count = min(max, len(inbound))
+        popleft = inbound.popleft
+        packets = [popleft() for _ in range(count)]
+        if not inbound:
+            # Clear the wakeup, then look again: a batch appended in between re-signals or is seen here.
+            try:
+                os.eventfd_read(self.wakeup_fd)
+            except BlockingIOError:
+                pass
+            if inbound:
+                os.eventfd_write(self.wakeup_fd, 1)
+        return packets
+
+    def poll_send_ready(self) -> bool:
+        """True while every queue's outbound buffer has room."""
+        capacity = self.outbound_capacity
+        return all(len(queue.outbound) < capacity for queue in self._queues)
+
+    def send(self, packet: bytes) -> bool:
+        """Queues one IP packet for writing; False (and counted) when its queue is full or the device is closed."""
+        queues = self._queues
+        queue = queues[flow_hash(packet) % len(queues)] if len(queues) > 1 else queues[0]
+        if len(queue.outbound) >= self.outbound_capacity or self._closed:
+            self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
+            return False
+        queue.outbound.append(packet)
+        if queue.writer_idle:
+            os.eventfd_write(queue.wake_fd, 1)
+        return True
+
+    def send_many(self, packets: Sequence[bytes]) -> int:
+        """Queues packets (per-flow order kept); returns how many were accepted, the rest are counted as drops."""
+        queues = self._queues
+        if self._closed:
+            for _ in packets:
+                self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
+            return 0
+        capacity = self.outbound_capacity
+        accepted = 0
+        if len(queues) == 1:
+            queue = queues[0]
+            room = capacity - len(queue.outbound)
+            if room >= len(packets):
+                queue.outbound.extend(packets)
+                accepted = len(packets)
+            else:
+                queue.outbound.extend(packets[: max(room, 0)])
+                accepted = max(room, 0)
+            touched = [queue] if accepted else []
+        else:
+            n = len(queues)
+            touched_set: set[int] = set()
+            for packet in packets:
+                index = flow_hash(packet) % n
+                queue = queues[index]
+                if len(queue.outbound) >= capacity:
+                    continue
+                queue.outbound.append(packet)
+                accepted += 1
+                touched_set.add(index)
+            touched = [queues[i] for i in touched_set]
+        for queue in touched:
+            if queue.writer_idle:
+                os.eventfd_write(queue.wake_fd, 1)
+        for _ in range(len(packets) - accepted):
+            self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
+        return accepted
+
+    def pending_outbound(self) -> int:
+        """Packets accepted by ``send`` but not yet written (for tests and metrics)."""
+        return sum(len(queue.outbound) for queue in self._queues)
+
+    def queue_fds(self) -> list[int]:
+        return [queue.fd for queue in self._queues]
+
+    def stats(self) -> TunStats:
+        """Frames (device reads/writes) and packets (after splitting / before merging) per direction, all queues."""
+        queues = self._queues
+        return TunStats(
+            rx_frames=sum(q.rx_frames for q in queues),
+            rx_packets=sum(q.rx_packets for q in queues),
+            tx_frames=sum(q.tx_frames for q in queues),
+            tx_packets=sum(q.tx_packets for q in queues),
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.eventfd_write(self._stop_fd, 1)
+        for thread in self._threads:
+            thread.join()
+        for queue in self._queues:
+            os.close(queue.fd)
+            os.close(queue.wake_fd)
+            queue.outbound.clear()
+        self._inbound.clear()
+        os.close(self.wakeup_fd)
+        os.close(self._stop_fd)
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Tun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the threads -------------------------------------------------------------------------------------------------
+
+    def _drop(self, reason: TunDropReason, count: int = 1) -> None:
+        with self._drops_lock:
+            self.drops.counts[reason.value] += count
+
+    def _reader(self, queue: _Queue) -> None:
+        poller = select.poll()
+        poller.register(queue.fd, select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        fd = queue.fd
+        offload = self.offload_enabled
+        inbound = self._inbound
+        capacity = self.inbound_capacity
+        read = os.read
+        while True:
+            events = poller.poll()
+            if any(ready_fd == self._stop_fd for ready_fd, _ in events):
+                return
+            batch: list[bytes] = []
+            for _ in range(_READ_BURST):
+                try:
+                    frame = read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EBADFD or self._closed:
+                        return
+                    log.debug("TUN %s read failed: %s", self.name, exc)
+                    self._drop(TunDropReason.READ_FAILED)
+                    break
+                queue.rx_frames += 1
+                if not offload:
+                    batch.append(frame)
+                    continue
+                try:
+                    hdr = VirtioNetHdr.decode(frame)
+                    if hdr.flags == 0 and hdr.gso_type == 0:
+                        batch.append(frame[VIRTIO_NET_HDR_LEN:])
+                    else:
+                        batch.extend(split_gso(hdr, memoryview(frame)[VIRTIO_NET_HDR_LEN:]))
+                except PacketParseError as exc:
+                    log.debug("TUN %s: dropping malformed offload frame: %s", self.name, exc)
+                    self._drop(TunDropReason.MALFORMED_OFFLOAD_FRAME)
+            if not batch:
+                continue
+            queue.rx_packets += len(batch)
+            room = capacity - len(inbound)
+            if room < len(batch):
+                self._drop(TunDropReason.INBOUND_QUEUE_FULL, len(batch) - max(room, 0))
+                batch = batch[: max(room, 0)]
+                if not batch:
+                    continue
+            inbound.extend(batch)
+            os.eventfd_write(self.wakeup_fd, 1)
+
+    def _writer(self, queue: _Queue) -> None:
+        poller = select.poll()
+        poller.register(queue.wake_fd, select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        fd = queue.fd
+        outbound = queue.outbound
+        popleft = outbound.popleft
+        write = os.write
+        while True:
+            if not outbound:
+                queue.writer_idle = True
+                # Re-check after publishing idleness: a producer that saw writer_idle False appended before this line.
+                if not outbound:
+                    events = poller.poll()
+                    if any(ready_fd == self._stop_fd for ready_fd, _ in events):
+                        queue.writer_idle = False
+                        return
+                queue.writer_idle = False
+                try:
+                    os.eventfd_read(queue.wake_fd)
+                except BlockingIOError:
+                    pass
+                continue
+            if self._closed:
+                return
+            count = min(len(outbound), _WRITE_BURST)
+            packets = [popleft() for _ in range(count)]
+            if self.offload_enabled:
+                frames = coalesce(packets, tcp=self._coalesce_tcp, udp=self._coalesce_udp)
+            else:
+                frames = packets
+            queue.tx_packets += count
+            queue.tx_frames += len(frames)
+            for frame in frames:
+                try:
+                    write(fd, frame)
+                except OSError as exc:
+                    if self._closed:
+                        return
+                    self._on_write_error(frame, exc)
+
+    def _on_write_error(self, frame: bytes, exc: OSError) -> None:
+        self._drop(TunDropReason.WRITE_FAILED)
+        merged = self.offload_enabled and len(frame) > VIRTIO_NET_HDR_LEN and frame[1] != 0
+        if merged and exc.errno in (errno.EINVAL, errno.EIO) and (self._coalesce_tcp or self._coalesce_udp):
+            log.warning("TUN %s refused a coalesced write (%s); writing packets one by one from now on", self.name, exc)
+            self._coalesce_tcp = self._coalesce_udp = False
+        else:
+            log.debug("TUN %s write failed: %s", self.name, exc)

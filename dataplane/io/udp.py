@@ -1,0 +1,299 @@
+"""Batched UDP for WireGuard traffic: GSO (``UDP_SEGMENT``) on send, GRO (``UDP_GRO``) on receive.
+
+Python's ``socket`` has no ``sendmmsg``/``recvmmsg``, so the batching comes from the kernel's segmentation offloads:
+one ``sendmsg`` carries up to 64 equal-sized datagrams to one destination, and one ``recvmsg`` may return several
+coalesced datagrams with their size in a ``UDP_GRO`` control message. Both are probed at bind time; GSO is switched
+off for good when the kernel answers ``EIO`` (the egress device cannot checksum), as wireguard-go does.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dataplane.base import Address, DropCounter, Transmit
+
+log = logging.getLogger(__name__)
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+SO_MARK = 36
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+DEFAULT_PORT = 52625
+FIREZONE_MARK = 0xFD002021
+SEND_BUFFER = 2 * 1024 * 1024
+RECV_BUFFER = 16 * 1024 * 1024
+# Kernel (UDP_MAX_SEGMENTS) and Firezone (#14114) cap.
+GSO_MAX_SEGMENTS = 64
+# The whole GSO send must fit one IP datagram: 65,535 minus the largest IP header and the UDP header.
+GSO_MAX_BYTES = 65535 - 40 - 8
+_RECV_BUFFER_SIZE = 65536
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_U16 = struct.Struct("=H")
+
+
+class UdpDropReason(enum.Enum):
+    SEND_WOULD_BLOCK = "send_would_block"
+    SEND_FAILED = "send_failed"
+    RECV_FAILED = "recv_failed"
+
+
+def _raise_sysctl(path: str, minimum: int) -> None:
+    try:
+        with open(path) as f:
+            current = int(f.read().strip())
+        if current < minimum:
+            with open(path, "w") as f:
+                f.write(str(minimum))
+    except (OSError, ValueError) as exc:
+        log.debug("could not raise %s to %d: %s", path, minimum, exc)
+
+
+def _set_mark(sock: socket.socket, mark: int) -> bool:
+    try:
+        # Packed as unsigned: 0xfd002021 does not fit the C int setsockopt(int) would pass.
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, struct.pack("=I", mark))
+    except PermissionError as exc:
+        log.debug("SO_MARK not permitted: %s", exc)
+        return False
+    return True
+
+
+def _normalize(address: tuple[object, ...]) -> Address:
+    return (str(address[0]), int(address[1]))  # type: ignore[call-overload]
+
+
+class UdpSocket:
+    """One non-blocking UDP socket; call from one thread."""
+
+    def __init__(self, sock: socket.socket, *, gso: bool, gro: bool) -> None:
+        self._sock = sock
+        self.family = sock.family
+        self.gso_enabled = gso
+        self.gro_enabled = gro
+        self.drops = DropCounter()
+        host, port = sock.getsockname()[:2]
+        self.local_address: Address = (str(host), int(port))
+        self._buffer = bytearray(_RECV_BUFFER_SIZE)
+        self._view = memoryview(self._buffer)
+
+    @classmethod
+    def bind(
+        cls,
+        host: str,
+        port: int,
+        *,
+        fallback_random_port: bool = False,
+        mark: int | None = None,
+        gso: bool = True,
+        gro: bool = True,
+        increase_buffers: bool = True,
+    ) -> UdpSocket:
+        """Binds ``host:port`` (``fallback_random_port``: on EADDRINUSE, any port). Raises OSError if binding fails."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if mark is not None:
+                _set_mark(sock, mark)
+            if increase_buffers:
+                cls._increase_buffers(sock)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if not (fallback_random_port and port != 0 and exc.errno == errno.EADDRINUSE):
+                    raise
+                log.info("UDP port %d in use on %s; using a random port", port, host)
+                sock.bind((host, 0))
+            sock.setblocking(False)
+            gso_ok = gso and cls._probe_gso(sock)
+            gro_ok = gro and cls._probe_gro(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, gso=gso_ok, gro=gro_ok)
+
+    @staticmethod
+    def _increase_buffers(sock: socket.socket) -> None:
+        _raise_sysctl("/proc/sys/net/core/wmem_max", SEND_BUFFER)
+        _raise_sysctl("/proc/sys/net/core/rmem_max", RECV_BUFFER)
+        for force, plain, size in (
+            (SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER),
+            (SO_RCVBUFFORCE, socket.SO_RCVBUF, RECV_BUFFER),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+    @staticmethod
+    def _probe_gso(sock: socket.socket) -> bool:
+        try:
+            sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        except OSError as exc:
+            log.info("UDP GSO unavailable: %s", exc)
+            return False
+        return True
+
+    @staticmethod
+    def _probe_gro(sock: socket.socket) -> bool:
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError as exc:
+            log.info("UDP GRO unavailable: %s", exc)
+            return False
+        return True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def set_mark(self, mark: int) -> bool:
+        """SO_MARK (fwmark); False when not permitted."""
+        return _set_mark(self._sock, mark)
+
+    def recv_many(self, max: int = 64) -> list[tuple[bytes, Address]]:
+        """Up to about ``max`` datagrams without blocking (a GRO batch is never cut, so a few more may come back)."""
+        out: list[tuple[bytes, Address]] = []
+        sock = self._sock
+        view = self._view
+        buffers = [self._buffer]
+        cmsg_space = _GRO_CMSG_SPACE if self.gro_enabled else 0
+        while len(out) < max:
+            try:
+                nbytes, ancdata, _flags, address = sock.recvmsg_into(buffers, cmsg_space)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # ICMP errors (ECONNREFUSED...) surface on the next receive; they are not fatal.
+                log.debug("UDP recv error on %s: %s", self.local_address, exc)
+                self.drops.drop(UdpDropReason.RECV_FAILED)
+                continue
+            src = _normalize(address)
+            segment_size = 0
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                    segment_size = _U16.unpack_from(data)[0]
+            if segment_size and nbytes > segment_size:
+                for start in range(0, nbytes, segment_size):
+                    out.append((bytes(view[start : min(start + segment_size, nbytes)]), src))
+            else:
+                out.append((bytes(view[:nbytes]), src))
+        return out
+
+    def send_many(self, transmits: Sequence[Transmit]) -> None:
+        """Sends datagrams in order; runs to one destination with equal sizes go out as one GSO send."""
+        i = 0
+        n = len(transmits)
+        while i < n:
+            first = transmits[i]
+            dst = first.dst
+            size = len(first.payload)
+            j = i + 1
+            if self.gso_enabled and size > 0:
+                total = size
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    nxt = transmits[j]
+                    length = len(nxt.payload)
+                    if nxt.dst != dst or length > size or length == 0 or total + length > GSO_MAX_BYTES:
+                        break
+                    total += length
+                    j += 1
+                    if length < size:
+                        break  # only the last segment may be short
+            if j - i == 1:
+                self._send_one(first.payload, dst)
+            else:
+                self._send_gso([t.payload for t in transmits[i:j]], size, dst)
+            i = j
+
+    def _send_one(self, payload: bytes, dst: Address) -> None:
+        try:
+            self._sock.sendto(payload, dst)
+        except (BlockingIOError, InterruptedError):
+            self.drops.drop(UdpDropReason.SEND_WOULD_BLOCK)
+        except OSError as exc:
+            log.debug("UDP send to %s failed: %s", dst, exc)
+            self.drops.drop(UdpDropReason.SEND_FAILED)
+
+    def _send_gso(self, payloads: list[bytes], size: int, dst: Address) -> None:
+        try:
+            self._sock.sendmsg([b"".join(payloads)], [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, dst)
+        except (BlockingIOError, InterruptedError):
+            self.drops.drop(UdpDropReason.SEND_WOULD_BLOCK)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                log.info("UDP GSO refused (EIO) on %s; sending datagrams one by one from now on", self.local_address)
+                self.gso_enabled = False
+                for payload in payloads:
+                    self._send_one(payload, dst)
+                return
+            log.debug("UDP GSO send to %s failed: %s", dst, exc)
+            self.drops.drop(UdpDropReason.SEND_FAILED)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> UdpSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class DualStackSockets:
+    """The IPv4 and IPv6 sockets WireGuard listens on (either may be None when that family is unavailable)."""
+
+    v4: UdpSocket | None
+    v6: UdpSocket | None
+
+    def sockets(self) -> list[UdpSocket]:
+        return [s for s in (self.v4, self.v6) if s is not None]
+
+    def close(self) -> None:
+        for sock in self.sockets():
+            sock.close()
+
+
+def bind_dual_stack(
+    port: int = DEFAULT_PORT,
+    *,
+    mark: int | None = FIREZONE_MARK,
+    gso: bool = True,
+    gro: bool = True,
+    increase_buffers: bool = True,
+) -> DualStackSockets:
+    """Binds 0.0.0.0 and [::] on ``port``, each falling back to a random port when taken (Firezone: 52625).
+
+    Raises OSError only when neither family can be bound."""
+    bound: list[UdpSocket | None] = []
+    errors: list[OSError] = []
+    for host in ("0.0.0.0", "::"):
+        try:
+            bound.append(
+                UdpSocket.bind(
+                    host,
+                    port,
+                    fallback_random_port=True,
+                    mark=mark,
+                    gso=gso,
+                    gro=gro,
+                    increase_buffers=increase_buffers,
+                )
+            )
+        except OSError as exc:
+            log.warning("cannot bind UDP %s port %d: %s", host, port, exc)
+            errors.append(exc)
+            bound.append(None)
+    if bound[0] is None and bound[1] is None:
+        raise errors[0]
+    return DualStackSockets(bound[0], bound[1])

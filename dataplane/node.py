@@ -1,0 +1,823 @@
+"""The Node: peer connections (ICE agent + WireGuard tunnel each) and TURN relay allocations, sans-IO.
+
+The counterpart of Firezone's snownet ``Node``, role-symmetric: a gateway node is ICE-controlled and WireGuard
+responder, a client node ICE-controlling and WireGuard initiator. One UDP socket per address family carries STUN
+(relay control and ICE checks), TURN ChannelData and WireGuard; :meth:`Node.handle_input` demultiplexes by the rules of
+portal-protocol.md §4.4:
+
+* from port 3478 of a known relay → that relay's :class:`~dataplane.turn.Allocation` (STUN for TURN, or ChannelData
+  whose payload is a peer's datagram arriving on our relayed address; it is then demultiplexed again, below);
+* otherwise a STUN message → the ICE agent of the connection named by USERNAME (requests) or the agent that owns the
+  transaction (responses);
+* otherwise WireGuard (first byte 1–4, three zero bytes) → the connection owning the receiver index (types 2–4; every
+  connection hands out indices from its own 24-bit slot), or, for an initiation, the connection whose ICE agent
+  talks to that source on that local address. A datagram that matches no connection is dropped, never guessed.
+
+Candidates all come from the relays (§4.3): the local socket address seen on relay traffic is the host candidate,
+the BINDING answer the server-reflexive one and the ALLOCATE answer the relayed ones; each connection only uses the
+relayed candidates of the one relay sampled for it. A connection's WireGuard tunnel is independent of its path, so
+ICE moving between direct and relayed pairs (relay removed, roaming) never loses the session.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from dataplane import stun, turn
+from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
+from dataplane.ice import agent as ice
+from dataplane.ice.candidate import Candidate, CandidateKind
+from dataplane.ice.timing import CLIENT_PROFILE, SERVER_PROFILE
+from dataplane.turn import Allocation
+from dataplane.wireguard import tunn as wg
+from dataplane.wireguard.crypto import public_key
+
+logger = logging.getLogger(__name__)
+
+RELAY_PORT = 3478
+FIREZONE_REKEY_ATTEMPT_TIME = 20.0  # portal-protocol.md §4.2: ICE mode fails a desynced tunnel fast
+MAX_PENDING_PACKETS = 64  # IP packets held per connection until its first path exists
+RTT_INCLUSION_FACTOR = 2.0  # relays within 2× the best RTT (plus slack) are sampled evenly; slower ones are outliers
+RTT_INCLUSION_SLACK = 0.010
+
+ConnectionId = str
+RelayId = str
+
+
+class NodeRole(enum.Enum):
+    CLIENT = "client"  # ICE controlling, WireGuard initiator
+    GATEWAY = "gateway"  # ICE controlled, WireGuard responder
+
+
+class Path(enum.Enum):
+    DIRECT = "direct"
+    RELAYED = "relayed"
+
+
+class DropReason(enum.Enum):
+    EMPTY = "empty"
+    UNKNOWN_RELAY_TRAFFIC = "unknown_relay_traffic"
+    STUN_NO_CONNECTION = "stun_no_connection"
+    WIREGUARD_NO_CONNECTION = "wireguard_no_connection"
+    WIREGUARD_REJECTED = "wireguard_rejected"
+    UNRECOGNISED = "unrecognised"
+    NO_CONNECTION = "no_connection"
+    PENDING_QUEUE_FULL = "pending_queue_full"
+    NO_PATH = "no_path"
+
+
+@dataclass(frozen=True, slots=True)
+class IceCredentials:
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """One relay as the portal describes it (``init.relays`` / ``relays_presence.connected``, merged per id)."""
+
+    id: RelayId
+    addresses: tuple[Address, ...]
+    username: str
+    password: str
+    realm: str = "firezone"
+
+
+# -- events -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateGathered:
+    connection_id: ConnectionId
+    candidate: Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateInvalidated:
+    connection_id: ConnectionId
+    candidate: Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEstablished:
+    connection_id: ConnectionId
+    path: Path
+    local: Address
+    remote: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPathChanged:
+    connection_id: ConnectionId
+    path: Path
+    local: Address
+    remote: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    connection_id: ConnectionId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    connection_id: ConnectionId
+
+
+@dataclass(frozen=True, slots=True)
+class NoRelays:
+    """No relay with a measured RTT is available (for a new connection, or after losing one): ask for more."""
+
+
+NodeEvent = (
+    CandidateGathered
+    | CandidateInvalidated
+    | ConnectionEstablished
+    | ConnectionPathChanged
+    | ConnectionFailed
+    | ConnectionClosed
+    | NoRelays
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """A read-only view for tests, metrics and the portal glue."""
+
+    connection_id: ConnectionId
+    relay_id: RelayId | None
+    path: Path | None
+    local: Address | None
+    remote: Address | None
+    established: bool
+    handshakes: int  # WireGuard handshakes completed: a path change must not add one
+
+
+# -- internals --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Relay:
+    config: RelayConfig
+    allocation: Allocation
+    host: set[Address] = field(default_factory=set)  # our socket addresses seen on traffic with this relay
+    srflx: set[Address] = field(default_factory=set)
+    relayed: set[Address] = field(default_factory=set)
+
+    @property
+    def rtt(self) -> float | None:
+        return self.allocation.rtt
+
+    def candidates(self, include_relayed: bool) -> list[tuple[Candidate, Address]]:
+        """(candidate, base) pairs this relay contributes (host candidates are the node's, see ``Node._hosts``)."""
+        result: list[tuple[Candidate, Address]] = []
+        server_ip = self.config.addresses[0][0] if self.config.addresses else None
+        for mapped in sorted(self.srflx):
+            base = next((h for h in sorted(self.host) if (":" in h[0]) == (":" in mapped[0])), None)
+            if base is not None and mapped != base:
+                result.append((Candidate.server_reflexive(mapped, base, server_ip=server_ip), base))
+        if include_relayed:
+            for relayed in sorted(self.relayed):
+                base = next((h for h in sorted(self.host) if (":" in h[0]) == (":" in relayed[0])), relayed)
+                result.append((Candidate.relayed(relayed, base, server_ip=server_ip), relayed))
+        return result
+
+
+@dataclass(eq=False)
+class _Connection:
+    id: ConnectionId
+    remote_public_key: bytes
+    preshared_key: bytes | None
+    local_credentials: IceCredentials
+    remote_credentials: IceCredentials
+    agent: ice.IceAgent
+    tunnel: wg.Tunn
+    relay_id: RelayId | None
+    announced: set[Candidate] = field(default_factory=set)
+    remote_candidates: set[Candidate] = field(default_factory=set)
+    selected: tuple[Candidate, Candidate] | None = None  # (local base, remote) as ICE selected them
+    established: bool = False
+    pending: deque[bytes] = field(default_factory=deque)
+    handshakes: int = 0
+
+    @property
+    def path(self) -> Path | None:
+        if self.selected is None:
+            return None
+        local, remote = self.selected
+        relayed = local.kind is CandidateKind.RELAYED or remote.kind is CandidateKind.RELAYED
+        return Path.RELAYED if relayed else Path.DIRECT
+
+
+class _FollowingIceAgent(ice.IceAgent):
+    """The ICE agent with one change on the controlled side (to move into ``dataplane/ice/agent.py``).
+
+    The stock controlled agent re-selects a pair whenever a *response* arrives on any pair the peer ever nominated, so
+    with two nominated pairs (relayed first, then a better direct one) it flips between them on every consent round.
+    Here the controlled side follows the peer's *latest* USE-CANDIDATE request, and a response only selects a nominated
+    pair when nothing usable is selected.
+    """
+
+    _latest_nomination: tuple[Address, Address] | None = None
+
+    def _on_request(self, data: bytes, request: stun.StunMessage, src: Address, local: Address, now: float) -> bool:
+        if not self.controlling and request.use_candidate() and request.username() == self._expected_username:
+            self._latest_nomination = (local, src)
+        return super()._on_request(data, request, src, local, now)
+
+    def _on_nominated(self, pair: ice.CandidatePair, now: float) -> None:
+        if self.controlling:
+            super()._on_nominated(pair, now)
+            return
+        pair.nominated = True
+        current = self._selected
+        if pair.key == self._latest_nomination or current is None or not self._usable(current, now):
+            self._select(pair, now)
+        self._update_selection(now)
+
+
+class Node:
+    """All peer connections and relay allocations of one gateway or client (see the module docstring)."""
+
+    def __init__(
+        self,
+        role: NodeRole,
+        private_key: bytes,
+        *,
+        rng: Rng,
+        wall_clock: WallClock,
+        rekey_attempt_time: float = FIREZONE_REKEY_ATTEMPT_TIME,
+    ) -> None:
+        if len(private_key) != 32:
+            raise ValueError("a WireGuard private key has 32 bytes")
+        self.role = role
+        self.private_key = private_key
+        self.public_key = public_key(private_key)
+        self.drops = DropCounter()
+        self._rng = rng
+        self._wall_clock = wall_clock
+        self._rekey_attempt_time = rekey_attempt_time
+        self._connections: dict[ConnectionId, _Connection] = {}
+        self._indices = wg.IndexTable(rng)  # receiver index → Tunn, shared so indices never collide
+        self._by_tunnel: dict[int, _Connection] = {}  # id(Tunn) → connection
+        self._relays: dict[RelayId, _Relay] = {}
+        self._relay_by_server: dict[Address, RelayId] = {}
+        self._relay_by_relayed: dict[Address, RelayId] = {}
+        # After a network change: the previous relay records, whose candidates stay announced until the new
+        # allocations produce replacements (an ICE agent left without any pair would fail for good).
+        self._retired: list[_Relay] = []
+        self._hosts: set[Address] = set()  # our socket addresses, as seen on relay traffic
+        self._retired_hosts: set[Address] = set()
+        self._transmits: deque[Transmit] = deque()
+        self._events: deque[NodeEvent] = deque()
+        self._last_now = 0.0
+
+    # -- queries -----------------------------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> Mapping[ConnectionId, ConnectionInfo]:
+        return {cid: self._info(conn) for cid, conn in self._connections.items()}
+
+    def connection(self, connection_id: ConnectionId) -> ConnectionInfo | None:
+        conn = self._connections.get(connection_id)
+        return None if conn is None else self._info(conn)
+
+    @property
+    def relay_ids(self) -> list[RelayId]:
+        return list(self._relays)
+
+    def relay_rtt(self, relay_id: RelayId) -> float | None:
+        relay = self._relays.get(relay_id)
+        return None if relay is None else relay.rtt
+
+    def _info(self, conn: _Connection) -> ConnectionInfo:
+        return ConnectionInfo(
+            conn.id,
+            conn.relay_id,
+            conn.path,
+            None if conn.selected is None else conn.selected[0].address,
+            None if conn.selected is None else conn.selected[1].address,
+            conn.established,
+            conn.handshakes,
+        )
+
+    # -- connections ---------------------------------------------------------------------------------------------
+
+    def upsert_connection(
+        self,
+        connection_id: ConnectionId,
+        *,
+        remote_public_key: bytes,
+        preshared_key: bytes | None,
+        local_credentials: IceCredentials,
+        remote_credentials: IceCredentials,
+        now: float,
+    ) -> bool:
+        """Creates (or keeps, when nothing changed) the connection; False and a :class:`NoRelays` event if no relay.
+
+        An identical existing connection is reused and all its local candidates are announced again; a different
+        one is replaced (closed first).
+        """
+        self._last_now = now
+        existing = self._connections.get(connection_id)
+        if existing is not None and (
+            existing.remote_public_key == remote_public_key
+            and existing.preshared_key == preshared_key
+            and existing.local_credentials == local_credentials
+            and existing.remote_credentials == remote_credentials
+        ):
+            for candidate in sorted(existing.announced, key=lambda c: -c.priority):
+                self._events.append(CandidateGathered(connection_id, candidate))
+            return True
+        relay_id = self._sample_relay()
+        if relay_id is None:
+            self._events.append(NoRelays())
+            return False
+        if existing is not None:
+            self._remove_connection(existing, now, event=ConnectionClosed(connection_id))
+        agent = _FollowingIceAgent(
+            controlling=self.role is NodeRole.CLIENT,
+            local_ufrag=local_credentials.username,
+            local_pwd=local_credentials.password,
+            remote_ufrag=remote_credentials.username,
+            remote_pwd=remote_credentials.password,
+            rng=self._rng,
+            timing=CLIENT_PROFILE if self.role is NodeRole.CLIENT else SERVER_PROFILE,
+        )
+        tunnel = wg.Tunn(
+            self.private_key,
+            remote_public_key,
+            preshared_key,
+            self._indices,
+            self._rng,
+            self._wall_clock,
+            rekey_attempt_time=self._rekey_attempt_time,
+        )
+        conn = _Connection(
+            connection_id,
+            remote_public_key,
+            preshared_key,
+            local_credentials,
+            remote_credentials,
+            agent,
+            tunnel,
+            relay_id,
+        )
+        self._connections[connection_id] = conn
+        self._by_tunnel[id(tunnel)] = conn
+        self._gather_for(conn, now)
+        self._pump_connection(conn, now)
+        return True
+
+    def add_remote_candidate(self, connection_id: ConnectionId, candidate: Candidate | str, now: float) -> None:
+        """Adds a trickled remote candidate (SDP strings are parsed; malformed ones are dropped and logged)."""
+        conn = self._connections.get(connection_id)
+        parsed = self._parse_candidate(candidate)
+        if conn is None or parsed is None:
+            if conn is None:
+                logger.debug("candidate for unknown connection %s", connection_id)
+            return
+        if parsed in conn.remote_candidates:
+            return
+        conn.remote_candidates.add(parsed)
+        conn.agent.add_remote_candidate(parsed, now)
+        self._pump_connection(conn, now)
+
+    def remove_remote_candidate(self, connection_id: ConnectionId, candidate: Candidate | str, now: float) -> None:
+        conn = self._connections.get(connection_id)
+        parsed = self._parse_candidate(candidate)
+        if conn is None or parsed is None:
+            return
+        conn.remote_candidates.discard(parsed)
+        conn.agent.invalidate_remote_candidate(parsed, now)
+        self._pump_connection(conn, now)
+
+    @staticmethod
+    def _parse_candidate(candidate: Candidate | str) -> Candidate | None:
+        if isinstance(candidate, Candidate):
+            return candidate
+        try:
+            return Candidate.from_sdp(candidate)
+        except ValueError:
+            logger.debug("dropping malformed candidate %r", candidate)
+            return None
+
+    def close_connection(self, connection_id: ConnectionId, now: float) -> None:
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            return
+        self._remove_connection(conn, now, event=ConnectionClosed(connection_id))
+
+    def _remove_connection(self, conn: _Connection, now: float, *, event: NodeEvent | None) -> None:
+        del self._connections[conn.id]
+        self._by_tunnel.pop(id(conn.tunnel), None)
+        conn.tunnel.close()
+        if event is not None:
+            self._events.append(event)
+
+    # -- relays ----------------------------------------------------------------------------------------------------
+
+    def update_relays(self, remove: Iterable[RelayId], add: Iterable[RelayConfig], now: float) -> None:
+        """Removes relays (their candidates are invalidated, affected connections move to another relay) and
+        adds or replaces others (same id with the same credentials and addresses = kept as is)."""
+        self._last_now = now
+        removed: set[RelayId] = set()
+        for relay_id in remove:
+            if relay_id in self._relays:
+                self._drop_relay(relay_id, now, graceful=True)
+                removed.add(relay_id)
+        replaced: set[RelayId] = set()
+        for config in add:
+            current = self._relays.get(config.id)
+            if current is not None:
+                if current.config == config:
+                    continue
+                # Same relay, new credentials or addresses: a fresh allocation; connections keep the relay id and
+                # get its new relayed candidates when it answers.
+                self._drop_relay(config.id, now, graceful=True)
+                replaced.add(config.id)
+            self._add_relay(config, now)
+        removed -= {config.id for config in self._relays.values() for config in [config.config]}
+        if removed or replaced:
+            self._migrate_connections(removed, now)
+
+    def _add_relay(self, config: RelayConfig, now: float) -> None:
+        allocation = Allocation(list(config.addresses), config.username, config.password, rng=self._rng, now=now)
+        self._relays[config.id] = _Relay(config, allocation)
+        for server in config.addresses:
+            self._relay_by_server[server] = config.id
+        self._pump_relay(config.id, now)
+
+    def _drop_relay(self, relay_id: RelayId, now: float, *, graceful: bool) -> None:
+        relay = self._relays.pop(relay_id)
+        if graceful:
+            relay.allocation.shutdown(now)
+            self._drain_allocation_transmits(relay)
+        for server in relay.config.addresses:
+            if self._relay_by_server.get(server) == relay_id:
+                del self._relay_by_server[server]
+        for relayed in relay.relayed:
+            self._relay_by_relayed.pop(relayed, None)
+
+    def _migrate_connections(self, removed: set[RelayId], now: float) -> None:
+        """Connections that used a removed relay sample another one; then every connection's candidates are synced
+        (replacements are added before the removed relay's candidates are invalidated)."""
+        out_of_relays = False
+        for conn in list(self._connections.values()):
+            if conn.relay_id in removed:
+                conn.relay_id = self._sample_relay()
+                out_of_relays |= conn.relay_id is None
+        if out_of_relays or not any(r.rtt is not None for r in self._relays.values()):
+            self._events.append(NoRelays())
+        for conn in list(self._connections.values()):
+            if conn.id in self._connections:
+                self._sync_local_candidates(conn, now)
+
+    def _sample_relay(self) -> RelayId | None:
+        measured = [(relay.rtt, relay_id) for relay_id, relay in self._relays.items() if relay.rtt is not None]
+        if not measured:
+            return None
+        best = min(rtt for rtt, _ in measured)
+        limit = best * RTT_INCLUSION_FACTOR + RTT_INCLUSION_SLACK
+        eligible = sorted(relay_id for rtt, relay_id in measured if rtt <= limit)
+        return eligible[self._rng.random_u32() % len(eligible)]
+
+    # -- candidates ---------------------------------------------------------------------------------------------
+
+    def _gather_for(self, conn: _Connection, now: float) -> None:
+        self._sync_local_candidates(conn, now)
+
+    def _wanted_candidates(self, conn: _Connection) -> dict[Candidate, Address]:
+        wanted: dict[Candidate, Address] = {
+            Candidate.host(address): address for address in sorted(self._hosts | self._retired_hosts)
+        }
+        for relay_id, relay in self._relays.items():
+            for candidate, base in relay.candidates(include_relayed=relay_id == conn.relay_id):
+                wanted.setdefault(candidate, base)
+        for relay in self._retired:
+            for candidate, base in relay.candidates(include_relayed=relay.config.id == conn.relay_id):
+                wanted.setdefault(candidate, base)
+        return wanted
+
+    def handle_network_change(self, now: float) -> None:
+        """Our addresses changed (roaming): every allocation starts over; connections keep their WireGuard sessions.
+
+        The old candidates stay announced until the new allocations answer, then they are invalidated; ICE moves the
+        connections to pairs built from the new candidates.
+        """
+        self._last_now = now
+        self._retired = list(self._relays.values())
+        self._retired_hosts, self._hosts = self._hosts, set()
+        for relay in self._retired:
+            for relayed in relay.relayed:
+                self._relay_by_relayed.pop(relayed, None)
+        self._relays = {}
+        for relay in self._retired:
+            self._add_relay(relay.config, now)
+
+    def _sync_local_candidates(self, conn: _Connection, now: float) -> None:
+        wanted = self._wanted_candidates(conn)
+        # New candidates first: an agent left without any pair, even for a moment, fails for good.
+        for candidate in sorted(set(wanted) - conn.announced, key=lambda c: -c.priority):
+            conn.announced.add(candidate)
+            conn.agent.add_local_candidate(candidate, wanted[candidate], now)
+            self._events.append(CandidateGathered(conn.id, candidate))
+        for candidate in sorted(conn.announced - set(wanted), key=lambda c: -c.priority):
+            conn.announced.discard(candidate)
+            conn.agent.remove_local_candidate(candidate, now)
+            self._events.append(CandidateInvalidated(conn.id, candidate))
+        self._pump_connection(conn, now)
+
+    # -- input ----------------------------------------------------------------------------------------------------
+
+    def handle_input(self, data: bytes, src: Address, local: Address, now: float) -> tuple[ConnectionId, bytes] | None:
+        """Feeds one received datagram; returns a decrypted IP packet and the connection it belongs to, if any."""
+        self._last_now = now
+        if not data:
+            self.drops.drop(DropReason.EMPTY)
+            return None
+        relay_id = self._relay_by_server.get(src) if src[1] == RELAY_PORT else None
+        if relay_id is not None:
+            return self._handle_relay_input(relay_id, data, src, local, now)
+        return self._handle_peer_input(data, src, local, now)
+
+    def _handle_relay_input(
+        self, relay_id: RelayId, data: bytes, src: Address, local: Address, now: float
+    ) -> tuple[ConnectionId, bytes] | None:
+        relay = self._relays[relay_id]
+        result = relay.allocation.handle_input(data, src, now)
+        if local not in relay.host and local[0] not in ("0.0.0.0", "::"):
+            # The socket address our relay traffic arrives on is our host candidate (§4.3); it outlives the relay.
+            relay.host.add(local)
+            self._hosts.add(local)
+            self._relay_candidates_changed(now)
+        payload_from_peer = None
+        if isinstance(result, turn.Decapsulated):
+            relayed = self._relayed_address_for(relay, result.peer)
+            if relayed is not None:
+                payload_from_peer = (result.payload, result.peer, relayed)
+        elif not result:
+            self.drops.drop(DropReason.UNKNOWN_RELAY_TRAFFIC)
+        self._pump_relay(relay_id, now)
+        if payload_from_peer is None:
+            return None
+        payload, peer, relayed = payload_from_peer
+        return self._handle_peer_input(payload, peer, relayed, now)
+
+    @staticmethod
+    def _relayed_address_for(relay: _Relay, peer: Address) -> Address | None:
+        v6 = ":" in peer[0]
+        return next((a for a in sorted(relay.relayed) if (":" in a[0]) == v6), None)
+
+    def _handle_peer_input(
+        self, data: bytes, src: Address, local: Address, now: float
+    ) -> tuple[ConnectionId, bytes] | None:
+        if stun.is_stun(data):
+            self._handle_stun(data, src, local, now)
+            return None
+        if len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\x00\x00\x00":
+            return self._handle_wireguard(data, src, local, now)
+        self.drops.drop(DropReason.UNRECOGNISED)
+        return None
+
+    def _handle_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
+        message_class = (data[0] & 0x01) << 1 | (data[1] & 0x10) >> 4
+        if message_class == stun.MessageClass.REQUEST:
+            conn = self._connection_for_request(data)
+            if conn is not None and conn.agent.handle_stun(data, src, local, now):
+                self._pump_connection(conn, now)
+                return
+        else:
+            for conn in self._connections.values():
+                if conn.agent.handle_stun(data, src, local, now):
+                    self._pump_connection(conn, now)
+                    return
+        self.drops.drop(DropReason.STUN_NO_CONNECTION)
+
+    def _connection_for_request(self, data: bytes) -> _Connection | None:
+        try:
+            username = stun.decode(data).username()
+        except stun.StunParseError:
+            return None
+        if username is None:
+            return None
+        local_ufrag, _, remote_ufrag = username.partition(":")
+        for conn in self._connections.values():
+            if conn.local_credentials.username == local_ufrag and conn.remote_credentials.username == remote_ufrag:
+                return conn
+        return None
+
+    def _handle_wireguard(
+        self, data: bytes, src: Address, local: Address, now: float
+    ) -> tuple[ConnectionId, bytes] | None:
+        kind = data[0]
+        conn: _Connection | None
+        if kind == 1:
+            conn = self._connection_by_source(src, local)
+        else:
+            offset = 8 if kind == 2 else 4
+            if len(data) < offset + 4:
+                self.drops.drop(DropReason.WIREGUARD_NO_CONNECTION)
+                return None
+            tunnel = self._indices.get(int.from_bytes(data[offset : offset + 4], "little"))
+            conn = None if tunnel is None else self._by_tunnel.get(id(tunnel))
+        if conn is None:
+            self.drops.drop(DropReason.WIREGUARD_NO_CONNECTION)
+            return None
+        packet = conn.tunnel.decapsulate(data, now)
+        self._pump_connection(conn, now)
+        if not packet:  # handshake, keepalive or dropped (the tunnel counted why)
+            return None
+        conn.agent.note_activity(now)
+        return conn.id, packet
+
+    def _connection_by_source(self, src: Address, local: Address) -> _Connection | None:
+        """The connection whose ICE agent talks to ``src`` from ``local``: selected pair first, then any pair."""
+        for conn in self._connections.values():
+            if conn.selected is not None and (conn.selected[0].address, conn.selected[1].address) == (local, src):
+                return conn
+        matches = [
+            conn for conn in self._connections.values() if any(pair.key == (local, src) for pair in conn.agent.pairs)
+        ]
+        # Two connections with a pair to the same remote endpoint would make the source ambiguous: drop instead.
+        return matches[0] if len(matches) == 1 else None
+
+    # -- output -----------------------------------------------------------------------------------------------------
+
+    def encapsulate(self, connection_id: ConnectionId, packet: bytes, now: float) -> None:
+        """Encrypts an IP packet for the connection; the datagram(s) come out of :meth:`poll_transmit`.
+
+        Until the connection has a path, packets wait in a short queue (oldest dropped when full).
+        """
+        conn = self._connections.get(connection_id)
+        if conn is None:
+            self.drops.drop(DropReason.NO_CONNECTION)
+            return
+        if conn.selected is None:
+            if len(conn.pending) >= MAX_PENDING_PACKETS:
+                conn.pending.popleft()
+                self.drops.drop(DropReason.PENDING_QUEUE_FULL)
+            conn.pending.append(packet)
+            return
+        conn.agent.note_activity(now)
+        conn.tunnel.encapsulate(packet, now)
+        self._flush_tunnel(conn, now)
+
+    def poll_transmit(self) -> Transmit | None:
+        return self._transmits.popleft() if self._transmits else None
+
+    def poll_event(self) -> NodeEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def poll_timeout(self) -> float | None:
+        """The earliest deadline of every allocation, ICE agent and tunnel (may lie in the past: call now)."""
+        deadlines: list[float] = []
+        for relay in self._relays.values():
+            deadline = _deadline(relay.allocation.poll_timeout())
+            if deadline is not None:
+                deadlines.append(deadline)
+        for conn in self._connections.values():
+            for deadline in (_deadline(conn.agent.poll_timeout()), _deadline(conn.tunnel.poll_timeout())):
+                if deadline is not None:
+                    deadlines.append(deadline)
+        return min(deadlines) if deadlines else None
+
+    def handle_timeout(self, now: float) -> None:
+        self._last_now = now
+        for relay_id in list(self._relays):
+            relay = self._relays.get(relay_id)
+            if relay is None:
+                continue
+            deadline = _deadline(relay.allocation.poll_timeout())
+            if deadline is not None and deadline <= now:
+                relay.allocation.handle_timeout(now)
+            self._pump_relay(relay_id, now)
+        for conn in list(self._connections.values()):
+            deadline = _deadline(conn.agent.poll_timeout())
+            if deadline is not None and deadline <= now:
+                conn.agent.handle_timeout(now)
+            deadline = _deadline(conn.tunnel.poll_timeout())
+            if deadline is not None and deadline <= now:
+                conn.tunnel.handle_timeout(now)
+            if conn.id in self._connections:
+                self._pump_connection(conn, now)
+
+    # -- plumbing -------------------------------------------------------------------------------------------------
+
+    def _pump_relay(self, relay_id: RelayId, now: float) -> None:
+        relay = self._relays.get(relay_id)
+        if relay is None:
+            return
+        self._drain_allocation_transmits(relay)
+        changed = False
+        while (event := relay.allocation.poll_event()) is not None:
+            if isinstance(event, turn.BindingSucceeded):
+                # One NAT mapping per socket and relay: a new answer replaces the old srflx address.
+                changed |= relay.srflx != {event.srflx}
+                relay.srflx = {event.srflx}
+            elif isinstance(event, turn.AllocationSucceeded):
+                for address in relay.relayed:
+                    self._relay_by_relayed.pop(address, None)
+                relay.relayed = set(event.relay_addresses)
+                for address in relay.relayed:
+                    self._relay_by_relayed[address] = relay_id
+                self._retired = []  # replacements exist now
+                self._retired_hosts = set()
+                changed = True
+            elif isinstance(event, turn.AllocationExpired):
+                for address in relay.relayed:
+                    self._relay_by_relayed.pop(address, None)
+                relay.relayed = set()
+                changed = True
+            elif isinstance(event, turn.AllocationFailed):
+                logger.warning("relay %s failed: %s", relay_id, event.reason)
+                self._drop_relay(relay_id, now, graceful=False)
+                self._migrate_connections({relay_id}, now)
+                return
+        if changed:
+            self._relay_candidates_changed(now)
+
+    def _drain_allocation_transmits(self, relay: _Relay) -> None:
+        while (transmit := relay.allocation.poll_transmit()) is not None:
+            self._transmits.append(transmit)
+
+    def _relay_candidates_changed(self, now: float) -> None:
+        for conn in list(self._connections.values()):
+            self._sync_local_candidates(conn, now)
+
+    def _pump_connection(self, conn: _Connection, now: float) -> None:
+        if conn.id not in self._connections:
+            return
+        while (transmit := conn.agent.poll_transmit()) is not None:
+            self._send_from(transmit.src, transmit.dst, transmit.payload, now)
+        while (event := conn.agent.poll_event()) is not None:
+            self._on_ice_event(conn, event, now)
+            if conn.id not in self._connections:
+                return
+        while (tunnel_event := conn.tunnel.poll_event()) is not None:
+            if isinstance(tunnel_event, wg.HandshakeCompleted):
+                conn.handshakes += 1
+            elif isinstance(tunnel_event, wg.HandshakeGaveUp):
+                self._remove_connection(conn, now, event=ConnectionFailed(conn.id, "wireguard handshake gave up"))
+                return
+        self._flush_tunnel(conn, now)
+
+    def _on_ice_event(self, conn: _Connection, event: ice.IceEvent, now: float) -> None:
+        if isinstance(event, ice.SelectedPairChanged):
+            first = conn.selected is None and not conn.established
+            conn.selected = (event.local, event.remote)
+            path = conn.path
+            assert path is not None
+            local, remote = event.local.address, event.remote.address
+            if first:
+                conn.established = True
+                self._events.append(ConnectionEstablished(conn.id, path, local, remote))
+                if self.role is NodeRole.CLIENT:
+                    # The initiator handshakes as soon as ICE nominated (§4.2); a keepalive starts it.
+                    conn.tunnel.send_keepalive(now)
+                while conn.pending:
+                    conn.tunnel.encapsulate(conn.pending.popleft(), now)
+            else:
+                self._events.append(ConnectionPathChanged(conn.id, path, local, remote))
+        elif isinstance(event, ice.IceFailed):
+            self._remove_connection(conn, now, event=ConnectionFailed(conn.id, f"ICE failed: {event.reason}"))
+        elif isinstance(event, ice.IceDisconnected):
+            # ICE keeps checking and either selects a pair again or fails; data waits for that.
+            logger.debug("connection %s disconnected: %s", conn.id, event.reason)
+
+    def _flush_tunnel(self, conn: _Connection, now: float) -> None:
+        datagrams = conn.tunnel.drain_transmits()
+        if not datagrams:
+            return
+        if conn.selected is None:
+            self.drops.drop(DropReason.NO_PATH)
+            return
+        local, remote = conn.selected[0].address, conn.selected[1].address
+        for datagram in datagrams:
+            self._send_from(local, remote, datagram, now)
+
+    def _send_from(self, local: Address | None, remote: Address, payload: bytes, now: float) -> None:
+        relay_id = self._relay_by_relayed.get(local) if local is not None else None
+        if relay_id is None:
+            self._transmits.append(Transmit(remote, payload, local))
+            return
+        relay = self._relays[relay_id]
+        transmit = relay.allocation.encapsulate(remote, payload, now)
+        if transmit is not None:
+            self._transmits.append(transmit)
+        self._drain_allocation_transmits(relay)
+
+    def __iter__(self) -> Iterator[ConnectionId]:
+        return iter(self._connections)
+
+
+def _deadline(timeout: float | tuple[float, str] | None) -> float | None:
+    """Sub-machines answer ``poll_timeout`` with a deadline or (deadline, reason) (design.md §3)."""
+    if timeout is None or isinstance(timeout, float | int):
+        return timeout
+    return timeout[0]

@@ -1,0 +1,600 @@
+"""IP/TCP/UDP/ICMP packet views, Internet checksums and the TUN offload transforms.
+
+Sans-IO and allocation-light: headers are read with ``struct.unpack_from`` straight out of the buffer, checksums are
+computed with one ``int.from_bytes`` per buffer (2**16 is 1 modulo 0xFFFF, so a big-endian integer taken modulo 0xFFFF
+equals the one's-complement sum of its 16-bit words, up to the usual 0/0xFFFF ambiguity).
+
+The offload half speaks the ``virtio_net_hdr`` that a TUN device opened with ``IFF_VNET_HDR`` puts in front of every
+frame: :func:`split_gso` turns a TSO/USO super-packet read from the kernel into MTU-sized packets with correct IP ids,
+TCP sequence numbers and checksums; :func:`coalesce` merges consecutive same-flow TCP/UDP segments into super-packets
+the kernel segments again on write (GRO in reverse).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+
+IPV4_HEADER_LEN = 20
+IPV6_HEADER_LEN = 40
+UDP_HEADER_LEN = 8
+TCP_MIN_HEADER_LEN = 20
+
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_PSH = 0x08
+TCP_ACK = 0x10
+TCP_URG = 0x20
+TCP_ECE = 0x40
+TCP_CWR = 0x80
+
+# include/uapi/linux/virtio_net.h
+VIRTIO_NET_HDR_LEN = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+
+# Largest IP datagram the length fields can describe; a coalesced super-packet must fit.
+MAX_IP_PACKET = 65535
+# Firezone (#14114) and the kernel's UDP_MAX_SEGMENTS both cap a batch at 64 segments.
+MAX_SEGMENTS = 64
+
+_VNET_HDR = struct.Struct("<BBHHHH")
+_IPV4_FIXED = struct.Struct("!BBHHHBBH4s4s")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_FOLD = 0xFFFF
+_NO_OFFLOAD_HEADER = bytes(VIRTIO_NET_HDR_LEN)
+
+
+class PacketParseError(ValueError):
+    """The bytes are not a packet this module can interpret (truncated, wrong version, bad lengths...)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checksums
+
+
+def ones_complement_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The folded 16-bit one's-complement sum of ``data`` (odd length padded with a zero byte) plus ``initial``.
+
+    Not complemented: this is the "partial" value that goes into a NEEDS_CSUM checksum field.
+    """
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8
+    value += initial
+    if value == 0:
+        return 0
+    folded = value % _FOLD
+    return folded if folded else _FOLD
+
+
+def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """RFC 1071 checksum: the complement of :func:`ones_complement_sum`."""
+    return ~ones_complement_sum(data, initial) & 0xFFFF
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
+    """Unfolded sum of the TCP/UDP pseudo-header (RFC 793/768 for IPv4, RFC 8200 §8.1 for IPv6)."""
+    return int.from_bytes(src, "big") % _FOLD + int.from_bytes(dst, "big") % _FOLD + protocol + length
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Views
+
+
+@dataclass(frozen=True, slots=True)
+class IpView:
+    """One IP packet's headers, parsed once. Addresses are raw bytes (4 or 16); ``l4_offset`` indexes the TCP/UDP/ICMP
+    header. IPv6 extension headers are not walked: ``protocol`` is then the first next-header value."""
+
+    version: int
+    header_len: int
+    protocol: int
+    src: bytes
+    dst: bytes
+    total_len: int
+    ttl: int
+    is_fragment: bool
+
+    @property
+    def l4_offset(self) -> int:
+        return self.header_len
+
+    @property
+    def src_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.src)
+
+    @property
+    def dst_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.dst)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpView:
+    src_port: int
+    dst_port: int
+    seq: int
+    ack: int
+    header_len: int
+    flags: int
+    window: int
+
+
+@dataclass(frozen=True, slots=True)
+class UdpView:
+    src_port: int
+    dst_port: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpView:
+    type: int
+    code: int
+    rest: int  # the 4 bytes after the checksum (echo id/sequence, MTU, ...) as an integer
+
+
+def parse_ip(packet: bytes | bytearray | memoryview) -> IpView:
+    """Parses the IP header; raises :class:`PacketParseError` for anything not a well-formed IPv4/IPv6 header."""
+    if len(packet) < 1:
+        raise PacketParseError("empty packet")
+    version = packet[0] >> 4
+    if version == 4:
+        if len(packet) < IPV4_HEADER_LEN:
+            raise PacketParseError("truncated IPv4 header")
+        vihl, _tos, total_len, _ident, frag, ttl, protocol, _csum, src, dst = _IPV4_FIXED.unpack_from(packet)
+        header_len = (vihl & 0x0F) * 4
+        if header_len < IPV4_HEADER_LEN or header_len > len(packet):
+            raise PacketParseError("bad IPv4 header length")
+        if total_len < header_len or total_len > len(packet):
+            raise PacketParseError("bad IPv4 total length")
+        return IpView(4, header_len, protocol, src, dst, total_len, ttl, bool(frag & 0x3FFF))
+    if version == 6:
+        if len(packet) < IPV6_HEADER_LEN:
+            raise PacketParseError("truncated IPv6 header")
+        payload_len = _U16.unpack_from(packet, 4)[0]
+        total_len = IPV6_HEADER_LEN + payload_len
+        if total_len > len(packet):
+            raise PacketParseError("bad IPv6 payload length")
+        protocol = packet[6]
+        return IpView(
+            6,
+            IPV6_HEADER_LEN,
+            protocol,
+            bytes(packet[8:24]),
+            bytes(packet[24:40]),
+            total_len,
+            packet[7],
+            protocol == 44,
+        )
+    raise PacketParseError(f"not IPv4/IPv6 (version {version})")
+
+
+def parse_tcp(packet: bytes | bytearray | memoryview, ip: IpView) -> TcpView:
+    off = ip.header_len
+    if ip.protocol != IPPROTO_TCP or ip.is_fragment:
+        raise PacketParseError("not an unfragmented TCP packet")
+    if ip.total_len - off < TCP_MIN_HEADER_LEN:
+        raise PacketParseError("truncated TCP header")
+    sport, dport, seq, ack, doff, flags, window = struct.unpack_from("!HHIIBBH", packet, off)
+    header_len = (doff >> 4) * 4
+    if header_len < TCP_MIN_HEADER_LEN or off + header_len > ip.total_len:
+        raise PacketParseError("bad TCP data offset")
+    return TcpView(sport, dport, seq, ack, header_len, flags, window)
+
+
+def parse_udp(packet: bytes | bytearray | memoryview, ip: IpView) -> UdpView:
+    off = ip.header_len
+    if ip.protocol != IPPROTO_UDP or ip.is_fragment:
+        raise PacketParseError("not an unfragmented UDP packet")
+    if ip.total_len - off < UDP_HEADER_LEN:
+        raise PacketParseError("truncated UDP header")
+    sport, dport, length = struct.unpack_from("!HHH", packet, off)
+    if length < UDP_HEADER_LEN or off + length > ip.total_len:
+        raise PacketParseError("bad UDP length")
+    return UdpView(sport, dport, length)
+
+
+def parse_icmp(packet: bytes | bytearray | memoryview, ip: IpView) -> IcmpView:
+    off = ip.header_len
+    expected = IPPROTO_ICMP if ip.version == 4 else IPPROTO_ICMPV6
+    if ip.protocol != expected or ip.is_fragment:
+        raise PacketParseError("not an unfragmented ICMP packet")
+    if ip.total_len - off < 8:
+        raise PacketParseError("truncated ICMP header")
+    icmp_type, code = packet[off], packet[off + 1]
+    return IcmpView(icmp_type, code, _U32.unpack_from(packet, off + 4)[0])
+
+
+def ipv4_header_checksum(header: bytes | bytearray | memoryview) -> int:
+    """The checksum an IPv4 header (with its checksum field zeroed or not) must carry."""
+    if len(header) < IPV4_HEADER_LEN:
+        raise PacketParseError("truncated IPv4 header")
+    current = _U16.unpack_from(header, 10)[0]
+    # Subtracting the stored field is the same as summing with it zeroed.
+    return internet_checksum(header, _FOLD - current if current else 0)
+
+
+def l4_checksum_valid(packet: bytes | bytearray | memoryview) -> bool:
+    """True when the TCP/UDP checksum of ``packet`` verifies (a UDP checksum of 0 over IPv4 means "none")."""
+    ip = parse_ip(packet)
+    if ip.protocol not in (IPPROTO_TCP, IPPROTO_UDP) or ip.is_fragment:
+        raise PacketParseError("not an unfragmented TCP/UDP packet")
+    segment = memoryview(packet)[ip.header_len : ip.total_len]
+    if ip.protocol == IPPROTO_UDP and ip.version == 4 and len(segment) >= 8 and segment[6] == segment[7] == 0:
+        return True
+    return ones_complement_sum(segment, pseudo_header_sum(ip.src, ip.dst, ip.protocol, len(segment))) == _FOLD
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flow hash
+
+
+def flow_hash(packet: bytes | bytearray | memoryview) -> int:
+    """A per-process stable hash of the packet's flow (protocol, addresses and, for TCP/UDP, ports).
+
+    Only used to pin a flow to one TUN queue, so it need not be stable across processes or symmetric. Garbage hashes to 0.
+    """
+    n = len(packet)
+    if n < 1:
+        return 0
+    version = packet[0] >> 4
+    if version == 4 and n >= IPV4_HEADER_LEN:
+        protocol = packet[9]
+        ihl = (packet[0] & 0x0F) * 4
+        key = bytes(packet[9:10]) + bytes(packet[12:20])
+        if protocol in (IPPROTO_TCP, IPPROTO_UDP) and not (packet[6] & 0x3F or packet[7]) and n >= ihl + 4:
+            key += bytes(packet[ihl : ihl + 4])
+        return hash(key)
+    if version == 6 and n >= IPV6_HEADER_LEN:
+        protocol = packet[6]
+        key = bytes(packet[6:7]) + bytes(packet[8:40])
+        if protocol in (IPPROTO_TCP, IPPROTO_UDP) and n >= 44:
+            key += bytes(packet[40:44])
+        return hash(key)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# virtio_net_hdr
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioNetHdr:
+    """``struct virtio_net_hdr`` (little-endian, as a TUN device on a little-endian host uses it)."""
+
+    flags: int = 0
+    gso_type: int = VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> VirtioNetHdr:
+        if len(data) < VIRTIO_NET_HDR_LEN:
+            raise PacketParseError("truncated virtio_net_hdr")
+        return cls(*_VNET_HDR.unpack_from(data))
+
+    def encode(self) -> bytes:
+        return _VNET_HDR.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start, self.csum_offset)
+
+
+def split_gso(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> list[bytes]:
+    """Turns one frame read from a TUN with ``IFF_VNET_HDR`` (header already decoded, ``packet`` after it) into plain IP
+    packets with complete checksums: TSO/USO super-packets are segmented, a pending NEEDS_CSUM checksum is filled in.
+
+    Raises :class:`PacketParseError` for frames that do not make sense.
+    """
+    gso = hdr.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if gso == VIRTIO_NET_HDR_GSO_NONE:
+        if not hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            return [bytes(packet)]
+        return [_complete_checksum(hdr, packet)]
+    if gso in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6):
+        return _split_tcp(hdr, packet, 4 if gso == VIRTIO_NET_HDR_GSO_TCPV4 else 6)
+    if gso == VIRTIO_NET_HDR_GSO_UDP_L4:
+        return _split_udp(hdr, packet)
+    raise PacketParseError(f"unsupported gso_type {hdr.gso_type}")
+
+
+def _complete_checksum(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> bytes:
+    start = hdr.csum_start
+    field = start + hdr.csum_offset
+    if field + 2 > len(packet) or start > len(packet):
+        raise PacketParseError("checksum offsets outside the packet")
+    out = bytearray(packet)
+    # The field holds the pseudo-header partial sum: summing over it includes it.
+    checksum = internet_checksum(memoryview(out)[start:])
+    if checksum == 0 and field - start == 6:
+        checksum = 0xFFFF  # UDP: 0 means "no checksum"
+    _U16.pack_into(out, field, checksum)
+    return bytes(out)
+
+
+def _ip_headers(packet: bytes | bytearray | memoryview, expected_version: int | None) -> tuple[int, int, bytes, bytes]:
+    """(version, header length, src, dst) of the outer IP header, without trusting its length fields."""
+    if len(packet) < 1:
+        raise PacketParseError("empty packet")
+    version = packet[0] >> 4
+    if expected_version is not None and version != expected_version:
+        raise PacketParseError("gso_type does not match the IP version")
+    if version == 4:
+        if len(packet) < IPV4_HEADER_LEN:
+            raise PacketParseError("truncated IPv4 header")
+        ihl = (packet[0] & 0x0F) * 4
+        if ihl < IPV4_HEADER_LEN or ihl > len(packet):
+            raise PacketParseError("bad IPv4 header length")
+        return 4, ihl, bytes(packet[12:16]), bytes(packet[16:20])
+    if version == 6:
+        if len(packet) < IPV6_HEADER_LEN:
+            raise PacketParseError("truncated IPv6 header")
+        return 6, IPV6_HEADER_LEN, bytes(packet[8:24]), bytes(packet[24:40])
+    raise PacketParseError(f"not IPv4/IPv6 (version {version})")
+
+
+def _fix_ip_header(header: bytearray, version: int, ihl: int, total_len: int, ip_id: int) -> None:
+    if version == 4:
+        _U16.pack_into(header, 2, total_len)
+        _U16.pack_into(header, 4, ip_id & 0xFFFF)
+        header[10] = header[11] = 0
+        _U16.pack_into(header, 10, internet_checksum(memoryview(header)[:ihl]))
+    else:
+        _U16.pack_into(header, 4, total_len - IPV6_HEADER_LEN)
+
+
+def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, version: int) -> list[bytes]:
+    _, ihl, src, dst = _ip_headers(packet, version)
+    protocol = packet[9] if version == 4 else packet[6]
+    if protocol != IPPROTO_TCP:
+        raise PacketParseError("TSO frame without a TCP header")
+    if len(packet) < ihl + TCP_MIN_HEADER_LEN:
+        raise PacketParseError("truncated TCP header")
+    thlen = (packet[ihl + 12] >> 4) * 4
+    headers_len = ihl + thlen
+    if thlen < TCP_MIN_HEADER_LEN or headers_len > len(packet):
+        raise PacketParseError("bad TCP data offset")
+    mss = hdr.gso_size
+    if mss <= 0:
+        raise PacketParseError("TSO frame with gso_size 0")
+    view = memoryview(packet)
+    payload_len = len(packet) - headers_len
+    seq0 = _U32.unpack_from(packet, ihl + 4)[0]
+    ip_id0 = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
+    flags = packet[ihl + 13]
+    template = bytearray(view[:headers_len])
+    template[ihl + 16] = template[ihl + 17] = 0
+    src_dst_sum = int.from_bytes(src, "big") % _FOLD + int.from_bytes(dst, "big") % _FOLD + IPPROTO_TCP
+    out: list[bytes] = []
+    count = max(1, -(-payload_len // mss))
+    for index in range(count):
+        start = headers_len + index * mss
+        segment = view[start : min(start + mss, len(packet))]
+        header = bytearray(template)
+        _fix_ip_header(header, version, ihl, headers_len + len(segment), ip_id0 + index)
+        _U32.pack_into(header, ihl + 4, (seq0 + index * mss) & 0xFFFFFFFF)
+        segment_flags = flags
+        if index != count - 1:
+            segment_flags &= ~(TCP_FIN | TCP_PSH)
+        if index != 0:
+            segment_flags &= ~TCP_CWR
+        header[ihl + 13] = segment_flags
+        tcp_header = memoryview(header)[ihl:]
+        partial = src_dst_sum + thlen + len(segment) + ones_complement_sum(tcp_header)
+        _U16.pack_into(header, ihl + 16, internet_checksum(segment, partial))
+        out.append(bytes(header) + segment)
+    return out
+
+
+def _split_udp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> list[bytes]:
+    version, ihl, src, dst = _ip_headers(packet, None)
+    protocol = packet[9] if version == 4 else packet[6]
+    if protocol != IPPROTO_UDP:
+        raise PacketParseError("USO frame without a UDP header")
+    headers_len = ihl + UDP_HEADER_LEN
+    if headers_len > len(packet):
+        raise PacketParseError("truncated UDP header")
+    size = hdr.gso_size
+    if size <= 0:
+        raise PacketParseError("USO frame with gso_size 0")
+    view = memoryview(packet)
+    payload_len = len(packet) - headers_len
+    ip_id0 = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
+    template = bytearray(view[:headers_len])
+    src_dst_sum = int.from_bytes(src, "big") % _FOLD + int.from_bytes(dst, "big") % _FOLD + IPPROTO_UDP
+    out: list[bytes] = []
+    count = max(1, -(-payload_len // size))
+    for index in range(count):
+        start = headers_len + index * size
+        segment = view[start : min(start + size, len(packet))]
+        header = bytearray(template)
+        udp_len = UDP_HEADER_LEN + len(segment)
+        _fix_ip_header(header, version, ihl, ihl + udp_len, ip_id0 + index)
+        _U16.pack_into(header, ihl + 4, udp_len)
+        header[ihl + 6] = header[ihl + 7] = 0
+        partial = src_dst_sum + udp_len + ones_complement_sum(memoryview(header)[ihl:])
+        checksum = internet_checksum(segment, partial)
+        _U16.pack_into(header, ihl + 6, checksum or 0xFFFF)
+        out.append(bytes(header) + segment)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Coalescing (the write direction)
+
+
+class _Group:
+    """Consecutive segments of one flow being merged into one super-packet."""
+
+    __slots__ = ("closed", "count", "gso_size", "ihl", "is_tcp", "l4_len", "next_seq", "packets", "total", "version")
+
+    def __init__(
+        self, packet: bytes, version: int, ihl: int, l4_len: int, is_tcp: bool, gso_size: int, next_seq: int
+    ) -> None:
+        self.packets = [packet]
+        self.version = version
+        self.ihl = ihl
+        self.l4_len = l4_len
+        self.is_tcp = is_tcp
+        self.gso_size = gso_size
+        self.next_seq = next_seq
+        self.total = len(packet)
+        self.count = 1
+        self.closed = False
+
+
+def coalesce(packets: Sequence[bytes], *, tcp: bool = True, udp: bool = False) -> list[bytes]:
+    """Turns IP packets into TUN write frames (``virtio_net_hdr`` + packet), merging same-flow TCP segments (and UDP
+    datagrams when ``udp``) that the kernel can segment again. Packets of one flow keep their order; checksums of the
+    input are assumed valid (they are re-derived only for merged packets). Garbage passes through unmerged."""
+    frames: list[bytes | _Group] = []
+    open_groups: dict[bytes, _Group] = {}
+    for packet in packets:
+        key, group_args = _coalesce_key(packet, tcp, udp)
+        if key is None:
+            frames.append(packet)
+            continue
+        group = open_groups.get(key)
+        if group is not None and _try_append(group, packet, group_args):
+            continue
+        version, ihl, l4_len, is_tcp, payload_len, next_seq, may_extend = group_args
+        group = _Group(packet, version, ihl, l4_len, is_tcp, payload_len, next_seq)
+        group.closed = not may_extend
+        open_groups[key] = group
+        frames.append(group)
+    out: list[bytes] = []
+    for frame in frames:
+        if isinstance(frame, _Group):
+            out.append(_emit_group(frame))
+        else:
+            out.append(_NO_OFFLOAD_HEADER + frame)
+    return out
+
+
+# (version, ihl, l4 header length, is_tcp, payload length, next sequence number, may be extended)
+_GroupArgs = tuple[int, int, int, bool, int, int, bool]
+
+
+def _coalesce_key(packet: bytes, tcp: bool, udp: bool) -> tuple[bytes | None, _GroupArgs]:
+    """The bytes that must be equal for two packets to merge (IP fields, ports, TCP ack/window/options), or None."""
+    none: _GroupArgs = (0, 0, 0, False, 0, 0, False)
+    n = len(packet)
+    if n < 1:
+        return None, none
+    version = packet[0] >> 4
+    if version == 4:
+        if n < IPV4_HEADER_LEN or packet[0] != 0x45:  # options: not merged
+            return None, none
+        if _U16.unpack_from(packet, 2)[0] != n or packet[6] & 0x3F or packet[7]:  # padded, MF or fragment offset
+            return None, none
+        protocol = packet[9]
+        ihl = IPV4_HEADER_LEN
+        # tos, DF bit, ttl, protocol, addresses
+        ip_key = packet[1:2] + bytes((packet[6] & 0x40, packet[8], protocol)) + packet[12:20]
+    elif version == 6:
+        if n < IPV6_HEADER_LEN or _U16.unpack_from(packet, 4)[0] != n - IPV6_HEADER_LEN:
+            return None, none
+        protocol = packet[6]
+        ihl = IPV6_HEADER_LEN
+        ip_key = packet[0:4] + packet[6:40]  # traffic class, flow label, next header, hop limit, addresses
+    else:
+        return None, none
+    if protocol == IPPROTO_TCP and tcp:
+        if n < ihl + TCP_MIN_HEADER_LEN:
+            return None, none
+        thlen = (packet[ihl + 12] >> 4) * 4
+        flags = packet[ihl + 13]
+        if thlen < TCP_MIN_HEADER_LEN or ihl + thlen > n or flags & ~TCP_PSH != TCP_ACK:
+            return None, none
+        payload_len = n - ihl - thlen
+        if payload_len == 0:
+            return None, none
+        seq = _U32.unpack_from(packet, ihl + 4)[0]
+        # ports, ack, data offset, window, options
+        key = (
+            ip_key
+            + packet[ihl : ihl + 4]
+            + packet[ihl + 8 : ihl + 13]
+            + packet[ihl + 14 : ihl + 16]
+            + packet[ihl + 20 : ihl + thlen]
+        )
+        may_extend = not flags & TCP_PSH
+        return key, (version, ihl, thlen, True, payload_len, (seq + payload_len) & 0xFFFFFFFF, may_extend)
+    if protocol == IPPROTO_UDP and udp:
+        if n < ihl + UDP_HEADER_LEN or _U16.unpack_from(packet, ihl + 4)[0] != n - ihl:
+            return None, none
+        payload_len = n - ihl - UDP_HEADER_LEN
+        if payload_len == 0:
+            return None, none
+        return ip_key + packet[ihl : ihl + 4], (version, ihl, UDP_HEADER_LEN, False, payload_len, 0, True)
+    return None, none
+
+
+def _try_append(group: _Group, packet: bytes, args: _GroupArgs) -> bool:
+    _version, _ihl, _l4_len, _is_tcp, payload_len, next_seq, may_extend = args
+    if group.closed or group.count >= MAX_SEGMENTS or payload_len > group.gso_size:
+        return False
+    if group.total + payload_len > MAX_IP_PACKET:
+        return False
+    if group.is_tcp:
+        seq = (next_seq - payload_len) & 0xFFFFFFFF
+        if seq != group.next_seq:
+            return False
+        group.next_seq = next_seq
+    group.packets.append(packet)
+    group.total += payload_len
+    group.count += 1
+    # A short segment (or PSH) must be the last one: the kernel cuts every gso_size bytes.
+    if payload_len < group.gso_size or not may_extend:
+        group.closed = True
+    return True
+
+
+def _emit_group(group: _Group) -> bytes:
+    first = group.packets[0]
+    if group.count == 1:
+        return _NO_OFFLOAD_HEADER + first
+    ihl = group.ihl
+    headers_len = ihl + group.l4_len
+    header = bytearray(first[:headers_len])
+    total = group.total
+    l4_total = total - ihl
+    if group.version == 4:
+        _U16.pack_into(header, 2, total)
+        header[10] = header[11] = 0
+        _U16.pack_into(header, 10, internet_checksum(memoryview(header)[:ihl]))
+        src, dst = first[12:16], first[16:20]
+    else:
+        _U16.pack_into(header, 4, l4_total)
+        src, dst = first[8:24], first[24:40]
+    if group.is_tcp:
+        # PSH of the last segment carries over (the kernel keeps it on the last segment only).
+        header[ihl + 13] |= group.packets[-1][ihl + 13] & TCP_PSH
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if group.version == 4 else VIRTIO_NET_HDR_GSO_TCPV6
+        csum_offset = 16
+        protocol = IPPROTO_TCP
+    else:
+        _U16.pack_into(header, ihl + 4, l4_total)
+        gso_type = VIRTIO_NET_HDR_GSO_UDP_L4
+        csum_offset = 6
+        protocol = IPPROTO_UDP
+    _U16.pack_into(header, ihl + csum_offset, ones_complement_sum(b"", pseudo_header_sum(src, dst, protocol, l4_total)))
+    vnet = _VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, headers_len, group.gso_size, ihl, csum_offset)
+    parts: list[bytes | memoryview] = [vnet, bytes(header)]
+    parts.extend(memoryview(p)[headers_len:] for p in group.packets)
+    return b"".join(parts)

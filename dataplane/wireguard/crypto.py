@@ -1,0 +1,231 @@
+"""WireGuard's primitives: BLAKE2s HASH/MAC/HMAC/KDF, X25519, (X)ChaCha20-Poly1305 and TAI64N.
+
+XChaCha20-Poly1305 is only used for cookie replies, so its HChaCha20 subkey step is plain Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac as _hmac
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+__all__ = [
+    "InvalidTag",
+    "aead_decrypt",
+    "aead_encrypt",
+    "blake2s_hash",
+    "dh",
+    "hchacha20",
+    "hmac_blake2s",
+    "kdf1",
+    "kdf2",
+    "kdf3",
+    "mac",
+    "public_key",
+    "tai64n",
+    "xaead_decrypt",
+    "xaead_encrypt",
+]
+
+_ZERO_NONCE_PREFIX = b"\x00\x00\x00\x00"
+_TAI64_BASE = 0x400000000000000A
+_blake2s = hashlib.blake2s
+
+
+def blake2s_hash(*parts: bytes) -> bytes:
+    h = _blake2s()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """Keyed BLAKE2s-128 (WireGuard's MAC; not an HMAC)."""
+    return _blake2s(data, digest_size=16, key=key).digest()
+
+
+def hmac_blake2s(key: bytes, data: bytes) -> bytes:
+    return _hmac.new(key, data, _blake2s).digest()
+
+
+def kdf1(key: bytes, data: bytes) -> bytes:
+    prk = hmac_blake2s(key, data)
+    return hmac_blake2s(prk, b"\x01")
+
+
+def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    prk = hmac_blake2s(key, data)
+    t0 = hmac_blake2s(prk, b"\x01")
+    return t0, hmac_blake2s(prk, t0 + b"\x02")
+
+
+def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    prk = hmac_blake2s(key, data)
+    t0 = hmac_blake2s(prk, b"\x01")
+    t1 = hmac_blake2s(prk, t0 + b"\x02")
+    return t0, t1, hmac_blake2s(prk, t1 + b"\x03")
+
+
+def public_key(private_key: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+
+
+def dh(private_key: bytes, peer_public_key: bytes) -> bytes | None:
+    """X25519; None when the peer's point is of low order (an all-zero shared secret), which WireGuard rejects."""
+    try:
+        return X25519PrivateKey.from_private_bytes(private_key).exchange(
+            X25519PublicKey.from_public_bytes(peer_public_key)
+        )
+    except ValueError:
+        return None
+
+
+def aead_nonce(counter: int) -> bytes:
+    return _ZERO_NONCE_PREFIX + counter.to_bytes(8, "little")
+
+
+def aead_encrypt(key: bytes, counter: int, plaintext: bytes, associated_data: bytes) -> bytes:
+    return ChaCha20Poly1305(key).encrypt(aead_nonce(counter), plaintext, associated_data)
+
+
+def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, associated_data: bytes) -> bytes | None:
+    try:
+        return ChaCha20Poly1305(key).decrypt(aead_nonce(counter), ciphertext, associated_data)
+    except InvalidTag:
+        return None
+
+
+_MASK32 = 0xFFFFFFFF
+_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
+
+
+def hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20 (draft-irtf-cfrg-xchacha §2.2): 20 ChaCha rounds without the final addition; words 0-3 and 12-15."""
+    x0, x1, x2, x3 = _SIGMA
+    x4, x5, x6, x7, x8, x9, x10, x11 = struct.unpack("<8I", key)
+    x12, x13, x14, x15 = struct.unpack("<4I", nonce16)
+    m = _MASK32
+    for _ in range(10):
+        # column round
+        x0 = (x0 + x4) & m
+        x12 ^= x0
+        x12 = ((x12 << 16) | (x12 >> 16)) & m
+        x8 = (x8 + x12) & m
+        x4 ^= x8
+        x4 = ((x4 << 12) | (x4 >> 20)) & m
+        x0 = (x0 + x4) & m
+        x12 ^= x0
+        x12 = ((x12 << 8) | (x12 >> 24)) & m
+        x8 = (x8 + x12) & m
+        x4 ^= x8
+        x4 = ((x4 << 7) | (x4 >> 25)) & m
+        x1 = (x1 + x5) & m
+        x13 ^= x1
+        x13 = ((x13 << 16) | (x13 >> 16)) & m
+        x9 = (x9 + x13) & m
+        x5 ^= x9
+        x5 = ((x5 << 12) | (x5 >> 20)) & m
+        x1 = (x1 + x5) & m
+        x13 ^= x1
+        x13 = ((x13 << 8) | (x13 >> 24)) & m
+        x9 = (x9 + x13) & m
+        x5 ^= x9
+        x5 = ((x5 << 7) | (x5 >> 25)) & m
+        x2 = (x2 + x6) & m
+        x14 ^= x2
+        x14 = ((x14 << 16) | (x14 >> 16)) & m
+        x10 = (x10 + x14) & m
+        x6 ^= x10
+        x6 = ((x6 << 12) | (x6 >> 20)) & m
+        x2 = (x2 + x6) & m
+        x14 ^= x2
+        x14 = ((x14 << 8) | (x14 >> 24)) & m
+        x10 = (x10 + x14) & m
+        x6 ^= x10
+        x6 = ((x6 << 7) | (x6 >> 25)) & m
+        x3 = (x3 + x7) & m
+        x15 ^= x3
+        x15 = ((x15 << 16) | (x15 >> 16)) & m
+        x11 = (x11 + x15) & m
+        x7 ^= x11
+        x7 = ((x7 << 12) | (x7 >> 20)) & m
+        x3 = (x3 + x7) & m
+        x15 ^= x3
+        x15 = ((x15 << 8) | (x15 >> 24)) & m
+        x11 = (x11 + x15) & m
+        x7 ^= x11
+        x7 = ((x7 << 7) | (x7 >> 25)) & m
+        # diagonal round
+        x0 = (x0 + x5) & m
+        x15 ^= x0
+        x15 = ((x15 << 16) | (x15 >> 16)) & m
+        x10 = (x10 + x15) & m
+        x5 ^= x10
+        x5 = ((x5 << 12) | (x5 >> 20)) & m
+        x0 = (x0 + x5) & m
+        x15 ^= x0
+        x15 = ((x15 << 8) | (x15 >> 24)) & m
+        x10 = (x10 + x15) & m
+        x5 ^= x10
+        x5 = ((x5 << 7) | (x5 >> 25)) & m
+        x1 = (x1 + x6) & m
+        x12 ^= x1
+        x12 = ((x12 << 16) | (x12 >> 16)) & m
+        x11 = (x11 + x12) & m
+        x6 ^= x11
+        x6 = ((x6 << 12) | (x6 >> 20)) & m
+        x1 = (x1 + x6) & m
+        x12 ^= x1
+        x12 = ((x12 << 8) | (x12 >> 24)) & m
+        x11 = (x11 + x12) & m
+        x6 ^= x11
+        x6 = ((x6 << 7) | (x6 >> 25)) & m
+        x2 = (x2 + x7) & m
+        x13 ^= x2
+        x13 = ((x13 << 16) | (x13 >> 16)) & m
+        x8 = (x8 + x13) & m
+        x7 ^= x8
+        x7 = ((x7 << 12) | (x7 >> 20)) & m
+        x2 = (x2 + x7) & m
+        x13 ^= x2
+        x13 = ((x13 << 8) | (x13 >> 24)) & m
+        x8 = (x8 + x13) & m
+        x7 ^= x8
+        x7 = ((x7 << 7) | (x7 >> 25)) & m
+        x3 = (x3 + x4) & m
+        x14 ^= x3
+        x14 = ((x14 << 16) | (x14 >> 16)) & m
+        x9 = (x9 + x14) & m
+        x4 ^= x9
+        x4 = ((x4 << 12) | (x4 >> 20)) & m
+        x3 = (x3 + x4) & m
+        x14 ^= x3
+        x14 = ((x14 << 8) | (x14 >> 24)) & m
+        x9 = (x9 + x14) & m
+        x4 ^= x9
+        x4 = ((x4 << 7) | (x4 >> 25)) & m
+    return struct.pack("<8I", x0, x1, x2, x3, x12, x13, x14, x15)
+
+
+def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    subkey = hchacha20(key, nonce24[:16])
+    return ChaCha20Poly1305(subkey).encrypt(_ZERO_NONCE_PREFIX + nonce24[16:], plaintext, associated_data)
+
+
+def xaead_decrypt(key: bytes, nonce24: bytes, ciphertext: bytes, associated_data: bytes) -> bytes | None:
+    subkey = hchacha20(key, nonce24[:16])
+    try:
+        return ChaCha20Poly1305(subkey).decrypt(_ZERO_NONCE_PREFIX + nonce24[16:], ciphertext, associated_data)
+    except InvalidTag:
+        return None
+
+
+def tai64n(unix_seconds: float) -> bytes:
+    """TAI64N label; the low 24 bits of the nanoseconds are cleared, as wireguard-go does, to blur timing."""
+    seconds = int(unix_seconds)
+    nanoseconds = int((unix_seconds - seconds) * 1e9) & ~0xFFFFFF
+    return struct.pack(">QI", _TAI64_BASE + seconds, max(nanoseconds, 0))

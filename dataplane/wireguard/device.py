@@ -1,0 +1,420 @@
+"""A WireGuard device (sans-IO): many peers, cryptokey routing, cookies under load, roaming.
+
+Datagrams come in through :meth:`Device.receive_datagrams`, IP packets from the TUN through :meth:`Device.send_packets`;
+the driver then drains datagrams for the UDP socket (:meth:`drain_transmits`, or grouped by destination with
+:meth:`drain_datagrams`) and decrypted packets for the TUN (:meth:`drain_packets`), and re-arms its timer to
+:meth:`poll_timeout`.
+
+Under load (cookie replies instead of handshakes): the device counts handshake messages (initiations and responses)
+in one-second buckets; when a bucket holds more than ``under_load_threshold`` of them the device is under load, and
+stays so until one second after the last message that exceeded the threshold (wireguard-go's 1 s hysteresis).
+``force_under_load`` pins it on (tests, operators).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+
+from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
+
+from . import noise
+from .allowedips import AllowedIps, Network
+from .constants import (
+    KEY_SIZE,
+    MAX_PEERS,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_COOKIE_REPLY_SIZE,
+    MESSAGE_INITIATION,
+    MESSAGE_INITIATION_SIZE,
+    MESSAGE_RESPONSE,
+    MESSAGE_RESPONSE_SIZE,
+    MESSAGE_TRANSPORT,
+    MESSAGE_TRANSPORT_MIN_SIZE,
+    REKEY_ATTEMPT_TIME,
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_HANDSHAKES_PER_SECOND,
+)
+from .cookie import CookieChecker
+from .crypto import public_key
+from .ratelimit import RateLimiter
+from .tunn import DropReason, IndexTable, Tunn, TunnEvent
+
+__all__ = ["Device", "DropReason", "Peer"]
+
+_TRANSPORT_TYPE = MESSAGE_TRANSPORT.to_bytes(4, "little")
+
+
+class Peer:
+    """One configured peer. ``endpoint`` follows the source of the last authenticated datagram from it."""
+
+    __slots__ = ("_tunn", "allowed_ips", "endpoint", "public_key")
+
+    def __init__(self, public_key: bytes, tunn: Tunn) -> None:
+        self.public_key = public_key
+        self._tunn = tunn
+        self.endpoint: Address | None = None
+        self.allowed_ips: list[Network] = []
+
+    @property
+    def tunn(self) -> Tunn:
+        return self._tunn
+
+    @property
+    def preshared_key(self) -> bytes | None:
+        return self._tunn.preshared_key
+
+    @property
+    def persistent_keepalive(self) -> int:
+        return self._tunn.persistent_keepalive
+
+    @property
+    def last_handshake_wall(self) -> float | None:
+        return self._tunn.last_handshake_wall
+
+    @property
+    def rx_bytes(self) -> int:
+        return self._tunn.rx_bytes
+
+    @property
+    def tx_bytes(self) -> int:
+        return self._tunn.tx_bytes
+
+    def __repr__(self) -> str:
+        return f"Peer({self.public_key.hex()[:16]}…, endpoint={self.endpoint}, allowed_ips={self.allowed_ips})"
+
+
+class Device:
+    def __init__(
+        self,
+        *,
+        rng: Rng,
+        wall_clock: WallClock,
+        private_key: bytes | None = None,
+        rekey_attempt_time: float = REKEY_ATTEMPT_TIME,
+        under_load_threshold: int = UNDER_LOAD_HANDSHAKES_PER_SECOND,
+        mtu: int | None = None,
+    ) -> None:
+        self._rng = rng
+        self._wall_clock = wall_clock
+        self.rekey_attempt_time = rekey_attempt_time
+        self.under_load_threshold = under_load_threshold
+        self.force_under_load = False
+        self.mtu = mtu
+        self.drops = DropCounter()
+        self._indices = IndexTable(rng)
+        self._peers: dict[bytes, Peer] = {}
+        self._routes: AllowedIps[Peer] = AllowedIps()
+        self._rate_limiter = RateLimiter()
+        self._checker: CookieChecker | None = None
+        self.private_key: bytes | None = None
+        self.public_key: bytes | None = None
+        self._load_bucket_start = 0.0
+        self._load_bucket_count = 0
+        self._under_load_until: float | None = None
+        self._transmits: list[tuple[Address, bytes]] = []
+        self._packets: list[bytes] = []
+        self._events: deque[tuple[bytes, TunnEvent]] = deque()
+        self.set_private_key(private_key, 0.0)
+
+    # --- configuration ---
+
+    @property
+    def peers(self) -> Mapping[bytes, Peer]:
+        return self._peers
+
+    def set_private_key(self, key: bytes | None, now: float) -> None:
+        if key is not None and len(key) != KEY_SIZE:
+            raise ValueError("private key must be 32 bytes")
+        if key == self.private_key and key is not None:
+            return
+        self.private_key = key
+        self.public_key = public_key(key) if key is not None else None
+        self._checker = CookieChecker(self.public_key, self._rng) if self.public_key is not None else None
+        # wireguard-go: a peer whose public key is our own would be a loop; it is removed.
+        if self.public_key is not None and self.public_key in self._peers:
+            self.remove_peer(self.public_key, now)
+        for peer in self._peers.values():
+            peer.tunn.set_static_private(key, now)
+
+    def upsert_peer(
+        self,
+        public_key: bytes,
+        now: float,
+        *,
+        preshared_key: bytes | None = None,
+        endpoint: Address | None = None,
+        persistent_keepalive: int | None = None,
+        allowed_ips: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        replace_allowed_ips: bool = False,
+    ) -> Peer:
+        """Create or update a peer; None arguments leave the current value unchanged."""
+        if len(public_key) != KEY_SIZE:
+            raise ValueError("public key must be 32 bytes")
+        peer = self._peers.get(public_key)
+        if peer is None:
+            if len(self._peers) >= MAX_PEERS:
+                raise ValueError("too many peers")
+            if public_key == self.public_key:
+                raise ValueError("a peer cannot have the device's own public key")
+            tunn = Tunn(
+                self.private_key,
+                public_key,
+                None,
+                self._indices,
+                self._rng,
+                self._wall_clock,
+                rekey_attempt_time=self.rekey_attempt_time,
+                drops=self.drops,
+                mtu=self.mtu,
+            )
+            peer = Peer(public_key, tunn)
+            self._peers[public_key] = peer
+        if preshared_key is not None:
+            peer.tunn.set_preshared_key(None if preshared_key == bytes(KEY_SIZE) else preshared_key)
+        if endpoint is not None:
+            peer.endpoint = endpoint
+        if replace_allowed_ips:
+            for network in peer.allowed_ips:
+                if self._routes.get_exact(network) is peer:
+                    self._routes.remove(network)
+            peer.allowed_ips = []
+        for network in allowed_ips:
+            self._add_allowed_ip(peer, network)
+        if persistent_keepalive is not None:
+            peer.tunn.set_persistent_keepalive(persistent_keepalive, now)
+            self._collect(peer)
+        return peer
+
+    def _add_allowed_ip(self, peer: Peer, network: Network) -> None:
+        network = ipaddress.ip_network(network, strict=False)
+        previous = self._routes.get_exact(network)
+        if previous is peer:
+            return
+        if previous is not None:
+            previous.allowed_ips = [n for n in previous.allowed_ips if n != network]
+        self._routes.insert(network, peer)
+        peer.allowed_ips.append(network)
+
+    def remove_peer(self, public_key: bytes, now: float) -> None:
+        peer = self._peers.pop(public_key, None)
+        if peer is None:
+            return
+        for network in peer.allowed_ips:
+            if self._routes.get_exact(network) is peer:
+                self._routes.remove(network)
+        peer.allowed_ips = []
+        peer.tunn.close()
+
+    def remove_all_peers(self, now: float) -> None:
+        for key in list(self._peers):
+            self.remove_peer(key, now)
+
+    # --- load ---
+
+    def is_under_load(self, now: float) -> bool:
+        if self.force_under_load:
+            return True
+        return self._under_load_until is not None and now < self._under_load_until
+
+    def _count_handshake_message(self, now: float) -> None:
+        if now - self._load_bucket_start >= 1.0 or now < self._load_bucket_start:
+            self._load_bucket_start = now
+            self._load_bucket_count = 0
+        self._load_bucket_count += 1
+        if self._load_bucket_count > self.under_load_threshold:
+            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+
+    # --- receive path ---
+
+    def receive_datagrams(self, datagrams: Sequence[tuple[bytes, Address]], now: float) -> None:
+        """Process datagrams from the UDP socket; every one is either used or dropped and counted."""
+        table = self._indices.entries
+        packets = self._packets
+        routes = self._routes
+        drops = self.drops
+        touched: set[Peer] = set()
+        for data, source in datagrams:
+            size = len(data)
+            if size >= MESSAGE_TRANSPORT_MIN_SIZE and data[:4] == _TRANSPORT_TYPE:
+                tunn = table.get(int.from_bytes(data[4:8], "little"))
+                if tunn is None:
+                    drops.drop(DropReason.UNKNOWN_INDEX)
+                    continue
+                plaintext = tunn.receive_transport(data, now)
+                if plaintext is None:
+                    continue
+                peer = self._peers.get(tunn.peer_public)
+                if peer is None:
+                    continue
+                peer.endpoint = source
+                touched.add(peer)
+                if not plaintext:
+                    continue
+                if plaintext[0] >> 4 == 4:
+                    inner_source = plaintext[12:16]
+                else:
+                    inner_source = plaintext[8:24]
+                if routes.lookup(inner_source) is not peer:
+                    drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
+                    continue
+                packets.append(plaintext)
+                continue
+            self._receive_other(data, source, now, touched)
+        for peer in touched:
+            self._collect(peer)
+
+    def _receive_other(self, data: bytes, source: Address, now: float, touched: set[Peer]) -> None:
+        size = len(data)
+        if size < 4:
+            self.drops.drop(DropReason.BAD_LENGTH)
+            return
+        kind = int.from_bytes(data[:4], "little")
+        if kind == MESSAGE_INITIATION or kind == MESSAGE_RESPONSE:
+            expected = MESSAGE_INITIATION_SIZE if kind == MESSAGE_INITIATION else MESSAGE_RESPONSE_SIZE
+            if size != expected:
+                self.drops.drop(DropReason.BAD_LENGTH)
+                return
+            self._receive_handshake(kind, data, source, now, touched)
+        elif kind == MESSAGE_COOKIE_REPLY:
+            if size != MESSAGE_COOKIE_REPLY_SIZE:
+                self.drops.drop(DropReason.BAD_LENGTH)
+                return
+            tunn = self._indices.get(int.from_bytes(data[4:8], "little"))
+            if tunn is None:
+                self.drops.drop(DropReason.UNKNOWN_INDEX)
+                return
+            tunn.receive_cookie_reply(data, now)
+        elif kind == MESSAGE_TRANSPORT:
+            self.drops.drop(DropReason.BAD_LENGTH)
+        else:
+            self.drops.drop(DropReason.BAD_TYPE)
+
+    def _receive_handshake(self, kind: int, data: bytes, source: Address, now: float, touched: set[Peer]) -> None:
+        checker = self._checker
+        if checker is None or self.private_key is None or self.public_key is None:
+            self.drops.drop(DropReason.NO_PRIVATE_KEY)
+            return
+        if not checker.check_mac1(data):
+            self.drops.drop(DropReason.BAD_MAC1)
+            return
+        self._count_handshake_message(now)
+        if self.is_under_load(now):
+            if not checker.check_mac2(data, source, now):
+                self._transmits.append((source, checker.create_reply(data, source, now)))
+                self.drops.drop(DropReason.COOKIE_REQUIRED)
+                return
+            if not self._rate_limiter.allow(source[0], now):
+                self.drops.drop(DropReason.RATE_LIMITED)
+                return
+        if kind == MESSAGE_INITIATION:
+            consumed = noise.consume_initiation(
+                static_private=self.private_key, static_public=self.public_key, message=data
+            )
+            if consumed is None:
+                self.drops.drop(DropReason.HANDSHAKE_FAILED)
+                return
+            peer = self._peers.get(consumed.remote_static)
+            if peer is None:
+                self.drops.drop(DropReason.UNKNOWN_PEER)
+                return
+            if peer.tunn.receive_initiation(consumed, len(data), now):
+                peer.endpoint = source
+                touched.add(peer)
+            return
+        tunn = self._indices.get(int.from_bytes(data[8:12], "little"))
+        if tunn is None:
+            self.drops.drop(DropReason.UNKNOWN_INDEX)
+            return
+        peer = self._peers.get(tunn.peer_public)
+        if peer is not None and tunn.receive_response(data, now):
+            peer.endpoint = source
+            touched.add(peer)
+
+    # --- send path ---
+
+    def send_packets(self, packets: Sequence[bytes], now: float) -> None:
+        """Encrypt IP packets from the TUN for the peer whose allowed-ips hold each destination."""
+        lookup = self._routes.lookup
+        batches: dict[Peer, list[bytes]] = {}
+        drops = self.drops
+        for packet in packets:
+            if not packet:
+                drops.drop(DropReason.INVALID_INNER_PACKET)
+                continue
+            version = packet[0] >> 4
+            if version == 4 and len(packet) >= 20:
+                peer = lookup(packet[16:20])
+            elif version == 6 and len(packet) >= 40:
+                peer = lookup(packet[24:40])
+            else:
+                drops.drop(DropReason.INVALID_INNER_PACKET)
+                continue
+            if peer is None:
+                drops.drop(DropReason.NO_ROUTE)
+                continue
+            batch = batches.get(peer)
+            if batch is None:
+                batches[peer] = [packet]
+            else:
+                batch.append(packet)
+        for peer, batch in batches.items():
+            peer.tunn.encapsulate_batch(batch, now)
+            self._collect(peer)
+
+    # --- timers ---
+
+    def handle_timeout(self, now: float) -> None:
+        for peer in self._peers.values():
+            deadline = peer.tunn.poll_timeout()
+            if deadline is not None and deadline <= now:
+                peer.tunn.handle_timeout(now)
+                self._collect(peer)
+
+    def poll_timeout(self) -> float | None:
+        earliest: float | None = None
+        for peer in self._peers.values():
+            deadline = peer.tunn.poll_timeout()
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return earliest
+
+    # --- output ---
+
+    def _collect(self, peer: Peer) -> None:
+        tunn = peer.tunn
+        while (event := tunn.poll_event()) is not None:
+            self._events.append((peer.public_key, event))
+        if not tunn.has_transmits:
+            return
+        messages = tunn.drain_transmits()
+        endpoint = peer.endpoint
+        if endpoint is None:
+            for _ in messages:
+                self.drops.drop(DropReason.NO_ENDPOINT)
+            return
+        self._transmits.extend((endpoint, message) for message in messages)
+
+    def drain_transmits(self) -> list[Transmit]:
+        out = [Transmit(destination, payload) for destination, payload in self._transmits]
+        self._transmits = []
+        return out
+
+    def drain_datagrams(self) -> list[tuple[Address, bytes]]:
+        """Fast path for drivers: (destination, payload) in order, without a Transmit object per datagram."""
+        out = self._transmits
+        self._transmits = []
+        return out
+
+    def drain_packets(self) -> list[bytes]:
+        out = self._packets
+        self._packets = []
+        return out
+
+    def poll_event(self) -> tuple[bytes, TunnEvent] | None:
+        """(peer public key, event) for handshakes completed, given up and keys zeroed."""
+        return self._events.popleft() if self._events else None
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(self._peers.values())

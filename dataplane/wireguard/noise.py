@@ -1,0 +1,216 @@
+"""Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s as WireGuard uses it (whitepaper §5.4.2-5.4.4), as pure functions.
+
+Callers inject the ephemeral private key, the sender index and the timestamp, so known-answer vectors can be replayed.
+MACs are not added here (see cookie.py); message bodies stop where mac1 starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .constants import CONSTRUCTION, IDENTIFIER, KEY_SIZE, MESSAGE_INITIATION, MESSAGE_RESPONSE
+from .crypto import aead_decrypt, aead_encrypt, blake2s_hash, dh, kdf1, kdf2, kdf3, public_key
+from .messages import INITIATION_MAC1_OFFSET, RESPONSE_MAC1_OFFSET
+
+INITIAL_CHAIN_KEY = blake2s_hash(CONSTRUCTION)
+INITIAL_HASH = blake2s_hash(INITIAL_CHAIN_KEY, IDENTIFIER)
+ZERO_PRESHARED_KEY = bytes(KEY_SIZE)
+_EMPTY = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """Transport keys derived by a completed handshake."""
+
+    send_key: bytes
+    receive_key: bytes
+    local_index: int
+    remote_index: int
+    is_initiator: bool
+    handshake_hash: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class InitiatorState:
+    """What the initiator keeps between sending an initiation and receiving its response."""
+
+    chain_key: bytes
+    hash: bytes
+    ephemeral_private: bytes
+    sender_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedInitiation:
+    """A decrypted initiation: who sent it and the state the responder continues from."""
+
+    remote_static: bytes
+    timestamp: bytes
+    chain_key: bytes
+    hash: bytes
+    remote_ephemeral: bytes
+    sender_index: int
+
+
+def initial_hash_for(responder_static_public: bytes, prologue: bytes = IDENTIFIER) -> bytes:
+    """h after the prologue and the pre-message "<- s" (WireGuard's prologue is its identifier string)."""
+    base = INITIAL_HASH if prologue == IDENTIFIER else blake2s_hash(INITIAL_CHAIN_KEY, prologue)
+    return blake2s_hash(base, responder_static_public)
+
+
+def create_initiation(
+    *,
+    static_private: bytes,
+    remote_static: bytes,
+    ephemeral_private: bytes,
+    sender_index: int,
+    timestamp: bytes,
+    static_static: bytes | None = None,
+    prologue: bytes = IDENTIFIER,
+) -> tuple[bytes, InitiatorState] | None:
+    """The 116-byte initiation body (type..encrypted timestamp), or None when a DH result is all zero.
+
+    ``timestamp`` is the Noise payload of the first message (any length outside WireGuard, for test vectors).
+    """
+    h = initial_hash_for(remote_static, prologue)
+    ephemeral_public = public_key(ephemeral_private)
+    ck = kdf1(INITIAL_CHAIN_KEY, ephemeral_public)
+    h = blake2s_hash(h, ephemeral_public)
+    es = dh(ephemeral_private, remote_static)
+    if es is None:
+        return None
+    ck, key = kdf2(ck, es)
+    encrypted_static = aead_encrypt(key, 0, public_key(static_private), h)
+    h = blake2s_hash(h, encrypted_static)
+    ss = static_static if static_static is not None else dh(static_private, remote_static)
+    if ss is None:
+        return None
+    ck, key = kdf2(ck, ss)
+    encrypted_timestamp = aead_encrypt(key, 0, timestamp, h)
+    h = blake2s_hash(h, encrypted_timestamp)
+    body = (
+        MESSAGE_INITIATION.to_bytes(4, "little")
+        + sender_index.to_bytes(4, "little")
+        + ephemeral_public
+        + encrypted_static
+        + encrypted_timestamp
+    )
+    return body, InitiatorState(ck, h, ephemeral_private, sender_index)
+
+
+def consume_initiation(
+    *,
+    static_private: bytes,
+    static_public: bytes,
+    message: bytes,
+    body_size: int = INITIATION_MAC1_OFFSET,
+    prologue: bytes = IDENTIFIER,
+) -> ConsumedInitiation | None:
+    """Decrypt an initiation addressed to us (mac1 already checked); None when it does not authenticate."""
+    if len(message) < body_size or body_size < 88 + 16:
+        return None
+    sender_index = int.from_bytes(message[4:8], "little")
+    ephemeral = message[8:40]
+    encrypted_static = message[40:88]
+    encrypted_timestamp = message[88:body_size]
+    h = initial_hash_for(static_public, prologue)
+    ck = kdf1(INITIAL_CHAIN_KEY, ephemeral)
+    h = blake2s_hash(h, ephemeral)
+    es = dh(static_private, ephemeral)
+    if es is None:
+        return None
+    ck, key = kdf2(ck, es)
+    remote_static = aead_decrypt(key, 0, encrypted_static, h)
+    if remote_static is None:
+        return None
+    h = blake2s_hash(h, encrypted_static)
+    ss = dh(static_private, remote_static)
+    if ss is None:
+        return None
+    ck, key = kdf2(ck, ss)
+    timestamp = aead_decrypt(key, 0, encrypted_timestamp, h)
+    if timestamp is None:
+        return None
+    h = blake2s_hash(h, encrypted_timestamp)
+    return ConsumedInitiation(remote_static, timestamp, ck, h, ephemeral, sender_index)
+
+
+def create_response(
+    initiation: ConsumedInitiation,
+    *,
+    ephemeral_private: bytes,
+    sender_index: int,
+    preshared_key: bytes | None,
+    payload: bytes = _EMPTY,
+) -> tuple[bytes, SessionKeys] | None:
+    """The 60-byte response body and the responder's transport keys (``payload`` is empty in WireGuard)."""
+    h = initiation.hash
+    ephemeral_public = public_key(ephemeral_private)
+    ck = kdf1(initiation.chain_key, ephemeral_public)
+    h = blake2s_hash(h, ephemeral_public)
+    ee = dh(ephemeral_private, initiation.remote_ephemeral)
+    se = dh(ephemeral_private, initiation.remote_static)
+    if ee is None or se is None:
+        return None
+    ck = kdf1(ck, ee)
+    ck = kdf1(ck, se)
+    ck, tau, key = kdf3(ck, preshared_key or ZERO_PRESHARED_KEY)
+    h = blake2s_hash(h, tau)
+    encrypted_nothing = aead_encrypt(key, 0, payload, h)
+    h = blake2s_hash(h, encrypted_nothing)
+    body = (
+        MESSAGE_RESPONSE.to_bytes(4, "little")
+        + sender_index.to_bytes(4, "little")
+        + initiation.sender_index.to_bytes(4, "little")
+        + ephemeral_public
+        + encrypted_nothing
+    )
+    initiator_send, responder_send = kdf2(ck, _EMPTY)
+    keys = SessionKeys(
+        send_key=responder_send,
+        receive_key=initiator_send,
+        local_index=sender_index,
+        remote_index=initiation.sender_index,
+        is_initiator=False,
+        handshake_hash=h,
+    )
+    return body, keys
+
+
+def consume_response(
+    state: InitiatorState,
+    *,
+    static_private: bytes,
+    preshared_key: bytes | None,
+    message: bytes,
+    body_size: int = RESPONSE_MAC1_OFFSET,
+) -> SessionKeys | None:
+    """Complete the handshake from a response (mac1 already checked); None when it does not authenticate."""
+    if len(message) < body_size or body_size < 44 + 16:
+        return None
+    sender_index = int.from_bytes(message[4:8], "little")
+    ephemeral = message[12:44]
+    encrypted_nothing = message[44:body_size]
+    h = state.hash
+    ck = kdf1(state.chain_key, ephemeral)
+    h = blake2s_hash(h, ephemeral)
+    ee = dh(state.ephemeral_private, ephemeral)
+    se = dh(static_private, ephemeral)
+    if ee is None or se is None:
+        return None
+    ck = kdf1(ck, ee)
+    ck = kdf1(ck, se)
+    ck, tau, key = kdf3(ck, preshared_key or ZERO_PRESHARED_KEY)
+    h = blake2s_hash(h, tau)
+    if aead_decrypt(key, 0, encrypted_nothing, h) is None:
+        return None
+    h = blake2s_hash(h, encrypted_nothing)
+    initiator_send, responder_send = kdf2(ck, _EMPTY)
+    return SessionKeys(
+        send_key=initiator_send,
+        receive_key=responder_send,
+        local_index=state.sender_index,
+        remote_index=sender_index,
+        is_initiator=True,
+        handshake_hash=h,
+    )

@@ -1,0 +1,654 @@
+"""One WireGuard peer: its handshake, keypairs (current/previous/next), staged packets and timers (sans-IO).
+
+:class:`Tunn` is what :class:`dataplane.wireguard.device.Device` composes per peer and what ``dataplane/node.py`` uses
+per client connection. It never sees addresses: the caller routes datagrams to it and sends what it drains.
+
+Handshake retries: an initiation is retried every Rekey-Timeout + jitter; the first retry that finds the current run of
+attempts older than ``rekey_attempt_time`` gives up instead (staged packets are dropped, :class:`HandshakeGaveUp`).
+Unlike wireguard-go, new outgoing packets do not restart that clock, so a peer that never answers is given up on even
+while traffic keeps arriving (boringtun/Firezone behaviour).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from dataplane.base import DropCounter, Rng, WallClock
+
+from . import noise
+from .constants import (
+    HANDSHAKE_INITIATION_RATE,
+    KEEPALIVE_TIMEOUT,
+    KEY_SIZE,
+    MAX_STAGED_PACKETS,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_COOKIE_REPLY_SIZE,
+    MESSAGE_INITIATION,
+    MESSAGE_INITIATION_SIZE,
+    MESSAGE_RESPONSE,
+    MESSAGE_RESPONSE_SIZE,
+    MESSAGE_TRANSPORT,
+    MESSAGE_TRANSPORT_MIN_SIZE,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ATTEMPT_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+)
+from .cookie import CookieChecker, CookieGenerator
+from .crypto import dh, public_key, tai64n
+from .session import Keypair
+from .timers import PeerTimers
+
+
+class DropReason(enum.Enum):
+    BAD_TYPE = "bad_type"
+    BAD_LENGTH = "bad_length"
+    BAD_MAC1 = "bad_mac1"
+    UNKNOWN_INDEX = "unknown_index"
+    REPLAY = "replay"
+    DECRYPTION_FAILED = "decryption_failed"
+    COOKIE_REQUIRED = "cookie_required"
+    RATE_LIMITED = "rate_limited"
+    ALLOWED_IPS_MISMATCH = "allowed_ips_mismatch"
+    HANDSHAKE_FAILED = "handshake_failed"
+    UNKNOWN_PEER = "unknown_peer"
+    STALE_TIMESTAMP = "stale_timestamp"
+    INITIATION_FLOOD = "initiation_flood"
+    UNEXPECTED_RESPONSE = "unexpected_response"
+    BAD_COOKIE_REPLY = "bad_cookie_reply"
+    KEYS_EXPIRED = "keys_expired"
+    INVALID_INNER_PACKET = "invalid_inner_packet"
+    NO_PRIVATE_KEY = "no_private_key"
+    NO_ROUTE = "no_route"
+    NO_ENDPOINT = "no_endpoint"
+    STAGED_OVERFLOW = "staged_overflow"
+    HANDSHAKE_GAVE_UP = "handshake_gave_up"
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    public_key: bytes
+    is_initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeGaveUp:
+    public_key: bytes
+    dropped_packets: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeysZeroed:
+    public_key: bytes
+
+
+TunnEvent = HandshakeCompleted | HandshakeGaveUp | KeysZeroed
+
+
+class IndexAllocator(Protocol):
+    """Hands out the 32-bit receiver indices that route incoming messages to a :class:`Tunn`."""
+
+    def allocate(self, owner: Tunn) -> int: ...
+
+    def release(self, index: int) -> None: ...
+
+
+class IndexTable:
+    """Random, collision-checked 32-bit indices (an :class:`IndexAllocator`) and the lookup the receiver needs."""
+
+    def __init__(self, rng: Rng) -> None:
+        self._rng = rng
+        self.entries: dict[int, Tunn] = {}
+
+    def allocate(self, owner: Tunn) -> int:
+        entries = self.entries
+        while True:
+            index = self._rng.random_u32()
+            if index not in entries:
+                entries[index] = owner
+                return index
+
+    def release(self, index: int) -> None:
+        self.entries.pop(index, None)
+
+    def get(self, index: int) -> Tunn | None:
+        return self.entries.get(index)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+_TYPE_TRANSPORT = MESSAGE_TRANSPORT.to_bytes(4, "little")
+
+
+class Tunn:
+    def __init__(
+        self,
+        static_private: bytes | None,
+        peer_public: bytes,
+        preshared_key: bytes | None,
+        index_allocator: IndexAllocator,
+        rng: Rng,
+        wall_clock: WallClock,
+        *,
+        rekey_attempt_time: float = REKEY_ATTEMPT_TIME,
+        persistent_keepalive: int | None = None,
+        drops: DropCounter | None = None,
+        mtu: int | None = None,
+        replay_limit: int = REJECT_AFTER_MESSAGES,
+    ) -> None:
+        if len(peer_public) != KEY_SIZE:
+            raise ValueError("peer public key must be 32 bytes")
+        if preshared_key is not None and len(preshared_key) != KEY_SIZE:
+            raise ValueError("preshared key must be 32 bytes")
+        self.peer_public = peer_public
+        self.preshared_key = preshared_key
+        self.rekey_attempt_time = rekey_attempt_time
+        self.mtu = mtu
+        self.drops = drops if drops is not None else DropCounter()
+        self._indices = index_allocator
+        self._rng = rng
+        self._wall_clock = wall_clock
+        self._replay_limit = replay_limit
+        self._cookies = CookieGenerator(peer_public)
+        self._timers = PeerTimers(rng)
+        self._timers.persistent_keepalive_interval = persistent_keepalive or 0
+        self._static_private: bytes | None = None
+        self._static_public: bytes | None = None
+        self._static_static: bytes | None = None
+        self._checker: CookieChecker | None = None
+        # Initiator side of a handshake in flight.
+        self._initiator_state: noise.InitiatorState | None = None
+        self._handshake_index: int | None = None
+        self._last_sent_handshake: float | None = None
+        # Responder side: replay and flood protection for initiations.
+        self._last_timestamp = b""
+        self._last_initiation_consumed: float | None = None
+        self._current: Keypair | None = None
+        self._previous: Keypair | None = None
+        self._next: Keypair | None = None
+        self._keypairs_by_index: dict[int, Keypair] = {}
+        self._sent_last_minute_handshake = False
+        self._staged: deque[bytes] = deque()
+        self._transmits: list[bytes] = []
+        self._events: deque[TunnEvent] = deque()
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.last_handshake_wall: float | None = None
+        self.set_static_private(static_private)
+
+    # --- configuration ---
+
+    @property
+    def persistent_keepalive(self) -> int:
+        return self._timers.persistent_keepalive_interval
+
+    def set_static_private(self, static_private: bytes | None, now: float | None = None) -> None:
+        """Change our static key: every handshake and session with the old key is forgotten."""
+        if static_private is not None and len(static_private) != KEY_SIZE:
+            raise ValueError("private key must be 32 bytes")
+        self._static_private = static_private
+        if static_private is None:
+            self._static_public = None
+            self._static_static = None
+            self._checker = None
+        else:
+            self._static_public = public_key(static_private)
+            self._static_static = dh(static_private, self.peer_public)
+            self._checker = CookieChecker(self._static_public, self._rng)
+        self._clear_handshake()
+        for keypair in (self._current, self._previous, self._next):
+            if keypair is not None:
+                self._drop_keypair(keypair)
+        self._current = self._previous = self._next = None
+
+    def set_preshared_key(self, preshared_key: bytes | None) -> None:
+        if preshared_key is not None and len(preshared_key) != KEY_SIZE:
+            raise ValueError("preshared key must be 32 bytes")
+        self.preshared_key = preshared_key
+
+    def set_persistent_keepalive(self, interval: int | None, now: float) -> None:
+        """Set the interval (0/None = off); turning it on sends a keepalive at once, as wireguard-go does."""
+        interval = interval or 0
+        if interval < 0 or interval > 65535:
+            raise ValueError("persistent keepalive must be 0..65535 seconds")
+        was_off = self._timers.persistent_keepalive_interval == 0
+        self._timers.persistent_keepalive_interval = interval
+        if interval == 0:
+            self._timers.persistent_keepalive = None
+        elif was_off:
+            self.send_keepalive(now)
+
+    def close(self) -> None:
+        """Release every receiver index (the peer is being removed)."""
+        self.set_static_private(None)
+        self._staged.clear()
+        self._timers.stop_all()
+
+    # --- state for callers ---
+
+    @property
+    def has_session(self) -> bool:
+        return self._current is not None
+
+    def keypair_for_index(self, index: int) -> Keypair | None:
+        return self._keypairs_by_index.get(index)
+
+    def owns_index(self, index: int) -> bool:
+        return index == self._handshake_index or index in self._keypairs_by_index
+
+    def poll_timeout(self) -> float | None:
+        return self._timers.next_deadline()
+
+    def drain_transmits(self) -> list[bytes]:
+        out = self._transmits
+        self._transmits = []
+        return out
+
+    @property
+    def has_transmits(self) -> bool:
+        return bool(self._transmits)
+
+    def poll_event(self) -> TunnEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # --- send path ---
+
+    def encapsulate(self, packet: bytes, now: float) -> None:
+        """Encrypt one IP packet for the peer (or stage it and start a handshake); output via drain_transmits."""
+        self.encapsulate_batch((packet,), now)
+
+    def encapsulate_batch(self, packets: Sequence[bytes], now: float) -> None:
+        keypair = self._current
+        if (
+            self._staged
+            or keypair is None
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or keypair.send_counter + len(packets) >= REJECT_AFTER_MESSAGES
+        ):
+            self._stage(packets)
+            self._send_staged(now)
+            return
+        self._seal(keypair, packets, now)
+
+    def send_keepalive(self, now: float) -> None:
+        if not self._staged:
+            self._staged.append(b"")
+        self._send_staged(now)
+
+    def _stage(self, packets: Sequence[bytes]) -> None:
+        staged = self._staged
+        staged.extend(packets)
+        overflow = len(staged) - MAX_STAGED_PACKETS
+        for _ in range(overflow):
+            staged.popleft()
+            self.drops.drop(DropReason.STAGED_OVERFLOW)
+
+    def _usable_keypair(self, now: float) -> Keypair | None:
+        keypair = self._current
+        if (
+            keypair is None
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or keypair.send_counter + len(self._staged) >= REJECT_AFTER_MESSAGES
+        ):
+            return None
+        return keypair
+
+    def _send_staged(self, now: float) -> None:
+        if not self._staged:
+            return
+        keypair = self._usable_keypair(now)
+        if keypair is None:
+            self._send_handshake_initiation(False, now)
+            return
+        packets = list(self._staged)
+        self._staged.clear()
+        self._seal(keypair, packets, now)
+
+    def _seal(self, keypair: Keypair, packets: Sequence[bytes], now: float) -> None:
+        out = self._transmits
+        mtu = self.mtu
+        seal = keypair.seal
+        sent = 0
+        data = False
+        for packet in packets:
+            if packet:
+                data = True
+            message = seal(packet, mtu)
+            sent += len(message)
+            out.append(message)
+        self.tx_bytes += sent
+        timers = self._timers
+        if timers.persistent_keepalive_interval:
+            timers.persistent_keepalive = now + timers.persistent_keepalive_interval
+        timers.send_keepalive = None
+        if data:
+            timers.data_sent(now)
+        # keep-key-fresh on send: the initiator rekeys after Rekey-After-Time or Rekey-After-Messages.
+        if keypair.is_initiator and (
+            now - keypair.created >= REKEY_AFTER_TIME or keypair.send_counter > REKEY_AFTER_MESSAGES
+        ):
+            self._send_handshake_initiation(False, now)
+
+    def _send_handshake_initiation(self, is_retry: bool, now: float) -> None:
+        if self._static_private is None or self._static_static is None:
+            return
+        if not is_retry and self._initiator_state is not None and self._timers.retransmit_handshake is not None:
+            return  # a run of attempts is already in flight; its retransmit timer keeps it going
+        if self._last_sent_handshake is not None and now - self._last_sent_handshake < REKEY_TIMEOUT:
+            return
+        self._last_sent_handshake = now
+        self._clear_handshake()
+        index = self._indices.allocate(self)
+        created = noise.create_initiation(
+            static_private=self._static_private,
+            remote_static=self.peer_public,
+            ephemeral_private=self._rng.random_bytes(KEY_SIZE),
+            sender_index=index,
+            timestamp=tai64n(self._wall_clock()),
+            static_static=self._static_static,
+        )
+        if created is None:
+            self._indices.release(index)
+            return
+        body, state = created
+        self._initiator_state = state
+        self._handshake_index = index
+        message = self._cookies.add_macs(body, now)
+        self._transmits.append(message)
+        self.tx_bytes += len(message)
+        timers = self._timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent(now)
+        timers.handshake_initiated(now)
+
+    # --- receive path ---
+
+    def decapsulate(self, datagram: bytes, now: float) -> bytes | None:
+        """Process one datagram from the peer: the decrypted IP packet, or None (handshake, keepalive or dropped)."""
+        size = len(datagram)
+        if size < 4:
+            self.drops.drop(DropReason.BAD_LENGTH)
+            return None
+        kind = int.from_bytes(datagram[:4], "little")
+        if kind == MESSAGE_TRANSPORT:
+            if size < MESSAGE_TRANSPORT_MIN_SIZE:
+                self.drops.drop(DropReason.BAD_LENGTH)
+                return None
+            return self.receive_transport(datagram, now) or None
+        if kind == MESSAGE_INITIATION:
+            if size != MESSAGE_INITIATION_SIZE:
+                self.drops.drop(DropReason.BAD_LENGTH)
+            elif self._checker is None or self._static_private is None or self._static_public is None:
+                self.drops.drop(DropReason.NO_PRIVATE_KEY)
+            elif not self._checker.check_mac1(datagram):
+                self.drops.drop(DropReason.BAD_MAC1)
+            else:
+                consumed = noise.consume_initiation(
+                    static_private=self._static_private, static_public=self._static_public, message=datagram
+                )
+                if consumed is None:
+                    self.drops.drop(DropReason.HANDSHAKE_FAILED)
+                elif consumed.remote_static != self.peer_public:
+                    self.drops.drop(DropReason.UNKNOWN_PEER)
+                else:
+                    self.receive_initiation(consumed, size, now)
+            return None
+        if kind == MESSAGE_RESPONSE:
+            if size != MESSAGE_RESPONSE_SIZE:
+                self.drops.drop(DropReason.BAD_LENGTH)
+            elif self._checker is None:
+                self.drops.drop(DropReason.NO_PRIVATE_KEY)
+            elif not self._checker.check_mac1(datagram):
+                self.drops.drop(DropReason.BAD_MAC1)
+            else:
+                self.receive_response(datagram, now)
+            return None
+        if kind == MESSAGE_COOKIE_REPLY:
+            if size != MESSAGE_COOKIE_REPLY_SIZE:
+                self.drops.drop(DropReason.BAD_LENGTH)
+            elif not self.owns_index(int.from_bytes(datagram[4:8], "little")):
+                self.drops.drop(DropReason.UNKNOWN_INDEX)
+            else:
+                self.receive_cookie_reply(datagram, now)
+            return None
+        self.drops.drop(DropReason.BAD_TYPE)
+        return None
+
+    def receive_transport(self, message: bytes, now: float) -> bytes | None:
+        """Decrypt a transport message (length >= 32 checked by the caller).
+
+        Returns the inner IP packet without padding, ``b""`` for a keepalive or an authenticated packet dropped for
+        its content, and None when the message did not authenticate (dropped and counted).
+        """
+        keypair = self._keypairs_by_index.get(int.from_bytes(message[4:8], "little"))
+        if keypair is None:
+            self.drops.drop(DropReason.UNKNOWN_INDEX)
+            return None
+        age = now - keypair.created
+        if age >= REJECT_AFTER_TIME:
+            self.drops.drop(DropReason.KEYS_EXPIRED)
+            return None
+        plaintext = keypair.open(message)
+        if plaintext is None:
+            self.drops.drop(DropReason.DECRYPTION_FAILED)
+            return None
+        if not keypair.replay.validate(int.from_bytes(message[8:16], "little")):
+            self.drops.drop(DropReason.REPLAY)
+            return None
+        self.rx_bytes += len(message)
+        if keypair is self._next:
+            self._confirm_next(now)
+        if keypair.is_initiator and age >= REKEY_ON_RECEIVE_AGE and not self._sent_last_minute_handshake:
+            self._sent_last_minute_handshake = True
+            self._send_handshake_initiation(False, now)
+        timers = self._timers
+        if timers.persistent_keepalive_interval:
+            timers.persistent_keepalive = now + timers.persistent_keepalive_interval
+        timers.new_handshake = None
+        if not plaintext:
+            return b""
+        if timers.send_keepalive is None:
+            timers.send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            timers.need_another_keepalive = True
+        version = plaintext[0] >> 4
+        if version == 4:
+            length = int.from_bytes(plaintext[2:4], "big")
+            if length < 20 or length > len(plaintext):
+                self.drops.drop(DropReason.INVALID_INNER_PACKET)
+                return b""
+        elif version == 6:
+            length = 40 + int.from_bytes(plaintext[4:6], "big")
+            if length > len(plaintext):
+                self.drops.drop(DropReason.INVALID_INNER_PACKET)
+                return b""
+        else:
+            self.drops.drop(DropReason.INVALID_INNER_PACKET)
+            return b""
+        if length < len(plaintext):
+            return plaintext[:length]
+        return plaintext
+
+    def receive_initiation(self, initiation: noise.ConsumedInitiation, size: int, now: float) -> bool:
+        """Answer an authenticated initiation from this peer; False when it is a replay, a flood or fails."""
+        if initiation.timestamp <= self._last_timestamp:
+            self.drops.drop(DropReason.STALE_TIMESTAMP)
+            return False
+        if (
+            self._last_initiation_consumed is not None
+            and now - self._last_initiation_consumed <= HANDSHAKE_INITIATION_RATE
+        ):
+            self.drops.drop(DropReason.INITIATION_FLOOD)
+            return False
+        self._last_timestamp = initiation.timestamp
+        self._last_initiation_consumed = now
+        self.rx_bytes += size
+        timers = self._timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received(now)
+        # Answering replaces any initiation of ours in flight (its response could no longer be consumed).
+        self._clear_handshake()
+        index = self._indices.allocate(self)
+        created = noise.create_response(
+            initiation,
+            ephemeral_private=self._rng.random_bytes(KEY_SIZE),
+            sender_index=index,
+            preshared_key=self.preshared_key,
+        )
+        if created is None:
+            self._indices.release(index)
+            self.drops.drop(DropReason.HANDSHAKE_FAILED)
+            return False
+        body, keys = created
+        keypair = Keypair(keys, now, replay_limit=self._replay_limit)
+        if self._next is not None:
+            self._drop_keypair(self._next)
+        if self._previous is not None:
+            self._drop_keypair(self._previous)
+            self._previous = None
+        self._next = keypair
+        self._keypairs_by_index[index] = keypair
+        message = self._cookies.add_macs(body, now)
+        self._transmits.append(message)
+        self.tx_bytes += len(message)
+        timers.session_derived(now)
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent(now)
+        return True
+
+    def receive_response(self, message: bytes, now: float) -> bool:
+        """Complete our handshake from a response (mac1 checked by the caller)."""
+        state = self._initiator_state
+        if (
+            state is None
+            or self._static_private is None
+            or int.from_bytes(message[8:12], "little") != state.sender_index
+        ):
+            self.drops.drop(DropReason.UNEXPECTED_RESPONSE)
+            return False
+        keys = noise.consume_response(
+            state, static_private=self._static_private, preshared_key=self.preshared_key, message=message
+        )
+        if keys is None:
+            self.drops.drop(DropReason.HANDSHAKE_FAILED)
+            return False
+        # The handshake's index now names the keypair.
+        self._initiator_state = None
+        self._handshake_index = None
+        keypair = Keypair(keys, now, replay_limit=self._replay_limit)
+        if self._next is not None:
+            if self._current is not None:
+                self._drop_keypair(self._current)
+            if self._previous is not None:
+                self._drop_keypair(self._previous)
+            self._previous = self._next
+            self._next = None
+        else:
+            if self._previous is not None:
+                self._drop_keypair(self._previous)
+            self._previous = self._current
+        self._current = keypair
+        self._keypairs_by_index[keys.local_index] = keypair
+        self.rx_bytes += len(message)
+        timers = self._timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received(now)
+        timers.session_derived(now)
+        self._handshake_complete(True, now)
+        self.send_keepalive(now)
+        return True
+
+    def receive_cookie_reply(self, message: bytes, now: float) -> bool:
+        if not self._cookies.consume_reply(message, now):
+            self.drops.drop(DropReason.BAD_COOKIE_REPLY)
+            return False
+        return True
+
+    def _confirm_next(self, now: float) -> None:
+        """The initiator used the keypair our response created: it becomes current."""
+        if self._previous is not None:
+            self._drop_keypair(self._previous)
+        self._previous = self._current
+        self._current = self._next
+        self._next = None
+        self._handshake_complete(False, now)
+        self._send_staged(now)
+
+    def _handshake_complete(self, is_initiator: bool, now: float) -> None:
+        self._timers.handshake_complete(now)
+        self._sent_last_minute_handshake = False
+        self.last_handshake_wall = self._wall_clock()
+        self._events.append(HandshakeCompleted(self.peer_public, is_initiator))
+
+    # --- timers ---
+
+    def handle_timeout(self, now: float) -> None:
+        timers = self._timers
+        deadline = timers.retransmit_handshake
+        if deadline is not None and now >= deadline:
+            timers.retransmit_handshake = None
+            started = timers.handshake_started
+            if started is not None and now - started >= self.rekey_attempt_time:
+                self._give_up(now)
+            else:
+                self._send_handshake_initiation(True, now)
+        deadline = timers.send_keepalive
+        if deadline is not None and now >= deadline:
+            timers.send_keepalive = None
+            self.send_keepalive(now)
+            if timers.need_another_keepalive:
+                timers.need_another_keepalive = False
+                timers.send_keepalive = now + KEEPALIVE_TIMEOUT
+        deadline = timers.new_handshake
+        if deadline is not None and now >= deadline:
+            timers.new_handshake = None
+            self._send_handshake_initiation(False, now)
+        deadline = timers.persistent_keepalive
+        if deadline is not None and now >= deadline:
+            timers.persistent_keepalive = None
+            if timers.persistent_keepalive_interval:
+                self.send_keepalive(now)
+        deadline = timers.zero_key_material
+        if deadline is not None and now >= deadline:
+            timers.zero_key_material = None
+            self._zero_keys()
+
+    def _give_up(self, now: float) -> None:
+        timers = self._timers
+        timers.handshake_started = None
+        timers.send_keepalive = None
+        dropped = len(self._staged)
+        for _ in range(dropped):
+            self.drops.drop(DropReason.HANDSHAKE_GAVE_UP)
+        self._staged.clear()
+        self._clear_handshake()
+        if timers.zero_key_material is None:
+            timers.session_derived(now)
+        self._events.append(HandshakeGaveUp(self.peer_public, dropped))
+
+    def _zero_keys(self) -> None:
+        for keypair in (self._current, self._previous, self._next):
+            if keypair is not None:
+                self._drop_keypair(keypair)
+        self._current = self._previous = self._next = None
+        self._clear_handshake()
+        self._staged.clear()
+        self._events.append(KeysZeroed(self.peer_public))
+
+    def _clear_handshake(self) -> None:
+        if self._handshake_index is not None:
+            self._indices.release(self._handshake_index)
+        self._handshake_index = None
+        self._initiator_state = None
+
+    def _drop_keypair(self, keypair: Keypair) -> None:
+        if self._keypairs_by_index.pop(keypair.local_index, None) is not None:
+            self._indices.release(keypair.local_index)

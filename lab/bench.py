@@ -1,0 +1,331 @@
+"""``make bench``: WireGuard implementation pairs through the same two-namespace topology, measured in one run.
+
+Pairs (A = iperf3 client side, B = server side), each over its own fresh pair of namespaces joined by one veth and
+configured with the stock ``wg`` tool (see :mod:`lab.wg`): wireguard-go↔wireguard-go (the reference),
+wireguard-go↔firezone-wg, firezone-wg↔firezone-wg with 1 and 2 TUN queues (``FIREZONE_NUM_TUN_THREADS``).
+For each: ping RTT, iperf3 TCP with 1 and 4 streams in both directions, UDP at a fixed rate (loss, out-of-order), and
+CPU seconds per GB of the two daemons (utime+stime from /proc/<pid>/stat). Prints a table with the ratios to the
+reference and writes JSON under ``bench-results/``.
+
+    python -m lab.bench [--quick] [--seconds N] [--pairs wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2] [--output DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lab.netns import Netns, Topology
+from lab.wg import Implementation, WgInterface, WgPair, ping_rtt_ms
+
+IPERF_PORT = 5201
+UDP_PAYLOAD = 1300  # fits the 1420-byte tunnel MTU
+UDP_RATE = "400M"  # fixed for every pair: above what the reference carries, so loss shows who keeps up
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    key: str
+    a: Implementation
+    b: Implementation
+    queues: int  # FIREZONE_NUM_TUN_THREADS for the firezone-wg side(s)
+
+    @property
+    def label(self) -> str:
+        def side(impl: Implementation) -> str:
+            return "wireguard-go" if impl == "wireguard-go" else f"firezone-wg(q{self.queues})"
+
+        return f"{side(self.a)} ↔ {side(self.b)}"
+
+
+PAIRS: dict[str, PairSpec] = {
+    spec.key: spec
+    for spec in (
+        PairSpec("wgo-wgo", "wireguard-go", "wireguard-go", 1),
+        PairSpec("wgo-fz2", "wireguard-go", "firezone-wg", 2),
+        PairSpec("fz1-fz1", "firezone-wg", "firezone-wg", 1),
+        PairSpec("fz2-fz2", "firezone-wg", "firezone-wg", 2),
+    )
+}
+REFERENCE = "wgo-wgo"
+
+
+@dataclass
+class Measurement:
+    name: str  # e.g. "tcp1 a→b"
+    mbit_per_s: float = math.nan
+    bytes: int = 0
+    retransmits: int | None = None
+    lost_percent: float | None = None
+    out_of_order: int | None = None
+    packets: int | None = None
+    cpu_s_per_gb: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class PairResult:
+    key: str
+    label: str
+    rtt_avg_ms: float = math.nan
+    rtt_max_ms: float = math.nan
+    ping_lost: int = 0
+    measurements: list[Measurement] = field(default_factory=list)
+    error: str | None = None
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all threads, in seconds (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # Fields after "(comm)": state is index 0, so utime (field 14) is index 11 and stime index 12.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _daemon_pids(pair: WgPair) -> list[int]:
+    return [iface.process.pid for iface in (pair.a, pair.b) if iface.process is not None]
+
+
+def run_iperf(
+    pair: WgPair,
+    name: str,
+    *,
+    seconds: int,
+    reverse: bool = False,
+    streams: int = 1,
+    udp_rate: str | None = None,
+) -> Measurement:
+    client: Netns = pair.a.ns
+    argv = ["iperf3", "-c", pair.b.tunnel_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "--json"]
+    if reverse:
+        argv.append("-R")
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    if udp_rate is not None:
+        argv += ["-u", "-b", udp_rate, "-l", str(UDP_PAYLOAD)]
+    pids = _daemon_pids(pair)
+    cpu_before = sum(cpu_seconds(pid) for pid in pids)
+    proc = subprocess.run(client.argv(argv), capture_output=True, text=True, timeout=seconds + 60)
+    cpu_used = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+    result = Measurement(name)
+    try:
+        report = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        result.error = (proc.stderr or proc.stdout).strip()[:200] or f"iperf3 exited {proc.returncode}"
+        return result
+    if "error" in report:
+        result.error = str(report["error"])[:200]
+        return result
+    end = report["end"]
+    if udp_rate is None:
+        received = end["sum_received"]
+        result.mbit_per_s = float(received["bits_per_second"]) / 1e6
+        result.bytes = int(received["bytes"])
+        result.retransmits = end.get("sum_sent", {}).get("retransmits")
+    else:
+        summary = end["sum"]
+        result.mbit_per_s = float(summary["bits_per_second"]) / 1e6
+        result.bytes = int(summary["bytes"])
+        result.lost_percent = float(summary.get("lost_percent", math.nan))
+        # "sum" is the sender's rate; what came through is what counts.
+        result.mbit_per_s *= 1 - result.lost_percent / 100
+        result.packets = summary.get("packets")
+        result.out_of_order = _udp_out_of_order(report)
+    if result.bytes > 0:
+        result.cpu_s_per_gb = cpu_used / (result.bytes / 1e9)
+    return result
+
+
+def _udp_out_of_order(report: dict[str, object]) -> int | None:
+    """iperf3 reports out-of-order datagrams per stream (receiver side) in ``end.streams[].udp.out_of_order``."""
+    end = report.get("end")
+    if not isinstance(end, dict):
+        return None
+    total: int | None = None
+    summary = end.get("sum")
+    if isinstance(summary, dict) and "out_of_order" in summary:
+        return int(summary["out_of_order"])
+    for stream in end.get("streams", []):
+        udp = stream.get("udp", {}) if isinstance(stream, dict) else {}
+        if "out_of_order" in udp:
+            total = (total or 0) + int(udp["out_of_order"])
+    return total
+
+
+@contextlib.contextmanager
+def _pair(spec: PairSpec, log_dir: Path) -> Iterator[WgPair]:
+    with Topology("bn") as topo:
+        # Quiet daemons: logging must not cost throughput while measuring.
+        env = {"LOG_LEVEL": "error", "FIREZONE_NUM_TUN_THREADS": str(spec.queues)}
+        pair = WgPair.create(topo, spec.a, spec.b, log_dir=log_dir, env_a=env, env_b=env)
+        _wait_for_tunnel(pair.a, pair.b.tunnel_ip)
+        pair.b.ns.popen(
+            ["iperf3", "-s", "-B", pair.b.tunnel_ip, "-p", str(IPERF_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.3)
+        yield pair
+
+
+def _wait_for_tunnel(a: WgInterface, address: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(a.ns.argv(["ping", "-c", "1", "-W", "1", address]), capture_output=True, timeout=10)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no ping through the tunnel to {address} after {timeout} s")
+
+
+def measure_pair(spec: PairSpec, *, seconds: int, pings: int, log_dir: Path) -> PairResult:
+    result = PairResult(spec.key, spec.label)
+    try:
+        with _pair(spec, log_dir) as pair:
+            progress(f"{spec.label}: tunnel up; ping ×{pings}")
+            result.rtt_avg_ms, result.rtt_max_ms, result.ping_lost = ping_rtt_ms(
+                pair.a.ns, pair.b.tunnel_ip, count=pings
+            )
+            plan: list[tuple[str, dict[str, object]]] = [
+                ("tcp1 a→b", {}),
+                ("tcp1 b→a", {"reverse": True}),
+                ("tcp4 a→b", {"streams": 4}),
+                ("tcp4 b→a", {"streams": 4, "reverse": True}),
+                ("udp a→b", {"udp_rate": UDP_RATE}),
+            ]
+            for name, kwargs in plan:
+                progress(f"{spec.label}: iperf3 {name} ({seconds} s)")
+                measurement = run_iperf(pair, name, seconds=seconds, **kwargs)  # type: ignore[arg-type]
+                if measurement.error is not None:
+                    # iperf3's control connection rides the tunnel and can be reset under overload: one retry.
+                    progress(f"{spec.label}: {name} failed ({measurement.error[:60]}); retrying once")
+                    time.sleep(1.0)
+                    measurement = run_iperf(pair, name, seconds=seconds, **kwargs)  # type: ignore[arg-type]
+                result.measurements.append(measurement)
+                progress(f"{spec.label}: {name}: {_cell(measurement)}")
+    except Exception as exc:  # one broken implementation must not hide the others' figures
+        result.error = f"{type(exc).__name__}: {exc}"[:300]
+        progress(f"{spec.label}: FAILED: {result.error}")
+    return result
+
+
+def _cell(m: Measurement) -> str:
+    if m.error is not None:
+        return f"error: {m.error[:40]}"
+    text = f"{m.mbit_per_s:.0f} Mbit/s"
+    if m.retransmits is not None:
+        text += f" retr {m.retransmits}"
+    if m.lost_percent is not None:
+        text += f" loss {m.lost_percent:.2f}% ooo {m.out_of_order}"
+    if m.cpu_s_per_gb is not None:
+        text += f" cpu {m.cpu_s_per_gb:.1f} s/GB"
+    return text
+
+
+def format_table(results: list[PairResult]) -> str:
+    reference = next((r for r in results if r.key == REFERENCE and r.error is None), None)
+    ref_by_name = {m.name: m for m in reference.measurements} if reference else {}
+    names = [m.name for m in (reference or (results[0] if results else PairResult("", ""))).measurements] or [
+        "tcp1 a→b",
+        "tcp1 b→a",
+        "tcp4 a→b",
+        "tcp4 b→a",
+        "udp a→b",
+    ]
+    lines = []
+    header = ["pair", "ping avg/max ms", *names]
+    lines.append(" | ".join(header))
+    lines.append(" | ".join("---" for _ in header))
+    for result in results:
+        if result.error is not None:
+            lines.append(f"{result.label} | FAILED: {result.error}")
+            continue
+        ping = f"{result.rtt_avg_ms:.3f}/{result.rtt_max_ms:.3f}"
+        if reference is not None and result is not reference and reference.rtt_avg_ms > 0:
+            ping += f" ({result.rtt_avg_ms / reference.rtt_avg_ms:.2f}×)"
+        cells = [result.label, ping]
+        by_name = {m.name: m for m in result.measurements}
+        for name in names:
+            m = by_name.get(name)
+            if m is None:
+                cells.append("-")
+                continue
+            cell = _cell(m)
+            ref = ref_by_name.get(name)
+            if (
+                ref is not None
+                and result is not reference
+                and ref.error is None
+                and m.error is None
+                and ref.mbit_per_s > 0
+            ):
+                cell += f" [{m.mbit_per_s / ref.mbit_per_s:.2f}×]"
+            cells.append(cell)
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 s per iperf3 run, 10 pings")
+    parser.add_argument("--seconds", type=int, default=None, help="seconds per iperf3 run (default 10, quick 3)")
+    parser.add_argument("--pings", type=int, default=None)
+    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
+    parser.add_argument("--output", default="bench-results", help="directory for the JSON result")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("lab.bench needs root (network namespaces, TUN)", file=sys.stderr)
+        return 2
+    seconds = args.seconds or (3 if args.quick else 10)
+    pings = args.pings or (10 if args.quick else 30)
+    keys = [k.strip() for k in args.pairs.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in PAIRS]
+    if unknown:
+        parser.error(f"unknown pairs {unknown}; choose from {list(PAIRS)}")
+    started = datetime.datetime.now(datetime.UTC)
+    results: list[PairResult] = []
+    with tempfile.TemporaryDirectory(prefix="fz-bench-") as tmp:
+        for key in keys:
+            progress(f"pair {key}: starting")
+            results.append(measure_pair(PAIRS[key], seconds=seconds, pings=pings, log_dir=Path(tmp)))
+    table = format_table(results)
+    print(table)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"bench-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    payload = {
+        "started": started.isoformat(),
+        "command": " ".join(["python -m lab.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "seconds_per_run": seconds,
+        "pings": pings,
+        "reference": REFERENCE,
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "results": [asdict(r) for r in results],
+        "table": table,
+    }
+    out_path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    print(f"\nJSON: {out_path}")
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The dev portal: a local stand-in for Firezone's portal that gateways connect to (portal-protocol.md §1, §2).
+
+In process::
+
+    async with DevPortal(load_config(DEFAULT_CONFIG), host="127.0.0.1", port=0) as portal:
+        # FIREZONE_API_URL=portal.url, FIREZONE_TOKEN=<a token from the config>
+        joined = await portal.wait_for(kind="received", event="phx_join")
+        payload = await portal.create_authorization(client_id, resource_id)
+        reply = await portal.wait_for(kind="received", event="authorization_created", since=joined.seq)
+
+As a process: ``firezone-lab portal --config FILE --listen 127.0.0.1:PORT`` (or ``python -m lab.portal``).
+
+Admin HTTP API (JSON, same server, under ``/admin``):
+
+=====================================  ===========================================================================
+``GET  /admin/gateways``               every gateway seen: ids, name, public key, User-Agent, version, connected
+``GET  /admin/events``                 the log; filters ``since kind event gateway conn_id``; ``timeout`` long-polls
+``GET  /admin/wait``                   first matching log entry (same filters), 504 after ``timeout`` s
+``GET/POST /admin/faults``             read / change :class:`Faults` (reject_remaining, reject_status, reject_code,
+                                       reject_retry_after, refuse_connections, answer_heartbeats, join_reply, ...)
+``POST /admin/create_authorization``   ``{client_id, resource_id, gateway?, expires_at?}`` → the payload pushed
+``POST /admin/reject_access``          ``{client_id, resource_id, gateway?}``
+``POST /admin/resource_updated``       ``{resource_id, filters?, gateway?}`` (no gateway: every joined gateway)
+``POST /admin/relays_presence``        ``{disconnected_ids?, connected? (relay ids), gateway?}``
+``POST /admin/disconnect``             ``{reason?, gateway?}``: push ``disconnect`` and stop the channel
+``POST /admin/phx_close``              ``{gateway?}``
+``POST /admin/drop``                   ``{gateway?, abort?, code?}``: WS close frame, or TCP abort
+``POST /admin/push``                   ``{event, payload, topic?, gateway?}``: any server push
+``POST /admin/raw``                    ``{text | json | binary_b64, gateway?}``: any frame, unchecked
+=====================================  ===========================================================================
+
+``gateway`` selects a live connection by portal gateway id, external id, name or conn id; it may be left out
+while exactly one gateway is connected. Log entries have a ``kind``: ``rejected`` (upgrade refused, with
+``status``), ``refused`` (simulated downtime), ``connected``, ``received`` (a frame from the gateway), ``invalid``
+(an undecodable frame from it), ``sent``, ``closed``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lab.portal.config import (
+    RELAY_CREDENTIALS_EXPIRY,
+    PortalConfig,
+    ice_credentials,
+    load_config,
+    preshared_key,
+    relay_credentials,
+    relay_password,
+    relay_salt,
+)
+from lab.portal.server import AdminError, DevPortal, Faults, GatewaySession, PortalEvent
+
+DEFAULT_CONFIG = Path(__file__).with_name("dev-config.json")
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "RELAY_CREDENTIALS_EXPIRY",
+    "AdminError",
+    "DevPortal",
+    "Faults",
+    "GatewaySession",
+    "PortalConfig",
+    "PortalEvent",
+    "ice_credentials",
+    "load_config",
+    "preshared_key",
+    "relay_credentials",
+    "relay_password",
+    "relay_salt",
+]

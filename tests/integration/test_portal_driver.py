@@ -1,0 +1,301 @@
+"""agent/portal.py against an in-test Phoenix V1 server built on ``websockets`` (127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from agent.config import Secret
+from agent.eventloop import AuthorizationBook, Eventloop
+from agent.portal import PortalLink
+from dataplane.io.rng import SeededRng
+from protocol.errors import FatalReason, PortalError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+TOKEN = "sekrit-token-value-0123456789"
+PUBLIC_KEY = "fiAjSBWDgQfD1CFJkTwOf4zg+1QhH0eTT+oLaVIMpH8="
+INIT = {
+    "interface": {"ipv4": "100.115.164.78", "ipv6": "fd00:2021:1111::2c:f6ab"},
+    "relays": [
+        {
+            "id": "0a133356-7a9e-4b9a-b413-0d95a5720fd8",
+            "type": "turn",
+            "addr": "127.0.0.1:3478",
+            "username": "2145916800:salt",
+            "password": "pw",
+            "expires_at": 2145916800,
+        }
+    ],
+    "authorizations": [],
+    "account_slug": "acme",
+    "flow_logs": {"api_url": None, "upload_interval_secs": 0, "upload_batch_size": 1000},
+    "config": {"ipv4_masquerade_enabled": True, "ipv6_masquerade_enabled": True},
+}
+CREATE_AUTHORIZATION = {
+    "ref": "SFMyNTY.opaque",
+    "resource": {"id": "r1", "type": "cidr", "name": "n", "address": "172.20.0.0/16", "filters": []},
+    "client": {
+        "id": "c1",
+        "public_key": PUBLIC_KEY,
+        "preshared_key": "BzPiNE9qszKczZcZzGsyieLYeJ2EQfkfdibls/l3beM=",
+        "ipv4": "100.93.74.51",
+        "ipv6": "fd00:2021:1111::f:853b",
+    },
+    "client_ice_credentials": {"username": "hgwh", "password": "j2fqufatn7xlrrvv6fsvea"},
+    "gateway_ice_credentials": {"username": "ejqt", "password": "zfjrrjdkbci42t2axyd45a"},
+    "expires_at": None,
+}
+
+
+@dataclass
+class FakePortal:
+    """Answers joins and heartbeats like Phoenix; can refuse upgrades, stay silent, and records everything."""
+
+    reject: Callable[[int], Response | None] = lambda attempt: None
+    answer_heartbeats: bool = True
+    pushes_after_join: list[tuple[str, Any]] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    attempt_times: list[float] = field(default_factory=list)
+    received: list[dict[str, Any]] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.requests.append(request)
+        self.attempt_times.append(time.monotonic())
+        return self.reject(len(self.requests))
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        async for raw in ws:
+            frame = json.loads(raw)
+            self.received.append(frame)
+            reply = {"topic": frame["topic"], "event": "phx_reply", "ref": frame["ref"]}
+            if frame["event"] == "phx_join":
+                await ws.send(json.dumps({**reply, "payload": {"status": "ok", "response": {}}}))
+                for event, payload in self.pushes_after_join:
+                    await ws.send(json.dumps({"topic": "gateway", "event": event, "payload": payload, "ref": None}))
+            elif frame["event"] == "heartbeat":
+                if self.answer_heartbeats:
+                    await ws.send(json.dumps({**reply, "payload": {"status": "ok", "response": {}}}))
+            else:
+                await ws.send(json.dumps({**reply, "payload": {"status": "ok", "response": {}}}))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [f for f in self.received if f["event"] == name]
+
+
+@contextlib.asynccontextmanager
+async def running(portal: FakePortal) -> AsyncIterator[FakePortal]:
+    async with serve(portal.handler, "127.0.0.1", 0, process_request=portal.process_request) as server:
+        portal.port = next(iter(server.sockets)).getsockname()[1]
+        yield portal
+
+
+def problem(status: int, code: str, detail: str, extra_headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps({"title": HTTPStatus(status).phrase, "status": status, "detail": detail, "code": code}).encode()
+    headers = Headers({"Content-Type": "application/problem+json", "Content-Length": str(len(body))})
+    for key, value in (extra_headers or {}).items():
+        headers[key] = value
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def make_link(port: int, *, heartbeat_interval: float = 10.0, max_partition_time: float = 3600.0) -> PortalLink:
+    return PortalLink(
+        api_url=f"ws://127.0.0.1:{port}",
+        firezone_id="5d4e8a9c-1c1f-4d7c-9a0b-3f3e2c1d0b9a",
+        name="gw-test",
+        public_key_b64=PUBLIC_KEY,
+        token=Secret(f"  {TOKEN}\n"),
+        rng=SeededRng(1),
+        wall_clock=time.time,
+        heartbeat_interval=heartbeat_interval,
+        max_partition_time=max_partition_time,
+    )
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def stop_link(link: PortalLink, task: asyncio.Task[None]) -> None:
+    link.stop()
+    await asyncio.wait_for(task, 5.0)
+
+
+async def test_join_capabilities_init_and_authorization() -> None:
+    portal = FakePortal(pushes_after_join=[("init", INIT), ("create_authorization", CREATE_AUTHORIZATION)])
+    async with running(portal):
+        link = make_link(portal.port, heartbeat_interval=0.3)
+        state = AuthorizationBook(wall_clock=time.time)
+        loop = Eventloop(link, state, time.monotonic)
+        task = asyncio.ensure_future(link.run(loop.handle_channel_event))
+        await wait_until(lambda: bool(portal.events("authorization_created")) and len(portal.events("heartbeat")) >= 2)
+        assert link.joined and loop.init_applied
+        await stop_link(link, task)
+
+    request = portal.requests[0]
+    assert request.headers["X-Authorization"] == f"Bearer {TOKEN}"
+    assert " gateway/1.6.0 " in request.headers["User-Agent"]
+    url = urlsplit(request.path)
+    assert url.path == "/gateway/v2/websocket"
+    query = parse_qs(url.query)
+    assert query["name"] == ["gw-test"] and query["public_key"] == [PUBLIC_KEY]
+    assert len(query["external_id"][0]) == 64 and TOKEN not in request.path
+    first = portal.received[0]
+    assert first == {"topic": "gateway", "event": "phx_join", "payload": None, "ref": 0}
+    assert portal.received[1]["event"] == "set_snownet_capabilities"
+    assert portal.received[1]["payload"] == {"iceless": False}
+    assert portal.events("authorization_created")[0]["payload"] == {"ref": "SFMyNTY.opaque"}
+    refs = [f["ref"] for f in portal.received]
+    assert refs == list(range(len(refs)))
+    assert all(f["topic"] == "phoenix" and f["payload"] == {} for f in portal.events("heartbeat"))
+    assert "c1" in state.clients
+
+
+@pytest.mark.allow_error_logs
+async def test_401_with_problem_json_is_fatal_with_detail() -> None:
+    portal = FakePortal(reject=lambda _: problem(401, "invalid_token", "The token is invalid or expired"))
+    async with running(portal):
+        link = make_link(portal.port)
+        with pytest.raises(PortalError) as caught:
+            await asyncio.wait_for(link.run(lambda event: None), 10.0)
+    assert caught.value.reason is FatalReason.INVALID_TOKEN
+    assert "The token is invalid or expired" in str(caught.value)
+    assert TOKEN not in str(caught.value)
+    assert len(portal.requests) == 1
+
+
+async def test_503_retry_after_is_honoured() -> None:
+    portal = FakePortal(
+        reject=lambda n: problem(503, "rate_limit", "slow down", {"Retry-After": "2"}) if n == 1 else None
+    )
+    async with running(portal):
+        link = make_link(portal.port)
+        task = asyncio.ensure_future(link.run(lambda event: None))
+        await wait_until(lambda: link.joined)
+        await stop_link(link, task)
+    assert len(portal.attempt_times) == 2
+    # Without Retry-After the initial-connect policy would wait 1 s.
+    assert portal.attempt_times[1] - portal.attempt_times[0] >= 1.9
+
+
+async def test_heartbeat_silence_reconnects_and_rejoins() -> None:
+    portal = FakePortal(answer_heartbeats=False)
+    async with running(portal):
+        link = make_link(portal.port, heartbeat_interval=0.2)
+        task = asyncio.ensure_future(link.run(lambda event: None))
+        await wait_until(lambda: portal.connections >= 2 and link.joined)
+        await stop_link(link, task)
+    # 3 unanswered heartbeats on the first connection, then the link gave up on it and joined again (refs restart).
+    joins = portal.events("phx_join")
+    assert len(joins) >= 2 and all(j["ref"] == 0 for j in joins)
+    assert link.stats.reconnects >= 1
+
+
+async def test_server_close_reconnects_with_backoff() -> None:
+    closes = {"done": False}
+
+    portal = FakePortal()
+    original = portal.handler
+
+    async def closing_handler(ws: ServerConnection) -> None:
+        if not closes["done"]:
+            closes["done"] = True
+            await ws.recv()
+            await ws.send(
+                json.dumps(
+                    {"topic": "gateway", "event": "phx_reply", "ref": 0, "payload": {"status": "ok", "response": {}}}
+                )
+            )
+            await ws.close()
+            return
+        await original(ws)
+
+    portal.handler = closing_handler  # type: ignore[method-assign]
+    async with running(portal):
+        link = make_link(portal.port)
+        task = asyncio.ensure_future(link.run(lambda event: None))
+        await wait_until(lambda: len(portal.requests) >= 2 and link.joined)
+        await stop_link(link, task)
+    gap = portal.attempt_times[1] - portal.attempt_times[0]
+    # After a join the reconnect ladder starts at 0.5 s with jitter up to one more interval.
+    assert 0.5 <= gap < 2.0
+
+
+def _gateway_env(port: int, state_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREZONE_", "RUST_LOG", "HEALTH_CHECK"))}
+    env.update(
+        FIREZONE_TOKEN=TOKEN,
+        FIREZONE_API_URL=f"ws://127.0.0.1:{port}",
+        FIREZONE_ID="a" * 64,
+        FIREZONE_STATE_DIR=str(state_dir),
+        HEALTH_CHECK_ADDR="127.0.0.1:0",
+        FIREZONE_LOG_LEVEL="debug",
+    )
+    return env
+
+
+async def test_cli_exits_1_on_401_without_leaking_the_token(tmp_path: Path) -> None:
+    portal = FakePortal(reject=lambda _: problem(401, "invalid_token", "The token is invalid"))
+    async with running(portal):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.main",
+            env=_gateway_env(portal.port, tmp_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20.0)
+    assert proc.returncode == 1
+    text = stderr.decode()
+    assert "error: invalid_token" in text and "The token is invalid" in text
+    assert TOKEN not in text and TOKEN not in stdout.decode()
+
+
+async def test_cli_joins_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    portal = FakePortal(pushes_after_join=[("init", INIT)])
+    async with running(portal):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.main",
+            env=_gateway_env(portal.port, tmp_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_until(lambda: bool(portal.events("set_snownet_capabilities")), 15.0)
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), 10.0)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    text = stderr.decode()
+    assert proc.returncode == 0, text
+    assert "joined" in text and "init applied" in text
+    assert TOKEN not in text and TOKEN not in stdout.decode()

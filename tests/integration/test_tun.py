@@ -1,0 +1,213 @@
+"""dataplane.io.tun against the real kernel: multi-queue, exclusivity, offload probing, backpressure bounds.
+
+Every device lives in a namespace the test creates (entered from a short-lived thread, see dataplane.io.netlink).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dataplane import packet as pk
+from dataplane.io import tun as tun_module
+from dataplane.io.netlink import run_in_netns
+from dataplane.io.tun import Tun, TunDropReason, TunError
+from lab.netns import Netns, Topology
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+TUN_ADDR = "10.71.0.1"
+PEER_ADDR = "10.71.0.2"
+
+
+@pytest.fixture
+def ns() -> Iterator[Netns]:
+    with Topology("tun") as topo:
+        yield topo.add_ns("a")
+
+
+def create(ns: Netns, name: str = "fztun0", **kwargs: object) -> Tun:
+    return run_in_netns(ns.name, lambda: Tun.create(name, **kwargs))  # type: ignore[arg-type]
+
+
+def configure(ns: Netns, name: str = "fztun0") -> None:
+    ns.exec(["ip", "addr", "add", f"{TUN_ADDR}/32", "peer", f"{PEER_ADDR}/32", "dev", name])
+    ns.exec(["ip", "link", "set", name, "up"])
+
+
+def udp_to_tun_address(payload: bytes, *, sport: int = 7000, dport: int = 6000, ip_id: int = 1) -> bytes:
+    """An IPv4/UDP packet from the peer to our TUN address, checksums computed the slow way."""
+    src, dst = socket.inet_aton(PEER_ADDR), socket.inet_aton(TUN_ADDR)
+    udp = bytearray(struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload)
+    pseudo = src + dst + struct.pack("!BBH", 0, 17, len(udp))
+    struct.pack_into("!H", udp, 6, pk.internet_checksum(pseudo + bytes(udp)) or 0xFFFF)
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), ip_id, 0, 64, 17, 0, src, dst))
+    struct.pack_into("!H", header, 10, pk.internet_checksum(header))
+    return bytes(header) + bytes(udp)
+
+
+def link_details(ns: Netns, name: str = "fztun0") -> str:
+    return ns.exec(["ip", "-d", "link", "show", name])
+
+
+def receive_all(sock: socket.socket, timeout: float = 1.0) -> list[bytes]:
+    sock.settimeout(timeout)
+    got: list[bytes] = []
+    try:
+        while True:
+            got.append(sock.recv(65535))
+    except TimeoutError:
+        pass
+    return got
+
+
+def test_multi_queue_opens_one_fd_and_two_threads_per_queue(ns: Netns) -> None:
+    with create(ns, queues=3) as tun:
+        assert tun.queues == 3
+        fds = tun.queue_fds()
+        assert len(set(fds)) == 3
+        for fd in fds:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                assert "iff:\tfztun0" in f.read()
+        details = link_details(ns)
+        assert "multi_queue" in details and "numqueues 3" in details
+        assert "qlen 10000" in details
+        import threading
+
+        names = {t.name for t in threading.enumerate()}
+        assert {f"tun-fztun0-{role}{i}" for role in ("rx", "tx") for i in range(3)} <= names
+    assert "fztun0" not in ns.exec(["ip", "link", "show"])
+
+
+def test_single_queue_is_not_multi_queue(ns: Netns) -> None:
+    with create(ns, queues=1, offload=False):
+        details = link_details(ns)
+        assert "multi_queue" not in details and "vnet_hdr off" in details
+
+
+def test_second_attach_is_refused_in_process_and_from_another_process(ns: Netns) -> None:
+    with create(ns, queues=2):
+        with pytest.raises(TunError, match="in use by another process") as info:
+            create(ns, queues=2)
+        assert info.value.errno == errno.EBUSY
+        code = "from dataplane.io.tun import Tun\nTun.create('fztun0', queues=2)"
+        proc = subprocess.run(ns.argv([sys.executable, "-c", code]), capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0
+        assert "in use by another process" in proc.stderr
+        assert "numqueues 2" in link_details(ns)
+
+
+def test_existing_device_that_is_not_ours_is_refused(ns: Netns) -> None:
+    ns.exec(["ip", "link", "add", "fztun0", "type", "veth", "peer", "name", "fzpeer0"])
+    with pytest.raises(TunError, match="already exists"):
+        create(ns)
+    assert "veth" in ns.exec(["ip", "-d", "link", "show", "fztun0"])
+
+
+def test_same_name_in_two_namespaces_is_fine() -> None:
+    with Topology("tun") as topo:
+        a, b = topo.add_ns("a"), topo.add_ns("b")
+        with create(a, queues=2), create(b, queues=2):
+            assert "numqueues 2" in link_details(a) and "numqueues 2" in link_details(b)
+
+
+def _round_trip(ns: Netns, tun: Tun) -> None:
+    """A datagram from a socket in the namespace comes out of poll_recv_many; packets sent in come out of a socket."""
+    configure(ns)
+    receiver = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    with receiver, sender:
+        receiver.bind((TUN_ADDR, 6000))
+        sender.sendto(b"out" * 100, (PEER_ADDR, 5000))
+        deadline = time.monotonic() + 5
+        seen: list[bytes] = []
+        while time.monotonic() < deadline:
+            seen += tun.poll_recv_many()
+            if any(p[0] >> 4 == 4 and p[9] == 17 for p in seen):
+                break
+            time.sleep(0.01)
+        (out,) = [p for p in seen if p[0] >> 4 == 4 and p[9] == 17]
+        assert out.endswith(b"out" * 100) and pk.l4_checksum_valid(out)
+        packets = [udp_to_tun_address(struct.pack("!I", i) * 300, ip_id=i) for i in range(20)]
+        assert tun.send_many(packets) == 20
+        got = receive_all(receiver)
+        assert [struct.unpack_from("!I", g)[0] for g in got] == list(range(20))
+
+
+def test_offloads_probed_and_round_trip(ns: Netns) -> None:
+    with create(ns, queues=2) as tun:
+        assert tun.offload_enabled
+        assert tun.offload_flags & tun_module.TUN_OFFLOADS_TCP == tun_module.TUN_OFFLOADS_TCP
+        assert "vnet_hdr on" in link_details(ns)
+        _round_trip(ns, tun)
+        stats = tun.stats()
+        # 20 equal datagrams of one flow: written as fewer frames when USO was accepted.
+        if tun.offload_flags & tun_module.TUN_F_USO4:
+            assert stats.tx_frames < stats.tx_packets
+
+
+def test_offload_disabled_by_flag(ns: Netns) -> None:
+    with create(ns, queues=2, offload=False) as tun:
+        assert not tun.offload_enabled and tun.offload_flags == 0
+        assert "vnet_hdr off" in link_details(ns)
+        _round_trip(ns, tun)
+        stats = tun.stats()
+        assert stats.tx_frames == stats.tx_packets == 20
+
+
+def test_offload_probe_failure_falls_back_cleanly(ns: Netns, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def refuse(fd: int, flags: int) -> None:
+        calls.append(flags)
+        raise OSError(errno.EINVAL, "forced")
+
+    monkeypatch.setattr(tun_module, "_set_offload", refuse)
+    with create(ns, queues=2) as tun:
+        assert calls == [tun_module.TUN_OFFLOADS_FULL, tun_module.TUN_OFFLOADS_TCP]
+        assert not tun.offload_enabled
+        assert "vnet_hdr off" in link_details(ns)
+        _round_trip(ns, tun)
+
+
+def test_outbound_backpressure_is_bounded_and_counted(ns: Netns) -> None:
+    with create(ns, queues=1, offload=False, outbound_capacity=64) as tun:
+        configure(ns)
+        packets = [udp_to_tun_address(b"x" * 1000, ip_id=i) for i in range(5000)]
+        accepted = tun.send_many(packets)
+        assert 0 < accepted <= 64
+        assert tun.drops[TunDropReason.OUTBOUND_QUEUE_FULL] == 5000 - accepted
+        assert tun.pending_outbound() <= 64
+        for packet in packets[:500]:
+            tun.send(packet)
+            assert tun.pending_outbound() <= 64
+        deadline = time.monotonic() + 5
+        while tun.pending_outbound() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tun.poll_send_ready()
+        assert tun.send(packets[0])
+
+
+def test_inbound_queue_is_bounded_and_drops_are_counted(ns: Netns) -> None:
+    with create(ns, queues=1, offload=False, inbound_capacity=32) as tun:
+        configure(ns)
+        sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        with sender:
+            for i in range(300):
+                sender.sendto(struct.pack("!I", i), (PEER_ADDR, 5000))
+        deadline = time.monotonic() + 5
+        while tun.drops[TunDropReason.INBOUND_QUEUE_FULL] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tun.drops[TunDropReason.INBOUND_QUEUE_FULL] > 0
+        time.sleep(0.1)
+        received = tun.poll_recv_many(1000)
+        assert 0 < len(received) <= 32
+        # Drained: the wakeup fd is clear and the queue is empty.
+        assert tun.poll_recv_many() == []

@@ -1,0 +1,174 @@
+"""A hypothesis state machine over the Node scenarios' transitions, checked against the NAT oracle.
+
+Transitions: clients arrive behind any NAT behaviour, roam behind another one, relays disappear (one at a time) and
+come back, time passes, packets flow both ways. After every settle step the machine checks that each connection is
+established on the path class the oracle predicts (direct when ``direct_path_possible``, relayed otherwise: a relay is
+always reachable) and that every packet arrived exactly once, unmodified, on the connection it was sent on.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from dataplane.node import Path
+from tests.sim.nat import (
+    FULL_CONE,
+    PORT_RESTRICTED_CONE,
+    RESTRICTED_CONE,
+    SYMMETRIC,
+    Filtering,
+    Mapping,
+    NatBehaviour,
+    PortAssignment,
+)
+from tests.sim.world import GATEWAY_ID, Client, World, build_world, ipv4_udp
+
+GATEWAY_TUNNEL_IP = "100.64.0.1"
+ADDRESS_DEPENDENT = NatBehaviour(Mapping.ADDRESS_DEPENDENT, Filtering.ADDRESS_DEPENDENT, PortAssignment.PRESERVING)
+BEHAVIOURS = st.sampled_from([None, FULL_CONE, RESTRICTED_CONE, PORT_RESTRICTED_CONE, SYMMETRIC, ADDRESS_DEPENDENT])
+SETTLE_TIMEOUT = 60.0  # simulated seconds a transition may take to converge
+
+
+def _udp_payload(packet: bytes) -> bytes:
+    return packet[28:]
+
+
+class NodeMachine(RuleBasedStateMachine):
+    world: World
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent_up: dict[str, list[bytes]] = {}
+        self.sent_down: dict[str, list[bytes]] = {}
+        self.sequence = 0
+        self.removed_relays: list[str] = []
+        self.scenarios: list[str] = []
+
+    @initialize(gateway_nat=BEHAVIOURS, seed=st.integers(0, 2**16))
+    def build(self, gateway_nat, seed):
+        self.world = build_world(gateway_nat, seed=seed, relays=2)
+
+    # -- transitions -----------------------------------------------------------------------------------------------
+
+    @precondition(lambda self: len(self.world.clients) < 3)
+    @rule(nat=BEHAVIOURS)
+    def client_arrives(self, nat):
+        client = self.world.add_client(nat, seed=len(self.world.clients) * 7 + 1)
+        self.world.net.run_for(2.0)
+        self.world.connect(client)
+        self.sent_up[client.client_id] = []
+        self.sent_down[client.client_id] = []
+        self._settle()
+
+    @precondition(lambda self: bool(self.world.clients))
+    @rule(data=st.data(), nat=BEHAVIOURS)
+    def client_roams(self, data, nat):
+        client = data.draw(st.sampled_from(self.world.clients))
+        self.world.roam(client, nat, seed=self.sequence)
+        self._settle()
+
+    @precondition(lambda self: not self.removed_relays)
+    @rule(data=st.data())
+    def relay_disappears(self, data):
+        relay_id = data.draw(st.sampled_from(sorted(self.world.relays)))
+        self.world.relays[relay_id].shut_down()
+        self.removed_relays.append(relay_id)
+        for peer in [self.world.gateway, *(c.peer for c in self.world.clients)]:
+            peer.remove_relays([relay_id])
+        self._settle()
+
+    @precondition(lambda self: bool(self.removed_relays))
+    @rule()
+    def relay_returns(self):
+        relay_id = self.removed_relays.pop()
+        relay = self.world.relays[relay_id]
+        relay.online = True
+        relay.host.online = True
+        for peer in [self.world.gateway, *(c.peer for c in self.world.clients)]:
+            peer.add_relays([(relay_id, relay)])
+        self._settle()
+
+    @rule(seconds=st.floats(1.0, 120.0))
+    def time_passes(self, seconds):
+        self.world.net.run_for(seconds)
+        self._settle()
+
+    @precondition(lambda self: bool(self.world.clients))
+    @rule(data=st.data())
+    def packets_flow(self, data):
+        client = data.draw(st.sampled_from(self.world.clients))
+        self._ping(client)
+
+    # -- checks ----------------------------------------------------------------------------------------------------
+
+    def _expected_path(self, client: Client) -> Path:
+        return Path.DIRECT if self.world.direct_expected(client) else Path.RELAYED
+
+    def _converged(self, client: Client) -> bool:
+        gw = self.world.gateway.node.connection(client.client_id)
+        cl = client.peer.node.connection(GATEWAY_ID)
+        if gw is None or cl is None or not (gw.established and cl.established):
+            return False
+        if cl.local is None or (cl.path is Path.DIRECT and cl.local[0] not in client.host.addresses):
+            return False
+        expected = self._expected_path(client)
+        return gw.path is expected and cl.path is expected and gw.handshakes >= 1
+
+    def _settle(self) -> None:
+        net = self.world.net
+        for client in self.world.clients:
+            ok = net.run_until_true(lambda c=client: self._converged(c), timeout=SETTLE_TIMEOUT)
+            gw = self.world.gateway.node.connection(client.client_id)
+            cl = client.peer.node.connection(GATEWAY_ID)
+            assert ok, (
+                f"{client.client_id} behind {client.nat.behaviour.label if client.nat else 'no NAT'}, gateway behind "
+                f"{self.world.gateway_nat.behaviour.label if self.world.gateway_nat else 'no NAT'}: expected "
+                f"{self._expected_path(client)}, got gateway {gw} / client {cl}"
+            )
+            self.scenarios.append(f"{self._expected_path(client).value}")
+        for client in self.world.clients:
+            self._ping(client)
+
+    def _ping(self, client: Client) -> None:
+        self.sequence += 1
+        cid = client.client_id
+        up = ipv4_udp(client.tunnel_ip, GATEWAY_TUNNEL_IP, f"{cid}|up|{self.sequence}".encode())
+        down = ipv4_udp(GATEWAY_TUNNEL_IP, client.tunnel_ip, f"{cid}|down|{self.sequence}".encode())
+        self.sent_up[cid].append(up)
+        self.sent_down[cid].append(down)
+        before_gw = len(self.world.gateway.received)
+        before_cl = len(client.peer.received)
+        client.peer.send_packet(GATEWAY_ID, up)
+        assert self.world.net.run_until_true(lambda: len(self.world.gateway.received) > before_gw, timeout=10.0)
+        self.world.gateway.send_packet(cid, down)
+        assert self.world.net.run_until_true(lambda: len(client.peer.received) > before_cl, timeout=10.0)
+        assert self.world.gateway.received[before_gw:] == [(cid, up)]
+        assert client.peer.received[before_cl:] == [(GATEWAY_ID, down)]
+
+    @invariant()
+    def no_packet_reaches_the_wrong_connection(self):
+        if not hasattr(self, "world"):
+            return
+        for cid, packet in self.world.gateway.received:
+            assert _udp_payload(packet).split(b"|")[0].decode() == cid
+            assert packet in self.sent_up[cid]
+        for client in self.world.clients:
+            for cid, packet in client.peer.received:
+                assert cid == GATEWAY_ID
+                assert _udp_payload(packet).split(b"|")[0].decode() == client.client_id
+                assert packet in self.sent_down[client.client_id]
+        # Exactly once: nothing was delivered twice.
+        assert len(set(self.world.gateway.received)) == len(self.world.gateway.received)
+
+
+NodeMachine.TestCase.settings = settings(
+    max_examples=12,
+    stateful_step_count=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+TestNodeMachine = pytest.mark.timeout(600)(NodeMachine.TestCase)

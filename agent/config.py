@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", help="human or json [FIREZONE_LOG_FORMAT]")
     parser.add_argument("--log-level", help="log directives, e.g. info or warn,agent=debug [FIREZONE_LOG_LEVEL]")
     parser.add_argument("--flow-logs", action="store_const", const="true", help="log flows [FIREZONE_FLOW_LOGS]")
-    parser.add_argument("-m", "--max-partition-time", help="reconnect budget, e.g. 5m, 1h, 30d")
+    parser.add_argument(
+        "-m", "--max-partition-time", help="reconnect budget, e.g. 5m, 1h, 30d [FIREZONE_MAX_PARTITION_TIME]"
+    )
     parser.add_argument("--num-tun-threads", help="TUN queues/threads [FIREZONE_NUM_TUN_THREADS]")
     parser.add_argument("--no-inc-buf", action="store_const", const="true", help="[FIREZONE_NO_INC_BUF]")
     parser.add_argument("--no-telemetry", action="store_const", const="true", help="[FIREZONE_NO_TELEMETRY]")

@@ -257,7 +257,7 @@ class Eventloop:
         now = self._monotonic()
         if isinstance(event, ChannelJoined):
             self.init_applied = False
-            logger.info("joined the portal channel; announcing capabilities")
+            logger.debug("announcing capabilities (classic ICE)")
             self.send(SetSnownetCapabilities(iceless=False))
         elif isinstance(event, LinkHiccuped):
             self.init_applied = False

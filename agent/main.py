@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import logging
 import os
 import signal
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.config import ConfigError, Settings, load_settings
+from agent.config import ConfigError, Settings, build_parser, load_settings
 from agent.eventloop import AuthorizationBook, Eventloop
 from agent.health import HealthServer, MetricsText
 from agent.logs import RedactingFilter, configure_logging
@@ -137,7 +139,52 @@ class Gateway:
         self.link.stop()
 
 
+def _argv_without_positional_token(args: list[str]) -> tuple[list[str], str] | None:
+    """If TOKEN was given on the command line: the arguments without it, and the token. Else None."""
+    parser = build_parser()
+
+    def parsed_token(candidate: list[str]) -> str | None:
+        # A dry run: help and usage errors are printed once, by the real parse in main().
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                token: str | None = parser.parse_args(candidate).token
+            except SystemExit:
+                raise LookupError from None
+        return token
+
+    try:
+        token = parsed_token(args)
+    except LookupError:
+        return None
+    if not token:
+        return None
+    for index, value in enumerate(args):
+        if value != token:
+            continue
+        rest = args[:index] + args[index + 1 :]
+        try:
+            if parsed_token(rest) is None:
+                return rest, token
+        except LookupError:
+            continue
+    return None
+
+
+def _move_positional_token_out_of_argv() -> None:
+    """/proc/<pid>/cmdline is world-readable; the environment is not. Re-exec with the token moved to FIREZONE_TOKEN."""
+    found = _argv_without_positional_token(sys.argv[1:])
+    if found is None:
+        return
+    rest, token = found
+    env = dict(os.environ, FIREZONE_TOKEN=token)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "agent.main", *rest], env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        _move_positional_token_out_of_argv()
     try:
         settings = load_settings(argv, os.environ)
     except ConfigError as exc:

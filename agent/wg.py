@@ -304,11 +304,15 @@ class WgDaemon:
                 wake_at = next_housekeeping if deadline is None else min(deadline, next_housekeeping)
                 events = selector.select(max(0.0, wake_at - now))
                 now = time.monotonic()
-                for key, _ in events:
-                    key.data(now)
-                if deadline is not None and now >= deadline:
-                    device.handle_timeout(now)
-                self._flush()
+                try:
+                    for key, _ in events:
+                        key.data(now)
+                    if deadline is not None and now >= deadline:
+                        device.handle_timeout(now)
+                    self._flush()
+                except Exception:
+                    # A bug must not take the tunnel down with it; it is loud in the log instead.
+                    logger.exception("internal error in the event loop")
                 if now >= next_housekeeping:
                     next_housekeeping = now + HOUSEKEEPING_INTERVAL
                     self._housekeeping()

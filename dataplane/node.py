@@ -180,7 +180,9 @@ class _Relay:
         for mapped in sorted(self.srflx):
             base = next((h for h in sorted(self.host) if (":" in h[0]) == (":" in mapped[0])), None)
             if base is not None and mapped != base:
-                result.append((Candidate.server_reflexive(mapped, base, server_ip=server_ip), base))
+                # Every relay reports the same mapping: one candidate, whichever relay taught it, so losing one relay
+                # never invalidates an address the others still vouch for (peers invalidate by address).
+                result.append((Candidate.server_reflexive(mapped, base), base))
         if include_relayed:
             for relayed in sorted(self.relayed):
                 base = next((h for h in sorted(self.host) if (":" in h[0]) == (":" in relayed[0])), relayed)
@@ -286,6 +288,11 @@ class Node:
     def connection(self, connection_id: ConnectionId) -> ConnectionInfo | None:
         conn = self._connections.get(connection_id)
         return None if conn is None else self._info(conn)
+
+    @property
+    def local_addresses(self) -> set[Address]:
+        """Where this node can send from right now: its host sockets and the relayed addresses of live allocations."""
+        return set(self._hosts) | set(self._relay_by_relayed)
 
     @property
     def relay_ids(self) -> list[RelayId]:

@@ -251,23 +251,29 @@ def flow_hash(packet: bytes | bytearray | memoryview) -> int:
     Only used to pin a flow to one TUN queue, so it need not be stable across processes or symmetric. Garbage hashes to 0.
     """
     n = len(packet)
-    if n < 1:
+    if n < IPV4_HEADER_LEN:
         return 0
-    version = packet[0] >> 4
-    if version == 4 and n >= IPV4_HEADER_LEN:
+    first = packet[0]
+    if first == 0x45:  # the common case: IPv4 without options; ports directly follow the addresses
+        if packet[9] in _PORTED and n >= 24 and not (packet[6] & 0x3F or packet[7]):
+            return hash(bytes(packet[9:10]) + bytes(packet[12:24]))
+        return hash(bytes(packet[9:10]) + bytes(packet[12:20]))
+    version = first >> 4
+    if version == 4:
         protocol = packet[9]
-        ihl = (packet[0] & 0x0F) * 4
+        ihl = (first & 0x0F) * 4
         key = bytes(packet[9:10]) + bytes(packet[12:20])
-        if protocol in (IPPROTO_TCP, IPPROTO_UDP) and not (packet[6] & 0x3F or packet[7]) and n >= ihl + 4:
+        if protocol in _PORTED and not (packet[6] & 0x3F or packet[7]) and n >= ihl + 4:
             key += bytes(packet[ihl : ihl + 4])
         return hash(key)
     if version == 6 and n >= IPV6_HEADER_LEN:
-        protocol = packet[6]
-        key = bytes(packet[6:7]) + bytes(packet[8:40])
-        if protocol in (IPPROTO_TCP, IPPROTO_UDP) and n >= 44:
-            key += bytes(packet[40:44])
-        return hash(key)
+        if packet[6] in _PORTED and n >= 44:
+            return hash(bytes(packet[6:7]) + bytes(packet[8:44]))
+        return hash(bytes(packet[6:7]) + bytes(packet[8:40]))
     return 0
+
+
+_PORTED = frozenset((IPPROTO_TCP, IPPROTO_UDP))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,89 +354,237 @@ def _ip_headers(packet: bytes | bytearray | memoryview, expected_version: int | 
     raise PacketParseError(f"not IPv4/IPv6 (version {version})")
 
 
-def _fix_ip_header(header: bytearray, version: int, ihl: int, total_len: int, ip_id: int) -> None:
+def _segment_plan(
+    packet: bytes | bytearray | memoryview, l4_header_len: int | None, protocol: int, expected_version: int | None
+) -> tuple[int, int, int, int, bytearray, int, int]:
+    """What splitting needs, computed once per super-packet: (version, ihl, l4 header length, IPv4 id, header template
+    with the per-segment fields zeroed, IPv4 header sum of the template, pseudo-header + L4 header sum of the template).
+    """
+    version, ihl, src, dst = _ip_headers(packet, expected_version)
+    if (packet[9] if version == 4 else packet[6]) != protocol:
+        raise PacketParseError("gso_type does not match the transport protocol")
+    if l4_header_len is None:  # TCP
+        if len(packet) < ihl + TCP_MIN_HEADER_LEN:
+            raise PacketParseError("truncated TCP header")
+        l4_header_len = (packet[ihl + 12] >> 4) * 4
+        if l4_header_len < TCP_MIN_HEADER_LEN:
+            raise PacketParseError("bad TCP data offset")
+    headers_len = ihl + l4_header_len
+    if headers_len > len(packet):
+        raise PacketParseError("truncated transport header")
+    template = bytearray(packet[:headers_len])
+    ip_id = 0
+    ip_sum = 0
     if version == 4:
-        _U16.pack_into(header, 2, total_len)
-        _U16.pack_into(header, 4, ip_id & 0xFFFF)
-        header[10] = header[11] = 0
-        _U16.pack_into(header, 10, internet_checksum(memoryview(header)[:ihl]))
+        ip_id = _U16.unpack_from(template, 4)[0]
+        template[2:6] = b"\x00\x00\x00\x00"  # total length, id
+        template[10:12] = b"\x00\x00"
+        ip_sum = int.from_bytes(template[:ihl], "big")
     else:
-        _U16.pack_into(header, 4, total_len - IPV6_HEADER_LEN)
+        template[4:6] = b"\x00\x00"
+    if protocol == IPPROTO_TCP:
+        template[ihl + 4 : ihl + 8] = b"\x00\x00\x00\x00"  # sequence number
+        template[ihl + 13] = 0  # flags
+        template[ihl + 16 : ihl + 18] = b"\x00\x00"
+    else:
+        template[ihl + 4 : ihl + 8] = b"\x00\x00\x00\x00"  # length, checksum
+    l4_sum = pseudo_header_sum(src, dst, protocol, 0) + int.from_bytes(template[ihl:], "big") % _FOLD
+    return version, ihl, l4_header_len, ip_id, template, ip_sum % _FOLD, l4_sum
+
+
+# IPv4 (no options) + TCP fixed header, and IPv6 + TCP fixed header, packed in one call per segment.
+_V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+_V6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
 
 
 def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, version: int) -> list[bytes]:
-    _, ihl, src, dst = _ip_headers(packet, version)
-    protocol = packet[9] if version == 4 else packet[6]
-    if protocol != IPPROTO_TCP:
-        raise PacketParseError("TSO frame without a TCP header")
-    if len(packet) < ihl + TCP_MIN_HEADER_LEN:
-        raise PacketParseError("truncated TCP header")
-    thlen = (packet[ihl + 12] >> 4) * 4
+    """TSO split. Checksums are built from per-frame constant sums: per segment only the payload is summed (one
+    ``int.from_bytes``, one modulo) and both headers are packed by one ``struct`` call."""
+    n = len(packet)
+    if version == 4 and n >= 40 and packet[0] == 0x45 and packet[9] == IPPROTO_TCP:
+        fields = _V4_TCP.unpack_from(packet)
+        thlen = (packet[32] >> 4) * 4
+        ihl = IPV4_HEADER_LEN
+    elif version == 6 and n >= 60 and packet[0] >> 4 == 6 and packet[6] == IPPROTO_TCP:
+        fields = _V6_TCP.unpack_from(packet)
+        thlen = (packet[52] >> 4) * 4
+        ihl = IPV6_HEADER_LEN
+    else:
+        return _split_tcp_generic(hdr, packet, version)
     headers_len = ihl + thlen
-    if thlen < TCP_MIN_HEADER_LEN or headers_len > len(packet):
+    if thlen < TCP_MIN_HEADER_LEN or headers_len > n:
         raise PacketParseError("bad TCP data offset")
     mss = hdr.gso_size
     if mss <= 0:
         raise PacketParseError("TSO frame with gso_size 0")
+    options = bytes(packet[ihl + TCP_MIN_HEADER_LEN : headers_len])
+    options_sum = int.from_bytes(options, "big") % _FOLD if options else 0
     view = memoryview(packet)
-    payload_len = len(packet) - headers_len
-    seq0 = _U32.unpack_from(packet, ihl + 4)[0]
-    ip_id0 = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
-    flags = packet[ihl + 13]
-    template = bytearray(view[:headers_len])
-    template[ihl + 16] = template[ihl + 17] = 0
-    src_dst_sum = int.from_bytes(src, "big") % _FOLD + int.from_bytes(dst, "big") % _FOLD + IPPROTO_TCP
+    count = max(1, -(-(n - headers_len) // mss))
+    last = count - 1
+    from_bytes = int.from_bytes
+    join = b"".join
     out: list[bytes] = []
-    count = max(1, -(-payload_len // mss))
+    if version == 4:
+        vihl, tos, _, ip_id0, frag, ttl, proto, _, src, dst, sport, dport, seq0, ack, doff, flags, win, _, urg = fields
+        addr_sum = from_bytes(src + dst, "big") % _FOLD
+        ip_sum = (vihl << 8) + tos + frag + (ttl << 8) + proto + addr_sum
+        tcp_sum = (
+            addr_sum + proto + sport + dport + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + win + urg + options_sum
+        )
+        pack4 = _V4_TCP.pack
+        for index in range(count):
+            start = headers_len + index * mss
+            segment = view[start : start + mss]
+            seg_len = len(segment)
+            total = headers_len + seg_len
+            ip_id = (ip_id0 + index) & 0xFFFF
+            seq = (seq0 + index * mss) & 0xFFFFFFFF
+            seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)
+            if index:
+                seg_flags &= ~TCP_CWR
+            payload = from_bytes(segment, "big")
+            if seg_len & 1:
+                payload <<= 8
+            checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload)) % _FOLD
+            ip_checksum = (-(ip_sum + total + ip_id)) % _FOLD
+            header = pack4(
+                vihl,
+                tos,
+                total,
+                ip_id,
+                frag,
+                ttl,
+                proto,
+                ip_checksum,
+                src,
+                dst,
+                sport,
+                dport,
+                seq,
+                ack,
+                doff,
+                seg_flags,
+                win,
+                checksum,
+                urg,
+            )
+            out.append(join((header, options, segment)))
+        return out
+    first_word, _, next_header, hop_limit, src, dst, sport, dport, seq0, ack, doff, flags, win, _, urg = fields
+    addr_sum = from_bytes(src + dst, "big") % _FOLD
+    tcp_sum = (
+        addr_sum + IPPROTO_TCP + sport + dport + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + win + urg + options_sum
+    )
+    pack6 = _V6_TCP.pack
     for index in range(count):
         start = headers_len + index * mss
-        segment = view[start : min(start + mss, len(packet))]
+        segment = view[start : start + mss]
+        seg_len = len(segment)
+        seq = (seq0 + index * mss) & 0xFFFFFFFF
+        seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)
+        if index:
+            seg_flags &= ~TCP_CWR
+        payload = from_bytes(segment, "big")
+        if seg_len & 1:
+            payload <<= 8
+        checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload)) % _FOLD
+        header = pack6(
+            first_word,
+            thlen + seg_len,
+            next_header,
+            hop_limit,
+            src,
+            dst,
+            sport,
+            dport,
+            seq,
+            ack,
+            doff,
+            seg_flags,
+            win,
+            checksum,
+            urg,
+        )
+        out.append(join((header, options, segment)))
+    return out
+
+
+def _split_tcp_generic(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, version: int) -> list[bytes]:
+    # Checksums are built incrementally from the template sums: per segment only the payload is summed
+    # (one int.from_bytes and one modulo), everything else is small-integer arithmetic.
+    version, ihl, thlen, ip_id0, template, ip_sum, tcp_sum = _segment_plan(packet, None, IPPROTO_TCP, version)
+    mss = hdr.gso_size
+    if mss <= 0:
+        raise PacketParseError("TSO frame with gso_size 0")
+    headers_len = ihl + thlen
+    view = memoryview(packet)
+    length = len(packet)
+    seq0 = _U32.unpack_from(packet, ihl + 4)[0]
+    flags = packet[ihl + 13]
+    count = max(1, -(-(length - headers_len) // mss))
+    pack_into = struct.pack_into
+    from_bytes = int.from_bytes
+    join = b"".join
+    out: list[bytes] = []
+    for index in range(count):
+        start = headers_len + index * mss
+        segment = view[start : start + mss]
+        seg_len = len(segment)
         header = bytearray(template)
-        _fix_ip_header(header, version, ihl, headers_len + len(segment), ip_id0 + index)
-        _U32.pack_into(header, ihl + 4, (seq0 + index * mss) & 0xFFFFFFFF)
+        if version == 4:
+            total = headers_len + seg_len
+            ip_id = (ip_id0 + index) & 0xFFFF
+            pack_into("!HH", header, 2, total, ip_id)
+            pack_into("!H", header, 10, (-(ip_sum + total + ip_id)) % _FOLD)
+        else:
+            pack_into("!H", header, 4, thlen + seg_len)
+        seq = (seq0 + index * mss) & 0xFFFFFFFF
         segment_flags = flags
         if index != count - 1:
             segment_flags &= ~(TCP_FIN | TCP_PSH)
-        if index != 0:
+        if index:
             segment_flags &= ~TCP_CWR
+        payload = from_bytes(segment, "big")
+        if seg_len & 1:
+            payload <<= 8
+        checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + segment_flags + payload)) % _FOLD
+        pack_into("!I", header, ihl + 4, seq)
         header[ihl + 13] = segment_flags
-        tcp_header = memoryview(header)[ihl:]
-        partial = src_dst_sum + thlen + len(segment) + ones_complement_sum(tcp_header)
-        _U16.pack_into(header, ihl + 16, internet_checksum(segment, partial))
-        out.append(bytes(header) + segment)
+        pack_into("!H", header, ihl + 16, checksum)
+        out.append(join((header, segment)))
     return out
 
 
 def _split_udp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> list[bytes]:
-    version, ihl, src, dst = _ip_headers(packet, None)
-    protocol = packet[9] if version == 4 else packet[6]
-    if protocol != IPPROTO_UDP:
-        raise PacketParseError("USO frame without a UDP header")
-    headers_len = ihl + UDP_HEADER_LEN
-    if headers_len > len(packet):
-        raise PacketParseError("truncated UDP header")
+    version, ihl, _, ip_id0, template, ip_sum, udp_sum = _segment_plan(packet, UDP_HEADER_LEN, IPPROTO_UDP, None)
     size = hdr.gso_size
     if size <= 0:
         raise PacketParseError("USO frame with gso_size 0")
+    headers_len = ihl + UDP_HEADER_LEN
     view = memoryview(packet)
-    payload_len = len(packet) - headers_len
-    ip_id0 = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
-    template = bytearray(view[:headers_len])
-    src_dst_sum = int.from_bytes(src, "big") % _FOLD + int.from_bytes(dst, "big") % _FOLD + IPPROTO_UDP
+    count = max(1, -(-(len(packet) - headers_len) // size))
+    pack_into = struct.pack_into
     out: list[bytes] = []
-    count = max(1, -(-payload_len // size))
     for index in range(count):
         start = headers_len + index * size
-        segment = view[start : min(start + size, len(packet))]
-        header = bytearray(template)
+        segment = view[start : start + size]
         udp_len = UDP_HEADER_LEN + len(segment)
-        _fix_ip_header(header, version, ihl, ihl + udp_len, ip_id0 + index)
-        _U16.pack_into(header, ihl + 4, udp_len)
-        header[ihl + 6] = header[ihl + 7] = 0
-        partial = src_dst_sum + udp_len + ones_complement_sum(memoryview(header)[ihl:])
-        checksum = internet_checksum(segment, partial)
-        _U16.pack_into(header, ihl + 6, checksum or 0xFFFF)
-        out.append(bytes(header) + segment)
+        header = bytearray(template)
+        if version == 4:
+            total = ihl + udp_len
+            ip_id = (ip_id0 + index) & 0xFFFF
+            pack_into("!HH", header, 2, total, ip_id)
+            pack_into("!H", header, 10, (-(ip_sum + total + ip_id)) % _FOLD)
+        else:
+            pack_into("!H", header, 4, udp_len)
+        payload = int.from_bytes(segment, "big")
+        if len(segment) & 1:
+            payload <<= 8
+        # The UDP length counts twice: in the pseudo-header and in the UDP header.
+        checksum = (-(udp_sum + 2 * udp_len + payload)) % _FOLD
+        pack_into("!HH", header, ihl + 4, udp_len, checksum or 0xFFFF)
+        out.append(b"".join((header, segment)))
     return out
 
 

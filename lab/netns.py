@@ -17,6 +17,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 
+# Namespaces created by this process and not yet deleted: the test fixtures check this, not the machine-wide list, so
+# that concurrent runs on one machine never blame each other.
+_live_namespaces: set[str] = set()
+
+
 def unique_suffix() -> str:
     """Six hex characters: short enough for 15-character interface names, unique enough per machine."""
     return uuid.uuid4().hex[:6]
@@ -90,6 +95,7 @@ class Topology:
     def add_ns(self, role: str) -> Netns:
         ns = Netns(self.ns_name(role))
         run(["ip", "netns", "add", ns.name])
+        _live_namespaces.add(ns.name)
         self.namespaces.append(ns)
         ns.exec(["ip", "link", "set", "lo", "up"])
         # Routers and NAT boxes forward; end hosts simply never get a route off the topology.
@@ -132,6 +138,7 @@ class Topology:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             run(["ip", "netns", "del", ns.name], check=False)
+            _live_namespaces.discard(ns.name)
         self.namespaces.clear()
 
     def __enter__(self) -> Topology:
@@ -150,7 +157,10 @@ def topology(prefix: str) -> Iterator[Topology]:
         topo.close()
 
 
-def leftover_namespaces(prefix: str = "fz") -> list[str]:
-    """Namespaces of ours still present (used by the test fixtures to catch leaks)."""
+def leftover_namespaces() -> list[str]:
+    """Namespaces this process created that still exist (used by the test fixtures to catch leaks)."""
+    if not _live_namespaces:
+        return []
     out = run(["ip", "netns", "list"], check=False)
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+    present = {line.split()[0] for line in out.splitlines() if line.strip()}
+    return sorted(_live_namespaces & present)

@@ -41,6 +41,8 @@ __all__ = [
     "WgStatus",
     "generate_keypair",
     "generate_preshared_key",
+    "FloodResult",
+    "flood_initiations",
     "iperf3",
     "measure",
     "ping_rtt_ms",
@@ -164,6 +166,7 @@ class WgInterface:
     public_key: str
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    tunnel_ip6: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def wg(self, *args: str, check: bool = True, input: str | None = None) -> str:
@@ -238,6 +241,7 @@ def start_interface(
     log_dir: Path,
     private_key: str | None = None,
     listen_port: int | None = None,
+    tunnel_ip6: str | None = None,
     log_level: str = "verbose",
     env: dict[str, str] | None = None,
     startup_timeout: float = 10.0,
@@ -266,6 +270,7 @@ def start_interface(
         public_key=public_key,
         log_path=log_path,
         process=process,
+        tunnel_ip6=tunnel_ip6,
     )
     deadline = time.monotonic() + startup_timeout
     while not uapi_socket_ready(ifname):
@@ -275,6 +280,8 @@ def start_interface(
             raise RuntimeError(f"{implementation} {ifname}: no UAPI socket after {startup_timeout} s:\n{iface.log()}")
         time.sleep(0.02)
     ns.exec(["ip", "addr", "add", f"{tunnel_ip}/24", "dev", ifname])
+    if tunnel_ip6 is not None:
+        ns.exec(["ip", "addr", "add", f"{tunnel_ip6}/64", "dev", ifname, "nodad"])
     ns.exec(["ip", "link", "set", ifname, "up"])
     with tempfile.NamedTemporaryFile("w", suffix=".key") as key_file:
         key_file.write(private_key + "\n")
@@ -321,6 +328,7 @@ class WgPair:
             implementation_a,
             f"wg{topo.suffix}a",
             tunnel_ip=f"{TUNNEL_PREFIX}1",
+            tunnel_ip6=f"{TUNNEL_PREFIX6}1",
             underlay_ip=underlay_a,
             log_dir=log_dir,
             listen_port=port_a,
@@ -331,6 +339,7 @@ class WgPair:
             implementation_b,
             f"wg{topo.suffix}b",
             tunnel_ip=f"{TUNNEL_PREFIX}2",
+            tunnel_ip6=f"{TUNNEL_PREFIX6}2",
             underlay_ip=underlay_b,
             log_dir=log_dir,
             listen_port=port_b,
@@ -339,14 +348,14 @@ class WgPair:
         a.add_peer(
             b.public_key,
             endpoint=f"{b.underlay_ip}:{port_b}" if endpoint_on_a else None,
-            allowed_ips=[f"{b.tunnel_ip}/32"],
+            allowed_ips=[f"{b.tunnel_ip}/32", f"{b.tunnel_ip6}/128"],
             preshared_key=preshared_key,
             persistent_keepalive=persistent_keepalive,
         )
         b.add_peer(
             a.public_key,
             endpoint=f"{a.underlay_ip}:{port_a}" if endpoint_on_b else None,
-            allowed_ips=[f"{a.tunnel_ip}/32"],
+            allowed_ips=[f"{a.tunnel_ip}/32", f"{a.tunnel_ip6}/128"],
             preshared_key=preshared_key,
             persistent_keepalive=persistent_keepalive,
         )
@@ -416,6 +425,101 @@ def iperf3(
             server_proc.wait(timeout=5)
 
 
+# -- handshake flood ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FloodResult:
+    sent: int
+    send_errors: int
+    seconds: float
+    cookie_replies: int  # type-3 replies whose cookie decrypts with the MAC1 of the initiation they answer
+    other_replies: int
+
+
+def flood_initiations(
+    target: tuple[str, int],
+    responder_public_key: bytes,
+    sources: Sequence[tuple[str, int]],
+    *,
+    count: int = 20_000,
+    rate: float = 2_000.0,
+    linger: float = 0.5,
+) -> FloodResult:
+    """Sends ``count`` handshake initiations with a valid MAC1 (and random everything else) at ``rate`` per second,
+    round-robin from ``sources`` (local ip, port), and counts the cookie replies that come back.
+
+    Valid MAC1s get past the first check, so the responder has to treat them as real handshakes: this is what the
+    cookie mechanism protects against.
+    """
+    from dataplane.wireguard.constants import COOKIE_NONCE_SIZE, MESSAGE_COOKIE_REPLY_SIZE
+    from dataplane.wireguard.cookie import CookieGenerator, cookie_key
+    from dataplane.wireguard.crypto import xaead_decrypt
+    from dataplane.wireguard.messages import INITIATION_MAC1_OFFSET, Initiation
+
+    generator = CookieGenerator(responder_public_key)
+    messages: list[bytes] = []
+    mac1_by_index: dict[int, bytes] = {}
+    for sender_index in range(1, count + 1):
+        body = Initiation(sender_index, os.urandom(32), os.urandom(48), os.urandom(28)).to_bytes()
+        message = generator.add_macs(body[:INITIATION_MAC1_OFFSET], 0.0)
+        mac1_by_index[sender_index] = message[INITIATION_MAC1_OFFSET : INITIATION_MAC1_OFFSET + 16]
+        messages.append(message)
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in sources:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.bind((host, port))
+            sockets.append(sock)
+        key = cookie_key(responder_public_key)
+        cookie_replies = other_replies = send_errors = 0
+
+        def drain() -> None:
+            nonlocal cookie_replies, other_replies
+            for sock in sockets:
+                while True:
+                    try:
+                        reply = sock.recv(2048)
+                    except BlockingIOError:
+                        break
+                    index = int.from_bytes(reply[4:8], "little") if len(reply) >= 8 else 0
+                    mac1 = mac1_by_index.get(index)
+                    if (
+                        len(reply) == MESSAGE_COOKIE_REPLY_SIZE
+                        and reply[:4] == b"\x03\x00\x00\x00"
+                        and mac1 is not None
+                        and xaead_decrypt(key, reply[8 : 8 + COOKIE_NONCE_SIZE], reply[8 + COOKIE_NONCE_SIZE :], mac1)
+                        is not None
+                    ):
+                        cookie_replies += 1
+                    else:
+                        other_replies += 1
+
+        batch = max(1, int(rate / 100))  # one batch every 10 ms
+        start = time.monotonic()
+        for offset in range(0, count, batch):
+            for position in range(offset, min(offset + batch, count)):
+                try:
+                    sockets[position % len(sockets)].sendto(messages[position], target)
+                except OSError:
+                    send_errors += 1
+            drain()
+            pause = start + (offset + batch) / rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        elapsed = time.monotonic() - start
+        end = time.monotonic() + linger
+        while time.monotonic() < end:
+            drain()
+            time.sleep(0.01)
+        return FloodResult(count - send_errors, send_errors, elapsed, cookie_replies, other_replies)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 # -- measurement --------------------------------------------------------------------------------------------------
 
 
@@ -477,7 +581,22 @@ def main(argv: list[str] | None = None) -> int:
     measure_parser.add_argument("--seconds", type=int, default=5)
     measure_parser.add_argument("--pings", type=int, default=20)
     measure_parser.add_argument("--json", action="store_true")
+    flood_parser = sub.add_parser("flood", help="send handshake initiations with valid MAC1; print a JSON result")
+    flood_parser.add_argument("target", help="ip:port of the responder")
+    flood_parser.add_argument("public_key", help="the responder's public key (base64)")
+    flood_parser.add_argument("--source", action="append", required=True, help="local ip:port, repeatable")
+    flood_parser.add_argument("--count", type=int, default=20_000)
+    flood_parser.add_argument("--rate", type=float, default=2_000.0)
     args = parser.parse_args(argv)
+    if args.command == "flood":
+        host, _, port = args.target.rpartition(":")
+        sources = [(src.rpartition(":")[0], int(src.rpartition(":")[2])) for src in args.source]
+        print("flooding", flush=True)
+        result = flood_initiations(
+            (host, int(port)), base64.b64decode(args.public_key), sources, count=args.count, rate=args.rate
+        )
+        print(json.dumps(result.__dict__), flush=True)
+        return 0
     rows = measure(seconds=args.seconds, pings=args.pings)
     print(json.dumps(rows, indent=2) if args.json else _format_table(rows, args.seconds, args.pings))
     return 0

@@ -14,10 +14,13 @@ Decisions worth knowing:
   nominated too and becomes the selected pair (re-nomination, as str0m/Firezone do). The controlled side accepts
   nominations (RFC 8445 §7.3.1.5: on a succeeded pair at once, otherwise when its triggered check succeeds) and
   follows the peer's *latest* USE-CANDIDATE request, so it works with aggressive nominators (aioice) too.
-* Consent (RFC 7675) runs on the selected pair only: a fresh binding request every ``consent_interval`` × U(0.8,
-  1.2); ``consent_timeout`` after the last response the pair loses consent. The agent then falls back to the best
-  other pair still known to work, or reports :class:`IceDisconnected` and re-checks the lost pair (and every other
-  pair) with the full ladder; :class:`IceFailed` once every pair has failed. Failed is terminal.
+* Consent (RFC 7675) runs on every succeeded pair, so a fallback is always fresh: a binding request every
+  ``consent_interval`` × U(0.8, 1.2) (not retransmitted); ``consent_timeout`` after its last response a pair loses
+  consent. A non-selected pair then simply fails; for the selected pair the agent falls back to the best other
+  working pair (:class:`SelectedPairChanged`, the controlling side nominates it), or reports
+  :class:`IceDisconnected` and re-checks every pair with the full ladder, so a short outage heals.
+  :class:`IceFailed` once every pair has failed (or none is left); Failed is terminal. The node's "2 s grace before
+  acting on a disconnect" and "10 s for a first remote candidate" rules stay in the node.
 * Idle: after ``idle_after`` seconds without :meth:`IceAgent.note_activity` new checks use the idle ladder
   (Firezone's idle profile); activity switches back. Consent timing is not affected by idleness.
 * Garbage never raises: unparsable or unauthenticated messages are counted in :attr:`IceAgent.drops`.
@@ -256,6 +259,10 @@ class IceAgent:
         """The check list, highest pair priority first."""
         return sorted(self._pairs.values(), key=lambda p: -p.priority)
 
+    def has_pair(self, local: Address, remote: Address) -> bool:
+        """O(1): does the check list hold the pair ``local`` → ``remote`` (for demultiplexing in the node)?"""
+        return (local, remote) in self._pairs
+
     @property
     def failed(self) -> bool:
         return self.state is IceState.FAILED
@@ -287,6 +294,9 @@ class IceAgent:
         self._local_candidates.pop(candidate.address, None)
         if self._bases.pop(candidate.address, None) is None:
             return
+        for address, (_, base) in list(self._local_candidates.items()):
+            if base == candidate.address:
+                del self._local_candidates[address]  # reflexive candidates learned through this base
         for pair in [p for p in self._pairs.values() if p.local.address == candidate.address]:
             self._remove_pair(pair, now, "local candidate removed")
         self._check_failed(now)
@@ -444,8 +454,11 @@ class IceAgent:
             if role_conflict:
                 if outstanding.sent_controlling == self.controlling:
                     self._switch_role(not self.controlling)
-                pair.state = PairState.WAITING
-                self._trigger(pair)
+                if pair.state is PairState.SUCCEEDED:
+                    self._update_selection(now)  # a nomination refused: whoever controls now nominates
+                else:
+                    pair.state = PairState.WAITING
+                    self._trigger(pair)
             else:
                 logger.debug("check on %r answered with error %s", pair, error)
                 self._fail_pair(pair, now, f"error response {error}")

@@ -71,9 +71,12 @@ def compute_foundation(
 
 def _normalize_ip(text: str) -> str:
     try:
-        return str(ipaddress.ip_address(text))
+        normalized = str(ipaddress.ip_address(text))
     except ValueError:
         raise CandidateParseError(f"not an IP address: {text!r}") from None
+    if "%" in normalized:
+        raise CandidateParseError("scoped IPv6 addresses are not usable candidates")
+    return normalized
 
 
 def _parse_port(text: str, *, allow_zero: bool) -> int:
@@ -214,8 +217,6 @@ class Candidate:
             raise CandidateParseError(f"unsupported transport: {transport!r}")
         priority = _parse_uint(priority_text, "priority", 0xFFFFFFFF)
         ip = _normalize_ip(ip_text)
-        if "%" in ip:
-            raise CandidateParseError("scoped IPv6 addresses are not usable candidates")
         port = _parse_port(port_text, allow_zero=False)
         if typ != "typ":
             raise CandidateParseError(f"expected 'typ', got {typ!r}")

@@ -64,6 +64,8 @@ _READ_SIZE = 65536 + VIRTIO_NET_HDR_LEN
 _READ_BURST = 64
 # How many packets a writer takes per pass (merged before writing when offloads are on).
 _WRITE_BURST = 128
+# Batches up to this size are written by the caller itself when the queue's writer is idle with nothing pending.
+_INLINE_MAX = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +298,10 @@ class Tun:
         if len(queue.outbound) >= self.outbound_capacity or self._closed:
             self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
             return False
+        if queue.writer_idle and not queue.outbound:
+            # Nothing of this queue is in flight: writing here saves a thread wakeup (latency of pings, lone ACKs).
+            self._write_batch(queue, [packet])
+            return True
         queue.outbound.append(packet)
         if queue.writer_idle:
             os.eventfd_write(queue.wake_fd, 1)
@@ -308,6 +314,8 @@ class Tun:
             for _ in packets:
                 self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
             return 0
+        if len(packets) <= _INLINE_MAX:
+            return sum(self.send(packet) for packet in packets)
         capacity = self.outbound_capacity
         accepted = 0
         if len(queues) == 1:
@@ -438,10 +446,8 @@ class Tun:
         poller = select.poll()
         poller.register(queue.wake_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
-        fd = queue.fd
         outbound = queue.outbound
         popleft = outbound.popleft
-        write = os.write
         while True:
             if not outbound:
                 queue.writer_idle = True
@@ -460,20 +466,26 @@ class Tun:
             if self._closed:
                 return
             count = min(len(outbound), _WRITE_BURST)
-            packets = [popleft() for _ in range(count)]
-            if self.offload_enabled:
-                frames = coalesce(packets, tcp=self._coalesce_tcp, udp=self._coalesce_udp)
-            else:
-                frames = packets
-            queue.tx_packets += count
-            queue.tx_frames += len(frames)
-            for frame in frames:
-                try:
-                    write(fd, frame)
-                except OSError as exc:
-                    if self._closed:
-                        return
-                    self._on_write_error(frame, exc)
+            if not self._write_batch(queue, [popleft() for _ in range(count)]):
+                return
+
+    def _write_batch(self, queue: _Queue, packets: list[bytes]) -> bool:
+        """Writes packets to the queue's fd (merged when offloads allow); False once the device is closing."""
+        if self.offload_enabled:
+            frames = coalesce(packets, tcp=self._coalesce_tcp, udp=self._coalesce_udp)
+        else:
+            frames = packets
+        queue.tx_packets += len(packets)
+        queue.tx_frames += len(frames)
+        fd = queue.fd
+        for frame in frames:
+            try:
+                os.write(fd, frame)
+            except OSError as exc:
+                if self._closed:
+                    return False
+                self._on_write_error(frame, exc)
+        return True
 
     def _on_write_error(self, frame: bytes, exc: OSError) -> None:
         self._drop(TunDropReason.WRITE_FAILED)

@@ -101,7 +101,7 @@ class Device:
         self.rekey_attempt_time = rekey_attempt_time
         self.under_load_threshold = under_load_threshold
         self.force_under_load = False
-        self.mtu = mtu
+        self._mtu = mtu
         self.drops = DropCounter()
         self._indices = IndexTable(rng)
         self._peers: dict[bytes, Peer] = {}
@@ -123,6 +123,17 @@ class Device:
     @property
     def peers(self) -> Mapping[bytes, Peer]:
         return self._peers
+
+    @property
+    def mtu(self) -> int | None:
+        """The TUN MTU: padding never grows a packet beyond it (None: always pad to 16 bytes)."""
+        return self._mtu
+
+    @mtu.setter
+    def mtu(self, mtu: int | None) -> None:
+        self._mtu = mtu
+        for peer in self._peers.values():
+            peer.tunn.mtu = mtu
 
     def set_private_key(self, key: bytes | None, now: float) -> None:
         if key is not None and len(key) != KEY_SIZE:
@@ -167,7 +178,7 @@ class Device:
                 self._wall_clock,
                 rekey_attempt_time=self.rekey_attempt_time,
                 drops=self.drops,
-                mtu=self.mtu,
+                mtu=self._mtu,
             )
             peer = Peer(public_key, tunn)
             self._peers[public_key] = peer
@@ -229,41 +240,64 @@ class Device:
     # --- receive path ---
 
     def receive_datagrams(self, datagrams: Sequence[tuple[bytes, Address]], now: float) -> None:
-        """Process datagrams from the UDP socket; every one is either used or dropped and counted."""
+        """Process datagrams from the UDP socket; every one is either used or dropped and counted.
+
+        Consecutive transport messages for the same peer from the same source are decrypted as one run.
+        """
         table = self._indices.entries
-        packets = self._packets
-        routes = self._routes
-        drops = self.drops
         touched: set[Peer] = set()
+        run: list[bytes] = []
+        run_tunn: Tunn | None = None
+        run_source: Address | None = None
+        transport_type = _TRANSPORT_TYPE
         for data, source in datagrams:
-            size = len(data)
-            if size >= MESSAGE_TRANSPORT_MIN_SIZE and data[:4] == _TRANSPORT_TYPE:
+            if len(data) >= MESSAGE_TRANSPORT_MIN_SIZE and data[:4] == transport_type:
                 tunn = table.get(int.from_bytes(data[4:8], "little"))
                 if tunn is None:
-                    drops.drop(DropReason.UNKNOWN_INDEX)
+                    self.drops.drop(DropReason.UNKNOWN_INDEX)
                     continue
-                plaintext = tunn.receive_transport(data, now)
-                if plaintext is None:
+                if tunn is run_tunn and source == run_source:
+                    run.append(data)
                     continue
-                peer = self._peers.get(tunn.peer_public)
-                if peer is None:
-                    continue
-                peer.endpoint = source
-                touched.add(peer)
-                if not plaintext:
-                    continue
-                if plaintext[0] >> 4 == 4:
-                    inner_source = plaintext[12:16]
-                else:
-                    inner_source = plaintext[8:24]
-                if routes.lookup(inner_source) is not peer:
-                    drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
-                    continue
-                packets.append(plaintext)
+                if run_tunn is not None and run_source is not None:
+                    self._receive_run(run_tunn, run, run_source, now, touched)
+                run = [data]
+                run_tunn = tunn
+                run_source = source
                 continue
+            if run_tunn is not None and run_source is not None:
+                self._receive_run(run_tunn, run, run_source, now, touched)
+                run_tunn = None
+                run = []
             self._receive_other(data, source, now, touched)
+        if run_tunn is not None and run_source is not None:
+            self._receive_run(run_tunn, run, run_source, now, touched)
         for peer in touched:
             self._collect(peer)
+
+    def _receive_run(self, tunn: Tunn, messages: list[bytes], source: Address, now: float, touched: set[Peer]) -> None:
+        peer = self._peers.get(tunn.peer_public)
+        if peer is None:
+            return
+        plaintexts: list[bytes] = []
+        if not tunn.receive_transport_batch(messages, now, plaintexts):
+            return
+        peer.endpoint = source
+        touched.add(peer)
+        if not plaintexts:
+            return
+        # Cryptokey routing: the inner source must be one of this peer's allowed IPs.
+        lookup = self._routes.lookup
+        packets = self._packets
+        checked_source = b""
+        for plaintext in plaintexts:
+            inner_source = plaintext[12:16] if plaintext[0] >> 4 == 4 else plaintext[8:24]
+            if inner_source != checked_source:
+                if lookup(inner_source) is not peer:
+                    self.drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
+                    continue
+                checked_source = inner_source
+            packets.append(plaintext)
 
     def _receive_other(self, data: bytes, source: Address, now: float, touched: set[Peer]) -> None:
         size = len(data)
@@ -339,26 +373,34 @@ class Device:
         lookup = self._routes.lookup
         batches: dict[Peer, list[bytes]] = {}
         drops = self.drops
+        last_destination = b""
+        last_batch: list[bytes] | None = None
         for packet in packets:
             if not packet:
                 drops.drop(DropReason.INVALID_INNER_PACKET)
                 continue
             version = packet[0] >> 4
             if version == 4 and len(packet) >= 20:
-                peer = lookup(packet[16:20])
+                destination = packet[16:20]
             elif version == 6 and len(packet) >= 40:
-                peer = lookup(packet[24:40])
+                destination = packet[24:40]
             else:
                 drops.drop(DropReason.INVALID_INNER_PACKET)
                 continue
+            if destination == last_destination and last_batch is not None:
+                last_batch.append(packet)
+                continue
+            peer = lookup(destination)
             if peer is None:
                 drops.drop(DropReason.NO_ROUTE)
                 continue
             batch = batches.get(peer)
             if batch is None:
-                batches[peer] = [packet]
+                batch = batches[peer] = [packet]
             else:
                 batch.append(packet)
+            last_destination = destination
+            last_batch = batch
         for peer, batch in batches.items():
             peer.tunn.encapsulate_batch(batch, now)
             self._collect(peer)

@@ -18,27 +18,27 @@ class Keypair:
     """One direction pair of transport keys. ``created`` is the monotonic time the handshake derived it."""
 
     __slots__ = (
-        "_header_prefix",
-        "_receive_aead",
-        "_send_aead",
         "created",
+        "header_prefix",
         "is_initiator",
         "local_index",
+        "receive_aead",
         "remote_index",
         "replay",
+        "send_aead",
         "send_counter",
     )
 
     def __init__(self, keys: SessionKeys, created: float, *, replay_limit: int = REJECT_AFTER_MESSAGES) -> None:
-        self._send_aead = ChaCha20Poly1305(keys.send_key)
-        self._receive_aead = ChaCha20Poly1305(keys.receive_key)
+        self.send_aead = ChaCha20Poly1305(keys.send_key)
+        self.receive_aead = ChaCha20Poly1305(keys.receive_key)
         self.local_index = keys.local_index
         self.remote_index = keys.remote_index
         self.is_initiator = keys.is_initiator
         self.created = created
         self.send_counter = 0
         self.replay = ReplayFilter(replay_limit)
-        self._header_prefix = _TRANSPORT_TYPE + keys.remote_index.to_bytes(4, "little")
+        self.header_prefix = _TRANSPORT_TYPE + keys.remote_index.to_bytes(4, "little")
 
     def seal(self, packet: bytes, mtu: int | None = None) -> bytes:
         """One transport message for ``packet`` (padded to 16 bytes, never beyond ``mtu``); advances the counter.
@@ -53,9 +53,7 @@ class Keypair:
             packet = packet + _PADDING[:padding]
         counter_bytes = self.send_counter.to_bytes(8, "little")
         self.send_counter += 1
-        return (
-            self._header_prefix + counter_bytes + self._send_aead.encrypt(_NONCE_PREFIX + counter_bytes, packet, None)
-        )
+        return self.header_prefix + counter_bytes + self.send_aead.encrypt(_NONCE_PREFIX + counter_bytes, packet, None)
 
     def open(self, message: bytes) -> bytes | None:
         """The padded plaintext of a transport message for this keypair, or None when it does not authenticate.
@@ -63,7 +61,7 @@ class Keypair:
         Replay is checked separately, after authentication (``replay.validate``), as wireguard-go does.
         """
         try:
-            return self._receive_aead.decrypt(
+            return self.receive_aead.decrypt(
                 _NONCE_PREFIX + message[8:16], memoryview(message)[MESSAGE_TRANSPORT_HEADER_SIZE:], None
             )
         except InvalidTag:

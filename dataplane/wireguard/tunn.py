@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from cryptography.exceptions import InvalidTag
+
 from dataplane.base import DropCounter, Rng, WallClock
 
 from . import noise
@@ -33,6 +35,7 @@ from .constants import (
     MESSAGE_RESPONSE_SIZE,
     MESSAGE_TRANSPORT,
     MESSAGE_TRANSPORT_MIN_SIZE,
+    PADDING_MULTIPLE,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
@@ -125,7 +128,8 @@ class IndexTable:
         return len(self.entries)
 
 
-_TYPE_TRANSPORT = MESSAGE_TRANSPORT.to_bytes(4, "little")
+_NONCE_PREFIX = b"\x00\x00\x00\x00"
+_PADDING = bytes(PADDING_MULTIPLE)
 
 
 class Tunn:
@@ -315,15 +319,28 @@ class Tunn:
     def _seal(self, keypair: Keypair, packets: Sequence[bytes], now: float) -> None:
         out = self._transmits
         mtu = self.mtu
-        seal = keypair.seal
+        encrypt = keypair.send_aead.encrypt
+        header = keypair.header_prefix
+        counter = keypair.send_counter
+        nonce_prefix = _NONCE_PREFIX
+        padding_bytes = _PADDING
         sent = 0
         data = False
         for packet in packets:
-            if packet:
+            size = len(packet)
+            if size:
                 data = True
-            message = seal(packet, mtu)
+                padding = -size % PADDING_MULTIPLE
+                if padding:
+                    if mtu is not None and size + padding > mtu:
+                        padding = max(mtu - size, 0)
+                    packet = packet + padding_bytes[:padding]
+            counter_bytes = counter.to_bytes(8, "little")
+            counter += 1
+            message = header + counter_bytes + encrypt(nonce_prefix + counter_bytes, packet, None)
             sent += len(message)
             out.append(message)
+        keypair.send_counter = counter
         self.tx_bytes += sent
         timers = self._timers
         if timers.persistent_keepalive_interval:
@@ -332,9 +349,7 @@ class Tunn:
         if data:
             timers.data_sent(now)
         # keep-key-fresh on send: the initiator rekeys after Rekey-After-Time or Rekey-After-Messages.
-        if keypair.is_initiator and (
-            now - keypair.created >= REKEY_AFTER_TIME or keypair.send_counter > REKEY_AFTER_MESSAGES
-        ):
+        if keypair.is_initiator and (now - keypair.created >= REKEY_AFTER_TIME or counter > REKEY_AFTER_MESSAGES):
             self._send_handshake_initiation(False, now)
 
     def _send_handshake_initiation(self, is_retry: bool, now: float) -> None:
@@ -423,59 +438,107 @@ class Tunn:
         return None
 
     def receive_transport(self, message: bytes, now: float) -> bytes | None:
-        """Decrypt a transport message (length >= 32 checked by the caller).
+        """Decrypt one transport message (length >= 32 checked by the caller).
 
         Returns the inner IP packet without padding, ``b""`` for a keepalive or an authenticated packet dropped for
         its content, and None when the message did not authenticate (dropped and counted).
         """
-        keypair = self._keypairs_by_index.get(int.from_bytes(message[4:8], "little"))
-        if keypair is None:
-            self.drops.drop(DropReason.UNKNOWN_INDEX)
+        out: list[bytes] = []
+        authenticated = self.receive_transport_batch((message,), now, out)
+        if not authenticated:
             return None
-        age = now - keypair.created
-        if age >= REJECT_AFTER_TIME:
-            self.drops.drop(DropReason.KEYS_EXPIRED)
-            return None
-        plaintext = keypair.open(message)
-        if plaintext is None:
-            self.drops.drop(DropReason.DECRYPTION_FAILED)
-            return None
-        if not keypair.replay.validate(int.from_bytes(message[8:16], "little")):
-            self.drops.drop(DropReason.REPLAY)
-            return None
-        self.rx_bytes += len(message)
-        if keypair is self._next:
-            self._confirm_next(now)
-        if keypair.is_initiator and age >= REKEY_ON_RECEIVE_AGE and not self._sent_last_minute_handshake:
+        return out[0] if out else b""
+
+    def receive_transport_batch(self, messages: Sequence[bytes], now: float, out: list[bytes]) -> int:
+        """Decrypt transport messages (each >= 32 bytes) in order, appending inner IP packets to ``out``.
+
+        Returns how many messages authenticated. Timers are updated once for the whole batch, which gives the same
+        deadlines as per-message updates because every message carries the same ``now``.
+        """
+        drops = self.drops
+        by_index = self._keypairs_by_index
+        from_bytes = int.from_bytes
+        nonce_prefix = _NONCE_PREFIX
+        current_index = -1
+        keypair: Keypair | None = None
+        decrypt = None
+        validate = None
+        authenticated = 0
+        data_received = False
+        received_bytes = 0
+        rekey_check: Keypair | None = None
+        for message in messages:
+            index = from_bytes(message[4:8], "little")
+            if index != current_index:
+                keypair = by_index.get(index)
+                current_index = index
+                if keypair is None:
+                    decrypt = None
+                elif now - keypair.created >= REJECT_AFTER_TIME:
+                    keypair = None
+                    decrypt = None
+                    current_index = -2  # look again next time: the expiry is counted per message
+                    drops.drop(DropReason.KEYS_EXPIRED)
+                    continue
+                else:
+                    decrypt = keypair.receive_aead.decrypt
+                    validate = keypair.replay.validate
+            if decrypt is None or keypair is None or validate is None:
+                drops.drop(DropReason.UNKNOWN_INDEX)
+                continue
+            counter_bytes = message[8:16]
+            try:
+                plaintext = decrypt(nonce_prefix + counter_bytes, message[16:], None)
+            except InvalidTag:
+                drops.drop(DropReason.DECRYPTION_FAILED)
+                continue
+            if not validate(from_bytes(counter_bytes, "little")):
+                drops.drop(DropReason.REPLAY)
+                continue
+            authenticated += 1
+            received_bytes += len(message)
+            if keypair is self._next:
+                self._confirm_next(now)
+            rekey_check = keypair
+            if not plaintext:
+                continue
+            data_received = True
+            version = plaintext[0] >> 4
+            if version == 4:
+                length = from_bytes(plaintext[2:4], "big")
+                if length < 20 or length > len(plaintext):
+                    drops.drop(DropReason.INVALID_INNER_PACKET)
+                    continue
+            elif version == 6:
+                length = 40 + from_bytes(plaintext[4:6], "big")
+                if length > len(plaintext):
+                    drops.drop(DropReason.INVALID_INNER_PACKET)
+                    continue
+            else:
+                drops.drop(DropReason.INVALID_INNER_PACKET)
+                continue
+            out.append(plaintext[:length] if length < len(plaintext) else plaintext)
+        if not authenticated:
+            return 0
+        self.rx_bytes += received_bytes
+        if (
+            rekey_check is not None
+            and rekey_check.is_initiator
+            and now - rekey_check.created >= REKEY_ON_RECEIVE_AGE
+            and not self._sent_last_minute_handshake
+        ):
             self._sent_last_minute_handshake = True
             self._send_handshake_initiation(False, now)
         timers = self._timers
         if timers.persistent_keepalive_interval:
             timers.persistent_keepalive = now + timers.persistent_keepalive_interval
         timers.new_handshake = None
-        if not plaintext:
-            return b""
-        if timers.send_keepalive is None:
-            timers.send_keepalive = now + KEEPALIVE_TIMEOUT
-        else:
-            timers.need_another_keepalive = True
-        version = plaintext[0] >> 4
-        if version == 4:
-            length = int.from_bytes(plaintext[2:4], "big")
-            if length < 20 or length > len(plaintext):
-                self.drops.drop(DropReason.INVALID_INNER_PACKET)
-                return b""
-        elif version == 6:
-            length = 40 + int.from_bytes(plaintext[4:6], "big")
-            if length > len(plaintext):
-                self.drops.drop(DropReason.INVALID_INNER_PACKET)
-                return b""
-        else:
-            self.drops.drop(DropReason.INVALID_INNER_PACKET)
-            return b""
-        if length < len(plaintext):
-            return plaintext[:length]
-        return plaintext
+        if data_received:
+            if timers.send_keepalive is None:
+                timers.send_keepalive = now + KEEPALIVE_TIMEOUT
+            else:
+                timers.need_another_keepalive = True
+        return authenticated
 
     def receive_initiation(self, initiation: noise.ConsumedInitiation, size: int, now: float) -> bool:
         """Answer an authenticated initiation from this peer; False when it is a replay, a flood or fails."""

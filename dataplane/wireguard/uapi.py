@@ -357,6 +357,10 @@ class UapiSession:
             except UapiError as exc:
                 self._reply_error(exc)
                 self._mode = _Mode.SKIP_SET
+            except ValueError as exc:
+                # The Device refused a value the parser let through (e.g. a peer limit): still the client's input.
+                self._reply_error(UapiError(ERRNO_INVALID, f"invalid value: {exc}"))
+                self._mode = _Mode.SKIP_SET
 
     def _reply_error(self, exc: UapiError) -> None:
         logger.warning("UAPI: %s (errno=%d)", exc, exc.errno)
@@ -383,13 +387,17 @@ class UapiSession:
         uapi = self._uapi
         if key == "private_key":
             private_key = _parse_key(value, "private_key")
+            logger.debug("UAPI: updating private key")
             uapi.device.set_private_key(None if private_key == _ZERO_KEY else private_key, now)
         elif key == "listen_port":
-            uapi.set_listen_port(_parse_uint(value, 16, "listen_port"))
+            port = _parse_uint(value, 16, "listen_port")
+            logger.debug("UAPI: updating listen port to %d", port)
+            uapi.set_listen_port(port)
         elif key == "fwmark":
             uapi.set_fwmark(_parse_uint(value, 32, "fwmark"))
         elif key == "replace_peers":
             _parse_bool_true(value, "replace_peers")
+            logger.debug("UAPI: removing all peers")
             uapi.device.remove_all_peers(now)
         else:
             raise UapiError(ERRNO_INVALID, f"invalid UAPI device key: {key[:64]!r}")
@@ -407,6 +415,7 @@ class UapiSession:
             except ValueError as exc:
                 raise UapiError(ERRNO_INVALID, f"failed to create new peer: {exc}") from exc
             self._peer_created = True
+            logger.debug("UAPI: peer %s created", public_key.hex()[:16])
 
     def _apply_peer_line(self, public_key: bytes, key: str, value: str, now: float) -> None:
         device = self._uapi.device
@@ -419,6 +428,7 @@ class UapiSession:
         elif key == "remove":
             _parse_bool_true(value, "remove")
             if not dummy:
+                logger.debug("UAPI: peer %s removed", public_key.hex()[:16])
                 device.remove_peer(public_key, now)
             self._peer_dummy = True
         elif key == "preshared_key":

@@ -18,6 +18,7 @@ Admin HTTP API (JSON, same server, under ``/admin``):
 ``GET  /admin/wait``                   first matching log entry (same filters), 504 after ``timeout`` s
 ``GET/POST /admin/faults``             read / change :class:`Faults` (reject_remaining, reject_status, reject_code,
                                        reject_retry_after, refuse_connections, answer_heartbeats, join_reply, ...)
+``POST /admin/init``                   ``{gateway?}``: push ``init`` again
 ``POST /admin/create_authorization``   ``{client_id, resource_id, gateway?, expires_at?}`` → the payload pushed
 ``POST /admin/reject_access``          ``{client_id, resource_id, gateway?}``
 ``POST /admin/resource_updated``       ``{resource_id, filters?, gateway?}`` (no gateway: every joined gateway)
@@ -25,14 +26,14 @@ Admin HTTP API (JSON, same server, under ``/admin``):
 ``POST /admin/disconnect``             ``{reason?, gateway?}``: push ``disconnect`` and stop the channel
 ``POST /admin/phx_close``              ``{gateway?}``
 ``POST /admin/drop``                   ``{gateway?, abort?, code?}``: WS close frame, or TCP abort
-``POST /admin/push``                   ``{event, payload, topic?, gateway?}``: any server push
-``POST /admin/raw``                    ``{text | json | binary_b64, gateway?}``: any frame, unchecked
+``POST /admin/push``                   ``{event, payload, topic?, gateway?, joined?}``: any server push
+``POST /admin/raw``                    ``{text | json | binary_b64, gateway?, joined?}``: any frame, unchecked
 =====================================  ===========================================================================
 
 ``gateway`` selects a live connection by portal gateway id, external id, name or conn id; it may be left out
 while exactly one gateway is connected. Log entries have a ``kind``: ``rejected`` (upgrade refused, with
 ``status``), ``refused`` (simulated downtime), ``connected``, ``received`` (a frame from the gateway), ``invalid``
-(an undecodable frame from it), ``sent``, ``closed``.
+(an undecodable frame from it), ``sent``, ``send_failed``, ``closed``.
 """
 
 from __future__ import annotations

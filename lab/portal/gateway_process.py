@@ -45,7 +45,9 @@ class GatewayProcess:
     """``await GatewayProcess.start(api_url=..., token=..., state_dir=...)``; always ``await close()`` (or use
     ``async with``), which kills the process if it still runs."""
 
-    def __init__(self, process: asyncio.subprocess.Process, health_addr: tuple[str, int], env: Mapping[str, str]) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, health_addr: tuple[str, int], env: Mapping[str, str]
+    ) -> None:
         self.process = process
         self.health_addr = health_addr
         self.env = dict(env)

@@ -66,6 +66,13 @@ class AdminError(Exception):
         self.status = status
 
 
+class SocketGone(AdminError):
+    """The gateway's socket closed while the portal was writing to it."""
+
+    def __init__(self, session: GatewaySession) -> None:
+        super().__init__(409, f"the socket of conn {session.conn_id} is closed")
+
+
 @dataclass
 class Faults:
     """Switchable misbehaviour. Fields are read on every upgrade/frame, so changes apply immediately."""
@@ -97,15 +104,25 @@ class Faults:
         }
 
     def update(self, changes: Mapping[str, Any]) -> None:
+        """Applies all changes or none; values must keep each field's type (``reject_retry_after`` may be null)."""
+        current = self.to_json()
         for key, value in changes.items():
-            if key not in self.to_json():
+            if key not in current:
                 raise AdminError(400, f"unknown fault {key!r}")
+            if key == "reject_retry_after" and value is None:
+                continue
+            expected = str if key == "reject_retry_after" else type(current[key])
+            if type(value) is not expected:
+                raise AdminError(400, f"fault {key} must be {expected.__name__}, not {type(value).__name__}")
+            if key == "join_reply" and value not in ("ok", "error", "ignore"):
+                raise AdminError(400, "join_reply must be ok, error or ignore")
+        for key, value in changes.items():
             setattr(self, key, value)
 
 
 @dataclass(frozen=True, slots=True)
 class PortalEvent:
-    """One entry of the portal's log. ``kind``: rejected, refused, connected, received, invalid, sent, closed."""
+    """One entry of the log. ``kind``: rejected, refused, connected, received, invalid, sent, send_failed, closed."""
 
     seq: int
     kind: str
@@ -416,14 +433,14 @@ class DevPortal:
     # ---------------------------------------------------------------- pushes
 
     async def _send(self, session: GatewaySession, frame: wire.Frame) -> None:
-        await session.ws.send_str(wire.encode(frame, session.serializer))
+        await self._write(session, wire.encode(frame, session.serializer))
         self._record("sent", session, topic=frame.topic, event=frame.event, payload=frame.payload, ref=frame.ref)
 
     async def push(
-        self, event: str, payload: Any, *, gateway: str | None = None, topic: str = "gateway"
+        self, event: str, payload: Any, *, gateway: str | None = None, topic: str = "gateway", joined: bool = True
     ) -> GatewaySession:
-        """A server push (ref null) to one joined gateway."""
-        session = self.session(gateway)
+        """A server push (ref null) to one gateway; with ``joined=False`` also to a socket without a live join."""
+        session = self.session(gateway, joined=joined)
         await self._push(session, event, payload, topic=topic)
         return session
 
@@ -435,11 +452,19 @@ class DevPortal:
     async def send_raw(self, frame: str | bytes, *, gateway: str | None = None, joined: bool = True) -> None:
         """Any text (str) or binary (bytes) frame, unchecked: for malformed-frame tests."""
         session = self.session(gateway, joined=joined)
-        if isinstance(frame, bytes):
-            await session.ws.send_bytes(frame)
-        else:
-            await session.ws.send_str(frame)
+        await self._write(session, frame)
         self._record("sent", session, detail=f"raw {type(frame).__name__} frame, {len(frame)} units")
+
+    async def _write(self, session: GatewaySession, frame: str | bytes) -> None:
+        try:
+            if isinstance(frame, bytes):
+                await session.ws.send_bytes(frame)
+            else:
+                await session.ws.send_str(frame)
+        except (ConnectionError, RuntimeError) as exc:
+            # The gateway went away between our decision to write and the write; callers learn it as SocketGone.
+            self._record("send_failed", session, detail=str(exc))
+            raise SocketGone(session) from None
 
     def init_payload(self, session: GatewaySession) -> dict[str, Any]:
         """``init`` for this gateway (portal-protocol.md §2.1)."""
@@ -613,6 +638,17 @@ class DevPortal:
         await self._push(session, "phx_close", {})
         session.joined = False
 
+    async def push_init(self, *, gateway: str | None = None) -> dict[str, Any]:
+        """Pushes ``init`` again (the portal does when the gateway's tunnel IPs or the account slug change)."""
+        session = self.session(gateway)
+        payload = self.init_payload(session)
+        await self._push(session, "init", payload)
+        return payload
+
+    def forget_join(self, *, gateway: str | None = None) -> None:
+        """The channel dies silently (no ``phx_close``): the gateway's next channel message gets "unmatched topic"."""
+        self.session(gateway).joined = False
+
     async def drop(self, *, gateway: str | None = None, abort: bool = False, code: int = 1011) -> None:
         """Ends one socket: a WebSocket close frame with ``code``, or with ``abort`` a TCP reset without one."""
         session = self.session(gateway, joined=False)
@@ -748,7 +784,10 @@ class DevPortal:
                 await self._close_session(session, code=1000, reason="idle timeout")
                 return
             if message.type == WSMsgType.TEXT:
-                await self._handle_text(session, message.data)
+                try:
+                    await self._handle_text(session, message.data)
+                except SocketGone:
+                    return
             elif message.type == WSMsgType.BINARY:
                 self._record("invalid", session, detail=f"binary frame of {len(message.data)} bytes ignored")
             elif message.type == WSMsgType.ERROR:
@@ -835,6 +874,7 @@ class AdminApi:
             ("GET", "/admin/wait", self.wait),
             ("GET", "/admin/faults", self.get_faults),
             ("POST", "/admin/faults", self.set_faults),
+            ("POST", "/admin/init", self.init),
             ("POST", "/admin/push", self.push),
             ("POST", "/admin/raw", self.raw),
             ("POST", "/admin/create_authorization", self.create_authorization),
@@ -915,13 +955,21 @@ class AdminApi:
         self.portal.faults.update(body)
         return web.json_response(self.portal.faults.to_json())
 
+    async def init(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return web.json_response(await self.portal.push_init(gateway=body.get("gateway")))
+
     async def push(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         event = body.get("event")
         if not isinstance(event, str):
             raise AdminError(400, "event (string) is required")
         session = await self.portal.push(
-            event, body.get("payload", {}), gateway=body.get("gateway"), topic=body.get("topic", "gateway")
+            event,
+            body.get("payload", {}),
+            gateway=body.get("gateway"),
+            topic=body.get("topic", "gateway"),
+            joined=bool(body.get("joined", True)),
         )
         return web.json_response({"conn_id": session.conn_id})
 

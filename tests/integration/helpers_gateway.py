@@ -53,11 +53,11 @@ requires_gateway = pytest.mark.skipif(
 
 @contextlib.asynccontextmanager
 async def run_gateway(
-    portal: DevPortal, state_dir: Path, *, token: str = GATEWAY_TOKEN, **options: Any
+    portal: DevPortal, state_dir: Path, *, token: str = GATEWAY_TOKEN, api_url: str | None = None, **options: Any
 ) -> AsyncIterator[GatewayProcess]:
-    """A gateway pointed at ``portal``; killed on exit if the test left it running."""
+    """A gateway pointed at ``portal`` (or at ``api_url``); killed on exit if the test left it running."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    gateway = await GatewayProcess.start(api_url=portal.url, token=token, state_dir=state_dir, **options)
+    gateway = await GatewayProcess.start(api_url=api_url or portal.url, token=token, state_dir=state_dir, **options)
     try:
         yield gateway
     finally:

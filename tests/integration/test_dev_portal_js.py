@@ -39,7 +39,9 @@ async def portal() -> AsyncIterator[DevPortal]:
         yield running
 
 
-async def run_phoenix_js(portal: DevPortal, *, auth: str, vsn: str, external_id: str, token: str = GATEWAY_TOKEN) -> dict[str, Any]:
+async def run_phoenix_js(
+    portal: DevPortal, *, auth: str, vsn: str, external_id: str, token: str = GATEWAY_TOKEN
+) -> dict[str, Any]:
     options = {
         "endpoint": f"{portal.url}/gateway/v2",  # Phoenix's Socket appends /websocket
         "auth": auth,

@@ -22,6 +22,7 @@ from dataplane.base import Address, Transmit
 from dataplane.ice import Candidate, CandidateKind, IceAgent, IceConnected, IceEvent, SelectedPairChanged
 from dataplane.io.rng import SystemRng
 from dataplane.turn import Allocation, AllocationSucceeded, Decapsulated, TurnEvent
+from lab.relay import Coturn
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -181,10 +182,10 @@ async def driver() -> AsyncIterator[IceUdpDriver]:
         await protocol.shutdown()
 
 
-def _exchange_credentials(driver: IceUdpDriver, peer: aioice.Connection) -> None:
+def _exchange_credentials(driver: IceUdpDriver, peer: aioice.Connection, *, controlling: bool = False) -> None:
     # The portal hands both sides each other's credentials; the agent is rebuilt with aioice's.
     old = driver.agent
-    driver.agent = IceAgent(False, LOCAL_UFRAG, LOCAL_PWD, peer.local_username, peer.local_password, SystemRng())
+    driver.agent = IceAgent(controlling, LOCAL_UFRAG, LOCAL_PWD, peer.local_username, peer.local_password, SystemRng())
     assert old.poll_transmit() is None
     peer.remote_username = LOCAL_UFRAG
     peer.remote_password = LOCAL_PWD
@@ -211,14 +212,16 @@ async def _exchange_data(driver: IceUdpDriver, peer: aioice.Connection) -> None:
 
 
 @pytest.mark.usefixtures("loopback_only")
-async def test_host_candidates_connect_and_nominate(driver: IceUdpDriver) -> None:
-    peer = aioice.Connection(ice_controlling=True, components=1, use_ipv4=True, use_ipv6=False)
+@pytest.mark.parametrize("we_control", [False, True], ids=["aioice-controlling", "we-control"])
+async def test_host_candidates_connect_and_nominate(driver: IceUdpDriver, we_control: bool) -> None:
+    # The gateway is always controlled; the controlling variant is how the lab client talks to aioice.
+    peer = aioice.Connection(ice_controlling=not we_control, components=1, use_ipv4=True, use_ipv6=False)
     try:
         await peer.gather_candidates()
-        _exchange_credentials(driver, peer)
+        _exchange_credentials(driver, peer, controlling=we_control)
         await _connect(driver, peer, [Candidate.host(driver.local)])
 
-        assert driver.agent.controlling is False
+        assert driver.agent.controlling is we_control
         selected = driver.agent.selected_pair
         assert selected is not None
         local, remote = selected
@@ -234,12 +237,8 @@ async def test_host_candidates_connect_and_nominate(driver: IceUdpDriver) -> Non
 
 @pytest.mark.usefixtures("loopback_only")
 async def test_relayed_candidates_through_coturn(driver: IceUdpDriver) -> None:
-    relay_module = pytest.importorskip("lab.relay")
-    coturn = relay_module.Coturn()
-    try:
-        await asyncio.get_running_loop().run_in_executor(None, coturn.start)
-    except RuntimeError as exc:
-        pytest.skip(f"coturn unavailable: {exc}")
+    coturn = Coturn()
+    await asyncio.get_running_loop().run_in_executor(None, coturn.start)
     peer: aioice.Connection | None = None
     try:
         username, password = coturn.credentials()

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -252,7 +252,7 @@ def _gateway_env(port: int, state_dir: Path) -> dict[str, str]:
         FIREZONE_ID="a" * 64,
         FIREZONE_STATE_DIR=str(state_dir),
         HEALTH_CHECK_ADDR="127.0.0.1:0",
-        FIREZONE_LOG_LEVEL="debug",
+        FIREZONE_LOG_LEVEL="debug,websockets=debug",
     )
     return env
 
@@ -299,3 +299,130 @@ async def test_cli_joins_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0, text
     assert "joined" in text and "init applied" in text
     assert TOKEN not in text and TOKEN not in stdout.decode()
+
+
+async def test_malformed_frames_do_not_break_the_link() -> None:
+    garbage: list[str | bytes] = [
+        "not json",
+        "[1, 2, 3]",
+        json.dumps({"topic": "gateway", "event": "init", "payload": {"interface": 5}, "ref": None}),
+        json.dumps({"topic": "gateway", "event": "no_such_event", "payload": {}, "ref": None}),
+        json.dumps({"topic": "gateway", "event": "reject_access", "payload": "x" * (1 << 20), "ref": None}),
+        b"\x00\x01binary",
+    ]
+    portal = FakePortal(pushes_after_join=[("init", INIT)])
+    original = portal.handler
+
+    async def noisy_handler(ws: ServerConnection) -> None:
+        async def spray() -> None:
+            await asyncio.sleep(0.2)
+            for frame in garbage:
+                await ws.send(frame)
+
+        sprayer = asyncio.ensure_future(spray())
+        try:
+            await original(ws)
+        finally:
+            sprayer.cancel()
+
+    portal.handler = noisy_handler  # type: ignore[method-assign]
+    async with running(portal):
+        link = make_link(portal.port, heartbeat_interval=0.2)
+        state = AuthorizationBook(wall_clock=time.time)
+        loop = Eventloop(link, state, time.monotonic)
+        task = asyncio.ensure_future(link.run(loop.handle_channel_event))
+        await wait_until(lambda: loop.drops.total() >= 3 and link.channel.drops.total() >= 2)
+        heartbeats = len(portal.events("heartbeat"))
+        await wait_until(lambda: len(portal.events("heartbeat")) >= heartbeats + 3)
+        assert link.joined and loop.init_applied
+        await stop_link(link, task)
+    assert portal.connections == 1
+
+
+async def test_stop_during_backoff_returns_promptly() -> None:
+    portal = FakePortal(reject=lambda _: problem(503, "rate_limit", "busy", {"Retry-After": "10"}))
+    async with running(portal):
+        link = make_link(portal.port)
+        task = asyncio.ensure_future(link.run(lambda event: None))
+        await wait_until(lambda: len(portal.requests) == 1)
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await stop_link(link, task)
+        assert time.monotonic() - started < 3.0
+
+
+async def test_cli_exits_1_when_the_health_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        env = _gateway_env(9, tmp_path)
+        env["HEALTH_CHECK_ADDR"] = f"127.0.0.1:{blocker.getsockname()[1]}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.main",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20.0)
+    assert proc.returncode == 1
+    assert stderr.decode().strip().splitlines()[-1].startswith("error: ")
+
+
+async def test_initial_connect_budget_exhaustion_is_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.portal as portal_module
+    from agent.backoff import BackoffPolicy
+
+    # Same shape as the real 1 s × 15 s policy, scaled down so the test takes a second.
+    monkeypatch.setattr(portal_module, "initial_connect_policy", lambda: BackoffPolicy(0.2, 1.0, 0.2, 1.0, False))
+    with socket_on_a_closed_port() as port:
+        link = make_link(port)
+        with pytest.raises(PortalError) as caught:
+            await asyncio.wait_for(link.run(lambda event: None), 10.0)
+    assert caught.value.reason is FatalReason.MAX_RETRIES_REACHED
+    assert link.stats.connect_attempts == 6  # the first try plus five 0.2 s waits within the 1 s budget
+
+
+@contextlib.contextmanager
+def socket_on_a_closed_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        yield probe.getsockname()[1]  # bound but not listening: connections are refused
+
+
+async def test_positional_token_is_moved_out_of_the_process_title(tmp_path: Path) -> None:
+    portal = FakePortal(pushes_after_join=[("init", INIT)])
+    async with running(portal):
+        env = _gateway_env(portal.port, tmp_path)
+        del env["FIREZONE_TOKEN"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.main",
+            "--log-format",
+            "json",
+            TOKEN,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_until(lambda: bool(portal.events("set_snownet_capabilities")), 15.0)
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            assert TOKEN.encode() not in cmdline and b"--log-format" in cmdline
+            assert portal.requests[0].headers["X-Authorization"] == f"Bearer {TOKEN}"
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 10.0)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in stderr.decode().splitlines()]
+    assert any("joined" in line["message"] for line in lines)
+    assert TOKEN not in stderr.decode()

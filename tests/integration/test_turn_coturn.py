@@ -32,10 +32,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 class Driver:
     """The smallest possible I/O loop around one Allocation: one UDP socket on loopback, a monotonic clock."""
 
-    def __init__(self, relay: Coturn, password: str | None = None) -> None:
+    def __init__(self, relay: Coturn, password: str | None = None, local_ip: str = "127.0.0.1") -> None:
         username, real_password = relay.credentials()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((local_ip, 0))
         self.sent: list[stun.StunMessage] = []
         self.events: list[TurnEvent] = []
         self.received: list[Decapsulated] = []
@@ -143,13 +143,14 @@ def test_allocate_refresh_channel_bind_and_channel_data_both_ways(
 
 
 def test_wrong_password_is_a_clean_failure_event(relay: Coturn) -> None:
-    driver = Driver(relay, password="not-the-password")
+    # Its own loopback address: a 5-tuple coturn has never seen (it keeps deleted allocations around briefly).
+    driver = Driver(relay, password="not-the-password", local_ip="127.0.0.3")
     try:
         failed = driver.wait_for(AllocationFailed)
     finally:
         driver.close()
     assert isinstance(failed, AllocationFailed)
-    assert failed.error_code == 401
+    assert failed.error_code == 401, f"{failed}; events {driver.events}; sent {driver.sent}"
     assert driver.alloc.state is AllocationState.FAILED
     assert driver.alloc.poll_timeout() is None
     assert not any(isinstance(e, AllocationSucceeded) for e in driver.events)

@@ -75,7 +75,11 @@ def test_gso_batch_arrives_as_individual_datagrams_in_order(host: str, receiver_
 
 
 def test_mixed_sizes_and_destinations_keep_order() -> None:
-    with UdpSocket.bind("127.0.0.1", 0) as rx1, UdpSocket.bind("127.0.0.1", 0) as rx2, UdpSocket.bind("127.0.0.1", 0) as tx:
+    with (
+        UdpSocket.bind("127.0.0.1", 0) as rx1,
+        UdpSocket.bind("127.0.0.1", 0) as rx2,
+        UdpSocket.bind("127.0.0.1", 0) as tx,
+    ):
         transmits = [
             *numbered(5, 500, rx1.local_address),
             Transmit(rx1.local_address, b"\x00\x00\x00\x05" + bytes(900)),  # larger: starts a new run

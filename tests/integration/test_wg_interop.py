@@ -6,7 +6,7 @@ Namespace A runs wireguard-go, namespace B firezone-wg; they are joined by a vet
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ def assert_no_error_logged(iface: WgInterface) -> None:
     assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
 
 
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.1) -> bool:
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -62,6 +62,9 @@ def test_firezone_wg_interoperates_with_wireguard_go(
 
     initiator.ping(responder.tunnel_ip, count=3, deadline=10)
     responder.ping(initiator.tunnel_ip, count=3, deadline=10)
+    assert initiator.tunnel_ip6 is not None and responder.tunnel_ip6 is not None
+    initiator.ping(responder.tunnel_ip6, count=2, deadline=5)
+    responder.ping(initiator.tunnel_ip6, count=2, deadline=5)
 
     # One TCP stream each way: wireguard-go → firezone-wg, then firezone-wg → wireguard-go (-R).
     forward = iperf3(wggo.ns, firezone.ns, firezone.tunnel_ip, seconds=3)
@@ -74,6 +77,7 @@ def test_firezone_wg_interoperates_with_wireguard_go(
         assert peer.rx_bytes > 1_000_000 and peer.tx_bytes > 1_000_000, peer
         assert peer.preshared_key == preshared_key
         assert peer.endpoint == f"{other.underlay_ip}:{other.listen_port()}"
+        assert set(peer.allowed_ips) == {f"{other.tunnel_ip}/32", f"{other.tunnel_ip6}/128"}
     assert_no_error_logged(firezone)
 
 

@@ -60,3 +60,40 @@ def test_mutated_checks_and_responses_never_raise(mutations: list[tuple[int, int
         agent.handle_stun(bytes(data[: len(data) // 2]), REMOTE, LOCAL, 0.1)
     agent.handle_timeout(0.3)
     _drain(agent)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    loss=st.floats(0.0, 0.9),
+    outage=st.floats(0.0, 8.0),
+    a_controlling=st.booleans(),
+    b_controlling=st.booleans(),
+    nat=st.booleans(),
+)
+def test_agents_connect_once_the_loss_stops(
+    seed: int, loss: float, outage: float, a_controlling: bool, b_controlling: bool, nat: bool
+) -> None:
+    import random
+
+    from tests.unit.test_ice_agent import A_HOST, A_PUBLIC, B_HOST, Wire, make_pair
+
+    a, b = make_pair(a_controlling=a_controlling, b_controlling=b_controlling, seed=seed % 1000)
+    wire = Wire(a, b)
+    wire.own("a", A_HOST)
+    wire.own("b", B_HOST)
+    if nat:
+        wire.nat[A_HOST] = A_PUBLIC
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    b.add_local_candidate(Candidate.host(B_HOST), B_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    if not nat:
+        b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
+    chance = random.Random(seed)
+    wire.drop = lambda sender, transmit: wire.now < outage and chance.random() < loss
+    wire.run(outage + 20.0)
+    assert a.controlling != b.controlling
+    a_selected, b_selected = a.selected_pair, b.selected_pair
+    assert a_selected is not None and b_selected is not None
+    assert a_selected[0].address == A_HOST and a_selected[1].address == B_HOST
+    assert b_selected[0].address == B_HOST and b_selected[1].address == (A_PUBLIC if nat else A_HOST)

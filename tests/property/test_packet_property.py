@@ -79,7 +79,9 @@ def test_tcp_coalesce_then_kernel_split_is_identity(sizes: list[int], seq0: int,
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=1400), min_size=1, max_size=70), st.sampled_from([4, 6]))
 def test_udp_coalesce_then_kernel_split_is_identity(sizes: list[int], version: int) -> None:
-    packets = [udp_packet(struct.pack("!I", i) * ((size + 3) // 4), version=version, ip_id=i) for i, size in enumerate(sizes)]
+    packets = [
+        udp_packet(struct.pack("!I", i) * ((size + 3) // 4), version=version, ip_id=i) for i, size in enumerate(sizes)
+    ]
     out: list[bytes] = []
     for frame in pk.coalesce(packets, tcp=False, udp=True):
         out.extend(pk.split_gso(pk.VirtioNetHdr.decode(frame), frame[pk.VIRTIO_NET_HDR_LEN :]))

@@ -118,6 +118,14 @@ class SimRelay:
         self.online = False
         self.host.online = False
 
+    def restart(self) -> None:
+        """The relay comes back as a fresh process: every allocation and nonce is forgotten."""
+        for allocation in list(self._allocations.values()):
+            self._delete(allocation)
+        self._nonces.clear()
+        self.online = True
+        self.host.online = True
+
     # -- control port: STUN and ChannelData from clients -------------------------------------------------------
 
     def _on_control(self, data: bytes, src: Address, local: Address, now: float) -> None:

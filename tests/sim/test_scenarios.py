@@ -174,7 +174,7 @@ def test_client_roams_and_the_connection_follows(new_nat):
             and cl is not None
             and gw.remote != old_remote
             and cl.local is not None
-            and (cl.path is Path.RELAYED or cl.local[0] in client.host.addresses)
+            and cl.local in client.peer.node.local_addresses
             and _paths(world, client) == (expected, expected)
         )
 

@@ -85,8 +85,7 @@ class NodeMachine(RuleBasedStateMachine):
     def relay_returns(self):
         relay_id = self.removed_relays.pop()
         relay = self.world.relays[relay_id]
-        relay.online = True
-        relay.host.online = True
+        relay.restart()
         for peer in [self.world.gateway, *(c.peer for c in self.world.clients)]:
             peer.add_relays([(relay_id, relay)])
         self._settle()
@@ -100,7 +99,7 @@ class NodeMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def packets_flow(self, data):
         client = data.draw(st.sampled_from(self.world.clients))
-        self._ping(client)
+        assert self._ping(client), f"{client.client_id}: a settled connection lost a packet"
 
     # -- checks ----------------------------------------------------------------------------------------------------
 
@@ -112,15 +111,25 @@ class NodeMachine(RuleBasedStateMachine):
         cl = client.peer.node.connection(GATEWAY_ID)
         if gw is None or cl is None or not (gw.established and cl.established):
             return False
-        if cl.local is None or (cl.path is Path.DIRECT and cl.local[0] not in client.host.addresses):
+        # After roaming the old pair looks fine until ICE notices: wait until the client sends from where it is now.
+        if cl.local is None or cl.local not in client.peer.node.local_addresses:
             return False
         expected = self._expected_path(client)
         return gw.path is expected and cl.path is expected and gw.handshakes >= 1
 
     def _settle(self) -> None:
+        """Every connection must come up on the predicted path and carry a packet each way within the timeout.
+
+        Packets sent while a path change is still under way may be lost (UDP); the retries model what an application
+        would do, and each retry is a distinct packet, so the exactly-once check still applies to every one.
+        """
         net = self.world.net
         for client in self.world.clients:
-            ok = net.run_until_true(lambda c=client: self._converged(c), timeout=SETTLE_TIMEOUT)
+            deadline = net.now + SETTLE_TIMEOUT
+            ok = False
+            while net.now < deadline and not ok:
+                if net.run_until_true(lambda c=client: self._converged(c), timeout=deadline - net.now):
+                    ok = self._ping(client, timeout=2.0)
             gw = self.world.gateway.node.connection(client.client_id)
             cl = client.peer.node.connection(GATEWAY_ID)
             assert ok, (
@@ -128,25 +137,21 @@ class NodeMachine(RuleBasedStateMachine):
                 f"{self.world.gateway_nat.behaviour.label if self.world.gateway_nat else 'no NAT'}: expected "
                 f"{self._expected_path(client)}, got gateway {gw} / client {cl}"
             )
-            self.scenarios.append(f"{self._expected_path(client).value}")
-        for client in self.world.clients:
-            self._ping(client)
 
-    def _ping(self, client: Client) -> None:
+    def _ping(self, client: Client, timeout: float = 10.0) -> bool:
+        """One packet each way; True when both arrived (on the right connection: checked by the invariant)."""
         self.sequence += 1
         cid = client.client_id
         up = ipv4_udp(client.tunnel_ip, GATEWAY_TUNNEL_IP, f"{cid}|up|{self.sequence}".encode())
         down = ipv4_udp(GATEWAY_TUNNEL_IP, client.tunnel_ip, f"{cid}|down|{self.sequence}".encode())
         self.sent_up[cid].append(up)
         self.sent_down[cid].append(down)
-        before_gw = len(self.world.gateway.received)
-        before_cl = len(client.peer.received)
+        net = self.world.net
         client.peer.send_packet(GATEWAY_ID, up)
-        assert self.world.net.run_until_true(lambda: len(self.world.gateway.received) > before_gw, timeout=10.0)
+        if not net.run_until_true(lambda: (cid, up) in self.world.gateway.received, timeout=timeout):
+            return False
         self.world.gateway.send_packet(cid, down)
-        assert self.world.net.run_until_true(lambda: len(client.peer.received) > before_cl, timeout=10.0)
-        assert self.world.gateway.received[before_gw:] == [(cid, up)]
-        assert client.peer.received[before_cl:] == [(GATEWAY_ID, down)]
+        return net.run_until_true(lambda: (GATEWAY_ID, down) in client.peer.received, timeout=timeout)
 
     @invariant()
     def no_packet_reaches_the_wrong_connection(self):
@@ -165,8 +170,8 @@ class NodeMachine(RuleBasedStateMachine):
 
 
 NodeMachine.TestCase.settings = settings(
-    max_examples=12,
-    stateful_step_count=6,
+    max_examples=40,
+    stateful_step_count=10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

@@ -108,6 +108,7 @@ def test_a_prefix_extra_pairs_and_whitespace_are_tolerated() -> None:
         "candidate:1 1 udp 1 10.0.0.256 1 typ host",
         "candidate:1 1 udp 1 example.local 1 typ host",
         "candidate:1 1 udp 1 fe80::1%eth0 1 typ host",
+        "candidate:1 1 udp 1 ::1 1 typ srflx raddr fe80::1%eth0 rport 1",
         "candidate:1 1 udp 1 10.0.0.1 0 typ host",
         "candidate:1 1 udp 1 10.0.0.1 65536 typ host",
         "candidate:1 1 udp 1 10.0.0.1 1 type host",

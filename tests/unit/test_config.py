@@ -288,3 +288,12 @@ def test_cli_missing_token_exits_2(env: dict[str, str]) -> None:
     result = _run_cli(env)
     assert result.returncode == 2
     assert result.stderr.startswith("error: FIREZONE_TOKEN: ")
+
+
+def test_positional_token_is_found_for_removal() -> None:
+    from agent.main import _argv_without_positional_token
+
+    assert _argv_without_positional_token(["-n", "gw", "tok"]) == (["-n", "gw"], "tok")
+    assert _argv_without_positional_token(["-n", "tok", "tok"]) == (["-n", "tok"], "tok")
+    assert _argv_without_positional_token(["-n", "gw"]) is None
+    assert _argv_without_positional_token(["--bogus"]) is None

@@ -15,7 +15,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from lab.portal import DevPortal, relay_credentials
+from lab.portal import AdminError, DevPortal, Faults, relay_credentials, wire
 from lab.portal.config import ice_credentials
 
 pytestmark = pytest.mark.timeout(30)
@@ -445,6 +445,7 @@ async def test_admin_api_end_to_end(portal: DevPortal) -> None:
             assert response.status == 200
         assert (await recv(ws))["payload"] == {"id": "x"}
         for path, payload_body in [
+            ("init", {}),
             ("reject_access", {"client_id": "client-1", "resource_id": "res-cidr"}),
             ("resource_updated", {"resource_id": "res-dns"}),
             ("relays_presence", {"disconnected_ids": ["gone"]}),
@@ -467,3 +468,41 @@ async def test_admin_api_end_to_end(portal: DevPortal) -> None:
             assert response.status == 200
         with pytest.raises(websockets.ConnectionClosed):
             await recv(ws)
+
+
+def test_fault_changes_are_type_checked_and_atomic() -> None:
+    faults = Faults()
+    with pytest.raises(AdminError):
+        faults.update({"answer_heartbeats": False, "reject_remaining": "3"})
+    assert faults.answer_heartbeats is True  # nothing applied
+    with pytest.raises(AdminError):
+        faults.update({"join_reply": "maybe"})
+    faults.update({"reject_retry_after": "Wed, 21 Oct 2015 07:28:00 GMT", "reject_remaining": 1})
+    faults.update({"reject_retry_after": None})
+    assert faults.reject_retry_after is None and faults.reject_remaining == 1
+
+
+async def test_a_forgotten_join_answers_unmatched_topic_until_the_rejoin(portal: DevPortal) -> None:
+    async with open_socket(socket_url(portal)) as ws:
+        await join(ws)
+        portal.forget_join()
+        await send(ws, "gateway", "set_snownet_capabilities", {"iceless": False}, 1)
+        assert (await recv(ws))["payload"]["response"] == {"reason": "unmatched topic"}
+        await portal.push("resource_updated", {"id": "x"}, joined=False)
+        assert (await recv(ws))["event"] == "resource_updated"
+        await send(ws, "gateway", "phx_join", None, 2)
+        assert (await recv(ws))["payload"]["status"] == "ok"
+        assert (await recv(ws))["event"] == "init"
+
+
+async def test_writing_to_a_vanished_socket_is_reported_not_raised_raw(portal: DevPortal) -> None:
+    async with open_socket(socket_url(portal)) as ws:
+        await join(ws)
+        session = portal.session()
+    await portal.wait_for(kind="closed")
+    with pytest.raises(AdminError):
+        await portal.push("init", {})  # no live session any more
+    with pytest.raises(AdminError) as gone:
+        await portal._send(session, wire.Frame(topic="gateway", event="x", payload={}, ref=None))
+    assert gone.value.status == 409
+    assert portal.events(kind="send_failed")

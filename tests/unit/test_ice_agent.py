@@ -141,6 +141,7 @@ def test_check_list_is_ordered_by_pair_priority_and_pairs_only_same_family() -> 
     assert [p.priority for p in pairs] == sorted((p.priority for p in pairs), reverse=True)
     assert pairs[0].local.address == ("2001:db8::1", 1000)
     assert pairs[1].key == (A_HOST, B_HOST)
+    assert agent.has_pair(A_HOST, B_HOST) and not agent.has_pair(B_HOST, A_HOST)
     assert pairs[-1].key == (("198.51.100.9", 4000), B_RELAY)
     assert all((":" in p.local.address[0]) == (":" in p.remote.address[0]) for p in pairs)
     assert [c.kind for c in agent.local_candidates][:2] == [CandidateKind.HOST, CandidateKind.HOST]
@@ -339,6 +340,14 @@ def test_selected_pair_moves_when_a_better_pair_succeeds() -> None:
     # Data for a relayed pair leaves from the relay address: the driver sends it through that allocation.
     relayed_transmits = [t for _, t in wire.sent["b"] if t.dst == A_HOST and t.src == B_RELAY]
     assert relayed_transmits
+    # Both pairs stay nominated and alive (consent keeps running on both), but nobody flips back.
+    wire.run(90.0)
+    assert [m.local.kind for _, m in wire.kinds("b", SelectedPairChanged)] == [
+        CandidateKind.RELAYED,
+        CandidateKind.HOST,
+    ]
+    assert len(wire.kinds("a", SelectedPairChanged)) == 2
+    assert all(p.state is PairState.SUCCEEDED for p in a.pairs + b.pairs)
 
 
 def test_invalidating_the_selected_remote_candidate_moves_to_another_pair() -> None:
@@ -498,3 +507,109 @@ def test_response_from_wrong_address_fails_the_pair() -> None:
 def test_constructor_rejects_empty_credentials() -> None:
     with pytest.raises(ValueError):
         IceAgent(False, "", "x", "y", "z", SeededRng(0))
+
+
+def test_removing_the_selected_local_candidate_moves_to_the_other_base() -> None:
+    a, b = make_pair()
+    wire = Wire(a, b)
+    a_relay: Address = ("198.51.100.2", 3001)
+    wire.own("a", A_HOST, a_relay)
+    wire.own("b", B_HOST)
+    a_host_candidate = Candidate.host(A_HOST)
+    a_relay_candidate = Candidate.relayed(a_relay, A_HOST)
+    for candidate in (a_host_candidate, a_relay_candidate):
+        a.add_local_candidate(candidate, A_HOST, 0.0)
+        b.add_remote_candidate(candidate, 0.0)
+    b.add_local_candidate(Candidate.host(B_HOST), B_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    wire.run(5.0)
+    assert a.selected_pair is not None and a.selected_pair[0] == a_host_candidate
+    a.remove_local_candidate(a_host_candidate, 5.0)
+    b.invalidate_remote_candidate(a_host_candidate, 5.0)
+    wire.run(8.0)
+    assert a.selected_pair is not None and a.selected_pair[0] == a_relay_candidate
+    assert b.selected_pair is not None and b.selected_pair[1] == a_relay_candidate
+    assert a_host_candidate not in a.local_candidates
+    assert a.state is IceState.CONNECTED and b.state is IceState.CONNECTED
+
+
+def test_ipv6_host_candidates_connect() -> None:
+    a, b = make_pair()
+    wire = Wire(a, b)
+    a6: Address = ("2001:db8::1", 1000)
+    b6: Address = ("2001:db8::2", 2000)
+    wire.own("a", a6, A_HOST)
+    wire.own("b", b6)
+    a.add_local_candidate(Candidate.host(a6), a6, 0.0)
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)  # no IPv4 peer: never paired
+    b.add_local_candidate(Candidate.host(b6), b6, 0.0)
+    a.add_remote_candidate(Candidate.host(b6), 0.0)
+    b.add_remote_candidate(Candidate.host(a6), 0.0)
+    wire.run(1.0)
+    assert len(a.pairs) == 1
+    assert a.selected_pair is not None and a.selected_pair[1].address == b6
+    assert b.selected_pair is not None and b.selected_pair[1].address == a6
+
+
+def test_failed_is_terminal() -> None:
+    a, b = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    a.invalidate_remote_candidate(Candidate.host(B_HOST), 0.0)
+    assert a.state is IceState.FAILED
+    assert isinstance(a.poll_event(), IceFailed)
+    a.add_remote_candidate(Candidate.host(("10.0.0.3", 3000)), 1.0)
+    assert a.pairs == [] and a.poll_timeout() is None
+    request = stun.StunMessage.request(stun.Method.BINDING, b"\x03" * 12)
+    request.add_username("aufr:bufr").add_priority(1).add_ice_controlled(5)
+    payload = stun.encode(request, integrity_key=stun.short_term_key("a-password-0123456789a"))
+    assert a.handle_stun(payload, B_HOST, A_HOST, 1.0)
+    assert a.drops[DropReason.AGENT_FAILED] == 1
+    assert a.poll_transmit() is None
+
+
+def test_controlled_side_accepts_nomination_on_a_pair_that_already_succeeded() -> None:
+    _, b, _ = host_setup()
+    b.handle_timeout(0.0)
+    check = b.poll_transmit()
+    assert check is not None
+    response = stun.decode(check.payload).success_response()
+    response.add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, B_HOST)
+    payload = stun.encode(response, integrity_key=stun.short_term_key("a-password-0123456789a"))
+    assert b.handle_stun(payload, A_HOST, B_HOST, 0.01)
+    assert b.pairs[0].state is PairState.SUCCEEDED
+    assert b.selected_pair is None  # succeeded, but not nominated yet
+    nomination = stun.StunMessage.request(stun.Method.BINDING, b"\x04" * 12)
+    nomination.add_username("bufr:aufr").add_priority(1).add_ice_controlling(5).add_use_candidate()
+    data = stun.encode(nomination, integrity_key=stun.short_term_key("b-password-0123456789b"))
+    assert b.handle_stun(data, A_HOST, B_HOST, 0.02)
+    assert b.selected_pair is not None and b.selected_pair[1].address == A_HOST
+    events = []
+    while (event := b.poll_event()) is not None:
+        events.append(type(event))
+    assert events == [SelectedPairChanged, IceConnected]
+
+
+def test_direct_path_dies_and_traffic_moves_to_the_relay_without_disconnecting() -> None:
+    a, b = make_pair()
+    wire = Wire(a, b)
+    wire.own("a", A_HOST)
+    wire.own("b", B_HOST, B_RELAY)
+    b_host, b_relay = Candidate.host(B_HOST), Candidate.relayed(B_RELAY, B_HOST)
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    b.add_local_candidate(b_host, B_HOST, 0.0)
+    b.add_local_candidate(b_relay, B_HOST, 0.0)
+    b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
+    a.add_remote_candidate(b_host, 0.0)
+    a.add_remote_candidate(b_relay, 0.0)
+    wire.run(20.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    direct = {A_HOST, B_HOST}
+    wire.drop = lambda sender, t: t.src in direct and t.dst in direct
+    wire.run(80.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_relay
+    assert b.selected_pair is not None and b.selected_pair[0] == b_relay
+    assert not wire.kinds("a", IceDisconnected) and not wire.kinds("b", IceDisconnected)
+    assert a.state is IceState.CONNECTED and b.state is IceState.CONNECTED
+    (move_a,) = [t for t, e in wire.kinds("a", SelectedPairChanged) if e.remote == b_relay]
+    assert 20.0 + 30.0 - 6.0 <= move_a <= 20.0 + 30.0 + 0.1  # consent on the direct pair ran out

@@ -74,14 +74,18 @@ def tcp_packet(
 def udp_packet(payload: bytes, *, version: int = 4, ip_id: int = 7, sport: int = 40000) -> bytes:
     src, dst = (V4_SRC, V4_DST) if version == 4 else (V6_SRC, V6_DST)
     udp = bytearray(struct.pack("!HHHH", sport, 5201, 8 + len(payload), 0))
-    checksum = pk.internet_checksum(bytes(udp) + payload, pk.pseudo_header_sum(src, dst, pk.IPPROTO_UDP, len(udp) + len(payload)))
+    checksum = pk.internet_checksum(
+        bytes(udp) + payload, pk.pseudo_header_sum(src, dst, pk.IPPROTO_UDP, len(udp) + len(payload))
+    )
     struct.pack_into("!H", udp, 6, checksum or 0xFFFF)
     return ip_wrap(bytes(udp) + payload, pk.IPPROTO_UDP, version=version, ip_id=ip_id)
 
 
 def ip_wrap(l4: bytes, protocol: int, *, version: int = 4, ip_id: int = 7) -> bytes:
     if version == 4:
-        header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ip_id, 0x4000, 64, protocol, 0, V4_SRC, V4_DST))
+        header = bytearray(
+            struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ip_id, 0x4000, 64, protocol, 0, V4_SRC, V4_DST)
+        )
         struct.pack_into("!H", header, 10, naive_checksum(bytes(header)))
         return bytes(header) + l4
     return struct.pack("!IHBB16s16s", 6 << 28, len(l4), protocol, 64, V6_SRC, V6_DST) + l4
@@ -92,7 +96,17 @@ def ip_wrap(l4: bytes, protocol: int, *, version: int = 4, ip_id: int = 7) -> by
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x00", b"\xff", b"\x00\x00", b"\xff\xff", b"\xff\xff\xff\xff", bytes(range(256)) * 7, b"\x01\x02\x03", b"\xff" * 1501],
+    [
+        b"",
+        b"\x00",
+        b"\xff",
+        b"\x00\x00",
+        b"\xff\xff",
+        b"\xff\xff\xff\xff",
+        bytes(range(256)) * 7,
+        b"\x01\x02\x03",
+        b"\xff" * 1501,
+    ],
 )
 def test_internet_checksum_matches_naive_reference(data: bytes) -> None:
     assert pk.internet_checksum(data) == naive_checksum(data)
@@ -139,7 +153,15 @@ def test_parse_icmp_echo() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"", b"\x45", b"\x60" + bytes(10), b"\x45" + bytes(19), b"\x44" + bytes(30), b"\x70" + bytes(60), b"\x4f" + bytes(19)],
+    [
+        b"",
+        b"\x45",
+        b"\x60" + bytes(10),
+        b"\x45" + bytes(19),
+        b"\x44" + bytes(30),
+        b"\x70" + bytes(60),
+        b"\x4f" + bytes(19),
+    ],
 )
 def test_parse_ip_rejects_garbage(garbage: bytes) -> None:
     with pytest.raises(pk.PacketParseError):
@@ -170,9 +192,13 @@ def test_virtio_net_hdr_round_trip_little_endian() -> None:
 # -- split -----------------------------------------------------------------------------------------------------------
 
 
-def tso_frame(payload: bytes, *, version: int = 4, mss: int = 1000, flags: int = pk.TCP_ACK | pk.TCP_PSH, options: bytes = b"") -> tuple[pk.VirtioNetHdr, bytes]:
+def tso_frame(
+    payload: bytes, *, version: int = 4, mss: int = 1000, flags: int = pk.TCP_ACK | pk.TCP_PSH, options: bytes = b""
+) -> tuple[pk.VirtioNetHdr, bytes]:
     """A super-packet as the kernel hands it over: TCP checksum field holding the pseudo-header partial sum."""
-    packet = bytearray(tcp_packet(payload, flags=flags, version=version, options=options, checksum=False, seq=0xFFFFF000))
+    packet = bytearray(
+        tcp_packet(payload, flags=flags, version=version, options=options, checksum=False, seq=0xFFFFF000)
+    )
     ihl = 20 if version == 4 else 40
     src, dst = (V4_SRC, V4_DST) if version == 4 else (V6_SRC, V6_DST)
     partial = pk.ones_complement_sum(b"", pk.pseudo_header_sum(src, dst, pk.IPPROTO_TCP, len(packet) - ihl))
@@ -333,3 +359,31 @@ def test_coalesce_udp_only_when_asked_and_garbage_passes_through() -> None:
     (frame,) = pk.coalesce(datagrams, udp=True)
     assert split_frame(frame) == datagrams
     assert pk.coalesce([b"\x99garbage"]) == [bytes(pk.VIRTIO_NET_HDR_LEN) + b"\x99garbage"]
+
+
+def test_flow_hash_ipv6_and_ipv4_options() -> None:
+    a6, b6 = udp_packet(b"1", version=6), udp_packet(b"2222", version=6)
+    c6 = udp_packet(b"1", version=6, sport=1)
+    assert pk.flow_hash(a6) == pk.flow_hash(b6) != pk.flow_hash(c6)
+    with_options = bytearray(udp_packet(b"x"))
+    with_options[0] = 0x46
+    with_options[20:20] = b"\x01\x01\x01\x01"
+    other_port = bytearray(with_options)
+    other_port[24:26] = b"\x00\x01"
+    assert pk.flow_hash(bytes(with_options)) != pk.flow_hash(bytes(other_port))
+
+
+def test_tso_split_with_ipv4_options_uses_the_generic_path() -> None:
+    hdr, frame = tso_frame(bytes(range(200)) * 20)
+    framed = bytearray(frame)
+    framed[0] = 0x46
+    framed[20:20] = b"\x01\x01\x01\x00"  # NOP NOP NOP EOL
+    struct.pack_into("!H", framed, 2, len(framed))
+    hdr = pk.VirtioNetHdr(hdr.flags, hdr.gso_type, hdr.hdr_len + 4, 1000, 24, 16)
+    segments = pk.split_gso(hdr, bytes(framed))
+    assert len(segments) == 4
+    for index, segment in enumerate(segments):
+        assert segment[:1] == b"\x46" and segment[20:24] == b"\x01\x01\x01\x00"
+        assert naive_ipv4_header_ok(segment) and naive_l4_ok(segment)
+        assert pk.parse_tcp(segment, pk.parse_ip(segment)).seq == (0xFFFFF000 + 1000 * index) & 0xFFFFFFFF
+    assert b"".join(s[44:] for s in segments) == bytes(range(200)) * 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import hashlib
 import json
@@ -10,6 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from agent.config import Secret
+from agent.main import generate_key_pair
 from agent.portal import (
     build_url,
     build_user_agent,
@@ -163,3 +165,11 @@ def test_detail_is_one_line_and_scrubbed() -> None:
 def test_garbage_body_still_classifies() -> None:
     assert isinstance(classify_rejection(401, {}, b"\xff\xfe<html>", 0.0), PortalError)
     assert isinstance(classify_rejection(502, {}, b"[1,2", 0.0), TransientPortalError)
+
+
+def test_key_pair_is_fresh_x25519_with_44_char_base64_public_key() -> None:
+    private_a, public_a = generate_key_pair()
+    _, public_b = generate_key_pair()
+    assert len(public_a) == 44 and len(base64.b64decode(public_a, validate=True)) == 32
+    assert public_a != public_b
+    assert private_a.private_bytes_raw() != b"\x00" * 32

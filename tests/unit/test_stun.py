@@ -11,6 +11,7 @@ import pytest
 
 from dataplane import stun
 from dataplane.stun import Attr, ErrorCode, MessageClass, Method, StunMessage, StunParseError
+from lab.relay import firezone_password
 
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
 RFC5769 = json.loads((VECTORS / "stun-rfc5769.json").read_text())
@@ -118,8 +119,6 @@ def test_firezone_computed_message_integrity_example() -> None:
 @pytest.mark.parametrize("case", RELAY_CREDS["verification_cases"]["cases"], ids=lambda c: c["name"])
 def test_firezone_verification_case_message_integrity(case: dict[str, Any]) -> None:
     made = case["credentials_made_with"]
-    from lab.relay import firezone_password
-
     username = f"{made['expiry_unix']}:{made['salt']}"
     password = firezone_password(made["relay_secret"], made["expiry_unix"], made["salt"])
     key = stun.long_term_key(username, "firezone", password)

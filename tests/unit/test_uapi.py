@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dataplane.io.rng import SeededRng
 from dataplane.wireguard.device import Device
@@ -449,3 +451,92 @@ def test_a_wg_setconf_style_session_round_trips_through_get() -> None:
     # Applying the same config again (wg setconf twice) leaves the same state.
     assert uapi.request(request, 1.0) == "errno=0\n\n"
     assert get_pairs(uapi) == pairs
+
+
+# -- properties ---------------------------------------------------------------------------------------------------
+
+
+_keys = st.binary(min_size=32, max_size=32)
+_networks = st.one_of(
+    st.builds(lambda a, n: ipaddress.ip_network((a, n), strict=False), st.ip_addresses(v=4), st.integers(0, 32)),
+    st.builds(lambda a, n: ipaddress.ip_network((a, n), strict=False), st.ip_addresses(v=6), st.integers(0, 128)),
+)
+
+
+def _not_ipv4_mapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return not (isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None)
+
+
+_endpoints = st.one_of(
+    st.tuples(st.ip_addresses(v=4).map(str), st.integers(0, 65535)),
+    st.tuples(st.ip_addresses(v=6).filter(_not_ipv4_mapped).map(str), st.integers(0, 65535)),
+)
+_peers = st.fixed_dictionaries(
+    {
+        "preshared_key": st.none() | _keys,
+        "endpoint": st.none() | _endpoints,
+        "keepalive": st.integers(0, 65535),
+        "allowed_ips": st.lists(_networks, max_size=4),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(_keys, _peers, max_size=4))
+def test_any_configuration_set_comes_back_from_get(config) -> None:
+    uapi = make_uapi()
+    # With a private key set, only the device's own public key would be ignored; without one, the zero key would.
+    lines = [f"private_key={KEY_A.hex()}", "replace_peers=true"]
+    for public_key, peer in config.items():
+        lines.append(f"public_key={public_key.hex()}")
+        if peer["preshared_key"] is not None:
+            lines.append(f"preshared_key={peer['preshared_key'].hex()}")
+        if peer["endpoint"] is not None:
+            lines.append(f"endpoint={format_endpoint(peer['endpoint'])}")
+        lines.append(f"persistent_keepalive_interval={peer['keepalive']}")
+        lines.append("replace_allowed_ips=true")
+        lines.extend(f"allowed_ip={network}" for network in peer["allowed_ips"])
+    set_ok(uapi, *lines)
+
+    reported: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for key, value in get_pairs(uapi):
+        if key == "public_key":
+            current = reported.setdefault(value, {})
+        elif current is not None:
+            current.setdefault(key, []).append(value)
+    assert set(reported) == {key.hex() for key in config}
+    # The last peer to claim a prefix owns it (wireguard-go's trie semantics).
+    owner = {}
+    for public_key, peer in config.items():
+        for network in peer["allowed_ips"]:
+            owner[network] = public_key
+    for public_key, peer in config.items():
+        fields = reported[public_key.hex()]
+        psk = peer["preshared_key"] or ZERO
+        assert fields["preshared_key"] == [psk.hex()]
+        if peer["endpoint"] is None:
+            assert "endpoint" not in fields
+        else:
+            assert [parse_endpoint(e) for e in fields["endpoint"]] == [peer["endpoint"]]
+        assert fields["persistent_keepalive_interval"] == [str(peer["keepalive"])]
+        expected = {network for network, owned_by in owner.items() if owned_by == public_key}
+        assert {parse_allowed_ip(n) for n in fields.get("allowed_ip", [])} == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.binary(max_size=200) | st.sampled_from([b"set=1\n", b"get=1\n", b"\n", b"public_key=" + b"ab" * 32 + b"\n"]),
+        max_size=20,
+    )
+)
+def test_arbitrary_bytes_never_raise_and_replies_stay_well_formed(chunks) -> None:
+    uapi = make_uapi()
+    session = uapi.open_session()
+    for chunk in chunks:
+        session.receive_data(chunk, 0.0)
+    reply = session.data_to_send().decode()
+    # Every reply ends with an errno line and a blank line.
+    for block in filter(None, reply.split("\n\n")):
+        assert block.splitlines()[-1].startswith("errno=")

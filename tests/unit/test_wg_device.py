@@ -358,3 +358,15 @@ def test_persistent_keepalive_connects_at_once() -> None:
     pair.pump()
     assert pair.peer_b.last_handshake_wall is not None
     assert pair.peer_b.persistent_keepalive == 25
+
+
+def test_padding_never_exceeds_the_mtu() -> None:
+    pair = Pair()
+    pair.a_to_b()
+    pair.a.mtu = 1420
+    full = ipv4_packet(TUNNEL_A, TUNNEL_B, bytes(1400))
+    small = ipv4_packet(TUNNEL_A, TUNNEL_B, bytes(1395))
+    pair.a.send_packets([full, small], pair.now)
+    pair.pump()
+    assert pair.b.drain_packets() == [full, small]
+    assert [len(m) - 32 for m in pair.sent["a->b"][-2:]] == [1420, 1420]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dataplane.base import Transmit
+    from dataplane.base import Address
     from dataplane.io.tun import Tun
     from dataplane.io.udp import UdpSocket
     from dataplane.wireguard.device import Device
@@ -136,12 +136,6 @@ def _set_link_up(ifname: str, mtu: int) -> None:
         fcntl.ioctl(sock.fileno(), SIOCSIFMTU, struct.pack("16si20x", name, mtu))
         flags = struct.unpack_from("16sH", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, struct.pack("16sH22x", name, 0)))[1]
         fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name, flags | IFF_UP))
-
-
-def _apply_mark(udp: UdpSocket, mark: int) -> None:
-    # SO_MARK on a dup of the descriptor applies to the shared socket.
-    with socket.socket(fileno=os.dup(udp.fileno())) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK
 
 
 class WgDaemon:
@@ -285,8 +279,8 @@ class WgDaemon:
     def _set_fwmark(self, mark: int) -> None:
         self.fwmark = mark
         for udp in (self.udp4, self.udp6):
-            if udp is not None:
-                _apply_mark(udp, mark)
+            if udp is not None and not udp.set_mark(mark):
+                raise PermissionError(errno.EPERM, "SO_MARK not permitted")
 
     # -- event loop -----------------------------------------------------------------------------------------------
 
@@ -322,9 +316,9 @@ class WgDaemon:
     def _flush(self) -> None:
         device = self.device
         assert device is not None
-        transmits = device.drain_transmits()
-        if transmits:
-            self._send(transmits)
+        datagrams = device.drain_datagrams()
+        if datagrams:
+            self._send(datagrams)
         packets = device.drain_packets()
         if packets:
             assert self.tun is not None
@@ -333,20 +327,21 @@ class WgDaemon:
             public_key, what = event
             logger.debug("peer %s: %s", public_key.hex()[:16], type(what).__name__)
 
-    def _send(self, transmits: list[Transmit]) -> None:
+    def _send(self, datagrams: list[tuple[Address, bytes]]) -> None:
         udp4, udp6 = self.udp4, self.udp6
         if udp4 is None:
             return
-        if udp6 is None:
-            udp4.send_many(transmits)
-            return
-        v4 = [t for t in transmits if ":" not in t.dst[0]]
-        if len(v4) == len(transmits):
-            udp4.send_many(transmits)
-            return
-        if v4:
-            udp4.send_many(v4)
-        udp6.send_many([t for t in transmits if ":" in t.dst[0]])
+        count = len(datagrams)
+        start = 0
+        while start < count:
+            # The Device emits each peer's datagrams as one run sharing the peer's endpoint object.
+            destination = datagrams[start][0]
+            end = start + 1
+            while end < count and datagrams[end][0] is destination:
+                end += 1
+            udp = udp6 if udp6 is not None and ":" in destination[0] else udp4
+            udp.send_batch(destination, [payload for _, payload in datagrams[start:end]])
+            start = end
 
     def _on_tun_readable(self, now: float) -> None:
         assert self.tun is not None and self.device is not None
@@ -357,6 +352,8 @@ class WgDaemon:
     def _make_udp_reader(self, udp: UdpSocket) -> Callable[[float], None]:
         def on_readable(now: float) -> None:
             assert self.device is not None
+            if udp is not self.udp4 and udp is not self.udp6:
+                return  # closed by a listen_port change earlier in this loop turn
             datagrams = udp.recv_many(UDP_BATCH)
             if datagrams:
                 self.device.receive_datagrams(datagrams, now)
@@ -482,7 +479,8 @@ def _num_tun_queues() -> int:
     try:
         return queues_from_env()
     except ValueError as exc:
-        raise StartupError(str(exc)) from None
+        value = os.environ.get("FIREZONE_NUM_TUN_THREADS", "")
+        raise StartupError(f"invalid FIREZONE_NUM_TUN_THREADS={value!r}: {exc}") from None
 
 
 def _serve(ifname: str, ready_fd: int | None) -> int:

@@ -747,6 +747,11 @@ class Node:
                 self._migrate_connections({relay_id}, now)
                 return
         if changed:
+            if relay.rtt is not None:
+                # Connections that lost their relay while none was measured get this one now.
+                for conn in self._connections.values():
+                    if conn.relay_id is None:
+                        conn.relay_id = self._sample_relay()
             self._relay_candidates_changed(now)
 
     def _drain_allocation_transmits(self, relay: _Relay) -> None:

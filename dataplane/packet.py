@@ -443,10 +443,13 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
             seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)
             if index:
                 seg_flags &= ~TCP_CWR
+            # Reduce the payload first: every other operand is small, so no big-integer temporaries.
             payload = from_bytes(segment, "big")
             if seg_len & 1:
                 payload <<= 8
-            checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload)) % _FOLD
+            checksum = (
+                -(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload % _FOLD)
+            ) % _FOLD
             ip_checksum = (-(ip_sum + total + ip_id)) % _FOLD
             header = pack4(
                 vihl,
@@ -488,7 +491,7 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
         payload = from_bytes(segment, "big")
         if seg_len & 1:
             payload <<= 8
-        checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload)) % _FOLD
+        checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload % _FOLD)) % _FOLD
         header = pack6(
             first_word,
             thlen + seg_len,
@@ -582,7 +585,7 @@ def _split_udp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> lis
         if len(segment) & 1:
             payload <<= 8
         # The UDP length counts twice: in the pseudo-header and in the UDP header.
-        checksum = (-(udp_sum + 2 * udp_len + payload)) % _FOLD
+        checksum = (-(udp_sum + 2 * udp_len + payload % _FOLD)) % _FOLD
         pack_into("!HH", header, ihl + 4, udp_len, checksum or 0xFFFF)
         out.append(b"".join((header, segment)))
     return out
@@ -617,8 +620,31 @@ def coalesce(packets: Sequence[bytes], *, tcp: bool = True, udp: bool = False) -
     datagrams when ``udp``) that the kernel can segment again. Packets of one flow keep their order; checksums of the
     input are assumed valid (they are re-derived only for merged packets). Garbage passes through unmerged."""
     frames: list[bytes | _Group] = []
-    open_groups: dict[bytes, _Group] = {}
+    open_groups: dict[object, _Group] = {}
+    unpack_v4 = _V4_TCP_COALESCE.unpack_from
     for packet in packets:
+        n = len(packet)
+        if tcp and n > 40 and packet[0] == 0x45 and packet[9] == IPPROTO_TCP:
+            # Fast path, IPv4 without options + TCP: one unpack gives every field the merge rules look at.
+            tos, total, frag, ttl, flow, seq, ack_doff, flags, window, urgent = unpack_v4(packet)
+            thlen = (ack_doff[4] >> 4) * 4
+            payload_len = n - 20 - thlen
+            if total != n or frag & 0xBFFF or flags & ~TCP_PSH != TCP_ACK or thlen < 20 or payload_len <= 0:
+                frames.append(packet)
+                continue
+            v4_key = (tos, frag, ttl, flow, ack_doff, window, urgent, packet[40 : 20 + thlen] if thlen > 20 else b"")
+            next_seq = (seq + payload_len) & 0xFFFFFFFF
+            may_extend = not flags & TCP_PSH
+            group = open_groups.get(v4_key)
+            if group is not None and _try_append(
+                group, packet, (4, 20, thlen, True, payload_len, next_seq, may_extend)
+            ):
+                continue
+            group = _Group(packet, 4, 20, thlen, True, payload_len, next_seq)
+            group.closed = not may_extend
+            open_groups[v4_key] = group
+            frames.append(group)
+            continue
         key, group_args = _coalesce_key(packet, tcp, udp)
         if key is None:
             frames.append(packet)
@@ -639,6 +665,9 @@ def coalesce(packets: Sequence[bytes], *, tcp: bool = True, udp: bool = False) -
             out.append(_NO_OFFLOAD_HEADER + frame)
     return out
 
+
+# tos, total length, flags+fragment offset, ttl, addresses+ports, seq, ack+data offset, flags, window, urgent pointer
+_V4_TCP_COALESCE = struct.Struct("!xBH2xHB3x12sI5sB2s2x2s")
 
 # (version, ihl, l4 header length, is_tcp, payload length, next sequence number, may be extended)
 _GroupArgs = tuple[int, int, int, bool, int, int, bool]

@@ -47,7 +47,9 @@ __all__ = [
     "measure",
     "ping_rtt_ms",
     "public_key_of",
+    "remove_stale_sockets",
     "start_interface",
+    "wg_topology",
 ]
 
 Implementation = Literal["wireguard-go", "firezone-wg"]
@@ -151,6 +153,29 @@ def uapi_socket_ready(ifname: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def remove_stale_sockets(prefix: str) -> list[str]:
+    """Removes UAPI sockets named ``prefix*`` that nobody serves (left by a daemon killed with SIGKILL)."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(SOCKET_DIRECTORY):
+            if name.startswith(prefix) and name.endswith(".sock") and not uapi_socket_ready(name[: -len(".sock")]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(SOCKET_DIRECTORY, name))
+                removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def wg_topology(prefix: str) -> Iterator[Topology]:
+    """A :class:`Topology` whose interface names (``wg{suffix}…``) get their stale UAPI sockets removed at the end."""
+    topo = Topology(prefix)
+    try:
+        yield topo
+    finally:
+        topo.close()
+        remove_stale_sockets(f"wg{topo.suffix}")
 
 
 @dataclass
@@ -525,7 +550,7 @@ def flood_initiations(
 
 @contextlib.contextmanager
 def _pair(implementation_a: Implementation, implementation_b: Implementation, log_dir: Path) -> Iterator[WgPair]:
-    with Topology("wgm") as topo:
+    with wg_topology("wgm") as topo:
         # Quiet daemons: logging must not cost throughput while measuring.
         env = {"LOG_LEVEL": "error"}
         pair = WgPair.create(topo, implementation_a, implementation_b, log_dir=log_dir, env_a=env, env_b=env)
@@ -597,8 +622,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(result.__dict__), flush=True)
         return 0
+    load_before = os.getloadavg()
     rows = measure(seconds=args.seconds, pings=args.pings)
-    print(json.dumps(rows, indent=2) if args.json else _format_table(rows, args.seconds, args.pings))
+    load_after = os.getloadavg()
+    if args.json:
+        print(json.dumps({"rows": rows, "loadavg_before": load_before, "loadavg_after": load_after}, indent=2))
+    else:
+        print(_format_table(rows, args.seconds, args.pings))
+        # Other work on the machine moves these numbers; the 1-minute load average says how much there was.
+        print(f"load average (1/5/15 min) before: {load_before}, after: {load_after}; {os.cpu_count()} CPUs")
     return 0
 
 

@@ -62,6 +62,8 @@ NUM_TUN_THREADS_ENV = "FIREZONE_NUM_TUN_THREADS"
 _READ_SIZE = 65536 + VIRTIO_NET_HDR_LEN
 # How many frames a reader takes from the device before handing the batch over.
 _READ_BURST = 64
+# How long a reader waits before looking again when the consumer has not made room yet.
+_FULL_WAIT_MS = 1
 # How many packets a writer takes per pass (merged before writing when offloads are on).
 _WRITE_BURST = 128
 # Batches up to this size are written by the caller itself when the queue's writer is idle with nothing pending.
@@ -401,12 +403,21 @@ class Tun:
         inbound = self._inbound
         capacity = self.inbound_capacity
         read = os.read
+        stop_poller = select.poll()
+        stop_poller.register(self._stop_fd, select.POLLIN)
         while True:
+            room = capacity - len(inbound)
+            if room <= 0:
+                # Backpressure instead of reading and dropping: packets wait in the kernel's queue, where TCP small
+                # queues slow the local sender down (and an overflow is counted by the kernel as tx_dropped).
+                if stop_poller.poll(_FULL_WAIT_MS):
+                    return
+                continue
             events = poller.poll()
             if any(ready_fd == self._stop_fd for ready_fd, _ in events):
                 return
             batch: list[bytes] = []
-            for _ in range(_READ_BURST):
+            for _ in range(min(_READ_BURST, room)):
                 try:
                     frame = read(fd, _READ_SIZE)
                 except BlockingIOError:

@@ -6,14 +6,18 @@ the driver then drains datagrams for the UDP socket (:meth:`drain_transmits`, or
 :meth:`poll_timeout`.
 
 Under load (cookie replies instead of handshakes): the device counts handshake messages (initiations and responses)
-in one-second buckets; when a bucket holds more than ``under_load_threshold`` of them the device is under load, and
-stays so until one second after the last message that exceeded the threshold (wireguard-go's 1 s hysteresis).
-``force_under_load`` pins it on (tests, operators).
+whose mac1 is valid in one-second buckets (a bucket starts at the first message after the previous one ended); when
+a bucket holds more than ``under_load_threshold`` of them the device is under load, and stays so until one second
+after the last message that exceeded the threshold (wireguard-go's 1 s hysteresis). wireguard-go instead looks at the
+depth of its handshake queue (>= 512); a sans-IO machine has no queue, so the rate stands in for it. Under load, a
+handshake message without a valid mac2 gets a cookie reply and nothing else; one with a valid mac2 still passes the
+per-source rate limiter (20/s, burst 5) before any Curve25519 work. ``force_under_load`` pins the state on.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -42,6 +46,9 @@ from .ratelimit import RateLimiter
 from .tunn import DropReason, IndexTable, Tunn, TunnEvent
 
 __all__ = ["Device", "DropReason", "Peer"]
+
+# Drops outside the transport fast path, one record each: a separate logger so floods stay quiet unless asked for.
+_drop_log = logging.getLogger("dataplane.wireguard.drops")
 
 _TRANSPORT_TYPE = MESSAGE_TRANSPORT.to_bytes(4, "little")
 
@@ -239,6 +246,11 @@ class Device:
 
     # --- receive path ---
 
+    def _drop(self, source: Address, reason: DropReason) -> None:
+        self.drops.drop(reason)
+        if _drop_log.isEnabledFor(logging.DEBUG):
+            _drop_log.debug("dropped a datagram from %s: %s", source, reason.value)
+
     def receive_datagrams(self, datagrams: Sequence[tuple[bytes, Address]], now: float) -> None:
         """Process datagrams from the UDP socket; every one is either used or dropped and counted.
 
@@ -302,56 +314,56 @@ class Device:
     def _receive_other(self, data: bytes, source: Address, now: float, touched: set[Peer]) -> None:
         size = len(data)
         if size < 4:
-            self.drops.drop(DropReason.BAD_LENGTH)
+            self._drop(source, DropReason.BAD_LENGTH)
             return
         kind = int.from_bytes(data[:4], "little")
         if kind == MESSAGE_INITIATION or kind == MESSAGE_RESPONSE:
             expected = MESSAGE_INITIATION_SIZE if kind == MESSAGE_INITIATION else MESSAGE_RESPONSE_SIZE
             if size != expected:
-                self.drops.drop(DropReason.BAD_LENGTH)
+                self._drop(source, DropReason.BAD_LENGTH)
                 return
             self._receive_handshake(kind, data, source, now, touched)
         elif kind == MESSAGE_COOKIE_REPLY:
             if size != MESSAGE_COOKIE_REPLY_SIZE:
-                self.drops.drop(DropReason.BAD_LENGTH)
+                self._drop(source, DropReason.BAD_LENGTH)
                 return
             tunn = self._indices.get(int.from_bytes(data[4:8], "little"))
             if tunn is None:
-                self.drops.drop(DropReason.UNKNOWN_INDEX)
+                self._drop(source, DropReason.UNKNOWN_INDEX)
                 return
             tunn.receive_cookie_reply(data, now)
         elif kind == MESSAGE_TRANSPORT:
-            self.drops.drop(DropReason.BAD_LENGTH)
+            self._drop(source, DropReason.BAD_LENGTH)
         else:
-            self.drops.drop(DropReason.BAD_TYPE)
+            self._drop(source, DropReason.BAD_TYPE)
 
     def _receive_handshake(self, kind: int, data: bytes, source: Address, now: float, touched: set[Peer]) -> None:
         checker = self._checker
         if checker is None or self.private_key is None or self.public_key is None:
-            self.drops.drop(DropReason.NO_PRIVATE_KEY)
+            self._drop(source, DropReason.NO_PRIVATE_KEY)
             return
         if not checker.check_mac1(data):
-            self.drops.drop(DropReason.BAD_MAC1)
+            self._drop(source, DropReason.BAD_MAC1)
             return
         self._count_handshake_message(now)
         if self.is_under_load(now):
             if not checker.check_mac2(data, source, now):
                 self._transmits.append((source, checker.create_reply(data, source, now)))
-                self.drops.drop(DropReason.COOKIE_REQUIRED)
+                self._drop(source, DropReason.COOKIE_REQUIRED)
                 return
             if not self._rate_limiter.allow(source[0], now):
-                self.drops.drop(DropReason.RATE_LIMITED)
+                self._drop(source, DropReason.RATE_LIMITED)
                 return
         if kind == MESSAGE_INITIATION:
             consumed = noise.consume_initiation(
                 static_private=self.private_key, static_public=self.public_key, message=data
             )
             if consumed is None:
-                self.drops.drop(DropReason.HANDSHAKE_FAILED)
+                self._drop(source, DropReason.HANDSHAKE_FAILED)
                 return
             peer = self._peers.get(consumed.remote_static)
             if peer is None:
-                self.drops.drop(DropReason.UNKNOWN_PEER)
+                self._drop(source, DropReason.UNKNOWN_PEER)
                 return
             if peer.tunn.receive_initiation(consumed, len(data), now):
                 peer.endpoint = source
@@ -359,7 +371,7 @@ class Device:
             return
         tunn = self._indices.get(int.from_bytes(data[8:12], "little"))
         if tunn is None:
-            self.drops.drop(DropReason.UNKNOWN_INDEX)
+            self._drop(source, DropReason.UNKNOWN_INDEX)
             return
         peer = self._peers.get(tunn.peer_public)
         if peer is not None and tunn.receive_response(data, now):

@@ -12,6 +12,7 @@ while traffic keeps arriving (boringtun/Firezone behaviour).
 from __future__ import annotations
 
 import enum
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ class IndexTable:
         return len(self.entries)
 
 
+_log = logging.getLogger(__name__)
 _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _PADDING = bytes(PADDING_MULTIPLE)
 
@@ -650,6 +652,11 @@ class Tunn:
         self._sent_last_minute_handshake = False
         self.last_handshake_wall = self._wall_clock()
         self._events.append(HandshakeCompleted(self.peer_public, is_initiator))
+        _log.debug(
+            "handshake with %s completed (%s)",
+            self.peer_public.hex()[:16],
+            "initiator" if is_initiator else "responder",
+        )
 
     # --- timers ---
 
@@ -688,14 +695,15 @@ class Tunn:
         timers = self._timers
         timers.handshake_started = None
         timers.send_keepalive = None
-        dropped = len(self._staged)
-        for _ in range(dropped):
+        dropped = sum(1 for packet in self._staged if packet)  # staged keepalives are not the caller's packets
+        for _ in range(len(self._staged)):
             self.drops.drop(DropReason.HANDSHAKE_GAVE_UP)
         self._staged.clear()
         self._clear_handshake()
         if timers.zero_key_material is None:
             timers.session_derived(now)
         self._events.append(HandshakeGaveUp(self.peer_public, dropped))
+        _log.debug("handshake with %s gave up after %.0f s", self.peer_public.hex()[:16], self.rekey_attempt_time)
 
     def _zero_keys(self) -> None:
         for keypair in (self._current, self._previous, self._next):
@@ -705,6 +713,7 @@ class Tunn:
         self._clear_handshake()
         self._staged.clear()
         self._events.append(KeysZeroed(self.peer_public))
+        _log.debug("keys for %s zeroed", self.peer_public.hex()[:16])
 
     def _clear_handshake(self) -> None:
         if self._handshake_index is not None:

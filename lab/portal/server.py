@@ -49,6 +49,8 @@ V1_PATH = "/gateway/websocket"
 PHOENIX_AUTH_PROTOCOL_PREFIX = "base64url.bearer.phx."
 MAX_INBOUND_FRAME = 16 * 1024 * 1024
 ADMIN_MAX_BODY = 64 * 1024 * 1024
+MAX_LOGGED_EVENTS = 100_000
+"""The log keeps this many newest entries (a long-running ``firezone-lab portal`` must not grow without bound)."""
 
 # The gateway→portal events each socket generation understands (portal-protocol.md §2.0, §2.2).
 _COMMON_GATEWAY_EVENTS = frozenset(
@@ -257,6 +259,7 @@ class DevPortal:
         self._sessions: dict[int, GatewaySession] = {}
         self._finished: list[GatewaySession] = []
         self._events: list[PortalEvent] = []
+        self._first_seq = 0
         self._changed = asyncio.Event()
         self._tunnel_ips: dict[str, tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]] = {}
         self._next_pool_host = 2
@@ -327,7 +330,7 @@ class DevPortal:
 
     def _record(self, kind: str, session: GatewaySession | None = None, **fields: Any) -> PortalEvent:
         event = PortalEvent(
-            seq=len(self._events),
+            seq=self.next_seq,
             kind=kind,
             at=time.monotonic(),
             wall=self._wall_clock(),
@@ -337,6 +340,10 @@ class DevPortal:
             **fields,
         )
         self._events.append(event)
+        if len(self._events) > MAX_LOGGED_EVENTS:
+            dropped = len(self._events) - MAX_LOGGED_EVENTS // 2
+            del self._events[:dropped]
+            self._first_seq += dropped
         self._changed.set()
         self._changed = asyncio.Event()
         return event
@@ -344,7 +351,10 @@ class DevPortal:
     @property
     def next_seq(self) -> int:
         """The seq the next log entry gets: pass it as ``since`` to wait only for what happens from now on."""
-        return len(self._events)
+        return self._first_seq + len(self._events)
+
+    def _since(self, seq: int) -> list[PortalEvent]:
+        return self._events[max(0, seq - self._first_seq) :]
 
     def events(
         self,
@@ -355,7 +365,7 @@ class DevPortal:
         gateway: str | None = None,
         conn_id: int | None = None,
     ) -> list[PortalEvent]:
-        return [e for e in self._events[since:] if self._matches(e, kind, event, gateway, conn_id)]
+        return [e for e in self._since(since) if self._matches(e, kind, event, gateway, conn_id)]
 
     @staticmethod
     def _matches(e: PortalEvent, kind: str | None, event: str | None, gateway: str | None, conn_id: int | None) -> bool:
@@ -381,10 +391,10 @@ class DevPortal:
         deadline = time.monotonic() + timeout
         position = since
         while True:
-            for e in self._events[position:]:
+            for e in self._since(position):
                 if self._matches(e, kind, event, gateway, conn_id) and (predicate is None or predicate(e)):
                     return e
-            position = max(position, len(self._events))
+            position = max(position, self.next_seq)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 wanted = ", ".join(f"{k}={v}" for k, v in (("kind", kind), ("event", event)) if v)

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -176,6 +177,20 @@ async def test_http_api_url_is_normalised_to_ws(portal: DevPortal, tmp_path: Pat
     async with run_gateway(portal, tmp_path, api_url=portal.url.replace("ws://", "http://")) as gateway:
         await gateway.wait_readyz(200)
     assert portal.gateways()[0]["socket"] == "v2"
+
+
+async def test_reconnect_budget_exhausted_exits_1(portal: DevPortal, tmp_path: Path) -> None:
+    extra = {"FIREZONE_MAX_PARTITION_TIME": "3s"}
+    async with run_gateway(portal, tmp_path, extra_env=extra) as gateway:
+        await gateway.wait_readyz(200)
+        await portal.stop()
+        stopped = time.monotonic()
+        code = await gateway.wait_exit(timeout=15)
+        gave_up_after = time.monotonic() - stopped
+    assert code == 1
+    assert len([line for line in gateway.stderr.decode().splitlines() if line.startswith("error:")]) == 1
+    # Delays 0.5, 0.75, 1.125 s (each up to doubled by jitter) until the next one would overrun the 3 s budget.
+    assert 1.0 <= gave_up_after <= 8.0
 
 
 async def test_invalid_token_exits_1_with_a_clear_message(portal: DevPortal, tmp_path: Path) -> None:

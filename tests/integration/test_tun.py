@@ -195,19 +195,56 @@ def test_outbound_backpressure_is_bounded_and_counted(ns: Netns) -> None:
         assert tun.send(packets[0])
 
 
-def test_inbound_queue_is_bounded_and_drops_are_counted(ns: Netns) -> None:
+def test_inbound_queue_is_bounded_and_pushes_back_without_loss(ns: Netns) -> None:
     with create(ns, queues=1, offload=False, inbound_capacity=32) as tun:
         configure(ns)
         sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         with sender:
             for i in range(300):
                 sender.sendto(struct.pack("!I", i), (PEER_ADDR, 5000))
+        time.sleep(0.3)
+        # Nobody polled: the reader stopped at the bound and left the rest in the kernel's queue.
+        assert len(tun._inbound) <= 32
+        assert tun.stats().rx_frames <= 32 + 64
+        received: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(received) < 300 and time.monotonic() < deadline:
+            batch = tun.poll_recv_many(1000)
+            assert len(batch) <= 32
+            received += [struct.unpack_from("!I", p, 28)[0] for p in batch if p[0] == 0x45 and p[9] == 17]
+            time.sleep(0.002)
+        assert received == list(range(300))
+        assert tun.drops[TunDropReason.INBOUND_QUEUE_FULL] == 0
+
+
+def test_inbound_overflow_of_a_split_batch_is_counted(ns: Netns) -> None:
+    """With offloads one frame can split into many packets: what does not fit is dropped and counted, not queued."""
+    with create(ns, queues=1, offload=True, inbound_capacity=4) as tun:
+        configure(ns)
+        ns.exec(["ip", "link", "set", "fztun0", "mtu", "1500"])
+        sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        with sender:
+            if tun.offload_flags & tun_module.TUN_F_USO4:
+                sender.setsockopt(17, 103, 1000)  # UDP_SEGMENT: one 10-datagram super-packet through the TUN
+                sender.sendto(bytes(10000), (PEER_ADDR, 5000))
+            else:
+                pytest.skip("kernel without USO on TUN")
         deadline = time.monotonic() + 5
         while tun.drops[TunDropReason.INBOUND_QUEUE_FULL] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert tun.drops[TunDropReason.INBOUND_QUEUE_FULL] > 0
-        time.sleep(0.1)
-        received = tun.poll_recv_many(1000)
-        assert 0 < len(received) <= 32
-        # Drained: the wakeup fd is clear and the queue is empty.
-        assert tun.poll_recv_many() == []
+        assert len(tun._inbound) <= 4
+
+
+def test_queue_count_from_environment() -> None:
+    assert tun_module.queues_from_env({"FIREZONE_NUM_TUN_THREADS": "3"}) == 3
+    assert tun_module.queues_from_env({}) in (1, 2)
+    with pytest.raises(ValueError):
+        tun_module.queues_from_env({"FIREZONE_NUM_TUN_THREADS": "0"})
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(ValueError):
+        Tun.create("x" * 16)
+    with pytest.raises(ValueError):
+        Tun.create("fzok0", queues=0)

@@ -187,3 +187,19 @@ def test_recv_errors_do_not_raise() -> None:
         sock.send_many([Transmit(target, b"x")])
         time.sleep(0.05)
         assert sock.recv_many() == []
+
+
+@pytest.mark.parametrize("gso", [True, False])
+def test_send_batch_to_one_destination(gso: bool) -> None:
+    with UdpSocket.bind("127.0.0.1", 0) as rx, UdpSocket.bind("127.0.0.1", 0, gso=gso) as tx:
+        recorder = RecordingSocket(tx._sock)
+        tx._sock = recorder  # type: ignore[assignment]
+        payloads = [t.payload for t in numbered(100, 1000, rx.local_address, last_size=10)]
+        payloads.insert(30, b"\x00\x00\x00\xff" + bytes(1200))  # larger than its run: ends it, starts another
+        tx.send_batch(rx.local_address, payloads)
+        if gso:
+            # Runs: [0..29]; [30, 31] (a shorter datagram may only end a run); [32..95] (64 segments); [96..100].
+            assert (recorder.sendmsg_calls, recorder.sendto_calls) == (4, 0)
+        else:
+            assert recorder.sendto_calls == 101 and recorder.sendmsg_calls == 0
+        assert [p for p, _ in drain(rx, 101)] == payloads

@@ -9,6 +9,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from lab.wg import (
     generate_preshared_key,
     start_interface,
     uapi_socket_ready,
+    wg_topology,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -31,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    with Topology("wgd") as topology:
+    with wg_topology("wgd") as topology:
         yield topology
 
 
@@ -61,14 +63,17 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return condition()
 
 
-def run_daemon(ns: Netns, ifname: str, *, foreground: bool, prefix: tuple[str, ...] = ()):
+def run_daemon(
+    ns: Netns, ifname: str, *, foreground: bool, prefix: tuple[str, ...] = (), env: dict[str, str] | None = None
+):
     """Runs firezone-wg to completion (a refused start, or the daemonising parent); ``prefix`` wraps the command."""
-    return run_in(ns, [*prefix, *daemon_argv("firezone-wg", ifname, foreground=foreground)])
+    return run_in(ns, [*prefix, *daemon_argv("firezone-wg", ifname, foreground=foreground)], env=env)
 
 
-def run_in(ns: Netns, argv: list[str]) -> subprocess.CompletedProcess[str]:
+def run_in(ns: Netns, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # Without LOG_LEVEL the daemon keeps no inherited pipe open, so capturing the parent's output cannot hang.
     environment = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
+    environment.update(env or {})
     return subprocess.run(ns.argv(argv), capture_output=True, text=True, timeout=30, env=environment)
 
 
@@ -150,7 +155,7 @@ def test_wg_set_listen_port_rebinds_and_a_port_in_use_is_reported(topo: Topology
 
     blocker = ns.popen(
         [
-            "python3",
+            sys.executable,
             "-c",
             "import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',52001));"
             "print('bound',flush=True); time.sleep(60)",
@@ -202,10 +207,12 @@ def test_deleting_the_link_or_the_socket_stops_the_daemon_like_wireguard_go(topo
 def test_without_f_it_daemonises_once_the_interface_is_up(topo: Topology) -> None:
     ns = topo.add_ns("a")
     ifname = f"wg{topo.suffix}d"
-    result = run_daemon(ns, ifname, foreground=False)
+    result = run_daemon(ns, ifname, foreground=False, env={"FIREZONE_NUM_TUN_THREADS": "3"})
     assert result.returncode == 0, result.stderr
     # The parent returned only after the interface was up and the UAPI socket served.
-    assert "UP" in ns.exec(["ip", "-o", "link", "show", ifname]).split("<")[1].split(">")[0].split(",")
+    link = ns.exec(["ip", "-d", "-o", "link", "show", ifname])
+    assert "UP" in link.split("<")[1].split(">")[0].split(",")
+    assert "mtu 1420" in link and "numqueues 3" in link
     assert uapi_socket_ready(ifname)
     pids = [int(pid) for pid in run(["ip", "netns", "pids", ns.name]).split()]
     try:
@@ -259,6 +266,16 @@ def test_an_existing_device_is_refused(topo: Topology, tmp_path: Path) -> None:
     assert uapi_socket_ready(running.name)
 
 
+def test_a_bad_thread_count_is_refused(topo: Topology) -> None:
+    ns = topo.add_ns("a")
+    ifname = f"wg{topo.suffix}n"
+    result = run_daemon(ns, ifname, foreground=False, env={"FIREZONE_NUM_TUN_THREADS": "many"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("firezone-wg: invalid FIREZONE_NUM_TUN_THREADS='many'")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not link_exists(ns, ifname)
+
+
 def test_not_being_root_is_refused(topo: Topology) -> None:
     ns = topo.add_ns("a")
     ifname = f"wg{topo.suffix}u"
@@ -284,3 +301,39 @@ def test_a_missing_dev_net_tun_is_refused(topo: Topology) -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("firezone-wg: /dev/net/tun is missing")
     assert not link_exists(ns, ifname)
+
+
+def test_wg_quick_up_and_down_use_it_as_the_userspace_implementation(topo: Topology, tmp_path: Path) -> None:
+    ns = topo.add_ns("a")
+    ifname = f"wg{topo.suffix}q"
+    config = tmp_path / f"{ifname}.conf"
+    config.write_text(
+        f"[Interface]\nPrivateKey = {generate_keypair()[0]}\nAddress = 10.99.0.1/24\nListenPort = 51998\n\n"
+        f"[Peer]\nPublicKey = {generate_keypair()[1]}\nAllowedIPs = 10.99.0.2/32\nEndpoint = 192.0.2.1:51820\n"
+    )
+    config.chmod(0o600)
+    implementation = shlex.join(daemon_argv("firezone-wg", ifname, foreground=False)[:-1])
+    wrapper = tmp_path / "firezone-wg"
+    wrapper.write_text(f'#!/bin/sh\nexec {implementation} "$@"\n')
+    wrapper.chmod(0o755)
+    env = ["env", f"WG_QUICK_USERSPACE_IMPLEMENTATION={wrapper}"]
+    up = run_in(ns, [*env, "wg-quick", "up", str(config)])
+    assert up.returncode == 0, up.stderr
+    try:
+        assert ns.exec(["wg", "show", ifname, "listen-port"]).strip() == "51998"
+        assert "10.99.0.1/24" in ns.exec(["ip", "-br", "addr", "show", ifname])
+    finally:
+        down = run_in(ns, [*env, "wg-quick", "down", str(config)])
+    assert down.returncode == 0, down.stderr
+    # wg-quick down deletes the link; the daemon notices and removes its socket.
+    assert wait_for(lambda: not os.path.exists(socket_file(ifname)))
+
+
+@pytest.mark.parametrize("ifname", ["", "x" * 16, "a/b", "a b"])
+def test_an_invalid_interface_name_is_refused(topo: Topology, ifname: str) -> None:
+    ns = topo.add_ns("a")
+    result = run_daemon(ns, ifname, foreground=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"firezone-wg: invalid interface name {ifname!r} (1-15 characters, no '/' or spaces)"
+    ]

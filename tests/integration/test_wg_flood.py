@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.netns import Topology
-from lab.wg import start_interface
+from lab.wg import start_interface, wg_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -24,7 +23,7 @@ PORTS_PER_IP = 4
 
 
 def test_a_handshake_flood_gets_cookie_replies_while_a_real_peer_still_connects(tmp_path: Path) -> None:
-    with Topology("wgf") as topo:
+    with wg_topology("wgf") as topo:
         ns_go, ns_fz, ns_attacker = topo.add_ns("go"), topo.add_ns("fz"), topo.add_ns("atk")
         topo.link(ns_go, "192.168.77.1/24", ns_fz, "192.168.77.2/24")
         topo.link(

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Topology
-from lab.wg import WgInterface, WgPair, generate_keypair, generate_preshared_key, iperf3, start_interface
+from lab.wg import WgInterface, WgPair, generate_keypair, generate_preshared_key, iperf3, start_interface, wg_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    with Topology("wgi") as topology:
+    with wg_topology("wgi") as topology:
         yield topology
 
 

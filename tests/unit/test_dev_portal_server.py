@@ -506,3 +506,17 @@ async def test_writing_to_a_vanished_socket_is_reported_not_raised_raw(portal: D
         await portal._send(session, wire.Frame(topic="gateway", event="x", payload={}, ref=None))
     assert gone.value.status == 409
     assert portal.events(kind="send_failed")
+
+
+async def test_the_log_is_bounded_and_seqs_stay_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.portal import server
+
+    monkeypatch.setattr(server, "MAX_LOGGED_EVENTS", 10)
+    portal = DevPortal(CONFIG)
+    for number in range(25):
+        portal._record("sent", detail=str(number))
+    assert portal.next_seq == 25
+    kept = portal.events()
+    assert len(kept) <= 10 and [e.seq for e in kept] == list(range(25 - len(kept), 25))
+    assert [e.detail for e in portal.events(since=23)] == ["23", "24"]
+    assert (await portal.wait_for(since=24, kind="sent", timeout=0.1)).detail == "24"

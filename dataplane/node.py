@@ -665,7 +665,7 @@ class Node:
         if conn is None:
             self.drops.drop(DropReason.NO_CONNECTION)
             return
-        if conn.selected is None:
+        if not self._can_send(conn):
             if len(conn.pending) >= MAX_PENDING_PACKETS:
                 conn.pending.popleft()
                 self.drops.drop(DropReason.PENDING_QUEUE_FULL)
@@ -777,7 +777,18 @@ class Node:
             elif isinstance(tunnel_event, wg.HandshakeGaveUp):
                 self._remove_connection(conn, now, event=ConnectionFailed(conn.id, "wireguard handshake gave up"))
                 return
+        if conn.pending and self._can_send(conn):
+            while conn.pending:
+                conn.tunnel.encapsulate(conn.pending.popleft(), now)
         self._flush_tunnel(conn, now)
+
+    def _can_send(self, conn: _Connection) -> bool:
+        """Whether packets may go into the tunnel now. The gateway never starts a handshake (§4.2: it only answers
+        and sends in response to client traffic), so it holds packets until the client's handshake gave it a session;
+        otherwise both sides would initiate at once and each would drop the other's half-finished handshake."""
+        if conn.selected is None:
+            return False
+        return self.role is NodeRole.CLIENT or conn.tunnel.has_session
 
     def _on_ice_event(self, conn: _Connection, event: ice.IceEvent, now: float) -> None:
         if isinstance(event, ice.SelectedPairChanged):
@@ -792,8 +803,6 @@ class Node:
                 if self.role is NodeRole.CLIENT:
                     # The initiator handshakes as soon as ICE nominated (§4.2); a keepalive starts it.
                     conn.tunnel.send_keepalive(now)
-                while conn.pending:
-                    conn.tunnel.encapsulate(conn.pending.popleft(), now)
             else:
                 self._events.append(ConnectionPathChanged(conn.id, path, local, remote))
         elif isinstance(event, ice.IceFailed):

@@ -55,3 +55,7 @@ UNDER_LOAD_AFTER_TIME: Final = 1.0
 REPLAY_WINDOW_SIZE: Final = 8128
 MAX_STAGED_PACKETS: Final = 128
 MAX_PEERS: Final = 1 << 16
+
+# wireguard-go's default interface MTU. Padding never grows a packet past the tunnel MTU, so the encrypted datagram
+# stays within the underlay's MTU (1420 + 32 + 48 for IPv6/UDP = 1500).
+DEFAULT_MTU = 1420

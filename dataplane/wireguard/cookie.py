@@ -34,11 +34,22 @@ def cookie_key(static_public: bytes) -> bytes:
 
 
 def source_bytes(source: Address) -> bytes:
-    """What a cookie binds to: the source IP and port."""
-    try:
-        packed = ipaddress.ip_address(source[0]).packed
-    except ValueError:
-        packed = source[0].encode()
+    """What a cookie binds to: the source IP and port (IPv4 parsed without ``ipaddress``: this runs per datagram
+    under load)."""
+    host = source[0]
+    packed: bytes | None = None
+    if ":" not in host:
+        try:
+            packed = bytes(int(part) for part in host.split("."))
+        except ValueError:
+            packed = None
+        if packed is not None and len(packed) != 4:
+            packed = None
+    if packed is None:
+        try:
+            packed = ipaddress.ip_address(host).packed
+        except ValueError:
+            packed = host.encode()
     return packed + (source[1] & 0xFFFF).to_bytes(2, "big")
 
 
@@ -51,6 +62,8 @@ class CookieChecker:
         self._rng = rng
         self._secret = bytes(KEY_SIZE)
         self._secret_set: float | None = None
+        self._last_source: Address | None = None
+        self._last_cookie = b""
 
     def check_mac1(self, message: bytes) -> bool:
         """``message`` is a full initiation or response; mac1 covers everything before it."""
@@ -61,7 +74,12 @@ class CookieChecker:
         if self._secret_set is None or now - self._secret_set >= COOKIE_REFRESH_TIME:
             self._secret = self._rng.random_bytes(KEY_SIZE)
             self._secret_set = now
-        return mac(self._secret, source_bytes(source))
+            self._last_source = None
+        # check_mac2 and then create_reply ask for the same source's cookie: compute it once.
+        if source != self._last_source:
+            self._last_cookie = mac(self._secret, source_bytes(source))
+            self._last_source = source
+        return self._last_cookie
 
     def check_mac2(self, message: bytes, source: Address, now: float) -> bool:
         end = len(message) - MAC_SIZE

@@ -6,11 +6,11 @@ XChaCha20-Poly1305 is only used for cookie replies, so its HChaCha20 subkey step
 from __future__ import annotations
 
 import hashlib
-import hmac as _hmac
 import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 __all__ = [
@@ -20,10 +20,12 @@ __all__ = [
     "blake2s_hash",
     "dh",
     "hchacha20",
+    "hchacha20_rounds",
     "hmac_blake2s",
     "kdf1",
     "kdf2",
     "kdf3",
+    "load_private_key",
     "mac",
     "public_key",
     "tai64n",
@@ -48,8 +50,21 @@ def mac(key: bytes, data: bytes) -> bytes:
     return _blake2s(data, digest_size=16, key=key).digest()
 
 
+_HMAC_BLOCK = 64
+_TRANS_36 = bytes(x ^ 0x36 for x in range(256))
+_TRANS_5C = bytes(x ^ 0x5C for x in range(256))
+
+
 def hmac_blake2s(key: bytes, data: bytes) -> bytes:
-    return _hmac.new(key, data, _blake2s).digest()
+    """HMAC-BLAKE2s-256 (RFC 2104), written out because ``hmac.new`` with a BLAKE2 constructor is slow."""
+    if len(key) > _HMAC_BLOCK:
+        key = _blake2s(key).digest()
+    key = key.ljust(_HMAC_BLOCK, b"\x00")
+    inner = _blake2s(key.translate(_TRANS_36))
+    inner.update(data)
+    outer = _blake2s(key.translate(_TRANS_5C))
+    outer.update(inner.digest())
+    return outer.digest()
 
 
 def kdf1(key: bytes, data: bytes) -> bytes:
@@ -70,16 +85,27 @@ def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     return t0, t1, hmac_blake2s(prk, t1 + b"\x03")
 
 
-def public_key(private_key: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+PrivateKey = bytes | X25519PrivateKey
+"""A static or ephemeral X25519 private key: raw bytes, or loaded once with :func:`load_private_key`.
+
+Loading costs about as much as two exchanges (OpenSSL derives the public key), so long-lived keys are loaded once.
+"""
 
 
-def dh(private_key: bytes, peer_public_key: bytes) -> bytes | None:
+def load_private_key(private_key: PrivateKey) -> X25519PrivateKey:
+    if isinstance(private_key, X25519PrivateKey):
+        return private_key
+    return X25519PrivateKey.from_private_bytes(private_key)
+
+
+def public_key(private_key: PrivateKey) -> bytes:
+    return load_private_key(private_key).public_key().public_bytes_raw()
+
+
+def dh(private_key: PrivateKey, peer_public_key: bytes) -> bytes | None:
     """X25519; None when the peer's point is of low order (an all-zero shared secret), which WireGuard rejects."""
     try:
-        return X25519PrivateKey.from_private_bytes(private_key).exchange(
-            X25519PublicKey.from_public_bytes(peer_public_key)
-        )
+        return load_private_key(private_key).exchange(X25519PublicKey.from_public_bytes(peer_public_key))
     except ValueError:
         return None
 
@@ -100,11 +126,37 @@ def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, associated_data: b
 
 
 _MASK32 = 0xFFFFFFFF
+_ZERO_BLOCK = bytes(64)
 _SIGMA = struct.unpack("<4I", b"expand 32-byte k")
 
 
 def hchacha20(key: bytes, nonce16: bytes) -> bytes:
-    """HChaCha20 (draft-irtf-cfrg-xchacha §2.2): 20 ChaCha rounds without the final addition; words 0-3 and 12-15."""
+    """HChaCha20 (draft-irtf-cfrg-xchacha §2.2) from one native ChaCha20 block.
+
+    A ChaCha20 block is the permuted state plus the input state; HChaCha20 is the permuted state itself (words 0-3
+    and 12-15). With ``nonce16`` as ChaCha20's counter-and-nonce, words 0-3 of the input are the constants and words
+    12-15 are ``nonce16``, so subtracting them recovers HChaCha20. This is ~10x faster than the rounds in Python
+    (:func:`hchacha20_rounds`), which matters because cookie replies are what a device sends while flooded.
+    """
+    block = Cipher(algorithms.ChaCha20(key, nonce16), mode=None).encryptor().update(_ZERO_BLOCK)
+    words = struct.unpack("<16I", block)
+    n0, n1, n2, n3 = struct.unpack("<4I", nonce16)
+    m = _MASK32
+    return struct.pack(
+        "<8I",
+        (words[0] - _SIGMA[0]) & m,
+        (words[1] - _SIGMA[1]) & m,
+        (words[2] - _SIGMA[2]) & m,
+        (words[3] - _SIGMA[3]) & m,
+        (words[12] - n0) & m,
+        (words[13] - n1) & m,
+        (words[14] - n2) & m,
+        (words[15] - n3) & m,
+    )
+
+
+def hchacha20_rounds(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20 as specified: 20 ChaCha rounds without the final addition; words 0-3 and 12-15 (reference)."""
     x0, x1, x2, x3 = _SIGMA
     x4, x5, x6, x7, x8, x9, x10, x11 = struct.unpack("<8I", key)
     x12, x13, x14, x15 = struct.unpack("<4I", nonce16)

@@ -16,7 +16,9 @@ per-source rate limiter (20/s, burst 5) before any Curve25519 work. ``force_unde
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import logging
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +28,7 @@ from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
 from . import noise
 from .allowedips import AllowedIps, Network
 from .constants import (
+    DEFAULT_MTU,
     KEY_SIZE,
     MAX_PEERS,
     MESSAGE_COOKIE_REPLY,
@@ -41,7 +44,7 @@ from .constants import (
     UNDER_LOAD_HANDSHAKES_PER_SECOND,
 )
 from .cookie import CookieChecker
-from .crypto import public_key
+from .crypto import load_private_key, public_key
 from .ratelimit import RateLimiter
 from .tunn import DropReason, IndexTable, Tunn, TunnEvent
 
@@ -56,11 +59,12 @@ _TRANSPORT_TYPE = MESSAGE_TRANSPORT.to_bytes(4, "little")
 class Peer:
     """One configured peer. ``endpoint`` follows the source of the last authenticated datagram from it."""
 
-    __slots__ = ("_tunn", "allowed_ips", "endpoint", "public_key")
+    __slots__ = ("_tunn", "allowed_ips", "endpoint", "public_key", "scheduled")
 
     def __init__(self, public_key: bytes, tunn: Tunn) -> None:
         self.public_key = public_key
         self._tunn = tunn
+        self.scheduled: float | None = None  # the deadline the device's timer heap holds for this peer
         self.endpoint: Address | None = None
         self.allowed_ips: list[Network] = []
 
@@ -101,7 +105,7 @@ class Device:
         private_key: bytes | None = None,
         rekey_attempt_time: float = REKEY_ATTEMPT_TIME,
         under_load_threshold: int = UNDER_LOAD_HANDSHAKES_PER_SECOND,
-        mtu: int | None = None,
+        mtu: int | None = DEFAULT_MTU,
     ) -> None:
         self._rng = rng
         self._wall_clock = wall_clock
@@ -123,6 +127,8 @@ class Device:
         self._transmits: list[tuple[Address, bytes]] = []
         self._packets: list[bytes] = []
         self._events: deque[tuple[bytes, TunnEvent]] = deque()
+        self._timer_heap: list[tuple[float, int, Peer]] = []
+        self._timer_sequence = itertools.count()
         self.set_private_key(private_key, 0.0)
 
     # --- configuration ---
@@ -148,13 +154,16 @@ class Device:
         if key == self.private_key and key is not None:
             return
         self.private_key = key
-        self.public_key = public_key(key) if key is not None else None
+        # Loaded once: every Tunn and every initiation we consume reuse it (loading costs two exchanges).
+        self._static_key = load_private_key(key) if key is not None else None
+        self.public_key = public_key(self._static_key) if self._static_key is not None else None
         self._checker = CookieChecker(self.public_key, self._rng) if self.public_key is not None else None
         # wireguard-go: a peer whose public key is our own would be a loop; it is removed.
         if self.public_key is not None and self.public_key in self._peers:
             self.remove_peer(self.public_key, now)
         for peer in self._peers.values():
-            peer.tunn.set_static_private(key, now)
+            peer.tunn.set_static_private(self._static_key, now)
+            self._collect(peer)
 
     def upsert_peer(
         self,
@@ -177,7 +186,7 @@ class Device:
             if public_key == self.public_key:
                 raise ValueError("a peer cannot have the device's own public key")
             tunn = Tunn(
-                self.private_key,
+                self._static_key,
                 public_key,
                 None,
                 self._indices,
@@ -224,6 +233,7 @@ class Device:
                 self._routes.remove(network)
         peer.allowed_ips = []
         peer.tunn.close()
+        peer.scheduled = None
 
     def remove_all_peers(self, now: float) -> None:
         for key in list(self._peers):
@@ -260,26 +270,35 @@ class Device:
         touched: set[Peer] = set()
         run: list[bytes] = []
         run_tunn: Tunn | None = None
+        run_index = b""
         run_source: Address | None = None
         transport_type = _TRANSPORT_TYPE
+        minimum = MESSAGE_TRANSPORT_MIN_SIZE
         for data, source in datagrams:
-            if len(data) >= MESSAGE_TRANSPORT_MIN_SIZE and data[:4] == transport_type:
-                tunn = table.get(int.from_bytes(data[4:8], "little"))
+            if len(data) >= minimum and data[:4] == transport_type:
+                index = data[4:8]
+                if index == run_index and source == run_source:
+                    run.append(data)
+                    continue
+                tunn = table.get(int.from_bytes(index, "little"))
                 if tunn is None:
                     self.drops.drop(DropReason.UNKNOWN_INDEX)
                     continue
                 if tunn is run_tunn and source == run_source:
+                    run_index = index
                     run.append(data)
                     continue
                 if run_tunn is not None and run_source is not None:
                     self._receive_run(run_tunn, run, run_source, now, touched)
                 run = [data]
                 run_tunn = tunn
+                run_index = index
                 run_source = source
                 continue
             if run_tunn is not None and run_source is not None:
                 self._receive_run(run_tunn, run, run_source, now, touched)
                 run_tunn = None
+                run_index = b""
                 run = []
             self._receive_other(data, source, now, touched)
         if run_tunn is not None and run_source is not None:
@@ -339,7 +358,7 @@ class Device:
 
     def _receive_handshake(self, kind: int, data: bytes, source: Address, now: float, touched: set[Peer]) -> None:
         checker = self._checker
-        if checker is None or self.private_key is None or self.public_key is None:
+        if checker is None or self._static_key is None or self.public_key is None:
             self._drop(source, DropReason.NO_PRIVATE_KEY)
             return
         if not checker.check_mac1(data):
@@ -356,7 +375,7 @@ class Device:
                 return
         if kind == MESSAGE_INITIATION:
             consumed = noise.consume_initiation(
-                static_private=self.private_key, static_public=self.public_key, message=data
+                static_private=self._static_key, static_public=self.public_key, message=data
             )
             if consumed is None:
                 self._drop(source, DropReason.HANDSHAKE_FAILED)
@@ -367,15 +386,16 @@ class Device:
                 return
             if peer.tunn.receive_initiation(consumed, len(data), now):
                 peer.endpoint = source
-                touched.add(peer)
+            touched.add(peer)
             return
         tunn = self._indices.get(int.from_bytes(data[8:12], "little"))
         if tunn is None:
             self._drop(source, DropReason.UNKNOWN_INDEX)
             return
         peer = self._peers.get(tunn.peer_public)
-        if peer is not None and tunn.receive_response(data, now):
-            peer.endpoint = source
+        if peer is not None:
+            if tunn.receive_response(data, now):
+                peer.endpoint = source
             touched.add(peer)
 
     # --- send path ---
@@ -418,37 +438,60 @@ class Device:
             self._collect(peer)
 
     # --- timers ---
+    # Deadlines live in a heap with lazy deletion: an entry is current while it equals its peer's ``scheduled``
+    # deadline, so poll_timeout and handle_timeout cost O(log n) instead of a walk over every peer.
+
+    def _schedule(self, peer: Peer) -> None:
+        deadline = peer.tunn.poll_timeout()
+        if deadline == peer.scheduled:
+            return
+        peer.scheduled = deadline
+        if deadline is None:
+            return
+        heap = self._timer_heap
+        heapq.heappush(heap, (deadline, next(self._timer_sequence), peer))
+        if len(heap) > 2 * len(self._peers) + 1024:
+            self._timer_heap = [entry for entry in heap if self._is_current(entry)]
+            heapq.heapify(self._timer_heap)
+
+    def _is_current(self, entry: tuple[float, int, Peer]) -> bool:
+        deadline, _, peer = entry
+        return peer.scheduled == deadline and self._peers.get(peer.public_key) is peer
 
     def handle_timeout(self, now: float) -> None:
-        for peer in self._peers.values():
-            deadline = peer.tunn.poll_timeout()
-            if deadline is not None and deadline <= now:
-                peer.tunn.handle_timeout(now)
-                self._collect(peer)
+        heap = self._timer_heap
+        due: list[Peer] = []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._is_current(entry):
+                entry[2].scheduled = None
+                due.append(entry[2])
+        for peer in due:
+            peer.tunn.handle_timeout(now)
+            self._collect(peer)
 
     def poll_timeout(self) -> float | None:
-        earliest: float | None = None
-        for peer in self._peers.values():
-            deadline = peer.tunn.poll_timeout()
-            if deadline is not None and (earliest is None or deadline < earliest):
-                earliest = deadline
-        return earliest
+        heap = self._timer_heap
+        while heap and not self._is_current(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     # --- output ---
 
     def _collect(self, peer: Peer) -> None:
+        """Move a peer's events and datagrams out after anything touched it, and re-arm its deadline."""
         tunn = peer.tunn
         while (event := tunn.poll_event()) is not None:
             self._events.append((peer.public_key, event))
-        if not tunn.has_transmits:
-            return
-        messages = tunn.drain_transmits()
-        endpoint = peer.endpoint
-        if endpoint is None:
-            for _ in messages:
-                self.drops.drop(DropReason.NO_ENDPOINT)
-            return
-        self._transmits.extend((endpoint, message) for message in messages)
+        if tunn.has_transmits:
+            messages = tunn.drain_transmits()
+            endpoint = peer.endpoint
+            if endpoint is None:
+                for _ in messages:
+                    self.drops.drop(DropReason.NO_ENDPOINT)
+            else:
+                self._transmits.extend((endpoint, message) for message in messages)
+        self._schedule(peer)
 
     def drain_transmits(self) -> list[Transmit]:
         out = [Transmit(destination, payload) for destination, payload in self._transmits]

@@ -9,7 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .constants import CONSTRUCTION, IDENTIFIER, KEY_SIZE, MESSAGE_INITIATION, MESSAGE_RESPONSE
-from .crypto import aead_decrypt, aead_encrypt, blake2s_hash, dh, kdf1, kdf2, kdf3, public_key
+from .crypto import (
+    PrivateKey,
+    aead_decrypt,
+    aead_encrypt,
+    blake2s_hash,
+    dh,
+    kdf1,
+    kdf2,
+    kdf3,
+    load_private_key,
+    public_key,
+)
 from .messages import INITIATION_MAC1_OFFSET, RESPONSE_MAC1_OFFSET
 
 INITIAL_CHAIN_KEY = blake2s_hash(CONSTRUCTION)
@@ -36,7 +47,7 @@ class InitiatorState:
 
     chain_key: bytes
     hash: bytes
-    ephemeral_private: bytes
+    ephemeral_private: PrivateKey
     sender_index: int
 
 
@@ -60,9 +71,9 @@ def initial_hash_for(responder_static_public: bytes, prologue: bytes = IDENTIFIE
 
 def create_initiation(
     *,
-    static_private: bytes,
+    static_private: PrivateKey,
     remote_static: bytes,
-    ephemeral_private: bytes,
+    ephemeral_private: PrivateKey,
     sender_index: int,
     timestamp: bytes,
     static_static: bytes | None = None,
@@ -73,6 +84,7 @@ def create_initiation(
     ``timestamp`` is the Noise payload of the first message (any length outside WireGuard, for test vectors).
     """
     h = initial_hash_for(remote_static, prologue)
+    ephemeral_private = load_private_key(ephemeral_private)
     ephemeral_public = public_key(ephemeral_private)
     ck = kdf1(INITIAL_CHAIN_KEY, ephemeral_public)
     h = blake2s_hash(h, ephemeral_public)
@@ -100,7 +112,7 @@ def create_initiation(
 
 def consume_initiation(
     *,
-    static_private: bytes,
+    static_private: PrivateKey,
     static_public: bytes,
     message: bytes,
     body_size: int = INITIATION_MAC1_OFFSET,
@@ -113,6 +125,7 @@ def consume_initiation(
     ephemeral = message[8:40]
     encrypted_static = message[40:88]
     encrypted_timestamp = message[88:body_size]
+    static_private = load_private_key(static_private)
     h = initial_hash_for(static_public, prologue)
     ck = kdf1(INITIAL_CHAIN_KEY, ephemeral)
     h = blake2s_hash(h, ephemeral)
@@ -138,13 +151,14 @@ def consume_initiation(
 def create_response(
     initiation: ConsumedInitiation,
     *,
-    ephemeral_private: bytes,
+    ephemeral_private: PrivateKey,
     sender_index: int,
     preshared_key: bytes | None,
     payload: bytes = _EMPTY,
 ) -> tuple[bytes, SessionKeys] | None:
     """The 60-byte response body and the responder's transport keys (``payload`` is empty in WireGuard)."""
     h = initiation.hash
+    ephemeral_private = load_private_key(ephemeral_private)
     ephemeral_public = public_key(ephemeral_private)
     ck = kdf1(initiation.chain_key, ephemeral_public)
     h = blake2s_hash(h, ephemeral_public)
@@ -180,7 +194,7 @@ def create_response(
 def consume_response(
     state: InitiatorState,
     *,
-    static_private: bytes,
+    static_private: PrivateKey,
     preshared_key: bytes | None,
     message: bytes,
     body_size: int = RESPONSE_MAC1_OFFSET,

@@ -34,19 +34,24 @@ class ReplayFilter:
         if counter >= self._limit:
             return False
         ring = self._ring
-        block = counter >> _BLOCK_BIT_LOG
         last = self._last
         if counter > last:
+            # Moving forward: blocks entered now are cleared, and no bit above ``last`` was ever set in the block
+            # ``last`` is in, so the counter's bit is free.
+            block = counter >> _BLOCK_BIT_LOG
             current = last >> _BLOCK_BIT_LOG
-            diff = block - current
-            if diff > _RING_BLOCKS:
-                diff = _RING_BLOCKS
-            for i in range(current + 1, current + diff + 1):
-                ring[i & _BLOCK_MASK] = 0
+            if block != current:
+                diff = block - current
+                if diff > _RING_BLOCKS:
+                    diff = _RING_BLOCKS
+                for i in range(current + 1, current + diff + 1):
+                    ring[i & _BLOCK_MASK] = 0
             self._last = counter
-        elif last - counter > WINDOW_SIZE:
+            ring[block & _BLOCK_MASK] |= 1 << (counter & _BIT_MASK)
+            return True
+        if last - counter > WINDOW_SIZE:
             return False
-        block &= _BLOCK_MASK
+        block = (counter >> _BLOCK_BIT_LOG) & _BLOCK_MASK
         bit = 1 << (counter & _BIT_MASK)
         old = ring[block]
         if old & bit:

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from dataplane.base import DropCounter, Rng, WallClock
 
 from . import noise
 from .constants import (
+    DEFAULT_MTU,
     HANDSHAKE_INITIATION_RATE,
     KEEPALIVE_TIMEOUT,
     KEY_SIZE,
@@ -46,7 +48,7 @@ from .constants import (
     REKEY_TIMEOUT,
 )
 from .cookie import CookieChecker, CookieGenerator
-from .crypto import dh, public_key, tai64n
+from .crypto import PrivateKey, dh, load_private_key, public_key, tai64n
 from .session import Keypair
 from .timers import PeerTimers
 
@@ -137,7 +139,7 @@ _PADDING = bytes(PADDING_MULTIPLE)
 class Tunn:
     def __init__(
         self,
-        static_private: bytes | None,
+        static_private: PrivateKey | None,
         peer_public: bytes,
         preshared_key: bytes | None,
         index_allocator: IndexAllocator,
@@ -147,7 +149,7 @@ class Tunn:
         rekey_attempt_time: float = REKEY_ATTEMPT_TIME,
         persistent_keepalive: int | None = None,
         drops: DropCounter | None = None,
-        mtu: int | None = None,
+        mtu: int | None = DEFAULT_MTU,
         replay_limit: int = REJECT_AFTER_MESSAGES,
     ) -> None:
         if len(peer_public) != KEY_SIZE:
@@ -166,7 +168,7 @@ class Tunn:
         self._cookies = CookieGenerator(peer_public)
         self._timers = PeerTimers(rng)
         self._timers.persistent_keepalive_interval = persistent_keepalive or 0
-        self._static_private: bytes | None = None
+        self._static_private: X25519PrivateKey | None = None
         self._static_public: bytes | None = None
         self._static_static: bytes | None = None
         self._checker: CookieChecker | None = None
@@ -196,18 +198,19 @@ class Tunn:
     def persistent_keepalive(self) -> int:
         return self._timers.persistent_keepalive_interval
 
-    def set_static_private(self, static_private: bytes | None, now: float | None = None) -> None:
+    def set_static_private(self, static_private: PrivateKey | None, now: float | None = None) -> None:
         """Change our static key: every handshake and session with the old key is forgotten."""
-        if static_private is not None and len(static_private) != KEY_SIZE:
+        if isinstance(static_private, bytes) and len(static_private) != KEY_SIZE:
             raise ValueError("private key must be 32 bytes")
-        self._static_private = static_private
         if static_private is None:
+            self._static_private = None
             self._static_public = None
             self._static_static = None
             self._checker = None
         else:
-            self._static_public = public_key(static_private)
-            self._static_static = dh(static_private, self.peer_public)
+            self._static_private = load_private_key(static_private)
+            self._static_public = public_key(self._static_private)
+            self._static_static = dh(self._static_private, self.peer_public)
             self._checker = CookieChecker(self._static_public, self._rng)
         self._clear_handshake()
         for keypair in (self._current, self._previous, self._next):
@@ -350,8 +353,8 @@ class Tunn:
         timers.send_keepalive = None
         if data:
             timers.data_sent(now)
-        # keep-key-fresh on send: the initiator rekeys after Rekey-After-Time or Rekey-After-Messages.
-        if keypair.is_initiator and (now - keypair.created >= REKEY_AFTER_TIME or counter > REKEY_AFTER_MESSAGES):
+        # keep-key-fresh on send: either side rekeys after Rekey-After-Messages, the initiator after Rekey-After-Time.
+        if counter > REKEY_AFTER_MESSAGES or (keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME):
             self._send_handshake_initiation(False, now)
 
     def _send_handshake_initiation(self, is_retry: bool, now: float) -> None:
@@ -461,25 +464,25 @@ class Tunn:
         by_index = self._keypairs_by_index
         from_bytes = int.from_bytes
         nonce_prefix = _NONCE_PREFIX
-        current_index = -1
+        current_index = b""
         keypair: Keypair | None = None
+        pending = self._next
         decrypt = None
         validate = None
         authenticated = 0
         data_received = False
         received_bytes = 0
-        rekey_check: Keypair | None = None
         for message in messages:
-            index = from_bytes(message[4:8], "little")
+            index = message[4:8]
             if index != current_index:
-                keypair = by_index.get(index)
+                keypair = by_index.get(from_bytes(index, "little"))
                 current_index = index
                 if keypair is None:
                     decrypt = None
                 elif now - keypair.created >= REJECT_AFTER_TIME:
                     keypair = None
                     decrypt = None
-                    current_index = -2  # look again next time: the expiry is counted per message
+                    current_index = b""  # look again next time: the expiry is counted per message
                     drops.drop(DropReason.KEYS_EXPIRED)
                     continue
                 else:
@@ -499,34 +502,37 @@ class Tunn:
                 continue
             authenticated += 1
             received_bytes += len(message)
-            if keypair is self._next:
+            if keypair is pending:
                 self._confirm_next(now)
-            rekey_check = keypair
-            if not plaintext:
+                pending = None
+            size = len(plaintext)
+            if not size:
                 continue
             data_received = True
             version = plaintext[0] >> 4
             if version == 4:
-                length = from_bytes(plaintext[2:4], "big")
-                if length < 20 or length > len(plaintext):
+                length = (plaintext[2] << 8) | plaintext[3]
+                if length < 20 or length > size:
                     drops.drop(DropReason.INVALID_INNER_PACKET)
                     continue
-            elif version == 6:
-                length = 40 + from_bytes(plaintext[4:6], "big")
-                if length > len(plaintext):
+            elif version == 6 and size >= 40:
+                length = 40 + ((plaintext[4] << 8) | plaintext[5])
+                if length > size:
                     drops.drop(DropReason.INVALID_INNER_PACKET)
                     continue
             else:
                 drops.drop(DropReason.INVALID_INNER_PACKET)
                 continue
-            out.append(plaintext[:length] if length < len(plaintext) else plaintext)
+            out.append(plaintext[:length] if length < size else plaintext)
         if not authenticated:
             return 0
         self.rx_bytes += received_bytes
+        # keep-key-fresh on receive looks at the current keypair, whichever keypair this batch arrived on.
+        current = self._current
         if (
-            rekey_check is not None
-            and rekey_check.is_initiator
-            and now - rekey_check.created >= REKEY_ON_RECEIVE_AGE
+            current is not None
+            and current.is_initiator
+            and now - current.created >= REKEY_ON_RECEIVE_AGE
             and not self._sent_last_minute_handshake
         ):
             self._sent_last_minute_handshake = True

@@ -337,3 +337,34 @@ def test_an_invalid_interface_name_is_refused(topo: Topology, ifname: str) -> No
     assert result.stderr.strip().splitlines() == [
         f"firezone-wg: invalid interface name {ifname!r} (1-15 characters, no '/' or spaces)"
     ]
+
+
+def test_the_uapi_socket_serves_several_operations_per_connection(topo: Topology, tmp_path: Path) -> None:
+    ns = topo.add_ns("a")
+    firezone = start_interface(
+        ns, "firezone-wg", f"wg{topo.suffix}f", tunnel_ip="10.78.0.1", underlay_ip="", log_dir=tmp_path
+    )
+    assert oct(os.stat(socket_file(firezone.name)).st_mode & 0o777) == "0o700"  # umask 077, like wireguard-go
+    peer = bytes(range(32)).hex()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect(socket_file(firezone.name))
+        reader = client.makefile("rb")
+
+        def reply() -> list[str]:
+            lines = []
+            while (line := reader.readline().decode()) != "\n":
+                assert line, "connection closed early"
+                lines.append(line.rstrip("\n"))
+            return lines
+
+        client.sendall(f"set=1\npublic_key={peer}\nallowed_ip=10.5.0.0/16\n\n".encode())
+        assert reply() == ["errno=0"]
+        client.sendall(b"set=1\nlisten_port=notaport\n\n")
+        assert reply() == ["errno=-22"]
+        client.sendall(b"get=1\n\n")
+        got = reply()
+        assert got[-1] == "errno=0"
+        assert f"public_key={peer}" in got and "allowed_ip=10.5.0.0/16" in got
+        client.sendall(b"bogus=1\n")
+        assert reader.readline() == b""  # an unknown operation closes the connection, without a reply

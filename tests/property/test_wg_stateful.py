@@ -65,6 +65,15 @@ class HostileLink(RuleBasedStateMachine):
         self.pair.b.handle_timeout(self.pair.now)
         self._collect()
 
+    @rule(keepalive=st.sampled_from([0, 1, 25]))
+    def churn_a_third_peer(self, keepalive: int) -> None:
+        key = b"\x42" * 32
+        if key in self.pair.a.peers:
+            self.pair.a.remove_peer(key, self.pair.now)
+        else:
+            self.pair.a.upsert_peer(key, self.pair.now, endpoint=("192.0.2.99", 9), persistent_keepalive=keepalive)
+        self._collect()
+
     @rule(port=st.integers(1024, 65535))
     def a_roams(self, port: int) -> None:
         self.pair.address_a = ("198.51.100.1", port)
@@ -82,6 +91,12 @@ class HostileLink(RuleBasedStateMachine):
         # per peer at most: current, previous and next keypairs plus one handshake in flight
         for device in (self.pair.a, self.pair.b):
             assert len(device._indices) <= 4 * len(device.peers)
+
+    @invariant()
+    def device_deadline_is_the_earliest_peer_deadline(self) -> None:
+        for device in (self.pair.a, self.pair.b):
+            deadlines = [d for peer in device.peers.values() if (d := peer.tunn.poll_timeout()) is not None]
+            assert device.poll_timeout() == (min(deadlines) if deadlines else None)
 
     def teardown(self) -> None:
         # Heal: a perfect link, B learns where A is now, and both directions must work within a minute.

@@ -69,7 +69,8 @@ class World:
     _nat_count: int = 0
 
     def relay_list(self) -> list[tuple[str, SimRelay]]:
-        return sorted(self.relays.items())
+        """The relays the portal would hand out now: the ones online."""
+        return sorted((rid, relay) for rid, relay in self.relays.items() if relay.online)
 
     def add_client(self, behaviour: NatBehaviour | None, *, seed: int = 0) -> Client:
         index = len(self.clients) + 1

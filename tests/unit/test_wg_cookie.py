@@ -6,7 +6,7 @@ import pytest
 
 from dataplane.io.rng import SeededRng
 from dataplane.wireguard.constants import MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION
-from dataplane.wireguard.cookie import CookieChecker, CookieGenerator
+from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
 from dataplane.wireguard.crypto import mac, public_key
 from dataplane.wireguard.device import Device, DropReason
 from dataplane.wireguard.ratelimit import RateLimiter
@@ -158,3 +158,37 @@ def test_flood_of_initiations_switches_to_cookies_and_a_legitimate_peer_still_co
     assert HandshakeCompleted(pair.a.public_key or b"", False) in events(responder)
     assert responder.drain_packets() == [ipv4_packet(TUNNEL_A, TUNNEL_B, b"during the flood")]
     assert pair.peer_a.endpoint == ADDRESS_A
+
+
+def test_under_load_valid_mac2_still_passes_the_per_source_rate_limiter() -> None:
+    pair = Pair()
+    pair.b.force_under_load = True
+    pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B)], 0.0)
+    pair.pump()  # initiation -> cookie reply; A now holds a cookie
+    tunn = pair.peer_b.tunn
+    initiations = []
+    for _ in range(7):
+        pair.wall.now += 0.1  # newer TAI64N timestamps, so only the rate rules can reject them
+        tunn._last_sent_handshake = None
+        tunn._timers.retransmit_handshake = None
+        tunn._send_handshake_initiation(False, 1.0)
+        initiations.extend(tunn.drain_transmits())
+    assert all(m[-16:] != bytes(16) for m in initiations)
+    pair.b.receive_datagrams([(m, ADDRESS_A) for m in initiations], 1.0)
+    assert pair.b.drops[DropReason.RATE_LIMITED] == 2
+    assert pair.b.drops[DropReason.COOKIE_REQUIRED] == 1
+    # the first passed and was answered; the next four passed the limiter but came within 20 ms of it
+    assert pair.b.drops[DropReason.INITIATION_FLOOD] == 4
+    assert len(pair.b.drain_transmits()) == 1
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "0.0.0.0", "255.255.255.255", "2001:db8::1", "::ffff:192.0.2.1"])
+def test_cookie_source_bytes_are_the_packed_address_and_port(host: str) -> None:
+    import ipaddress
+
+    assert source_bytes((host, 51820)) == ipaddress.ip_address(host).packed + (51820).to_bytes(2, "big")
+
+
+def test_cookie_source_bytes_never_raise_on_odd_hosts() -> None:
+    assert source_bytes(("1.2.3.999", 1)) != source_bytes(("1.2.3.99", 1))
+    assert source_bytes(("not-an-ip", 1)) == b"not-an-ip\x00\x01"

@@ -370,3 +370,51 @@ def test_padding_never_exceeds_the_mtu() -> None:
     pair.pump()
     assert pair.b.drain_packets() == [full, small]
     assert [len(m) - 32 for m in pair.sent["a->b"][-2:]] == [1420, 1420]
+
+
+def test_ipv6_endpoints_and_roaming_between_families() -> None:
+    pair = Pair()
+    pair.address_a = ("2001:db8::a", 51820)
+    pair.address_b = ("2001:db8::b", 51821)
+    pair.a.upsert_peer(pair.b.public_key or b"", 0.0, endpoint=pair.address_b)
+    assert pair.a_to_b(b"v6 underlay") == [ipv4_packet(TUNNEL_A, TUNNEL_B, b"v6 underlay")]
+    assert pair.peer_a.endpoint == ("2001:db8::a", 51820)
+    pair.address_a = ("192.0.2.77", 4444)
+    assert pair.a_to_b(b"back to v4") == [ipv4_packet(TUNNEL_A, TUNNEL_B, b"back to v4")]
+    assert pair.peer_a.endpoint == ("192.0.2.77", 4444)
+    assert pair.b_to_a(b"reply") == [ipv4_packet(TUNNEL_B, TUNNEL_A, b"reply")]
+
+
+def test_batches_mixing_peers_keep_per_peer_order() -> None:
+    pair = Pair()
+    third_key = SeededRng(31).random_bytes(32)
+    third = Device(rng=SeededRng(32), wall_clock=pair.wall, private_key=third_key)
+    assert third.public_key is not None and pair.b.public_key is not None
+    pair.b.upsert_peer(third.public_key, 0.0, allowed_ips=[ipaddress.ip_network("10.9.0.3/32")])
+    third.upsert_peer(pair.b.public_key, 0.0, endpoint=ADDRESS_B, allowed_ips=[ipaddress.ip_network("10.9.0.0/24")])
+    pair.a_to_b()
+    third.send_packets([ipv4_packet("10.9.0.3", TUNNEL_B, b"hello")], 0.0)
+    for _ in range(3):
+        pair.b.receive_datagrams([(t.payload, ("192.0.2.3", 3)) for t in third.drain_transmits()], 0.0)
+        third.receive_datagrams([(t.payload, ADDRESS_B) for t in pair.b.drain_transmits()], 0.0)
+    pair.b.drain_packets()
+    from_a = [ipv4_packet(TUNNEL_A, TUNNEL_B, bytes([i])) for i in range(5)]
+    from_third = [ipv4_packet("10.9.0.3", TUNNEL_B, bytes([i])) for i in range(5)]
+    pair.a.send_packets(from_a, 0.0)
+    third.send_packets(from_third, 0.0)
+    wire_a = [(t.payload, ADDRESS_A) for t in pair.a.drain_transmits()]
+    wire_third = [(t.payload, ("192.0.2.3", 3)) for t in third.drain_transmits()]
+    interleaved = [d for pair_of in zip(wire_a, wire_third, strict=True) for d in pair_of]
+    pair.b.receive_datagrams(interleaved, 0.0)
+    received = pair.b.drain_packets()
+    assert [p for p in received if p[12:16] == bytes([10, 9, 0, 1])] == from_a
+    assert [p for p in received if p[12:16] == bytes([10, 9, 0, 3])] == from_third
+
+
+def test_drain_datagrams_is_the_transmit_fast_path() -> None:
+    pair = Pair()
+    pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B)], 0.0)
+    datagrams = pair.a.drain_datagrams()
+    assert [destination for destination, _ in datagrams] == [ADDRESS_B]
+    assert datagrams[0][1][0] == 1 and len(datagrams[0][1]) == 148
+    assert pair.a.drain_transmits() == [] and pair.a.drain_datagrams() == []

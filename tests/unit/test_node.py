@@ -1,0 +1,178 @@
+"""dataplane/node.py on its own: API contract, demultiplexing, relay sampling, garbage handling.
+
+Whole-connection behaviour (direct/relayed paths, migration, roaming, consent) is in tests/sim/test_scenarios.py.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataplane import stun
+from dataplane.io.rng import SeededRng
+from dataplane.node import (
+    CandidateGathered,
+    ConnectionClosed,
+    DropReason,
+    IceCredentials,
+    Node,
+    NodeRole,
+    NoRelays,
+    RelayConfig,
+)
+from tests.sim.harness import private_key_for
+from tests.sim.nat import PORT_RESTRICTED_CONE
+from tests.sim.world import GATEWAY_ID, build_world
+
+LOCAL = ("10.0.0.1", 52625)
+CLIENT_CREDS = IceCredentials("cccc", "c" * 22)
+GATEWAY_CREDS = IceCredentials("gggg", "g" * 22)
+
+
+def _node(role: NodeRole = NodeRole.GATEWAY, seed: int = 0) -> Node:
+    return Node(role, private_key_for(f"node-{seed}"), rng=SeededRng(seed), wall_clock=lambda: 1_800_000_000.0)
+
+
+def _events(node: Node) -> list:
+    out = []
+    while (event := node.poll_event()) is not None:
+        out.append(event)
+    return out
+
+
+def _upsert(node: Node, cid: str = "client-1", key_seed: str = "peer", now: float = 0.0) -> bool:
+    return node.upsert_connection(
+        cid,
+        remote_public_key=private_key_for(key_seed)[::-1],
+        preshared_key=bytes(32),
+        local_credentials=GATEWAY_CREDS,
+        remote_credentials=CLIENT_CREDS,
+        now=now,
+    )
+
+
+def test_private_key_must_have_32_bytes():
+    with pytest.raises(ValueError):
+        Node(NodeRole.GATEWAY, b"short", rng=SeededRng(0), wall_clock=lambda: 0.0)
+
+
+def test_new_connection_without_a_measured_relay_is_refused_with_no_relays():
+    node = _node()
+    assert _upsert(node) is False
+    assert _events(node) == [NoRelays()]
+    assert node.connection("client-1") is None
+
+
+def test_relay_without_answer_yet_does_not_count_as_measured():
+    node = _node()
+    node.update_relays([], [RelayConfig("r1", (("198.51.100.10", 3478),), "u", "p")], 0.0)
+    transmit = node.poll_transmit()
+    assert transmit is not None and transmit.dst == ("198.51.100.10", 3478) and stun.is_stun(transmit.payload)
+    assert _upsert(node) is False
+    assert NoRelays() in _events(node)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([("198.51.100.10", 3478), ("198.51.100.99", 4000), ("::1", 3478)]))
+def test_garbage_never_raises_and_is_counted(data, src):
+    node = _node()
+    node.update_relays([], [RelayConfig("r1", (("198.51.100.10", 3478),), "u", "p")], 0.0)
+    _events(node)
+    assert node.handle_input(data, src, LOCAL, 1.0) is None
+
+
+def test_each_kind_of_unroutable_datagram_has_its_drop_reason():
+    node = _node()
+    node.handle_input(b"", ("198.51.100.99", 4000), LOCAL, 0.0)
+    node.handle_input(b"\xff" * 40, ("198.51.100.99", 4000), LOCAL, 0.0)
+    transport = struct.pack("<IIQ", 4, 0x12345678, 0) + bytes(32)
+    node.handle_input(transport, ("198.51.100.99", 4000), LOCAL, 0.0)
+    initiation = struct.pack("<II", 1, 7) + bytes(140)
+    node.handle_input(initiation, ("198.51.100.99", 4000), LOCAL, 0.0)
+    request = stun.StunMessage.request(stun.Method.BINDING, os.urandom(12)).add_username("nobody:home")
+    node.handle_input(stun.encode(request), ("198.51.100.99", 4000), LOCAL, 0.0)
+    assert node.drops[DropReason.EMPTY] == 1
+    assert node.drops[DropReason.UNRECOGNISED] == 1
+    assert node.drops[DropReason.WIREGUARD_NO_CONNECTION] == 2
+    assert node.drops[DropReason.STUN_NO_CONNECTION] == 1
+
+
+def test_encapsulate_for_an_unknown_connection_is_counted():
+    node = _node()
+    node.encapsulate("nobody", b"\x45" + bytes(19), 0.0)
+    assert node.drops[DropReason.NO_CONNECTION] == 1
+    assert node.poll_transmit() is None
+
+
+def _measured_world(relays: int = 2, seed: int = 0):
+    world = build_world(PORT_RESTRICTED_CONE, relays=relays, seed=seed)
+    return world, world.gateway.node
+
+
+def test_upsert_with_a_measured_relay_gathers_host_srflx_and_one_relays_candidates():
+    world, node = _measured_world()
+    assert all(node.relay_rtt(rid) is not None for rid in node.relay_ids)
+    assert _upsert(node, now=world.net.now)
+    gathered = [e.candidate for e in _events(node) if isinstance(e, CandidateGathered)]
+    kinds = sorted(c.kind.value for c in gathered)
+    assert kinds == ["host", "relay", "srflx"]  # one srflx for both relays (same mapping), one sampled relay
+    assert node.connection("client-1").relay_id in node.relay_ids
+
+
+def test_upsert_identical_connection_reannounces_and_changed_one_replaces():
+    world, node = _measured_world()
+    now = world.net.now
+    assert _upsert(node, now=now)
+    first = [e for e in _events(node) if isinstance(e, CandidateGathered)]
+    assert _upsert(node, now=now)
+    again = _events(node)
+    assert not any(isinstance(e, ConnectionClosed) for e in again)
+    assert [e for e in again if isinstance(e, CandidateGathered)] == first
+    assert _upsert(node, key_seed="other-key", now=now)
+    replaced = _events(node)
+    assert ConnectionClosed("client-1") in replaced
+    assert node.connection("client-1") is not None
+
+
+def test_close_connection_emits_closed_once():
+    world, node = _measured_world()
+    assert _upsert(node, now=world.net.now)
+    _events(node)
+    node.close_connection("client-1", world.net.now)
+    node.close_connection("client-1", world.net.now)
+    assert _events(node) == [ConnectionClosed("client-1")]
+
+
+def test_relay_sampling_excludes_rtt_outliers_and_spreads_over_the_rest():
+    world, node = _measured_world(relays=3)
+    # Make relay-2 an outlier: its measured RTT is far above the others'.
+    node._relays["relay-2"].allocation.rtt = 5.0
+    chosen = {node._sample_relay() for _ in range(200)}
+    assert chosen == {"relay-0", "relay-1"}
+
+
+def test_removing_the_sampled_relay_moves_the_connection_to_another():
+    world, node = _measured_world(relays=2)
+    assert _upsert(node, now=world.net.now)
+    used = node.connection("client-1").relay_id
+    _events(node)
+    node.update_relays([used], [], world.net.now)
+    events = _events(node)
+    assert node.connection("client-1").relay_id not in (None, used)
+    invalidated = [e.candidate for e in events if type(e).__name__ == "CandidateInvalidated"]
+    gathered = [e.candidate for e in events if isinstance(e, CandidateGathered)]
+    assert [c.kind.value for c in invalidated] == ["relay"]
+    assert [c.kind.value for c in gathered] == ["relay"]
+
+
+def test_client_role_is_ice_controlling():
+    world = build_world(PORT_RESTRICTED_CONE, seed=1)
+    client = world.add_client(PORT_RESTRICTED_CONE)
+    world.net.run_for(2.0)
+    world.connect(client)
+    assert client.peer.node._connections[GATEWAY_ID].agent.controlling
+    assert not world.gateway.node._connections[client.client_id].agent.controlling

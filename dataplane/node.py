@@ -9,9 +9,10 @@ portal-protocol.md §4.4:
   whose payload is a peer's datagram arriving on our relayed address; it is then demultiplexed again, below);
 * otherwise a STUN message → the ICE agent of the connection named by USERNAME (requests) or the agent that owns the
   transaction (responses);
-* otherwise WireGuard (first byte 1–4, three zero bytes) → the connection owning the receiver index (types 2–4; every
-  connection hands out indices from its own 24-bit slot), or, for an initiation, the connection whose ICE agent
-  talks to that source on that local address. A datagram that matches no connection is dropped, never guessed.
+* otherwise WireGuard (first byte 1–4, three zero bytes) → the connection owning the receiver index (types 2–4; all
+  tunnels draw their indices from one table, so an index names exactly one connection), or, for an initiation, the
+  connection whose ICE agent has a pair from that local address to that source. A datagram that matches no
+  connection, or more than one, is dropped and counted, never guessed.
 
 Candidates all come from the relays (§4.3): the local socket address seen on relay traffic is the host candidate,
 the BINDING answer the server-reflexive one and the ALLOCATE answer the relayed ones; each connection only uses the
@@ -24,7 +25,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dataplane import stun, turn
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 RELAY_PORT = 3478
 FIREZONE_REKEY_ATTEMPT_TIME = 20.0  # portal-protocol.md §4.2: ICE mode fails a desynced tunnel fast
-MAX_PENDING_PACKETS = 64  # IP packets held per connection until its first path exists
+MAX_PENDING_PACKETS = 64  # IP packets held per connection until it can send (path, and for a gateway a session)
 RTT_INCLUSION_FACTOR = 2.0  # relays within 2× the best RTT (plus slack) are sampled evenly; slower ones are outliers
 RTT_INCLUSION_SLACK = 0.010
 
@@ -216,33 +217,6 @@ class _Connection:
         return Path.RELAYED if relayed else Path.DIRECT
 
 
-class _FollowingIceAgent(ice.IceAgent):
-    """The ICE agent with one change on the controlled side (to move into ``dataplane/ice/agent.py``).
-
-    The stock controlled agent re-selects a pair whenever a *response* arrives on any pair the peer ever nominated, so
-    with two nominated pairs (relayed first, then a better direct one) it flips between them on every consent round.
-    Here the controlled side follows the peer's *latest* USE-CANDIDATE request, and a response only selects a nominated
-    pair when nothing usable is selected.
-    """
-
-    _latest_nomination: tuple[Address, Address] | None = None
-
-    def _on_request(self, data: bytes, request: stun.StunMessage, src: Address, local: Address, now: float) -> bool:
-        if not self.controlling and request.use_candidate() and request.username() == self._expected_username:
-            self._latest_nomination = (local, src)
-        return super()._on_request(data, request, src, local, now)
-
-    def _on_nominated(self, pair: ice.CandidatePair, now: float) -> None:
-        if self.controlling:
-            super()._on_nominated(pair, now)
-            return
-        pair.nominated = True
-        current = self._selected
-        if pair.key == self._latest_nomination or current is None or not self._usable(current, now):
-            self._select(pair, now)
-        self._update_selection(now)
-
-
 class Node:
     """All peer connections and relay allocations of one gateway or client (see the module docstring)."""
 
@@ -277,7 +251,6 @@ class Node:
         self._retired_hosts: set[Address] = set()
         self._transmits: deque[Transmit] = deque()
         self._events: deque[NodeEvent] = deque()
-        self._last_now = 0.0
 
     # -- queries -----------------------------------------------------------------------------------------------
 
@@ -330,7 +303,6 @@ class Node:
         An identical existing connection is reused and all its local candidates are announced again; a different
         one is replaced (closed first).
         """
-        self._last_now = now
         existing = self._connections.get(connection_id)
         if existing is not None and (
             existing.remote_public_key == remote_public_key
@@ -347,7 +319,7 @@ class Node:
             return False
         if existing is not None:
             self._remove_connection(existing, now, event=ConnectionClosed(connection_id))
-        agent = _FollowingIceAgent(
+        agent = ice.IceAgent(
             controlling=self.role is NodeRole.CLIENT,
             local_ufrag=local_credentials.username,
             local_pwd=local_credentials.password,
@@ -377,7 +349,7 @@ class Node:
         )
         self._connections[connection_id] = conn
         self._by_tunnel[id(tunnel)] = conn
-        self._gather_for(conn, now)
+        self._sync_local_candidates(conn, now)
         self._pump_connection(conn, now)
         return True
 
@@ -432,7 +404,6 @@ class Node:
     def update_relays(self, remove: Iterable[RelayId], add: Iterable[RelayConfig], now: float) -> None:
         """Removes relays (their candidates are invalidated, affected connections move to another relay) and
         adds or replaces others (same id with the same credentials and addresses = kept as is)."""
-        self._last_now = now
         removed: set[RelayId] = set()
         for relay_id in remove:
             if relay_id in self._relays:
@@ -449,7 +420,7 @@ class Node:
                 self._drop_relay(config.id, now, graceful=True)
                 replaced.add(config.id)
             self._add_relay(config, now)
-        removed -= {config.id for config in self._relays.values() for config in [config.config]}
+        removed -= set(self._relays)  # removed and added again in one update: a replacement, not a loss
         if removed or replaced:
             self._migrate_connections(removed, now)
 
@@ -496,9 +467,6 @@ class Node:
 
     # -- candidates ---------------------------------------------------------------------------------------------
 
-    def _gather_for(self, conn: _Connection, now: float) -> None:
-        self._sync_local_candidates(conn, now)
-
     def _wanted_candidates(self, conn: _Connection) -> dict[Candidate, Address]:
         wanted: dict[Candidate, Address] = {
             Candidate.host(address): address for address in sorted(self._hosts | self._retired_hosts)
@@ -517,7 +485,6 @@ class Node:
         The old candidates stay announced until the new allocations answer, then they are invalidated; ICE moves the
         connections to pairs built from the new candidates.
         """
-        self._last_now = now
         self._retired = list(self._relays.values())
         self._retired_hosts, self._hosts = self._hosts, set()
         for relay in self._retired:
@@ -544,7 +511,6 @@ class Node:
 
     def handle_input(self, data: bytes, src: Address, local: Address, now: float) -> tuple[ConnectionId, bytes] | None:
         """Feeds one received datagram; returns a decrypted IP packet and the connection it belongs to, if any."""
-        self._last_now = now
         if not data:
             self.drops.drop(DropReason.EMPTY)
             return None
@@ -637,6 +603,9 @@ class Node:
             self.drops.drop(DropReason.WIREGUARD_NO_CONNECTION)
             return None
         packet = conn.tunnel.decapsulate(data, now)
+        # A handshake response goes back where the initiation came from, even if ICE has not selected that pair yet
+        # (the controlled side learns the nomination a moment after the initiator may already send).
+        self._flush_tunnel(conn, now, reply_path=(local, src))
         self._pump_connection(conn, now)
         if not packet:  # handshake, keepalive or dropped (the tunnel counted why)
             return None
@@ -695,7 +664,6 @@ class Node:
         return min(deadlines) if deadlines else None
 
     def handle_timeout(self, now: float) -> None:
-        self._last_now = now
         for relay_id in list(self._relays):
             relay = self._relays.get(relay_id)
             if relay is None:
@@ -724,6 +692,14 @@ class Node:
         changed = False
         while (event := relay.allocation.poll_event()) is not None:
             if isinstance(event, turn.BindingSucceeded):
+                if relay.relayed and relay.srflx and event.srflx not in relay.srflx:
+                    # Our NAT mapping towards the relay changed (it expired, or the NAT rebooted): the relay keys the
+                    # allocation by the old 5-tuple, so it is lost. Start over on this relay.
+                    logger.info("relay %s: mapped address changed to %s; allocating again", relay_id, event.srflx)
+                    self._drop_relay(relay_id, now, graceful=False)
+                    self._add_relay(relay.config, now)
+                    self._relay_candidates_changed(now)
+                    return
                 # One NAT mapping per socket and relay: a new answer replaces the old srflx address.
                 changed |= relay.srflx != {event.srflx}
                 relay.srflx = {event.srflx}
@@ -737,10 +713,13 @@ class Node:
                 self._retired_hosts = set()
                 changed = True
             elif isinstance(event, turn.AllocationExpired):
-                for address in relay.relayed:
-                    self._relay_by_relayed.pop(address, None)
-                relay.relayed = set()
-                changed = True
+                # The allocation is gone (relay stopped answering, refresh failed, lifetime ran out): its relayed
+                # candidates are invalidated and the relay is asked for a fresh one.
+                logger.info("relay %s: allocation expired (%s); allocating again", relay_id, event.reason)
+                self._drop_relay(relay_id, now, graceful=False)
+                self._add_relay(relay.config, now)
+                self._relay_candidates_changed(now)
+                return
             elif isinstance(event, turn.AllocationFailed):
                 logger.warning("relay %s failed: %s", relay_id, event.reason)
                 self._drop_relay(relay_id, now, graceful=False)
@@ -811,14 +790,17 @@ class Node:
             # ICE keeps checking and either selects a pair again or fails; data waits for that.
             logger.debug("connection %s disconnected: %s", conn.id, event.reason)
 
-    def _flush_tunnel(self, conn: _Connection, now: float) -> None:
+    def _flush_tunnel(self, conn: _Connection, now: float, reply_path: tuple[Address, Address] | None = None) -> None:
         datagrams = conn.tunnel.drain_transmits()
         if not datagrams:
             return
-        if conn.selected is None:
+        if conn.selected is not None:
+            local, remote = conn.selected[0].address, conn.selected[1].address
+        elif reply_path is not None:
+            local, remote = reply_path
+        else:
             self.drops.drop(DropReason.NO_PATH)
             return
-        local, remote = conn.selected[0].address, conn.selected[1].address
         for datagram in datagrams:
             self._send_from(local, remote, datagram, now)
 
@@ -832,9 +814,6 @@ class Node:
         if transmit is not None:
             self._transmits.append(transmit)
         self._drain_allocation_transmits(relay)
-
-    def __iter__(self) -> Iterator[ConnectionId]:
-        return iter(self._connections)
 
 
 def _deadline(timeout: float | tuple[float, str] | None) -> float | None:

@@ -2,12 +2,13 @@
 
 Pairs (A = iperf3 client side, B = server side), each over its own fresh pair of namespaces joined by one veth and
 configured with the stock ``wg`` tool (see :mod:`lab.wg`): wireguard-go↔wireguard-go (the reference),
-wireguard-go↔firezone-wg, firezone-wg↔firezone-wg with 1 and 2 TUN queues (``FIREZONE_NUM_TUN_THREADS``).
+wireguard-go↔firezone-wg, firezone-wg↔firezone-wg with 1 and 2 TUN queues (``FIREZONE_NUM_TUN_THREADS``), and with
+2 queues but without read-side TSO (``FIREZONE_TUN_READ_OFFLOAD=0``: the kernel segments, writes are still merged).
 For each: ping RTT, iperf3 TCP with 1 and 4 streams in both directions, UDP at a fixed rate (loss, out-of-order), and
 CPU seconds per GB of the two daemons (utime+stime from /proc/<pid>/stat). Prints a table with the ratios to the
 reference and writes JSON under ``bench-results/``.
 
-    python -m lab.bench [--quick] [--seconds N] [--pairs wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2] [--output DIR]
+    python -m lab.bench [--quick] [--seconds N] [--pairs wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz2r-fz2r] [--output DIR]
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ class PairSpec:
     a: Implementation
     b: Implementation
     queues: int  # FIREZONE_NUM_TUN_THREADS for the firezone-wg side(s)
+    read_offload: bool = True  # FIREZONE_TUN_READ_OFFLOAD: TSO/USO super-packets split in Python on read
 
     @property
     def label(self) -> str:
         def side(impl: Implementation) -> str:
-            return "wireguard-go" if impl == "wireguard-go" else f"firezone-wg(q{self.queues})"
+            if impl == "wireguard-go":
+                return "wireguard-go"
+            return f"firezone-wg(q{self.queues}{'' if self.read_offload else ',no-rx-tso'})"
 
         return f"{side(self.a)} ↔ {side(self.b)}"
 
@@ -56,6 +60,7 @@ PAIRS: dict[str, PairSpec] = {
         PairSpec("wgo-fz2", "wireguard-go", "firezone-wg", 2),
         PairSpec("fz1-fz1", "firezone-wg", "firezone-wg", 1),
         PairSpec("fz2-fz2", "firezone-wg", "firezone-wg", 2),
+        PairSpec("fz2r-fz2r", "firezone-wg", "firezone-wg", 2, read_offload=False),
     )
 }
 REFERENCE = "wgo-wgo"
@@ -174,7 +179,11 @@ def _udp_out_of_order(report: dict[str, object]) -> int | None:
 def _pair(spec: PairSpec, log_dir: Path) -> Iterator[WgPair]:
     with Topology("bn") as topo:
         # Quiet daemons: logging must not cost throughput while measuring.
-        env = {"LOG_LEVEL": "error", "FIREZONE_NUM_TUN_THREADS": str(spec.queues)}
+        env = {
+            "LOG_LEVEL": "error",
+            "FIREZONE_NUM_TUN_THREADS": str(spec.queues),
+            "FIREZONE_TUN_READ_OFFLOAD": "1" if spec.read_offload else "0",
+        }
         pair = WgPair.create(topo, spec.a, spec.b, log_dir=log_dir, env_a=env, env_b=env)
         _wait_for_tunnel(pair.a, pair.b.tunnel_ip)
         pair.b.ns.popen(

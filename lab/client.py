@@ -119,7 +119,12 @@ class NodeDriver:
         try:
             await self.done.wait()
         finally:
-            log.info("drops: node %s tun %s udp %s", dict(self.node.drops.counts), dict(self.tun.drops.counts), dict(self.socket.drops.counts))
+            log.info(
+                "drops: node %s tun %s udp %s",
+                dict(self.node.drops.counts),
+                dict(self.tun.drops.counts),
+                dict(self.socket.drops.counts),
+            )
             for fd in (self.socket.fileno(), self.tun.wakeup_fd, sys.stdin.fileno()):
                 self.loop.remove_reader(fd)
             if self.timer is not None:

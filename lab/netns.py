@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-
 # Namespaces created by this process and not yet deleted: the test fixtures check this, not the machine-wide list, so
 # that concurrent runs on one machine never blame each other.
 _live_namespaces: set[str] = set()

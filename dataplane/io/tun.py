@@ -58,6 +58,7 @@ TUN_OFFLOADS_TCP = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 DEFAULT_TXQUEUELEN = 10000
 LOCK_DIR = "/run/firezone"
 NUM_TUN_THREADS_ENV = "FIREZONE_NUM_TUN_THREADS"
+READ_OFFLOAD_ENV = "FIREZONE_TUN_READ_OFFLOAD"
 # One read can return a 64 KiB TSO frame plus its virtio header.
 _READ_SIZE = 65536 + VIRTIO_NET_HDR_LEN
 # How many frames a reader takes from the device before handing the batch over.
@@ -165,6 +166,7 @@ class Tun:
         lock_fd: int,
         *,
         offload_flags: int,
+        read_offload: bool,
         inbound_capacity: int,
         outbound_capacity: int,
     ) -> None:
@@ -172,6 +174,7 @@ class Tun:
         self.queues = len(queue_fds)
         self.offload_flags = offload_flags
         self.offload_enabled = offload_flags != 0
+        self.read_offload = read_offload
         self.drops = DropCounter()
         self.inbound_capacity = inbound_capacity
         self.outbound_capacity = outbound_capacity
@@ -202,9 +205,15 @@ class Tun:
         txqueuelen: int = DEFAULT_TXQUEUELEN,
         inbound_capacity: int = 4096,
         outbound_capacity: int = 2048,
+        read_offload: bool | None = None,
     ) -> Tun:
         """Creates ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE`` when more than one) in the calling thread's
-        network namespace. Raises :class:`TunError` when another process holds the device or it exists already."""
+        network namespace. Raises :class:`TunError` when another process holds the device or it exists already.
+
+        ``offload``: use ``IFF_VNET_HDR`` + ``TUNSETOFFLOAD`` when the kernel accepts them (probed). ``read_offload``
+        (default: ``FIREZONE_TUN_READ_OFFLOAD``, on unless "0"): let the kernel hand over TSO/USO super-packets, which
+        the reader threads split in Python; off, the kernel segments and checksums in C and each read is one packet,
+        while writes are still merged. Which is faster depends on the machine (see lab.bench)."""
         if not name or len(name.encode()) > 15:
             raise ValueError(f"invalid interface name {name!r}")
         if queues < 1:
@@ -225,6 +234,11 @@ class Tun:
             flags = base | (IFF_VNET_HDR if offload_flags else 0)
             while len(fds) < queues:
                 fds.append(_open_queue(name, flags))
+            if read_offload is None:
+                read_offload = os.environ.get(READ_OFFLOAD_ENV, "1").strip() != "0"
+            if offload_flags and not read_offload:
+                # Writes may still carry GSO frames: TUNSETOFFLOAD only limits what the kernel hands to us.
+                _set_offload(fds[0], 0)
             try:
                 _set_txqueuelen(name, txqueuelen)
             except OSError as exc:
@@ -236,12 +250,13 @@ class Tun:
             if isinstance(exc, OSError) and not isinstance(exc, TunError):
                 raise TunError(exc.errno, f"cannot create TUN device {name}: {exc.strerror or exc}") from exc
             raise
-        log.info("TUN %s: %d queue(s), offloads %#x", name, queues, offload_flags)
+        log.info("TUN %s: %d queue(s), offloads %#x, read offload %s", name, queues, offload_flags, read_offload)
         return cls(
             name,
             fds,
             lock_fd,
             offload_flags=offload_flags,
+            read_offload=bool(offload_flags and read_offload),
             inbound_capacity=inbound_capacity,
             outbound_capacity=outbound_capacity,
         )

@@ -2,8 +2,8 @@
 
 Topology (all namespaces created here, nothing routed outside them)::
 
-    gw (10.1.0.2) ── natg (10.1.0.1 | 192.0.2.1) ── wan (192.0.2.254, 198.18.0.254; coturn on 192.0.2.254:3478)
-    cl (10.2.0.2) ── natc (10.2.0.1 | 198.18.0.1) ──┘
+    gw (10.1.0.2) ── natg (10.1.0.1 | 172.31.1.1) ── wan (172.31.1.254, 172.31.2.254; coturn on 172.31.1.254:3478)
+    cl (10.2.0.2) ── natc (10.2.0.1 | 172.31.2.1) ──┘
 
 ``masquerade`` keeps the source port for every destination (endpoint-independent mapping, conntrack filtering), so
 hole punching works and ICE must settle on a direct path. ``masquerade random`` picks a new port per destination on
@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -38,7 +39,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("turnserver") is None or shutil.which("nft") is None, reason="coturn/nft missing"),
 ]
 
-RELAY_IP = "192.0.2.254"
+RELAY_IP = "172.31.1.254"
 GATEWAY_TUN = "100.64.0.1"
 CLIENT_TUN = "100.64.0.2"
 
@@ -97,7 +98,7 @@ class Portal:
                     line, side.buffer = side.buffer.split(b"\n", 1)
                     self._on_event(side, json.loads(line))
 
-    def pump_until(self, condition, timeout: float) -> bool:
+    def pump_until(self, condition: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():
@@ -122,12 +123,18 @@ def _build(topo: Topology, random_ports: bool) -> tuple[Netns, Netns, Netns]:
     gw, cl = topo.add_ns("gw"), topo.add_ns("cl")
     topo.link(gw, "10.1.0.2/24", natg, "10.1.0.1/24")
     topo.link(cl, "10.2.0.2/24", natc, "10.2.0.1/24")
-    natg_out, _ = topo.link(natg, "192.0.2.1/24", wan, f"{RELAY_IP}/24")
-    natc_out, _ = topo.link(natc, "198.18.0.1/24", wan, "198.18.0.254/24")
+    natg_out, _ = topo.link(natg, "172.31.1.1/24", wan, f"{RELAY_IP}/24")
+    natc_out, _ = topo.link(natc, "172.31.2.1/24", wan, "172.31.2.254/24")
     gw.exec("ip route add default via 10.1.0.1")
     cl.exec("ip route add default via 10.2.0.1")
     natg.exec(f"ip route add default via {RELAY_IP}")
-    natc.exec("ip route add default via 198.18.0.254")
+    natc.exec("ip route add default via 172.31.2.254")
+    # The "internet" swallows datagrams to addresses nobody routes (the peers' private host candidates) instead of
+    # failing the send: coturn tears an allocation down when a relayed send fails with ENETUNREACH.
+    sink = f"fzs{topo.suffix}"
+    wan.exec(["ip", "link", "add", f"{sink}a", "type", "veth", "peer", "name", f"{sink}b"])
+    wan.exec(["ip", "link", "set", f"{sink}a", "up"])  # its peer stays down: whatever goes in is dropped
+    wan.exec(["ip", "route", "add", "default", "dev", f"{sink}a"])
     for ns, out in ((natg, natg_out), (natc, natc_out)):
         rule = f'oifname "{out}" masquerade{" random" if random_ports else ""}'
         # Unsolicited inbound datagrams are dropped before conntrack confirms an entry for them, as home routers do:

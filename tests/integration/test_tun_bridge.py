@@ -31,20 +31,18 @@ ADDR6_B = "fd72::2"
 
 
 @contextmanager
-def bridged(queues: int, offload: bool) -> Iterator[tuple[Netns, Netns, Tun, Tun]]:
+def bridged(queues: int, offload: bool, read_offload: bool = True) -> Iterator[tuple[Netns, Netns, Tun, Tun]]:
     with Topology("tbr") as topo:
         a, b = topo.add_ns("a"), topo.add_ns("b")
-        tun_a = run_in_netns(a.name, lambda: Tun.create("fzbr0", queues=queues, offload=offload))
-        tun_b = run_in_netns(b.name, lambda: Tun.create("fzbr0", queues=queues, offload=offload))
+        options = {"queues": queues, "offload": offload, "read_offload": read_offload}
+        tun_a = run_in_netns(a.name, lambda: Tun.create("fzbr0", **options))  # type: ignore[arg-type]
+        tun_b = run_in_netns(b.name, lambda: Tun.create("fzbr0", **options))  # type: ignore[arg-type]
         stop_r, stop_w = os.pipe()
         forwarder = threading.Thread(target=_forward, args=(tun_a, tun_b, stop_r), name="test-forwarder")
         try:
-            for ns, local, peer, local6, peer6 in (
-                (a, ADDR_A, ADDR_B, ADDR6_A, ADDR6_B),
-                (b, ADDR_B, ADDR_A, ADDR6_B, ADDR6_A),
-            ):
+            for ns, local, peer, local6 in ((a, ADDR_A, ADDR_B, ADDR6_A), (b, ADDR_B, ADDR_A, ADDR6_B)):
                 ns.exec(["ip", "addr", "add", f"{local}/32", "peer", f"{peer}/32", "dev", "fzbr0"])
-                ns.exec(["ip", "-6", "addr", "add", f"{local6}/128", "peer", f"{peer6}/128", "dev", "fzbr0", "nodad"])
+                ns.exec(["ip", "-6", "addr", "add", f"{local6}/64", "dev", "fzbr0", "nodad"])
                 ns.exec(["ip", "link", "set", "fzbr0", "up"])
             forwarder.start()
             yield a, b, tun_a, tun_b
@@ -87,6 +85,7 @@ def test_tcp_bulk_transfer_with_offloads_is_intact(queues: int, family: int) -> 
         with server, client:
             server.bind((server_addr, 5201))
             server.listen(1)
+            server.settimeout(20)  # a failing connect must not leave the receiver thread blocked in accept
             digest: list[str] = []
 
             def receive() -> None:
@@ -107,6 +106,38 @@ def test_tcp_bulk_transfer_with_offloads_is_intact(queues: int, family: int) -> 
         assert digest == [hashlib.sha256(data).hexdigest()]
         sent, got = tun_a.stats(), tun_b.stats()
         assert sent.rx_packets > sent.rx_frames, "no TSO super-packet was split on read"
+        assert got.tx_frames < got.tx_packets, "no segments were merged on write"
+        assert tun_a.drops.total() == 0 and tun_b.drops.total() == 0
+
+
+def test_tcp_without_read_offload_reads_single_packets_and_still_merges_writes() -> None:
+    data = os.urandom(1 << 20) * 6
+    with bridged(2, offload=True, read_offload=False) as (a, b, tun_a, tun_b):
+        assert tun_a.offload_enabled and not tun_a.read_offload
+        server = sock_in(b, socket.SOCK_STREAM)
+        client = sock_in(a, socket.SOCK_STREAM)
+        with server, client:
+            server.bind((ADDR_B, 5202))
+            server.listen(1)
+            server.settimeout(20)
+            received = bytearray()
+
+            def receive() -> None:
+                conn, _ = server.accept()
+                with conn:
+                    while chunk := conn.recv(1 << 16):
+                        received.extend(chunk)
+
+            receiver = threading.Thread(target=receive, name="test-receiver")
+            receiver.start()
+            client.settimeout(30)
+            client.connect((ADDR_B, 5202))
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            receiver.join(timeout=60)
+        assert received == data
+        sent, got = tun_a.stats(), tun_b.stats()
+        assert sent.rx_packets == sent.rx_frames, "the kernel handed over super-packets although asked not to"
         assert got.tx_frames < got.tx_packets, "no segments were merged on write"
         assert tun_a.drops.total() == 0 and tun_b.drops.total() == 0
 

@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dataplane.base import Address
 from dataplane.io.rng import SeededRng
@@ -102,7 +103,7 @@ class SimPeer:
             if self.on_event is not None:
                 self.on_event(event)
 
-    def events_of(self, kind: type) -> list:
+    def events_of(self, kind: type) -> list[Any]:
         return [e for _, e in self.events if isinstance(e, kind)]
 
     def first_event_time(self, kind: type) -> float | None:
@@ -146,6 +147,8 @@ class StubPortal:
     delay: float = 0.05
     links: list[Link] = field(default_factory=list)
     no_relays: list[str] = field(default_factory=list)
+    relays_online: Callable[[], list[tuple[str, SimRelay]]] | None = None
+    _no_relays_answered: dict[str, float] = field(default_factory=dict)
 
     def connect(self, client: SimPeer, gateway: SimPeer, client_id: str, gateway_id: str) -> Link:
         seed = hashlib.sha256(f"{client_id}:{gateway_id}".encode()).hexdigest()
@@ -158,7 +161,11 @@ class StubPortal:
             IceCredentials(seed[26:30], seed[30:52]),
             hashlib.sha256(f"psk:{seed}".encode()).digest(),
         )
-        self.links.append(link)
+        existing = next((known for known in self.links if known == link), None)
+        if existing is None:
+            self.links.append(link)
+        else:
+            link = existing  # the client asks again (e.g. after its connection failed): same link, same signalling
         self._hook(client)
         self._hook(gateway)
         now = self.net.now
@@ -194,6 +201,12 @@ class StubPortal:
     def _forward(self, peer: SimPeer, event: NodeEvent) -> None:
         if isinstance(event, NoRelays):
             self.no_relays.append(peer.name)
+            # The portal answers no_relays with relays_presence listing the relays online (§2.1).
+            # Like the portal's presence debounce, at most one answer per peer every few seconds.
+            if self.relays_online is not None and self.net.now >= self._no_relays_answered.get(peer.name, -1e9) + 10.0:
+                self._no_relays_answered[peer.name] = self.net.now
+                online = self.relays_online()
+                self.net.schedule(self.net.now + self.delay, lambda: peer.add_relays(online))
             return
         if not isinstance(event, CandidateGathered | CandidateInvalidated):
             return

@@ -268,7 +268,7 @@ class SimRelay:
         raw = msg.get(stun.Attr.LIFETIME)
         if raw is None or len(raw) != 4:
             return DEFAULT_LIFETIME
-        return min(struct.unpack("!I", raw)[0], MAX_LIFETIME)
+        return min(int.from_bytes(raw, "big"), MAX_LIFETIME)
 
     def _live_allocation(self, src: Address, now: float) -> _Allocation | None:
         allocation = self._allocations.get(src)

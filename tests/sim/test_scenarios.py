@@ -8,6 +8,7 @@ import pytest
 from dataplane.node import (
     ConnectionEstablished,
     ConnectionFailed,
+    ConnectionInfo,
     ConnectionPathChanged,
     NoRelays,
     Path,
@@ -45,6 +46,18 @@ def _ping(world: World, client: Client, tag: bytes, timeout: float = 5.0) -> Non
     assert world.net.run_until_true(lambda: len(client.peer.received) > before_cl, timeout=timeout), "downlink lost"
     assert world.gateway.received[before_gw:] == [(client.client_id, up)]
     assert client.peer.received[before_cl:] == [(GATEWAY_ID, down)]
+
+
+def _gw(world: World, client: Client) -> ConnectionInfo:
+    info = world.gateway.node.connection(client.client_id)
+    assert info is not None
+    return info
+
+
+def _cl(client: Client) -> ConnectionInfo:
+    info = client.peer.node.connection(GATEWAY_ID)
+    assert info is not None
+    return info
 
 
 def _paths(world: World, client: Client) -> tuple[Path | None, Path | None]:
@@ -100,10 +113,11 @@ def test_relay_removed_mid_connection_migrates_without_a_new_handshake():
     _connect(world, client)
     _ping(world, client, b"before")
     handshakes = (
-        world.gateway.node.connection(client.client_id).handshakes,
-        client.peer.node.connection(GATEWAY_ID).handshakes,
+        _gw(world, client).handshakes,
+        _cl(client).handshakes,
     )
     carrying = _carrying_relay(world, client)
+    assert carrying is not None
     # The relay carrying the connection vanishes, and the portal reports it gone to both sides.
     world.relays[carrying].shut_down()
     for peer in (world.gateway, client.peer):
@@ -118,8 +132,8 @@ def test_relay_removed_mid_connection_migrates_without_a_new_handshake():
     _ping(world, client, b"after", timeout=30.0)
     assert world.net.run_until_true(lambda: True, timeout=0.0)
     after = (
-        world.gateway.node.connection(client.client_id).handshakes,
-        client.peer.node.connection(GATEWAY_ID).handshakes,
+        _gw(world, client).handshakes,
+        _cl(client).handshakes,
     )
     assert after == handshakes, "the WireGuard session must survive the path change"
     assert client.peer.events_of(ConnectionPathChanged) or world.gateway.events_of(ConnectionPathChanged)
@@ -161,8 +175,8 @@ def test_client_roams_and_the_connection_follows(new_nat):
     client = world.add_client(FULL_CONE, seed=6)
     _connect(world, client)
     _ping(world, client, b"before")
-    old_remote = world.gateway.node.connection(client.client_id).remote
-    handshakes = world.gateway.node.connection(client.client_id).handshakes
+    old_remote = _gw(world, client).remote
+    handshakes = _gw(world, client).handshakes
     world.roam(client, new_nat, seed=6)
     expected = Path.DIRECT if world.direct_expected(client) else Path.RELAYED
 
@@ -181,7 +195,7 @@ def test_client_roams_and_the_connection_follows(new_nat):
     assert world.net.run_until_true(moved, timeout=30.0), _paths(world, client)
     _ping(world, client, b"after", timeout=30.0)
     assert not world.gateway.events_of(ConnectionFailed)
-    assert world.gateway.node.connection(client.client_id).handshakes == handshakes, "the session must survive"
+    assert _gw(world, client).handshakes == handshakes, "the session must survive"
 
 
 @pytest.mark.parametrize("vanishing", ["client", "gateway"])

@@ -42,7 +42,7 @@ def ipv4_udp(src: str, dst: str, payload: bytes, sport: int = 4000, dport: int =
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -133,6 +133,7 @@ def build_world(
         relay_map[f"relay-{i}"] = SimRelay(net, host)
     portal = StubPortal(net)
     world = World(net, portal, relay_map, None, None)  # type: ignore[arg-type]
+    portal.relays_online = world.relay_list
     nat, host = world._place("gw", gateway_behaviour, seed=seed)
     world.gateway = SimPeer(net, host, NodeRole.GATEWAY, GATEWAY_ID, seed=seed)
     world.gateway_nat = nat

@@ -16,10 +16,12 @@ from dataplane import stun
 from dataplane.io.rng import SeededRng
 from dataplane.node import (
     CandidateGathered,
+    CandidateInvalidated,
     ConnectionClosed,
     DropReason,
     IceCredentials,
     Node,
+    NodeEvent,
     NodeRole,
     NoRelays,
     RelayConfig,
@@ -37,8 +39,8 @@ def _node(role: NodeRole = NodeRole.GATEWAY, seed: int = 0) -> Node:
     return Node(role, private_key_for(f"node-{seed}"), rng=SeededRng(seed), wall_clock=lambda: 1_800_000_000.0)
 
 
-def _events(node: Node) -> list:
-    out = []
+def _events(node: Node) -> list[NodeEvent]:
+    out: list[NodeEvent] = []
     while (event := node.poll_event()) is not None:
         out.append(event)
     return out
@@ -163,7 +165,7 @@ def test_removing_the_sampled_relay_moves_the_connection_to_another():
     node.update_relays([used], [], world.net.now)
     events = _events(node)
     assert node.connection("client-1").relay_id not in (None, used)
-    invalidated = [e.candidate for e in events if type(e).__name__ == "CandidateInvalidated"]
+    invalidated = [e.candidate for e in events if isinstance(e, CandidateInvalidated)]
     gathered = [e.candidate for e in events if isinstance(e, CandidateGathered)]
     assert [c.kind.value for c in invalidated] == ["relay"]
     assert [c.kind.value for c in gathered] == ["relay"]

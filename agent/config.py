@@ -322,6 +322,24 @@ def default_num_tun_threads() -> int:
 
 # --- command line -------------------------------------------------------------------------------------------------
 
+# The data plane is not built yet: these settings are validated so deployments can set them, but nothing reads them.
+NOT_USED_YET = "validated but not used yet (no data plane)"
+DATA_PLANE_SETTINGS = ("flow_logs", "num_tun_threads", "no_inc_buf")
+
+
+def describe_settings(settings: Settings) -> str:
+    """One line of the effective settings for a start-up debug log; never the token."""
+    shown: list[str] = []
+    for name in Settings.__dataclass_fields__:
+        if name == "token":
+            continue
+        value = getattr(settings, name)
+        text = f"{name}={value}"
+        if name in DATA_PLANE_SETTINGS:
+            text += " (not used yet)"
+        shown.append(text)
+    return ", ".join(shown)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -335,13 +353,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-u", "--api-url", help=hidden)
     parser.add_argument("--log-format", help="human or json [FIREZONE_LOG_FORMAT]")
     parser.add_argument("--log-level", help="log directives, e.g. info or warn,agent=debug [FIREZONE_LOG_LEVEL]")
-    parser.add_argument("--flow-logs", action="store_const", const="true", help="log flows [FIREZONE_FLOW_LOGS]")
+    parser.add_argument(
+        "--flow-logs",
+        action="store_const",
+        const="true",
+        help=f"track and log flows; {NOT_USED_YET} [FIREZONE_FLOW_LOGS]",
+    )
     parser.add_argument(
         "-m", "--max-partition-time", help="reconnect budget, e.g. 5m, 1h, 30d [FIREZONE_MAX_PARTITION_TIME]"
     )
-    parser.add_argument("--num-tun-threads", help="TUN queues/threads [FIREZONE_NUM_TUN_THREADS]")
-    parser.add_argument("--no-inc-buf", action="store_const", const="true", help="[FIREZONE_NO_INC_BUF]")
-    parser.add_argument("--no-telemetry", action="store_const", const="true", help="[FIREZONE_NO_TELEMETRY]")
+    parser.add_argument(
+        "--num-tun-threads", help=f"TUN queues, one thread each; {NOT_USED_YET} [FIREZONE_NUM_TUN_THREADS]"
+    )
+    parser.add_argument(
+        "--no-inc-buf",
+        action="store_const",
+        const="true",
+        help=f"do not raise net.core.rmem_max/wmem_max; {NOT_USED_YET} [FIREZONE_NO_INC_BUF]",
+    )
+    parser.add_argument(
+        "--no-telemetry",
+        action="store_const",
+        const="true",
+        help="accepted for compatibility; no telemetry is ever sent [FIREZONE_NO_TELEMETRY]",
+    )
     parser.add_argument("--health-check-addr", help=hidden)
     parser.add_argument("--heartbeat-interval", help=hidden)
     return parser
@@ -362,6 +397,11 @@ def load_settings(argv: Sequence[str] | None, env: Mapping[str, str]) -> Setting
         except ValueError as exc:
             raise ConfigError(variable, str(exc)) from None
 
+    def setting(flag_value: str | None, variable: str, parse: Callable[[str], T], default: T) -> T:
+        """The flag, else the variable, parsed; ``default`` (already a value) when neither is set."""
+        text = pick(flag_value, variable)
+        return default if text is None else checked(variable, text, parse)
+
     log_format = (pick(args.log_format, "FIREZONE_LOG_FORMAT", "human") or "human").strip().lower()
     if log_format not in ("human", "json"):
         raise ConfigError("FIREZONE_LOG_FORMAT", f"expected human or json, got {log_format!r}")
@@ -370,39 +410,31 @@ def load_settings(argv: Sequence[str] | None, env: Mapping[str, str]) -> Setting
     log_text = pick(args.log_level, "FIREZONE_LOG_LEVEL") or env.get("RUST_LOG") or "info"
     log_spec = checked(log_variable, log_text, parse_log_directives)
 
-    flow_logs = checked("FIREZONE_FLOW_LOGS", pick(args.flow_logs, "FIREZONE_FLOW_LOGS", "false") or "", parse_bool)
+    flow_logs = setting(args.flow_logs, "FIREZONE_FLOW_LOGS", parse_bool, False)
     if flow_logs:
         log_spec = LogSpec(log_spec.default_level, (*log_spec.targets, ("flow_logs", TRACE)))
 
     state_dir = Path(env.get("FIREZONE_STATE_DIR") or DEFAULT_STATE_DIR)
-    api_url = checked(
-        "FIREZONE_API_URL", pick(args.api_url, "FIREZONE_API_URL", DEFAULT_API_URL) or "", validate_api_url
-    )
-    max_partition = checked(
+    api_url = setting(args.api_url, "FIREZONE_API_URL", validate_api_url, DEFAULT_API_URL)
+    max_partition = setting(
+        args.max_partition_time,
         "FIREZONE_MAX_PARTITION_TIME",
-        pick(args.max_partition_time, "FIREZONE_MAX_PARTITION_TIME", DEFAULT_MAX_PARTITION_TIME) or "",
         parse_duration,
+        parse_duration(DEFAULT_MAX_PARTITION_TIME),
     )
-    threads_text = pick(args.num_tun_threads, "FIREZONE_NUM_TUN_THREADS")
-    num_tun_threads = (
-        checked("FIREZONE_NUM_TUN_THREADS", threads_text, parse_thread_count)
-        if threads_text is not None
-        else default_num_tun_threads()
+    num_tun_threads = setting(
+        args.num_tun_threads, "FIREZONE_NUM_TUN_THREADS", parse_thread_count, default_num_tun_threads()
     )
-    no_inc_buf = checked("FIREZONE_NO_INC_BUF", pick(args.no_inc_buf, "FIREZONE_NO_INC_BUF", "false") or "", parse_bool)
-    no_telemetry = checked(
-        "FIREZONE_NO_TELEMETRY", pick(args.no_telemetry, "FIREZONE_NO_TELEMETRY", "false") or "", parse_bool
-    )
-    health_addr = checked(
+    no_inc_buf = setting(args.no_inc_buf, "FIREZONE_NO_INC_BUF", parse_bool, False)
+    no_telemetry = setting(args.no_telemetry, "FIREZONE_NO_TELEMETRY", parse_bool, False)
+    health_addr = setting(
+        args.health_check_addr,
         "HEALTH_CHECK_ADDR",
-        pick(args.health_check_addr, "HEALTH_CHECK_ADDR", DEFAULT_HEALTH_CHECK_ADDR) or "",
         parse_socket_address,
+        parse_socket_address(DEFAULT_HEALTH_CHECK_ADDR),
     )
-    heartbeat_text = pick(args.heartbeat_interval, "FIREZONE_HEARTBEAT_INTERVAL")
-    heartbeat = (
-        checked("FIREZONE_HEARTBEAT_INTERVAL", heartbeat_text, parse_positive_float)
-        if heartbeat_text is not None
-        else DEFAULT_HEARTBEAT_INTERVAL
+    heartbeat = setting(
+        args.heartbeat_interval, "FIREZONE_HEARTBEAT_INTERVAL", parse_positive_float, DEFAULT_HEARTBEAT_INTERVAL
     )
     name = (pick(args.firezone_name, "FIREZONE_NAME") or "").strip() or default_name()
     token = resolve_token(args.token, env)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.config import ConfigError, Settings, build_parser, load_settings
+from agent.config import ConfigError, Settings, build_parser, describe_settings, load_settings
 from agent.eventloop import AuthorizationBook, Eventloop
 from agent.health import HealthServer, MetricsText
 from agent.logs import RedactingFilter, configure_logging
@@ -116,6 +116,7 @@ class Gateway:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_shutdown, signum)
         ticks = asyncio.ensure_future(self.eventloop.run_ticks())
+        logger.debug("effective settings: %s", describe_settings(self.settings))
         logger.info(
             "starting gateway",
             extra={"firezone_id_source": self.settings.firezone_id_source, "gateway_name": self.settings.name},

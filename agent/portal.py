@@ -1,7 +1,8 @@
 """The portal link: :class:`protocol.phoenix.PhoenixChannel` driven over ``websockets`` (portal-protocol.md §1).
 
-:class:`PortalLink` connects (URL, headers, 15 s timeout; the host is resolved again at every attempt because
-``websockets`` calls ``getaddrinfo`` per connection), runs the channel, reconnects with the §1.7 backoff, and raises
+:class:`PortalLink` connects (URL, headers; the TCP connection is opened by :mod:`agent.dial` as §1.3 says: host
+resolved again at every attempt, all addresses dialled at once, 5 s per TCP connect, 15 s for the whole attempt, every
+socket marked ``SO_MARK 0xfd002021``), runs the channel, reconnects with the §1.7 backoff, and raises
 :class:`protocol.errors.PortalError` for the fatal cases of §1.8. The token only ever travels in the
 ``X-Authorization`` header: it is never put in the URL, in a log line or in an error message.
 """
@@ -30,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from agent.backoff import Backoff, initial_connect_policy, reconnect_policy
 from agent.config import Secret
+from agent.dial import TCP_CONNECT_TIMEOUT, SocketMarker, SocketMarkError, dial_first, resolve_targets
 from dataplane.base import Rng
 from protocol.errors import FatalReason, PortalError, TransientPortalError
 from protocol.phoenix import (
@@ -216,15 +218,20 @@ class PortalLink:
         heartbeat_interval: float = 10.0,
         max_partition_time: float = 24 * 3600.0,
         connect_timeout: float = CONNECT_TIMEOUT,
+        tcp_connect_timeout: float = TCP_CONNECT_TIMEOUT,
         user_agent: str | None = None,
+        marker: SocketMarker | None = None,
     ) -> None:
         self.url = build_url(api_url, firezone_id, name, public_key_b64)
+        _, self._host, self._port, _ = normalise_base_url(api_url)
         # The header carries the token with all whitespace removed (§1.2); scrubbing uses that same form.
         self._token = Secret("".join(token.reveal().split()))
         self._rng = rng
         self._wall_clock = wall_clock
         self._max_partition_time = max_partition_time
         self._connect_timeout = connect_timeout
+        self._tcp_connect_timeout = tcp_connect_timeout
+        self.marker = marker or SocketMarker()
         self.user_agent = user_agent or build_user_agent(package_version())
         self.channel = PhoenixChannel(heartbeat_interval=heartbeat_interval)
         self.stats = PortalStats()
@@ -283,19 +290,32 @@ class PortalLink:
                 await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _connect(self) -> ClientConnection:
+        """One attempt (§1.3): resolve, dial all addresses, then TLS + WebSocket upgrade, all within 15 s.
+
+        Raises TransientPortalError (retry), PortalError (fatal rejection) or SocketMarkError (fatal, local)."""
         self.stats.connect_attempts += 1
         if self.stats.joins:
             self.stats.reconnects += 1
         try:
-            return await connect(
-                self.url,
-                additional_headers={"X-Authorization": f"Bearer {self._token.reveal()}"},
-                user_agent_header=self.user_agent,
-                open_timeout=self._connect_timeout,
-                ping_interval=None,
-                max_size=MAX_FRAME_SIZE,
-                close_timeout=2.0,
-            )
+            async with asyncio.timeout(self._connect_timeout):
+                targets = await resolve_targets(self._host, self._port)
+                sock = await dial_first(targets, self.marker, tcp_timeout=self._tcp_connect_timeout)
+                try:
+                    return await connect(
+                        self.url,
+                        sock=sock,
+                        additional_headers={"X-Authorization": f"Bearer {self._token.reveal()}"},
+                        user_agent_header=self.user_agent,
+                        open_timeout=None,
+                        ping_interval=None,
+                        max_size=MAX_FRAME_SIZE,
+                        close_timeout=2.0,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+        except SocketMarkError:
+            raise
         except InvalidStatus as exc:
             response = exc.response
             verdict = classify_rejection(
@@ -306,7 +326,10 @@ class PortalLink:
                 self._token,
             )
             raise verdict from None
-        except (OSError, TimeoutError, InvalidHandshake, WebSocketException, EOFError) as exc:
+        except TimeoutError:
+            raise TransientPortalError(f"connect attempt timed out after {self._connect_timeout:g} s") from None
+        # ValueError: websockets cannot follow a redirect over a socket it was handed.
+        except (OSError, InvalidHandshake, WebSocketException, EOFError, ValueError) as exc:
             raise TransientPortalError(_one_line(f"cannot connect: {type(exc).__name__}: {exc}", self._token)) from None
 
     async def _serve(self, ws: ClientConnection) -> TransientPortalError:
@@ -321,6 +344,8 @@ class PortalLink:
                 await self._flush(ws)
                 failure = self._dispatch_events()
                 if failure is not None:
+                    # Frames the channel emitted on its way down (the heartbeat over the limit) still go out.
+                    await self._flush(ws)
                     return failure
                 await self._flush(ws)
                 if self._stopping.is_set():

@@ -18,6 +18,7 @@ import fcntl
 import gc
 import logging
 import os
+import random
 import selectors
 import signal
 import socket
@@ -139,6 +140,26 @@ def _set_link_up(ifname: str, mtu: int) -> None:
         fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name, flags | IFF_UP))
 
 
+class _FastJitterRng:
+    """SystemRng for keys and indices; a PRNG seeded from it for ``uniform`` (timer jitter only).
+
+    Jitter needs no secrecy (wireguard-go draws it from ``fastrandn``), and it is drawn on every send batch that
+    follows a receive: a getrandom(2) syscall each time showed up in profiles of the daemon under load.
+    """
+
+    def __init__(self) -> None:
+        from dataplane.io.rng import SystemRng
+
+        self._system = SystemRng()
+        self.random_bytes = self._system.random_bytes
+        self.random_u32 = self._system.random_u32
+        self.random_u64 = self._system.random_u64
+        self._jitter = random.Random(self._system.random_u64())
+
+    def uniform(self, low: float, high: float) -> float:
+        return self._jitter.uniform(low, high)
+
+
 class WgDaemon:
     """The driver: owns the TUN device, the UDP sockets, the UAPI listener and the event loop."""
 
@@ -164,7 +185,6 @@ class WgDaemon:
 
     def start(self) -> None:
         """Creates everything; raises StartupError (or OSError) with nothing left behind."""
-        from dataplane.io.rng import SystemRng
         from dataplane.io.tun import Tun
         from dataplane.wireguard.device import Device
         from dataplane.wireguard.uapi import Uapi
@@ -178,7 +198,7 @@ class WgDaemon:
                 raise StartupError(exc.strerror or str(exc)) from exc
             self._listener, self._socket_stat = _open_uapi_listener(self.ifname)
             # Padding must not grow a full-size packet past the MTU (wireguard-go pads to min(MTU, 16-multiple)).
-            self.device = Device(rng=SystemRng(), wall_clock=time.time, mtu=self.mtu)
+            self.device = Device(rng=_FastJitterRng(), wall_clock=time.time, mtu=self.mtu)
             port = self._bind(0)
             self.uapi = Uapi(self.device, listen_port=port, on_listen_port=self._bind, on_fwmark=self._set_fwmark)
             _set_link_up(self.ifname, self.mtu)
@@ -317,9 +337,9 @@ class WgDaemon:
     def _flush(self) -> None:
         device = self.device
         assert device is not None
-        datagrams = device.drain_datagrams()
-        if datagrams:
-            self._send(datagrams)
+        runs = device.drain_datagram_runs()
+        if runs:
+            self._send(runs)
         packets = device.drain_packets()
         if packets:
             assert self.tun is not None
@@ -328,21 +348,14 @@ class WgDaemon:
             public_key, what = event
             logger.debug("peer %s: %s", public_key.hex()[:16], type(what).__name__)
 
-    def _send(self, datagrams: list[tuple[Address, bytes]]) -> None:
+    def _send(self, runs: list[tuple[Address, list[bytes]]]) -> None:
         udp4, udp6 = self.udp4, self.udp6
         if udp4 is None:
             return
-        count = len(datagrams)
-        start = 0
-        while start < count:
-            # The Device emits each peer's datagrams as one run sharing the peer's endpoint object.
-            destination = datagrams[start][0]
-            end = start + 1
-            while end < count and datagrams[end][0] is destination:
-                end += 1
+        # Each run goes to one destination: the socket sends it as GSO batches of equal-sized datagrams.
+        for destination, payloads in runs:
             udp = udp6 if udp6 is not None and ":" in destination[0] else udp4
-            udp.send_batch(destination, [payload for _, payload in datagrams[start:end]])
-            start = end
+            udp.send_batch(destination, payloads)
 
     def _on_tun_readable(self, now: float) -> None:
         assert self.tun is not None and self.device is not None

@@ -244,8 +244,8 @@ class Node:
         self._relays: dict[RelayId, _Relay] = {}
         self._relay_by_server: dict[Address, RelayId] = {}
         self._relay_by_relayed: dict[Address, RelayId] = {}
-        # After a network change: the previous relay records, whose candidates stay announced until the new
-        # allocations produce replacements (an ICE agent left without any pair would fail for good).
+        # Relay records that are gone (removed, failed, or all of them after a network change): their candidates stay
+        # announced until a live allocation reports replacements (an ICE agent left without pairs fails for good).
         self._retired: list[_Relay] = []
         self._hosts: set[Address] = set()  # our socket addresses, as seen on relay traffic
         self._retired_hosts: set[Address] = set()
@@ -441,6 +441,10 @@ class Node:
                 del self._relay_by_server[server]
         for relayed in relay.relayed:
             self._relay_by_relayed.pop(relayed, None)
+        # Its server-reflexive candidate describes our socket's NAT mapping, not the relay: keep announcing it until
+        # a live relay reports a mapping (usually the very same candidate, so peers see no churn). Withdrawing it at
+        # once would make the peer drop a working direct pair and fall back to whatever else still looks usable.
+        self._retired = [r for r in self._retired if r.config.id != relay_id] + [relay]
 
     def _migrate_connections(self, removed: set[RelayId], now: float) -> None:
         """Connections that used a removed relay sample another one; then every connection's candidates are synced
@@ -692,6 +696,7 @@ class Node:
         changed = False
         while (event := relay.allocation.poll_event()) is not None:
             if isinstance(event, turn.BindingSucceeded):
+                self._retired = []  # a live relay vouches for our mapping now
                 if relay.relayed and relay.srflx and event.srflx not in relay.srflx:
                     # Our NAT mapping towards the relay changed (it expired, or the NAT rebooted): the relay keys the
                     # allocation by the old 5-tuple, so it is lost. Start over on this relay.

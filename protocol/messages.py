@@ -12,7 +12,7 @@ import binascii
 import enum
 import ipaddress
 import logging
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -65,39 +65,32 @@ class Interface(_Model):
     ipv6: ipaddress.IPv6Address
 
 
-class TurnRelay(_Model):
+class _RelayAddress(_Model):
+    """What both relay kinds share: an id and a validated ``host:port`` address."""
+
     id: str
-    type: Literal["turn"]
     addr: str
+
+    @field_validator("addr")
+    @classmethod
+    def _addr_is_host_port(cls, value: str) -> str:
+        _parse_host_port(value)
+        return value
+
+    @property
+    def address(self) -> Address:
+        return _parse_host_port(self.addr)
+
+
+class TurnRelay(_RelayAddress):
+    type: Literal["turn"]
     username: str
     password: str
     expires_at: int
 
-    @field_validator("addr")
-    @classmethod
-    def _addr_is_host_port(cls, value: str) -> str:
-        _parse_host_port(value)
-        return value
 
-    @property
-    def address(self) -> Address:
-        return _parse_host_port(self.addr)
-
-
-class StunRelay(_Model):
-    id: str
+class StunRelay(_RelayAddress):
     type: Literal["stun"]
-    addr: str
-
-    @field_validator("addr")
-    @classmethod
-    def _addr_is_host_port(cls, value: str) -> str:
-        _parse_host_port(value)
-        return value
-
-    @property
-    def address(self) -> Address:
-        return _parse_host_port(self.addr)
 
 
 Relay = Annotated[TurnRelay | StunRelay, Field(discriminator="type")]
@@ -269,18 +262,9 @@ InboundMessage = (
     | AccessAuthorizationExpiryUpdated
 )
 
+# resource_updated is the one push whose payload is the model's field rather than the model: parsed on its own.
 INBOUND_MODELS: dict[str, type[_Model]] = {
-    model.EVENT: model
-    for model in (
-        Init,
-        CreateAuthorization,
-        IceCandidates,
-        InvalidateIceCandidates,
-        RejectAccess,
-        RelaysPresence,
-        Disconnect,
-        AccessAuthorizationExpiryUpdated,
-    )
+    model.EVENT: model for model in get_args(InboundMessage) if model is not ResourceUpdated
 }
 
 # Pushed by the portal for clients < 1.4 (and v1-socket names); current gateways ignore them.

@@ -3,8 +3,10 @@
 One :class:`PhoenixChannel` lives as long as the process. For every WebSocket connection the driver calls
 :meth:`PhoenixChannel.connect` once the upgrade succeeded, feeds every text frame to :meth:`receive_text`, sends what
 :meth:`poll_send` returns, acts on :meth:`poll_event`, and calls :meth:`handle_timeout` at :meth:`poll_timeout`. When the
-socket dies on its own, the driver calls :meth:`connection_lost`. Application messages pushed while the channel is not
-joined are held (at most :data:`MAX_HELD_MESSAGES`, no exact duplicates) and flushed right after the next join.
+socket dies on its own, the driver calls :meth:`connection_lost`. After a :class:`LinkHiccuped` the driver first sends
+what :meth:`poll_send` still returns (the heartbeat that went over the limit), then closes the socket. Application
+messages pushed while the channel is not joined are held (at most :data:`MAX_HELD_MESSAGES`, no exact duplicates) and
+flushed right after the next join.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ class PhoenixChannel:
     def connection_lost(self, now: float) -> None:
         """The socket is gone (closed by either side, or the driver gave up on it after a hiccup)."""
         del now
+        self._frames.clear()
         if self._state in (State.FAILED, State.DISCONNECTED):
             return
         self._go_disconnected()
@@ -237,10 +240,12 @@ class PhoenixChannel:
             self._hiccup(HiccupReason.JOIN_TIMEOUT)
             return
         if self._next_heartbeat is not None and now >= self._next_heartbeat:
-            if len(self._outstanding_heartbeats) >= MAX_OUTSTANDING_HEARTBEATS:
+            # As Firezone's phoenix-channel: the heartbeat due now always goes out, and only then is the in-flight
+            # count checked, so the 4th unanswered heartbeat is on the wire when the link gives up (at 40 s).
+            self._outstanding_heartbeats.add(self._emit(PHOENIX_TOPIC, HEARTBEAT, {}))
+            if len(self._outstanding_heartbeats) > MAX_OUTSTANDING_HEARTBEATS:
                 self._hiccup(HiccupReason.MISSED_HEARTBEATS)
                 return
-            self._outstanding_heartbeats.add(self._emit(PHOENIX_TOPIC, HEARTBEAT, {}))
             self._next_heartbeat += self.heartbeat_interval
             if self._next_heartbeat <= now:
                 # The driver woke up very late; do not burst heartbeats to catch up.
@@ -343,9 +348,10 @@ class PhoenixChannel:
         for message in pending:
             self._hold(message)
 
-    def _go_disconnected(self) -> None:
+    def _go_disconnected(self, *, keep_frames: bool = False) -> None:
         self._requeue_outbox()
-        self._frames.clear()
+        if not keep_frames:
+            self._frames.clear()
         self._join_ref = None
         self._join_deadline = None
         self._next_heartbeat = None
@@ -353,7 +359,9 @@ class PhoenixChannel:
 
     def _hiccup(self, reason: HiccupReason) -> None:
         logger.info("portal link hiccup: %s", reason.value)
-        self._go_disconnected()
+        # The socket is still open: control frames already emitted (the last heartbeat) stay pollable so the driver
+        # puts them on the wire before it closes; connect() and connection_lost() discard any leftovers.
+        self._go_disconnected(keep_frames=True)
         self._events.append(LinkHiccuped(reason))
 
     def _fail(self, reason: FatalReason, detail: str) -> None:

@@ -1,10 +1,14 @@
 """Linux TUN device driver: multi-queue, one reader and one writer thread per queue, offloads, batches.
 
 The event loop never blocks on the device: reader threads push received packets into one bounded deque and bump an
-eventfd (``wakeup_fd``) once per batch; ``send``/``send_many`` append to a bounded per-queue deque that the queue's
-writer thread drains. The queue for a written packet is picked by its flow hash so one flow is always written by one
+eventfd once per batch (``wakeup_fd``, an epoll fd, becomes readable); ``send``/``send_many`` append to a bounded
+per-queue deque that the queue's writer thread drains (one or two packets for an idle writer are written directly). The queue for a written packet is picked by its flow hash so one flow is always written by one
 thread, in order (Firezone #10231: racing writers reordered flows and TCP throttled). On read the kernel already steers a
 flow to one queue, and each reader appends its batches in order, so reads keep per-flow order too.
+
+When a queue has been quiet for a few milliseconds the event loop reads it itself (its fd joins the ``wakeup_fd``
+epoll) until a read finds traffic building up again, then the thread takes over: a ping or a lone request pays one
+thread hop less. Switches happen under a lock, after the thread's last batch is queued, so they never reorder a flow.
 
 With offloads (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``), readers split TSO/USO super-packets and writers merge consecutive
 same-flow segments (see :mod:`dataplane.packet`); the syscalls and this Python work run in the threads, and
@@ -63,6 +67,10 @@ READ_OFFLOAD_ENV = "FIREZONE_TUN_READ_OFFLOAD"
 _READ_SIZE = 65536 + VIRTIO_NET_HDR_LEN
 # How many frames a reader takes from the device before handing the batch over.
 _READ_BURST = 64
+# A queue quiet for this long is read by the event loop directly ...
+_QUIET_MS = 5
+# ... until one poll_recv_many finds this many frames waiting: then its thread takes over again.
+_DIRECT_FRAMES = 8
 # How long a reader waits before looking again when the consumer has not made room yet.
 _FULL_WAIT_MS = 1
 # How many packets a writer takes per pass (merged before writing when offloads are on).
@@ -75,6 +83,7 @@ _INLINE_MAX = 2
 class TunStats:
     rx_frames: int
     rx_packets: int
+    rx_direct_frames: int  # of rx_frames, read by the event loop itself (adaptive reads)
     tx_frames: int
     tx_packets: int
 
@@ -142,13 +151,29 @@ def _set_txqueuelen(name: str, length: int) -> None:
 class _Queue:
     """One queue's fd, its writer's pending packets and the writer's wakeup eventfd."""
 
-    __slots__ = ("fd", "outbound", "rx_frames", "rx_packets", "tx_frames", "tx_packets", "wake_fd", "writer_idle")
+    __slots__ = (
+        "direct",
+        "fd",
+        "outbound",
+        "park_fd",
+        "rx_direct_frames",
+        "rx_frames",
+        "rx_packets",
+        "tx_frames",
+        "tx_packets",
+        "wake_fd",
+        "writer_idle",
+    )
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # True: the event loop reads this queue itself (quiet traffic, one thread hop less); False: the reader thread.
+        self.direct = False
+        self.park_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Written by this queue's threads only; read for stats.
         self.rx_frames = 0
         self.rx_packets = 0
+        self.rx_direct_frames = 0
         self.tx_frames = 0
         self.tx_packets = 0
         self.outbound: collections.deque[bytes] = collections.deque()
@@ -169,6 +194,7 @@ class Tun:
         read_offload: bool,
         inbound_capacity: int,
         outbound_capacity: int,
+        adaptive: bool = True,
     ) -> None:
         self.name = name
         self.queues = len(queue_fds)
@@ -184,7 +210,15 @@ class Tun:
         self._drops_lock = threading.Lock()
         self._queues = [_Queue(fd) for fd in queue_fds]
         self._inbound: collections.deque[bytes] = collections.deque()
-        self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Orders "reader thread enqueues / hands a queue back" against "event loop drains and reads directly".
+        self._mode_lock = threading.Lock()
+        self._adaptive = adaptive
+        # wakeup_fd is an epoll instance: readable when a reader thread signalled a batch (eventfd) or when a queue in
+        # direct mode has packets in the kernel.
+        self._epoll = select.epoll()
+        self.wakeup_fd = self._epoll.fileno()
+        self._signal_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._signal_fd, select.EPOLLIN)
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -206,6 +240,7 @@ class Tun:
         inbound_capacity: int = 4096,
         outbound_capacity: int = 2048,
         read_offload: bool | None = None,
+        adaptive_reads: bool = True,
     ) -> Tun:
         """Creates ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE`` when more than one) in the calling thread's
         network namespace. Raises :class:`TunError` when another process holds the device or it exists already.
@@ -257,6 +292,7 @@ class Tun:
             lock_fd,
             offload_flags=offload_flags,
             read_offload=bool(offload_flags and read_offload),
+            adaptive=adaptive_reads,
             inbound_capacity=inbound_capacity,
             outbound_capacity=outbound_capacity,
         )
@@ -290,18 +326,42 @@ class Tun:
     def poll_recv_many(self, max: int = 100) -> list[bytes]:
         """Up to ``max`` received IP packets, without blocking; ``[]`` when none wait."""
         inbound = self._inbound
-        count = min(max, len(inbound))
-        popleft = inbound.popleft
-        packets = [popleft() for _ in range(count)]
-        if not inbound:
-            # Clear the wakeup, then look again: a batch appended in between re-signals or is seen here.
-            try:
-                os.eventfd_read(self.wakeup_fd)
-            except BlockingIOError:
-                pass
-            if inbound:
-                os.eventfd_write(self.wakeup_fd, 1)
+        with self._mode_lock:
+            count = min(max, len(inbound))
+            popleft = inbound.popleft
+            packets = [popleft() for _ in range(count)]
+            if not inbound:
+                # Clear the signal, then look again: a batch appended in between re-signals or is seen here.
+                try:
+                    os.eventfd_read(self._signal_fd)
+                except BlockingIOError:
+                    pass
+                if inbound:
+                    os.eventfd_write(self._signal_fd, 1)
+                elif self._adaptive and len(packets) < max:
+                    # Queued packets first, then what direct-mode queues hold: a flow's order is kept because a
+                    # queue only turns direct after its reader's last batch went into the deque (under this lock).
+                    for queue in self._queues:
+                        if queue.direct:
+                            self._read_direct(queue, packets, max)
         return packets
+
+    def _read_direct(self, queue: _Queue, packets: list[bytes], limit: int) -> None:
+        budget = min(limit - len(packets), _DIRECT_FRAMES)
+        if budget <= 0:
+            return
+        frames = self._read_frames(queue, packets, budget)
+        queue.rx_direct_frames += max(frames, 0)
+        if len(packets) > limit:
+            # A split super-packet overshot: the rest waits in the (empty) deque, still in order, and re-signals.
+            self._inbound.extend(packets[limit:])
+            del packets[limit:]
+            os.eventfd_write(self._signal_fd, 1)
+        if frames >= budget:
+            # The budget ran out, so more is waiting: traffic is building up: hand the queue back to its thread (syscalls and splitting off the loop).
+            queue.direct = False
+            self._epoll.unregister(queue.fd)
+            os.eventfd_write(queue.park_fd, 1)
 
     def poll_send_ready(self) -> bool:
         """True while every queue's outbound buffer has room."""
@@ -377,6 +437,7 @@ class Tun:
         return TunStats(
             rx_frames=sum(q.rx_frames for q in queues),
             rx_packets=sum(q.rx_packets for q in queues),
+            rx_direct_frames=sum(q.rx_direct_frames for q in queues),
             tx_frames=sum(q.tx_frames for q in queues),
             tx_packets=sum(q.tx_packets for q in queues),
         )
@@ -391,9 +452,11 @@ class Tun:
         for queue in self._queues:
             os.close(queue.fd)
             os.close(queue.wake_fd)
+            os.close(queue.park_fd)
             queue.outbound.clear()
         self._inbound.clear()
-        os.close(self.wakeup_fd)
+        self._epoll.close()
+        os.close(self._signal_fd)
         os.close(self._stop_fd)
         os.close(self._lock_fd)
 
@@ -409,18 +472,63 @@ class Tun:
         with self._drops_lock:
             self.drops.counts[reason.value] += count
 
+    def _read_frames(self, queue: _Queue, batch: list[bytes], limit: int) -> int:
+        """Reads up to ``limit`` frames without blocking into ``batch`` (split when offloaded); returns frames read,
+        or -1 when the device is gone."""
+        fd = queue.fd
+        read = os.read
+        offload = self.offload_enabled
+        frames = 0
+        before = len(batch)
+        for _ in range(limit):
+            try:
+                frame = read(fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EBADFD or self._closed:
+                    return -1
+                log.debug("TUN %s read failed: %s", self.name, exc)
+                self._drop(TunDropReason.READ_FAILED)
+                break
+            frames += 1
+            if not offload:
+                batch.append(frame)
+                continue
+            try:
+                hdr = VirtioNetHdr.decode(frame)
+                if hdr.flags == 0 and hdr.gso_type == 0:
+                    batch.append(frame[VIRTIO_NET_HDR_LEN:])
+                else:
+                    batch.extend(split_gso(hdr, memoryview(frame)[VIRTIO_NET_HDR_LEN:]))
+            except PacketParseError as exc:
+                log.debug("TUN %s: dropping malformed offload frame: %s", self.name, exc)
+                self._drop(TunDropReason.MALFORMED_OFFLOAD_FRAME)
+        queue.rx_frames += frames
+        queue.rx_packets += len(batch) - before
+        return frames
+
     def _reader(self, queue: _Queue) -> None:
         poller = select.poll()
         poller.register(queue.fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
-        fd = queue.fd
-        offload = self.offload_enabled
-        inbound = self._inbound
-        capacity = self.inbound_capacity
-        read = os.read
+        parked = select.poll()
+        parked.register(queue.park_fd, select.POLLIN)
+        parked.register(self._stop_fd, select.POLLIN)
         stop_poller = select.poll()
         stop_poller.register(self._stop_fd, select.POLLIN)
+        inbound = self._inbound
+        capacity = self.inbound_capacity
+        quiet_timeout = _QUIET_MS if self._adaptive else -1
         while True:
+            if queue.direct:
+                if any(ready_fd == self._stop_fd for ready_fd, _ in parked.poll()):
+                    return
+                try:
+                    os.eventfd_read(queue.park_fd)
+                except BlockingIOError:
+                    pass
+                continue
             room = capacity - len(inbound)
             if room <= 0:
                 # Backpressure instead of reading and dropping: packets wait in the kernel's queue, where TCP small
@@ -428,45 +536,29 @@ class Tun:
                 if stop_poller.poll(_FULL_WAIT_MS):
                     return
                 continue
-            events = poller.poll()
+            events = poller.poll(quiet_timeout)
             if any(ready_fd == self._stop_fd for ready_fd, _ in events):
                 return
+            if not events:
+                # Quiet for a while: let the event loop read this queue itself until traffic builds up again.
+                with self._mode_lock:
+                    queue.direct = True
+                    self._epoll.register(queue.fd, select.EPOLLIN)
+                continue
             batch: list[bytes] = []
-            for _ in range(min(_READ_BURST, room)):
-                try:
-                    frame = read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.EBADFD or self._closed:
-                        return
-                    log.debug("TUN %s read failed: %s", self.name, exc)
-                    self._drop(TunDropReason.READ_FAILED)
-                    break
-                queue.rx_frames += 1
-                if not offload:
-                    batch.append(frame)
-                    continue
-                try:
-                    hdr = VirtioNetHdr.decode(frame)
-                    if hdr.flags == 0 and hdr.gso_type == 0:
-                        batch.append(frame[VIRTIO_NET_HDR_LEN:])
-                    else:
-                        batch.extend(split_gso(hdr, memoryview(frame)[VIRTIO_NET_HDR_LEN:]))
-                except PacketParseError as exc:
-                    log.debug("TUN %s: dropping malformed offload frame: %s", self.name, exc)
-                    self._drop(TunDropReason.MALFORMED_OFFLOAD_FRAME)
+            if self._read_frames(queue, batch, min(_READ_BURST, room)) < 0:
+                return
             if not batch:
                 continue
-            queue.rx_packets += len(batch)
             room = capacity - len(inbound)
             if room < len(batch):
                 self._drop(TunDropReason.INBOUND_QUEUE_FULL, len(batch) - max(room, 0))
                 batch = batch[: max(room, 0)]
                 if not batch:
                     continue
-            inbound.extend(batch)
-            os.eventfd_write(self.wakeup_fd, 1)
+            with self._mode_lock:
+                inbound.extend(batch)
+            os.eventfd_write(self._signal_fd, 1)
 
     def _writer(self, queue: _Queue) -> None:
         poller = select.poll()

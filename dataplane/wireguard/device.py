@@ -1,8 +1,8 @@
 """A WireGuard device (sans-IO): many peers, cryptokey routing, cookies under load, roaming.
 
 Datagrams come in through :meth:`Device.receive_datagrams`, IP packets from the TUN through :meth:`Device.send_packets`;
-the driver then drains datagrams for the UDP socket (:meth:`drain_transmits`, or grouped by destination with
-:meth:`drain_datagrams`) and decrypted packets for the TUN (:meth:`drain_packets`), and re-arms its timer to
+the driver then drains datagrams for the UDP socket (:meth:`drain_transmits`, or as runs to one destination with
+:meth:`drain_datagram_runs`) and decrypted packets for the TUN (:meth:`drain_packets`), and re-arms its timer to
 :meth:`poll_timeout`.
 
 Under load (cookie replies instead of handshakes): the device counts handshake messages (initiations and responses)
@@ -20,6 +20,7 @@ import heapq
 import ipaddress
 import itertools
 import logging
+import struct
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -53,7 +54,7 @@ __all__ = ["Device", "DropReason", "Peer"]
 # Drops outside the transport fast path, one record each: a separate logger so floods stay quiet unless asked for.
 _drop_log = logging.getLogger("dataplane.wireguard.drops")
 
-_TRANSPORT_TYPE = MESSAGE_TRANSPORT.to_bytes(4, "little")
+_TYPE_AND_INDEX = struct.Struct("<II")  # message type (with its 3 reserved bytes) and the receiver index
 
 
 class Peer:
@@ -124,7 +125,8 @@ class Device:
         self._load_bucket_start = 0.0
         self._load_bucket_count = 0
         self._under_load_until: float | None = None
-        self._transmits: list[tuple[Address, bytes]] = []
+        # Outgoing datagrams as runs to one destination, in order (a peer's messages of one collect are one run).
+        self._transmits: list[tuple[Address, list[bytes]]] = []
         self._packets: list[bytes] = []
         self._events: deque[tuple[bytes, TunnEvent]] = deque()
         self._timer_heap: list[tuple[float, int, Peer]] = []
@@ -264,71 +266,53 @@ class Device:
     def receive_datagrams(self, datagrams: Sequence[tuple[bytes, Address]], now: float) -> None:
         """Process datagrams from the UDP socket; every one is either used or dropped and counted.
 
-        Consecutive transport messages for the same peer from the same source are decrypted as one run.
+        Consecutive transport messages with the same receiver index from the same source are decrypted as one run.
         """
-        table = self._indices.entries
         touched: set[Peer] = set()
         run: list[bytes] = []
-        run_tunn: Tunn | None = None
-        run_index = b""
+        run_index = -1
         run_source: Address | None = None
-        transport_type = _TRANSPORT_TYPE
+        unpack_header = _TYPE_AND_INDEX.unpack_from
         minimum = MESSAGE_TRANSPORT_MIN_SIZE
         for data, source in datagrams:
-            if len(data) >= minimum and data[:4] == transport_type:
-                index = data[4:8]
-                if index == run_index and source == run_source:
-                    run.append(data)
-                    continue
-                tunn = table.get(int.from_bytes(index, "little"))
-                if tunn is None:
-                    self.drops.drop(DropReason.UNKNOWN_INDEX)
-                    continue
-                if tunn is run_tunn and source == run_source:
+            if len(data) >= minimum:
+                kind, index = unpack_header(data)
+                if kind == MESSAGE_TRANSPORT:
+                    if index == run_index and (source is run_source or source == run_source):
+                        run.append(data)
+                        continue
+                    if run:
+                        self._receive_run(run_index, run, run_source, now, touched)
+                    run = [data]
                     run_index = index
-                    run.append(data)
+                    run_source = source
                     continue
-                if run_tunn is not None and run_source is not None:
-                    self._receive_run(run_tunn, run, run_source, now, touched)
-                run = [data]
-                run_tunn = tunn
-                run_index = index
-                run_source = source
-                continue
-            if run_tunn is not None and run_source is not None:
-                self._receive_run(run_tunn, run, run_source, now, touched)
-                run_tunn = None
-                run_index = b""
+            if run:
+                self._receive_run(run_index, run, run_source, now, touched)
                 run = []
+                run_index = -1
             self._receive_other(data, source, now, touched)
-        if run_tunn is not None and run_source is not None:
-            self._receive_run(run_tunn, run, run_source, now, touched)
+        if run:
+            self._receive_run(run_index, run, run_source, now, touched)
         for peer in touched:
             self._collect(peer)
 
-    def _receive_run(self, tunn: Tunn, messages: list[bytes], source: Address, now: float, touched: set[Peer]) -> None:
+    def _receive_run(
+        self, index: int, messages: list[bytes], source: Address | None, now: float, touched: set[Peer]
+    ) -> None:
+        tunn = self._indices.entries.get(index)
+        if tunn is None:
+            drops = self.drops
+            for _ in messages:
+                drops.drop(DropReason.UNKNOWN_INDEX)
+            return
         peer = self._peers.get(tunn.peer_public)
-        if peer is None:
+        if peer is None or source is None:
             return
-        plaintexts: list[bytes] = []
-        if not tunn.receive_transport_batch(messages, now, plaintexts):
-            return
-        peer.endpoint = source
-        touched.add(peer)
-        if not plaintexts:
-            return
-        # Cryptokey routing: the inner source must be one of this peer's allowed IPs.
-        lookup = self._routes.lookup
-        packets = self._packets
-        checked_source = b""
-        for plaintext in plaintexts:
-            inner_source = plaintext[12:16] if plaintext[0] >> 4 == 4 else plaintext[8:24]
-            if inner_source != checked_source:
-                if lookup(inner_source) is not peer:
-                    self.drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
-                    continue
-                checked_source = inner_source
-            packets.append(plaintext)
+        # Cryptokey routing inside the run: the inner source must be one of this peer's allowed IPs.
+        if tunn.receive_transport_run(index, messages, now, self._packets, self._routes.lookup, peer):
+            peer.endpoint = source
+            touched.add(peer)
 
     def _receive_other(self, data: bytes, source: Address, now: float, touched: set[Peer]) -> None:
         size = len(data)
@@ -367,7 +351,7 @@ class Device:
         self._count_handshake_message(now)
         if self.is_under_load(now):
             if not checker.check_mac2(data, source, now):
-                self._transmits.append((source, checker.create_reply(data, source, now)))
+                self._transmits.append((source, [checker.create_reply(data, source, now)]))
                 self._drop(source, DropReason.COOKIE_REQUIRED)
                 return
             if not self._rate_limiter.allow(source[0], now):
@@ -490,16 +474,26 @@ class Device:
                 for _ in messages:
                     self.drops.drop(DropReason.NO_ENDPOINT)
             else:
-                self._transmits.extend((endpoint, message) for message in messages)
+                transmits = self._transmits
+                if transmits and transmits[-1][0] is endpoint:
+                    transmits[-1][1].extend(messages)
+                else:
+                    transmits.append((endpoint, messages))
         self._schedule(peer)
 
     def drain_transmits(self) -> list[Transmit]:
-        out = [Transmit(destination, payload) for destination, payload in self._transmits]
+        out = [Transmit(destination, payload) for destination, payloads in self._transmits for payload in payloads]
         self._transmits = []
         return out
 
     def drain_datagrams(self) -> list[tuple[Address, bytes]]:
-        """Fast path for drivers: (destination, payload) in order, without a Transmit object per datagram."""
+        """(destination, payload) in order, without a Transmit object per datagram."""
+        out = [(destination, payload) for destination, payloads in self._transmits for payload in payloads]
+        self._transmits = []
+        return out
+
+    def drain_datagram_runs(self) -> list[tuple[Address, list[bytes]]]:
+        """The fast path for drivers: runs of datagrams to one destination, in order (one GSO send per run)."""
         out = self._transmits
         self._transmits = []
         return out

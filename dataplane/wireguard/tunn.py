@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +50,8 @@ from .constants import (
 )
 from .cookie import CookieChecker, CookieGenerator
 from .crypto import PrivateKey, dh, load_private_key, public_key, tai64n
+from .replay import BLOCK_BIT_LOG as _BLOCK_BIT_LOG
+from .replay import RING_BLOCKS as REPLAY_RING_BLOCKS
 from .session import Keypair
 from .timers import PeerTimers
 
@@ -133,7 +136,12 @@ class IndexTable:
 
 _log = logging.getLogger(__name__)
 _NONCE_PREFIX = b"\x00\x00\x00\x00"
-_PADDING = bytes(PADDING_MULTIPLE)
+_PADDINGS = tuple(bytes(size) for size in range(PADDING_MULTIPLE))
+_RECEIVER_INDEX = struct.Struct("<4xI")
+_COUNTER = struct.Struct("<8xQ")
+_NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 32 zero bits, then the little-endian counter
+_RING_MASK = REPLAY_RING_BLOCKS - 1
+_BIT_MASK = (1 << _BLOCK_BIT_LOG) - 1
 
 
 class Tunn:
@@ -328,18 +336,16 @@ class Tunn:
         header = keypair.header_prefix
         counter = keypair.send_counter
         nonce_prefix = _NONCE_PREFIX
-        padding_bytes = _PADDING
+        paddings = _PADDINGS
         sent = 0
-        data = False
         for packet in packets:
             size = len(packet)
             if size:
-                data = True
                 padding = -size % PADDING_MULTIPLE
                 if padding:
                     if mtu is not None and size + padding > mtu:
                         padding = max(mtu - size, 0)
-                    packet = packet + padding_bytes[:padding]
+                    packet = packet + paddings[padding]
             counter_bytes = counter.to_bytes(8, "little")
             counter += 1
             message = header + counter_bytes + encrypt(nonce_prefix + counter_bytes, packet, None)
@@ -351,7 +357,7 @@ class Tunn:
         if timers.persistent_keepalive_interval:
             timers.persistent_keepalive = now + timers.persistent_keepalive_interval
         timers.send_keepalive = None
-        if data:
+        if sent > MESSAGE_TRANSPORT_MIN_SIZE * len(packets):  # not only keepalives (32-byte messages)
             timers.data_sent(now)
         # keep-key-fresh on send: either side rekeys after Rekey-After-Messages, the initiator after Rekey-After-Time.
         if counter > REKEY_AFTER_MESSAGES or (keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME):
@@ -460,70 +466,112 @@ class Tunn:
         Returns how many messages authenticated. Timers are updated once for the whole batch, which gives the same
         deadlines as per-message updates because every message carries the same ``now``.
         """
-        drops = self.drops
-        by_index = self._keypairs_by_index
-        from_bytes = int.from_bytes
-        nonce_prefix = _NONCE_PREFIX
-        current_index = b""
-        keypair: Keypair | None = None
-        pending = self._next
-        decrypt = None
-        validate = None
         authenticated = 0
-        data_received = False
-        received_bytes = 0
+        start = 0
+        count = len(messages)
+        unpack_index = _RECEIVER_INDEX.unpack_from
+        while start < count:
+            index = unpack_index(messages[start])[0]
+            end = start + 1
+            while end < count and unpack_index(messages[end])[0] == index:
+                end += 1
+            run = messages[start:end] if start or end < count else messages
+            authenticated += self.receive_transport_run(index, run, now, out)
+            start = end
+        return authenticated
+
+    def receive_transport_run(
+        self,
+        index: int,
+        messages: Sequence[bytes],
+        now: float,
+        out: list[bytes],
+        source_owner: Callable[[bytes], object] | None = None,
+        owner: object = None,
+    ) -> int:
+        """:meth:`receive_transport_batch` for messages that all carry receiver index ``index``: the hot path.
+
+        ``source_owner``: cryptokey routing for the caller: an inner packet whose source address (packed)
+        ``source_owner`` does not map to ``owner`` is dropped (``ALLOWED_IPS_MISMATCH``).
+        """
+        drops = self.drops
+        keypair = self._keypairs_by_index.get(index)
+        if keypair is None or now - keypair.created >= REJECT_AFTER_TIME:
+            reason = DropReason.UNKNOWN_INDEX if keypair is None else DropReason.KEYS_EXPIRED
+            for _ in messages:
+                drops.drop(reason)
+            return 0
+        decrypt = keypair.receive_aead.decrypt
+        replay = keypair.replay
+        validate = replay.validate
+        ring = replay.ring
+        limit = replay.limit
+        unpack_counter = _COUNTER.unpack_from
+        pack_nonce = _NONCE.pack
+        confirm = keypair is self._next
+        # Counted on the rare paths so that the common one does no bookkeeping: rejected = not authenticated.
+        rejected = 0
+        rejected_bytes = 0
+        keepalives = 0
+        checked_source = b""
         for message in messages:
-            index = message[4:8]
-            if index != current_index:
-                keypair = by_index.get(from_bytes(index, "little"))
-                current_index = index
-                if keypair is None:
-                    decrypt = None
-                elif now - keypair.created >= REJECT_AFTER_TIME:
-                    keypair = None
-                    decrypt = None
-                    current_index = b""  # look again next time: the expiry is counted per message
-                    drops.drop(DropReason.KEYS_EXPIRED)
-                    continue
-                else:
-                    decrypt = keypair.receive_aead.decrypt
-                    validate = keypair.replay.validate
-            if decrypt is None or keypair is None or validate is None:
-                drops.drop(DropReason.UNKNOWN_INDEX)
-                continue
-            counter_bytes = message[8:16]
+            counter = unpack_counter(message)[0]
             try:
-                plaintext = decrypt(nonce_prefix + counter_bytes, message[16:], None)
+                plaintext = decrypt(pack_nonce(counter), message[16:], None)
             except InvalidTag:
                 drops.drop(DropReason.DECRYPTION_FAILED)
+                rejected += 1
+                rejected_bytes += len(message)
                 continue
-            if not validate(from_bytes(counter_bytes, "little")):
+            # Replay check after authentication, as wireguard-go; the in-order case inline (see ReplayFilter).
+            last = replay.last
+            if last < counter < limit and not (counter ^ last) >> _BLOCK_BIT_LOG:
+                ring[(counter >> _BLOCK_BIT_LOG) & _RING_MASK] |= 1 << (counter & _BIT_MASK)
+                replay.last = counter
+            elif not validate(counter):
                 drops.drop(DropReason.REPLAY)
+                rejected += 1
+                rejected_bytes += len(message)
                 continue
-            authenticated += 1
-            received_bytes += len(message)
-            if keypair is pending:
+            if confirm:
+                confirm = False
                 self._confirm_next(now)
-                pending = None
             size = len(plaintext)
             if not size:
+                keepalives += 1
                 continue
-            data_received = True
-            version = plaintext[0] >> 4
-            if version == 4:
+            first = plaintext[0]
+            if first >> 4 == 4:
                 length = (plaintext[2] << 8) | plaintext[3]
                 if length < 20 or length > size:
                     drops.drop(DropReason.INVALID_INNER_PACKET)
                     continue
-            elif version == 6 and size >= 40:
+                if source_owner is not None:
+                    source = plaintext[12:16]
+                    if source != checked_source:
+                        if source_owner(source) is not owner:
+                            drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
+                            continue
+                        checked_source = source
+            elif first >> 4 == 6 and size >= 40:
                 length = 40 + ((plaintext[4] << 8) | plaintext[5])
                 if length > size:
                     drops.drop(DropReason.INVALID_INNER_PACKET)
                     continue
+                if source_owner is not None:
+                    source = plaintext[8:24]
+                    if source != checked_source:
+                        if source_owner(source) is not owner:
+                            drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
+                            continue
+                        checked_source = source
             else:
                 drops.drop(DropReason.INVALID_INNER_PACKET)
                 continue
             out.append(plaintext[:length] if length < size else plaintext)
+        authenticated = len(messages) - rejected
+        received_bytes = sum(map(len, messages)) - rejected_bytes
+        data_received = authenticated > keepalives
         if not authenticated:
             return 0
         self.rx_bytes += received_bytes

@@ -13,8 +13,9 @@ import hmac
 import ipaddress
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -136,6 +137,21 @@ class GatewayConfig(_Model):
         return value
 
 
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_Identified = TypeVar("_Identified", bound=_HasId)
+
+
+def _by_id(items: Sequence[_Identified], wanted: str, kind: str) -> _Identified:
+    for item in items:
+        if item.id == wanted:
+            return item
+    raise KeyError(f"no {kind} {wanted!r} in the portal config")
+
+
 class ResourceConfig(_Model):
     id: str
     type: Literal["cidr", "dns", "internet"]
@@ -243,22 +259,13 @@ class PortalConfig(_Model):
         return self
 
     def client(self, client_id: str) -> ClientConfig:
-        for client in self.clients:
-            if client.id == client_id:
-                return client
-        raise KeyError(f"no client {client_id!r} in the portal config")
+        return _by_id(self.clients, client_id, "client")
 
     def resource(self, resource_id: str) -> ResourceConfig:
-        for resource in self.resources:
-            if resource.id == resource_id:
-                return resource
-        raise KeyError(f"no resource {resource_id!r} in the portal config")
+        return _by_id(self.resources, resource_id, "resource")
 
     def relay(self, relay_id: str) -> RelayConfig:
-        for relay in self.relays:
-            if relay.id == relay_id:
-                return relay
-        raise KeyError(f"no relay {relay_id!r} in the portal config")
+        return _by_id(self.relays, relay_id, "relay")
 
     def psk_base(self, device_id: str) -> bytes:
         """The per-device random secret of the real portal, derived here so restarts keep PSKs stable."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -74,6 +75,9 @@ class FakePortal:
     requests: list[Request] = field(default_factory=list)
     attempt_times: list[float] = field(default_factory=list)
     received: list[dict[str, Any]] = field(default_factory=list)
+    # The connection number (1, 2, ...) each received frame arrived on, index-aligned with ``received``.
+    received_on: list[int] = field(default_factory=list)
+    closed_connections: int = 0
     connections: int = 0
     port: int = 0
 
@@ -84,9 +88,17 @@ class FakePortal:
 
     async def handler(self, ws: ServerConnection) -> None:
         self.connections += 1
+        number = self.connections
+        try:
+            await self._serve(ws, number)
+        finally:
+            self.closed_connections += 1
+
+    async def _serve(self, ws: ServerConnection, number: int) -> None:
         async for raw in ws:
             frame = json.loads(raw)
             self.received.append(frame)
+            self.received_on.append(number)
             reply = {"topic": frame["topic"], "event": "phx_reply", "ref": frame["ref"]}
             if frame["event"] == "phx_join":
                 await ws.send(json.dumps({**reply, "payload": {"status": "ok", "response": {}}}))
@@ -98,8 +110,12 @@ class FakePortal:
             else:
                 await ws.send(json.dumps({**reply, "payload": {"status": "ok", "response": {}}}))
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [f for f in self.received if f["event"] == name]
+    def events(self, name: str, connection: int | None = None) -> list[dict[str, Any]]:
+        return [
+            f
+            for f, number in zip(self.received, self.received_on, strict=True)
+            if f["event"] == name and connection in (None, number)
+        ]
 
 
 @contextlib.asynccontextmanager
@@ -117,9 +133,16 @@ def problem(status: int, code: str, detail: str, extra_headers: dict[str, str] |
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
-def make_link(port: int, *, heartbeat_interval: float = 10.0, max_partition_time: float = 3600.0) -> PortalLink:
+def make_link(
+    port: int,
+    *,
+    heartbeat_interval: float = 10.0,
+    max_partition_time: float = 3600.0,
+    host: str = "127.0.0.1",
+    connect_timeout: float = 15.0,
+) -> PortalLink:
     return PortalLink(
-        api_url=f"ws://127.0.0.1:{port}",
+        api_url=f"ws://{host}:{port}",
         firezone_id="5d4e8a9c-1c1f-4d7c-9a0b-3f3e2c1d0b9a",
         name="gw-test",
         public_key_b64=PUBLIC_KEY,
@@ -128,6 +151,7 @@ def make_link(port: int, *, heartbeat_interval: float = 10.0, max_partition_time
         wall_clock=time.time,
         heartbeat_interval=heartbeat_interval,
         max_partition_time=max_partition_time,
+        connect_timeout=connect_timeout,
     )
 
 
@@ -208,10 +232,14 @@ async def test_heartbeat_silence_reconnects_and_rejoins() -> None:
         task = asyncio.ensure_future(link.run(lambda event: None))
         await wait_until(lambda: portal.connections >= 2 and link.joined)
         await stop_link(link, task)
-    # 3 unanswered heartbeats on the first connection, then the link gave up on it and joined again (refs restart).
+    # Like Firezone: the 4th unanswered heartbeat is sent, and only then does the link give up on the connection and
+    # join again on a new one (refs restart).
+    first = portal.events("heartbeat", connection=1)
+    assert [f["ref"] for f in first] == [1, 2, 3, 4]
     joins = portal.events("phx_join")
     assert len(joins) >= 2 and all(j["ref"] == 0 for j in joins)
     assert link.stats.reconnects >= 1
+    assert link.stats.sent["heartbeat"] >= 4
 
 
 async def test_server_close_reconnects_with_backoff() -> None:
@@ -257,17 +285,29 @@ def _gateway_env(port: int, state_dir: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.asynccontextmanager
+async def gateway_cli(env: dict[str, str], *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m agent.main`` with output captured; killed on exit if the test left it running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.main",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+
+
 async def test_cli_exits_1_on_401_without_leaking_the_token(tmp_path: Path) -> None:
     portal = FakePortal(reject=lambda _: problem(401, "invalid_token", "The token is invalid"))
-    async with running(portal):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent.main",
-            env=_gateway_env(portal.port, tmp_path),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+    async with running(portal), gateway_cli(_gateway_env(portal.port, tmp_path)) as proc:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 20.0)
     assert proc.returncode == 1
     text = stderr.decode()
@@ -276,25 +316,12 @@ async def test_cli_exits_1_on_401_without_leaking_the_token(tmp_path: Path) -> N
 
 
 async def test_cli_joins_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    portal = FakePortal(pushes_after_join=[("init", INIT)])
-    async with running(portal):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent.main",
-            env=_gateway_env(portal.port, tmp_path),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            await wait_until(lambda: bool(portal.events("set_snownet_capabilities")), 15.0)
-            await asyncio.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
-            stdout, stderr = await asyncio.wait_for(proc.communicate(), 10.0)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+    # The authorization is answered only after the init before it was handled: a wait on an event, not on time.
+    portal = FakePortal(pushes_after_join=[("init", INIT), ("create_authorization", CREATE_AUTHORIZATION)])
+    async with running(portal), gateway_cli(_gateway_env(portal.port, tmp_path)) as proc:
+        await wait_until(lambda: bool(portal.events("authorization_created")), 15.0)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 10.0)
     text = stderr.decode()
     assert proc.returncode == 0, text
     assert "joined" in text and "init applied" in text
@@ -359,15 +386,8 @@ async def test_cli_exits_1_when_the_health_port_is_taken(tmp_path: Path) -> None
         blocker.listen()
         env = _gateway_env(9, tmp_path)
         env["HEALTH_CHECK_ADDR"] = f"127.0.0.1:{blocker.getsockname()[1]}"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent.main",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, stderr = await asyncio.wait_for(proc.communicate(), 20.0)
+        async with gateway_cli(env) as proc:
+            _, stderr = await asyncio.wait_for(proc.communicate(), 20.0)
     assert proc.returncode == 1
     assert stderr.decode().strip().splitlines()[-1].startswith("error: ")
 
@@ -400,29 +420,91 @@ async def test_positional_token_is_moved_out_of_the_process_title(tmp_path: Path
     async with running(portal):
         env = _gateway_env(portal.port, tmp_path)
         del env["FIREZONE_TOKEN"]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent.main",
-            "--log-format",
-            "json",
-            TOKEN,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
+        async with gateway_cli(env, "--log-format", "json", TOKEN) as proc:
             await wait_until(lambda: bool(portal.events("set_snownet_capabilities")), 15.0)
             cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
             assert TOKEN.encode() not in cmdline and b"--log-format" in cmdline
             assert portal.requests[0].headers["X-Authorization"] == f"Bearer {TOKEN}"
             proc.send_signal(signal.SIGTERM)
             _, stderr = await asyncio.wait_for(proc.communicate(), 10.0)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
     assert proc.returncode == 0
     lines = [json.loads(line) for line in stderr.decode().splitlines()]
     assert any("joined" in line["message"] for line in lines)
     assert TOKEN not in stderr.decode()
+
+
+async def test_the_host_name_is_resolved_at_every_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups: list[str] = []
+    real_getaddrinfo = asyncio.get_running_loop().getaddrinfo
+
+    async def counting_getaddrinfo(host: str, port: int, **kwargs: Any) -> Any:
+        lookups.append(host)
+        # The name only exists for this test; it resolves to where the fake portal listens.
+        return await real_getaddrinfo("127.0.0.1" if host == "portal.test" else host, port, **kwargs)
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", counting_getaddrinfo)
+    drops = {"left": 1}
+    portal = FakePortal()
+    original = portal.handler
+
+    async def dropping_handler(ws: ServerConnection) -> None:
+        if drops["left"]:
+            drops["left"] -= 1
+            await ws.recv()
+            await ws.close()
+            return
+        await original(ws)
+
+    portal.handler = dropping_handler  # type: ignore[method-assign]
+    async with running(portal):
+        link = make_link(portal.port, host="portal.test")
+        task = asyncio.ensure_future(link.run(lambda event: None))
+        await wait_until(lambda: link.joined and len(portal.requests) >= 2)
+        await stop_link(link, task)
+    assert lookups.count("portal.test") == len(portal.requests) == 2
+    assert portal.requests[1].headers["Host"] == f"portal.test:{portal.port}"
+
+
+async def test_the_whole_attempt_times_out(caplog: pytest.LogCaptureFixture) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # TCP connects, the WebSocket upgrade is never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="agent.portal")
+    try:
+        link = make_link(port, connect_timeout=0.4)
+        task = asyncio.ensure_future(link.run(lambda event: None))
+        await wait_until(lambda: len(accepted) >= 2)
+        await stop_link(link, task)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert any("connect attempt timed out after 0.4 s" in r.getMessage() for r in caplog.records)
+    assert not link.joined
+
+
+async def test_a_mark_error_other_than_eperm_is_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import socket
+
+    from agent.dial import SocketMarkError
+
+    original = socket.socket.setsockopt
+
+    def setsockopt(self: socket.socket, level: int, option: int, *value: Any) -> None:
+        if level == socket.SOL_SOCKET and option == 36:  # SO_MARK
+            raise OSError(errno.EINVAL, "Invalid argument")
+        original(self, level, option, *value)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+    portal = FakePortal()
+    async with running(portal):
+        link = make_link(portal.port)
+        with pytest.raises(SocketMarkError):
+            await asyncio.wait_for(link.run(lambda event: None), 10.0)
+    assert portal.requests == []

@@ -219,7 +219,7 @@ def test_inbound_queue_is_bounded_and_pushes_back_without_loss(ns: Netns) -> Non
 
 def test_inbound_overflow_of_a_split_batch_is_counted(ns: Netns) -> None:
     """With offloads one frame can split into many packets: what does not fit is dropped and counted, not queued."""
-    with create(ns, queues=1, offload=True, inbound_capacity=4) as tun:
+    with create(ns, queues=1, offload=True, inbound_capacity=4, adaptive_reads=False) as tun:
         configure(ns)
         ns.exec(["ip", "link", "set", "fztun0", "mtu", "1500"])
         sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
@@ -248,3 +248,39 @@ def test_invalid_arguments_raise() -> None:
         Tun.create("x" * 16)
     with pytest.raises(ValueError):
         Tun.create("fzok0", queues=0)
+
+
+def test_adaptive_reads_switch_modes_and_keep_order(ns: Netns) -> None:
+    """Quiet queues are read by the event loop, bursts by the thread; across the switches a stream stays in order.
+
+    Each round provokes the risky moment: the thread took over a burst and queued it, went quiet and handed the queue
+    back to the loop, and a new datagram waits in the kernel while the burst still waits in the deque.
+    """
+    with create(ns, queues=1, offload=True) as tun:
+        configure(ns)
+        sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        received: list[int] = []
+
+        def take(batch: list[bytes]) -> None:
+            received.extend(struct.unpack_from("!I", p, 28)[0] for p in batch if p[0] == 0x45 and p[9] == 17)
+
+        with sender:
+            seq = 0
+            for _ in range(8):
+                time.sleep(0.02)  # quiet: the queue is (or becomes) direct
+                for _ in range(60):
+                    sender.sendto(struct.pack("!I", seq), (PEER_ADDR, 5000))
+                    seq += 1
+                first = tun.poll_recv_many(16)  # read directly; the budget runs out, the thread takes over
+                assert len(first) <= 16
+                take(first)
+                time.sleep(0.03)  # the thread queues the rest, goes quiet and hands the queue back
+                sender.sendto(struct.pack("!I", seq), (PEER_ADDR, 5000))
+                seq += 1
+                time.sleep(0.005)
+                deadline = time.monotonic() + 2
+                while len(received) < seq and time.monotonic() < deadline:
+                    take(tun.poll_recv_many(16))
+        assert received == list(range(seq))
+        stats = tun.stats()
+        assert 0 < stats.rx_direct_frames < stats.rx_frames, stats

@@ -12,7 +12,7 @@ from dataplane.wireguard import messages
 from dataplane.wireguard.allowedips import AllowedIps, Network
 from dataplane.wireguard.cookie import CookieGenerator
 from dataplane.wireguard.device import Device
-from dataplane.wireguard.replay import WINDOW_SIZE, ReplayFilter
+from dataplane.wireguard.replay import BLOCK_BIT_LOG, RING_BLOCKS, WINDOW_SIZE, ReplayFilter
 from dataplane.wireguard.tunn import IndexTable, Tunn
 
 from ..unit.test_wg_device import TUNNEL_A, TUNNEL_B, Pair, ipv4_packet
@@ -165,3 +165,70 @@ def test_pair_still_works_after_fuzzing() -> None:
     device = Device(rng=SeededRng(1), wall_clock=lambda: 0.0)
     device.receive_datagrams([(b"\x01" + bytes(147), ("192.0.2.1", 1))], 0.0)
     assert device.drops.total() == 1
+
+
+# --- the receive hot path's inline replay check against the naive window ---
+
+_REPLAY_SEED = 77
+_REPLAY_MESSAGES = 3 * WINDOW_SIZE + 300
+_RING_SPAN = RING_BLOCKS * (1 << BLOCK_BIT_LOG)  # counters that share a ring slot are this far apart
+
+
+def _replay_pair() -> Pair:
+    """A pair with a session (deterministic: the same seed gives the same keys, so the messages below stay valid)."""
+    pair = Pair(seed=_REPLAY_SEED)
+    assert pair.a_to_b() == [ipv4_packet(TUNNEL_A, TUNNEL_B)]
+    return pair
+
+
+def _sequence_packet(number: int) -> bytes:
+    return ipv4_packet(TUNNEL_A, TUNNEL_B, number.to_bytes(4, "big"))
+
+
+def _replay_messages() -> list[bytes]:
+    pair = _replay_pair()
+    pair.a.send_packets([_sequence_packet(number) for number in range(_REPLAY_MESSAGES)], pair.now)
+    return [payload for _, payload in pair.a.drain_datagrams()]
+
+
+_MESSAGES = _replay_messages()
+_FIRST_COUNTER = int.from_bytes(_MESSAGES[0][8:16], "little")
+
+
+def _deliveries() -> st.SearchStrategy[list[int]]:
+    """Message numbers in delivery order: in-order bursts (the inline path), jumps, duplicates, stragglers."""
+    burst = st.tuples(st.integers(0, _REPLAY_MESSAGES - 1), st.integers(1, 200)).map(
+        lambda t: list(range(t[0], min(t[0] + t[1], _REPLAY_MESSAGES)))
+    )
+    single = st.integers(0, _REPLAY_MESSAGES - 1).map(lambda n: [n])
+    # The same burst again one ring (or a few blocks) later: the new block's ring slot must have been cleared.
+    echo = st.tuples(
+        st.integers(0, _REPLAY_MESSAGES - _RING_SPAN - 100),
+        st.integers(1, 70),
+        st.sampled_from([_RING_SPAN, _RING_SPAN - 64, 64, 128]),
+    ).map(lambda t: [*range(t[0], t[0] + t[1]), *range(t[0] + t[2], t[0] + t[2] + t[1])])
+    return st.lists(st.one_of(burst, single, echo), max_size=12).map(lambda parts: [n for part in parts for n in part])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(order=_deliveries(), chunk=st.integers(1, 80))
+def test_device_receive_replay_matches_naive_window(order: list[int], chunk: int) -> None:
+    pair = _replay_pair()
+    replays_before = pair.b.drops["replay"]
+    last = _FIRST_COUNTER - 1
+    seen: set[int] = set()
+    expected: list[bytes] = []
+    for number in order:
+        counter = _FIRST_COUNTER + number
+        if counter in seen or (counter < last and last - counter > WINDOW_SIZE):
+            continue
+        seen.add(counter)
+        last = max(last, counter)
+        expected.append(_sequence_packet(number))
+    delivered: list[bytes] = []
+    for start in range(0, len(order), chunk):
+        batch = [(_MESSAGES[number], pair.address_a) for number in order[start : start + chunk]]
+        pair.b.receive_datagrams(batch, pair.now)
+        delivered += pair.b.drain_packets()
+    assert delivered == expected
+    assert pair.b.drops["replay"] - replays_before == len(order) - len(expected)

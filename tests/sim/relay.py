@@ -26,6 +26,7 @@ FIRST_RELAY_PORT = 49152
 DEFAULT_LIFETIME = 600
 MAX_LIFETIME = 3600
 CHANNEL_LIFETIME = 600.0
+CHANNEL_REBIND_TIMEOUT = 300.0  # RFC 8656 §12: a number stays reserved for its peer 5 min after expiry
 PERMISSION_LIFETIME = 300.0
 FIRST_CHANNEL = 0x4000
 LAST_CHANNEL = 0x7FFF
@@ -311,6 +312,9 @@ class SimRelay:
             return
         number = struct.unpack("!H", number_raw[:2])[0]
         current = allocation.channels.get(number)
+        if current is not None and current[0] != peer and now >= current[1] + CHANNEL_REBIND_TIMEOUT:
+            del allocation.channels[number]  # expired long enough ago: the number may serve another peer now
+            current = None
         other_channel = allocation.channel_for(peer, now)
         if (
             not FIRST_CHANNEL <= number <= LAST_CHANNEL

@@ -106,7 +106,8 @@ class NodeMachine(RuleBasedStateMachine):
         # (idle profile) -- and never before consent was lost.
         if failed:
             failed_at = min(t for t, e in client.peer.events if isinstance(e, ConnectionFailed) and t >= start)
-            assert failed_at - start >= 30.0 - 5.0  # the last consent answer may predate the outage by one round
+            reasons = [e.reason for t, e in client.peer.events if isinstance(e, ConnectionFailed) and t >= start]
+            assert failed_at - start >= 30.0 - 5.0, (failed_at - start, reasons)
         if seconds >= 30.0 + 100.0 + 10.0:
             assert failed, f"{client.client_id} kept a connection through {seconds:.0f} s without consent"
         # The relay still holds the client's allocation (same 5-tuple) until its 600 s lifetime runs out, and answers
@@ -197,10 +198,14 @@ class NodeMachine(RuleBasedStateMachine):
         assert len(set(self.world.gateway.received)) == len(self.world.gateway.received)
 
 
+# Derandomized: CI replays the same transition sequences every run (like Firezone's committed fuzz corpus); explore
+# new ones locally with a larger max_examples and derandomize=False.
 NodeMachine.TestCase.settings = settings(
-    max_examples=25,
+    max_examples=100,
     stateful_step_count=10,
     deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 

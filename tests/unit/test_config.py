@@ -21,7 +21,9 @@ from agent.config import (
     ConfigError,
     LogSpec,
     Secret,
+    build_parser,
     derive_id_from_machine_id,
+    describe_settings,
     load_settings,
     parse_bool,
     parse_duration,
@@ -190,6 +192,28 @@ def test_secret_never_prints() -> None:
 def test_settings_repr_hides_token(env: dict[str, str]) -> None:
     env["FIREZONE_TOKEN"] = "very-secret-token"
     assert "very-secret-token" not in repr(load_settings([], env))
+
+
+def test_help_does_not_promise_a_data_plane_that_is_not_built() -> None:
+    text = " ".join(build_parser().format_help().split())
+    for flag, variable in (
+        ("--flow-logs", "FIREZONE_FLOW_LOGS"),
+        ("--num-tun-threads", "FIREZONE_NUM_TUN_THREADS"),
+        ("--no-inc-buf", "FIREZONE_NO_INC_BUF"),
+    ):
+        start = text.index(flag, text.index("options:"))
+        entry = text[start : text.index(f"[{variable}]", start)]
+        assert "not used yet" in entry, entry
+
+
+def test_effective_settings_line_lists_every_setting_but_the_token(env: dict[str, str]) -> None:
+    env.update(FIREZONE_TOKEN="very-secret-token", FIREZONE_NUM_TUN_THREADS="3", FIREZONE_NO_INC_BUF="true")
+    line = describe_settings(load_settings([], env))
+    assert "very-secret-token" not in line and "token=" not in line
+    assert f"firezone_id={'b' * 64}" in line and "api_url=wss://api.firezone.dev" in line
+    assert "num_tun_threads=3 (not used yet)" in line
+    assert "no_inc_buf=True (not used yet)" in line
+    assert "flow_logs=False (not used yet)" in line
 
 
 # --- FIREZONE_ID resolution ---------------------------------------------------------------------------------------

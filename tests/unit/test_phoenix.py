@@ -97,7 +97,7 @@ def test_heartbeat_refs_continue_the_connection_counter() -> None:
     assert [f["ref"] for f in sent(channel)] == [2]
 
 
-def test_fourth_unanswered_heartbeat_is_a_hiccup_at_40s() -> None:
+def test_fourth_unanswered_heartbeat_is_sent_then_the_link_hiccups_at_40s() -> None:
     channel = joined_channel()
     for t in (10.0, 20.0, 30.0):
         channel.handle_timeout(t - 0.001)
@@ -111,7 +111,30 @@ def test_fourth_unanswered_heartbeat_is_a_hiccup_at_40s() -> None:
     assert events(channel) == [LinkHiccuped(HiccupReason.MISSED_HEARTBEATS)]
     assert channel.state is State.DISCONNECTED
     assert channel.poll_timeout() is None
+    # Like Firezone's phoenix-channel, the 4th heartbeat goes on the wire before the link gives up.
+    assert sent(channel) == [{"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": 4}]
     assert sent(channel) == []
+
+
+def test_the_last_heartbeat_is_discarded_if_the_socket_is_already_gone() -> None:
+    channel = joined_channel()
+    for t in (10.0, 20.0, 30.0, 40.0):
+        channel.handle_timeout(t)
+        if t < 40.0:
+            sent(channel)
+    assert events(channel) == [LinkHiccuped(HiccupReason.MISSED_HEARTBEATS)]
+    channel.connection_lost(40.1)
+    assert sent(channel) == []
+
+
+def test_a_reconnect_after_missed_heartbeats_starts_clean() -> None:
+    channel = joined_channel()
+    for t in (10.0, 20.0, 30.0, 40.0):
+        channel.handle_timeout(t)
+    events(channel)
+    channel.connect(41.0)
+    assert sent(channel) == [{"topic": "gateway", "event": "phx_join", "payload": None, "ref": 0}]
+    assert channel.poll_timeout() == (46.0, TimerKind.JOIN_TIMEOUT)
 
 
 def test_answered_heartbeats_keep_the_link_forever() -> None:
@@ -145,8 +168,10 @@ def test_heartbeat_interval_is_configurable() -> None:
     for t in (0.5, 1.0, 1.5):
         channel.handle_timeout(t)
     assert len(sent(channel)) == 3
+    assert events(channel) == []
     channel.handle_timeout(2.0)
     assert events(channel) == [LinkHiccuped(HiccupReason.MISSED_HEARTBEATS)]
+    assert len(sent(channel)) == 1
 
 
 def test_join_timeout_after_5s() -> None:

@@ -2,8 +2,9 @@
 
 It creates the TUN device, serves the UAPI on ``/var/run/wireguard/IFNAME.sock`` and moves packets between the TUN
 device, the UDP sockets and the sans-IO :class:`dataplane.wireguard.device.Device` in one thread: every wakeup handles a
-batch (TUN → ``send_packets`` → ``drain_transmits`` → UDP, UDP → ``receive_datagrams`` → ``drain_packets`` → TUN) and
-the single timer is re-armed to ``Device.poll_timeout()``.
+batch (TUN → ``send_packets`` → ``drain_datagram_runs`` → one GSO send per destination run; UDP (GRO) →
+``receive_datagrams`` → ``drain_packets`` → one batched TUN write) and the single timer is re-armed to
+``Device.poll_timeout()``.
 
 Without ``-f`` it daemonises (double fork); the parent exits 0 once the interface is up, or 1 with the daemon's error.
 SIGTERM/SIGINT, deleting the UAPI socket or deleting the link stop it; the socket and the device are removed on exit.

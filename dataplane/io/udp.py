@@ -71,6 +71,22 @@ def _normalize(address: tuple[object, ...]) -> Address:
     return (str(address[0]), int(address[1]))  # type: ignore[call-overload]
 
 
+# Errors the kernel queues on a UDP socket from ICMP replies to earlier sends (IP_RECVERR off): they report on a
+# past datagram, so the socket itself is fine and the next receive may succeed.
+_ICMP_REPORTED_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETDOWN,
+        errno.EMSGSIZE,
+        errno.EPROTO,
+        errno.ECONNRESET,
+    }
+)
+
+
 class UdpSocket:
     """One non-blocking UDP socket; call from one thread."""
 
@@ -173,7 +189,9 @@ class UdpSocket:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                # ICMP errors (ECONNREFUSED...) surface on the next receive; they are not fatal.
+                if exc.errno not in _ICMP_REPORTED_ERRNOS:
+                    raise  # e.g. EBADF after close(): retrying would spin forever
+                # ICMP errors for earlier sends surface on the next receive; they are not fatal.
                 log.debug("UDP recv error on %s: %s", self.local_address, exc)
                 self.drops.drop(UdpDropReason.RECV_FAILED)
                 continue

@@ -203,3 +203,11 @@ def test_send_batch_to_one_destination(gso: bool) -> None:
         else:
             assert recorder.sendto_calls == 101 and recorder.sendmsg_calls == 0
         assert [p for p, _ in drain(rx, 101)] == payloads
+
+
+def test_recv_on_a_closed_socket_raises_instead_of_spinning() -> None:
+    sock = UdpSocket.bind("127.0.0.1", 0, increase_buffers=False)
+    sock.close()
+    with pytest.raises(OSError) as raised:
+        sock.recv_many()
+    assert raised.value.errno == errno.EBADF

@@ -164,9 +164,12 @@ class _FastJitterRng:
 class WgDaemon:
     """The driver: owns the TUN device, the UDP sockets, the UAPI listener and the event loop."""
 
-    def __init__(self, ifname: str, *, num_tun_queues: int = 1, mtu: int = DEFAULT_MTU) -> None:
+    def __init__(
+        self, ifname: str, *, num_tun_queues: int = 1, mtu: int = DEFAULT_MTU, increase_buffers: bool = True
+    ) -> None:
         self.ifname = ifname
         self.num_tun_queues = num_tun_queues
+        self.increase_buffers = increase_buffers
         self.mtu = mtu
         self.tun: Tun | None = None
         self.udp4: UdpSocket | None = None
@@ -261,13 +264,15 @@ class WgDaemon:
         last_error: OSError | None = None
         for _ in range(PORT_RETRIES if port == 0 else 1):
             try:
-                udp4 = UdpSocket.bind("0.0.0.0", port, mark=self.fwmark or None)
+                udp4 = UdpSocket.bind("0.0.0.0", port, mark=self.fwmark or None, increase_buffers=self.increase_buffers)
             except OSError as exc:
                 last_error = exc
                 continue
             bound = udp4.local_address[1]
             try:
-                udp6: UdpSocket | None = UdpSocket.bind("::", bound, mark=self.fwmark or None)
+                udp6: UdpSocket | None = UdpSocket.bind(
+                    "::", bound, mark=self.fwmark or None, increase_buffers=self.increase_buffers
+                )
             except OSError as exc:
                 if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
                     udp6 = None  # no IPv6 here: IPv4 alone is fine
@@ -488,6 +493,19 @@ def _configure_logging(ifname: str) -> None:
     root.setLevel(level if level is not None else logging.CRITICAL + 1)
 
 
+def _no_inc_buf() -> bool:
+    """FIREZONE_NO_INC_BUF, as the gateway reads it: leave net.core.{r,w}mem_max alone."""
+    from agent.config import parse_bool
+
+    value = os.environ.get("FIREZONE_NO_INC_BUF", "")
+    if not value:
+        return False
+    try:
+        return parse_bool(value)
+    except ValueError as exc:
+        raise StartupError(f"invalid FIREZONE_NO_INC_BUF={value!r}: {exc}") from None
+
+
 def _num_tun_queues() -> int:
     from dataplane.io.tun import queues_from_env
 
@@ -502,7 +520,7 @@ def _serve(ifname: str, ready_fd: int | None) -> int:
     """Runs the daemon in this process; reports startup success or failure on ``ready_fd`` (daemon mode)."""
     daemon: WgDaemon | None = None
     try:
-        daemon = WgDaemon(ifname, num_tun_queues=_num_tun_queues())
+        daemon = WgDaemon(ifname, num_tun_queues=_num_tun_queues(), increase_buffers=not _no_inc_buf())
         daemon.start()
     except Exception as exc:
         logger.debug("startup failed", exc_info=True)
@@ -584,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight(ifname)
         _num_tun_queues()
+        _no_inc_buf()
     except StartupError as exc:
         print(f"firezone-wg: {exc}", file=sys.stderr)
         return 1

@@ -315,7 +315,7 @@ def split_gso(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> list
     if gso in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6):
         return _split_tcp(hdr, packet, 4 if gso == VIRTIO_NET_HDR_GSO_TCPV4 else 6)
     if gso == VIRTIO_NET_HDR_GSO_UDP_L4:
-        return _split_udp(hdr, packet)
+        return _split_with_template(hdr, packet, IPPROTO_UDP, None)
     raise PacketParseError(f"unsupported gso_type {hdr.gso_type}")
 
 
@@ -410,7 +410,7 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
         thlen = (packet[52] >> 4) * 4
         ihl = IPV6_HEADER_LEN
     else:
-        return _split_tcp_generic(hdr, packet, version)
+        return _split_with_template(hdr, packet, IPPROTO_TCP, version)
     headers_len = ihl + thlen
     if thlen < TCP_MIN_HEADER_LEN or headers_len > n:
         raise PacketParseError("bad TCP data offset")
@@ -427,58 +427,22 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
     out: list[bytes] = []
     if version == 4:
         vihl, tos, _, ip_id0, frag, ttl, proto, _, src, dst, sport, dport, seq0, ack, doff, flags, win, _, urg = fields
-        addr_sum = from_bytes(src + dst, "big") % _FOLD
-        ip_sum = (vihl << 8) + tos + frag + (ttl << 8) + proto + addr_sum
-        tcp_sum = (
-            addr_sum + proto + sport + dport + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + win + urg + options_sum
-        )
-        pack4 = _V4_TCP.pack
-        for index in range(count):
-            start = headers_len + index * mss
-            segment = view[start : start + mss]
-            seg_len = len(segment)
-            total = headers_len + seg_len
-            ip_id = (ip_id0 + index) & 0xFFFF
-            seq = (seq0 + index * mss) & 0xFFFFFFFF
-            seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)
-            if index:
-                seg_flags &= ~TCP_CWR
-            # Reduce the payload first: every other operand is small, so no big-integer temporaries.
-            payload = from_bytes(segment, "big")
-            if seg_len & 1:
-                payload <<= 8
-            checksum = (
-                -(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload % _FOLD)
-            ) % _FOLD
-            ip_checksum = (-(ip_sum + total + ip_id)) % _FOLD
-            header = pack4(
-                vihl,
-                tos,
-                total,
-                ip_id,
-                frag,
-                ttl,
-                proto,
-                ip_checksum,
-                src,
-                dst,
-                sport,
-                dport,
-                seq,
-                ack,
-                doff,
-                seg_flags,
-                win,
-                checksum,
-                urg,
-            )
-            out.append(join((header, options, segment)))
-        return out
-    first_word, _, next_header, hop_limit, src, dst, sport, dport, seq0, ack, doff, flags, win, _, urg = fields
-    addr_sum = from_bytes(src + dst, "big") % _FOLD
+        ip_sum = (vihl << 8) + tos + frag + (ttl << 8) + proto + from_bytes(src + dst, "big") % _FOLD
+    else:
+        first_word, _, proto, hop_limit, src, dst, sport, dport, seq0, ack, doff, flags, win, _, urg = fields
     tcp_sum = (
-        addr_sum + IPPROTO_TCP + sport + dport + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + win + urg + options_sum
+        from_bytes(src + dst, "big") % _FOLD
+        + IPPROTO_TCP
+        + sport
+        + dport
+        + (ack >> 16)
+        + (ack & 0xFFFF)
+        + (doff << 8)
+        + win
+        + urg
+        + options_sum
     )
+    pack4 = _V4_TCP.pack
     pack6 = _V6_TCP.pack
     for index in range(count):
         start = headers_len + index * mss
@@ -488,106 +452,82 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
         seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)
         if index:
             seg_flags &= ~TCP_CWR
+        # Reduce the payload first: every other operand is small, so no big-integer temporaries.
         payload = from_bytes(segment, "big")
         if seg_len & 1:
             payload <<= 8
         checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload % _FOLD)) % _FOLD
-        header = pack6(
-            first_word,
-            thlen + seg_len,
-            next_header,
-            hop_limit,
-            src,
-            dst,
-            sport,
-            dport,
-            seq,
-            ack,
-            doff,
-            seg_flags,
-            win,
-            checksum,
-            urg,
-        )
+        if version == 4:
+            total = headers_len + seg_len
+            ip_id = (ip_id0 + index) & 0xFFFF
+            ip_checksum = (-(ip_sum + total + ip_id)) % _FOLD
+            header = pack4(
+                vihl, tos, total, ip_id, frag, ttl, proto, ip_checksum, src, dst,
+                sport, dport, seq, ack, doff, seg_flags, win, checksum, urg,
+            )  # fmt: skip
+        else:
+            header = pack6(
+                first_word, thlen + seg_len, proto, hop_limit, src, dst,
+                sport, dport, seq, ack, doff, seg_flags, win, checksum, urg,
+            )  # fmt: skip
         out.append(join((header, options, segment)))
     return out
 
 
-def _split_tcp_generic(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, version: int) -> list[bytes]:
-    # Checksums are built incrementally from the template sums: per segment only the payload is summed
-    # (one int.from_bytes and one modulo), everything else is small-integer arithmetic.
-    version, ihl, thlen, ip_id0, template, ip_sum, tcp_sum = _segment_plan(packet, None, IPPROTO_TCP, version)
-    mss = hdr.gso_size
-    if mss <= 0:
-        raise PacketParseError("TSO frame with gso_size 0")
-    headers_len = ihl + thlen
+def _split_with_template(
+    hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, protocol: int, expected_version: int | None
+) -> list[bytes]:
+    """TSO/USO split for any header layout (IPv4 options, UDP): each segment's headers are a copy of a template with
+    the per-segment fields patched in. Checksums are built incrementally from the template sums: per segment only the
+    payload is summed (one ``int.from_bytes`` and one modulo), everything else is small-integer arithmetic."""
+    is_tcp = protocol == IPPROTO_TCP
+    version, ihl, l4_len, ip_id0, template, ip_sum, l4_sum = _segment_plan(
+        packet, None if is_tcp else UDP_HEADER_LEN, protocol, expected_version
+    )
+    size = hdr.gso_size
+    if size <= 0:
+        raise PacketParseError(f"{'TSO' if is_tcp else 'USO'} frame with gso_size 0")
+    headers_len = ihl + l4_len
     view = memoryview(packet)
-    length = len(packet)
-    seq0 = _U32.unpack_from(packet, ihl + 4)[0]
-    flags = packet[ihl + 13]
-    count = max(1, -(-(length - headers_len) // mss))
+    count = max(1, -(-(len(packet) - headers_len) // size))
+    last = count - 1
+    seq0 = _U32.unpack_from(packet, ihl + 4)[0] if is_tcp else 0
+    flags = packet[ihl + 13] if is_tcp else 0
     pack_into = struct.pack_into
     from_bytes = int.from_bytes
     join = b"".join
     out: list[bytes] = []
     for index in range(count):
-        start = headers_len + index * mss
-        segment = view[start : start + mss]
+        start = headers_len + index * size
+        segment = view[start : start + size]
         seg_len = len(segment)
+        l4_total = l4_len + seg_len
         header = bytearray(template)
         if version == 4:
-            total = headers_len + seg_len
+            total = ihl + l4_total
             ip_id = (ip_id0 + index) & 0xFFFF
             pack_into("!HH", header, 2, total, ip_id)
             pack_into("!H", header, 10, (-(ip_sum + total + ip_id)) % _FOLD)
         else:
-            pack_into("!H", header, 4, thlen + seg_len)
-        seq = (seq0 + index * mss) & 0xFFFFFFFF
-        segment_flags = flags
-        if index != count - 1:
-            segment_flags &= ~(TCP_FIN | TCP_PSH)
-        if index:
-            segment_flags &= ~TCP_CWR
+            pack_into("!H", header, 4, l4_total)
         payload = from_bytes(segment, "big")
         if seg_len & 1:
             payload <<= 8
-        checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + segment_flags + payload)) % _FOLD
-        pack_into("!I", header, ihl + 4, seq)
-        header[ihl + 13] = segment_flags
-        pack_into("!H", header, ihl + 16, checksum)
-        out.append(join((header, segment)))
-    return out
-
-
-def _split_udp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> list[bytes]:
-    version, ihl, _, ip_id0, template, ip_sum, udp_sum = _segment_plan(packet, UDP_HEADER_LEN, IPPROTO_UDP, None)
-    size = hdr.gso_size
-    if size <= 0:
-        raise PacketParseError("USO frame with gso_size 0")
-    headers_len = ihl + UDP_HEADER_LEN
-    view = memoryview(packet)
-    count = max(1, -(-(len(packet) - headers_len) // size))
-    pack_into = struct.pack_into
-    out: list[bytes] = []
-    for index in range(count):
-        start = headers_len + index * size
-        segment = view[start : start + size]
-        udp_len = UDP_HEADER_LEN + len(segment)
-        header = bytearray(template)
-        if version == 4:
-            total = ihl + udp_len
-            ip_id = (ip_id0 + index) & 0xFFFF
-            pack_into("!HH", header, 2, total, ip_id)
-            pack_into("!H", header, 10, (-(ip_sum + total + ip_id)) % _FOLD)
+        payload %= _FOLD
+        if is_tcp:
+            seq = (seq0 + index * size) & 0xFFFFFFFF
+            seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)
+            if index:
+                seg_flags &= ~TCP_CWR
+            checksum = (-(l4_sum + l4_total + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload)) % _FOLD
+            pack_into("!I", header, ihl + 4, seq)
+            header[ihl + 13] = seg_flags
+            pack_into("!H", header, ihl + 16, checksum)
         else:
-            pack_into("!H", header, 4, udp_len)
-        payload = int.from_bytes(segment, "big")
-        if len(segment) & 1:
-            payload <<= 8
-        # The UDP length counts twice: in the pseudo-header and in the UDP header.
-        checksum = (-(udp_sum + 2 * udp_len + payload % _FOLD)) % _FOLD
-        pack_into("!HH", header, ihl + 4, udp_len, checksum or 0xFFFF)
-        out.append(b"".join((header, segment)))
+            # The UDP length counts twice: in the pseudo-header and in the UDP header.
+            checksum = (-(l4_sum + 2 * l4_total + payload)) % _FOLD
+            pack_into("!HH", header, ihl + 4, l4_total, checksum or 0xFFFF)
+        out.append(join((header, segment)))
     return out
 
 
@@ -598,21 +538,33 @@ def _split_udp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview) -> lis
 class _Group:
     """Consecutive segments of one flow being merged into one super-packet."""
 
-    __slots__ = ("closed", "count", "gso_size", "ihl", "is_tcp", "l4_len", "next_seq", "packets", "total", "version")
+    __slots__ = (
+        "closed",
+        "gso_size",
+        "ihl",
+        "is_tcp",
+        "l4_len",
+        "next_ip_id",
+        "next_seq",
+        "packets",
+        "total",
+        "version",
+    )
 
-    def __init__(
-        self, packet: bytes, version: int, ihl: int, l4_len: int, is_tcp: bool, gso_size: int, next_seq: int
-    ) -> None:
+    def __init__(self, packet: bytes, args: _GroupArgs) -> None:
+        version, ihl, l4_len, is_tcp, payload_len, next_seq, may_extend, ip_id = args
         self.packets = [packet]
         self.version = version
         self.ihl = ihl
         self.l4_len = l4_len
         self.is_tcp = is_tcp
-        self.gso_size = gso_size
+        self.gso_size = payload_len
         self.next_seq = next_seq
+        # The kernel gives the segments of a super-packet consecutive IPv4 ids, so without DF (ids matter for
+        # reassembly) only packets whose ids are already consecutive may merge; -1: ids are not checked.
+        self.next_ip_id = (ip_id + 1) & 0xFFFF if ip_id >= 0 else -1
         self.total = len(packet)
-        self.count = 1
-        self.closed = False
+        self.closed = not may_extend
 
 
 def coalesce(packets: Sequence[bytes], *, tcp: bool = True, udp: bool = False) -> list[bytes]:
@@ -626,22 +578,27 @@ def coalesce(packets: Sequence[bytes], *, tcp: bool = True, udp: bool = False) -
         n = len(packet)
         if tcp and n > 40 and packet[0] == 0x45 and packet[9] == IPPROTO_TCP:
             # Fast path, IPv4 without options + TCP: one unpack gives every field the merge rules look at.
-            tos, total, frag, ttl, flow, seq, ack_doff, flags, window, urgent = unpack_v4(packet)
+            tos, total, ip_id, frag, ttl, flow, seq, ack_doff, flags, window, urgent = unpack_v4(packet)
             thlen = (ack_doff[4] >> 4) * 4
             payload_len = n - 20 - thlen
             if total != n or frag & 0xBFFF or flags & ~TCP_PSH != TCP_ACK or thlen < 20 or payload_len <= 0:
                 frames.append(packet)
                 continue
             v4_key = (tos, frag, ttl, flow, ack_doff, window, urgent, packet[40 : 20 + thlen] if thlen > 20 else b"")
-            next_seq = (seq + payload_len) & 0xFFFFFFFF
-            may_extend = not flags & TCP_PSH
+            args = (
+                4,
+                20,
+                thlen,
+                True,
+                payload_len,
+                (seq + payload_len) & 0xFFFFFFFF,
+                not flags & TCP_PSH,
+                -1 if frag & _IPV4_DF else ip_id,
+            )
             group = open_groups.get(v4_key)
-            if group is not None and _try_append(
-                group, packet, (4, 20, thlen, True, payload_len, next_seq, may_extend)
-            ):
+            if group is not None and _try_append(group, packet, args):
                 continue
-            group = _Group(packet, 4, 20, thlen, True, payload_len, next_seq)
-            group.closed = not may_extend
+            group = _Group(packet, args)
             open_groups[v4_key] = group
             frames.append(group)
             continue
@@ -652,9 +609,7 @@ def coalesce(packets: Sequence[bytes], *, tcp: bool = True, udp: bool = False) -
         group = open_groups.get(key)
         if group is not None and _try_append(group, packet, group_args):
             continue
-        version, ihl, l4_len, is_tcp, payload_len, next_seq, may_extend = group_args
-        group = _Group(packet, version, ihl, l4_len, is_tcp, payload_len, next_seq)
-        group.closed = not may_extend
+        group = _Group(packet, group_args)
         open_groups[key] = group
         frames.append(group)
     out: list[bytes] = []
@@ -667,15 +622,17 @@ def coalesce(packets: Sequence[bytes], *, tcp: bool = True, udp: bool = False) -
 
 
 # tos, total length, flags+fragment offset, ttl, addresses+ports, seq, ack+data offset, flags, window, urgent pointer
-_V4_TCP_COALESCE = struct.Struct("!xBH2xHB3x12sI5sB2s2x2s")
+_V4_TCP_COALESCE = struct.Struct("!xBHHHB3x12sI5sB2s2x2s")
+_IPV4_DF = 0x4000
 
-# (version, ihl, l4 header length, is_tcp, payload length, next sequence number, may be extended)
-_GroupArgs = tuple[int, int, int, bool, int, int, bool]
+# (version, ihl, l4 header length, is_tcp, payload length, next sequence number, may be extended,
+#  IPv4 id that must follow the group's ids or -1)
+_GroupArgs = tuple[int, int, int, bool, int, int, bool, int]
 
 
 def _coalesce_key(packet: bytes, tcp: bool, udp: bool) -> tuple[bytes | None, _GroupArgs]:
     """The bytes that must be equal for two packets to merge (IP fields, ports, TCP ack/window/options), or None."""
-    none: _GroupArgs = (0, 0, 0, False, 0, 0, False)
+    none: _GroupArgs = (0, 0, 0, False, 0, 0, False, -1)
     n = len(packet)
     if n < 1:
         return None, none
@@ -683,10 +640,11 @@ def _coalesce_key(packet: bytes, tcp: bool, udp: bool) -> tuple[bytes | None, _G
     if version == 4:
         if n < IPV4_HEADER_LEN or packet[0] != 0x45:  # options: not merged
             return None, none
-        if _U16.unpack_from(packet, 2)[0] != n or packet[6] & 0x3F or packet[7]:  # padded, MF or fragment offset
+        if _U16.unpack_from(packet, 2)[0] != n or packet[6] & 0xBF or packet[7]:  # padded, MF, offset, reserved bit
             return None, none
         protocol = packet[9]
         ihl = IPV4_HEADER_LEN
+        ip_id = -1 if packet[6] & 0x40 else _U16.unpack_from(packet, 4)[0]
         # tos, DF bit, ttl, protocol, addresses
         ip_key = packet[1:2] + bytes((packet[6] & 0x40, packet[8], protocol)) + packet[12:20]
     elif version == 6:
@@ -695,6 +653,7 @@ def _coalesce_key(packet: bytes, tcp: bool, udp: bool) -> tuple[bytes | None, _G
         protocol = packet[6]
         ihl = IPV6_HEADER_LEN
         ip_key = packet[0:4] + packet[6:40]  # traffic class, flow label, next header, hop limit, addresses
+        ip_id = -1
     else:
         return None, none
     if protocol == IPPROTO_TCP and tcp:
@@ -717,31 +676,32 @@ def _coalesce_key(packet: bytes, tcp: bool, udp: bool) -> tuple[bytes | None, _G
             + packet[ihl + 20 : ihl + thlen]
         )
         may_extend = not flags & TCP_PSH
-        return key, (version, ihl, thlen, True, payload_len, (seq + payload_len) & 0xFFFFFFFF, may_extend)
+        return key, (version, ihl, thlen, True, payload_len, (seq + payload_len) & 0xFFFFFFFF, may_extend, ip_id)
     if protocol == IPPROTO_UDP and udp:
         if n < ihl + UDP_HEADER_LEN or _U16.unpack_from(packet, ihl + 4)[0] != n - ihl:
             return None, none
         payload_len = n - ihl - UDP_HEADER_LEN
         if payload_len == 0:
             return None, none
-        return ip_key + packet[ihl : ihl + 4], (version, ihl, UDP_HEADER_LEN, False, payload_len, 0, True)
+        return ip_key + packet[ihl : ihl + 4], (version, ihl, UDP_HEADER_LEN, False, payload_len, 0, True, ip_id)
     return None, none
 
 
 def _try_append(group: _Group, packet: bytes, args: _GroupArgs) -> bool:
-    _version, _ihl, _l4_len, _is_tcp, payload_len, next_seq, may_extend = args
-    if group.closed or group.count >= MAX_SEGMENTS or payload_len > group.gso_size:
+    _version, _ihl, _l4_len, _is_tcp, payload_len, next_seq, may_extend, ip_id = args
+    if group.closed or len(group.packets) >= MAX_SEGMENTS or payload_len > group.gso_size:
         return False
-    if group.total + payload_len > MAX_IP_PACKET:
+    if group.total + payload_len > MAX_IP_PACKET or ip_id != group.next_ip_id:
         return False
     if group.is_tcp:
         seq = (next_seq - payload_len) & 0xFFFFFFFF
         if seq != group.next_seq:
             return False
         group.next_seq = next_seq
+    if ip_id >= 0:
+        group.next_ip_id = (ip_id + 1) & 0xFFFF
     group.packets.append(packet)
     group.total += payload_len
-    group.count += 1
     # A short segment (or PSH) must be the last one: the kernel cuts every gso_size bytes.
     if payload_len < group.gso_size or not may_extend:
         group.closed = True
@@ -750,7 +710,7 @@ def _try_append(group: _Group, packet: bytes, args: _GroupArgs) -> bool:
 
 def _emit_group(group: _Group) -> bytes:
     first = group.packets[0]
-    if group.count == 1:
+    if len(group.packets) == 1:
         return _NO_OFFLOAD_HEADER + first
     ihl = group.ihl
     headers_len = ihl + group.l4_len

@@ -207,6 +207,7 @@ class _Kind(enum.Enum):
     REFRESH = "refresh"
     CHANNEL_BIND = "channel-bind"
     DELETE = "delete"
+    DELETE_STALE = "delete-stale"  # LIFETIME 0 for an allocation the relay still holds for our 5-tuple (after a 437)
 
 
 @dataclass(slots=True)
@@ -278,6 +279,7 @@ class Allocation:
         self.realm: str | None = realm
         self.nonce: str | None = None
         self._key: bytes | None = None
+        self._stale_deletion_tried = False
         self.state = AllocationState.ALLOCATING
         self.srflx: Address | None = None
         self.relay_addresses: tuple[Address, ...] = ()
@@ -565,6 +567,9 @@ class Allocation:
             self._on_channel_bound(request, now)
         elif kind is _Kind.DELETE:
             self._finish_delete()
+        elif kind is _Kind.DELETE_STALE:
+            logger.debug("turn %s: stale allocation deleted; allocating again", self.server)
+            self._send_allocate(now)
 
     def _on_binding_success(self, message: StunMessage, src: Address, rtt: float, now: float) -> None:
         if not self._server_chosen:
@@ -585,7 +590,11 @@ class Allocation:
             self._events.append(BindingSucceeded(self.server, mapped, rtt))
         if self.state in (AllocationState.ALLOCATING, AllocationState.ALLOCATED):
             self._next_binding_at = now + BINDING_INTERVAL
-        if self.state is AllocationState.ALLOCATING and not self._pending(_Kind.ALLOCATE):
+        if (
+            self.state is AllocationState.ALLOCATING
+            and not self._pending(_Kind.ALLOCATE)
+            and not self._pending(_Kind.DELETE_STALE)
+        ):
             self._send_allocate(now)
 
     def _on_allocate_success(self, message: StunMessage, rtt: float, now: float) -> None:
@@ -624,6 +633,19 @@ class Allocation:
             # The relay is not dual-stack: settle for its default family.
             self._request_ipv6 = False
             self._send_allocate(now)
+            return
+        if (
+            request.kind is _Kind.ALLOCATE
+            and code == ErrorCode.ALLOCATION_MISMATCH
+            and not self._stale_deletion_tried
+            and request.authenticated
+        ):
+            # The relay still holds an allocation for this 5-tuple: we gave up on it (an outage outlasted the
+            # keepalive give-up) while the relay kept it. Without deleting it, every ALLOCATE gets 437 until its
+            # lifetime runs out; delete it (REFRESH, LIFETIME 0, same credentials) and allocate once more.
+            self._stale_deletion_tried = True
+            message = StunMessage.request(Method.REFRESH, self._new_transaction_id()).add_lifetime(0)
+            self._send_request(_Kind.DELETE_STALE, message, now, authenticated=True)
             return
         self._on_request_failed(request, f"{code} {reason}".strip(), code or None, now)
 
@@ -681,6 +703,11 @@ class Allocation:
             self._on_channel_bind_failed(request, reason, code, now)
         elif kind is _Kind.DELETE:
             self._finish_delete()
+        elif kind is _Kind.DELETE_STALE and self.state is AllocationState.ALLOCATING:
+            if code == ErrorCode.ALLOCATION_MISMATCH:
+                self._send_allocate(now)  # nothing left to delete: it expired in the meantime
+            else:
+                self._fail(f"stale allocation could not be deleted: {reason}", code)
 
     def _fail(self, reason: str, code: int | None) -> None:
         self.state = AllocationState.FAILED

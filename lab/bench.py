@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lab.netns import Netns, Topology
-from lab.wg import Implementation, WgInterface, WgPair, ping_rtt_ms
+from lab.netns import Netns
+from lab.wg import Implementation, WgInterface, WgPair, ping_rtt_ms, wg_topology
 
 IPERF_PORT = 5201
 UDP_PAYLOAD = 1300  # fits the 1420-byte tunnel MTU
@@ -177,7 +177,8 @@ def _udp_out_of_order(report: dict[str, object]) -> int | None:
 
 @contextlib.contextmanager
 def _pair(spec: PairSpec, log_dir: Path) -> Iterator[WgPair]:
-    with Topology("bn") as topo:
+    # wg_topology: a daemon that had to be killed leaves its UAPI socket behind; it is removed at the end.
+    with wg_topology("bn") as topo:
         # Quiet daemons: logging must not cost throughput while measuring.
         env = {
             "LOG_LEVEL": "error",
@@ -203,6 +204,7 @@ def _wait_for_tunnel(a: WgInterface, address: str, timeout: float = 15.0) -> Non
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"no ping through the tunnel to {address} after {timeout} s")
+        time.sleep(0.1)  # a ping that fails at once (no route yet) must not turn this into a busy loop
 
 
 def measure_pair(spec: PairSpec, *, seconds: int, pings: int, log_dir: Path) -> PairResult:

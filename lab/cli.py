@@ -45,7 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lab.portal import DEFAULT_CONFIG
 
     parser = argparse.ArgumentParser(prog="firezone-lab", description="The gateway's local test world.")
-    parser.add_argument("--log-level", default="info", help="debug, info, warning (default info)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="debug, info, warning or error (default info)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     portal = commands.add_parser("portal", help="run the dev portal until SIGINT/SIGTERM")
     portal.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="portal config JSON (default: the dev one)")

@@ -348,42 +348,34 @@ class WgPair:
         ns_a, ns_b = topo.add_ns("a"), topo.add_ns("b")
         topo.link(ns_a, "192.168.77.1/24", ns_b, "192.168.77.2/24", addrs_a=["fd78::1/64"], addrs_b=["fd78::2/64"])
         underlay_a, underlay_b = ("[fd78::1]", "[fd78::2]") if ipv6_underlay else ("192.168.77.1", "192.168.77.2")
-        a = start_interface(
-            ns_a,
-            implementation_a,
-            f"wg{topo.suffix}a",
-            tunnel_ip=f"{TUNNEL_PREFIX}1",
-            tunnel_ip6=f"{TUNNEL_PREFIX6}1",
-            underlay_ip=underlay_a,
-            log_dir=log_dir,
-            listen_port=port_a,
-            env=env_a,
+        a, b = (
+            start_interface(
+                ns,
+                implementation,
+                f"wg{topo.suffix}{side}",
+                tunnel_ip=f"{TUNNEL_PREFIX}{host}",
+                tunnel_ip6=f"{TUNNEL_PREFIX6}{host}",
+                underlay_ip=underlay,
+                log_dir=log_dir,
+                listen_port=port,
+                env=env,
+            )
+            for side, host, ns, implementation, underlay, port, env in (
+                ("a", 1, ns_a, implementation_a, underlay_a, port_a, env_a),
+                ("b", 2, ns_b, implementation_b, underlay_b, port_b, env_b),
+            )
         )
-        b = start_interface(
-            ns_b,
-            implementation_b,
-            f"wg{topo.suffix}b",
-            tunnel_ip=f"{TUNNEL_PREFIX}2",
-            tunnel_ip6=f"{TUNNEL_PREFIX6}2",
-            underlay_ip=underlay_b,
-            log_dir=log_dir,
-            listen_port=port_b,
-            env=env_b,
-        )
-        a.add_peer(
-            b.public_key,
-            endpoint=f"{b.underlay_ip}:{port_b}" if endpoint_on_a else None,
-            allowed_ips=[f"{b.tunnel_ip}/32", f"{b.tunnel_ip6}/128"],
-            preshared_key=preshared_key,
-            persistent_keepalive=persistent_keepalive,
-        )
-        b.add_peer(
-            a.public_key,
-            endpoint=f"{a.underlay_ip}:{port_a}" if endpoint_on_b else None,
-            allowed_ips=[f"{a.tunnel_ip}/32", f"{a.tunnel_ip6}/128"],
-            preshared_key=preshared_key,
-            persistent_keepalive=persistent_keepalive,
-        )
+        for local, remote, remote_port, knows_endpoint in (
+            (a, b, port_b, endpoint_on_a),
+            (b, a, port_a, endpoint_on_b),
+        ):
+            local.add_peer(
+                remote.public_key,
+                endpoint=f"{remote.underlay_ip}:{remote_port}" if knows_endpoint else None,
+                allowed_ips=[f"{remote.tunnel_ip}/32", f"{remote.tunnel_ip6}/128"],
+                preshared_key=preshared_key,
+                persistent_keepalive=persistent_keepalive,
+            )
         return cls(a, b)
 
 
@@ -446,7 +438,10 @@ def iperf3(
     finally:
         if server_proc.poll() is None:
             server_proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
+            server_proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server_proc.kill()
             server_proc.wait(timeout=5)
 
 

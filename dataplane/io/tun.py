@@ -2,9 +2,10 @@
 
 The event loop never blocks on the device: reader threads push received packets into one bounded deque and bump an
 eventfd once per batch (``wakeup_fd``, an epoll fd, becomes readable); ``send``/``send_many`` append to a bounded
-per-queue deque that the queue's writer thread drains (one or two packets for an idle writer are written directly). The queue for a written packet is picked by its flow hash so one flow is always written by one
-thread, in order (Firezone #10231: racing writers reordered flows and TCP throttled). On read the kernel already steers a
-flow to one queue, and each reader appends its batches in order, so reads keep per-flow order too.
+per-queue deque that the queue's writer thread drains (one or two packets for an idle writer are written directly).
+The queue for a written packet is picked by its flow hash so one flow is always written by one thread, in order
+(Firezone #10231: racing writers reordered flows and TCP throttled). On read the kernel already steers a flow to one
+queue, and each reader appends its batches in order, so reads keep per-flow order too.
 
 When a queue has been quiet for a few milliseconds the event loop reads it itself (its fd joins the ``wakeup_fd``
 epoll) until a read finds traffic building up again, then the thread takes over: a ping or a lone request pays one
@@ -358,7 +359,8 @@ class Tun:
             del packets[limit:]
             os.eventfd_write(self._signal_fd, 1)
         if frames >= budget:
-            # The budget ran out, so more is waiting: traffic is building up: hand the queue back to its thread (syscalls and splitting off the loop).
+            # The budget ran out, so more is waiting and traffic is building up: hand the queue back to its thread
+            # (syscalls and splitting off the loop).
             queue.direct = False
             self._epoll.unregister(queue.fd)
             os.eventfd_write(queue.park_fd, 1)
@@ -495,12 +497,12 @@ class Tun:
             if not offload:
                 batch.append(frame)
                 continue
+            if len(frame) >= VIRTIO_NET_HDR_LEN and not frame[0] and not frame[1]:
+                # No flags, no GSO: a plain packet (the common case), without decoding the header.
+                batch.append(frame[VIRTIO_NET_HDR_LEN:])
+                continue
             try:
-                hdr = VirtioNetHdr.decode(frame)
-                if hdr.flags == 0 and hdr.gso_type == 0:
-                    batch.append(frame[VIRTIO_NET_HDR_LEN:])
-                else:
-                    batch.extend(split_gso(hdr, memoryview(frame)[VIRTIO_NET_HDR_LEN:]))
+                batch.extend(split_gso(VirtioNetHdr.decode(frame), memoryview(frame)[VIRTIO_NET_HDR_LEN:]))
             except PacketParseError as exc:
                 log.debug("TUN %s: dropping malformed offload frame: %s", self.name, exc)
                 self._drop(TunDropReason.MALFORMED_OFFLOAD_FRAME)

@@ -262,7 +262,7 @@ class UdpSocket:
             # Scatter-gather: the kernel copies each datagram once, no joined buffer in between.
             self._sock.sendmsg(payloads, [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, dst)
         except (BlockingIOError, InterruptedError):
-            self.drops.drop(UdpDropReason.SEND_WOULD_BLOCK)
+            self._drop_all(UdpDropReason.SEND_WOULD_BLOCK, len(payloads))
         except OSError as exc:
             if exc.errno == errno.EIO:
                 log.info("UDP GSO refused (EIO) on %s; sending datagrams one by one from now on", self.local_address)
@@ -271,7 +271,11 @@ class UdpSocket:
                     self._send_one(payload, dst)
                 return
             log.debug("UDP GSO send to %s failed: %s", dst, exc)
-            self.drops.drop(UdpDropReason.SEND_FAILED)
+            self._drop_all(UdpDropReason.SEND_FAILED, len(payloads))
+
+    def _drop_all(self, reason: UdpDropReason, datagrams: int) -> None:
+        # A failed GSO send loses every datagram it carried: count them, as one-by-one sends would.
+        self.drops.counts[reason.value] += datagrams
 
     def close(self) -> None:
         self._sock.close()

@@ -51,26 +51,24 @@ class AllowedIps(Generic[T]):
         self._v4: _Family[T] = _Family(32)
         self._v6: _Family[T] = _Family(128)
 
-    def _family(self, network: Network) -> _Family[T]:
-        return self._v4 if network.version == 4 else self._v6
+    def _locate(self, network: Network) -> tuple[_Family[T], int, int]:
+        """(family, key, prefix length) of ``network`` in this table."""
+        family = self._v4 if network.version == 4 else self._v6
+        length = network.prefixlen
+        return family, int(network.network_address) >> (family.bits - length), length
 
     def insert(self, network: Network, value: T) -> None:
-        family = self._family(network)
-        length = network.prefixlen
-        family.insert(int(network.network_address) >> (family.bits - length), length, value)
+        family, key, length = self._locate(network)
+        family.insert(key, length, value)
 
     def remove(self, network: Network) -> None:
-        family = self._family(network)
-        length = network.prefixlen
-        family.remove(int(network.network_address) >> (family.bits - length), length)
+        family, key, length = self._locate(network)
+        family.remove(key, length)
 
     def get_exact(self, network: Network) -> T | None:
-        family = self._family(network)
-        length = network.prefixlen
+        family, key, length = self._locate(network)
         table = family.tables.get(length)
-        if table is None:
-            return None
-        return table.get(int(network.network_address) >> (family.bits - length))
+        return None if table is None else table.get(key)
 
     def lookup(self, address: bytes) -> T | None:
         """Longest match for a packed address (4 or 16 bytes); None when nothing matches."""

@@ -19,6 +19,7 @@ from .constants import (
     LABEL_MAC1,
     MAC_SIZE,
     MESSAGE_COOKIE_REPLY,
+    MESSAGE_COOKIE_REPLY_SIZE,
 )
 from .crypto import blake2s_hash, mac, xaead_decrypt, xaead_encrypt
 
@@ -119,9 +120,11 @@ class CookieGenerator:
 
     def consume_reply(self, reply: bytes, now: float) -> bool:
         """Accept a cookie reply to the last message we sent; False when it does not authenticate."""
-        if self._last_mac1 is None or len(reply) != 64:
+        if self._last_mac1 is None or len(reply) != MESSAGE_COOKIE_REPLY_SIZE:
             return False
-        cookie = xaead_decrypt(self._cookie_key, reply[8:32], reply[32:64], self._last_mac1)
+        # type and receiver index (8 bytes), nonce, encrypted cookie
+        nonce_end = 8 + COOKIE_NONCE_SIZE
+        cookie = xaead_decrypt(self._cookie_key, reply[8:nonce_end], reply[nonce_end:], self._last_mac1)
         if cookie is None:
             return False
         self._cookie = cookie

@@ -20,7 +20,6 @@ __all__ = [
     "blake2s_hash",
     "dh",
     "hchacha20",
-    "hchacha20_rounds",
     "hmac_blake2s",
     "kdf1",
     "kdf2",
@@ -136,7 +135,8 @@ def hchacha20(key: bytes, nonce16: bytes) -> bytes:
     A ChaCha20 block is the permuted state plus the input state; HChaCha20 is the permuted state itself (words 0-3
     and 12-15). With ``nonce16`` as ChaCha20's counter-and-nonce, words 0-3 of the input are the constants and words
     12-15 are ``nonce16``, so subtracting them recovers HChaCha20. This is ~10x faster than the rounds in Python
-    (:func:`hchacha20_rounds`), which matters because cookie replies are what a device sends while flooded.
+    (tests/unit/test_wg_vectors.py checks it against them), which matters because cookie replies are what a device
+    sends while flooded.
     """
     block = Cipher(algorithms.ChaCha20(key, nonce16), mode=None).encryptor().update(_ZERO_BLOCK)
     words = struct.unpack("<16I", block)
@@ -153,114 +153,6 @@ def hchacha20(key: bytes, nonce16: bytes) -> bytes:
         (words[14] - n2) & m,
         (words[15] - n3) & m,
     )
-
-
-def hchacha20_rounds(key: bytes, nonce16: bytes) -> bytes:
-    """HChaCha20 as specified: 20 ChaCha rounds without the final addition; words 0-3 and 12-15 (reference)."""
-    x0, x1, x2, x3 = _SIGMA
-    x4, x5, x6, x7, x8, x9, x10, x11 = struct.unpack("<8I", key)
-    x12, x13, x14, x15 = struct.unpack("<4I", nonce16)
-    m = _MASK32
-    for _ in range(10):
-        # column round
-        x0 = (x0 + x4) & m
-        x12 ^= x0
-        x12 = ((x12 << 16) | (x12 >> 16)) & m
-        x8 = (x8 + x12) & m
-        x4 ^= x8
-        x4 = ((x4 << 12) | (x4 >> 20)) & m
-        x0 = (x0 + x4) & m
-        x12 ^= x0
-        x12 = ((x12 << 8) | (x12 >> 24)) & m
-        x8 = (x8 + x12) & m
-        x4 ^= x8
-        x4 = ((x4 << 7) | (x4 >> 25)) & m
-        x1 = (x1 + x5) & m
-        x13 ^= x1
-        x13 = ((x13 << 16) | (x13 >> 16)) & m
-        x9 = (x9 + x13) & m
-        x5 ^= x9
-        x5 = ((x5 << 12) | (x5 >> 20)) & m
-        x1 = (x1 + x5) & m
-        x13 ^= x1
-        x13 = ((x13 << 8) | (x13 >> 24)) & m
-        x9 = (x9 + x13) & m
-        x5 ^= x9
-        x5 = ((x5 << 7) | (x5 >> 25)) & m
-        x2 = (x2 + x6) & m
-        x14 ^= x2
-        x14 = ((x14 << 16) | (x14 >> 16)) & m
-        x10 = (x10 + x14) & m
-        x6 ^= x10
-        x6 = ((x6 << 12) | (x6 >> 20)) & m
-        x2 = (x2 + x6) & m
-        x14 ^= x2
-        x14 = ((x14 << 8) | (x14 >> 24)) & m
-        x10 = (x10 + x14) & m
-        x6 ^= x10
-        x6 = ((x6 << 7) | (x6 >> 25)) & m
-        x3 = (x3 + x7) & m
-        x15 ^= x3
-        x15 = ((x15 << 16) | (x15 >> 16)) & m
-        x11 = (x11 + x15) & m
-        x7 ^= x11
-        x7 = ((x7 << 12) | (x7 >> 20)) & m
-        x3 = (x3 + x7) & m
-        x15 ^= x3
-        x15 = ((x15 << 8) | (x15 >> 24)) & m
-        x11 = (x11 + x15) & m
-        x7 ^= x11
-        x7 = ((x7 << 7) | (x7 >> 25)) & m
-        # diagonal round
-        x0 = (x0 + x5) & m
-        x15 ^= x0
-        x15 = ((x15 << 16) | (x15 >> 16)) & m
-        x10 = (x10 + x15) & m
-        x5 ^= x10
-        x5 = ((x5 << 12) | (x5 >> 20)) & m
-        x0 = (x0 + x5) & m
-        x15 ^= x0
-        x15 = ((x15 << 8) | (x15 >> 24)) & m
-        x10 = (x10 + x15) & m
-        x5 ^= x10
-        x5 = ((x5 << 7) | (x5 >> 25)) & m
-        x1 = (x1 + x6) & m
-        x12 ^= x1
-        x12 = ((x12 << 16) | (x12 >> 16)) & m
-        x11 = (x11 + x12) & m
-        x6 ^= x11
-        x6 = ((x6 << 12) | (x6 >> 20)) & m
-        x1 = (x1 + x6) & m
-        x12 ^= x1
-        x12 = ((x12 << 8) | (x12 >> 24)) & m
-        x11 = (x11 + x12) & m
-        x6 ^= x11
-        x6 = ((x6 << 7) | (x6 >> 25)) & m
-        x2 = (x2 + x7) & m
-        x13 ^= x2
-        x13 = ((x13 << 16) | (x13 >> 16)) & m
-        x8 = (x8 + x13) & m
-        x7 ^= x8
-        x7 = ((x7 << 12) | (x7 >> 20)) & m
-        x2 = (x2 + x7) & m
-        x13 ^= x2
-        x13 = ((x13 << 8) | (x13 >> 24)) & m
-        x8 = (x8 + x13) & m
-        x7 ^= x8
-        x7 = ((x7 << 7) | (x7 >> 25)) & m
-        x3 = (x3 + x4) & m
-        x14 ^= x3
-        x14 = ((x14 << 16) | (x14 >> 16)) & m
-        x9 = (x9 + x14) & m
-        x4 ^= x9
-        x4 = ((x4 << 12) | (x4 >> 20)) & m
-        x3 = (x3 + x4) & m
-        x14 ^= x3
-        x14 = ((x14 << 8) | (x14 >> 24)) & m
-        x9 = (x9 + x14) & m
-        x4 ^= x9
-        x4 = ((x4 << 7) | (x4 >> 25)) & m
-    return struct.pack("<8I", x0, x1, x2, x3, x12, x13, x14, x15)
 
 
 def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, associated_data: bytes) -> bytes:

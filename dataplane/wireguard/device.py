@@ -60,38 +60,34 @@ _TYPE_AND_INDEX = struct.Struct("<II")  # message type (with its 3 reserved byte
 class Peer:
     """One configured peer. ``endpoint`` follows the source of the last authenticated datagram from it."""
 
-    __slots__ = ("_tunn", "allowed_ips", "endpoint", "public_key", "scheduled")
+    __slots__ = ("allowed_ips", "endpoint", "public_key", "scheduled", "tunn")
 
     def __init__(self, public_key: bytes, tunn: Tunn) -> None:
         self.public_key = public_key
-        self._tunn = tunn
+        self.tunn = tunn  # read-only for callers; a plain attribute because the hot path reads it per batch
         self.scheduled: float | None = None  # the deadline the device's timer heap holds for this peer
         self.endpoint: Address | None = None
         self.allowed_ips: list[Network] = []
 
     @property
-    def tunn(self) -> Tunn:
-        return self._tunn
-
-    @property
     def preshared_key(self) -> bytes | None:
-        return self._tunn.preshared_key
+        return self.tunn.preshared_key
 
     @property
     def persistent_keepalive(self) -> int:
-        return self._tunn.persistent_keepalive
+        return self.tunn.persistent_keepalive
 
     @property
     def last_handshake_wall(self) -> float | None:
-        return self._tunn.last_handshake_wall
+        return self.tunn.last_handshake_wall
 
     @property
     def rx_bytes(self) -> int:
-        return self._tunn.rx_bytes
+        return self.tunn.rx_bytes
 
     @property
     def tx_bytes(self) -> int:
-        return self._tunn.tx_bytes
+        return self.tunn.tx_bytes
 
     def __repr__(self) -> str:
         return f"Peer({self.public_key.hex()[:16]}…, endpoint={self.endpoint}, allowed_ips={self.allowed_ips})"
@@ -465,10 +461,11 @@ class Device:
     def _collect(self, peer: Peer) -> None:
         """Move a peer's events and datagrams out after anything touched it, and re-arm its deadline."""
         tunn = peer.tunn
-        while (event := tunn.poll_event()) is not None:
-            self._events.append((peer.public_key, event))
-        if tunn.has_transmits:
-            messages = tunn.drain_transmits()
+        if tunn.has_events:
+            while (event := tunn.poll_event()) is not None:
+                self._events.append((peer.public_key, event))
+        messages = tunn.drain_transmits()
+        if messages:
             endpoint = peer.endpoint
             if endpoint is None:
                 for _ in messages:

@@ -69,6 +69,33 @@ def initial_hash_for(responder_static_public: bytes, prologue: bytes = IDENTIFIE
     return blake2s_hash(base, responder_static_public)
 
 
+def _mix_key_and_encrypt(ck: bytes, h: bytes, shared: bytes, plaintext: bytes) -> tuple[bytes, bytes, bytes]:
+    """Noise MixKey(shared) then EncryptAndHash(plaintext): (chain key, hash, ciphertext)."""
+    ck, key = kdf2(ck, shared)
+    ciphertext = aead_encrypt(key, 0, plaintext, h)
+    return ck, blake2s_hash(h, ciphertext), ciphertext
+
+
+def _mix_key_and_decrypt(ck: bytes, h: bytes, shared: bytes, ciphertext: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """Noise MixKey(shared) then DecryptAndHash(ciphertext): (chain key, hash, plaintext), None when it does not
+    authenticate."""
+    ck, key = kdf2(ck, shared)
+    plaintext = aead_decrypt(key, 0, ciphertext, h)
+    if plaintext is None:
+        return None
+    return ck, blake2s_hash(h, ciphertext), plaintext
+
+
+def _mix_response_keys(
+    ck: bytes, h: bytes, ephemeral: bytes, ee: bytes, se: bytes, preshared_key: bytes | None
+) -> tuple[bytes, bytes, bytes]:
+    """The response's "e", "ee", "se" and "psk" tokens over the state the initiation left (both sides compute the same
+    DH results from their own keys): (chain key, hash, key for the empty payload)."""
+    ck = kdf1(kdf1(kdf1(ck, ephemeral), ee), se)
+    ck, tau, key = kdf3(ck, preshared_key or ZERO_PRESHARED_KEY)
+    return ck, blake2s_hash(blake2s_hash(h, ephemeral), tau), key
+
+
 def create_initiation(
     *,
     static_private: PrivateKey,
@@ -91,15 +118,11 @@ def create_initiation(
     es = dh(ephemeral_private, remote_static)
     if es is None:
         return None
-    ck, key = kdf2(ck, es)
-    encrypted_static = aead_encrypt(key, 0, public_key(static_private), h)
-    h = blake2s_hash(h, encrypted_static)
+    ck, h, encrypted_static = _mix_key_and_encrypt(ck, h, es, public_key(static_private))
     ss = static_static if static_static is not None else dh(static_private, remote_static)
     if ss is None:
         return None
-    ck, key = kdf2(ck, ss)
-    encrypted_timestamp = aead_encrypt(key, 0, timestamp, h)
-    h = blake2s_hash(h, encrypted_timestamp)
+    ck, h, encrypted_timestamp = _mix_key_and_encrypt(ck, h, ss, timestamp)
     body = (
         MESSAGE_INITIATION.to_bytes(4, "little")
         + sender_index.to_bytes(4, "little")
@@ -132,19 +155,17 @@ def consume_initiation(
     es = dh(static_private, ephemeral)
     if es is None:
         return None
-    ck, key = kdf2(ck, es)
-    remote_static = aead_decrypt(key, 0, encrypted_static, h)
-    if remote_static is None:
+    static_step = _mix_key_and_decrypt(ck, h, es, encrypted_static)
+    if static_step is None:
         return None
-    h = blake2s_hash(h, encrypted_static)
+    ck, h, remote_static = static_step
     ss = dh(static_private, remote_static)
     if ss is None:
         return None
-    ck, key = kdf2(ck, ss)
-    timestamp = aead_decrypt(key, 0, encrypted_timestamp, h)
-    if timestamp is None:
+    timestamp_step = _mix_key_and_decrypt(ck, h, ss, encrypted_timestamp)
+    if timestamp_step is None:
         return None
-    h = blake2s_hash(h, encrypted_timestamp)
+    ck, h, timestamp = timestamp_step
     return ConsumedInitiation(remote_static, timestamp, ck, h, ephemeral, sender_index)
 
 
@@ -157,19 +178,13 @@ def create_response(
     payload: bytes = _EMPTY,
 ) -> tuple[bytes, SessionKeys] | None:
     """The 60-byte response body and the responder's transport keys (``payload`` is empty in WireGuard)."""
-    h = initiation.hash
     ephemeral_private = load_private_key(ephemeral_private)
     ephemeral_public = public_key(ephemeral_private)
-    ck = kdf1(initiation.chain_key, ephemeral_public)
-    h = blake2s_hash(h, ephemeral_public)
     ee = dh(ephemeral_private, initiation.remote_ephemeral)
     se = dh(ephemeral_private, initiation.remote_static)
     if ee is None or se is None:
         return None
-    ck = kdf1(ck, ee)
-    ck = kdf1(ck, se)
-    ck, tau, key = kdf3(ck, preshared_key or ZERO_PRESHARED_KEY)
-    h = blake2s_hash(h, tau)
+    ck, h, key = _mix_response_keys(initiation.chain_key, initiation.hash, ephemeral_public, ee, se, preshared_key)
     encrypted_nothing = aead_encrypt(key, 0, payload, h)
     h = blake2s_hash(h, encrypted_nothing)
     body = (
@@ -205,17 +220,11 @@ def consume_response(
     sender_index = int.from_bytes(message[4:8], "little")
     ephemeral = message[12:44]
     encrypted_nothing = message[44:body_size]
-    h = state.hash
-    ck = kdf1(state.chain_key, ephemeral)
-    h = blake2s_hash(h, ephemeral)
     ee = dh(state.ephemeral_private, ephemeral)
     se = dh(static_private, ephemeral)
     if ee is None or se is None:
         return None
-    ck = kdf1(ck, ee)
-    ck = kdf1(ck, se)
-    ck, tau, key = kdf3(ck, preshared_key or ZERO_PRESHARED_KEY)
-    h = blake2s_hash(h, tau)
+    ck, h, key = _mix_response_keys(state.chain_key, state.hash, ephemeral, ee, se, preshared_key)
     if aead_decrypt(key, 0, encrypted_nothing, h) is None:
         return None
     h = blake2s_hash(h, encrypted_nothing)

@@ -79,6 +79,7 @@ class DropReason(enum.Enum):
     NO_ENDPOINT = "no_endpoint"
     STAGED_OVERFLOW = "staged_overflow"
     HANDSHAKE_GAVE_UP = "handshake_gave_up"
+    NO_SESSION = "no_session"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +160,7 @@ class Tunn:
         drops: DropCounter | None = None,
         mtu: int | None = DEFAULT_MTU,
         replay_limit: int = REJECT_AFTER_MESSAGES,
+        responder_only: bool = False,
     ) -> None:
         if len(peer_public) != KEY_SIZE:
             raise ValueError("peer public key must be 32 bytes")
@@ -167,6 +169,9 @@ class Tunn:
         self.peer_public = peer_public
         self.preshared_key = preshared_key
         self.rekey_attempt_time = rekey_attempt_time
+        # A Firezone gateway never initiates (portal-protocol.md §4.2): the client initiates and rekeys, and traffic
+        # for a peer without a session is dropped, not staged, because the gateway never buffers.
+        self.responder_only = responder_only
         self.mtu = mtu
         self.drops = drops if drops is not None else DropCounter()
         self._indices = index_allocator
@@ -262,7 +267,19 @@ class Tunn:
         return index == self._handshake_index or index in self._keypairs_by_index
 
     def poll_timeout(self) -> float | None:
-        return self._timers.next_deadline()
+        # PeerTimers.next_deadline, inline: the device re-arms every peer it touched after each batch.
+        timers = self._timers
+        deadline: float | None = None
+        for candidate in (
+            timers.retransmit_handshake,
+            timers.send_keepalive,
+            timers.new_handshake,
+            timers.zero_key_material,
+            timers.persistent_keepalive,
+        ):
+            if candidate is not None and (deadline is None or candidate < deadline):
+                deadline = candidate
+        return deadline
 
     def drain_transmits(self) -> list[bytes]:
         out = self._transmits
@@ -272,6 +289,10 @@ class Tunn:
     @property
     def has_transmits(self) -> bool:
         return bool(self._transmits)
+
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
 
     def poll_event(self) -> TunnEvent | None:
         return self._events.popleft() if self._events else None
@@ -323,6 +344,12 @@ class Tunn:
             return
         keypair = self._usable_keypair(now)
         if keypair is None:
+            if self.responder_only:
+                for packet in self._staged:
+                    if packet:  # staged keepalives are not the caller's packets
+                        self.drops.drop(DropReason.NO_SESSION)
+                self._staged.clear()
+                return
             self._send_handshake_initiation(False, now)
             return
         packets = list(self._staged)
@@ -364,7 +391,7 @@ class Tunn:
             self._send_handshake_initiation(False, now)
 
     def _send_handshake_initiation(self, is_retry: bool, now: float) -> None:
-        if self._static_private is None or self._static_static is None:
+        if self.responder_only or self._static_private is None or self._static_static is None:
             return
         if not is_retry and self._initiator_state is not None and self._timers.retransmit_handshake is not None:
             return  # a run of attempts is already in flight; its retransmit timer keeps it going

@@ -24,6 +24,7 @@ RELAY_CREDENTIALS_EXPIRY = 2145916800
 
 TUNNEL_IPV4_POOL = ipaddress.IPv4Network("100.64.0.0/11")
 TUNNEL_IPV6_POOL = ipaddress.IPv6Network("fd00:2021:1111::/107")
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 GATEWAY_PUBLIC_KEY_LENGTH = 44
 
 
@@ -122,18 +123,12 @@ class GatewayConfig(_Model):
     ipv4: ipaddress.IPv4Address | None = None
     ipv6: ipaddress.IPv6Address | None = None
 
-    @field_validator("ipv4")
+    @field_validator("ipv4", "ipv6")
     @classmethod
-    def _ipv4_in_tunnel_range(cls, value: ipaddress.IPv4Address | None) -> ipaddress.IPv4Address | None:
-        if value is not None and value not in TUNNEL_IPV4_POOL:
-            raise ValueError(f"{value} is outside {TUNNEL_IPV4_POOL}")
-        return value
-
-    @field_validator("ipv6")
-    @classmethod
-    def _ipv6_in_tunnel_range(cls, value: ipaddress.IPv6Address | None) -> ipaddress.IPv6Address | None:
-        if value is not None and value not in TUNNEL_IPV6_POOL:
-            raise ValueError(f"{value} is outside {TUNNEL_IPV6_POOL}")
+    def _in_tunnel_range(cls, value: IpAddress | None) -> IpAddress | None:
+        pool = TUNNEL_IPV4_POOL if value is None or value.version == 4 else TUNNEL_IPV6_POOL
+        if value is not None and value not in pool:
+            raise ValueError(f"{value} is outside {pool}")
         return value
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
 import http
@@ -224,7 +223,8 @@ def _bearer_token(request: web.Request) -> tuple[str | None, str | None]:
     for protocol in offered:
         if protocol.startswith(PHOENIX_AUTH_PROTOCOL_PREFIX):
             encoded = protocol.removeprefix(PHOENIX_AUTH_PROTOCOL_PREFIX)
-            with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            # binascii.Error, UnicodeDecodeError and the ValueError for non-ASCII input: a protocol that is no token.
+            with contextlib.suppress(ValueError):
                 token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
                 return token, "phoenix"
     query_token = request.query.get("token")

@@ -10,9 +10,7 @@ import hashlib
 import os
 import selectors
 import socket
-import struct
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +19,7 @@ import pytest
 from dataplane.io.netlink import run_in_netns
 from dataplane.io.tun import Tun
 from lab.netns import Netns, Topology
+from tests.integration.helpers_flow_order import send_sequenced_flows
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -74,35 +73,42 @@ def sock_in(ns: Netns, kind: int, family: int = socket.AF_INET) -> socket.socket
     return run_in_netns(ns.name, lambda: socket.socket(family, kind))
 
 
+def tcp_transfer_digest(a: Netns, b: Netns, family: int, server_addr: str, port: int, data: bytes) -> list[str]:
+    """Sends ``data`` from ``a`` to ``b`` over one TCP connection; the SHA-256 (hex) of what ``b`` received, in a list
+    (empty when the receiver never finished)."""
+    server = sock_in(b, socket.SOCK_STREAM, family)
+    client = sock_in(a, socket.SOCK_STREAM, family)
+    digest: list[str] = []
+    with server, client:
+        server.bind((server_addr, port))
+        server.listen(1)
+        server.settimeout(20)  # a failing connect must not leave the receiver thread blocked in accept
+
+        def receive() -> None:
+            conn, _ = server.accept()
+            with conn:
+                h = hashlib.sha256()
+                while chunk := conn.recv(1 << 16):
+                    h.update(chunk)
+                digest.append(h.hexdigest())
+
+        receiver = threading.Thread(target=receive, name="test-receiver")
+        receiver.start()
+        client.settimeout(30)
+        client.connect((server_addr, port))
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        receiver.join(timeout=60)
+    return digest
+
+
 @pytest.mark.parametrize(("queues", "family"), [(1, socket.AF_INET), (2, socket.AF_INET), (2, socket.AF_INET6)])
 def test_tcp_bulk_transfer_with_offloads_is_intact(queues: int, family: int) -> None:
     data = os.urandom(1 << 20) * 12
     server_addr = ADDR_B if family == socket.AF_INET else ADDR6_B
     with bridged(queues, offload=True) as (a, b, tun_a, tun_b):
         assert tun_a.offload_enabled and tun_b.offload_enabled
-        server = sock_in(b, socket.SOCK_STREAM, family)
-        client = sock_in(a, socket.SOCK_STREAM, family)
-        with server, client:
-            server.bind((server_addr, 5201))
-            server.listen(1)
-            server.settimeout(20)  # a failing connect must not leave the receiver thread blocked in accept
-            digest: list[str] = []
-
-            def receive() -> None:
-                conn, _ = server.accept()
-                with conn:
-                    h = hashlib.sha256()
-                    while chunk := conn.recv(1 << 16):
-                        h.update(chunk)
-                    digest.append(h.hexdigest())
-
-            receiver = threading.Thread(target=receive, name="test-receiver")
-            receiver.start()
-            client.settimeout(30)
-            client.connect((server_addr, 5201))
-            client.sendall(data)
-            client.shutdown(socket.SHUT_WR)
-            receiver.join(timeout=60)
+        digest = tcp_transfer_digest(a, b, family, server_addr, 5201, data)
         assert digest == [hashlib.sha256(data).hexdigest()]
         sent, got = tun_a.stats(), tun_b.stats()
         assert sent.rx_packets > sent.rx_frames, "no TSO super-packet was split on read"
@@ -114,28 +120,8 @@ def test_tcp_without_read_offload_reads_single_packets_and_still_merges_writes()
     data = os.urandom(1 << 20) * 6
     with bridged(2, offload=True, read_offload=False) as (a, b, tun_a, tun_b):
         assert tun_a.offload_enabled and not tun_a.read_offload
-        server = sock_in(b, socket.SOCK_STREAM)
-        client = sock_in(a, socket.SOCK_STREAM)
-        with server, client:
-            server.bind((ADDR_B, 5202))
-            server.listen(1)
-            server.settimeout(20)
-            received = bytearray()
-
-            def receive() -> None:
-                conn, _ = server.accept()
-                with conn:
-                    while chunk := conn.recv(1 << 16):
-                        received.extend(chunk)
-
-            receiver = threading.Thread(target=receive, name="test-receiver")
-            receiver.start()
-            client.settimeout(30)
-            client.connect((ADDR_B, 5202))
-            client.sendall(data)
-            client.shutdown(socket.SHUT_WR)
-            receiver.join(timeout=60)
-        assert received == data
+        digest = tcp_transfer_digest(a, b, socket.AF_INET, ADDR_B, 5202, data)
+        assert digest == [hashlib.sha256(data).hexdigest()]
         sent, got = tun_a.stats(), tun_b.stats()
         assert sent.rx_packets == sent.rx_frames, "the kernel handed over super-packets although asked not to"
         assert got.tx_frames < got.tx_packets, "no segments were merged on write"
@@ -146,33 +132,18 @@ def test_tcp_without_read_offload_reads_single_packets_and_still_merges_writes()
 def test_udp_flows_are_never_reordered_at_two_queues(offload: bool) -> None:
     flows, per_flow = 6, 3000
     with bridged(2, offload=offload) as (a, b, _tun_a, _tun_b):
-        receiver = sock_in(b, socket.SOCK_DGRAM)
-        senders = [sock_in(a, socket.SOCK_DGRAM) for _ in range(flows)]
-        try:
-            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            receiver.bind((ADDR_B, 5300))
-            for i in range(per_flow):
-                for flow, sender in enumerate(senders):
-                    sender.sendto(struct.pack("!II", flow, i) + bytes(1000), (ADDR_B, 5300))
-                if i % 50 == 0:
-                    time.sleep(0.002)  # loss is not the point; keep most datagrams so the check has teeth
-            last = [-1] * flows
-            received = reordered = 0
-            per_flow_received = [0] * flows
-            receiver.settimeout(1.0)
-            try:
-                while True:
-                    flow, seq = struct.unpack_from("!II", receiver.recv(2048))
-                    if seq <= last[flow]:
-                        reordered += 1
-                    last[flow] = seq
-                    received += 1
-                    per_flow_received[flow] += 1
-            except TimeoutError:
-                pass
-        finally:
-            receiver.close()
-            for sender in senders:
-                sender.close()
-        assert reordered == 0
-        assert min(per_flow_received) > per_flow // 4, per_flow_received
+        result = send_sequenced_flows(
+            a.name,
+            b.name,
+            ADDR_B,
+            5300,
+            flows=flows,
+            per_flow=per_flow,
+            # Loss is not the point; keep most datagrams so the check has teeth.
+            pause_every=50,
+            pause=0.002,
+            receive_buffer=8 << 20,
+            idle_timeout=1.0,
+        )
+    assert result.reordered == 0
+    assert min(result.received_per_flow) > per_flow // 4, result.received_per_flow

@@ -276,6 +276,16 @@ def test_a_bad_thread_count_is_refused(topo: Topology) -> None:
     assert not link_exists(ns, ifname)
 
 
+def test_a_bad_no_inc_buf_value_is_refused(topo: Topology) -> None:
+    ns = topo.add_ns("a")
+    ifname = f"wg{topo.suffix}b"
+    result = run_daemon(ns, ifname, foreground=False, env={"FIREZONE_NO_INC_BUF": "sometimes"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("firezone-wg: invalid FIREZONE_NO_INC_BUF='sometimes'")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not link_exists(ns, ifname)
+
+
 def test_not_being_root_is_refused(topo: Topology) -> None:
     ns = topo.add_ns("a")
     ifname = f"wg{topo.suffix}u"

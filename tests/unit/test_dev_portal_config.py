@@ -146,6 +146,7 @@ def _minimal(**overrides: Any) -> dict[str, Any]:
     [
         {"gateways": [{"token": "t", "site_id": "nope"}]},
         {"gateways": [{"token": "t", "site_id": "s1", "ipv4": "10.0.0.1"}]},
+        {"gateways": [{"token": "t", "site_id": "s1", "ipv6": "fd00:2021:1112::1"}]},
         {"resources": [{"id": "r1", "type": "cidr", "address": "not-a-cidr"}]},
         {"resources": [{"id": "r1", "type": "dns"}]},
         {"authorizations": [{"client_id": "ghost", "resource_id": "r1"}]},

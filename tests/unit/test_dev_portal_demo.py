@@ -85,3 +85,11 @@ def test_firezone_lab_rejects_a_bad_listen_address(listen: str, capsys: pytest.C
         main(["portal", "--listen", listen])
     assert exited.value.code == 2
     assert "--listen" in capsys.readouterr().err
+
+
+def test_firezone_lab_rejects_an_unknown_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    # An unknown level used to reach logging.basicConfig and end in a traceback.
+    with pytest.raises(SystemExit) as exited:
+        main(["--log-level", "chatty", "portal"])
+    assert exited.value.code == 2
+    assert "--log-level" in capsys.readouterr().err

@@ -281,6 +281,8 @@ async def _upgrade_answer(portal: DevPortal, url: str, headers: dict[str, str]) 
         ({"public_key": "c2hvcnQ="}, {"X-Authorization": f"Bearer {SITE_TOKEN}"}, 400, "invalid_connect_params"),
         ({"external_id": ""}, {"X-Authorization": f"Bearer {SITE_TOKEN}"}, 400, "invalid_connect_params"),
         ({"vsn": "3.0.0"}, {"X-Authorization": f"Bearer {SITE_TOKEN}"}, 400, "invalid_connect_params"),
+        # Not base64 at all (a non-ASCII byte): no token, not a server error.
+        ({}, {"Sec-WebSocket-Protocol": "phoenix, base64url.bearer.phx.\xe9"}, 401, "missing_token"),
     ],
 )
 async def test_rejected_upgrades_answer_problem_json(

@@ -282,6 +282,19 @@ def test_split_rejects_inconsistent_frames(hdr: pk.VirtioNetHdr) -> None:
 # -- coalesce --------------------------------------------------------------------------------------------------------
 
 
+def without_df(packet: bytes) -> bytes:
+    """The IPv4 packet with its DF bit cleared (and the header checksum fixed): its IP id then matters."""
+    cleared = bytearray(packet)
+    cleared[6] &= ~0x40 & 0xFF
+    cleared[10:12] = b"\x00\x00"
+    struct.pack_into("!H", cleared, 10, naive_checksum(bytes(cleared[:20])))
+    return bytes(cleared)
+
+
+def ipv4_id(packet: bytes) -> int:
+    return int(struct.unpack_from("!H", packet, 4)[0])
+
+
 def split_frame(frame: bytes) -> list[bytes]:
     return pk.split_gso(pk.VirtioNetHdr.decode(frame), frame[pk.VIRTIO_NET_HDR_LEN :])
 
@@ -324,6 +337,7 @@ def test_coalesce_keeps_flows_apart_and_in_order() -> None:
         tcp_packet(b"b" * 1000, seq=2000, options=b"\x01\x01\x01\x01"),  # options differ
         tcp_packet(b"b" * 1001, seq=2000),  # larger than the first
         tcp_packet(b"", seq=2000),  # pure ACK
+        without_df(tcp_packet(b"b" * 1000, seq=2000, ip_id=8)),  # DF differs
     ],
 )
 def test_coalesce_refuses_what_the_kernel_would_not_merge(second: bytes) -> None:
@@ -387,3 +401,31 @@ def test_tso_split_with_ipv4_options_uses_the_generic_path() -> None:
         assert naive_ipv4_header_ok(segment) and naive_l4_ok(segment)
         assert pk.parse_tcp(segment, pk.parse_ip(segment)).seq == (0xFFFFF000 + 1000 * index) & 0xFFFFFFFF
     assert b"".join(s[44:] for s in segments) == bytes(range(200)) * 20
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_coalesce_without_df_merges_only_consecutive_ipv4_ids(protocol: str) -> None:
+    # The kernel numbers the segments of a super-packet first_id, first_id + 1, ...: without DF an id is what
+    # reassembly keys on, so packets whose ids do not already follow that rule must not be merged.
+    def make(index: int, ip_id: int) -> bytes:
+        if protocol == "udp":
+            return without_df(udp_packet(b"u" * 700, ip_id=ip_id))
+        return without_df(tcp_packet(b"a" * 1000, seq=1000 * index, ip_id=ip_id))
+
+    consecutive = [make(i, (0xFFFE + i) & 0xFFFF) for i in range(4)]  # crosses the 16-bit wrap
+    (frame,) = pk.coalesce(consecutive, udp=True)
+    assert split_frame(frame) == consecutive
+    with_gap = [make(i, ip_id) for i, ip_id in enumerate((5, 6, 8, 9))]
+    frames = pk.coalesce(with_gap, udp=True)
+    assert len(frames) == 2
+    assert [p for f in frames for p in split_frame(f)] == with_gap
+
+
+def test_coalesce_with_df_merges_whatever_the_ipv4_ids() -> None:
+    # With DF the datagram is atomic (RFC 6864): its id carries no meaning, so the kernel renumbering it is harmless.
+    segments = [tcp_packet(b"a" * 1000, seq=1000 * i, ip_id=ip_id) for i, ip_id in enumerate((5, 90, 7))]
+    (frame,) = pk.coalesce(segments)
+    resegmented = split_frame(frame)
+    assert [p[20:] for p in resegmented] == [p[20:] for p in segments]
+    assert [ipv4_id(p) for p in resegmented] == [5, 6, 7]
+    assert all(naive_ipv4_header_ok(p) for p in resegmented)

@@ -45,6 +45,8 @@ class FakeRelay:
     nonce: str = "nonce-1"
     lifetime: int = 600
     dual_stack: bool = True
+    holds_stale_allocation: bool = False  # an allocation for our 5-tuple survives from before: ALLOCATE gets 437
+    deletion_ignored: bool = False  # LIFETIME 0 is acknowledged but the stale allocation stays
     requests: list[StunMessage] = field(default_factory=list)
 
     def key(self) -> bytes:
@@ -62,6 +64,9 @@ class FakeRelay:
         if not stun.check_integrity(transmit.payload, self.key()):
             return self.challenge(request, ErrorCode.UNAUTHENTICATED)
         response = request.success_response()
+        if request.method == Method.ALLOCATE and self.holds_stale_allocation:
+            mismatch = request.error_response(ErrorCode.ALLOCATION_MISMATCH, "Allocation Mismatch")
+            return stun.encode(mismatch, integrity_key=self.key())
         if request.method == Method.ALLOCATE:
             response.add_xor_address(Attr.XOR_RELAYED_ADDRESS, RELAY)
             if self.dual_stack and request.additional_address_family() == stun.FAMILY_IPV6:
@@ -69,6 +74,8 @@ class FakeRelay:
             response.add_xor_address(Attr.XOR_MAPPED_ADDRESS, SRFLX).add_lifetime(self.lifetime)
         elif request.method == Method.REFRESH:
             requested = request.lifetime()
+            if requested == 0 and not self.deletion_ignored:
+                self.holds_stale_allocation = False
             response.add_lifetime(self.lifetime if requested is None else min(requested, self.lifetime))
         return stun.encode(response, integrity_key=self.key())
 
@@ -512,3 +519,62 @@ def test_keepalive_binding_lost_expires_the_allocation() -> None:
     events(alloc)
     advance(alloc, 40.0)  # keepalive at 25, retransmits at 26, 28, 32, gives up at 33
     assert events(alloc) == [AllocationExpired(SERVER, (RELAY, RELAY_V6), "relay did not answer BINDING")]
+
+
+def test_allocation_mismatch_deletes_the_stale_allocation_then_allocates_once_more() -> None:
+    relay = FakeRelay(holds_stale_allocation=True)
+    alloc = turn.Allocation(SERVER, USERNAME, PASSWORD, rng=SeededRng(1), now=0.0)
+    requests = exchange(alloc, relay, 0.0)
+    assert [(r.method, r.lifetime()) for r in requests] == [
+        (Method.BINDING, None),
+        (Method.ALLOCATE, 600),  # unauthenticated: 401
+        (Method.ALLOCATE, 600),  # 437: the relay still holds our old allocation
+        (Method.REFRESH, 0),
+        (Method.ALLOCATE, 600),
+    ]
+    deletion = requests[3]
+    assert deletion.username() == USERNAME and deletion.nonce() == relay.nonce
+    assert len({r.transaction_id for r in requests}) == len(requests)
+    assert alloc.state is AllocationState.ALLOCATED
+    assert events(alloc)[-1] == AllocationSucceeded(SERVER, (RELAY, RELAY_V6), SRFLX, 600)
+
+
+def test_allocation_mismatch_recovery_is_tried_only_once() -> None:
+    relay = FakeRelay(holds_stale_allocation=True, deletion_ignored=True)
+    alloc = turn.Allocation(SERVER, USERNAME, PASSWORD, rng=SeededRng(1), now=0.0)
+    requests = exchange(alloc, relay, 0.0)
+    assert [r.method for r in requests][-3:] == [Method.ALLOCATE, Method.REFRESH, Method.ALLOCATE]
+    assert events(alloc)[-1] == AllocationFailed(SERVER, "437 Allocation Mismatch", 437)
+    assert alloc.state is AllocationState.FAILED
+    assert alloc.poll_timeout() is None
+
+
+def test_allocation_mismatch_deletion_answered_437_means_it_is_already_gone() -> None:
+    relay = FakeRelay(holds_stale_allocation=True)
+    alloc = turn.Allocation(SERVER, USERNAME, PASSWORD, rng=SeededRng(1), now=0.0)
+    for _ in range(3):  # BINDING, unauthenticated ALLOCATE, authenticated ALLOCATE (437)
+        (transmit,) = transmits(alloc)
+        alloc.handle_input(relay.answer(transmit), SERVER, 0.0)
+    (deletion,) = transmits(alloc)
+    request = stun.decode(deletion.payload)
+    assert (request.method, request.lifetime()) == (Method.REFRESH, 0)
+    relay.holds_stale_allocation = False  # its lifetime ran out just now
+    gone = request.error_response(ErrorCode.ALLOCATION_MISMATCH, "Allocation Mismatch")
+    alloc.handle_input(stun.encode(gone, integrity_key=relay.key()), SERVER, 0.1)
+    exchange(alloc, relay, 0.1)
+    assert alloc.state is AllocationState.ALLOCATED
+
+
+def test_allocation_mismatch_deletion_unanswered_fails_after_8s() -> None:
+    relay = FakeRelay(holds_stale_allocation=True)
+    alloc = turn.Allocation(SERVER, USERNAME, PASSWORD, rng=SeededRng(1), now=0.0)
+    for _ in range(3):
+        (transmit,) = transmits(alloc)
+        alloc.handle_input(relay.answer(transmit), SERVER, 0.0)
+    (deletion,) = transmits(alloc)
+    assert stun.decode(deletion.payload).lifetime() == 0
+    sent = advance(alloc, 8.5)
+    assert [t for t, transmit in sent if stun.decode(transmit.payload).method == Method.REFRESH] == [1.0, 3.0, 7.0]
+    failure = events(alloc)[-1]
+    assert isinstance(failure, AllocationFailed) and "stale allocation" in failure.reason
+    assert alloc.state is AllocationState.FAILED

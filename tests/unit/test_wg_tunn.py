@@ -146,3 +146,34 @@ def test_give_up_event_and_restart_with_new_traffic() -> None:
     pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B, b"again"), now + 1)
     pair.pump(now + 1)
     assert pair.delivered["b"] == [ipv4_packet(TUNNEL_A, TUNNEL_B, b"again")]
+
+
+def test_a_responder_only_tunn_never_initiates_and_never_buffers() -> None:
+    pair = TunnPair()
+    pair.b.responder_only = True
+    reply = ipv4_packet(TUNNEL_B, TUNNEL_A)
+    # Traffic for a peer without a session is dropped and counted: no initiation, nothing staged.
+    pair.b.encapsulate(reply, 0.0)
+    assert pair.b.drain_transmits() == []
+    assert pair.b.drops[DropReason.NO_SESSION] == 1
+    pair.b.handle_timeout(30.0)
+    assert pair.b.drain_transmits() == []
+    # The peer initiates; the responder answers and can then send.
+    request = ipv4_packet(TUNNEL_A, TUNNEL_B)
+    pair.a.encapsulate(request, 40.0)
+    pair.pump(40.0)
+    assert pair.delivered["b"] == [request]
+    pair.b.encapsulate(reply, 41.0)
+    pair.pump(41.0)
+    assert pair.delivered["a"] == [reply]
+    # Sending with no reply, then the session aging out: a normal responder would start handshakes; this one never does.
+    sent_by_b: list[int] = []
+    now = 41.0
+    while now < 41.0 + 600.0:
+        now += 1.0
+        pair.b.encapsulate(reply, now)
+        pair.b.handle_timeout(now)
+        sent_by_b.extend(datagram[0] for datagram in pair.b.drain_transmits())
+        pair.a.drain_transmits()
+    assert MESSAGE_INITIATION not in sent_by_b
+    assert pair.b.drops[DropReason.NO_SESSION] > 1

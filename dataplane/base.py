@@ -38,8 +38,8 @@ class DropCounter:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
-    def drop(self, reason: enum.Enum) -> None:
-        self.counts[reason.value if isinstance(reason.value, str) else reason.name.lower()] += 1
+    def drop(self, reason: enum.Enum, count: int = 1) -> None:
+        self.counts[reason.value if isinstance(reason.value, str) else reason.name.lower()] += count
 
     def __getitem__(self, reason: enum.Enum | str) -> int:
         if isinstance(reason, enum.Enum):

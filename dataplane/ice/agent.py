@@ -13,7 +13,11 @@ Decisions worth knowing:
   nomination but never nominates a pair the peer cannot reach); when a higher-priority pair succeeds later, it is
   nominated too and becomes the selected pair (re-nomination, as str0m/Firezone do). The controlled side accepts
   nominations (RFC 8445 §7.3.1.5: on a succeeded pair at once, otherwise when its triggered check succeeds) and
-  follows the peer's *latest* USE-CANDIDATE request, so it works with aggressive nominators (aioice) too.
+  uses the highest-priority nominated pair that is valid and has consent (§8.1.1), never merely the latest
+  USE-CANDIDATE: retransmitted nominations arrive out of order. On the controlled side a nomination outlives a
+  consent loss or failed check (only the controlling side revokes it, by nominating elsewhere, which it does only
+  for a higher-priority pair or when this one stopped working for it too), so once the pair works again the controlled
+  side returns to it even if the controlling side never left it; this also works with aggressive nominators (aioice).
 * Consent (RFC 7675) runs on every succeeded pair, so a fallback is always fresh: a binding request every
   ``consent_interval`` × U(0.8, 1.2) (not retransmitted); ``consent_timeout`` after its last response a pair loses
   consent. A non-selected pair then simply fails; for the selected pair the agent falls back to the best other
@@ -228,7 +232,6 @@ class IceAgent:
         self._triggered: deque[CandidatePair] = deque()
         self._outstanding: dict[bytes, _Outstanding] = {}
         self._selected: CandidatePair | None = None
-        self._latest_nomination: tuple[Address, Address] | None = None  # controlled: peer's latest USE-CANDIDATE
         self._next_check_at: float | None = None
         self._last_now: float | None = None
         self._last_activity: float | None = None
@@ -426,7 +429,6 @@ class IceAgent:
         nominate = request.use_candidate() and not self.controlling
         if nominate:
             pair.remote_nominated = True
-            self._latest_nomination = pair.key
         if pair.state is PairState.SUCCEEDED:
             if nominate:
                 self._on_nominated(pair, now)
@@ -708,7 +710,8 @@ class IceAgent:
         logger.debug("pair %r failed: %s", pair, reason)
         self._cancel_outstanding(pair, now)
         pair.state = PairState.FAILED
-        pair.nominated = False
+        if self.controlling:
+            pair.nominated = False  # re-nominated if it works again; the peer's nominations are its own to revoke
         if pair is self._selected:
             self._lose_selected(now, reason)
         else:
@@ -724,7 +727,8 @@ class IceAgent:
     def _consent_lost(self, pair: CandidatePair, now: float) -> None:
         logger.debug("consent lost on %r", pair)
         self._cancel_outstanding(pair, now)
-        pair.nominated = False
+        if self.controlling:
+            pair.nominated = False
         pair.remote_nominated = False
         if pair is self._selected:
             pair.state = PairState.WAITING  # re-checked with the full ladder: a transient outage may heal
@@ -758,22 +762,24 @@ class IceAgent:
 
     def _on_nominated(self, pair: CandidatePair, now: float) -> None:
         pair.nominated = True
-        current = self._selected
-        if current is None or not current.nominated or not self._usable(current, now):
-            self._select(pair, now)
-        elif self.controlling and pair.priority > current.priority:
-            self._select(pair, now)
-        elif not self.controlling and pair.key == self._latest_nomination:
-            self._select(pair, now)  # the controlling side decides: follow its latest USE-CANDIDATE
         self._update_selection(now)
 
     def _update_selection(self, now: float) -> None:
-        """Selects the best nominated working pair when none is selected; the controlling side nominates upgrades."""
+        """Selects the highest-priority nominated working pair (RFC 8445 §8.1.1) unless the selected pair is such a
+        pair already: it replaces no selection, a fallback that was never nominated, or a lower-priority nominated
+        pair. The controlling side then nominates upgrades."""
         usable = [p for p in self._pairs.values() if self._usable(p, now)]
-        if self._selected is None:
-            nominated = [p for p in usable if p.nominated]
-            if nominated:
-                self._select(max(nominated, key=lambda p: p.priority), now)
+        nominated = [p for p in usable if p.nominated]
+        if nominated:
+            best_nominated = max(nominated, key=lambda p: p.priority)
+            current = self._selected
+            if (
+                current is None
+                or not current.nominated
+                or not self._usable(current, now)
+                or best_nominated.priority > current.priority
+            ):
+                self._select(best_nominated, now)
         if not self.controlling or not usable:
             return
         best = max(usable, key=lambda p: p.priority)

@@ -472,7 +472,7 @@ class Tun:
 
     def _drop(self, reason: TunDropReason, count: int = 1) -> None:
         with self._drops_lock:
-            self.drops.counts[reason.value] += count
+            self.drops.drop(reason, count)
 
     def _read_frames(self, queue: _Queue, batch: list[bytes], limit: int) -> int:
         """Reads up to ``limit`` frames without blocking into ``batch`` (split when offloaded); returns frames read,

@@ -275,7 +275,7 @@ class UdpSocket:
 
     def _drop_all(self, reason: UdpDropReason, datagrams: int) -> None:
         # A failed GSO send loses every datagram it carried: count them, as one-by-one sends would.
-        self.drops.counts[reason.value] += datagrams
+        self.drops.drop(reason, datagrams)
 
     def close(self) -> None:
         self._sock.close()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane import packet as pk
-from tests.unit.test_packet import naive_checksum, naive_l4_ok, tcp_packet, udp_packet
+from tests.unit.test_packet import naive_checksum, naive_l4_ok, tcp_packet, udp_packet, without_df
 
 
 @given(st.binary(max_size=200))
@@ -84,5 +84,29 @@ def test_udp_coalesce_then_kernel_split_is_identity(sizes: list[int], version: i
     ]
     out: list[bytes] = []
     for frame in pk.coalesce(packets, tcp=False, udp=True):
+        out.extend(pk.split_gso(pk.VirtioNetHdr.decode(frame), frame[pk.VIRTIO_NET_HDR_LEN :]))
+    assert out == packets
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(min_value=1, max_value=1400), st.sampled_from([1, 1, 1, 0, 2, 0x8000])), max_size=40
+    ),
+    st.integers(min_value=0, max_value=0xFFFF),
+    st.booleans(),
+)
+def test_ipv4_without_df_is_never_renumbered(steps: list[tuple[int, int]], first_id: int, udp: bool) -> None:
+    """Without DF an IPv4 id matters, so merging must keep every id as it was: split(coalesce(x)) == x whatever the
+    ids (mostly consecutive, sometimes repeated or jumping)."""
+    packets = []
+    ip_id, seq = first_id, 0
+    for index, (size, id_step) in enumerate(steps):
+        payload = bytes([index % 256]) * size
+        packet = udp_packet(payload, ip_id=ip_id) if udp else tcp_packet(payload, seq=seq, ip_id=ip_id)
+        packets.append(without_df(packet))
+        ip_id, seq = (ip_id + id_step) & 0xFFFF, seq + size
+    out: list[bytes] = []
+    for frame in pk.coalesce(packets, tcp=True, udp=True):
         out.extend(pk.split_gso(pk.VirtioNetHdr.decode(frame), frame[pk.VIRTIO_NET_HDR_LEN :]))
     assert out == packets

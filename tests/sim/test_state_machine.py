@@ -97,6 +97,9 @@ class NodeMachine(RuleBasedStateMachine):
         client = data.draw(st.sampled_from(self.world.clients))
         net = self.world.net
         start = net.now
+        # Consent runs from the last answer, which may predate ``start``: a previous outage can have ended only
+        # moments ago, before the next consent check went out.
+        consent_from = min(start, self._last_consent_answer(client))
         failures_before = len(client.peer.events_of(ConnectionFailed))
         client.host.online = False
         net.run_for(seconds)
@@ -107,7 +110,7 @@ class NodeMachine(RuleBasedStateMachine):
         if failed:
             failed_at = min(t for t, e in client.peer.events if isinstance(e, ConnectionFailed) and t >= start)
             reasons = [e.reason for t, e in client.peer.events if isinstance(e, ConnectionFailed) and t >= start]
-            assert failed_at - start >= 30.0 - 5.0, (failed_at - start, reasons)
+            assert failed_at - consent_from >= 30.0 - 5.0, (failed_at - start, failed_at - consent_from, reasons)
         if seconds >= 30.0 + 100.0 + 10.0:
             assert failed, f"{client.client_id} kept a connection through {seconds:.0f} s without consent"
         # The relay still holds the client's allocation (same 5-tuple) until its 600 s lifetime runs out, and answers
@@ -127,6 +130,19 @@ class NodeMachine(RuleBasedStateMachine):
 
     # -- checks ----------------------------------------------------------------------------------------------------
 
+    def _last_consent_answer(self, client: Client) -> float:
+        """When the client's selected ICE pair last got an answer (+inf without one)."""
+        conn = client.peer.node._connections.get(GATEWAY_ID)
+        if conn is None or conn.agent.selected_pair is None:
+            return float("inf")
+        local, remote = conn.agent.selected_pair
+        answers = [
+            pair.last_response_at
+            for pair in conn.agent.pairs
+            if pair.key == (local.address, remote.address) and pair.last_response_at is not None
+        ]
+        return answers[0] if answers else float("inf")
+
     def _expected_path(self, client: Client) -> Path:
         return Path.DIRECT if self.world.direct_expected(client) else Path.RELAYED
 
@@ -139,7 +155,31 @@ class NodeMachine(RuleBasedStateMachine):
         if cl.local is None or cl.local not in client.peer.node.local_addresses:
             return False
         expected = self._expected_path(client)
-        return gw.path is expected and cl.path is expected and gw.handshakes >= 1
+        return gw.path is expected and cl.path is expected and gw.handshakes >= 1 and self._disagreement(client) is None
+
+    def _disagreement(self, client: Client) -> str | None:
+        """Why the two ends do not use the same path (None when they do): each side must send to where the other
+        sends from -- the other's relayed address when it sends through its relay, else its host or NAT address."""
+        gw = self.world.gateway.node.connection(client.client_id)
+        cl = client.peer.node.connection(GATEWAY_ID)
+        if gw is None or cl is None or gw.local is None or cl.local is None or gw.remote is None or cl.remote is None:
+            return "no path"
+        if gw.path is not cl.path:
+            return f"gateway {gw.path}, client {cl.path}"
+        relay_ips = {ip for relay in self.world.relays.values() for ip in relay.host.addresses}
+        gateway_nat = self.world.gateway_nat
+        ends = (
+            ("gateway", gw, cl, {gateway_nat.public_ip} if gateway_nat else set(self.world.gateway.host.addresses)),
+            ("client", cl, gw, {client.nat.public_ip} if client.nat else set(client.host.addresses)),
+        )
+        for name, this, other, public_ips in ends:
+            assert this.local is not None and other.remote is not None
+            if this.local[0] in relay_ips:
+                if other.remote != this.local:
+                    return f"{name} sends from its relayed address {this.local}, the other end sends to {other.remote}"
+            elif other.remote[0] not in public_ips:
+                return f"{name} sends from {this.local} (public {public_ips}), the other end sends to {other.remote}"
+        return None
 
     def _settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Every connection must come up on the predicted path and carry a packet each way within the timeout.
@@ -164,7 +204,7 @@ class NodeMachine(RuleBasedStateMachine):
             assert ok, (
                 f"{client.client_id} behind {client.nat.behaviour.label if client.nat else 'no NAT'}, gateway behind "
                 f"{self.world.gateway_nat.behaviour.label if self.world.gateway_nat else 'no NAT'}: expected "
-                f"{self._expected_path(client)}, got gateway {gw} / client {cl}"
+                f"{self._expected_path(client)}, got gateway {gw} / client {cl}; {self._disagreement(client)}"
             )
 
     def _ping(self, client: Client, timeout: float = 10.0) -> bool:

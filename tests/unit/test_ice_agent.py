@@ -613,3 +613,56 @@ def test_direct_path_dies_and_traffic_moves_to_the_relay_without_disconnecting()
     assert a.state is IceState.CONNECTED and b.state is IceState.CONNECTED
     (move_a,) = [t for t, e in wire.kinds("a", SelectedPairChanged) if e.remote == b_relay]
     assert 20.0 + 30.0 - 6.0 <= move_a <= 20.0 + 30.0 + 0.1  # consent on the direct pair ran out
+
+
+def _direct_and_relay_setup() -> tuple[IceAgent, IceAgent, Wire, Candidate, Candidate]:
+    a, b = make_pair()
+    wire = Wire(a, b)
+    wire.own("a", A_HOST)
+    wire.own("b", B_HOST, B_RELAY)
+    b_host, b_relay = Candidate.host(B_HOST), Candidate.relayed(B_RELAY, B_HOST)
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    b.add_local_candidate(b_host, B_HOST, 0.0)
+    b.add_local_candidate(b_relay, B_HOST, 0.0)
+    b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
+    a.add_remote_candidate(b_host, 0.0)
+    a.add_remote_candidate(b_relay, 0.0)
+    wire.run(20.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    assert b.selected_pair is not None and b.selected_pair[0] == b_host
+    assert all(p.state is PairState.SUCCEEDED for p in b.pairs)
+    return a, b, wire, b_host, b_relay
+
+
+def test_controlled_side_ignores_a_late_nomination_of_a_lower_priority_pair() -> None:
+    """RFC 8445 §8.1.1: the controlled side uses the highest-priority nominated valid pair, so a retransmitted
+    USE-CANDIDATE for the relayed pair that arrives after the direct pair's nomination does not move it."""
+    _, b, wire, b_host, _ = _direct_and_relay_setup()
+    late = stun.StunMessage.request(stun.Method.BINDING, b"\x07" * 12)
+    late.add_username("bufr:aufr").add_priority(1).add_ice_controlling(5).add_use_candidate()
+    data = stun.encode(late, integrity_key=stun.short_term_key("b-password-0123456789b"))
+    wire.drop = lambda sender, t: t.payload[8:20] == late.transaction_id  # a never sent it: keep b's answer from a
+    assert b.handle_stun(data, A_HOST, B_RELAY, wire.now)
+    wire.run(wire.now + 1.0)
+    assert b.selected_pair is not None and b.selected_pair[0] == b_host
+    assert [e.local for _, e in wire.kinds("b", SelectedPairChanged)] == [b_host]
+
+
+def test_controlled_side_returns_to_the_nominated_pair_after_losing_consent_on_it_alone() -> None:
+    """Only the controlled side's consent checks on the direct pair go unanswered for a while: it falls back to the
+    relay, and once the direct pair answers again it goes back there, where the controlling side never left."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+
+    def answers_to_b_on_the_direct_path(sender: str, t: Transmit) -> bool:
+        message = stun.decode(t.payload)
+        return sender == "a" and t.dst == B_HOST and message.message_class == stun.MessageClass.SUCCESS
+
+    wire.drop = answers_to_b_on_the_direct_path
+    wire.run(60.0)
+    assert b.selected_pair is not None and b.selected_pair[0] == b_relay  # consent on the direct pair ran out
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    wire.drop = lambda sender, t: False
+    wire.run(120.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    assert b.selected_pair is not None and b.selected_pair[0] == b_host
+    assert not wire.kinds("b", IceDisconnected)

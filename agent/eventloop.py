@@ -1,6 +1,7 @@
 """Portal events → gateway state; gateway outputs → portal messages (design.md §1, portal-protocol.md §2).
 
-The data plane arrives in later issues. Until then :class:`AuthorizationBook` is the gateway state: it keeps the real
+The gateway has no data plane yet (TUN, Node and policy are the next build-order step); until then
+:class:`AuthorizationBook` is the gateway state: it keeps the real
 authorization bookkeeping (own tunnel IPs, relays by id, per-client resources with expiry, §2.1 re-sync on ``init``,
 ``reject_access``, ``resource_updated``) behind the :class:`GatewayStateHandler` interface the data plane will implement.
 """

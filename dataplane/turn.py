@@ -634,15 +634,11 @@ class Allocation:
             self._request_ipv6 = False
             self._send_allocate(now)
             return
-        if (
-            request.kind is _Kind.ALLOCATE
-            and code == ErrorCode.ALLOCATION_MISMATCH
-            and not self._stale_deletion_tried
-            and request.authenticated
-        ):
+        if request.kind is _Kind.ALLOCATE and code == ErrorCode.ALLOCATION_MISMATCH and not self._stale_deletion_tried:
             # The relay still holds an allocation for this 5-tuple: we gave up on it (an outage outlasted the
             # keepalive give-up) while the relay kept it. Without deleting it, every ALLOCATE gets 437 until its
-            # lifetime runs out; delete it (REFRESH, LIFETIME 0, same credentials) and allocate once more.
+            # lifetime runs out; delete it (REFRESH, LIFETIME 0, same credentials) and allocate once more. coturn
+            # answers 437 even before authentication: the deletion then goes through the 401 dance itself.
             self._stale_deletion_tried = True
             message = StunMessage.request(Method.REFRESH, self._new_transaction_id()).add_lifetime(0)
             self._send_request(_Kind.DELETE_STALE, message, now, authenticated=True)

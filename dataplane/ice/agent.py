@@ -13,11 +13,13 @@ Decisions worth knowing:
   nomination but never nominates a pair the peer cannot reach); when a higher-priority pair succeeds later, it is
   nominated too and becomes the selected pair (re-nomination, as str0m/Firezone do). The controlled side accepts
   nominations (RFC 8445 §7.3.1.5: on a succeeded pair at once, otherwise when its triggered check succeeds) and
-  uses the highest-priority nominated pair that is valid and has consent (§8.1.1), never merely the latest
-  USE-CANDIDATE: retransmitted nominations arrive out of order. On the controlled side a nomination outlives a
-  consent loss or failed check (only the controlling side revokes it, by nominating elsewhere, which it does only
-  for a higher-priority pair or when this one stopped working for it too), so once the pair works again the controlled
-  side returns to it even if the controlling side never left it; this also works with aggressive nominators (aioice).
+  uses the working pair the peer nominated *last*: pair priorities are not comparable across the two sides (a
+  server-reflexive candidate is paired as its base, so each side ranks relayed pairs differently), so only the
+  controlling side's latest choice says which pair it uses. Retransmitted nominations can arrive out of order, so
+  the controlling side re-asserts its choice: consent checks on its selected pair carry USE-CANDIDATE, and a stale
+  nomination is corrected within one consent interval. On the controlled side a nomination outlives a consent loss
+  or a failed check, so once that pair works again the controlled side returns to it even if the controlling side
+  never left it. This also works with aggressive nominators (aioice).
 * Consent (RFC 7675) runs on every succeeded pair, so a fallback is always fresh: a binding request every
   ``consent_interval`` × U(0.8, 1.2) (not retransmitted); ``consent_timeout`` after its last response a pair loses
   consent. A non-selected pair then simply fails; for the selected pair the agent falls back to the best other
@@ -159,6 +161,7 @@ class CandidatePair:
     priority: int
     state: PairState = PairState.WAITING
     nominated: bool = False
+    nominated_at: float = 0.0  # controlled side: when the peer's USE-CANDIDATE for this pair last arrived
     remote_nominated: bool = False
     last_response_at: float | None = None
     next_consent_at: float | None = None
@@ -429,6 +432,7 @@ class IceAgent:
         nominate = request.use_candidate() and not self.controlling
         if nominate:
             pair.remote_nominated = True
+            pair.nominated_at = now
         if pair.state is PairState.SUCCEEDED:
             if nominate:
                 self._on_nominated(pair, now)
@@ -671,7 +675,8 @@ class IceAgent:
         request.add_priority(self._prflx_priority(pair.local))
         if self.controlling:
             request.add_ice_controlling(self.tie_breaker)
-            if purpose is _Purpose.NOMINATION:
+            reasserts = purpose is _Purpose.CONSENT and pair is self._selected and pair.nominated
+            if purpose is _Purpose.NOMINATION or reasserts:
                 request.add_use_candidate()
         else:
             request.add_ice_controlled(self.tie_breaker)
@@ -765,19 +770,20 @@ class IceAgent:
         self._update_selection(now)
 
     def _update_selection(self, now: float) -> None:
-        """Selects the highest-priority nominated working pair (RFC 8445 §8.1.1) unless the selected pair is such a
-        pair already: it replaces no selection, a fallback that was never nominated, or a lower-priority nominated
-        pair. The controlling side then nominates upgrades."""
+        """Selects the best nominated working pair -- controlling side: the highest-priority one; controlled side: the
+        one the peer nominated last -- in place of no selection, a fallback that was never nominated, or a worse
+        nominated pair. The controlling side then nominates upgrades."""
         usable = [p for p in self._pairs.values() if self._usable(p, now)]
         nominated = [p for p in usable if p.nominated]
         if nominated:
-            best_nominated = max(nominated, key=lambda p: p.priority)
+            rank = self._nomination_rank
+            best_nominated = max(nominated, key=rank)
             current = self._selected
             if (
                 current is None
                 or not current.nominated
                 or not self._usable(current, now)
-                or best_nominated.priority > current.priority
+                or rank(best_nominated) > rank(current)
             ):
                 self._select(best_nominated, now)
         if not self.controlling or not usable:
@@ -788,6 +794,11 @@ class IceAgent:
         selected = self._selected
         if selected is None or best.priority > selected.priority:
             self._send_request(best, _Purpose.NOMINATION, now)
+
+    def _nomination_rank(self, pair: CandidatePair) -> tuple[float, int]:
+        if self.controlling:
+            return (0.0, pair.priority)
+        return (pair.nominated_at, pair.priority)
 
     def _select(self, pair: CandidatePair, now: float) -> None:
         if pair is self._selected:

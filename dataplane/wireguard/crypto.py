@@ -1,6 +1,7 @@
 """WireGuard's primitives: BLAKE2s HASH/MAC/HMAC/KDF, X25519, (X)ChaCha20-Poly1305 and TAI64N.
 
-XChaCha20-Poly1305 is only used for cookie replies, so its HChaCha20 subkey step is plain Python.
+XChaCha20-Poly1305 is only used for cookie replies; ``cryptography`` has none, so the HChaCha20 subkey is derived
+from one native ChaCha20 block (see :func:`hchacha20`) and fed to ChaCha20-Poly1305.
 """
 
 from __future__ import annotations

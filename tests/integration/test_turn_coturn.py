@@ -187,3 +187,23 @@ def test_launcher_runs_coturn_inside_a_namespace_and_cleans_up() -> None:
         assert relay.process is None
         assert process.poll() is not None
         assert relay.workdir is None
+
+
+def test_allocation_mismatch_after_forgetting_an_allocation_is_recovered(relay: Coturn, driver: Driver) -> None:
+    """We gave up on an allocation coturn still holds (same 5-tuple): the fresh ALLOCATE gets 437, so the client
+    deletes the stale allocation with LIFETIME 0 and allocates again."""
+    first = driver.wait_for(AllocationSucceeded)
+    assert isinstance(first, AllocationSucceeded)
+    old = driver.alloc
+    driver.alloc = Allocation(relay.address, old.username, old.password, rng=SystemRng(), now=time.monotonic())
+    driver.events.clear()
+    driver.sent.clear()
+    driver.wait_for(AllocationSucceeded)
+    assert not any(isinstance(e, AllocationFailed) for e in driver.events)
+    # coturn answers 437 before authenticating: the deletion itself goes through the 401 dance.
+    deletions = [m for m in driver.sent if m.method == Method.REFRESH and m.lifetime() == 0]
+    assert [m.nonce() is not None for m in deletions] == [False, True]
+    allocates = [m for m in driver.sent if m.method == Method.ALLOCATE]
+    assert allocates[0].nonce() is None and allocates[-1].nonce() is not None  # then 440 etc. as usual
+    driver.alloc.shutdown(time.monotonic())
+    driver.wait_for(AllocationDeleted)

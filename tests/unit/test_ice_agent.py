@@ -634,18 +634,28 @@ def _direct_and_relay_setup() -> tuple[IceAgent, IceAgent, Wire, Candidate, Cand
     return a, b, wire, b_host, b_relay
 
 
-def test_controlled_side_ignores_a_late_nomination_of_a_lower_priority_pair() -> None:
-    """RFC 8445 §8.1.1: the controlled side uses the highest-priority nominated valid pair, so a retransmitted
-    USE-CANDIDATE for the relayed pair that arrives after the direct pair's nomination does not move it."""
-    _, b, wire, b_host, _ = _direct_and_relay_setup()
+def test_a_stale_nomination_arriving_late_is_corrected_by_the_next_consent_check() -> None:
+    """A retransmitted USE-CANDIDATE for the relayed pair arrives after the direct pair's nomination: the controlled
+    side follows it, but the controlling side's consent checks on its selected pair re-assert the nomination."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    consent_reassertions = [
+        t
+        for _, t in wire.sent["a"]
+        if t.dst == B_HOST and stun.decode(t.payload).use_candidate() and stun.decode(t.payload).is_request
+    ]
+    assert len(consent_reassertions) >= 2  # the nomination, then consent checks that carry USE-CANDIDATE
     late = stun.StunMessage.request(stun.Method.BINDING, b"\x07" * 12)
     late.add_username("bufr:aufr").add_priority(1).add_ice_controlling(5).add_use_candidate()
     data = stun.encode(late, integrity_key=stun.short_term_key("b-password-0123456789b"))
     wire.drop = lambda sender, t: t.payload[8:20] == late.transaction_id  # a never sent it: keep b's answer from a
     assert b.handle_stun(data, A_HOST, B_RELAY, wire.now)
-    wire.run(wire.now + 1.0)
+    assert b.selected_pair is not None and b.selected_pair[0] == b_relay
+    stale_at = wire.now
+    wire.run(wire.now + 7.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
     assert b.selected_pair is not None and b.selected_pair[0] == b_host
-    assert [e.local for _, e in wire.kinds("b", SelectedPairChanged)] == [b_host]
+    (back,) = [t for t, e in wire.kinds("b", SelectedPairChanged) if t > stale_at]
+    assert back - stale_at <= 5.0 * 1.2 + 0.01  # one consent interval
 
 
 def test_controlled_side_returns_to_the_nominated_pair_after_losing_consent_on_it_alone() -> None:

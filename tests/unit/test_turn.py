@@ -578,3 +578,22 @@ def test_allocation_mismatch_deletion_unanswered_fails_after_8s() -> None:
     failure = events(alloc)[-1]
     assert isinstance(failure, AllocationFailed) and "stale allocation" in failure.reason
     assert alloc.state is AllocationState.FAILED
+
+
+def test_allocation_mismatch_before_authentication_deletes_through_the_401_dance() -> None:
+    """coturn answers 437 to the very first, unauthenticated ALLOCATE: the deletion then learns the nonce itself."""
+    relay = FakeRelay(holds_stale_allocation=True)
+    alloc = turn.Allocation(SERVER, USERNAME, PASSWORD, rng=SeededRng(1), now=0.0)
+    (binding,) = transmits(alloc)
+    alloc.handle_input(relay.answer(binding), SERVER, 0.0)
+    (unauthenticated,) = transmits(alloc)
+    request = stun.decode(unauthenticated.payload)
+    mismatch = request.error_response(ErrorCode.ALLOCATION_MISMATCH, "Mismatched allocation")
+    alloc.handle_input(stun.encode(mismatch), SERVER, 0.0)
+    requests = exchange(alloc, relay, 0.0)
+    assert [(r.method, r.lifetime(), r.nonce() is not None) for r in requests] == [
+        (Method.REFRESH, 0, False),
+        (Method.REFRESH, 0, True),
+        (Method.ALLOCATE, 600, True),
+    ]
+    assert alloc.state is AllocationState.ALLOCATED

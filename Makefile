@@ -39,7 +39,7 @@ lab/js/node_modules/.installed: lab/js/package.json
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
+	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
 	$(VENV)/bin/mypy protocol dataplane agent lab tests

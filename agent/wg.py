@@ -516,11 +516,11 @@ def _num_tun_queues() -> int:
         raise StartupError(f"invalid FIREZONE_NUM_TUN_THREADS={value!r}: {exc}") from None
 
 
-def _serve(ifname: str, ready_fd: int | None) -> int:
+def _serve(ifname: str, ready_fd: int | None, *, num_tun_queues: int, increase_buffers: bool) -> int:
     """Runs the daemon in this process; reports startup success or failure on ``ready_fd`` (daemon mode)."""
     daemon: WgDaemon | None = None
     try:
-        daemon = WgDaemon(ifname, num_tun_queues=_num_tun_queues(), increase_buffers=not _no_inc_buf())
+        daemon = WgDaemon(ifname, num_tun_queues=num_tun_queues, increase_buffers=increase_buffers)
         daemon.start()
     except Exception as exc:
         logger.debug("startup failed", exc_info=True)
@@ -553,7 +553,7 @@ def _serve(ifname: str, ready_fd: int | None) -> int:
     return 0
 
 
-def _daemonise(ifname: str) -> int:
+def _daemonise(ifname: str, *, num_tun_queues: int, increase_buffers: bool) -> int:
     read_fd, write_fd = os.pipe()
     first = os.fork()
     if first > 0:
@@ -583,7 +583,7 @@ def _daemonise(ifname: str) -> int:
     os.close(devnull)
     code = 1
     try:
-        code = _serve(ifname, write_fd)
+        code = _serve(ifname, write_fd, num_tun_queues=num_tun_queues, increase_buffers=increase_buffers)
     finally:
         logging.shutdown()
         os._exit(code)
@@ -601,15 +601,15 @@ def main(argv: list[str] | None = None) -> int:
     ifname: str = args.interface
     try:
         preflight(ifname)
-        _num_tun_queues()
-        _no_inc_buf()
+        num_tun_queues = _num_tun_queues()
+        increase_buffers = not _no_inc_buf()
     except StartupError as exc:
         print(f"firezone-wg: {exc}", file=sys.stderr)
         return 1
     _configure_logging(ifname)
     if args.foreground:
-        return _serve(ifname, None)
-    return _daemonise(ifname)
+        return _serve(ifname, None, num_tun_queues=num_tun_queues, increase_buffers=increase_buffers)
+    return _daemonise(ifname, num_tun_queues=num_tun_queues, increase_buffers=increase_buffers)
 
 
 if __name__ == "__main__":

@@ -266,22 +266,15 @@ def test_an_existing_device_is_refused(topo: Topology, tmp_path: Path) -> None:
     assert uapi_socket_ready(running.name)
 
 
-def test_a_bad_thread_count_is_refused(topo: Topology) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value"), [("FIREZONE_NUM_TUN_THREADS", "many"), ("FIREZONE_NO_INC_BUF", "sometimes")]
+)
+def test_a_bad_environment_value_is_refused(topo: Topology, variable: str, value: str) -> None:
     ns = topo.add_ns("a")
     ifname = f"wg{topo.suffix}n"
-    result = run_daemon(ns, ifname, foreground=False, env={"FIREZONE_NUM_TUN_THREADS": "many"})
+    result = run_daemon(ns, ifname, foreground=False, env={variable: value})
     assert result.returncode == 1
-    assert result.stderr.startswith("firezone-wg: invalid FIREZONE_NUM_TUN_THREADS='many'")
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not link_exists(ns, ifname)
-
-
-def test_a_bad_no_inc_buf_value_is_refused(topo: Topology) -> None:
-    ns = topo.add_ns("a")
-    ifname = f"wg{topo.suffix}b"
-    result = run_daemon(ns, ifname, foreground=False, env={"FIREZONE_NO_INC_BUF": "sometimes"})
-    assert result.returncode == 1
-    assert result.stderr.startswith("firezone-wg: invalid FIREZONE_NO_INC_BUF='sometimes'")
+    assert result.stderr.startswith(f"firezone-wg: invalid {variable}={value!r}")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not link_exists(ns, ifname)
 

@@ -351,17 +351,7 @@ def test_selected_pair_moves_when_a_better_pair_succeeds() -> None:
 
 
 def test_invalidating_the_selected_remote_candidate_moves_to_another_pair() -> None:
-    a, b = make_pair()
-    wire = Wire(a, b)
-    wire.own("a", A_HOST)
-    wire.own("b", B_HOST, B_RELAY)
-    b_host, b_relay = Candidate.host(B_HOST), Candidate.relayed(B_RELAY, B_HOST)
-    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
-    b.add_local_candidate(b_host, B_HOST, 0.0)
-    b.add_local_candidate(b_relay, B_HOST, 0.0)
-    b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
-    a.add_remote_candidate(b_host, 0.0)
-    a.add_remote_candidate(b_relay, 0.0)
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
     wire.run(40.0)
     assert a.selected_pair is not None and a.selected_pair[1] == b_host
     a.invalidate_remote_candidate(b_host, 40.0)
@@ -591,19 +581,7 @@ def test_controlled_side_accepts_nomination_on_a_pair_that_already_succeeded() -
 
 
 def test_direct_path_dies_and_traffic_moves_to_the_relay_without_disconnecting() -> None:
-    a, b = make_pair()
-    wire = Wire(a, b)
-    wire.own("a", A_HOST)
-    wire.own("b", B_HOST, B_RELAY)
-    b_host, b_relay = Candidate.host(B_HOST), Candidate.relayed(B_RELAY, B_HOST)
-    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
-    b.add_local_candidate(b_host, B_HOST, 0.0)
-    b.add_local_candidate(b_relay, B_HOST, 0.0)
-    b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
-    a.add_remote_candidate(b_host, 0.0)
-    a.add_remote_candidate(b_relay, 0.0)
-    wire.run(20.0)
-    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
     direct = {A_HOST, B_HOST}
     wire.drop = lambda sender, t: t.src in direct and t.dst in direct
     wire.run(80.0)
@@ -615,7 +593,8 @@ def test_direct_path_dies_and_traffic_moves_to_the_relay_without_disconnecting()
     assert 20.0 + 30.0 - 6.0 <= move_a <= 20.0 + 30.0 + 0.1  # consent on the direct pair ran out
 
 
-def _direct_and_relay_setup() -> tuple[IceAgent, IceAgent, Wire, Candidate, Candidate]:
+def _direct_and_relay_wired() -> tuple[IceAgent, IceAgent, Wire, Candidate, Candidate]:
+    """a (controlling, host only) and b (controlled, host + relay), candidates exchanged, nothing run yet."""
     a, b = make_pair()
     wire = Wire(a, b)
     wire.own("a", A_HOST)
@@ -627,6 +606,11 @@ def _direct_and_relay_setup() -> tuple[IceAgent, IceAgent, Wire, Candidate, Cand
     b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
     a.add_remote_candidate(b_host, 0.0)
     a.add_remote_candidate(b_relay, 0.0)
+    return a, b, wire, b_host, b_relay
+
+
+def _direct_and_relay_setup() -> tuple[IceAgent, IceAgent, Wire, Candidate, Candidate]:
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
     wire.run(20.0)
     assert a.selected_pair is not None and a.selected_pair[1] == b_host
     assert b.selected_pair is not None and b.selected_pair[0] == b_host

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import string
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,17 +23,14 @@ from lab.portal.config import (
     relay_password,
     relay_salt,
 )
+from tests.vectors import load_vectors
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "firezone-relay-credentials.json"
 GATEWAY_KEY = "fiAjSBWDgQfD1CFJkTwOf4zg+1QhH0eTT+oLaVIMpH8="
 CLIENT_KEY = "BzPiNE9qszKczZcZzGsyieLYeJ2EQfkfdibls/l3beM="
 
 
 def _vectors() -> dict[str, Any]:
-    if not VECTORS.exists():
-        pytest.skip(f"{VECTORS} is not available")
-    data: dict[str, Any] = json.loads(VECTORS.read_text())
-    return data
+    return load_vectors("firezone-relay-credentials.json")
 
 
 def _current_password_vectors() -> list[dict[str, Any]]:
@@ -252,6 +248,6 @@ def test_resource_payloads_have_the_gateway_shape() -> None:
 
 
 def test_relay_password_matches_the_spec_example() -> None:
-    # portal-protocol.md §4.5 quotes this vector, so it holds even without the shared vector files.
+    # portal-protocol.md §4.5 quotes this vector in the text itself, independently of tests/vectors.
     password = relay_password(1685984278, "1cab293a-4032-46f4-862a-40e5d174b0d2", "uvdgKvS9GXYZ_vmv")
     assert password == "6xUIoZ+QvxKhRasLifwfRkMXl+ETLJUsFkHlXjlHAkg"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import zlib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,10 +10,10 @@ import pytest
 from dataplane import stun
 from dataplane.stun import Attr, ErrorCode, MessageClass, Method, StunMessage, StunParseError
 from lab.relay import firezone_password
+from tests.vectors import load_vectors
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
-RFC5769 = json.loads((VECTORS / "stun-rfc5769.json").read_text())
-RELAY_CREDS = json.loads((VECTORS / "firezone-relay-credentials.json").read_text())
+RFC5769 = load_vectors("stun-rfc5769.json")
+RELAY_CREDS = load_vectors("firezone-relay-credentials.json")
 VECTOR_BY_NAME = {v["name"]: v for v in RFC5769["vectors"]}
 
 

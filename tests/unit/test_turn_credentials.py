@@ -5,18 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dataplane import stun
 from lab.relay import coturn_credentials, firezone_password, firezone_username
+from tests.vectors import load_vectors
 
-VECTORS = json.loads(
-    (Path(__file__).resolve().parents[3] / "shared" / "vectors" / "firezone-relay-credentials.json").read_text()
-)
+VECTORS = load_vectors("firezone-relay-credentials.json")
 CURRENT = [v for v in VECTORS["password_vectors"] if v["status"] == "current"]
 SUPERSEDED = [v for v in VECTORS["password_vectors"] if v["status"] == "superseded"]
 

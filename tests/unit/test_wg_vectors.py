@@ -1,10 +1,8 @@
-"""Known-answer tests for the WireGuard core from ../shared/vectors (KDF, Noise IKpsk2, messages, mac1, replay)."""
+"""Known-answer tests for the WireGuard core from tests/vectors (KDF, Noise IKpsk2, messages, mac1, replay)."""
 
 from __future__ import annotations
 
-import json
 import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,14 +12,9 @@ from dataplane.wireguard import crypto, noise
 from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, mac1_key
 from dataplane.wireguard.replay import WINDOW_SIZE, ReplayFilter
 from dataplane.wireguard.session import Keypair
+from tests.vectors import load_vectors
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
-
-
-def _load(name: str) -> dict[str, Any]:
-    # A missing vector file must fail the test, not skip it.
-    data: dict[str, Any] = json.loads((VECTORS / name).read_text())
-    return data
+_load = load_vectors
 
 
 x = bytes.fromhex

@@ -3,6 +3,10 @@
 Pure: no clock, no sleeping. ``next_delay()`` returns how long to wait before the next attempt, or ``None`` once the
 total-delay budget would be exceeded (the caller then fails fatally). Jitter, when on, adds a uniform random share of
 up to one more interval (``backon``: ``delay + delay * U[0, 1)``).
+
+A portal ``Retry-After`` is obeyed as given and neither spends the budget nor climbs the ladder: Firezone's
+phoenix-channel only consults its backoff when the refusal carries no ``Retry-After``, so a rate-limiting portal is
+retried for as long as it keeps asking us to wait.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ RECONNECT_INITIAL_INTERVAL = 0.5
 RECONNECT_MULTIPLIER = 1.5
 RECONNECT_MAX_INTERVAL = 60.0
 DEFAULT_MAX_PARTITION_TIME = 24 * 3600.0
+# A Retry-After longer than a day is treated as a day: the value comes from the network and must stay a sane float.
+MAX_RETRY_AFTER = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +72,14 @@ class Backoff:
         self.attempts = 0
 
     def next_delay(self, retry_after: float | None = None) -> float | None:
-        """The wait before the next attempt, or None when the budget is spent. ``retry_after`` overrides the ladder."""
+        """The wait before the next attempt, or None when the budget is spent.
+
+        ``retry_after`` (the portal's own wait) is returned as is, clamped to [0, MAX_RETRY_AFTER], and leaves the
+        ladder and the budget untouched."""
+        if retry_after is not None:
+            return min(max(0.0, retry_after), MAX_RETRY_AFTER)
         base = min(self._interval, self.policy.max_interval)
         delay = base + base * self._rng.uniform(0.0, 1.0) if self.policy.jitter else base
-        if retry_after is not None:
-            delay = max(0.0, retry_after)
         if self.elapsed + delay > self.policy.max_elapsed:
             return None
         self.elapsed += delay

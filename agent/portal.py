@@ -29,7 +29,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, WebSocketException
 
-from agent.backoff import Backoff, initial_connect_policy, reconnect_policy
+from agent.backoff import MAX_RETRY_AFTER, Backoff, initial_connect_policy, reconnect_policy
 from agent.config import Secret
 from agent.dial import TCP_CONNECT_TIMEOUT, SocketMarker, SocketMarkError, dial_first, resolve_targets
 from dataplane.base import Rng
@@ -136,8 +136,9 @@ def parse_retry_after(value: str | None, now_wall: float) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(int(text))
+    if text.isascii() and text.isdigit():
+        # Past 10 digits the wait is longer than Backoff.MAX_RETRY_AFTER anyway; parsing more could overflow a float.
+        return float(int(text)) if len(text) <= 10 else MAX_RETRY_AFTER
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -225,6 +225,24 @@ async def test_503_retry_after_is_honoured() -> None:
     assert portal.attempt_times[1] - portal.attempt_times[0] >= 1.9
 
 
+async def test_retry_after_does_not_spend_the_connect_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.portal as portal_module
+    from agent.backoff import BackoffPolicy
+
+    # A 1 s budget; the portal asks for 1 s four times in a row. Firezone keeps retrying while Retry-After comes.
+    monkeypatch.setattr(portal_module, "initial_connect_policy", lambda: BackoffPolicy(0.2, 1.0, 0.2, 1.0, False))
+    portal = FakePortal(
+        reject=lambda n: problem(429, "rate_limit", "slow down", {"Retry-After": "1"}) if n <= 4 else None
+    )
+    async with running(portal):
+        link = make_link(portal.port)
+        task = asyncio.ensure_future(link.run(lambda event: None))
+        await wait_until(lambda: link.joined or task.done())
+        assert link.joined, task.exception() if task.done() else None
+        await stop_link(link, task)
+    assert len(portal.attempt_times) == 5
+
+
 async def test_heartbeat_silence_reconnects_and_rejoins() -> None:
     portal = FakePortal(answer_heartbeats=False)
     async with running(portal):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.backoff import Backoff, BackoffPolicy, initial_connect_policy, reconnect_policy
+from agent.backoff import MAX_RETRY_AFTER, Backoff, BackoffPolicy, initial_connect_policy, reconnect_policy
 from dataplane.io.rng import SeededRng
 
 
@@ -95,13 +95,29 @@ def test_reset_restarts_ladder_and_budget() -> None:
     assert backoff.elapsed == 0.5
 
 
-def test_retry_after_overrides_the_ladder_and_counts_against_the_budget() -> None:
+def test_retry_after_overrides_the_ladder_without_spending_the_budget() -> None:
     backoff = Backoff(initial_connect_policy(), SeededRng(0))
     assert backoff.next_delay(retry_after=2.0) == 2.0
     assert backoff.next_delay(retry_after=0.0) == 0.0
-    assert backoff.elapsed == 2.0
-    assert backoff.next_delay(retry_after=14.0) is None
-    assert backoff.next_delay(retry_after=13.0) == 13.0
+    assert backoff.next_delay(retry_after=-3.0) == 0.0
+    assert backoff.elapsed == 0.0
+    assert backoff.next_delay(retry_after=14.0) == 14.0
+    assert backoff.next_delay() == 1.0
+    assert backoff.elapsed == 1.0
+
+
+def test_a_rate_limiting_portal_is_retried_for_as_long_as_it_sends_retry_after() -> None:
+    # Issue 8: 15 rate-limited answers in a row used to exhaust the 15 s first-connect budget and stop the gateway.
+    backoff = Backoff(initial_connect_policy(), SeededRng(0))
+    assert all(backoff.next_delay(retry_after=10.0) == 10.0 for _ in range(1000))
+    assert backoff.attempts == 0
+    # The ladder is where it was: 15 plain failures still fit in the budget.
+    assert [backoff.next_delay() for _ in range(16)] == [1.0] * 15 + [None]
+
+
+def test_an_absurd_retry_after_is_clamped_to_a_day() -> None:
+    backoff = Backoff(reconnect_policy(), SeededRng(0))
+    assert backoff.next_delay(retry_after=1e300) == MAX_RETRY_AFTER == 86400.0
 
 
 def test_invalid_policy_is_rejected() -> None:

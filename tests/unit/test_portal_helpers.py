@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from agent.backoff import MAX_RETRY_AFTER
 from agent.config import Secret
 from agent.main import generate_key_pair
 from agent.portal import (
@@ -110,6 +111,8 @@ def test_retry_after_seconds_and_dates() -> None:
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after("-1", now) is None
     assert parse_retry_after(None, now) is None
+    assert parse_retry_after("9" * 400, now) == parse_retry_after("9" * 5000, now) == MAX_RETRY_AFTER
+    assert parse_retry_after("\u0661\u0662", now) is None  # Arabic-Indic digits are not HTTP digits
 
 
 def _problem(status: int, code: str | None, detail: str) -> bytes:

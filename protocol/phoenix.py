@@ -4,9 +4,14 @@ One :class:`PhoenixChannel` lives as long as the process. For every WebSocket co
 :meth:`PhoenixChannel.connect` once the upgrade succeeded, feeds every text frame to :meth:`receive_text`, sends what
 :meth:`poll_send` returns, acts on :meth:`poll_event`, and calls :meth:`handle_timeout` at :meth:`poll_timeout`. When the
 socket dies on its own, the driver calls :meth:`connection_lost`. After a :class:`LinkHiccuped` the driver first sends
-what :meth:`poll_send` still returns (the heartbeat that went over the limit), then closes the socket. Application
-messages pushed while the channel is not joined are held (at most :data:`MAX_HELD_MESSAGES`, no exact duplicates) and
-flushed right after the next join.
+what :meth:`poll_send` still returns (the heartbeat that went over the limit), then closes the socket.
+
+Application messages belong to one connection, as in Firezone's phoenix-channel: pushed while the socket is open but
+the join is not answered yet, they are held (at most :data:`MAX_HELD_MESSAGES`, no exact duplicates) and flushed right
+after the join; pushed while there is no socket, they are refused (``push`` returns False); and whatever is still
+unsent when the connection is lost is discarded, never replayed on the next connection. An ``authorization_created``
+for a request the portal has since forgotten would otherwise reach it after the reconnect; what must survive a
+disconnection (ICE candidate changes) is the caller's state to re-send after :class:`ChannelJoined`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ class DropReason(enum.Enum):
     PHX_ERROR = "phx_error"
     HELD_DUPLICATE = "held_duplicate"
     HELD_QUEUE_FULL = "held_queue_full"
+    # Outbound: pushed while there was no connection, or still unsent when the connection was lost.
+    NOT_CONNECTED = "not_connected"
+    UNSENT_ON_DISCONNECT = "unsent_on_disconnect"
 
 
 class HiccupReason(enum.Enum):
@@ -74,7 +82,7 @@ class State(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ChannelJoined:
-    """The join reply arrived with status ok; held messages have been queued for sending."""
+    """The join reply arrived with status ok; messages pushed while joining have been queued for sending."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +199,15 @@ class PhoenixChannel:
         self._go_disconnected()
 
     def push(self, event: str, payload: Any, now: float) -> bool:
-        """Send an application message on the channel topic; held until joined. False = refused (duplicate/full)."""
+        """Send an application message on the channel topic; held while joining.
+
+        False = refused: no connection (dropped, as Firezone's ``NotConnected``), or a duplicate / full hold queue."""
         del now
         if self._state is State.FAILED:
             raise LocalProtocolError("push() on a failed channel")
+        if self._state is State.DISCONNECTED:
+            self._drop(DropReason.NOT_CONNECTED)
+            return False
         message = _Outgoing(self.topic, event, payload, _identity(event, payload))
         if self._state is State.JOINED:
             self._outbox.append(message)
@@ -341,15 +354,24 @@ class PhoenixChannel:
         return True
 
     def _requeue_outbox(self) -> None:
-        # Application messages not yet handed to the socket survive the hiccup and go out after the next join.
+        # Re-joining on the same connection ("unmatched topic"): unsent messages wait for the new join reply.
         pending = list(self._outbox)
         self._outbox.clear()
-        self._state = State.DISCONNECTED
+        self._state = State.JOINING
         for message in pending:
             self._hold(message)
 
+    def _discard_unsent(self) -> None:
+        unsent = len(self._outbox) + len(self._held)
+        if unsent:
+            self.drops.drop(DropReason.UNSENT_ON_DISCONNECT, unsent)
+            logger.debug("connection lost: %d unsent portal messages discarded", unsent)
+        self._outbox.clear()
+        self._held.clear()
+
     def _go_disconnected(self, *, keep_frames: bool = False) -> None:
-        self._requeue_outbox()
+        self._discard_unsent()
+        self._state = State.DISCONNECTED
         if not keep_frames:
             self._frames.clear()
         self._join_ref = None
@@ -367,7 +389,6 @@ class PhoenixChannel:
     def _fail(self, reason: FatalReason, detail: str) -> None:
         self._go_disconnected()
         self._state = State.FAILED
-        self._held.clear()
         self._events.append(ChannelFailed(reason, detail))
 
     def _drop(self, reason: DropReason) -> None:

@@ -261,18 +261,31 @@ def test_unmatched_topic_triggers_rejoin_and_requeues_unsent() -> None:
     assert [f["event"] for f in sent(channel)] == ["broadcast_ice_candidates"]
 
 
-def test_messages_while_not_joined_are_held_and_flushed_after_join() -> None:
+def test_messages_while_joining_are_held_and_flushed_after_join() -> None:
     channel = PhoenixChannel()
-    assert channel.push("no_relays", {}, 0.0)
-    assert channel.push("authorization_created", {"ref": "r"}, 0.0)
     channel.connect(1.0)
     assert [f["event"] for f in sent(channel)] == ["phx_join"]
+    assert channel.push("no_relays", {}, 1.0)
+    assert channel.push("authorization_created", {"ref": "r"}, 1.0)
+    assert sent(channel) == []
     channel.receive_text(reply(0), 1.1)
     assert [(f["event"], f["ref"]) for f in sent(channel)] == [("no_relays", 1), ("authorization_created", 2)]
 
 
+def test_messages_pushed_without_a_connection_are_refused() -> None:
+    # As Firezone's phoenix-channel (NotConnected): nothing pushed while disconnected is replayed after the next join.
+    channel = PhoenixChannel()
+    assert not channel.push("authorization_created", {"ref": "stale"}, 0.0)
+    assert channel.drops[DropReason.NOT_CONNECTED] == 1
+    assert channel.held_count == 0
+    channel.connect(1.0)
+    channel.receive_text(reply(0), 1.1)
+    assert [f["event"] for f in sent(channel)] == ["phx_join"]
+
+
 def test_held_queue_refuses_exact_duplicates() -> None:
     channel = PhoenixChannel()
+    channel.connect(0.0)
     assert channel.push("no_relays", {}, 0.0)
     assert not channel.push("no_relays", {}, 0.0)
     assert channel.push("authorization_created", {"ref": "1"}, 0.0)
@@ -284,10 +297,10 @@ def test_held_queue_refuses_exact_duplicates() -> None:
 
 def test_held_queue_is_bounded_to_32() -> None:
     channel = PhoenixChannel()
+    channel.connect(0.0)
     accepted = [channel.push("authorization_created", {"ref": str(i)}, 0.0) for i in range(40)]
     assert accepted == [True] * 32 + [False] * 8
     assert channel.drops[DropReason.HELD_QUEUE_FULL] == 8
-    channel.connect(0.0)
     channel.receive_text(reply(0), 0.0)
     frames = sent(channel)
     assert [f["payload"]["ref"] for f in frames[1:]] == [str(i) for i in range(32)]
@@ -313,14 +326,27 @@ def test_refs_restart_at_zero_on_every_connection() -> None:
     assert channel.poll_timeout() == (22.0, TimerKind.HEARTBEAT)
 
 
-def test_unsent_messages_survive_a_lost_connection() -> None:
+def test_unsent_messages_are_discarded_with_the_connection() -> None:
     channel = joined_channel()
     channel.push("no_relays", {}, 1.0)
     channel.connection_lost(1.5)
-    assert channel.held_count == 1
+    assert channel.held_count == 0
+    assert channel.drops[DropReason.UNSENT_ON_DISCONNECT] == 1
     channel.connect(2.0)
     channel.receive_text(reply(0), 2.1)
-    assert [f["event"] for f in sent(channel)] == ["phx_join", "no_relays"]
+    assert [f["event"] for f in sent(channel)] == ["phx_join"]
+
+
+def test_messages_held_while_joining_are_discarded_by_a_hiccup() -> None:
+    channel = PhoenixChannel()
+    channel.connect(0.0)
+    sent(channel)
+    assert channel.push("authorization_created", {"ref": "r"}, 1.0)
+    channel.handle_timeout(5.0)
+    assert events(channel) == [LinkHiccuped(HiccupReason.JOIN_TIMEOUT)]
+    assert channel.held_count == 0
+    assert channel.drops[DropReason.UNSENT_ON_DISCONNECT] == 1
+    assert not channel.push("authorization_created", {"ref": "r"}, 5.1)
 
 
 def test_connect_twice_is_misuse() -> None:

@@ -180,8 +180,12 @@ class ResourceConfig(_Model):
 
 
 class ClientConfig(_Model):
+    """A client device. ``token`` admits it on ``/client/websocket``; it then brings its own ``public_key`` (the
+    configured one is only used by operator-made authorizations for a client that is not connected)."""
+
     id: str
     public_key: str
+    token: str | None = Field(default=None, min_length=1)
     ipv4: ipaddress.IPv4Address
     ipv6: ipaddress.IPv6Address
     version: str = "1.6.0"
@@ -227,6 +231,8 @@ class PortalConfig(_Model):
     max_relays: int = 2
     idle_timeout: float = 37.0
     """Seconds without any frame from the gateway before the portal closes the socket (Phoenix's 37 s)."""
+    authorization_timeout: float = Field(default=15.0, gt=0)
+    """Seconds a brokered flow waits for the gateway's ``authorization_created`` (portal-protocol.md §2.1: 15 s)."""
     sites: list[SiteConfig] = Field(default_factory=list)
     gateways: list[GatewayConfig] = Field(default_factory=list)
     resources: list[ResourceConfig] = Field(default_factory=list)
@@ -245,6 +251,9 @@ class PortalConfig(_Model):
             if resource.site_id is not None and resource.site_id not in site_ids:
                 raise ValueError(f"resource {resource.id}: no such site {resource.site_id!r}")
         client_ids = {c.id for c in self.clients}
+        tokens = [c.token for c in self.clients if c.token is not None]
+        if len(tokens) != len(set(tokens)):
+            raise ValueError("two clients share a token")
         resource_ids = {r.id for r in self.resources}
         for authorization in self.authorizations:
             if authorization.client_id not in client_ids:
@@ -255,6 +264,13 @@ class PortalConfig(_Model):
 
     def client(self, client_id: str) -> ClientConfig:
         return _by_id(self.clients, client_id, "client")
+
+    def find_client(self, token: str) -> ClientConfig | None:
+        """The client admitted by this token, or None."""
+        for client in self.clients:
+            if client.token is not None and hmac.compare_digest(client.token.encode(), token.encode()):
+                return client
+        return None
 
     def resource(self, resource_id: str) -> ResourceConfig:
         return _by_id(self.resources, resource_id, "resource")
@@ -312,6 +328,11 @@ class PortalConfig(_Model):
                         }
                     )
         return entries
+
+    def client_resource_payload(self, resource: ResourceConfig) -> dict[str, Any]:
+        """A resource as the client's ``init`` lists it: the gateway view plus the sites that serve it."""
+        sites = [s for s in self.sites if resource.site_id in (None, s.id)]
+        return {**resource.to_payload(), "sites": [{"id": s.id, "name": s.name} for s in sites]}
 
     def authorizations_for_site(self, site_id: str, now_unix: float) -> list[dict[str, Any]]:
         """Still-valid (client, resource) pairs whose resource this site serves, as ``init.authorizations``."""

@@ -2,7 +2,10 @@
 
 It mirrors the parts of Firezone's portal a gateway can observe (portal-protocol.md §1, §2): the upgrade checks and
 their problem+json answers, the ``gateway`` channel, ``init`` after every join, the pushes an operator or a client would
-cause, and the replies to what the gateway sends. Everything it sees and sends is kept in an event log that tests read
+cause, and the replies to what the gateway sends. Headless clients connect on ``/client/websocket`` (topic ``client``)
+and are brokered as the real portal does (§2.3): ``create_flow`` picks a joined gateway of the resource's site, pushes
+``create_authorization`` with the derived ICE credentials and PSK, and answers ``flow_created`` once the gateway
+confirms (``flow_creation_failed`` on ``no_relays``, a vanished gateway or after 15 s); candidates go both ways. Everything it sees and sends is kept in an event log that tests read
 with :meth:`DevPortal.wait_for` (or ``GET /admin/events``) instead of sleeping. Faults (rejected upgrades, silent
 heartbeats, dropped sockets, downtime) are switched on through :attr:`DevPortal.faults` or ``POST /admin/faults``.
 """
@@ -19,8 +22,9 @@ import itertools
 import json
 import logging
 import secrets
+import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +35,10 @@ from lab.portal import wire
 from lab.portal.config import (
     TUNNEL_IPV4_POOL,
     TUNNEL_IPV6_POOL,
+    ClientConfig,
     GatewayConfig,
     PortalConfig,
+    ResourceConfig,
     SigningKey,
     gateway_version_from_user_agent,
     ice_credentials,
@@ -45,6 +51,8 @@ log = logging.getLogger("lab.portal")
 
 V2_PATH = "/gateway/v2/websocket"
 V1_PATH = "/gateway/websocket"
+CLIENT_PATH = "/client/websocket"
+CLIENT_TOPIC = "client"
 PHOENIX_AUTH_PROTOCOL_PREFIX = "base64url.bearer.phx."
 MAX_INBOUND_FRAME = 16 * 1024 * 1024
 ADMIN_MAX_BODY = 64 * 1024 * 1024
@@ -57,6 +65,18 @@ _COMMON_GATEWAY_EVENTS = frozenset(
 )
 _AUTHORIZED_EVENT = {"v2": "authorization_created", "v1": "flow_authorized"}
 _AUTHORIZE_EVENT = {"v2": "create_authorization", "v1": "authorize_flow"}
+_CANDIDATE_EVENTS = {
+    "broadcast_ice_candidates": "ice_candidates",
+    "broadcast_invalidated_ice_candidates": ("invalidate_ice_candidates"),
+}
+"""What each side's candidate broadcast becomes when the portal forwards it to the other side."""
+MAX_FLOWS_KEPT = 10_000
+"""Finished flows beyond this many (oldest first) are forgotten; pending ones are always kept."""
+MAX_PENDING_FLOWS_PER_CLIENT = 64
+MAX_FORWARDED_CANDIDATES = 64
+"""Candidates per forwarded message; a broadcast with more is cut (a real peer announces a handful)."""
+MAX_BROADCAST_TARGETS = 64
+MAX_FINISHED_CLIENTS = 1000
 
 
 class AdminError(Exception):
@@ -70,7 +90,7 @@ class AdminError(Exception):
 class SocketGone(AdminError):
     """The gateway's socket closed while the portal was writing to it."""
 
-    def __init__(self, session: GatewaySession) -> None:
+    def __init__(self, session: GatewaySession | ClientSession) -> None:
         super().__init__(409, f"the socket of conn {session.conn_id} is closed")
 
 
@@ -133,6 +153,8 @@ class PortalEvent:
     conn_id: int | None = None
     gateway_id: str | None = None
     external_id: str | None = None
+    client_id: str | None = None
+    """Set on entries about a client socket."""
     topic: str | None = None
     event: str | None = None
     payload: Any = None
@@ -149,6 +171,7 @@ class PortalEvent:
             "conn_id": self.conn_id,
             "gateway_id": self.gateway_id,
             "external_id": self.external_id,
+            "client_id": self.client_id,
             "topic": self.topic,
             "event": self.event,
             "payload": self.payload,
@@ -207,6 +230,94 @@ class GatewaySession:
         }
 
 
+@dataclass
+class ClientSession:
+    """One live (or finished) client WebSocket. The client brings its own ``public_key`` (query parameter)."""
+
+    conn_id: int
+    entry: ClientConfig
+    public_key: str
+    user_agent: str
+    serializer: wire.Serializer
+    remote: str | None
+    ws: web.WebSocketResponse
+    request: web.Request
+    connected_at: float
+    joined: bool = False
+    join_ref: wire.Ref = None
+    closed_at: float | None = None
+    close_reason: str | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.entry.id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "conn_id": self.conn_id,
+            "client_id": self.client_id,
+            "public_key": self.public_key,
+            "user_agent": self.user_agent,
+            "ipv4": str(self.entry.ipv4),
+            "ipv6": str(self.entry.ipv6),
+            "remote": self.remote,
+            "connected_at": self.connected_at,
+            "joined": self.joined,
+            "closed_at": self.closed_at,
+            "close_reason": self.close_reason,
+        }
+
+
+Session = GatewaySession | ClientSession
+
+
+@dataclass
+class Flow:
+    """One ``create_flow`` from a client and what the portal made of it."""
+
+    flow_id: int
+    client_conn_id: int
+    client_id: str
+    resource_id: str
+    requested_at: float
+    state: str = "pending"
+    """``pending`` (waiting for the gateway), ``created``, ``failed`` or ``abandoned`` (the client left first)."""
+    gateway_id: str | None = None
+    gateway_conn_id: int | None = None
+    ref: str | None = None
+    reason: str | None = None
+    finished_at: float | None = None
+    authorization: dict[str, Any] | None = None
+    """The ``create_authorization`` payload pushed to the gateway."""
+    flow_created: dict[str, Any] | None = None
+    """The ``flow_created`` payload pushed to the client."""
+    timer: asyncio.TimerHandle | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "flow_id": self.flow_id,
+            "client_conn_id": self.client_conn_id,
+            "client_id": self.client_id,
+            "resource_id": self.resource_id,
+            "requested_at": self.requested_at,
+            "state": self.state,
+            "gateway_id": self.gateway_id,
+            "gateway_conn_id": self.gateway_conn_id,
+            "ref": self.ref,
+            "reason": self.reason,
+            "finished_at": self.finished_at,
+            "authorization": self.authorization,
+            "flow_created": self.flow_created,
+        }
+
+
+def _strings(value: Any, limit: int) -> list[str]:
+    """The string items of a JSON list (anything else skipped), at most ``limit`` of them."""
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, str)][:limit]
+
+
 def _problem(status: int, code: str, detail: str, retry_after: str | None = None) -> web.Response:
     body = {"title": http.HTTPStatus(status).phrase, "status": status, "detail": detail, "code": code}
     headers = {"Retry-After": retry_after} if retry_after is not None else None
@@ -263,6 +374,13 @@ class DevPortal:
         self._changed = asyncio.Event()
         self._tunnel_ips: dict[str, tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]] = {}
         self._next_pool_host = 2
+        self._clients: dict[int, ClientSession] = {}
+        self._finished_clients: list[ClientSession] = []
+        self._flows: dict[int, Flow] = {}
+        self._pending_flows: dict[str, Flow] = {}
+        """Flows waiting for ``authorization_created``, by the ref pushed to the gateway."""
+        self._flow_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -294,16 +412,25 @@ class DevPortal:
         app = web.Application(client_max_size=ADMIN_MAX_BODY)
         app.router.add_get(V2_PATH, self._handle_v2)
         app.router.add_get(V1_PATH, self._handle_v1)
+        app.router.add_get(CLIENT_PATH, self._handle_client_socket)
         admin = AdminApi(self)
         admin.register(app.router)
         return app
 
-    async def start(self) -> None:
+    async def start(self, *, sock: socket.socket | None = None) -> None:
+        """Listens on ``host:port``, or on ``sock``: a bound listening TCP socket the caller made (e.g. inside a
+        network namespace). The portal then owns it and closes it on :meth:`stop`; a restart needs a new socket."""
         if self._runner is not None:
             raise RuntimeError("the dev portal is already running")
         runner = web.AppRunner(self._build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site: web.BaseSite
+        if sock is not None:
+            sock.setblocking(False)
+            self.host, self.port = str(sock.getsockname()[0]), int(sock.getsockname()[1])
+            site = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:
             await site.start()
         except BaseException:
@@ -315,28 +442,33 @@ class DevPortal:
         log.info("dev portal listening on %s", self.url)
 
     async def stop(self) -> None:
-        """Closes every gateway socket (WS close 1001) and the listener. Idempotent."""
+        """Closes every gateway and client socket (WS close 1001) and the listener. Idempotent."""
         runner, self._runner = self._runner, None
         if runner is None:
             return
+        sockets: list[Session] = [*self._sessions.values(), *self._clients.values()]
         await asyncio.gather(
-            *(self._close_session(s, code=1001, reason="portal stopping") for s in list(self._sessions.values())),
+            *(self._close_session(s, code=1001, reason="portal stopping") for s in sockets),
             return_exceptions=True,
         )
+        for flow in list(self._pending_flows.values()):
+            self._finish_flow(flow, "abandoned", "portal stopping")
         await runner.cleanup()
         log.info("dev portal stopped")
 
     # ---------------------------------------------------------------- event log
 
-    def _record(self, kind: str, session: GatewaySession | None = None, **fields: Any) -> PortalEvent:
+    def _record(self, kind: str, session: Session | None = None, **fields: Any) -> PortalEvent:
+        if isinstance(session, GatewaySession):
+            fields["gateway_id"], fields["external_id"] = session.gateway_id, session.external_id
+        elif isinstance(session, ClientSession):
+            fields["client_id"] = session.client_id
         event = PortalEvent(
             seq=self.next_seq,
             kind=kind,
             at=time.monotonic(),
             wall=self._wall_clock(),
             conn_id=session.conn_id if session else None,
-            gateway_id=session.gateway_id if session else fields.pop("gateway_id", None),
-            external_id=session.external_id if session else fields.pop("external_id", None),
             **fields,
         )
         self._events.append(event)
@@ -364,16 +496,25 @@ class DevPortal:
         event: str | None = None,
         gateway: str | None = None,
         conn_id: int | None = None,
+        client: str | None = None,
     ) -> list[PortalEvent]:
-        return [e for e in self._since(since) if self._matches(e, kind, event, gateway, conn_id)]
+        return [e for e in self._since(since) if self._matches(e, kind, event, gateway, conn_id, client)]
 
     @staticmethod
-    def _matches(e: PortalEvent, kind: str | None, event: str | None, gateway: str | None, conn_id: int | None) -> bool:
+    def _matches(
+        e: PortalEvent,
+        kind: str | None,
+        event: str | None,
+        gateway: str | None,
+        conn_id: int | None,
+        client: str | None = None,
+    ) -> bool:
         return (
             (kind is None or e.kind == kind)
             and (event is None or e.event == event)
             and (gateway is None or gateway in (e.gateway_id, e.external_id))
             and (conn_id is None or e.conn_id == conn_id)
+            and (client is None or e.client_id == client)
         )
 
     async def wait_for(
@@ -384,6 +525,7 @@ class DevPortal:
         event: str | None = None,
         gateway: str | None = None,
         conn_id: int | None = None,
+        client: str | None = None,
         predicate: Callable[[PortalEvent], bool] | None = None,
         timeout: float = 10.0,
     ) -> PortalEvent:
@@ -392,7 +534,7 @@ class DevPortal:
         position = since
         while True:
             for e in self._since(position):
-                if self._matches(e, kind, event, gateway, conn_id) and (predicate is None or predicate(e)):
+                if self._matches(e, kind, event, gateway, conn_id, client) and (predicate is None or predicate(e)):
                     return e
             position = max(position, self.next_seq)
             remaining = deadline - time.monotonic()
@@ -442,7 +584,47 @@ class DevPortal:
 
     # ---------------------------------------------------------------- pushes
 
-    async def _send(self, session: GatewaySession, frame: wire.Frame) -> None:
+    def clients(self) -> list[dict[str, Any]]:
+        """Every client socket seen (the newest per client id), with whether it is connected now."""
+        latest: dict[str, ClientSession] = {}
+        for session in sorted([*self._finished_clients, *self._clients.values()], key=lambda s: s.conn_id):
+            latest[session.client_id] = session
+        return [{**s.to_json(), "connected": s.conn_id in self._clients} for s in latest.values()]
+
+    def client_session(self, client: str | None = None, *, joined: bool = True) -> ClientSession:
+        """The live client socket selected by client id or conn id; the only one when ``None``."""
+        candidates = [s for s in self._clients.values() if s.joined or not joined]
+        if client is not None:
+            candidates = [s for s in candidates if client in (s.client_id, str(s.conn_id))]
+        if not candidates:
+            raise AdminError(404, "no client connection" + (f" matching {client!r}" if client else ""))
+        if len(candidates) > 1:
+            raise AdminError(409, "several clients are connected; name one")
+        return candidates[0]
+
+    def flows(self, *, client: str | None = None, state: str | None = None) -> list[Flow]:
+        """Brokered flows, oldest first, optionally only one client's (client id) or in one state."""
+        return [
+            f
+            for f in self._flows.values()
+            if (client is None or f.client_id == client) and (state is None or f.state == state)
+        ]
+
+    async def wait_for_flow(self, resource_id: str, *, client: str | None = None, timeout: float = 20.0) -> Flow:
+        """The newest flow for this resource (and client) once it is no longer pending; ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matching = [f for f in self.flows(client=client) if f.resource_id == resource_id]
+            if matching and matching[-1].state != "pending":
+                return matching[-1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no finished flow for resource {resource_id} within {timeout} s")
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
+    async def _send(self, session: Session, frame: wire.Frame) -> None:
         await self._write(session, wire.encode(frame, session.serializer))
         self._record("sent", session, topic=frame.topic, event=frame.event, payload=frame.payload, ref=frame.ref)
 
@@ -454,7 +636,7 @@ class DevPortal:
         await self._push(session, event, payload, topic=topic)
         return session
 
-    async def _push(self, session: GatewaySession, event: str, payload: Any, *, topic: str = "gateway") -> None:
+    async def _push(self, session: Session, event: str, payload: Any, *, topic: str = "gateway") -> None:
         await self._send(
             session, wire.Frame(topic=topic, event=event, payload=payload, ref=None, join_ref=session.join_ref)
         )
@@ -465,7 +647,7 @@ class DevPortal:
         await self._write(session, frame)
         self._record("sent", session, detail=f"raw {type(frame).__name__} frame, {len(frame)} units")
 
-    async def _write(self, session: GatewaySession, frame: str | bytes) -> None:
+    async def _write(self, session: Session, frame: str | bytes) -> None:
         try:
             if isinstance(frame, bytes):
                 await session.ws.send_bytes(frame)
@@ -512,21 +694,29 @@ class DevPortal:
         return ipv4, ipv6
 
     def authorization_payload(
-        self, session: GatewaySession, client_id: str, resource_id: str, *, expires_at: int | None | str = "default"
+        self,
+        session: GatewaySession,
+        client_id: str,
+        resource_id: str,
+        *,
+        expires_at: int | None | str = "default",
+        client_public_key: str | None = None,
     ) -> dict[str, Any]:
-        """A full ``create_authorization`` payload (portal-protocol.md §2.1) for a configured client and resource."""
+        """A full ``create_authorization`` payload (portal-protocol.md §2.1) for a configured client and resource.
+
+        ``client_public_key``: the key a connected client announced (default: the one in the config).
+        """
         client = self.config.client(client_id)
         resource = self.config.resource(resource_id)
+        client_key = client.public_key if client_public_key is None else client_public_key
         if expires_at == "default":
             expires_at = int(self._wall_clock()) + 14 * 24 * 3600
         assert expires_at is None or isinstance(expires_at, int)
-        client_creds, gateway_creds = ice_credentials(
-            client.id, client.public_key, session.gateway_id, session.public_key
-        )
+        client_creds, gateway_creds = ice_credentials(client.id, client_key, session.gateway_id, session.public_key)
         psk = preshared_key(
             client.id,
             self.config.psk_base(client.id),
-            client.public_key,
+            client_key,
             session.gateway_id,
             self.config.psk_base(session.gateway_id),
             session.public_key,
@@ -558,7 +748,7 @@ class DevPortal:
             "resource": resource.to_payload(),
             "client": {
                 "id": client.id,
-                "public_key": client.public_key,
+                "public_key": client_key,
                 "preshared_key": psk,
                 "ipv4": str(client.ipv4),
                 "ipv6": str(client.ipv6),
@@ -670,7 +860,7 @@ class DevPortal:
         else:
             await self._close_session(session, code=code, reason="dropped by the portal")
 
-    async def _close_session(self, session: GatewaySession, *, code: int, reason: str) -> None:
+    async def _close_session(self, session: Session, *, code: int, reason: str) -> None:
         session.close_reason = session.close_reason or reason
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.ws.close(code=code, message=reason.encode()[:120]), 3.0)
@@ -773,7 +963,7 @@ class DevPortal:
         self._record("connected", session, detail=f"{socket_version} {serializer.value} {user_agent}")
         log.info("gateway %s (%s) connected, conn %d", session.name, session.external_id, session.conn_id)
         try:
-            await self._serve(session)
+            await self._serve(session, self._handle_text)
         finally:
             self._sessions.pop(session.conn_id, None)
             self._finished.append(session)
@@ -783,9 +973,11 @@ class DevPortal:
                 session.close_reason = f"closed by the gateway ({ws.close_code})"
             self._record("closed", session, detail=session.close_reason, status=ws.close_code)
             log.info("gateway %s conn %d closed: %s", session.name, session.conn_id, session.close_reason)
+            for flow in [f for f in self._pending_flows.values() if f.gateway_conn_id == session.conn_id]:
+                self._spawn(self._fail_flow(flow, "offline"))
         return ws
 
-    async def _serve(self, session: GatewaySession) -> None:
+    async def _serve(self, session: Session, handle: Callable[[Any, str], Awaitable[None]]) -> None:
         ws = session.ws
         while not ws.closed:
             try:
@@ -795,7 +987,7 @@ class DevPortal:
                 return
             if message.type == WSMsgType.TEXT:
                 try:
-                    await self._handle_text(session, message.data)
+                    await handle(session, message.data)
                 except SocketGone:
                     return
             elif message.type == WSMsgType.BINARY:
@@ -856,16 +1048,279 @@ class DevPortal:
             ref = frame.payload.get("ref") if isinstance(frame.payload, dict) else None
             if isinstance(ref, str) and ref in session.issued_refs and self._signing.verify_ref(ref):
                 await self._send(session, wire.reply(frame, "ok", {}))
+                flow = self._pending_flows.get(ref)
+                if flow is not None and flow.gateway_conn_id == session.conn_id:
+                    await self._complete_flow(flow, session)
             else:
                 await self._send(session, wire.reply(frame, "error", {"reason": "invalid_ref"}))
             return
         if event in _COMMON_GATEWAY_EVENTS:
             await self._send(session, wire.reply(frame, "ok", {}))
             if event == "no_relays":
+                # It answers create_authorization this way when it has no relay to sample (§2.1): the flows it was
+                # asked for will not be confirmed.
+                for flow in [f for f in self._pending_flows.values() if f.gateway_conn_id == session.conn_id]:
+                    await self._fail_flow(flow, "no_relays")
                 payload = {"disconnected_ids": [], "connected": self.config.relay_entries(session.public_key)}
                 await self._push(session, "relays_presence", payload)
+            elif event in _CANDIDATE_EVENTS:
+                await self._forward_gateway_candidates(session, _CANDIDATE_EVENTS[event], frame.payload)
             return
         await self._send(session, wire.reply(frame, "error", {"reason": "unknown_message"}))
+
+    # ---------------------------------------------------------------- the client socket and brokering
+
+    async def _handle_client_socket(self, request: web.Request) -> web.StreamResponse:
+        query = dict(request.query)
+        if self.faults.refuse_connections:
+            self._record("refused", detail="client: simulated downtime")
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        token, subprotocol = _bearer_token(request)
+        if token is None:
+            return self._reject(401, "missing_token", "No token was provided")
+        entry = self.config.find_client(token)
+        if entry is None:
+            return self._reject(401, "invalid_token", "The token is invalid or expired")
+        try:
+            serializer = wire.serializer_for_vsn(query.get("vsn"))
+        except ValueError as exc:
+            return self._reject(400, "invalid_connect_params", str(exc), client_id=entry.id)
+        public_key = query.get("public_key", "")
+        if not is_valid_public_key(public_key):
+            return self._reject(400, "invalid_connect_params", "public_key: is invalid", client_id=entry.id)
+        if any(s.client_id == entry.id for s in self._clients.values()):
+            return self._reject(409, "client_already_connected", "This client is already connected", client_id=entry.id)
+
+        ws = web.WebSocketResponse(
+            timeout=3.0,
+            autoping=True,
+            heartbeat=None,
+            compress=False,
+            max_msg_size=MAX_INBOUND_FRAME,
+            protocols=(subprotocol,) if subprotocol else (),
+        )
+        await ws.prepare(request)
+        session = ClientSession(
+            conn_id=next(self._conn_ids),
+            entry=entry,
+            public_key=public_key,
+            user_agent=request.headers.get("User-Agent", ""),
+            serializer=serializer,
+            remote=request.remote,
+            ws=ws,
+            request=request,
+            connected_at=self._wall_clock(),
+        )
+        self._clients[session.conn_id] = session
+        self._record("connected", session, detail=f"client {serializer.value} {session.user_agent}")
+        log.info("client %s connected, conn %d", session.client_id, session.conn_id)
+        try:
+            await self._serve(session, self._handle_client_text)
+        finally:
+            self._clients.pop(session.conn_id, None)
+            self._finished_clients.append(session)
+            del self._finished_clients[:-MAX_FINISHED_CLIENTS]
+            session.joined = False
+            session.closed_at = self._wall_clock()
+            if session.close_reason is None:
+                session.close_reason = f"closed by the client ({ws.close_code})"
+            self._record("closed", session, detail=session.close_reason, status=ws.close_code)
+            log.info("client %s conn %d closed: %s", session.client_id, session.conn_id, session.close_reason)
+            for flow in [f for f in self._pending_flows.values() if f.client_conn_id == session.conn_id]:
+                self._finish_flow(flow, "abandoned", "the client left")
+        return ws
+
+    async def _handle_client_text(self, session: ClientSession, text: str) -> None:
+        try:
+            frame = wire.decode(text, session.serializer)
+        except wire.FrameError as exc:
+            self._record("invalid", session, detail=f"{exc}; frame starts {text[:80]!r}")
+            return
+        self._record("received", session, topic=frame.topic, event=frame.event, payload=frame.payload, ref=frame.ref)
+        if frame.topic == "phoenix" and frame.event == "heartbeat":
+            if self.faults.answer_heartbeats:
+                await self._send(session, wire.reply(frame, "ok", {}))
+            return
+        if frame.event == "phx_join" and frame.topic == CLIENT_TOPIC:
+            session.joined = True
+            join_ref = frame.join_ref if frame.join_ref is not None else frame.ref
+            session.join_ref = None if session.serializer is wire.Serializer.V1 else join_ref
+            await self._send(session, wire.reply(frame, "ok", {}))
+            await self._push(session, "init", self.client_init_payload(session), topic=CLIENT_TOPIC)
+            return
+        if frame.topic != CLIENT_TOPIC or not session.joined:
+            await self._send(session, wire.reply(frame, "error", {"reason": "unmatched topic"}))
+            return
+        if frame.event == "phx_leave":
+            session.joined = False
+            await self._send(session, wire.reply(frame, "ok", {}))
+        elif frame.event == "create_flow":
+            await self._create_flow(session, frame)
+        elif frame.event in _CANDIDATE_EVENTS:
+            await self._send(session, wire.reply(frame, "ok", {}))
+            await self._forward_client_candidates(session, _CANDIDATE_EVENTS[frame.event], frame.payload)
+        else:
+            await self._send(session, wire.reply(frame, "error", {"reason": "unknown_message"}))
+
+    def client_init_payload(self, session: ClientSession) -> dict[str, Any]:
+        """The client's ``init``: its tunnel addresses (from the config), every resource, relays for its key."""
+        return {
+            "interface": {"ipv4": str(session.entry.ipv4), "ipv6": str(session.entry.ipv6)},
+            "resources": [self.config.client_resource_payload(r) for r in self.config.resources],
+            "relays": self.config.relay_entries(session.public_key),
+        }
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pick_gateway(self, resource: ResourceConfig, connected_ids: list[str]) -> GatewaySession | None:
+        """A joined gateway of the resource's site: one the client already talks to, else the least loaded."""
+        eligible = [s for s in self._sessions.values() if s.joined and resource.site_id in (None, s.entry.site_id)]
+        for session in eligible:
+            if session.gateway_id in connected_ids:
+                return session
+        if not eligible:
+            return None
+        load = {s.conn_id: 0 for s in eligible}
+        for flow in self._flows.values():
+            if flow.gateway_conn_id in load and flow.state in ("pending", "created"):
+                load[flow.gateway_conn_id] += 1
+        return min(eligible, key=lambda s: (load[s.conn_id], s.conn_id))
+
+    def _add_flow(self, flow: Flow) -> None:
+        self._flows[flow.flow_id] = flow
+        if len(self._flows) > MAX_FLOWS_KEPT:
+            for flow_id in [i for i, f in self._flows.items() if f.state != "pending"][: MAX_FLOWS_KEPT // 10]:
+                del self._flows[flow_id]
+
+    async def _create_flow(self, session: ClientSession, frame: wire.Frame) -> None:
+        payload = frame.payload if isinstance(frame.payload, dict) else {}
+        resource_id = payload.get("resource_id")
+        if not isinstance(resource_id, str):
+            await self._send(session, wire.reply(frame, "error", {"reason": "invalid_payload"}))
+            return
+        await self._send(session, wire.reply(frame, "ok", {}))
+        flow = Flow(next(self._flow_ids), session.conn_id, session.client_id, resource_id, self._wall_clock())
+        self._add_flow(flow)
+        pending = sum(1 for f in self._pending_flows.values() if f.client_conn_id == session.conn_id)
+        if pending >= MAX_PENDING_FLOWS_PER_CLIENT:
+            await self._fail_flow(flow, "too_many_requests")
+            return
+        try:
+            resource = self.config.resource(resource_id)
+        except KeyError:
+            await self._fail_flow(flow, "not_found")
+            return
+        gateway = self._pick_gateway(resource, _strings(payload.get("connected_gateway_ids"), MAX_BROADCAST_TARGETS))
+        if gateway is None:
+            await self._fail_flow(flow, "offline")
+            return
+        authorization = self.authorization_payload(
+            gateway, session.client_id, resource_id, client_public_key=session.public_key
+        )
+        flow.gateway_id, flow.gateway_conn_id = gateway.gateway_id, gateway.conn_id
+        flow.ref, flow.authorization = authorization["ref"], authorization
+        gateway.issued_refs.add(authorization["ref"])
+        self._pending_flows[authorization["ref"]] = flow
+        flow.timer = asyncio.get_running_loop().call_later(
+            self.config.authorization_timeout, self._on_flow_timeout, authorization["ref"]
+        )
+        log.info("client %s asks for %s: brokering via gateway %s", session.client_id, resource_id, gateway.name)
+        try:
+            await self._push(gateway, _AUTHORIZE_EVENT[gateway.socket_version], authorization)
+        except SocketGone:
+            await self._fail_flow(flow, "offline")
+
+    def _on_flow_timeout(self, ref: str) -> None:
+        flow = self._pending_flows.get(ref)
+        if flow is not None:
+            flow.timer = None
+            self._spawn(self._fail_flow(flow, "offline"))
+
+    def _finish_flow(self, flow: Flow, state: str, reason: str | None) -> None:
+        if flow.ref is not None:
+            self._pending_flows.pop(flow.ref, None)
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        flow.state, flow.reason, flow.finished_at = state, reason, self._wall_clock()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _fail_flow(self, flow: Flow, reason: str) -> None:
+        """``flow_creation_failed`` to the client (portal-protocol.md §2.1 step 5: ``offline`` after 15 s)."""
+        if flow.state != "pending":
+            return
+        self._finish_flow(flow, "failed", reason)
+        log.info("flow %d (%s for %s) failed: %s", flow.flow_id, flow.resource_id, flow.client_id, reason)
+        client = self._clients.get(flow.client_conn_id)
+        if client is not None:
+            with contextlib.suppress(SocketGone):
+                payload = {"resource_id": flow.resource_id, "reason": reason}
+                await self._push(client, "flow_creation_failed", payload, topic=CLIENT_TOPIC)
+
+    async def _complete_flow(self, flow: Flow, gateway: GatewaySession) -> None:
+        client = self._clients.get(flow.client_conn_id)
+        if client is None:
+            self._finish_flow(flow, "abandoned", "the client left")
+            return
+        assert flow.authorization is not None
+        ipv4, ipv6 = self._tunnel_ips_for(gateway.gateway_id, gateway.entry)
+        payload = {
+            "resource_id": flow.resource_id,
+            "gateway_id": gateway.gateway_id,
+            "site_id": gateway.entry.site_id,
+            "gateway_public_key": gateway.public_key,
+            "gateway_ipv4": str(ipv4),
+            "gateway_ipv6": str(ipv6),
+            "preshared_key": flow.authorization["client"]["preshared_key"],
+            "client_ice_credentials": flow.authorization["client_ice_credentials"],
+            "gateway_ice_credentials": flow.authorization["gateway_ice_credentials"],
+            "relays": self.config.relay_entries(client.public_key),
+        }
+        flow.flow_created = payload
+        self._finish_flow(flow, "created", None)
+        with contextlib.suppress(SocketGone):
+            await self._push(client, "flow_created", payload, topic=CLIENT_TOPIC)
+
+    def _flow_between(self, client_id: str, gateway_id: str) -> bool:
+        """Whether the portal brokered (or is brokering) this pair: candidates only flow between such peers."""
+        return any(
+            f.client_id == client_id and f.gateway_id == gateway_id and f.state in ("pending", "created")
+            for f in self._flows.values()
+        )
+
+    async def _forward_client_candidates(self, session: ClientSession, event: str, payload: Any) -> None:
+        """``broadcast_(invalidated_)ice_candidates`` {gateway_ids, candidates} → each gateway, with our client id."""
+        body = payload if isinstance(payload, dict) else {}
+        candidates = _strings(body.get("candidates"), MAX_FORWARDED_CANDIDATES)
+        if not candidates:
+            return
+        for gateway_id in _strings(body.get("gateway_ids"), MAX_BROADCAST_TARGETS):
+            if not self._flow_between(session.client_id, gateway_id):
+                log.debug("client %s sent candidates for gateway %s it has no flow with", session.client_id, gateway_id)
+                continue
+            for gateway in [s for s in self._sessions.values() if s.joined and s.gateway_id == gateway_id]:
+                with contextlib.suppress(SocketGone):
+                    await self._push(gateway, event, {"client_id": session.client_id, "candidates": candidates})
+
+    async def _forward_gateway_candidates(self, session: GatewaySession, event: str, payload: Any) -> None:
+        """``broadcast_(invalidated_)ice_candidates`` {client_ids, candidates} → each client, with the gateway id."""
+        body = payload if isinstance(payload, dict) else {}
+        candidates = _strings(body.get("candidates"), MAX_FORWARDED_CANDIDATES)
+        if not candidates:
+            return
+        for client_id in _strings(body.get("client_ids"), MAX_BROADCAST_TARGETS):
+            if not self._flow_between(client_id, session.gateway_id):
+                continue
+            for client in [c for c in self._clients.values() if c.joined and c.client_id == client_id]:
+                with contextlib.suppress(SocketGone):
+                    body = {"gateway_id": session.gateway_id, "candidates": candidates}
+                    await self._push(client, event, body, topic=CLIENT_TOPIC)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -880,6 +1335,8 @@ class AdminApi:
     def register(self, router: web.UrlDispatcher) -> None:
         routes: list[tuple[str, str, Handler]] = [
             ("GET", "/admin/gateways", self.gateways),
+            ("GET", "/admin/clients", self.clients),
+            ("GET", "/admin/flows", self.flows),
             ("GET", "/admin/events", self.events),
             ("GET", "/admin/wait", self.wait),
             ("GET", "/admin/faults", self.get_faults),
@@ -927,6 +1384,14 @@ class AdminApi:
     async def gateways(self, request: web.Request) -> web.Response:
         return web.json_response({"gateways": self.portal.gateways()})
 
+    async def clients(self, request: web.Request) -> web.Response:
+        return web.json_response({"clients": self.portal.clients()})
+
+    async def flows(self, request: web.Request) -> web.Response:
+        """Brokered flows; filters ``client`` (client id) and ``state`` (pending, created, failed, abandoned)."""
+        found = self.portal.flows(client=request.query.get("client"), state=request.query.get("state"))
+        return web.json_response({"flows": [f.to_json() for f in found]})
+
     def _filters(self, request: web.Request) -> dict[str, Any]:
         query = request.query
         return {
@@ -935,6 +1400,7 @@ class AdminApi:
             "event": query.get("event"),
             "gateway": query.get("gateway"),
             "conn_id": int(query["conn_id"]) if "conn_id" in query else None,
+            "client": query.get("client"),
         }
 
     async def events(self, request: web.Request) -> web.Response:

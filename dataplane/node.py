@@ -204,7 +204,9 @@ class _Connection:
     relay_id: RelayId | None
     announced: set[Candidate] = field(default_factory=set)
     remote_candidates: set[Candidate] = field(default_factory=set)
-    selected: tuple[Candidate, Candidate] | None = None  # (local base, remote) as ICE selected them
+    selected: tuple[Candidate, Candidate] | None = None  # (local base, remote) as ICE selected them last
+    # False from IceDisconnected until ICE selects a pair again: ``selected`` then names a pair without consent.
+    path_usable: bool = False
     established: bool = False
     pending: deque[bytes] = field(default_factory=deque)
     handshakes: int = 0
@@ -337,11 +339,8 @@ class Node:
             self._rng,
             self._wall_clock,
             rekey_attempt_time=self._rekey_attempt_time,
-            # Not responder-only yet, although §4.2 says the gateway never initiates: with it, the sim's state
-            # machine finds the client's handshake giving up after a reconnect that follows a long outage
-            # (build, client arrives, outage 54 s, outage 12 s). _can_send keeps the gateway from initiating for
-            # its own traffic; only its timers can still start a handshake.
-            responder_only=False,
+            # §4.2: the gateway only answers the client's handshakes, never initiates (not even from its timers).
+            responder_only=self.role is NodeRole.GATEWAY,
         )
         conn = _Connection(
             connection_id,
@@ -781,7 +780,7 @@ class Node:
         """Whether packets may go into the tunnel now. The gateway never starts a handshake (§4.2: it only answers
         and sends in response to client traffic; its Tunn is responder-only), so it sends only once the client's
         handshake gave it a session; otherwise both sides would initiate at once and drop each other's handshake."""
-        if conn.selected is None:
+        if conn.selected is None or not conn.path_usable:
             return False
         return self.role is NodeRole.CLIENT or conn.tunnel.has_session
 
@@ -789,6 +788,7 @@ class Node:
         if isinstance(event, ice.SelectedPairChanged):
             first = conn.selected is None and not conn.established
             conn.selected = (event.local, event.remote)
+            conn.path_usable = True
             path = conn.path
             assert path is not None
             local, remote = event.local.address, event.remote.address
@@ -803,14 +803,18 @@ class Node:
         elif isinstance(event, ice.IceFailed):
             self._remove_connection(conn, now, event=ConnectionFailed(conn.id, f"ICE failed: {event.reason}"))
         elif isinstance(event, ice.IceDisconnected):
-            # ICE keeps checking and either selects a pair again or fails; data waits for that.
+            # ICE keeps checking and either selects a pair again or fails; data waits for that. Sending on the
+            # pair that lost consent would reach nobody (RFC 7675 §5.1 forbids it anyway) and, worse, would make the
+            # tunnel count "data sent, nothing received" and start a handshake whose give-up clock
+            # (rekey_attempt_time) runs out while there is no path at all.
             logger.debug("connection %s disconnected: %s", conn.id, event.reason)
+            conn.path_usable = False
 
     def _flush_tunnel(self, conn: _Connection, now: float, reply_path: tuple[Address, Address] | None = None) -> None:
         datagrams = conn.tunnel.drain_transmits()
         if not datagrams:
             return
-        if conn.selected is not None:
+        if conn.selected is not None and conn.path_usable:
             local, remote = conn.selected[0].address, conn.selected[1].address
         elif reply_path is not None:
             local, remote = reply_path

@@ -311,3 +311,28 @@ def test_back_to_back_outages_measure_consent_from_the_last_answer():
     machine.relay_disappears(_Pick("relay-1"))
     machine.client_vanishes_for_a_while(_Pick(client), 198.03797727486742)
     machine.teardown()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("gateway_nat", "client_nat", "seed"),
+    [(PORT_RESTRICTED_CONE, ADDRESS_DEPENDENT, 0), (SYMMETRIC, PORT_RESTRICTED_CONE, 0)],
+)
+def test_outage_of_54_then_12_seconds_with_a_responder_only_gateway(gateway_nat, client_nat, seed):
+    """The client's handshake must not give up during a short outage that follows a long one.
+
+    The Node used to keep sending on the pair that had lost consent: the client's packets after the first outage went
+    nowhere, so its tunnel started a handshake ("data sent, nothing received"), and that handshake's 20 s give-up clock
+    ran out during the second outage although the old session had carried traffic in between. A gateway that
+    initiates handshakes itself only hid it (its own handshakes failed the connection at other moments).
+    """
+    machine = NodeMachine()
+    machine.build(gateway_nat, seed)
+    machine.client_arrives(client_nat)
+    client = machine.world.clients[0]
+    machine.client_vanishes_for_a_while(_Pick(client), 54.0)
+    machine.client_vanishes_for_a_while(_Pick(client), 12.0)
+    machine.packets_flow(_Pick(client))
+    assert not client.peer.events_of(ConnectionFailed)
+    assert not machine.world.gateway.events_of(ConnectionFailed)
+    machine.teardown()

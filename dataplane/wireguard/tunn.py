@@ -568,7 +568,9 @@ class Tunn:
                 keepalives += 1
                 continue
             first = plaintext[0]
-            if first >> 4 == 4:
+            # Each branch checks the size before reading header fields: a peer with a valid session can send any
+            # plaintext length, and an IndexError here would lose the rest of the caller's receive batch.
+            if first >> 4 == 4 and size >= 20:
                 length = (plaintext[2] << 8) | plaintext[3]
                 if length < 20 or length > size:
                     drops.drop(DropReason.INVALID_INNER_PACKET)

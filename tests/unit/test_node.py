@@ -26,9 +26,12 @@ from dataplane.node import (
     NoRelays,
     RelayConfig,
 )
+from dataplane.wireguard.constants import DEFAULT_MTU
+from dataplane.wireguard.tunn import DropReason as TunnDropReason
+from dataplane.wireguard.tunn import Tunn
 from tests.sim.harness import private_key_for
 from tests.sim.nat import PORT_RESTRICTED_CONE
-from tests.sim.world import GATEWAY_ID, build_world
+from tests.sim.world import GATEWAY_ID, build_world, ipv4_udp
 
 LOCAL = ("10.0.0.1", 52625)
 CLIENT_CREDS = IceCredentials("cccc", "c" * 22)
@@ -197,3 +200,34 @@ def test_client_role_is_ice_controlling():
     world.connect(client)
     assert client.peer.node._connections[GATEWAY_ID].agent.controlling
     assert not world.gateway.node._connections[client.client_id].agent.controlling
+
+
+def test_transport_plaintext_of_one_to_three_bytes_is_dropped_by_the_node() -> None:
+    world = build_world(PORT_RESTRICTED_CONE, seed=1)
+    client = world.add_client(PORT_RESTRICTED_CONE)
+    world.net.run_for(2.0)
+    world.connect(client)
+    world.net.run_for(3.0)
+    packet = ipv4_udp(client.tunnel_ip, "100.64.0.1", b"first")
+    client.peer.send_packet(GATEWAY_ID, packet)
+    world.net.run_for(1.0)
+    assert (client.client_id, packet) in world.gateway.received
+    gateway_node = world.gateway.node
+    messages = _short_plaintexts(client.peer.node._connections[GATEWAY_ID].tunnel, world.net.now)
+    # Fed straight in, as the gateway's receive loop would: nothing raises, each is counted by the tunnel.
+    tunnel = gateway_node._connections[client.client_id].tunnel
+    before = tunnel.drops[TunnDropReason.INVALID_INNER_PACKET]
+    selected = gateway_node._connections[client.client_id].selected
+    assert selected is not None
+    local, src = selected[0].address, selected[1].address
+    for message in messages:
+        assert gateway_node.handle_input(message, src, local, world.net.now) is None
+    assert tunnel.drops[TunnDropReason.INVALID_INNER_PACKET] == before + 3
+
+
+def _short_plaintexts(sender: Tunn, now: float) -> list[bytes]:
+    sender.mtu = 0  # no padding: the plaintext is exactly what was encapsulated
+    for plaintext in (b"\x45", b"\x45\x00", b"\x60\x00\x00"):
+        sender.encapsulate(plaintext, now)
+    sender.mtu = DEFAULT_MTU
+    return sender.drain_transmits()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataplane.base import DropCounter
 from dataplane.io.rng import SeededRng
-from dataplane.wireguard.constants import MESSAGE_INITIATION, REJECT_AFTER_MESSAGES
+from dataplane.wireguard.constants import DEFAULT_MTU, MESSAGE_INITIATION, REJECT_AFTER_MESSAGES
 from dataplane.wireguard.crypto import public_key
 from dataplane.wireguard.tunn import DropReason, HandshakeCompleted, HandshakeGaveUp, IndexTable, Tunn
 
-from .test_wg_device import TUNNEL_A, TUNNEL_B, WallClock, ipv4_packet
+from .test_wg_device import TUNNEL_A, TUNNEL_B, Pair, WallClock, ipv4_packet
 
 
 class TunnPair:
@@ -177,3 +177,40 @@ def test_a_responder_only_tunn_never_initiates_and_never_buffers() -> None:
         pair.a.drain_transmits()
     assert MESSAGE_INITIATION not in sent_by_b
     assert pair.b.drops[DropReason.NO_SESSION] > 1
+
+
+def _short_plaintexts_from(sender: Tunn, now: float) -> list[bytes]:
+    """Transport messages whose plaintext is 1, 2 and 3 bytes (an IPv4/IPv6 version nibble, then nothing)."""
+    sender.mtu = 0  # padding never grows a packet past the MTU: with 0, no padding at all
+    for plaintext in (b"\x45", b"\x45\x00", b"\x60\x00\x00"):
+        sender.encapsulate(plaintext, now)
+    sender.mtu = DEFAULT_MTU
+    return sender.drain_transmits()
+
+
+def test_transport_plaintext_of_one_to_three_bytes_is_dropped_and_counted() -> None:
+    pair = TunnPair()
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 0.0)
+    pair.pump(0.0)
+    messages = _short_plaintexts_from(pair.a, 0.1)
+    assert len(messages) == 3
+    before = pair.b.drops[DropReason.INVALID_INNER_PACKET]
+    for message in messages:
+        assert pair.b.decapsulate(message, 0.1) is None
+    assert pair.b.drops[DropReason.INVALID_INNER_PACKET] == before + 3
+    # The session is unharmed: a real packet still gets through afterwards.
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B, b"after"), 0.2)
+    pair.pump(0.2)
+    assert pair.delivered["b"][-1] == ipv4_packet(TUNNEL_A, TUNNEL_B, b"after")
+
+
+def test_a_device_batch_with_short_plaintexts_keeps_the_rest_of_the_batch() -> None:
+    devices = Pair()
+    assert devices.a_to_b(b"hello")
+    messages = _short_plaintexts_from(devices.peer_b.tunn, devices.now)
+    devices.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B, b"tail")], devices.now)
+    tail = [t.payload for t in devices.a.drain_transmits()]
+    batch = [(message, devices.address_a) for message in [*messages, *tail]]
+    devices.b.receive_datagrams(batch, devices.now)
+    assert devices.b.drain_packets() == [ipv4_packet(TUNNEL_A, TUNNEL_B, b"tail")]
+    assert devices.b.drops[DropReason.INVALID_INNER_PACKET] == 3

@@ -3,6 +3,11 @@
 Inbound: :func:`parse_portal_message` turns ``(event, payload)`` into one of the models below, or into a
 :class:`DropReason` (counted and logged) — it never raises. Unknown fields are ignored everywhere, as the portal adds
 fields freely. Outbound: each model has ``EVENT`` and :meth:`OutboundMessage.to_payload`.
+
+Everything a model accepts is usable as is: unix times are clamped to what ``datetime`` can hold, ports fit in 16 bits,
+and every list has a bound (generous next to what the real portal sends: an ``init`` carrying 10,000 authorizations
+is 1.4 MB). Candidate lists skip the entries that are not SDP ``candidate:`` lines instead of failing the message,
+and a malformed ``init.flow_logs`` is ignored rather than costing the whole ``init``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import ipaddress
 import logging
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dataplane.base import Address, DropCounter
 
@@ -25,6 +30,44 @@ class DropReason(enum.Enum):
     UNKNOWN_EVENT = "unknown_event"
     LEGACY_EVENT = "legacy_event"
     INVALID_PAYLOAD = "invalid_payload"
+    # One entry of a candidate list that is not an SDP candidate line; the rest of the message is kept.
+    INVALID_CANDIDATE = "invalid_candidate"
+
+
+# 9999-12-31T23:59:59Z, the last second datetime can represent. Later expiries (Firezone takes any u64) mean "never"
+# just as well, and clamping keeps every accepted value convertible to float and datetime.
+MAX_UNIX_TIME = 253_402_300_799
+MAX_RELAYS = 256
+MAX_RELAY_IDS = 1024
+MAX_AUTHORIZATIONS = 50_000
+MAX_FILTERS = 1024
+MAX_CANDIDATES = 256
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
+
+
+def _clamp_unix_time(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_UNIX_TIME:
+        return MAX_UNIX_TIME
+    return value
+
+
+UnixTime = Annotated[int, BeforeValidator(_clamp_unix_time), Field(ge=0, le=MAX_UNIX_TIME)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def candidate_priority(line: str) -> int | None:
+    """The priority (4th field) of an SDP ``candidate:`` line, or None when it is not one (Firezone's test)."""
+    if not line.startswith("candidate:"):
+        return None
+    fields = line.split()
+    if len(fields) < 4:
+        return None
+    text = fields[3].removeprefix("+")
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    priority = int(text)
+    return priority if priority <= U32_MAX else None
 
 
 class _Model(BaseModel):
@@ -86,7 +129,7 @@ class TurnRelay(_RelayAddress):
     type: Literal["turn"]
     username: str
     password: str
-    expires_at: int
+    expires_at: UnixTime
 
 
 class StunRelay(_RelayAddress):
@@ -98,8 +141,8 @@ Relay = Annotated[TurnRelay | StunRelay, Field(discriminator="type")]
 
 class PortFilter(_Model):
     protocol: Literal["tcp", "udp"]
-    port_range_start: int = Field(default=0, ge=0, le=65535)
-    port_range_end: int = Field(default=65535, ge=0, le=65535)
+    port_range_start: Port = 0
+    port_range_end: Port = 65535
 
 
 class IcmpFilter(_Model):
@@ -114,7 +157,7 @@ class CidrResource(_Model):
     type: Literal["cidr"]
     address: ipaddress.IPv4Network | ipaddress.IPv6Network
     name: str = ""
-    filters: list[Filter] = Field(default_factory=list)
+    filters: list[Filter] = Field(default_factory=list, max_length=MAX_FILTERS)
 
     @field_validator("address", mode="before")
     @classmethod
@@ -130,7 +173,7 @@ class DnsResource(_Model):
     type: Literal["dns"]
     address: str
     name: str = ""
-    filters: list[Filter] = Field(default_factory=list)
+    filters: list[Filter] = Field(default_factory=list, max_length=MAX_FILTERS)
 
 
 class InternetResource(_Model):
@@ -165,13 +208,21 @@ class Client(_Model):
 class Authorization(_Model):
     client_id: str
     resource_id: str
-    expires_at: int | None = None
+    expires_at: UnixTime | None = None
 
 
 class FlowLogsConfig(_Model):
     api_url: str | None = None
-    upload_interval_secs: int = 0
-    upload_batch_size: int = 1000
+    upload_interval_secs: Annotated[int, Field(ge=0, le=U64_MAX)] = 0
+    upload_batch_size: Annotated[int, Field(ge=0, le=U64_MAX)] = 1000
+
+
+def _flow_logs_or_none(value: Any) -> FlowLogsConfig | None:
+    # Unused by this gateway: an odd shape must not cost the init that carries the interface and authorizations.
+    try:
+        return FlowLogsConfig.model_validate(value)
+    except (ValidationError, ValueError, TypeError, RecursionError):
+        return None
 
 
 class InitConfig(_Model):
@@ -185,11 +236,12 @@ class InitConfig(_Model):
 class Init(_Model):
     EVENT: ClassVar[str] = "init"
     interface: Interface
-    relays: list[Relay] = Field(default_factory=list)
-    authorizations: list[Authorization] = Field(default_factory=list)
+    relays: list[Relay] = Field(default_factory=list, max_length=MAX_RELAYS)
+    authorizations: list[Authorization] = Field(default_factory=list, max_length=MAX_AUTHORIZATIONS)
     account_slug: str | None = None
-    # Required by the Rust parser; optional here because we do not use them yet and a missing one is harmless.
-    flow_logs: FlowLogsConfig | None = None
+    # Required by Firezone's parser; here any shape (or none) is accepted and read as None when it does not fit,
+    # because flow logs are not uploaded by this gateway.
+    flow_logs: Annotated[FlowLogsConfig | None, BeforeValidator(_flow_logs_or_none)] = None
     config: InitConfig | None = None
 
 
@@ -200,21 +252,37 @@ class CreateAuthorization(_Model):
     client: Client
     client_ice_credentials: IceCredentials
     gateway_ice_credentials: IceCredentials
-    expires_at: int | None = None
+    expires_at: UnixTime | None = None
     use_iceless: bool = False
     flow_logs_ingest_token: str | None = None
 
 
-class IceCandidates(_Model):
+class _CandidateList(_Model):
+    """Firezone parses candidate lists with ``VecSkipError``: bad entries are skipped, the message is kept.
+
+    ``skipped`` counts the entries left out (not strings, not ``candidate:`` lines with a numeric priority, or past
+    :data:`MAX_CANDIDATES`); :func:`parse_portal_message` adds them to its drop counter."""
+
+    client_id: str
+    candidates: list[str]
+    skipped: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _skip_bad_candidates(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
+            return data
+        raw: list[Any] = data["candidates"]
+        kept = [c for c in raw if isinstance(c, str) and candidate_priority(c) is not None][:MAX_CANDIDATES]
+        return {**data, "candidates": kept, "skipped": len(raw) - len(kept)}
+
+
+class IceCandidates(_CandidateList):
     EVENT: ClassVar[str] = "ice_candidates"
-    client_id: str
-    candidates: list[str]
 
 
-class InvalidateIceCandidates(_Model):
+class InvalidateIceCandidates(_CandidateList):
     EVENT: ClassVar[str] = "invalidate_ice_candidates"
-    client_id: str
-    candidates: list[str]
 
 
 class RejectAccess(_Model):
@@ -232,8 +300,8 @@ class ResourceUpdated(_Model):
 
 class RelaysPresence(_Model):
     EVENT: ClassVar[str] = "relays_presence"
-    disconnected_ids: list[str] = Field(default_factory=list)
-    connected: list[Relay] = Field(default_factory=list)
+    disconnected_ids: list[str] = Field(default_factory=list, max_length=MAX_RELAY_IDS)
+    connected: list[Relay] = Field(default_factory=list, max_length=MAX_RELAYS)
 
 
 class Disconnect(_Model):
@@ -247,7 +315,7 @@ class AccessAuthorizationExpiryUpdated(_Model):
     EVENT: ClassVar[str] = "access_authorization_expiry_updated"
     client_id: str
     resource_id: str
-    expires_at: int | None = None
+    expires_at: UnixTime | None = None
 
 
 InboundMessage = (
@@ -288,6 +356,10 @@ def parse_portal_message(event: str, payload: Any, drops: DropCounter | None = N
             return _dropped(DropReason.UNKNOWN_EVENT, event, drops)
     except (ValidationError, ValueError, TypeError, RecursionError) as exc:
         return _dropped(DropReason.INVALID_PAYLOAD, event, drops, exc)
+    if isinstance(message, _CandidateList) and message.skipped:
+        if drops is not None:
+            drops.drop(DropReason.INVALID_CANDIDATE, message.skipped)
+        logger.debug("portal message %r: %d invalid candidates skipped", event, message.skipped)
     result: InboundMessage = message
     return result
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
+import uuid
 
 import pytest
 
+from agent.portal import MAX_FRAME_SIZE
 from dataplane.base import DropCounter
 from protocol.messages import (
     INBOUND_MODELS,
+    MAX_AUTHORIZATIONS,
+    MAX_CANDIDATES,
+    MAX_RELAYS,
+    MAX_UNIX_TIME,
     OUTBOUND_MODELS,
     AccessAuthorizationExpiryUpdated,
     AuthorizationCreated,
@@ -33,6 +40,7 @@ from protocol.messages import (
     SetSnownetCapabilities,
     StunRelay,
     TurnRelay,
+    candidate_priority,
     parse_portal_message,
 )
 
@@ -311,3 +319,115 @@ def test_inbound_round_trip_through_json() -> None:
     assert again == original
     init = parse("init", SPEC_INIT)
     assert parse("init", json.dumps(init.model_dump(mode="json"))) == init
+
+
+# --- Issue 8 item 5 (Firezone comparison) and issue 11 (bounds) ------------------------------------------------------
+
+HOST = "candidate:1 1 udp 2130706431 172.28.0.100 47717 typ host"
+SRFLX = "candidate:7854631899965427361 1 udp 1694498559 172.28.0.100 47717 typ srflx"
+
+
+@pytest.mark.parametrize("event", ["ice_candidates", "invalidate_ice_candidates"])
+def test_bad_candidates_are_skipped_one_by_one(event: str) -> None:
+    # Firezone parses the list with VecSkipError: only the bad entries go, the message stays.
+    payload = {
+        "client_id": "c",
+        "candidates": [HOST, 7, "garbage", "candidate:1 1 udp not-a-number 1.1.1.1 80 typ host", None, SRFLX],
+    }
+    drops = DropCounter()
+    message = parse_portal_message(event, payload, drops)
+    assert isinstance(message, IceCandidates | InvalidateIceCandidates)
+    assert message.candidates == [HOST, SRFLX]
+    assert drops[DropReason.INVALID_CANDIDATE] == 4
+    assert drops[DropReason.INVALID_PAYLOAD] == 0
+
+
+def test_candidate_priority_follows_firezone() -> None:
+    assert candidate_priority(HOST) == 2130706431
+    assert candidate_priority("candidate:1 1 udp +5 1.1.1.1 80 typ host") == 5  # Rust's u32 parse takes a '+'
+    assert candidate_priority("candidate:1 1 udp 4294967296 1.1.1.1 80 typ host") is None
+    assert candidate_priority("candidate:1 1 udp") is None
+    assert candidate_priority(" candidate:1 1 udp 5 1.1.1.1 80 typ host") is None
+
+
+def test_candidate_lists_are_bounded() -> None:
+    drops = DropCounter()
+    message = parse_portal_message("ice_candidates", {"client_id": "c", "candidates": [HOST] * 1000}, drops)
+    assert isinstance(message, IceCandidates)
+    assert len(message.candidates) == MAX_CANDIDATES
+    assert drops[DropReason.INVALID_CANDIDATE] == 1000 - MAX_CANDIDATES
+
+
+@pytest.mark.parametrize(
+    "flow_logs",
+    [None, "yes", 5, [], {}, {"api_url": 5}, {"upload_interval_secs": -1}, {"upload_batch_size": 10**400}],
+)
+def test_init_is_accepted_whatever_the_flow_logs_shape(flow_logs: object) -> None:
+    payload = json.loads(SPEC_INIT)
+    payload["flow_logs"] = flow_logs
+    init = parse("init", json.dumps(payload))
+    assert isinstance(init, Init) and len(init.authorizations) == 1
+    missing = json.loads(SPEC_INIT)
+    del missing["flow_logs"]
+    assert parse("init", json.dumps(missing)).flow_logs is None
+
+
+@pytest.mark.parametrize(
+    ("field_path", "value", "expected"),
+    [
+        (("expires_at",), 10**400, MAX_UNIX_TIME),
+        (("expires_at",), 1e300, MAX_UNIX_TIME),
+        (("expires_at",), 2**64, MAX_UNIX_TIME),
+        (("expires_at",), 1729813989, 1729813989),
+        (("expires_at",), None, None),
+    ],
+)
+def test_expiry_is_clamped_to_a_usable_time(field_path: tuple[str, ...], value: object, expected: int | None) -> None:
+    # Issue 11: expires_at of 10**400 passed validation and float() then raised OverflowError in the event loop.
+    payload = json.loads(SPEC_CREATE_AUTHORIZATION)
+    payload["expires_at"] = value
+    message = parse("create_authorization", json.dumps(payload))
+    assert message.expires_at == expected
+    if expected is not None:
+        assert datetime.datetime.fromtimestamp(float(message.expires_at), datetime.UTC).year <= 9999
+
+
+def test_negative_expiry_is_invalid_as_in_firezone() -> None:
+    payload = json.loads(SPEC_CREATE_AUTHORIZATION)
+    payload["expires_at"] = -1
+    assert parse_portal_message("create_authorization", payload) is DropReason.INVALID_PAYLOAD
+
+
+def test_relay_and_authorization_expiries_are_clamped() -> None:
+    payload = json.loads(SPEC_INIT)
+    payload["relays"][0]["expires_at"] = 10**30
+    payload["authorizations"][0]["expires_at"] = 10**30
+    init = parse("init", json.dumps(payload))
+    assert init.relays[0].expires_at == MAX_UNIX_TIME
+    assert init.authorizations[0].expires_at == MAX_UNIX_TIME
+
+
+@pytest.mark.parametrize(
+    ("event", "payload"),
+    [
+        ("init", {"interface": {"ipv4": "1.2.3.4", "ipv6": "::1"}, "relays": [{"id": "s", "type": "stun", "addr": "1.2.3.4:3478"}] * (MAX_RELAYS + 1)}),
+        ("init", {"interface": {"ipv4": "1.2.3.4", "ipv6": "::1"}, "authorizations": [{"client_id": "c", "resource_id": "r"}] * (MAX_AUTHORIZATIONS + 1)}),
+        ("relays_presence", {"disconnected_ids": ["x"] * 100_000}),
+        ("resource_updated", {"id": "r", "type": "dns", "address": "a", "filters": [{"protocol": "icmp"}] * 100_000}),
+        ("resource_updated", {"id": "r", "type": "dns", "address": "a", "filters": [{"protocol": "tcp", "port_range_start": 70000}]}),
+    ],
+)  # fmt: skip
+def test_oversized_lists_and_out_of_range_ports_are_invalid(event: str, payload: object) -> None:
+    assert parse_portal_message(event, payload) is DropReason.INVALID_PAYLOAD
+
+
+def test_an_init_with_10000_authorizations_fits_the_portal_frame_limit() -> None:
+    authorizations = [
+        {"client_id": str(uuid.UUID(int=i)), "resource_id": str(uuid.UUID(int=i + 1)), "expires_at": 2145916800}
+        for i in range(10_000)
+    ]
+    payload = {**json.loads(SPEC_INIT), "authorizations": authorizations}
+    frame = json.dumps({"topic": "gateway", "event": "init", "payload": payload, "ref": None})
+    assert len(frame) < MAX_FRAME_SIZE / 2  # about 1.4 MB against 4 MiB: headroom of 3x
+    init = parse("init", json.dumps(payload))
+    assert len(init.authorizations) == 10_000

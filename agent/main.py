@@ -1,4 +1,4 @@
-"""``firezone-gateway``: configuration → health server → portal link → event loop (portal-protocol.md §5).
+"""``firezone-gateway``: configuration → health server → data plane → portal link → event loop (portal-protocol.md §5).
 
 Exit codes: 0 clean shutdown (SIGTERM/SIGINT), 1 fatal portal error, 2 bad configuration. Errors are one line
 ``error: ...`` on stderr; logs go to stderr too.
@@ -18,13 +18,16 @@ import time
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from agent.config import ConfigError, Settings, build_parser, describe_settings, load_settings
-from agent.eventloop import AuthorizationBook, Eventloop
+from agent.datapath import DataPlane, DataPlaneOptions
+from agent.eventloop import Eventloop
 from agent.health import HealthServer, MetricsText
 from agent.logs import RedactingFilter, configure_logging
 from agent.portal import PortalLink
+from dataplane.gateway import GatewayState
+from dataplane.io.hostsetup import HostSetupError
 from dataplane.io.rng import SystemRng
 from protocol.errors import PortalError
 from protocol.phoenix import ChannelEvent
@@ -36,17 +39,19 @@ EXIT_FATAL = 1
 EXIT_CONFIG = 2
 
 
-def generate_key_pair() -> tuple[X25519PrivateKey, str]:
-    """A fresh X25519 WireGuard key pair per process start, never persisted; public key as 44-char base64."""
+def generate_key_pair() -> tuple[bytes, str]:
+    """A fresh X25519 WireGuard key pair per process start, never persisted: the raw private key and the public key as
+    44-char base64."""
     private_key = X25519PrivateKey.generate()
     public_raw = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return private_key, base64.b64encode(public_raw).decode()
+    private_raw = private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return private_raw, base64.b64encode(public_raw).decode()
 
 
 class Gateway:
-    """The running agent: one portal link, the event loop over the gateway state, the health server."""
+    """The running agent: one portal link, the event loop over the gateway state, the data plane, the health server."""
 
-    def __init__(self, settings: Settings, public_key_b64: str) -> None:
+    def __init__(self, settings: Settings, private_key: bytes, public_key_b64: str) -> None:
         self.settings = settings
         self.public_key_b64 = public_key_b64
         self.link = PortalLink(
@@ -60,8 +65,17 @@ class Gateway:
             heartbeat_interval=settings.heartbeat_interval,
             max_partition_time=settings.max_partition_time,
         )
-        self.state = AuthorizationBook(wall_clock=time.time)
+        self.state = GatewayState(private_key, rng=SystemRng(), wall_clock=time.time)
         self.eventloop = Eventloop(self.link, self.state, time.monotonic)
+        self.dataplane = DataPlane(
+            self.state,
+            DataPlaneOptions(
+                tun_queues=settings.num_tun_threads,
+                increase_buffers=not settings.no_inc_buf,
+                host_setup=not getattr(settings, "no_host_setup", False),
+            ),
+            on_portal_output=self.eventloop.flush_outbound,
+        )
         host, port = settings.health_check_addr
         self.health = HealthServer(host, port, ready=self.ready, metrics=self.metrics)
 
@@ -103,7 +117,52 @@ class Gateway:
         drops += [({"layer": "messages", "reason": r}, n) for r, n in sorted(self.eventloop.drops.counts.items())]
         text.family("firezone_portal_drops_total", "counter", "Portal input dropped, by reason.", drops)
         text.family(
-            "firezone_clients", "gauge", "Clients with at least one authorization.", [({}, len(self.state.clients))]
+            "firezone_clients", "gauge", "Clients with at least one authorization.", [({}, len(self.state.peers))]
+        )
+        connections = self.state.node.connections.values()
+        by_path: dict[str, int] = {"direct": 0, "relayed": 0}
+        for info in connections:
+            if info.path is not None:
+                by_path[info.path.value] += 1
+        text.family(
+            "firezone_connections",
+            "gauge",
+            "Client connections with a selected path, by path.",
+            [({"path": path}, count) for path, count in sorted(by_path.items())],
+        )
+        text.family(
+            "firezone_handshakes_total",
+            "counter",
+            "WireGuard handshakes completed with the current connections.",
+            [({}, sum(info.handshakes for info in connections))],
+        )
+        dp = self.dataplane
+        text.family(
+            "firezone_packets_total",
+            "counter",
+            "Packets through the data plane, by direction.",
+            [
+                ({"direction": "client_to_resource"}, dp.packets_to_tun),
+                ({"direction": "resource_to_client"}, dp.packets_from_tun),
+            ],
+        )
+        text.family(
+            "firezone_datagrams_total",
+            "counter",
+            "UDP datagrams, by direction.",
+            [({"direction": "in"}, dp.datagrams_in), ({"direction": "out"}, dp.datagrams_out)],
+        )
+        dataplane_drops = [({"layer": "gateway", "reason": r}, n) for r, n in sorted(self.state.drops.counts.items())]
+        dataplane_drops += [
+            ({"layer": "node", "reason": r}, n) for r, n in sorted(self.state.node.drops.counts.items())
+        ]
+        if dp.tun is not None:
+            dataplane_drops += [({"layer": "tun", "reason": r}, n) for r, n in sorted(dp.tun.drops.counts.items())]
+        if dp.sockets is not None:
+            for udp in dp.sockets.sockets():
+                dataplane_drops += [({"layer": "udp", "reason": r}, n) for r, n in sorted(udp.drops.counts.items())]
+        text.family(
+            "firezone_dataplane_drops_total", "counter", "Packets dropped, by layer and reason.", dataplane_drops
         )
         return text.render()
 
@@ -115,7 +174,13 @@ class Gateway:
         await self.health.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_shutdown, signum)
-        ticks = asyncio.ensure_future(self.eventloop.run_ticks())
+        try:
+            self.dataplane.start()
+        except (OSError, HostSetupError) as exc:
+            await self.health.stop()
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"error: cannot start the data plane: {detail}", file=sys.stderr, flush=True)
+            return EXIT_FATAL
         logger.debug("effective settings: %s", describe_settings(self.settings))
         logger.info(
             "starting gateway",
@@ -129,8 +194,7 @@ class Gateway:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            ticks.cancel()
-            await asyncio.gather(ticks, return_exceptions=True)
+            await self.dataplane.shut_down()
             await self.health.stop()
         logger.info("shut down cleanly")
         return EXIT_OK
@@ -195,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.log_format, settings.log_spec, secrets=[settings.token.reveal()]
     )
     del redactor
-    _private_key, public_key_b64 = generate_key_pair()
-    gateway = Gateway(settings, public_key_b64)
+    private_key, public_key_b64 = generate_key_pair()
+    gateway = Gateway(settings, private_key, public_key_b64)
     try:
         return asyncio.run(gateway.run())
     except OSError as exc:

@@ -38,23 +38,17 @@ GSO_MAX_BYTES = 65535 - 40 - 8
 _RECV_BUFFER_SIZE = 65536
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _U16 = struct.Struct("=H")
+IP_PKTINFO = 8
+IPV6_RECVPKTINFO = 49
+IPV6_PKTINFO = 50
+# A GRO batch carries one UDP_GRO and one PKTINFO control message (in_pktinfo 12 bytes, in6_pktinfo 20 bytes).
+_LOCAL_CMSG_SPACE = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(20)
 
 
 class UdpDropReason(enum.Enum):
     SEND_WOULD_BLOCK = "send_would_block"
     SEND_FAILED = "send_failed"
     RECV_FAILED = "recv_failed"
-
-
-def _raise_sysctl(path: str, minimum: int) -> None:
-    try:
-        with open(path) as f:
-            current = int(f.read().strip())
-        if current < minimum:
-            with open(path, "w") as f:
-                f.write(str(minimum))
-    except (OSError, ValueError) as exc:
-        log.debug("could not raise %s to %d: %s", path, minimum, exc)
 
 
 def _set_mark(sock: socket.socket, mark: int) -> bool:
@@ -112,8 +106,13 @@ class UdpSocket:
         gso: bool = True,
         gro: bool = True,
         increase_buffers: bool = True,
+        local_addresses: bool = False,
     ) -> UdpSocket:
-        """Binds ``host:port`` (``fallback_random_port``: on EADDRINUSE, any port). Raises OSError if binding fails."""
+        """Binds ``host:port`` (``fallback_random_port``: on EADDRINUSE, any port). Raises OSError if binding fails.
+
+        ``local_addresses``: ask the kernel for each datagram's destination address (``IP_PKTINFO``), so a socket
+        bound to the wildcard address can tell :meth:`recv_many_local` callers which of the host's addresses a peer
+        reached (the ICE host candidate)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -130,6 +129,11 @@ class UdpSocket:
                     raise
                 log.info("UDP port %d in use on %s; using a random port", port, host)
                 sock.bind((host, 0))
+            if local_addresses:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             sock.setblocking(False)
             gso_ok = gso and cls._probe_gso(sock)
             gro_ok = gro and cls._probe_gro(sock)
@@ -140,8 +144,8 @@ class UdpSocket:
 
     @staticmethod
     def _increase_buffers(sock: socket.socket) -> None:
-        _raise_sysctl("/proc/sys/net/core/wmem_max", SEND_BUFFER)
-        _raise_sysctl("/proc/sys/net/core/rmem_max", RECV_BUFFER)
+        # The FORCE variants (CAP_NET_ADMIN) exceed net.core.[rw]mem_max without changing the host's settings; without
+        # the capability the plain options get what the host allows.
         for force, plain, size in (
             (SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER),
             (SO_RCVBUFFORCE, socket.SO_RCVBUF, RECV_BUFFER),
@@ -205,6 +209,43 @@ class UdpSocket:
                     out.append((bytes(view[start : min(start + segment_size, nbytes)]), src))
             else:
                 out.append((bytes(view[:nbytes]), src))
+        return out
+
+    def recv_many_local(self, max: int = 64) -> list[tuple[bytes, Address, Address]]:
+        """Like :meth:`recv_many`, with each datagram's local address (needs ``local_addresses`` at bind time; the
+        bound address stands in when the kernel gave none)."""
+        out: list[tuple[bytes, Address, Address]] = []
+        sock = self._sock
+        view = self._view
+        buffers = [self._buffer]
+        port = self.local_address[1]
+        bound = self.local_address
+        while len(out) < max:
+            try:
+                nbytes, ancdata, _flags, address = sock.recvmsg_into(buffers, _LOCAL_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno not in _ICMP_REPORTED_ERRNOS:
+                    raise
+                log.debug("UDP recv error on %s: %s", self.local_address, exc)
+                self.drops.drop(UdpDropReason.RECV_FAILED)
+                continue
+            src = _normalize(address)
+            segment_size = 0
+            local = bound
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                    segment_size = _U16.unpack_from(data)[0]
+                elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+                    local = (socket.inet_ntop(socket.AF_INET, data[8:12]), port)
+                elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+                    local = (socket.inet_ntop(socket.AF_INET6, data[:16]), port)
+            if segment_size and nbytes > segment_size:
+                for start in range(0, nbytes, segment_size):
+                    out.append((bytes(view[start : min(start + segment_size, nbytes)]), src, local))
+            else:
+                out.append((bytes(view[:nbytes]), src, local))
         return out
 
     def send_many(self, transmits: Sequence[Transmit]) -> None:
@@ -309,6 +350,7 @@ def bind_dual_stack(
     gso: bool = True,
     gro: bool = True,
     increase_buffers: bool = True,
+    local_addresses: bool = False,
 ) -> DualStackSockets:
     """Binds 0.0.0.0 and [::] on ``port``, each falling back to a random port when taken (Firezone: 52625).
 
@@ -326,6 +368,7 @@ def bind_dual_stack(
                     gso=gso,
                     gro=gro,
                     increase_buffers=increase_buffers,
+                    local_addresses=local_addresses,
                 )
             )
         except OSError as exc:

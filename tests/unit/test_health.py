@@ -59,7 +59,7 @@ def _gateway(tmp_path: Path) -> Gateway:
             "HEALTH_CHECK_ADDR": "127.0.0.1:0",
         },
     )
-    return Gateway(settings, generate_key_pair()[1])
+    return Gateway(settings, *generate_key_pair())
 
 
 async def test_gateway_readiness_needs_join_and_init(tmp_path: Path) -> None:

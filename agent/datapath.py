@@ -1,0 +1,213 @@
+"""The gateway's data-plane driver: TUN device, UDP sockets, host setup and one timer around :class:`GatewayState`.
+
+Everything runs on the agent's asyncio loop (like the reference's single-threaded runtime), batch by batch: a readable
+UDP socket yields up to 64 datagrams (GRO-split) that go through the state in one call, and the packets for the TUN go
+out in one ``send_many`` (coalesced by the TUN writer threads); a TUN wake-up yields up to 128 packets (TSO-split by
+the TUN reader threads), and the resulting datagrams leave as GSO runs per destination. No packet is handed to asyncio
+on its own. The single timer is re-armed to ``GatewayState.poll_timeout()`` after every input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dataplane.base import Transmit
+from dataplane.gateway import GatewayState, TunnelAddressesChanged
+from dataplane.io import netlink
+from dataplane.io.hostsetup import HostSetup
+from dataplane.io.tun import Tun
+from dataplane.io.udp import FIREZONE_MARK, DualStackSockets, UdpSocket, bind_dual_stack
+
+logger = logging.getLogger(__name__)
+
+TUN_NAME = "tun-firezone"
+TUN_MTU = 1280
+TUN_BATCH = 128
+UDP_BATCH = 64
+SHUTDOWN_FLUSH = 1.0  # §5: flush the goodbyes for at most a second
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlaneOptions:
+    tun_name: str = TUN_NAME
+    tun_queues: int = 1
+    port: int = 52625
+    increase_buffers: bool = True
+    host_setup: bool = True
+    mark: int | None = FIREZONE_MARK
+
+
+class DataPlane:
+    """Owns the TUN device, the sockets and the host setup; feeds :class:`GatewayState` and flushes its output."""
+
+    def __init__(
+        self,
+        state: GatewayState,
+        options: DataPlaneOptions,
+        *,
+        on_portal_output: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.state = state
+        self.options = options
+        self._on_portal_output = on_portal_output
+        self.tun: Tun | None = None
+        self.sockets: DualStackSockets | None = None
+        self.host_setup: HostSetup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self.packets_to_tun = 0
+        self.packets_from_tun = 0
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Creates the TUN device and the sockets and applies the host setup; raises OSError with nothing left."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        options = self.options
+        try:
+            self.tun = Tun.create(options.tun_name, queues=options.tun_queues)
+            self.sockets = bind_dual_stack(
+                options.port,
+                mark=options.mark,
+                increase_buffers=options.increase_buffers,
+                local_addresses=True,
+            )
+            if options.host_setup:
+                self.host_setup = HostSetup(options.tun_name)
+                self.host_setup.apply()
+        except BaseException:
+            self.close()
+            raise
+        for udp in self.sockets.sockets():
+            loop.add_reader(udp.fileno(), self._on_udp_readable, udp)
+        loop.add_reader(self.tun.wakeup_fd, self._on_tun_readable)
+        ports = ", ".join(f"{s.local_address[0]}:{s.local_address[1]}" for s in self.sockets.sockets())
+        logger.info("data plane started", extra={"tun": options.tun_name, "udp": ports, "queues": options.tun_queues})
+        self.flush()
+
+    async def shut_down(self) -> None:
+        """Says goodbye to every client, lets the datagrams leave (at most a second), then closes everything."""
+        loop = asyncio.get_running_loop()
+        self.state.shut_down(loop.time())
+        self.flush()
+        deadline = loop.time() + SHUTDOWN_FLUSH
+        while self.tun is not None and self.tun.pending_outbound() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self.close()
+
+    def close(self) -> None:
+        loop = self._loop
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sockets is not None:
+            for udp in self.sockets.sockets():
+                if loop is not None:
+                    loop.remove_reader(udp.fileno())
+            self.sockets.close()
+            self.sockets = None
+        if self.tun is not None:
+            if loop is not None:
+                loop.remove_reader(self.tun.wakeup_fd)
+            self.tun.close()  # the device (and its addresses and routes) goes with its last descriptor
+            self.tun = None
+        if self.host_setup is not None:
+            try:
+                self.host_setup.undo()
+            except Exception as exc:  # a failed undo must not hide why we are stopping
+                logger.warning("could not undo the host setup: %s", exc)
+            self.host_setup = None
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _on_udp_readable(self, udp: UdpSocket) -> None:
+        datagrams = udp.recv_many_local(UDP_BATCH)
+        if not datagrams:
+            return
+        self.datagrams_in += len(datagrams)
+        packets = self.state.handle_datagrams(datagrams, self._now())
+        if packets and self.tun is not None:
+            self.packets_to_tun += len(packets)
+            self.tun.send_many(packets)
+        self.flush()
+
+    def _on_tun_readable(self) -> None:
+        if self.tun is None:
+            return
+        packets = self.tun.poll_recv_many(TUN_BATCH)
+        if packets:
+            self.packets_from_tun += len(packets)
+            self.state.handle_tun_packets(packets, self._now())
+        self.flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline = None
+        self.state.handle_timeout(self._now())
+        self.flush()
+
+    # -- outputs --------------------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Sends the state's datagrams, applies its events, passes portal output on and re-arms the timer."""
+        self._send_transmits()
+        while (event := self.state.poll_event()) is not None:
+            if isinstance(event, TunnelAddressesChanged):
+                self._configure_tunnel(event)
+        self._on_portal_output()
+        self._arm_timer()
+
+    def _send_transmits(self) -> None:
+        state = self.state
+        transmit = state.poll_transmit()
+        if transmit is None:
+            return
+        sockets = self.sockets
+        v4: list[Transmit] = []
+        v6: list[Transmit] = []
+        while transmit is not None:
+            (v6 if ":" in transmit.dst[0] else v4).append(transmit)
+            transmit = state.poll_transmit()
+        if sockets is None:
+            return
+        for udp, batch in ((sockets.v4, v4), (sockets.v6, v6)):
+            if not batch:
+                continue
+            if udp is None:
+                logger.debug("no socket for %d datagrams of that family", len(batch))
+                continue
+            self.datagrams_out += len(batch)
+            udp.send_many(batch)
+
+    def _configure_tunnel(self, event: TunnelAddressesChanged) -> None:
+        try:
+            netlink.configure_tunnel_interface(self.options.tun_name, str(event.ipv4), str(event.ipv6), mtu=TUN_MTU)
+        except OSError as exc:
+            logger.error("could not configure %s: %s", self.options.tun_name, exc)
+            return
+        logger.info("tunnel interface configured", extra={"ipv4": str(event.ipv4), "ipv6": str(event.ipv6)})
+
+    def _arm_timer(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        deadline = self.state.poll_timeout()
+        if deadline == self._timer_deadline and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_deadline = deadline
+        if deadline is not None:
+            self._timer = loop.call_at(max(deadline, loop.time()), self._on_timer)

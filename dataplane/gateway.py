@@ -1,0 +1,499 @@
+"""The gateway's state, sans-IO: portal messages, the Node (ICE + WireGuard per client) and per-client policy, joined.
+
+It is what Firezone's ``GatewayState`` is to its gateway (portal-protocol.md §2, §3.3, §4.6). Inputs are the parsed
+portal messages, datagrams from the UDP sockets and packets read from the TUN device, each with ``now`` (monotonic
+seconds); wall-clock time (portal expiries) comes from the injected ``wall_clock``. Outputs are pulled:
+:meth:`poll_transmit` (datagrams), the packets returned by :meth:`handle_datagrams` (for the TUN), :meth:`poll_outbound`
+(portal messages), :meth:`poll_event` (for the driver: the tunnel addresses to configure) and :meth:`poll_timeout`.
+
+Per client the gateway keeps a :class:`~dataplane.policy.ClientPolicy` (its tunnel addresses and the resources it may
+reach, each with its own expiry) and one Node connection keyed by the client id. Policy state and the connection live
+independently, as in the reference: a connection that fails leaves the authorizations in place (the client may come
+back with a new connection and expects them to still hold), and a client whose last resource goes away is sent a
+``goodbye`` (p2p control, §3.4) and its connection is closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import ipaddress
+import json
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from dataplane import p2p_control
+from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
+from dataplane.node import (
+    CandidateGathered,
+    CandidateInvalidated,
+    ConnectionClosed,
+    ConnectionEstablished,
+    ConnectionFailed,
+    ConnectionPathChanged,
+    IceCredentials,
+    Node,
+    NodeRole,
+    RelayConfig,
+)
+from dataplane.node import NoRelays as NodeNoRelays
+from dataplane.policy import ClientPolicy
+from protocol.messages import (
+    BroadcastIceCandidates,
+    BroadcastInvalidatedIceCandidates,
+    CidrResource,
+    CreateAuthorization,
+    DnsResource,
+    Init,
+    Interface,
+    InternetResource,
+    NoRelays,
+    OutboundMessage,
+    Relay,
+    TurnRelay,
+)
+
+logger = logging.getLogger(__name__)
+
+Resource = CidrResource | DnsResource | InternetResource
+ClientId = str
+
+PERIODIC_TICK = 1.0  # §3.3: expired authorizations are evicted by a 1 Hz tick
+MAX_CLIENTS = 65_536  # the portal decides who connects; this only bounds what a misbehaving portal could grow
+MAX_HELD_CANDIDATES = 64  # per client and direction, while the portal link is down (a Node announces a handful)
+
+
+class AuthorizationOutcome(enum.Enum):
+    ACCEPTED = "accepted"  # answer authorization_created
+    NO_RELAYS = "no_relays"  # no_relays was queued instead
+    REFUSED = "refused"  # not answered: the client's request times out at the portal
+
+
+class GatewayDropReason(enum.Enum):
+    NO_PEER_FOR_CONNECTION = "no_peer_for_connection"
+    NO_PEER_FOR_ADDRESS = "no_peer_for_address"
+    MALFORMED_TUN_PACKET = "malformed_tun_packet"
+    UNKNOWN_CONTROL_EVENT = "unknown_control_event"
+    MALFORMED_CONTROL_MESSAGE = "malformed_control_message"
+    TOO_MANY_CLIENTS = "too_many_clients"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelAddressesChanged:
+    """The portal assigned (new) tunnel addresses: configure the TUN device with them."""
+
+    ipv4: ipaddress.IPv4Address
+    ipv6: ipaddress.IPv6Address
+
+
+GatewayEvent = TunnelAddressesChanged
+
+
+@dataclass(eq=False)
+class _Peer:
+    client_id: ClientId
+    public_key: bytes
+    ipv4: bytes  # packed: the TUN-side lookup key
+    ipv6: bytes
+    policy: ClientPolicy
+    resources: dict[str, Resource] = field(default_factory=dict)
+    ingest_tokens: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _HeldCandidates:
+    added: dict[str, None] = field(default_factory=dict)  # insertion-ordered sets of SDP strings
+    removed: dict[str, None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A read-only view of one client for metrics and status."""
+
+    client_id: ClientId
+    ipv4: str
+    ipv6: str
+    resources: tuple[str, ...]
+
+
+def relay_configs(relays: Iterable[Relay]) -> list[RelayConfig]:
+    """The portal lists a relay once per address family under one id: one RelayConfig per id (STUN-only relays have no
+    allocation to make and are skipped)."""
+    grouped: dict[str, list[TurnRelay]] = {}
+    for relay in relays:
+        if isinstance(relay, TurnRelay):
+            grouped.setdefault(relay.id, []).append(relay)
+        else:
+            logger.debug("ignoring STUN-only relay %s", relay.id)
+    return [
+        RelayConfig(
+            relay_id, tuple(dict.fromkeys(e.address for e in entries)), entries[0].username, entries[0].password
+        )
+        for relay_id, entries in grouped.items()
+    ]
+
+
+class GatewayState:
+    """Everything the gateway decides (see the module docstring)."""
+
+    def __init__(self, private_key: bytes, *, rng: Rng, wall_clock: WallClock) -> None:
+        self.node = Node(NodeRole.GATEWAY, private_key, rng=rng, wall_clock=wall_clock)
+        self.drops = DropCounter()
+        self.interface: Interface | None = None
+        self.account_slug: str | None = None
+        self._wall_clock = wall_clock
+        self._peers: dict[ClientId, _Peer] = {}
+        self._peer_by_address: dict[bytes, ClientId] = {}
+        self._outbound: deque[OutboundMessage] = deque()
+        self._events: deque[GatewayEvent] = deque()
+        self._portal_connected = False
+        self._held: dict[ClientId, _HeldCandidates] = {}
+        self._next_tick: float | None = None
+        self.established_connections = 0
+
+    # -- queries ------------------------------------------------------------------------------------------------
+
+    @property
+    def public_key(self) -> bytes:
+        return self.node.public_key
+
+    @property
+    def peers(self) -> list[PeerInfo]:
+        return [
+            PeerInfo(
+                p.client_id,
+                str(ipaddress.IPv4Address(p.ipv4)),
+                str(ipaddress.IPv6Address(p.ipv6)),
+                tuple(sorted(p.policy.resource_ids)),
+            )
+            for p in self._peers.values()
+        ]
+
+    def peer(self, client_id: ClientId) -> PeerInfo | None:
+        return next((p for p in self.peers if p.client_id == client_id), None)
+
+    # -- the portal link ------------------------------------------------------------------------------------------
+
+    def set_portal_connected(self, connected: bool) -> None:
+        """While the link is down, candidate changes are held; on reconnecting each client gets one batch (§2.2)."""
+        if connected == self._portal_connected:
+            return
+        self._portal_connected = connected
+        if not connected:
+            return
+        held, self._held = self._held, {}
+        for client_id, changes in held.items():
+            if changes.added:
+                self._outbound.append(BroadcastIceCandidates(client_ids=[client_id], candidates=list(changes.added)))
+        for client_id, changes in held.items():
+            if changes.removed:
+                self._outbound.append(
+                    BroadcastInvalidatedIceCandidates(client_ids=[client_id], candidates=list(changes.removed))
+                )
+
+    def apply_init(self, init: Init, now: float) -> None:
+        """§2.1 ``init``: relays added, own tunnel addresses stored, authorizations re-synced."""
+        self.account_slug = init.account_slug
+        self.node.update_relays((), relay_configs(init.relays), now)
+        if self.interface != init.interface:
+            self.interface = init.interface
+            self._events.append(TunnelAddressesChanged(init.interface.ipv4, init.interface.ipv6))
+            for peer in self._peers.values():
+                peer.policy.set_gateway_addresses(init.interface.ipv4, init.interface.ipv6)
+        listed: dict[ClientId, dict[str, int | None]] = {}
+        for pair in init.authorizations:
+            listed.setdefault(pair.client_id, {})[pair.resource_id] = pair.expires_at
+        for peer in self._peers.values():
+            keep = listed.get(peer.client_id, {})
+            for resource_id in list(peer.resources):
+                if resource_id not in keep:
+                    self._revoke(peer, resource_id)
+                else:
+                    expires_at = keep[resource_id]
+                    peer.policy.set_expiry(resource_id, None if expires_at is None else float(expires_at))
+        # A client left without resources keeps its peer state until the next tick (as the reference does): a
+        # create_authorization racing the init may still give it one.
+        self._drain_node(now)
+        self._schedule_tick(now)
+
+    def create_authorization(self, request: CreateAuthorization, now: float) -> AuthorizationOutcome:
+        client = request.client
+        if isinstance(request.resource, DnsResource):
+            # DNS resources need the proxy-IP NAT (not built yet): accepting would tell the client it is served.
+            logger.warning("refusing DNS resource %s: DNS resources are not supported yet", request.resource.id)
+            return AuthorizationOutcome.REFUSED
+        if client.id not in self._peers and len(self._peers) >= MAX_CLIENTS:
+            self.drops.drop(GatewayDropReason.TOO_MANY_CLIENTS)
+            logger.warning("refusing a new client: %d clients already", len(self._peers))
+            return AuthorizationOutcome.REFUSED
+        if self.interface is None:
+            logger.warning("create_authorization before init; ignored")
+            return AuthorizationOutcome.REFUSED
+        public_key = base64.b64decode(client.public_key)
+        created = self.node.upsert_connection(
+            client.id,
+            remote_public_key=public_key,
+            preshared_key=base64.b64decode(client.preshared_key),
+            local_credentials=IceCredentials(
+                request.gateway_ice_credentials.username, request.gateway_ice_credentials.password
+            ),
+            remote_credentials=IceCredentials(
+                request.client_ice_credentials.username, request.client_ice_credentials.password
+            ),
+            now=now,
+        )
+        if not created:
+            self._drain_node(now)  # the Node queued NoRelays: the portal answers it with relays_presence
+            return AuthorizationOutcome.NO_RELAYS
+        peer = self._peers.get(client.id)
+        ipv4, ipv6 = client.ipv4.packed, client.ipv6.packed
+        if peer is None:
+            policy = ClientPolicy(client.ipv4, client.ipv6, self.interface.ipv4, self.interface.ipv6, drops=self.drops)
+            peer = self._peers[client.id] = _Peer(client.id, public_key, ipv4, ipv6, policy)
+        elif (peer.ipv4, peer.ipv6) != (ipv4, ipv6):
+            # Same client, new tunnel addresses: its grants carry over, its old addresses do not.
+            self._forget_addresses(peer)
+            peer.ipv4, peer.ipv6 = ipv4, ipv6
+            peer.policy.set_client_addresses(client.ipv4, client.ipv6)
+        peer.public_key = public_key
+        for address in (ipv4, ipv6):
+            self._peer_by_address[address] = client.id
+        expires_at = None if request.expires_at is None else float(request.expires_at)
+        peer.resources[request.resource.id] = request.resource
+        peer.policy.grant(request.resource, expires_at)
+        if request.flow_logs_ingest_token is not None:
+            peer.ingest_tokens[request.resource.id] = request.flow_logs_ingest_token
+        logger.info(
+            "allowing access",
+            extra={"client_id": client.id, "resource_id": request.resource.id, "expires_at": request.expires_at},
+        )
+        self._drain_node(now)
+        self._schedule_tick(now)
+        return AuthorizationOutcome.ACCEPTED
+
+    def add_ice_candidates(self, client_id: ClientId, candidates: Sequence[str], now: float) -> None:
+        for candidate in candidates:
+            self.node.add_remote_candidate(client_id, candidate, now)
+        self._drain_node(now)
+
+    def remove_ice_candidates(self, client_id: ClientId, candidates: Sequence[str], now: float) -> None:
+        for candidate in candidates:
+            self.node.remove_remote_candidate(client_id, candidate, now)
+        self._drain_node(now)
+
+    def reject_access(self, client_id: ClientId, resource_id: str, now: float) -> None:
+        peer = self._peers.get(client_id)
+        if peer is None or resource_id not in peer.resources:
+            logger.debug("reject_access for an authorization we do not hold")
+            return
+        self._revoke(peer, resource_id)
+        if not peer.resources:
+            self._remove_peer(peer, now, "access to its last resource was rejected")
+        self._drain_node(now)
+
+    def update_resource(self, resource: Resource, now: float) -> None:
+        """``resource_updated``: new filters for every client holding the resource; a type change is refused."""
+        if isinstance(resource, InternetResource):
+            return  # nothing to update: the Internet resource has no filters
+        for peer in self._peers.values():
+            current = peer.resources.get(resource.id)
+            if current is None:
+                continue
+            if type(current) is not type(resource):
+                logger.warning("resource_updated tried to change the type of resource %s; refused", resource.id)
+                continue
+            assert isinstance(current, CidrResource | DnsResource)
+            updated = current.model_copy(update={"filters": resource.filters})
+            peer.resources[resource.id] = updated
+            peer.policy.update_filters(updated)
+
+    def relays_presence(self, disconnected_ids: Sequence[str], connected: Sequence[Relay], now: float) -> None:
+        self.node.update_relays(disconnected_ids, relay_configs(connected), now)
+        self._drain_node(now)
+
+    def poll_outbound(self) -> OutboundMessage | None:
+        return self._outbound.popleft() if self._outbound else None
+
+    def poll_event(self) -> GatewayEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # -- time ---------------------------------------------------------------------------------------------------
+
+    def poll_timeout(self) -> float | None:
+        deadlines = [d for d in (self.node.poll_timeout(), self._next_tick) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timeout(self, now: float) -> None:
+        self.node.handle_timeout(now)
+        if self._next_tick is not None and now >= self._next_tick:
+            wall_now = self._wall_clock()
+            for peer in list(self._peers.values()):
+                for resource_id in peer.policy.expire(wall_now):
+                    peer.resources.pop(resource_id, None)
+                    peer.ingest_tokens.pop(resource_id, None)
+                    logger.info(
+                        "authorization expired", extra={"client_id": peer.client_id, "resource_id": resource_id}
+                    )
+                if not peer.resources:
+                    self._remove_peer(peer, now, "no authorizations left")
+            self._next_tick = None
+            self._schedule_tick(now)
+        self._drain_node(now)
+
+    def _schedule_tick(self, now: float) -> None:
+        if self._next_tick is None and self._peers:
+            self._next_tick = now + PERIODIC_TICK
+
+    # -- data plane -----------------------------------------------------------------------------------------------
+
+    def handle_datagrams(self, datagrams: Iterable[tuple[bytes, Address, Address]], now: float) -> list[bytes]:
+        """Feeds received datagrams (data, source, local address); returns the packets to write to the TUN."""
+        wall_now = self._wall_clock()
+        node = self.node
+        to_tun: list[bytes] = []
+        for data, src, local in datagrams:
+            result = node.handle_input(data, src, local, now)
+            if result is None:
+                continue
+            client_id, packet = result
+            peer = self._peers.get(client_id)
+            if peer is None:
+                self.drops.drop(GatewayDropReason.NO_PEER_FOR_CONNECTION)
+                continue
+            if p2p_control.is_control_packet(packet):
+                self._handle_control(peer, packet, now)
+                continue
+            decision = peer.policy.from_client(packet, wall_now)  # counts its refusals in self.drops
+            if decision.allowed:
+                to_tun.append(packet)
+            elif decision.icmp_reply is not None:
+                node.encapsulate(client_id, decision.icmp_reply, now)
+        self._drain_node(now)
+        return to_tun
+
+    def handle_tun_packets(self, packets: Iterable[bytes], now: float) -> None:
+        """Packets read from the TUN: those addressed to a client it may receive them from are encrypted to it."""
+        wall_now = self._wall_clock()
+        by_address = self._peer_by_address
+        peers = self._peers
+        node = self.node
+        for packet in packets:
+            version = packet[0] >> 4 if packet else 0
+            if version == 4 and len(packet) >= 20:
+                client_id = by_address.get(packet[16:20])
+            elif version == 6 and len(packet) >= 40:
+                client_id = by_address.get(packet[24:40])
+            else:
+                self.drops.drop(GatewayDropReason.MALFORMED_TUN_PACKET)
+                continue
+            peer = peers.get(client_id) if client_id is not None else None
+            if peer is None:
+                self.drops.drop(GatewayDropReason.NO_PEER_FOR_ADDRESS)
+                continue
+            if peer.policy.to_client(packet, wall_now).allowed:
+                node.encapsulate(peer.client_id, packet, now)
+        self._drain_node(now)
+
+    def poll_transmit(self) -> Transmit | None:
+        return self.node.poll_transmit()
+
+    def shut_down(self, now: float) -> None:
+        """SIGTERM (§5): every client is told ``goodbye`` and its connection closed."""
+        for peer in list(self._peers.values()):
+            self._remove_peer(peer, now, "the gateway is shutting down")
+        self._drain_node(now)
+
+    # -- internals ------------------------------------------------------------------------------------------------
+
+    def _handle_control(self, peer: _Peer, packet: bytes, now: float) -> None:
+        message = p2p_control.parse(packet)
+        if message is None:
+            self.drops.drop(GatewayDropReason.MALFORMED_CONTROL_MESSAGE)
+            return
+        if message.event == p2p_control.GOODBYE_EVENT:
+            logger.info("client said goodbye", extra={"client_id": peer.client_id})
+            self._forget_addresses(peer)
+            del self._peers[peer.client_id]
+            self.node.close_connection(peer.client_id, now)
+        elif message.event == p2p_control.ASSIGNED_IPS_EVENT:
+            self._refuse_assigned_ips(peer, message.body, now)
+        else:
+            self.drops.drop(GatewayDropReason.UNKNOWN_CONTROL_EVENT)
+
+    def _refuse_assigned_ips(self, peer: _Peer, body: bytes, now: float) -> None:
+        """DNS resources are not served yet: say so (``domain_status`` Inactive) instead of leaving the client waiting."""
+        try:
+            request = json.loads(body)
+            resource, domain = str(request["resource"]), str(request["domain"])
+        except (ValueError, KeyError, TypeError):
+            self.drops.drop(GatewayDropReason.MALFORMED_CONTROL_MESSAGE)
+            return
+        reply = json.dumps({"resource": resource[:64], "domain": domain[:255], "status": "Inactive"}).encode()
+        self.node.encapsulate(peer.client_id, p2p_control.build(p2p_control.DOMAIN_STATUS_EVENT, reply), now)
+
+    def _revoke(self, peer: _Peer, resource_id: str) -> None:
+        peer.resources.pop(resource_id, None)
+        peer.ingest_tokens.pop(resource_id, None)
+        peer.policy.revoke(resource_id)
+
+    def _remove_peer(self, peer: _Peer, now: float, why: str) -> None:
+        logger.info("closing the connection to a client: %s", why, extra={"client_id": peer.client_id})
+        self.node.encapsulate(peer.client_id, p2p_control.goodbye(), now)
+        self.node.close_connection(peer.client_id, now)
+        self._forget_addresses(peer)
+        self._peers.pop(peer.client_id, None)
+        self._held.pop(peer.client_id, None)
+
+    def _forget_addresses(self, peer: _Peer) -> None:
+        for address in (peer.ipv4, peer.ipv6):
+            if self._peer_by_address.get(address) == peer.client_id:
+                del self._peer_by_address[address]
+
+    def _drain_node(self, now: float) -> None:
+        added: dict[ClientId, dict[str, None]] = {}
+        removed: dict[ClientId, dict[str, None]] = {}
+        while (event := self.node.poll_event()) is not None:
+            if isinstance(event, CandidateGathered):
+                added.setdefault(event.connection_id, {})[event.candidate.to_sdp()] = None
+            elif isinstance(event, CandidateInvalidated):
+                removed.setdefault(event.connection_id, {})[event.candidate.to_sdp()] = None
+            elif isinstance(event, NodeNoRelays):
+                self._outbound.append(NoRelays())
+            elif isinstance(event, ConnectionEstablished):
+                self.established_connections += 1
+                logger.info(
+                    "connection established",
+                    extra={"client_id": event.connection_id, "path": event.path.value},
+                )
+            elif isinstance(event, ConnectionPathChanged):
+                logger.info(
+                    "connection path changed", extra={"client_id": event.connection_id, "path": event.path.value}
+                )
+            elif isinstance(event, ConnectionFailed | ConnectionClosed):
+                # Authorizations stay (the client may come back with a new connection); held candidates are moot.
+                self._held.pop(event.connection_id, None)
+                if isinstance(event, ConnectionFailed):
+                    logger.info("connection failed: %s", event.reason, extra={"client_id": event.connection_id})
+        for client_id, candidates in added.items():
+            if self._portal_connected:
+                self._outbound.append(BroadcastIceCandidates(client_ids=[client_id], candidates=list(candidates)))
+            else:
+                self._hold(client_id, candidates, added=True)
+        for client_id, candidates in removed.items():
+            if self._portal_connected:
+                self._outbound.append(
+                    BroadcastInvalidatedIceCandidates(client_ids=[client_id], candidates=list(candidates))
+                )
+            else:
+                self._hold(client_id, candidates, added=False)
+
+    def _hold(self, client_id: ClientId, candidates: dict[str, None], *, added: bool) -> None:
+        held = self._held.setdefault(client_id, _HeldCandidates())
+        into, other = (held.added, held.removed) if added else (held.removed, held.added)
+        for candidate in candidates:
+            other.pop(candidate, None)  # the later change wins
+            into[candidate] = None
+            while len(into) > MAX_HELD_CANDIDATES:
+                del into[next(iter(into))]

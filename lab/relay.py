@@ -37,11 +37,16 @@ TURNSERVER = "turnserver"
 DEFAULT_RELAY_PORTS = (40000, 40999)
 
 
+def coturn_password(secret: str, username: str) -> str:
+    """The password coturn's TURN REST API scheme expects for ``username``: base64(HMAC-SHA1(secret, username))."""
+    mac = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return base64.b64encode(mac).decode()
+
+
 def coturn_credentials(secret: str, expiry_unix: int, tag: str = "fz") -> tuple[str, str]:
     """coturn TURN REST API credentials: username ``"<expiry>:<tag>"``, password base64(HMAC-SHA1(secret, username))."""
     username = f"{expiry_unix}:{tag}"
-    mac = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
-    return username, base64.b64encode(mac).decode()
+    return username, coturn_password(secret, username)
 
 
 def firezone_username(expiry_unix: int, salt: str) -> str:

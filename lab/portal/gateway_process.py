@@ -1,7 +1,9 @@
 """A ``firezone-gateway`` process pointed at a dev portal, driven through its CLI/env contract only.
 
 Used by the demo and the integration tests. The gateway gets its own state directory and a free loopback health
-port; its stdout/stderr are collected continuously (so pipes never fill) and can be searched afterwards.
+port; its stdout/stderr are collected continuously (so pipes never fill) and can be searched afterwards. Given a network
+namespace it runs inside it (``ip netns exec``) with its health server on 127.0.0.1:8080 there, and the health
+endpoints are then fetched over a socket created inside that namespace.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
+
+from dataplane.io.netlink import run_in_netns
+
+NETNS_HEALTH_ADDR = ("127.0.0.1", 8080)
+"""Where the health server listens when the gateway has a namespace to itself (the reference's default address)."""
+HTTP_HEAD_LIMIT = 64 * 1024
 
 # Variables a caller's environment must not leak into the gateway under test.
 _GATEWAY_VARIABLES = ("FIREZONE_", "RUST_LOG", "HEALTH_CHECK_ADDR", "CREDENTIALS_DIRECTORY", "OTLP_GRPC_ENDPOINT")
@@ -46,10 +54,15 @@ class GatewayProcess:
     ``async with``), which kills the process if it still runs."""
 
     def __init__(
-        self, process: asyncio.subprocess.Process, health_addr: tuple[str, int], env: Mapping[str, str]
+        self,
+        process: asyncio.subprocess.Process,
+        health_addr: tuple[str, int],
+        env: Mapping[str, str],
+        netns: str | None = None,
     ) -> None:
         self.process = process
         self.health_addr = health_addr
+        self.netns = netns
         self.env = dict(env)
         self.stdout = bytearray()
         self.stderr = bytearray()
@@ -74,8 +87,10 @@ class GatewayProcess:
         heartbeat_interval: float | None = None,
         extra_env: Mapping[str, str] | None = None,
         args: tuple[str, ...] = (),
+        netns: str | None = None,
     ) -> GatewayProcess:
-        health_addr = ("127.0.0.1", free_tcp_port())
+        """Starts the gateway; with ``netns`` (a name under /run/netns) inside that namespace."""
+        health_addr = NETNS_HEALTH_ADDR if netns is not None else ("127.0.0.1", free_tcp_port())
         env = {k: v for k, v in os.environ.items() if not k.startswith(_GATEWAY_VARIABLES)}
         env.update(
             {
@@ -92,15 +107,18 @@ class GatewayProcess:
         if heartbeat_interval is not None:
             env["FIREZONE_HEARTBEAT_INTERVAL"] = str(heartbeat_interval)
         env.update(extra_env or {})
+        command = gateway_command()
+        if netns is not None:
+            command = ["ip", "netns", "exec", netns, *command]
         process = await asyncio.create_subprocess_exec(
-            *gateway_command(),
+            *command,
             *args,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        return cls(process, health_addr, env)
+        return cls(process, health_addr, env, netns)
 
     async def __aenter__(self) -> GatewayProcess:
         return self
@@ -143,6 +161,8 @@ class GatewayProcess:
 
     async def _get(self, path: str) -> tuple[int, str]:
         """(status, body); status 0 when nothing answers."""
+        if self.netns is not None:
+            return await self._get_in_netns(path)
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         try:
@@ -150,6 +170,33 @@ class GatewayProcess:
                 return response.status, await response.text()
         except (aiohttp.ClientError, TimeoutError):
             return 0, ""
+
+    async def _get_in_netns(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """A plain HTTP/1.0 GET over a TCP socket made inside the gateway's namespace (the test process stays outside)."""
+        assert self.netns is not None
+        sock = run_in_netns(self.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock.setblocking(False)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().sock_connect(sock, self.health_addr)
+                reader, writer = await asyncio.open_connection(sock=sock, limit=HTTP_HEAD_LIMIT)
+                host = f"{self.health_addr[0]}:{self.health_addr[1]}"
+                writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                await writer.drain()
+                response = await reader.read()
+        except (OSError, TimeoutError):
+            return 0, ""
+        finally:
+            if writer is not None:
+                writer.close()
+            else:
+                sock.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].split()
+        if len(status_line) < 2 or not status_line[1].isdigit():
+            return 0, ""
+        return int(status_line[1]), body.decode(errors="replace")
 
     async def readyz(self) -> int:
         return (await self._get("/readyz"))[0]

@@ -1,0 +1,706 @@
+"""The lab world: a dev portal, coturn relays, NAT routers, the real gateway, a resource host and lab clients.
+
+Everything lives in network namespaces with a unique suffix (:class:`lab.netns.Topology`); nothing is routed outside::
+
+    cl  (10.2.0.2) ── natc (10.2.0.1 | 172.31.2.1) ──┐
+    cl2 (10.3.0.2) ── natc (10.3.0.1)                │  wan: 172.31.1.254, 172.31.2.254 on the router links;
+    gw  (10.1.0.2) ── natg (10.1.0.1 | 172.31.1.1) ──┤       portal 172.31.0.1:8443 (in this process, its listening
+    gw  (172.20.0.1) ── res (172.20.0.10)            │       socket made inside wan); relays 172.31.0.11/.12:3478
+
+A NAT router either routes plainly (``none``: the wan knows the private networks), or masquerades with
+endpoint-independent mapping (``masquerade``: hole punching works), or picks a new port per destination
+(``masquerade random``: two such NATs leave only the relay). Unsolicited inbound datagrams are dropped before conntrack
+confirms them, as home routers do. The resource host serves a deterministic blob over HTTP (:mod:`lab.resource`) and
+runs ``iperf3 -s``. The gateway runs in ``gw`` (``ip netns exec``); its health server is 127.0.0.1:8080 there.
+
+    async with LabWorld(gateway_nat="masquerade", client_nat="masquerade random") as world:
+        await world.wait_gateway_joined()
+        client = await world.start_client(resources=[world.resource_id("lan")])
+        await client.wait_event("established")
+        fetched = await world.http_get_sha256("cl")
+
+Every helper that runs something in a namespace is async, so the in-process portal keeps serving meanwhile. Leaving
+the ``async with`` (normally, on failure or on cancellation such as Ctrl-C) stops every process and deletes every
+namespace, with the TUN devices and nftables rules inside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dataplane.io.netlink import run_in_netns
+from lab.netns import Netns, Topology
+from lab.portal import DevPortal, PortalConfig, PortalEvent
+from lab.portal.gateway_process import GatewayProcess
+from lab.relay import Coturn, coturn_password
+from lab.resource import BLOB_PATH, DEFAULT_BLOB_SIZE, blob_sha256
+
+NatMode = Literal["none", "masquerade", "masquerade random"]
+NAT_MODES: tuple[NatMode, ...] = ("none", "masquerade", "masquerade random")
+
+PORTAL_IP = "172.31.0.1"
+PORTAL_PORT = 8443
+RELAY_IPS = ("172.31.0.11", "172.31.0.12")
+RELAY_PORT = 3478
+GATEWAY_LAN_IP = "172.20.0.1"
+RESOURCE_IP = "172.20.0.10"
+RESOURCE_NETWORK = "172.20.0.0/24"
+HTTP_PORT = 80
+IPERF_PORT = 5201
+GATEWAY_TUNNEL_IPS = ("100.64.0.10", "fd00:2021:1111::a")
+SITE_ID = "5a1e0000-0000-4000-8000-000000000001"
+GATEWAY_TOKEN = "lab-site-token"
+RELAY_SECRET = "lab-relay-secret"
+MAX_CLIENTS = 2
+MAX_RELAYS = 2
+PROCESS_START_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class LabResource:
+    """A resource of the lab's portal config, chosen by ``key`` in :class:`LabWorld`'s ``resources``."""
+
+    key: str
+    id: str
+    name: str
+    address: str
+    filters: tuple[Mapping[str, Any], ...] = ()
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "cidr",
+            "name": self.name,
+            "address": self.address,
+            "filters": [dict(f) for f in self.filters],
+            "site_id": SITE_ID,
+        }
+
+
+LAB_RESOURCES = {
+    resource.key: resource
+    for resource in (
+        LabResource("lan", "1a000000-0000-4000-8000-000000000001", "Lab LAN", RESOURCE_NETWORK),
+        LabResource(
+            "lan-web",
+            "1a000000-0000-4000-8000-000000000002",
+            "Lab LAN (HTTP, iperf3 and ICMP only)",
+            RESOURCE_NETWORK,
+            (
+                {"protocol": "tcp", "port_range_start": HTTP_PORT, "port_range_end": HTTP_PORT},
+                {"protocol": "tcp", "port_range_start": IPERF_PORT, "port_range_end": IPERF_PORT},
+                {"protocol": "icmp"},
+            ),
+        ),
+    )
+}
+"""``lan``: the resource host's network, everything allowed; ``lan-web``: the same network behind filters."""
+
+
+class LabPortalConfig(PortalConfig):
+    """The portal config with relay passwords coturn accepts.
+
+    The real portal and relay share the Firezone scheme (portal-protocol.md §4.5); coturn only knows its TURN REST
+    scheme (HMAC-SHA1 over the username). Usernames stay the portal's ``<expiry>:<salt>``; only the password differs,
+    which neither the gateway nor the client computes themselves.
+    """
+
+    def relay_entries(self, gateway_public_key: str, relay_ids: list[str] | None = None) -> list[dict[str, Any]]:
+        entries = super().relay_entries(gateway_public_key, relay_ids)
+        for entry in entries:
+            if entry.get("type") == "turn":
+                entry["password"] = coturn_password(self.relay_secret, entry["username"])
+        return entries
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        """The last non-empty stdout line as JSON (the probes print one object), or None."""
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        if not lines:
+            return None
+        try:
+            return json.loads(lines[-1])
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class IperfResult:
+    bits_per_second: float
+    retransmits: int | None
+    seconds: float
+    reverse: bool
+
+
+def nat_ruleset(outside_interface: str, mode: NatMode) -> str:
+    """The nftables ruleset of a NAT router in ``mode`` (not ``none``) towards ``outside_interface``."""
+    random = " random" if mode == "masquerade random" else ""
+    # Dropping unsolicited inbound datagrams before conntrack confirms them keeps the peer's early checks from claiming
+    # the tuple our own mapping needs (masquerade would then pick another port and defeat hole punching).
+    return (
+        "table ip fznat {\n"
+        " chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n"
+        f'  oifname "{outside_interface}" masquerade{random}\n }}\n'
+        " chain input {\n  type filter hook input priority filter; policy accept;\n"
+        f'  iifname "{outside_interface}" ct state new drop\n }}\n'
+        "}\n"
+    )
+
+
+def lab_client_argv(portal_url: str, token: str, resources: Sequence[str], tun: str = "tun-firezone") -> list[str]:
+    """The headless client's command line (``python -m lab.client`` in portal mode)."""
+    argv = [sys.executable, "-m", "lab.client", "--portal", portal_url, "--token", token, "--tun", tun]
+    for resource_id in resources:
+        argv += ["--resource", resource_id]
+    return argv
+
+
+class ClientProcess:
+    """A lab client in its namespace: its JSON event lines are collected, commands go to its stdin as JSON lines."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+        self.events: list[dict[str, Any]] = []
+        self.stderr = bytearray()
+        self.other_output: list[str] = []
+        self._changed = asyncio.Event()
+        assert process.stdout is not None and process.stderr is not None
+        self._readers = [
+            asyncio.ensure_future(self._read_events(process.stdout)),
+            asyncio.ensure_future(self._collect(process.stderr)),
+        ]
+
+    @classmethod
+    async def start(cls, name: str, netns: Netns, argv: Sequence[str]) -> ClientProcess:
+        process = await asyncio.create_subprocess_exec(
+            *netns.argv(argv),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        return cls(name, process)
+
+    async def _read_events(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").strip()
+            try:
+                event = json.loads(text)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                self.events.append(event)
+            elif text:
+                self.other_output.append(text)
+            self._changed.set()
+        self._changed.set()
+
+    async def _collect(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            self.stderr.extend(chunk)
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    @property
+    def path(self) -> str | None:
+        """The path of the newest ``established``/``path_changed`` event, if any."""
+        paths = [e.get("path") for e in self.events if e.get("event") in ("established", "path_changed")]
+        return str(paths[-1]) if paths else None
+
+    async def wait_event(
+        self,
+        event: str,
+        *,
+        timeout: float = 15.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+        since: int = 0,
+    ) -> dict[str, Any]:
+        """The first event named ``event`` (at index ``since`` or later) that satisfies ``where``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._changed.clear()
+            for found in self.events[since:]:
+                if found.get("event") == event and (where is None or where(found)):
+                    return found
+            if not self.running and all(reader.done() for reader in self._readers[:1]):
+                raise RuntimeError(f"client {self.name} exited ({self.process.returncode}) before {event!r}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"client {self.name}: no {event!r} within {timeout} s; last {self.events[-3:]}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def send(self, command: Mapping[str, Any]) -> None:
+        stdin = self.process.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        stdin.write(json.dumps(command).encode() + b"\n")
+
+    def request(self, resource_id: str) -> None:
+        self.send({"request": resource_id})
+
+    async def quit(self, timeout: float = 5.0) -> int | None:
+        """Asks the client to quit; kills it if it has not within ``timeout``. Returns its exit code."""
+        self.send({"quit": True})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), timeout)
+        await self.close()
+        return self.process.returncode
+
+    async def close(self) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), 5)
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+    def stderr_text(self) -> str:
+        return bytes(self.stderr).decode(errors="replace")
+
+
+@dataclass
+class LabClient:
+    """One client of the portal config and the namespace it runs in."""
+
+    id: str
+    token: str
+    ipv4: str
+    ipv6: str
+    netns_role: str
+
+
+@dataclass
+class LabWorld:
+    """See the module docstring. Parameters are fixed at construction; :meth:`start` builds, :meth:`close` removes."""
+
+    gateway_nat: NatMode = "masquerade"
+    client_nat: NatMode = "masquerade"
+    relays: int = 1
+    clients: int = 1
+    resources: Sequence[str] = ("lan", "lan-web")
+    blob_size: int = DEFAULT_BLOB_SIZE
+    start_gateway: bool = True
+    gateway_log_level: str = "info"
+    gateway_env: Mapping[str, str] = field(default_factory=dict)
+    topology: Topology = field(init=False)
+    ns: dict[str, Netns] = field(init=False, default_factory=dict)
+    coturns: list[Coturn] = field(init=False, default_factory=list)
+    config: LabPortalConfig = field(init=False)
+    lab_clients: list[LabClient] = field(init=False, default_factory=list)
+    portal: DevPortal | None = field(init=False, default=None)
+    gateway: GatewayProcess | None = field(init=False, default=None)
+    client_processes: list[ClientProcess] = field(init=False, default_factory=list)
+    blob_sha256: str = field(init=False, default="")
+    workdir: Path | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        for mode in (self.gateway_nat, self.client_nat):
+            if mode not in NAT_MODES:
+                raise ValueError(f"NAT mode must be one of {NAT_MODES}, not {mode!r}")
+        if not 1 <= self.relays <= MAX_RELAYS:
+            raise ValueError(f"relays must be 1..{MAX_RELAYS}")
+        if not 0 <= self.clients <= MAX_CLIENTS:
+            raise ValueError(f"clients must be 0..{MAX_CLIENTS}")
+        unknown = [key for key in self.resources if key not in LAB_RESOURCES]
+        if unknown:
+            raise ValueError(f"unknown resources {unknown}; known: {sorted(LAB_RESOURCES)}")
+        self.topology = Topology("lab")
+        self.lab_clients = [
+            LabClient(
+                id=f"c1000000-0000-4000-8000-00000000000{index + 1}",
+                token=f"lab-client-token-{index + 1}",
+                ipv4=f"100.64.1.{index + 1}",
+                ipv6=f"fd00:2021:1111::1:{index + 1}",
+                netns_role="cl" if index == 0 else f"cl{index + 1}",
+            )
+            for index in range(self.clients)
+        ]
+        self.config = LabPortalConfig.model_validate(self.portal_config())
+
+    # ------------------------------------------------------------------ configuration
+
+    def portal_config(self) -> dict[str, Any]:
+        """The dev portal's config for this world (as a dict, the shape of a config file)."""
+        # Configured client keys only matter for operator-made authorizations; connecting clients bring their own.
+        placeholder_key = "A" * 43 + "="
+        return {
+            "relay_secret": RELAY_SECRET,
+            "max_relays": MAX_RELAYS,
+            "sites": [{"id": SITE_ID, "name": "lab-site"}],
+            "gateways": [
+                {
+                    "token": GATEWAY_TOKEN,
+                    "site_id": SITE_ID,
+                    "ipv4": GATEWAY_TUNNEL_IPS[0],
+                    "ipv6": GATEWAY_TUNNEL_IPS[1],
+                }
+            ],
+            "resources": [LAB_RESOURCES[key].to_config() for key in self.resources],
+            "clients": [
+                {
+                    "id": client.id,
+                    "public_key": placeholder_key,
+                    "token": client.token,
+                    "ipv4": client.ipv4,
+                    "ipv6": client.ipv6,
+                    "actor_name": f"Lab User {index + 1}",
+                    "actor_email": f"user{index + 1}@lab.example",
+                }
+                for index, client in enumerate(self.lab_clients)
+            ],
+            "relays": [
+                {"id": f"5e1a0000-0000-4000-8000-00000000000{index + 1}", "addrs": [f"{RELAY_IPS[index]}:{RELAY_PORT}"]}
+                for index in range(self.relays)
+            ],
+        }
+
+    def resource_id(self, key: str) -> str:
+        return LAB_RESOURCES[key].id
+
+    @property
+    def portal_url(self) -> str:
+        return f"ws://{PORTAL_IP}:{PORTAL_PORT}"
+
+    @property
+    def blob_url(self) -> str:
+        return f"http://{RESOURCE_IP}:{HTTP_PORT}{BLOB_PATH}"
+
+    def netns(self, role: str | Netns) -> Netns:
+        if isinstance(role, Netns):
+            return role
+        try:
+            return self.ns[role]
+        except KeyError:
+            raise KeyError(f"no namespace {role!r} in this world; have {sorted(self.ns)}") from None
+
+    def need_portal(self) -> DevPortal:
+        if self.portal is None:
+            raise RuntimeError("the lab world has not been started")
+        return self.portal
+
+    def need_gateway(self) -> GatewayProcess:
+        if self.gateway is None:
+            raise RuntimeError("the gateway is not running")
+        return self.gateway
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> LabWorld:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        try:
+            self.blob_sha256 = blob_sha256(self.blob_size)
+            self.workdir = Path(tempfile.mkdtemp(prefix="firezone-lab-"))
+            self._build_namespaces()
+            await asyncio.gather(asyncio.to_thread(self._start_relays), self._start_resource_services())
+            await self._start_portal()
+            if self.start_gateway:
+                await self.launch_gateway()
+        except BaseException:
+            await self.close()
+            raise
+
+    def _build_namespaces(self) -> None:
+        topo = self.topology
+        for role in ("wan", "natg", "natc", "gw", "res", *(c.netns_role for c in self.lab_clients)):
+            self.ns[role] = topo.add_ns(role)
+        wan, natg, natc, gw, res = (self.ns[r] for r in ("wan", "natg", "natc", "gw", "res"))
+        topo.link(gw, "10.1.0.2/24", natg, "10.1.0.1/24")
+        topo.link(gw, f"{GATEWAY_LAN_IP}/24", res, f"{RESOURCE_IP}/24")
+        natg_out, _ = topo.link(natg, "172.31.1.1/24", wan, "172.31.1.254/24")
+        natc_out, _ = topo.link(natc, "172.31.2.1/24", wan, "172.31.2.254/24")
+        gw.exec("ip route add default via 10.1.0.1")
+        natg.exec("ip route add default via 172.31.1.254")
+        natc.exec("ip route add default via 172.31.2.254")
+        client_networks = []
+        for index, client in enumerate(self.lab_clients):
+            network = f"10.{2 + index}.0"
+            topo.link(self.ns[client.netns_role], f"{network}.2/24", natc, f"{network}.1/24")
+            self.ns[client.netns_role].exec(f"ip route add default via {network}.1")
+            client_networks.append(f"{network}.0/24")
+        # The public services' addresses sit on the wan's loopback (no dummy interfaces on every kernel), reachable
+        # from both routers through their default routes.
+        for address in (PORTAL_IP, *RELAY_IPS[: self.relays]):
+            wan.exec(["ip", "addr", "add", f"{address}/32", "dev", "lo"])
+        # The "internet" swallows datagrams to addresses nobody routes (the peers' private host candidates) instead
+        # of failing the send: coturn tears an allocation down when a relayed send fails with ENETUNREACH.
+        sink = f"fzs{topo.suffix}"
+        wan.exec(["ip", "link", "add", f"{sink}a", "type", "veth", "peer", "name", f"{sink}b"])
+        wan.exec(["ip", "link", "set", f"{sink}a", "up"])  # its peer stays down: whatever goes in is dropped
+        wan.exec(["ip", "route", "add", "default", "dev", f"{sink}a"])
+        for router, outside, mode, inside in (
+            (natg, natg_out, self.gateway_nat, ["10.1.0.0/24"]),
+            (natc, natc_out, self.client_nat, client_networks),
+        ):
+            if mode == "none":
+                for network in inside:
+                    wan.exec(["ip", "route", "add", network, "via", router_address(outside, router)])
+            else:
+                _nft(router, nat_ruleset(outside, mode))
+
+    def _start_relays(self) -> None:
+        for index in range(self.relays):
+            relay = Coturn(
+                listen_ip=RELAY_IPS[index],
+                port=RELAY_PORT,
+                secret=RELAY_SECRET,
+                netns=self.ns["wan"],
+                allow_loopback_peers=False,
+                relay_ports=(40000 + 1000 * index, 40999 + 1000 * index),
+            )
+            self.coturns.append(relay)
+            relay.start()
+
+    async def _start_resource_services(self) -> None:
+        res = self.ns["res"]
+        http = res.popen(
+            [sys.executable, "-m", "lab.resource", "serve", "--bind", RESOURCE_IP, "--port", str(HTTP_PORT),
+             "--size", str(self.blob_size)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert http.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(http.stdout.readline), PROCESS_START_TIMEOUT)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the resource host's HTTP server did not start (said {line!r})")
+        res.popen(
+            ["iperf3", "-s", "-B", RESOURCE_IP, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + PROCESS_START_TIMEOUT
+        while not await self._listens(res, IPERF_PORT):
+            if time.monotonic() > deadline:
+                raise RuntimeError("iperf3 -s did not start listening")
+            await asyncio.sleep(0.05)
+
+    async def _listens(self, ns: Netns, port: int) -> bool:
+        result = await self.exec_in(ns, ["ss", "-Hltn", f"sport = :{port}"], timeout=5)
+        return bool(result.stdout.strip())
+
+    async def _start_portal(self) -> None:
+        def listening_socket() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((PORTAL_IP, PORTAL_PORT))
+            sock.listen(128)
+            return sock
+
+        sock = run_in_netns(self.ns["wan"].name, listening_socket)
+        self.portal = DevPortal(self.config, host=PORTAL_IP, port=PORTAL_PORT)
+        try:
+            await self.portal.start(sock=sock)
+        except BaseException:
+            sock.close()
+            self.portal = None
+            raise
+
+    async def launch_gateway(self) -> GatewayProcess:
+        """Starts ``firezone-gateway`` in ``gw`` against the portal (once; the world stops it on close)."""
+        if self.gateway is not None:
+            raise RuntimeError("the gateway is already running")
+        assert self.workdir is not None
+        state_dir = self.workdir / "gateway-state"
+        state_dir.mkdir(exist_ok=True)
+        self.gateway = await GatewayProcess.start(
+            api_url=self.portal_url,
+            token=GATEWAY_TOKEN,
+            state_dir=state_dir,
+            name="lab-gateway",
+            log_level=self.gateway_log_level,
+            netns=self.ns["gw"].name,
+            extra_env={"FIREZONE_ALLOW_INSECURE_PORTAL": "true", **self.gateway_env},
+        )
+        return self.gateway
+
+    async def wait_gateway_joined(self, timeout: float = 15.0) -> PortalEvent:
+        """The portal's ``init`` sent after the gateway's ``phx_join`` (raises ``TimeoutError`` with its output)."""
+        portal = self.need_portal()
+        gateway = self.need_gateway()
+
+        async def joined_and_initialised() -> PortalEvent:
+            on_gateway_topic: Callable[[PortalEvent], bool] = lambda e: e.topic == "gateway"  # noqa: E731
+            joined = await portal.wait_for(
+                kind="received", event="phx_join", predicate=on_gateway_topic, timeout=timeout
+            )
+            return await portal.wait_for(
+                kind="sent", event="init", since=joined.seq, predicate=on_gateway_topic, timeout=5.0
+            )
+
+        waiting = asyncio.ensure_future(joined_and_initialised())
+        exited = asyncio.ensure_future(gateway.process.wait())
+        try:
+            await asyncio.wait([waiting, exited], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not waiting.done():
+                waiting.cancel()
+            await asyncio.gather(waiting, exited, return_exceptions=True)
+        if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+            return waiting.result()
+        why = f"exited with {gateway.process.returncode}" if not gateway.running else f"did not join within {timeout} s"
+        raise TimeoutError(f"the gateway {why}; its output:\n{gateway.output()[-2000:]}")
+
+    async def start_client(
+        self, index: int = 0, *, resources: Sequence[str] = (), extra_args: Sequence[str] = ()
+    ) -> ClientProcess:
+        """Starts lab client ``index`` in its namespace, requesting ``resources`` (ids) right away."""
+        client = self.lab_clients[index]
+        argv = [*lab_client_argv(self.portal_url, client.token, resources), *extra_args]
+        process = await ClientProcess.start(f"client-{index + 1}", self.ns[client.netns_role], argv)
+        self.client_processes.append(process)
+        return process
+
+    async def close(self) -> None:
+        """Stops clients, gateway, portal, relays and resource services and deletes the namespaces. Idempotent."""
+        try:
+            for process in self.client_processes:
+                with contextlib.suppress(Exception):
+                    await process.quit(timeout=2.0)
+            self.client_processes.clear()
+            if self.gateway is not None:
+                with contextlib.suppress(Exception):
+                    await self.gateway.terminate(timeout=5.0)
+                with contextlib.suppress(Exception):
+                    await self.gateway.close()
+            if self.portal is not None:
+                with contextlib.suppress(Exception):
+                    await self.portal.stop()
+        finally:
+            # Synchronous from here on: this part must run to the end even while the task is being cancelled.
+            for relay in self.coturns:
+                relay.stop()
+            self.coturns.clear()
+            self.topology.close()
+            self.ns.clear()
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self.workdir = None
+
+    # ------------------------------------------------------------------ helpers for tests and the demo
+
+    async def exec_in(self, ns: str | Netns, argv: Sequence[str], *, timeout: float = 30.0) -> ExecResult:
+        """Runs ``argv`` in a namespace to completion (killed after ``timeout`` s, returncode -9 then)."""
+        process = await asyncio.create_subprocess_exec(
+            *self.netns(ns).argv(argv),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            stdout, stderr = await process.communicate()
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        assert process.returncode is not None
+        return ExecResult(process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+
+    async def http_get_sha256(
+        self, ns: str | Netns, url: str | None = None, *, timeout: float = 20.0
+    ) -> dict[str, Any]:
+        """Downloads ``url`` (default: the blob) from inside ``ns``: ``{status, bytes, sha256, seconds}`` or
+        ``{error}``; ``matches`` says whether the digest is the blob's."""
+        argv = [sys.executable, "-m", "lab.resource", "fetch", url or self.blob_url, "--timeout", str(timeout)]
+        result = await self.exec_in(ns, argv, timeout=timeout + 5)
+        found = result.json()
+        if not isinstance(found, dict):
+            found = {"error": result.stderr.strip()[-500:] or f"exit {result.returncode}"}
+        found["matches"] = found.get("sha256") == self.blob_sha256
+        return found
+
+    async def iperf3(
+        self, ns: str | Netns, server: str = RESOURCE_IP, seconds: float = 2.0, *, reverse: bool = False
+    ) -> IperfResult:
+        """One TCP iperf3 run from ``ns`` to the resource host; raises ``RuntimeError`` when it fails."""
+        argv = ["iperf3", "-c", server, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "--connect-timeout", "3000"]
+        if reverse:
+            argv.append("-R")
+        result = await self.exec_in(ns, argv, timeout=seconds + 15)
+        try:
+            report = json.loads(result.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 failed ({result.returncode}): {result.stderr.strip()[-300:]}") from None
+        if "error" in report or result.returncode != 0:
+            raise RuntimeError(f"iperf3 failed: {report.get('error', result.returncode)}")
+        end = report["end"]
+        received = end["sum_received"]
+        return IperfResult(
+            bits_per_second=float(received["bits_per_second"]),
+            retransmits=end.get("sum_sent", {}).get("retransmits"),
+            seconds=float(received["seconds"]),
+            reverse=reverse,
+        )
+
+    async def probe_tcp(self, ns: str | Netns, host: str, port: int, *, timeout: float = 3.0) -> dict[str, Any]:
+        """One TCP connect from ``ns``: ``{outcome, errno, icmp: [type, code] | None}`` (see :mod:`lab.resource`)."""
+        argv = [sys.executable, "-m", "lab.resource", "probe-tcp", host, str(port), "--timeout", str(timeout)]
+        result = await self.exec_in(ns, argv, timeout=timeout + 10)
+        found = result.json()
+        return found if isinstance(found, dict) else {"outcome": "error", "detail": result.stderr.strip()[-300:]}
+
+    async def relay_binding(self, ns: str | Netns, relay: int = 0) -> tuple[str, int] | None:
+        """The address relay ``relay`` sees for a BINDING sent from ``ns`` (the NAT's public side), or None."""
+        argv = [sys.executable, "-m", "lab.relay", "--probe", RELAY_IPS[relay], str(RELAY_PORT)]
+        result = await self.exec_in(ns, argv, timeout=10)
+        if result.returncode != 0:
+            return None
+        host, port = result.stdout.split()
+        return host, int(port)
+
+    async def ping(self, ns: str | Netns, host: str, *, count: int = 3) -> ExecResult:
+        return await self.exec_in(ns, ["ping", "-c", str(count), "-i", "0.2", "-W", "2", host], timeout=count + 10)
+
+    async def gateway_metrics(self) -> str:
+        """The gateway's /metrics text, fetched inside ``gw`` ("" when it does not answer)."""
+        return await self.need_gateway().metrics()
+
+
+def router_address(outside_interface: str, router: Netns) -> str:
+    """The IPv4 address of ``router`` on ``outside_interface`` (its wan side)."""
+    out = router.exec(["ip", "-j", "-4", "addr", "show", "dev", outside_interface])
+    for entry in json.loads(out):
+        for info in entry.get("addr_info", []):
+            return str(ipaddress.IPv4Address(info["local"]))
+    raise RuntimeError(f"{router.name} has no IPv4 address on {outside_interface}")
+
+
+def _nft(ns: Netns, ruleset: str) -> None:
+    subprocess.run(ns.argv(["nft", "-f", "-"]), input=ruleset.encode(), check=True, capture_output=True, timeout=10)

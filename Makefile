@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := wireguard-go wireguard-tools coturn iperf3 nftables iproute2 iputils-ping procps
+DEB_PACKAGES := wireguard-go wireguard-tools coturn iperf3 nftables iproute2 iputils-ping procps iptables
 # npm comes with nodejs on machines that use NodeSource's build; Debian's own nodejs needs its npm package.
 NODE_PACKAGES := nodejs npm
 PYTEST_ARGS ?=

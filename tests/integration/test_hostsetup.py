@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import struct
@@ -291,20 +292,9 @@ def receive_from_tun(tun: Tun, timeout: float = 3.0) -> bytes:
     raise AssertionError("nothing came back out of the TUN")
 
 
-@pytest.mark.parametrize(
-    ("client", "tunnel_ip", "far_ip", "gw_ip", "family"),
-    [
-        ("100.64.3.4", "100.64.0.1", FAR_V4, GW_V4, socket.AF_INET),
-        ("fd00:2021:1111::3:4", "fd00:2021:1111::1", FAR_V6, GW_V6, socket.AF_INET6),
-    ],
-    ids=["ipv4", "ipv6"],
-)
-def test_client_traffic_is_forwarded_masqueraded_and_answered(
-    lab: Lab, tun: Tun, client: str, tunnel_ip: str, far_ip: str, gw_ip: str, family: socket.AddressFamily
-) -> None:
-    configure(lab, "100.64.0.1", "fd00:2021:1111::1")
-    setup = HostSetup(TUN_NAME)
-    lab.in_gw(setup.apply)
+def round_trip(lab: Lab, tun: Tun, client: str, far_ip: str, family: socket.AddressFamily) -> str:
+    """Writes a UDP packet from ``client`` to ``far_ip`` into the TUN, answers it in "far" and checks the answer comes
+    out of the TUN, NAT undone. Returns the source address "far" saw."""
     server = run_in_netns(lab.far.name, lambda: socket.socket(family, socket.SOCK_DGRAM))
     try:
         server.bind((far_ip, 0))
@@ -314,7 +304,6 @@ def test_client_traffic_is_forwarded_masqueraded_and_answered(
 
         payload, source = server.recvfrom(2048)
         assert payload == b"hello"
-        assert source[0] == gw_ip  # masqueraded to the gateway's uplink address
         server.sendto(b"answer", source)
 
         answer = receive_from_tun(tun)
@@ -323,6 +312,60 @@ def test_client_traffic_is_forwarded_masqueraded_and_answered(
         assert (str(ip.src_ip), str(ip.dst_ip)) == (far_ip, client)  # NAT undone, routed into the TUN
         assert (udp.src_port, udp.dst_port) == (port, 40000)
         assert answer[ip.l4_offset + 8 :] == b"answer"
+        return str(source[0])
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("client", "far_ip", "gw_ip", "family"),
+    [
+        ("100.64.3.4", FAR_V4, GW_V4, socket.AF_INET),
+        ("fd00:2021:1111::3:4", FAR_V6, GW_V6, socket.AF_INET6),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+def test_client_traffic_is_forwarded_masqueraded_and_answered(
+    lab: Lab, tun: Tun, client: str, far_ip: str, gw_ip: str, family: socket.AddressFamily
+) -> None:
+    configure(lab, "100.64.0.1", "fd00:2021:1111::1")
+    setup = HostSetup(TUN_NAME)
+    lab.in_gw(setup.apply)
+    try:
+        assert round_trip(lab, tun, client, far_ip, family) == gw_ip  # masqueraded to the gateway's uplink address
+    finally:
         lab.in_gw(setup.undo)
+
+
+def iptables_nft_available() -> bool:
+    return shutil.which("iptables") is not None and "nf_tables" in run(["iptables", "--version"], check=False)
+
+
+def iptables_rules(lab: Lab) -> list[str]:
+    """iptables-save and ip6tables-save output without the comment lines (timestamps) and counters."""
+    lines = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        text = lab.gw.exec([tool])
+        lines += [re.sub(r"\[\d+:\d+\]", "", line) for line in text.splitlines() if not line.startswith("#")]
+    return lines
+
+
+@pytest.mark.skipif(not iptables_nft_available(), reason="iptables (nf_tables variant) missing")
+def test_firezone_install_script_rules_coexist(lab: Lab, tun: Tun) -> None:
+    # portal-protocol.md §4.7's rules as Firezone's init script inserts them (uplink names match v+ here, not e+/w+),
+    # on a host whose FORWARD policy is DROP as Docker leaves it.
+    for iptables, source in (("iptables", "100.64.0.0/11"), ("ip6tables", "fd00:2021:1111::/107")):
+        lab.gw.exec([iptables, "-P", "FORWARD", "DROP"])
+        lab.gw.exec([iptables, "-I", "FORWARD", "1", "-i", TUN_NAME, "-j", "ACCEPT"])
+        lab.gw.exec([iptables, "-I", "FORWARD", "1", "-o", TUN_NAME, "-j", "ACCEPT"])
+        lab.gw.exec([iptables, "-t", "nat", "-A", "POSTROUTING", "-s", source, "-o", "v+", "-j", "MASQUERADE"])
+    before = iptables_rules(lab)
+    configure(lab, "100.64.0.1", "fd00:2021:1111::1")
+    setup = HostSetup(TUN_NAME)
+    lab.in_gw(setup.apply)
+    try:
+        assert round_trip(lab, tun, "100.64.3.4", FAR_V4, socket.AF_INET) == GW_V4
+        assert round_trip(lab, tun, "fd00:2021:1111::3:4", FAR_V6, socket.AF_INET6) == GW_V6
+    finally:
+        lab.in_gw(setup.undo)
+    assert iptables_rules(lab) == before

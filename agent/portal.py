@@ -34,6 +34,7 @@ from agent.config import Secret
 from agent.dial import TCP_CONNECT_TIMEOUT, SocketMarker, SocketMarkError, dial_first, resolve_targets
 from dataplane.base import Rng
 from protocol.errors import FatalReason, PortalError, TransientPortalError
+from protocol.messages import INBOUND_MODELS, LEGACY_EVENTS, OUTBOUND_MODELS, ResourceUpdated
 from protocol.phoenix import (
     ChannelEvent,
     ChannelFailed,
@@ -47,7 +48,12 @@ logger = logging.getLogger(__name__)
 
 GATEWAY_SOCKET_PATH = "/gateway/v2/websocket"
 CONNECT_TIMEOUT = 15.0
-MAX_FRAME_SIZE = 16 * 1024 * 1024
+# The largest portal message is init: 10,000 authorizations make 1.4 MB, so 4 MiB leaves room for about 30,000.
+# At most MAX_QUEUED_FRAMES received frames wait to be read: 16 MiB in all (websockets' defaults allowed 16 MiB x 16).
+MAX_FRAME_SIZE = 4 * 1024 * 1024
+MAX_QUEUED_FRAMES = 4
+# A frame the portal does not take within this time means the connection is dead: reconnect rather than wait on it.
+WRITE_TIMEOUT = 10.0
 PACKAGE_NAME = "firezone-gateway-py"
 FALLBACK_VERSION = "1.6.0"
 _MAX_DETAIL = 300
@@ -191,11 +197,23 @@ def classify_rejection(
 # --- the driver ---------------------------------------------------------------------------------------------------
 
 
+# Metric labels come from a fixed set: an event name the portal invents is counted as "other", so a portal cannot grow
+# the metrics (or this process) by sending new names.
+OTHER_EVENT = "other"
+RECEIVED_EVENT_LABELS = frozenset({*INBOUND_MODELS, ResourceUpdated.EVENT, *LEGACY_EVENTS, OTHER_EVENT})
+SENT_EVENT_LABELS = frozenset({*OUTBOUND_MODELS, "phx_join", "heartbeat", OTHER_EVENT})
+
+
+def received_event_label(event: str) -> str:
+    return event if event in RECEIVED_EVENT_LABELS else OTHER_EVENT
+
+
 @dataclass
 class PortalStats:
     connect_attempts: int = 0
     reconnects: int = 0
     joins: int = 0
+    # Keyed by RECEIVED_EVENT_LABELS / SENT_EVENT_LABELS only.
     received: Counter[str] = field(default_factory=Counter)
     sent: Counter[str] = field(default_factory=Counter)
 
@@ -220,6 +238,7 @@ class PortalLink:
         max_partition_time: float = 24 * 3600.0,
         connect_timeout: float = CONNECT_TIMEOUT,
         tcp_connect_timeout: float = TCP_CONNECT_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
         user_agent: str | None = None,
         marker: SocketMarker | None = None,
     ) -> None:
@@ -232,6 +251,7 @@ class PortalLink:
         self._max_partition_time = max_partition_time
         self._connect_timeout = connect_timeout
         self._tcp_connect_timeout = tcp_connect_timeout
+        self._write_timeout = write_timeout
         self.marker = marker or SocketMarker()
         self.user_agent = user_agent or build_user_agent(package_version())
         self.channel = PhoenixChannel(heartbeat_interval=heartbeat_interval)
@@ -310,6 +330,7 @@ class PortalLink:
                         open_timeout=None,
                         ping_interval=None,
                         max_size=MAX_FRAME_SIZE,
+                        max_queue=MAX_QUEUED_FRAMES,
                         close_timeout=2.0,
                     )
                 except BaseException:
@@ -371,6 +392,8 @@ class PortalLink:
                 self.channel.handle_timeout(loop.time())
         except ConnectionClosed as exc:
             return TransientPortalError(f"connection closed while sending ({exc.rcvd or 'no close frame'})")
+        except TimeoutError:
+            return TransientPortalError(f"the portal took no frame for {self._write_timeout:g} s")
         except OSError as exc:
             return TransientPortalError(f"connection error: {type(exc).__name__}")
         finally:
@@ -385,7 +408,8 @@ class PortalLink:
     async def _flush(self, ws: ClientConnection) -> None:
         while (frame := self.channel.poll_send()) is not None:
             self.stats.sent[_event_of(frame)] += 1
-            await ws.send(frame)
+            async with asyncio.timeout(self._write_timeout):
+                await ws.send(frame)
 
     def _dispatch_events(self) -> TransientPortalError | None:
         while (event := self.channel.poll_event()) is not None:
@@ -394,7 +418,7 @@ class PortalLink:
                 self._backoff = Backoff(reconnect_policy(self._max_partition_time), self._rng)
                 logger.info("joined the portal channel", extra={"url_host": urlsplit(self.url).hostname})
             elif isinstance(event, PushReceived):
-                self.stats.received[event.event if len(event.event) <= 64 else "<long>"] += 1
+                self.stats.received[received_event_label(event.event)] += 1
             elif isinstance(event, LinkHiccuped):
                 return TransientPortalError(f"portal link hiccup: {event.reason.value}")
             elif isinstance(event, ChannelFailed):
@@ -406,12 +430,13 @@ class PortalLink:
 
 def _event_of(frame: str) -> str:
     match = re.search(r'"event":"([a-z_]{1,64})"', frame)
-    return match.group(1) if match else "other"
+    return match.group(1) if match and match.group(1) in SENT_EVENT_LABELS else OTHER_EVENT
 
 
 __all__ = [
     "PortalLink",
     "PortalStats",
+    "received_event_label",
     "build_url",
     "build_user_agent",
     "classify_rejection",

@@ -1,4 +1,24 @@
-"""A headless Node driver: one :class:`dataplane.node.Node` on a UDP socket and a TUN device, signalled over stdio.
+"""The lab's headless Firezone client, and a bare Node driver for the NAT traversal test.
+
+**Portal mode** (``--portal``), a headless client as portal-protocol.md §2.3 describes it from the client's side: it
+generates its WireGuard key, joins the portal's ``client`` channel (``/client/websocket``, Phoenix V1), takes its tunnel
+addresses from ``init``, creates its TUN (MTU 1280, /32 + /128), asks for each resource with ``create_flow`` and, on
+``flow_created``, opens a Node connection to the gateway (ICE controlling, WireGuard initiator; connection id = gateway
+id), trickles candidates through the portal and routes the resource's prefix and the gateway's tunnel addresses into
+the TUN. TUN packets go to the gateway whose routed prefix matches best; decrypted packets go to the TUN, except
+p2p-control messages (a ``goodbye`` closes that connection, §3.4).
+
+    python -m lab.client --portal ws://172.31.0.254:8081 --token TOKEN --resource RESOURCE_ID --tun tun-firezone
+
+* stdin: ``{"request": "<resource id>"}``, ``{"quit": true}`` (also EOF)
+* stdout: ``joined`` {ipv4, ipv6, public_key, local, resources}, ``flow_created`` {resource_id, gateway_id,
+  gateway_ipv4, flow_seconds}, ``flow_creation_failed`` {resource_id, reason}, ``established`` {gateway_id, path,
+  local, remote, setup_seconds: flow_created → established}, ``path_changed``, ``failed`` {gateway_id?, reason},
+  ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``error`` (a bad command). Exit status 1 when the
+  portal is unreachable or drops us, else 0.
+
+**Stdio mode** (``--role``): one Node connection whose keys and credentials are given on the command line and whose
+candidates the caller carries (tests/integration/test_nat_traversal.py plays the portal):
 
 It plays either side of a connection: ``--role client`` (ICE controlling, WireGuard initiator, what the lab's headless
 client does) or ``--role gateway``. The portal's part, carrying candidates between the two, is done by whoever
@@ -21,16 +41,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
+import enum
+import ipaddress
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlparse
 
-from dataplane import stun
-from dataplane.base import Address, Transmit
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import WebSocketException
+
+from dataplane import p2p_control, stun
+from dataplane.base import Address, DropCounter, Transmit
 from dataplane.io.rng import SystemRng
 from dataplane.io.tun import Tun
 from dataplane.io.udp import UdpSocket
@@ -47,6 +80,8 @@ from dataplane.node import (
     NoRelays,
     RelayConfig,
 )
+from dataplane.wireguard.allowedips import AllowedIps
+from protocol.phoenix import ChannelFailed, ChannelJoined, LinkHiccuped, PhoenixChannel, PushReceived
 
 log = logging.getLogger("lab.client")
 wire = logging.getLogger("lab.client.wire")  # one line per datagram: enable only to debug
@@ -278,6 +313,655 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- headless Firezone client (portal mode) ------------------------------------------------------------------------
+
+CLIENT_TOPIC = "client"
+TUN_MTU = 1280  # portal-protocol.md §4.1
+MAX_EARLY_CANDIDATES = 64
+"""Per gateway: candidates that arrive before ``flow_created`` (the gateway announces before it confirms, §2.3)."""
+MAX_EARLY_GATEWAYS = 16
+PORTAL_OPEN_TIMEOUT = 10.0
+
+
+class ClientDropReason(enum.Enum):
+    NO_ROUTE = "no_route"  # a TUN packet to an address no granted resource covers
+    NOT_IP = "not_ip"
+    CONTROL_MESSAGE = "control_message"  # a p2p-control message other than goodbye (not for the TUN either way)
+    EARLY_CANDIDATES_FULL = "early_candidates_full"
+    BAD_PUSH = "bad_push"  # a portal push whose payload has the wrong shape
+
+
+def parse_address(text: str) -> Address | None:
+    """``1.2.3.4:3478`` or ``[2001:db8::1]:3478`` → (ip, port); None when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 0xFFFF:
+        return None
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        return None
+
+
+def parse_portal_relays(entries: object, *, ipv6: bool) -> list[RelayConfig]:
+    """The portal's relay objects (``init``/``flow_created``/``relays_presence``), one per address and family, merged
+    per id into :class:`RelayConfig`; STUN-only entries and addresses of the other family are skipped."""
+    merged: dict[str, RelayConfig] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or entry.get("type", "turn") != "turn":
+            continue
+        relay_id, username, password = entry.get("id"), entry.get("username"), entry.get("password")
+        address = parse_address(entry["addr"]) if isinstance(entry.get("addr"), str) else None
+        if not (isinstance(relay_id, str) and isinstance(username, str) and isinstance(password, str) and address):
+            continue
+        if (":" in address[0]) != ipv6:
+            continue
+        known = merged.get(relay_id)
+        addresses = (known.addresses if known else ()) + (address,)
+        merged[relay_id] = RelayConfig(relay_id, addresses, username, password)
+    return list(merged.values())
+
+
+@dataclass(frozen=True, slots=True)
+class FlowGrant:
+    """A parsed ``flow_created``: everything the client needs to connect to the gateway."""
+
+    resource_id: str
+    gateway_id: str
+    gateway_public_key: bytes
+    gateway_ipv4: ipaddress.IPv4Address
+    gateway_ipv6: ipaddress.IPv6Address
+    preshared_key: bytes
+    client_credentials: IceCredentials
+    gateway_credentials: IceCredentials
+    relays: object
+
+    @classmethod
+    def parse(cls, payload: object) -> FlowGrant | None:
+        """None when a field is missing or malformed (the push is then dropped)."""
+        if not isinstance(payload, dict):
+            return None
+        try:
+            client_creds, gateway_creds = payload["client_ice_credentials"], payload["gateway_ice_credentials"]
+            key = base64.b64decode(payload["gateway_public_key"], validate=True)
+            psk = base64.b64decode(payload["preshared_key"], validate=True)
+            grant = cls(
+                resource_id=str(payload["resource_id"]),
+                gateway_id=str(payload["gateway_id"]),
+                gateway_public_key=key,
+                gateway_ipv4=ipaddress.IPv4Address(payload["gateway_ipv4"]),
+                gateway_ipv6=ipaddress.IPv6Address(payload["gateway_ipv6"]),
+                preshared_key=psk,
+                client_credentials=IceCredentials(str(client_creds["username"]), str(client_creds["password"])),
+                gateway_credentials=IceCredentials(str(gateway_creds["username"]), str(gateway_creds["password"])),
+                relays=payload.get("relays", []),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return grant if len(key) == 32 and len(psk) == 32 else None
+
+
+def resource_network(resource: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The prefix a CIDR resource covers (DNS and Internet resources are not routed by this client)."""
+    if not isinstance(resource, dict) or resource.get("type") != "cidr" or not isinstance(resource.get("address"), str):
+        return None
+    try:
+        return ipaddress.ip_network(resource["address"], strict=False)
+    except ValueError:
+        return None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ResourceRoutes:
+    """Which gateway each destination goes to: longest-prefix match over the granted prefixes."""
+
+    def __init__(self) -> None:
+        self._table: AllowedIps[str] = AllowedIps()
+        self._prefixes: dict[Network, str] = {}
+
+    def add(self, network: Network, gateway_id: str) -> None:
+        self._table.insert(network, gateway_id)
+        self._prefixes[network] = gateway_id
+
+    def remove_gateway(self, gateway_id: str) -> list[Network]:
+        """Forgets every prefix of this gateway; returns them (for the kernel routes)."""
+        gone = [n for n, g in self._prefixes.items() if g == gateway_id]
+        for network in gone:
+            self._table.remove(network)
+            del self._prefixes[network]
+        return gone
+
+    def prefixes(self, gateway_id: str) -> list[Network]:
+        return [n for n, g in self._prefixes.items() if g == gateway_id]
+
+    def lookup(self, packet: bytes) -> str | None:
+        """The gateway for an IP packet's destination; None for no match or a packet that is not IPv4/IPv6."""
+        if len(packet) >= 20 and packet[0] >> 4 == 4:
+            return self._table.lookup(packet[16:20])
+        if len(packet) >= 40 and packet[0] >> 4 == 6:
+            return self._table.lookup(packet[24:40])
+        return None
+
+
+@dataclass
+class _Flow:
+    grant: FlowGrant
+    resources: set[str]
+    granted_at: float
+    connected: bool = False  # a Node connection exists (created once a relay has a measured RTT)
+    established: bool = False
+
+
+class HeadlessClient:
+    """A Firezone client without a UI: portal channel ``client``, one Node (controlling, initiator), a TUN, routes.
+
+    Progress goes to stdout as JSON lines, commands come from stdin (see the module docstring).
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.loop = asyncio.get_running_loop()
+        private_key = X25519PrivateKey.generate().private_bytes_raw()
+        self.node = Node(NodeRole.CLIENT, private_key, rng=SystemRng(), wall_clock=time.time)
+        self.public_key_b64 = base64.b64encode(self.node.public_key).decode()
+        self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
+        self.drops = DropCounter()
+        self.routes = ResourceRoutes()
+        self.resources: dict[str, object] = {}
+        self.flows: dict[str, _Flow] = {}  # by gateway id
+        self.requested_at: dict[str, float] = {}  # resource id → when create_flow went out
+        self.queued_requests: list[str] = list(args.resource)
+        self.early_candidates: dict[str, list[str]] = {}
+        self.replaced: set[str] = set()  # gateways whose connection we closed to replace it: no "closed" report
+        self.socket: UdpSocket | None = None
+        self.local: Address = ("0.0.0.0", 0)
+        self.tun: Tun | None = None
+        self.initialised = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.portal_timer: asyncio.TimerHandle | None = None
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.done = asyncio.Event()
+        self.exit_code = 0
+        self.stdin_buffer = b""
+        self.stdin_fd: int | None = None
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def emit(self, event: str, **fields: object) -> None:
+        sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+        sys.stdout.flush()
+
+    def stop(self, exit_code: int) -> None:
+        self.exit_code = self.exit_code or exit_code
+        self.done.set()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        try:
+            self.loop.add_reader(sys.stdin.fileno(), self.on_stdin)
+            self.stdin_fd = sys.stdin.fileno()
+        except PermissionError:  # a regular file or /dev/null cannot be polled: no commands, run until killed
+            log.info("stdin cannot be polled; commands are off")
+        portal = self.loop.create_task(self.run_portal())
+        try:
+            await self.done.wait()
+        finally:
+            self.say_goodbye()
+            portal.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await portal
+            self.close()
+        return self.exit_code
+
+    def close(self) -> None:
+        if self.stdin_fd is not None:
+            self.loop.remove_reader(self.stdin_fd)
+        for handle in (self.timer, self.portal_timer):
+            if handle is not None:
+                handle.cancel()
+        if self.socket is not None:
+            self.loop.remove_reader(self.socket.fileno())
+            log.info(
+                "drops: node %s udp %s client %s", self.node.drops.counts, self.socket.drops.counts, self.drops.counts
+            )
+            self.socket.close()
+        if self.tun is not None:
+            self.loop.remove_reader(self.tun.wakeup_fd)
+            self.tun.close()
+
+    def say_goodbye(self) -> None:
+        """Tells every connected gateway we are leaving (portal-protocol.md §3.4 ``goodbye``)."""
+        if self.socket is None:
+            return
+        now = self.now()
+        for gateway_id, flow in self.flows.items():
+            if flow.established:
+                self.node.encapsulate(gateway_id, p2p_control.goodbye(), now)
+        self.send_transmits()
+
+    # -- the portal -----------------------------------------------------------------------------------------------
+
+    async def run_portal(self) -> None:
+        base = self.args.portal.rstrip("/")
+        url = f"{base}/client/websocket?{urlencode({'public_key': self.public_key_b64})}"
+        headers = {"X-Authorization": f"Bearer {self.args.token}"}
+        try:
+            async with ws_connect(url, additional_headers=headers, open_timeout=PORTAL_OPEN_TIMEOUT) as ws:
+                sender = self.loop.create_task(self.send_frames(ws))
+                try:
+                    self.channel.connect(self.now())
+                    self.after_portal_input()
+                    async for frame in ws:
+                        self.channel.receive_text(frame, self.now())
+                        self.after_portal_input()
+                finally:
+                    sender.cancel()
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            self.emit("failed", reason=f"portal: {exc}")
+            self.stop(1)
+            return
+        if not self.done.is_set():
+            self.emit("failed", reason="portal: the socket closed")
+            self.stop(1)
+
+    async def send_frames(self, ws: ClientConnection) -> None:
+        while True:
+            await ws.send(await self.outbox.get())
+
+    def after_portal_input(self) -> None:
+        while (event := self.channel.poll_event()) is not None:
+            if isinstance(event, PushReceived):
+                self.on_push(event.event, event.payload)
+            elif isinstance(event, ChannelJoined):
+                log.info("joined the portal's client channel")
+            elif isinstance(event, LinkHiccuped | ChannelFailed):
+                self.emit("failed", reason=f"portal: {event}")
+                self.stop(1)
+        self.flush_portal()
+        self.flush()
+
+    def flush_portal(self) -> None:
+        while (frame := self.channel.poll_send()) is not None:
+            self.outbox.put_nowait(frame)
+        if self.portal_timer is not None:
+            self.portal_timer.cancel()
+            self.portal_timer = None
+        deadline = self.channel.poll_timeout()
+        if deadline is not None:
+            self.portal_timer = self.loop.call_at(max(deadline[0], self.now()), self.on_portal_timer)
+
+    def on_portal_timer(self) -> None:
+        self.portal_timer = None
+        self.channel.handle_timeout(self.now())
+        self.after_portal_input()
+
+    def on_push(self, event: str, payload: object) -> None:
+        body = payload if isinstance(payload, dict) else {}
+        if event == "init":
+            self.on_init(body)
+        elif event == "flow_created":
+            self.on_flow_created(payload)
+        elif event == "flow_creation_failed":
+            resource_id = body.get("resource_id")
+            self.requested_at.pop(str(resource_id), None)
+            self.emit("flow_creation_failed", resource_id=resource_id, reason=body.get("reason"))
+        elif event in ("ice_candidates", "invalidate_ice_candidates"):
+            self.on_candidates(event == "ice_candidates", body)
+        elif event == "relays_presence":
+            removed = [r for r in body.get("disconnected_ids", []) if isinstance(r, str)]
+            self.node.update_relays(removed, self.parse_relays(body.get("connected")), self.now())
+        else:
+            log.debug("ignored portal push %s", event)
+
+    def parse_relays(self, entries: object) -> list[RelayConfig]:
+        return parse_portal_relays(entries, ipv6=":" in self.local[0])
+
+    def on_init(self, body: dict[str, Any]) -> None:
+        interface = body.get("interface")
+        resources = body.get("resources")
+        if not isinstance(interface, dict) or not isinstance(resources, list):
+            self.drops.drop(ClientDropReason.BAD_PUSH)
+            return
+        self.resources = {r["id"]: r for r in resources if isinstance(r, dict) and isinstance(r.get("id"), str)}
+        if not self.initialised:
+            try:
+                ipv4 = ipaddress.IPv4Address(interface["ipv4"])
+                ipv6 = ipaddress.IPv6Address(interface["ipv6"])
+                self.start_data_plane(ipv4, ipv6, body.get("relays"))
+            except (KeyError, ValueError, OSError, subprocess.CalledProcessError) as exc:
+                self.emit("failed", reason=f"setup: {exc}")
+                self.stop(1)
+                return
+            self.initialised = True
+            self.emit(
+                "joined",
+                ipv4=str(ipv4),
+                ipv6=str(ipv6),
+                public_key=self.public_key_b64,
+                local=list(self.local),
+                resources=sorted(self.resources),
+            )
+        self.node.update_relays([], self.parse_relays(body.get("relays")), self.now())
+        queued, self.queued_requests = self.queued_requests, []
+        for resource_id in queued:
+            self.request(resource_id)
+
+    def start_data_plane(self, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address, relays: object) -> None:
+        bind = self.args.bind or self.source_address_towards(relays)
+        self.socket = UdpSocket.bind(bind, self.args.port, gso=False, gro=False, increase_buffers=False)
+        self.local = self.socket.local_address
+        self.tun = Tun.create(self.args.tun, offload=False)
+        name = self.args.tun
+        run_ip(["link", "set", "dev", name, "addrgenmode", "none"], check=False)
+        run_ip(["link", "set", "dev", name, "mtu", str(TUN_MTU), "up"])
+        run_ip(["addr", "add", f"{ipv4}/32", "dev", name])
+        run_ip(["-6", "addr", "add", f"{ipv6}/128", "dev", name, "nodad"], check=False)
+        self.loop.add_reader(self.socket.fileno(), self.on_udp)
+        self.loop.add_reader(self.tun.wakeup_fd, self.on_tun)
+
+    def source_address_towards(self, relays: object) -> str:
+        """The address the kernel would send from towards the first relay (else the portal): our host candidate."""
+        targets = [
+            a
+            for entry in (relays if isinstance(relays, list) else [])
+            if isinstance(entry, dict)
+            if isinstance(entry.get("addr"), str) and (a := parse_address(entry["addr"])) and ":" not in a[0]
+        ]
+        host = urlparse(self.args.portal).hostname or "127.0.0.1"
+        target = targets[0] if targets else (host, 443)
+        with socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)
+            return str(probe.getsockname()[0])
+
+    def request(self, resource_id: str) -> None:
+        """``create_flow`` for a resource (queued until ``init`` arrived)."""
+        if not self.initialised:
+            self.queued_requests.append(resource_id)
+            return
+        connected = [g for g, f in self.flows.items() if f.connected]
+        self.requested_at[resource_id] = self.now()
+        self.channel.push("create_flow", {"resource_id": resource_id, "connected_gateway_ids": connected}, self.now())
+        self.flush_portal()
+
+    def on_flow_created(self, payload: object) -> None:
+        grant = FlowGrant.parse(payload)
+        if grant is None:
+            self.drops.drop(ClientDropReason.BAD_PUSH)
+            log.warning("dropped a malformed flow_created: %r", payload)
+            return
+        now = self.now()
+        requested = self.requested_at.pop(grant.resource_id, None)
+        flow = self.flows.get(grant.gateway_id)
+        if flow is not None and flow.grant.gateway_public_key != grant.gateway_public_key:
+            # The gateway restarted (new key): its old connection goes now, quietly; routes stay (same gateway id).
+            if flow.connected:
+                self.node.close_connection(grant.gateway_id, now)
+                self.replaced.add(grant.gateway_id)
+            flow = None
+        if flow is None:
+            flow = _Flow(grant, set(), now)
+            self.flows[grant.gateway_id] = flow
+        flow.resources.add(grant.resource_id)
+        self.node.update_relays([], self.parse_relays(grant.relays), now)
+        self.add_routes(grant)
+        self.emit(
+            "flow_created",
+            resource_id=grant.resource_id,
+            gateway_id=grant.gateway_id,
+            gateway_ipv4=str(grant.gateway_ipv4),
+            flow_seconds=None if requested is None else now - requested,
+        )
+        if flow.connected:
+            flow.connected = False  # a new grant from the same gateway: upsert again (identical = kept)
+        self.connect_waiting_flows()
+
+    def add_routes(self, grant: FlowGrant) -> None:
+        networks: list[Network] = [
+            ipaddress.IPv4Network(f"{grant.gateway_ipv4}/32"),
+            ipaddress.IPv6Network(f"{grant.gateway_ipv6}/128"),
+        ]
+        network = resource_network(self.resources.get(grant.resource_id))
+        if network is None:
+            log.warning(
+                "resource %s is not a CIDR resource: only the gateway's tunnel address is routed", grant.resource_id
+            )
+        else:
+            networks.append(network)
+        for prefix in networks:
+            if prefix not in self.routes.prefixes(grant.gateway_id):
+                self.routes.add(prefix, grant.gateway_id)
+                run_ip(["route", "replace", str(prefix), "dev", self.args.tun], check=False)
+
+    def remove_flow(self, gateway_id: str) -> None:
+        self.flows.pop(gateway_id, None)
+        self.early_candidates.pop(gateway_id, None)
+        for prefix in self.routes.remove_gateway(gateway_id):
+            run_ip(["route", "del", str(prefix), "dev", self.args.tun], check=False)
+
+    def connect_waiting_flows(self) -> None:
+        """Creates the Node connection of each granted flow once a relay has a measured RTT (Node samples one)."""
+        if not any(self.node.relay_rtt(r) is not None for r in self.node.relay_ids):
+            return
+        now = self.now()
+        for gateway_id, flow in self.flows.items():
+            if flow.connected:
+                continue
+            flow.connected = self.node.upsert_connection(
+                gateway_id,
+                remote_public_key=flow.grant.gateway_public_key,
+                preshared_key=flow.grant.preshared_key,
+                local_credentials=flow.grant.client_credentials,
+                remote_credentials=flow.grant.gateway_credentials,
+                now=now,
+            )
+            if flow.connected:
+                for sdp in self.early_candidates.pop(gateway_id, []):
+                    self.node.add_remote_candidate(gateway_id, sdp, now)
+
+    def on_candidates(self, added: bool, body: dict[str, Any]) -> None:
+        gateway_id = body.get("gateway_id")
+        candidates = body.get("candidates")
+        if not isinstance(gateway_id, str) or not isinstance(candidates, list):
+            self.drops.drop(ClientDropReason.BAD_PUSH)
+            return
+        now = self.now()
+        flow = self.flows.get(gateway_id)
+        for sdp in (c for c in candidates if isinstance(c, str)):
+            if flow is not None and flow.connected:
+                if added:
+                    self.node.add_remote_candidate(gateway_id, sdp, now)
+                else:
+                    self.node.remove_remote_candidate(gateway_id, sdp, now)
+            elif added:
+                early = self.early_candidates.get(gateway_id)
+                if early is None and len(self.early_candidates) >= MAX_EARLY_GATEWAYS:
+                    self.drops.drop(ClientDropReason.EARLY_CANDIDATES_FULL)
+                    continue
+                early = self.early_candidates.setdefault(gateway_id, [])
+                if len(early) >= MAX_EARLY_CANDIDATES:
+                    self.drops.drop(ClientDropReason.EARLY_CANDIDATES_FULL)
+                elif sdp not in early:
+                    early.append(sdp)
+            elif gateway_id in self.early_candidates and sdp in self.early_candidates[gateway_id]:
+                self.early_candidates[gateway_id].remove(sdp)
+
+    # -- data plane -----------------------------------------------------------------------------------------------
+
+    def on_udp(self) -> None:
+        assert self.socket is not None and self.tun is not None
+        now = self.now()
+        packets: list[bytes] = []
+        for data, src in self.socket.recv_many():
+            result = self.node.handle_input(data, src, self.local, now)
+            if result is None:
+                continue
+            gateway_id, packet = result
+            message = p2p_control.parse(packet)
+            if message is None:
+                packets.append(packet)
+            elif message.event == p2p_control.GOODBYE_EVENT:
+                self.node.close_connection(gateway_id, now)
+                self.emit("closed", gateway_id=gateway_id, reason="goodbye")
+                self.remove_flow(gateway_id)
+            else:
+                self.drops.drop(ClientDropReason.CONTROL_MESSAGE)
+        if packets:
+            self.tun.send_many(packets)
+        self.flush()
+
+    def on_tun(self) -> None:
+        assert self.tun is not None
+        now = self.now()
+        for packet in self.tun.poll_recv_many():
+            gateway_id = self.routes.lookup(packet)
+            if gateway_id is None:
+                self.drops.drop(ClientDropReason.NO_ROUTE)
+                continue
+            self.node.encapsulate(gateway_id, packet, now)
+        self.flush()
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.node.handle_timeout(self.now())
+        self.flush()
+
+    def send_transmits(self) -> None:
+        transmits: list[Transmit] = []
+        while (transmit := self.node.poll_transmit()) is not None:
+            transmits.append(transmit)
+        if transmits and self.socket is not None:
+            self.socket.send_many(transmits)
+
+    def flush(self) -> None:
+        self.send_transmits()
+        announced: dict[tuple[str, str], list[str]] = {}
+        while (event := self.node.poll_event()) is not None:
+            if isinstance(event, CandidateGathered | CandidateInvalidated):
+                kind = (
+                    "broadcast_ice_candidates"
+                    if isinstance(event, CandidateGathered)
+                    else ("broadcast_invalidated_ice_candidates")
+                )
+                announced.setdefault((kind, event.connection_id), []).append(event.candidate.to_sdp())
+            else:
+                self.on_node_event(event)
+        now = self.now()
+        for (kind, gateway_id), sdps in announced.items():
+            self.channel.push(kind, {"gateway_ids": [gateway_id], "candidates": sdps}, now)
+        if announced:
+            self.flush_portal()
+        self.connect_waiting_flows()
+        self.send_transmits()
+        self.arm_timer()
+
+    def on_node_event(self, event: object) -> None:
+        now = self.now()
+        if isinstance(event, ConnectionEstablished):
+            flow = self.flows.get(event.connection_id)
+            setup = None
+            if flow is not None:
+                flow.established = True
+                setup = now - flow.granted_at
+            self.emit(
+                "established",
+                gateway_id=event.connection_id,
+                path=event.path.value,
+                local=list(event.local),
+                remote=list(event.remote),
+                setup_seconds=setup,
+            )
+        elif isinstance(event, ConnectionPathChanged):
+            self.emit(
+                "path_changed",
+                gateway_id=event.connection_id,
+                path=event.path.value,
+                local=list(event.local),
+                remote=list(event.remote),
+            )
+        elif isinstance(event, ConnectionFailed):
+            self.emit("failed", gateway_id=event.connection_id, reason=event.reason)
+            self.remove_flow(event.connection_id)
+        elif isinstance(event, ConnectionClosed):
+            if event.connection_id in self.replaced:
+                self.replaced.discard(event.connection_id)
+            elif event.connection_id in self.flows:
+                self.emit("closed", gateway_id=event.connection_id, reason="closed")
+                self.remove_flow(event.connection_id)
+        elif isinstance(event, NoRelays):
+            self.emit("no_relays")
+
+    def arm_timer(self) -> None:
+        deadline = self.node.poll_timeout()
+        if self.timer is not None:
+            if deadline is not None and abs(self.timer.when() - max(deadline, self.now())) < 1e-4:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            self.timer = self.loop.call_at(max(deadline, self.now()), self.on_timer)
+
+    # -- commands -------------------------------------------------------------------------------------------------
+
+    def on_stdin(self) -> None:
+        chunk = os.read(sys.stdin.fileno(), 65536)
+        if not chunk:
+            self.stop(0)
+            return
+        self.stdin_buffer += chunk
+        while b"\n" in self.stdin_buffer:
+            line, self.stdin_buffer = self.stdin_buffer.split(b"\n", 1)
+            if line.strip():
+                self.on_command(line)
+
+    def on_command(self, line: bytes) -> None:
+        try:
+            command = json.loads(line)
+        except ValueError:
+            self.emit("error", detail=f"not JSON: {line[:80]!r}")
+            return
+        if not isinstance(command, dict):
+            self.emit("error", detail="a command is a JSON object")
+        elif isinstance(command.get("request"), str):
+            self.request(command["request"])
+        elif command.get("quit"):
+            self.stop(0)
+        else:
+            self.emit("error", detail=f"unknown command {command!r}")
+
+
+def run_ip(arguments: list[str], *, check: bool = True) -> None:
+    """One ``ip`` command; failures raise with ``check``, else are logged (e.g. IPv6 disabled in a namespace)."""
+    result = subprocess.run(["ip", *arguments], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        if check:
+            raise subprocess.CalledProcessError(result.returncode, ["ip", *arguments], result.stdout, result.stderr)
+        log.info("ip %s: %s", " ".join(arguments), result.stderr.strip())
+
+
+def build_headless_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lab.client", description="Headless Firezone client: portal, TUN, routes, JSON lines on stdio."
+    )
+    parser.add_argument("--portal", required=True, help="the portal's base URL, e.g. ws://172.31.0.254:8081")
+    parser.add_argument("--token", required=True, help="the client token (clients[].token of the portal config)")
+    parser.add_argument("--resource", action="append", default=[], help="resource id to request at start (repeatable)")
+    parser.add_argument("--tun", default="tun-firezone")
+    parser.add_argument("--bind", default=None, help="local IP for UDP (default: the source address towards a relay)")
+    parser.add_argument("--port", type=int, default=0, help="UDP port (default: random)")
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+async def _headless_main(argv: Sequence[str]) -> int:
+    args = build_headless_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr)
+    return await HeadlessClient(args).run()
+
+
 async def _main(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
@@ -286,7 +970,10 @@ async def _main(argv: Sequence[str] | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(_main(argv))
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--portal" or a.startswith("--portal=") for a in arguments):
+        return asyncio.run(_headless_main(arguments))
+    asyncio.run(_main(arguments))
     return 0
 
 

@@ -192,6 +192,17 @@ def test_host_without_ipv6_gets_an_ipv4_only_tunnel(
         device.close()
 
 
+def test_device_created_under_default_disable_ipv6_gets_ipv6_when_the_host_has_it(lab: Lab) -> None:
+    # Host setup writes only net.ipv6.conf.all.disable_ipv6=0; a device created afterwards inherits "default".
+    lab.gw.exec(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+    device = lab.in_gw(lambda: Tun.create(TUN_NAME))
+    try:
+        configure(lab, "100.64.0.7", "fd00:2021:1111::7")
+        assert tunnel_addresses(lab) == [("inet", "100.64.0.7", 32), ("inet6", "fd00:2021:1111::7", 128)]
+    finally:
+        device.close()
+
+
 # -- sysctls and the nftables table ------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ ICMPV4_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
 # ICMPv6 error messages are types 0-127 (RFC 4443 §2.1); a redirect (137) must not be answered either (§2.4 e).
 ICMPV6_REDIRECT = 137
 _IPV6_FRAGMENT_HEADER = 44
+_LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _ICMP_HEADER = struct.Struct("!BBHI")
@@ -89,7 +90,7 @@ def _unreachable_v4(packet: bytes | bytearray | memoryview, code: int) -> bytes 
         return None  # not the first fragment
     src = bytes(packet[12:16])
     dst = bytes(packet[16:20])
-    if not _ipv4_names_one_host(src) or dst[0] >= 224:  # 224/4 multicast, 240/4 reserved and 255.255.255.255
+    if not _ipv4_names_one_host(src) or dst[0] >> 4 == 0xE or dst == _LIMITED_BROADCAST:
         return None
     if packet[9] == IPPROTO_ICMP:
         if total_len - header_len < 1 or packet[header_len] in ICMPV4_ERROR_TYPES:

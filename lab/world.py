@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import shutil
 import socket
@@ -287,6 +286,16 @@ class ClientProcess:
 
 
 @dataclass
+class NatRouter:
+    netns: Netns
+    outside_interface: str
+    outside_ip: str
+    inside: tuple[str, ...]
+    """The private networks behind it (routed by the wan only in mode ``none``)."""
+    mode: NatMode | None = None
+
+
+@dataclass
 class LabClient:
     """One client of the portal config and the namespace it runs in."""
 
@@ -320,6 +329,7 @@ class LabWorld:
     client_processes: list[ClientProcess] = field(init=False, default_factory=list)
     blob_sha256: str = field(init=False, default="")
     workdir: Path | None = field(init=False, default=None)
+    _routers: dict[str, NatRouter] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         for mode in (self.gateway_nat, self.client_nat):
@@ -461,15 +471,34 @@ class LabWorld:
         wan.exec(["ip", "link", "add", f"{sink}a", "type", "veth", "peer", "name", f"{sink}b"])
         wan.exec(["ip", "link", "set", f"{sink}a", "up"])  # its peer stays down: whatever goes in is dropped
         wan.exec(["ip", "route", "add", "default", "dev", f"{sink}a"])
-        for router, outside, mode, inside in (
-            (natg, natg_out, self.gateway_nat, ["10.1.0.0/24"]),
-            (natc, natc_out, self.client_nat, client_networks),
-        ):
-            if mode == "none":
-                for network in inside:
-                    wan.exec(["ip", "route", "add", network, "via", router_address(outside, router)])
-            else:
-                _nft(router, nat_ruleset(outside, mode))
+        self._routers = {
+            "natg": NatRouter(natg, natg_out, "172.31.1.1", ("10.1.0.0/24",)),
+            "natc": NatRouter(natc, natc_out, "172.31.2.1", tuple(client_networks)),
+        }
+        self.set_nat("natg", self.gateway_nat)
+        self.set_nat("natc", self.client_nat)
+
+    def set_nat(self, router: Literal["natg", "natc"], mode: NatMode) -> None:
+        """Switches a router's NAT mode. Flows it already tracks keep their mappings; new flows get the new mode."""
+        if mode not in NAT_MODES:
+            raise ValueError(f"NAT mode must be one of {NAT_MODES}, not {mode!r}")
+        entry = self._routers[router]
+        wan = self.ns["wan"]
+        if entry.mode == "none":
+            for network in entry.inside:
+                wan.exec(["ip", "route", "del", network, "via", entry.outside_ip], check=False)
+        elif entry.mode is not None:
+            entry.netns.exec(["nft", "delete", "table", "ip", "fznat"], check=False)
+        if mode == "none":
+            for network in entry.inside:
+                wan.exec(["ip", "route", "add", network, "via", entry.outside_ip])
+        else:
+            _nft(entry.netns, nat_ruleset(entry.outside_interface, mode))
+        entry.mode = mode
+        if router == "natg":
+            self.gateway_nat = mode
+        else:
+            self.client_nat = mode
 
     def _start_relays(self) -> None:
         for index in range(self.relays):
@@ -691,15 +720,6 @@ class LabWorld:
     async def gateway_metrics(self) -> str:
         """The gateway's /metrics text, fetched inside ``gw`` ("" when it does not answer)."""
         return await self.need_gateway().metrics()
-
-
-def router_address(outside_interface: str, router: Netns) -> str:
-    """The IPv4 address of ``router`` on ``outside_interface`` (its wan side)."""
-    out = router.exec(["ip", "-j", "-4", "addr", "show", "dev", outside_interface])
-    for entry in json.loads(out):
-        for info in entry.get("addr_info", []):
-            return str(ipaddress.IPv4Address(info["local"]))
-    raise RuntimeError(f"{router.name} has no IPv4 address on {outside_interface}")
 
 
 def _nft(ns: Netns, ruleset: str) -> None:

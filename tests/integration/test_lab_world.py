@@ -74,6 +74,15 @@ async def test_plain_routing_exposes_private_addresses() -> None:
         assert (await world.ping("res", GATEWAY_LAN_IP, count=1)).returncode == 0
         assert (await world.ping("cl", RESOURCE_IP, count=1)).returncode != 0
 
+        world.set_nat("natg", "masquerade random")
+        mapped = await world.relay_binding("gw")
+        assert mapped is not None and mapped[0] == "172.31.1.1"
+        assert (await world.ping("wan", "10.1.0.2", count=1)).returncode != 0
+        world.set_nat("natg", "none")
+        mapped = await world.relay_binding("gw")
+        assert mapped is not None and mapped[0] == "10.1.0.2"
+        assert (await world.ping("wan", "10.1.0.2", count=1)).returncode == 0
+
 
 async def test_a_failed_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     world = LabWorld(clients=0, start_gateway=False, blob_size=4096)

@@ -124,6 +124,10 @@ class Settings:
     health_check_addr: tuple[str, int]
     heartbeat_interval: float
     state_dir: Path
+    # ws:// or http:// to a host other than loopback: the token would travel in cleartext, so only on request.
+    allow_insecure_portal: bool = False
+    # Leave sysctls, IP forwarding and masquerading to the operator.
+    no_host_setup: bool = False
 
 
 # --- value parsers (pure, each raises ValueError with a human message) ----------------------------------------------
@@ -211,6 +215,33 @@ def validate_api_url(text: str) -> str:
     return text.strip()
 
 
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also IPv4-mapped) and ``localhost``: names and addresses that never leave the machine."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def check_portal_url_is_private(api_url: str, allow_insecure: bool) -> None:
+    """Refuse a cleartext (ws/http) portal URL unless it points at loopback or ``allow_insecure`` is set.
+
+    The token travels in a request header: over ws:// anyone on the path can read it."""
+    parts = urlsplit(api_url.strip())
+    if parts.scheme.lower() not in ("ws", "http") or allow_insecure or is_loopback_host(parts.hostname or ""):
+        return
+    raise ValueError(
+        f"{parts.scheme}:// would send the token unencrypted to {parts.hostname}; use wss:// or https://, "
+        "or set FIREZONE_ALLOW_INSECURE_PORTAL=true (--allow-insecure-portal)"
+    )
+
+
 def parse_positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -293,8 +324,10 @@ def resolve_firezone_id(
 
 
 def write_id_atomically(id_file: Path, firezone_id: str) -> None:
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(id_file.parent, 0o770)
+    # Only a directory made here gets our mode: an operator's existing state directory keeps the mode they chose.
+    if not id_file.parent.is_dir():
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(id_file.parent, 0o770)
     fd, temp_name = tempfile.mkstemp(dir=id_file.parent, prefix=".gateway_id.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -377,6 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
         const="true",
         help="accepted for compatibility; no telemetry is ever sent [FIREZONE_NO_TELEMETRY]",
     )
+    parser.add_argument(
+        "--no-host-setup",
+        action="store_const",
+        const="true",
+        help="leave sysctls, forwarding and masquerade to the operator [FIREZONE_NO_HOST_SETUP]",
+    )
+    parser.add_argument(
+        "--allow-insecure-portal",
+        action="store_const",
+        const="true",
+        help="allow a ws:// or http:// portal URL to a non-loopback host (token in cleartext) "
+        "[FIREZONE_ALLOW_INSECURE_PORTAL]",
+    )
     parser.add_argument("--health-check-addr", help=hidden)
     parser.add_argument("--heartbeat-interval", help=hidden)
     return parser
@@ -416,6 +462,9 @@ def load_settings(argv: Sequence[str] | None, env: Mapping[str, str]) -> Setting
 
     state_dir = Path(env.get("FIREZONE_STATE_DIR") or DEFAULT_STATE_DIR)
     api_url = setting(args.api_url, "FIREZONE_API_URL", validate_api_url, DEFAULT_API_URL)
+    allow_insecure_portal = setting(args.allow_insecure_portal, "FIREZONE_ALLOW_INSECURE_PORTAL", parse_bool, False)
+    checked("FIREZONE_API_URL", api_url, lambda url: check_portal_url_is_private(url, allow_insecure_portal))
+    no_host_setup = setting(args.no_host_setup, "FIREZONE_NO_HOST_SETUP", parse_bool, False)
     max_partition = setting(
         args.max_partition_time,
         "FIREZONE_MAX_PARTITION_TIME",
@@ -456,4 +505,6 @@ def load_settings(argv: Sequence[str] | None, env: Mapping[str, str]) -> Setting
         health_check_addr=health_addr,
         heartbeat_interval=heartbeat,
         state_dir=state_dir,
+        allow_insecure_portal=allow_insecure_portal,
+        no_host_setup=no_host_setup,
     )

@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,47 @@ def test_defaults(env: dict[str, str]) -> None:
     assert settings.health_check_addr == ("0.0.0.0", 8080)
     assert settings.heartbeat_interval == DEFAULT_HEARTBEAT_INTERVAL
     assert not settings.flow_logs and not settings.no_inc_buf and not settings.no_telemetry
+    assert not settings.no_host_setup and not settings.allow_insecure_portal
     assert settings.name  # hostname
+
+
+@pytest.mark.parametrize(("flag", "variable"), [("--no-host-setup", "FIREZONE_NO_HOST_SETUP")])
+def test_no_host_setup_from_flag_or_environment(env: dict[str, str], flag: str, variable: str) -> None:
+    assert load_settings([flag], env).no_host_setup
+    assert load_settings([], {**env, variable: "true"}).no_host_setup
+    assert not load_settings([], {**env, variable: "false"}).no_host_setup
+    with pytest.raises(ConfigError) as caught:
+        load_settings([], {**env, variable: "perhaps"})
+    assert caught.value.variable == variable
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ws://127.0.0.1:8080",
+        "ws://127.3.4.5",
+        "http://localhost:4000",
+        "ws://LOCALHOST.",
+        "ws://[::1]:8080",
+        "ws://[::ffff:127.0.0.1]:8080",
+        "wss://portal.example",
+        "https://10.0.0.1",
+    ],
+)
+def test_tls_or_loopback_portal_urls_are_accepted(env: dict[str, str], url: str) -> None:
+    assert load_settings([], {**env, "FIREZONE_API_URL": url}).api_url == url
+
+
+@pytest.mark.parametrize("url", ["ws://10.0.0.1:8080", "http://portal.example", "ws://[2001:db8::1]", "ws://0.0.0.0"])
+def test_cleartext_portal_urls_need_the_explicit_flag(env: dict[str, str], url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings([], {**env, "FIREZONE_API_URL": url})
+    assert caught.value.variable == "FIREZONE_API_URL"
+    assert "\n" not in str(caught.value) and "unencrypted" in str(caught.value)
+    assert "FIREZONE_ALLOW_INSECURE_PORTAL" in str(caught.value)
+    assert load_settings(["--allow-insecure-portal"], {**env, "FIREZONE_API_URL": url}).allow_insecure_portal
+    allowed = {**env, "FIREZONE_API_URL": url, "FIREZONE_ALLOW_INSECURE_PORTAL": "1"}
+    assert load_settings([], allowed).api_url == url
 
 
 def test_every_variable_from_the_environment(env: dict[str, str]) -> None:
@@ -258,12 +299,53 @@ def test_corrupt_state_file_falls_through(tmp_path: Path) -> None:
     assert resolve_firezone_id(None, tmp_path, machine_id)[1] == "machine-id"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+NOBODY = 65534
+
+
+def _exit_code_as_nobody(action: Callable[[], int]) -> int:
+    """Runs ``action`` in a forked child that dropped root for ``nobody``: root would write anywhere."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            code = action()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def test_unwritable_state_dir_is_an_error(tmp_path: Path) -> None:
+    # A directory anyone may enter but only its owner may write in; unprivileged, we are not the owner.
+    tmp_path.chmod(0o755)
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(ConfigError):
-        resolve_firezone_id(None, locked / "state", tmp_path / "no-machine-id")
+    locked.mkdir(mode=0o755)
+
+    def attempt() -> int:
+        try:
+            resolve_firezone_id(None, locked / "state", tmp_path / "no-machine-id")
+        except ConfigError as exc:
+            return 0 if exc.variable == "FIREZONE_ID" and "rw access" in str(exc) else 2
+        return 1
+
+    if os.geteuid() == 0:
+        assert _exit_code_as_nobody(attempt) == 0
+    else:
+        locked.chmod(0o555)
+        assert attempt() == 0
+    assert not (locked / "state").exists()
+
+
+def test_an_existing_state_dir_keeps_its_mode(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o750)
+    resolve_firezone_id(None, state, tmp_path / "no-machine-id")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o750
+    assert (state / "gateway_id").is_file()
 
 
 def test_state_dir_that_is_a_file_is_an_error(tmp_path: Path) -> None:

@@ -244,6 +244,13 @@ class Node:
         self._connections: dict[ConnectionId, _Connection] = {}
         self._indices = wg.IndexTable(rng)  # receiver index → Tunn, shared so indices never collide
         self._by_tunnel: dict[int, _Connection] = {}  # id(Tunn) → connection
+        # Per-packet lookups are O(1) in the number of connections (a datagram anyone can send must not cost a walk
+        # over every connection): agents register their transactions and pairs in one shared directory, and the
+        # node keeps its own maps by agent, by ufrag pair and by selected pair.
+        self._agents = ice.AgentDirectory()
+        self._by_agent: dict[ice.IceAgent, _Connection] = {}
+        self._by_ufrags: dict[tuple[str, str], list[_Connection]] = {}
+        self._by_selected: dict[tuple[Address, Address], _Connection] = {}
         self._relays: dict[RelayId, _Relay] = {}
         self._relay_by_server: dict[Address, RelayId] = {}
         self._relay_by_relayed: dict[Address, RelayId] = {}
@@ -330,6 +337,7 @@ class Node:
             remote_pwd=remote_credentials.password,
             rng=self._rng,
             timing=CLIENT_PROFILE if self.role is NodeRole.CLIENT else SERVER_PROFILE,
+            directory=self._agents,
         )
         tunnel = wg.Tunn(
             self.private_key,
@@ -354,6 +362,8 @@ class Node:
         )
         self._connections[connection_id] = conn
         self._by_tunnel[id(tunnel)] = conn
+        self._by_agent[agent] = conn
+        self._by_ufrags.setdefault(self._ufrags(conn), []).append(conn)
         self._sync_local_candidates(conn, now)
         self._pump_connection(conn, now)
         return True
@@ -397,9 +407,22 @@ class Node:
             return
         self._remove_connection(conn, now, event=ConnectionClosed(connection_id))
 
+    @staticmethod
+    def _ufrags(conn: _Connection) -> tuple[str, str]:
+        return (conn.local_credentials.username, conn.remote_credentials.username)
+
     def _remove_connection(self, conn: _Connection, now: float, *, event: NodeEvent | None) -> None:
         del self._connections[conn.id]
         self._by_tunnel.pop(id(conn.tunnel), None)
+        self._by_agent.pop(conn.agent, None)
+        ufrags = self._ufrags(conn)
+        same_ufrags = self._by_ufrags.get(ufrags, [])
+        if conn in same_ufrags:
+            same_ufrags.remove(conn)
+            if not same_ufrags:
+                del self._by_ufrags[ufrags]
+        self._forget_selected(conn)
+        conn.agent.close()
         conn.tunnel.close()
         if event is not None:
             self._events.append(event)
@@ -569,16 +592,16 @@ class Node:
 
     def _handle_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
         message_class = (data[0] & 0x01) << 1 | (data[1] & 0x10) >> 4
+        conn: _Connection | None
         if message_class == stun.MessageClass.REQUEST:
             conn = self._connection_for_request(data)
-            if conn is not None and conn.agent.handle_stun(data, src, local, now):
-                self._pump_connection(conn, now)
-                return
         else:
-            for conn in self._connections.values():
-                if conn.agent.handle_stun(data, src, local, now):
-                    self._pump_connection(conn, now)
-                    return
+            # The transaction id (bytes 8-20 of the header) names the agent that sent the request.
+            agent = self._agents.agent_for_transaction(data[8:20])
+            conn = None if agent is None else self._by_agent.get(agent)
+        if conn is not None and conn.agent.handle_stun(data, src, local, now):
+            self._pump_connection(conn, now)
+            return
         self.drops.drop(DropReason.STUN_NO_CONNECTION)
 
     def _connection_for_request(self, data: bytes) -> _Connection | None:
@@ -589,10 +612,8 @@ class Node:
         if username is None:
             return None
         local_ufrag, _, remote_ufrag = username.partition(":")
-        for conn in self._connections.values():
-            if conn.local_credentials.username == local_ufrag and conn.remote_credentials.username == remote_ufrag:
-                return conn
-        return None
+        matches = self._by_ufrags.get((local_ufrag, remote_ufrag))
+        return matches[0] if matches else None
 
     def _handle_wireguard(
         self, data: bytes, src: Address, local: Address, now: float
@@ -623,14 +644,18 @@ class Node:
 
     def _connection_by_source(self, src: Address, local: Address) -> _Connection | None:
         """The connection whose ICE agent talks to ``src`` from ``local``: selected pair first, then any pair."""
-        for conn in self._connections.values():
-            if conn.selected is not None and (conn.selected[0].address, conn.selected[1].address) == (local, src):
-                return conn
-        matches = [
-            conn for conn in self._connections.values() if any(pair.key == (local, src) for pair in conn.agent.pairs)
-        ]
+        selected = self._by_selected.get((local, src))
+        if selected is not None:
+            return selected
+        agents = self._agents.agents_with_pair(local, src)
         # Two connections with a pair to the same remote endpoint would make the source ambiguous: drop instead.
-        return matches[0] if len(matches) == 1 else None
+        return self._by_agent.get(agents[0]) if len(agents) == 1 else None
+
+    def _forget_selected(self, conn: _Connection) -> None:
+        if conn.selected is not None:
+            key = (conn.selected[0].address, conn.selected[1].address)
+            if self._by_selected.get(key) is conn:
+                del self._by_selected[key]
 
     # -- output -----------------------------------------------------------------------------------------------------
 
@@ -787,7 +812,9 @@ class Node:
     def _on_ice_event(self, conn: _Connection, event: ice.IceEvent, now: float) -> None:
         if isinstance(event, ice.SelectedPairChanged):
             first = conn.selected is None and not conn.established
+            self._forget_selected(conn)
             conn.selected = (event.local, event.remote)
+            self._by_selected[(event.local.address, event.remote.address)] = conn
             conn.path_usable = True
             path = conn.path
             assert path is not None

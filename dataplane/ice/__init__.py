@@ -1,6 +1,7 @@
 """ICE for Firezone connections: candidates (SDP values, priorities) and a sans-IO agent (RFC 8445 + RFC 7675)."""
 
 from dataplane.ice.agent import (
+    AgentDirectory,
     CandidatePair,
     DropReason,
     IceAgent,
@@ -30,6 +31,7 @@ from dataplane.ice.timing import (
 )
 
 __all__ = [
+    "AgentDirectory",
     "CLIENT_PROFILE",
     "SERVER_PROFILE",
     "Candidate",

@@ -188,6 +188,59 @@ def _same_family(a: Address, b: Address) -> bool:
     return is_ipv4(a) == is_ipv4(b)
 
 
+# ---- the directory shared by a node's agents ---------------------------------------------------------------------
+
+
+class AgentDirectory:
+    """Which agent owns a STUN transaction and which agents hold a pair: shared by all agents of one node.
+
+    The node demultiplexes every received datagram; walking its agents for that would cost O(connections) per packet
+    (and an attacker picks the packets). Agents keep this directory up to date as they send checks and add or remove
+    pairs, so each lookup is one dict access.
+    """
+
+    __slots__ = ("_pairs", "_transactions")
+
+    def __init__(self) -> None:
+        self._transactions: dict[bytes, IceAgent] = {}
+        self._pairs: dict[tuple[Address, Address], list[IceAgent]] = {}
+
+    def agent_for_transaction(self, transaction_id: bytes) -> IceAgent | None:
+        return self._transactions.get(transaction_id)
+
+    def agents_with_pair(self, local: Address, remote: Address) -> list[IceAgent]:
+        """The agents whose check list holds ``local`` → ``remote`` (usually zero or one); do not modify."""
+        return self._pairs.get((local, remote), _NO_AGENTS)
+
+    def __len__(self) -> int:
+        """Entries held (transactions + pair keys): bounded by the agents' own limits."""
+        return len(self._transactions) + len(self._pairs)
+
+    def _add_transaction(self, transaction_id: bytes, agent: IceAgent) -> None:
+        self._transactions[transaction_id] = agent
+
+    def _remove_transaction(self, transaction_id: bytes, agent: IceAgent) -> None:
+        if self._transactions.get(transaction_id) is agent:
+            del self._transactions[transaction_id]
+
+    def _add_pair(self, key: tuple[Address, Address], agent: IceAgent) -> None:
+        agents = self._pairs.get(key)
+        if agents is None:
+            self._pairs[key] = [agent]
+        elif agent not in agents:
+            agents.append(agent)
+
+    def _remove_pair(self, key: tuple[Address, Address], agent: IceAgent) -> None:
+        agents = self._pairs.get(key)
+        if agents is not None and agent in agents:
+            agents.remove(agent)
+            if not agents:
+                del self._pairs[key]
+
+
+_NO_AGENTS: list[IceAgent] = []
+
+
 # ---- the agent -------------------------------------------------------------------------------------------------
 
 
@@ -205,6 +258,7 @@ class IceAgent:
         *,
         timing: IceTimingProfile | None = None,
         optimistic_candidates: bool = True,
+        directory: AgentDirectory | None = None,
     ) -> None:
         if not (local_ufrag and local_pwd and remote_ufrag and remote_pwd):
             raise ValueError("ICE credentials must not be empty")
@@ -221,6 +275,8 @@ class IceAgent:
         self.idle = False
 
         self._rng = rng
+        # Private when not given: the agent's bookkeeping is the same either way.
+        self._directory = directory if directory is not None else AgentDirectory()
         self._local_key = stun.short_term_key(local_pwd)
         self._remote_key = stun.short_term_key(remote_pwd)
         self._expected_username = f"{local_ufrag}:{remote_ufrag}"
@@ -349,6 +405,14 @@ class IceAgent:
         self.idle = False
 
     # ---- input ---------------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Withdraws this agent's transactions and pairs from the shared directory (the agent is being discarded)."""
+        for transaction_id in self._outstanding:
+            self._directory._remove_transaction(transaction_id, self)
+        for key in self._pairs:
+            self._directory._remove_pair(key, self)
+        self._outstanding.clear()
 
     def handle_stun(self, data: bytes, src: Address, local: Address, now: float) -> bool:
         """Handles a STUN message received on ``local`` (host socket or relay address) from ``src``.
@@ -603,6 +667,7 @@ class IceAgent:
             return None
         pair = CandidatePair(local, remote, self._compute_pair_priority(local, remote))
         self._pairs[key] = pair
+        self._directory._add_pair(key, self)
         self._had_pairs = True
         if self.state is IceState.NEW:
             self.state = IceState.CHECKING
@@ -691,13 +756,16 @@ class IceAgent:
         transaction = stun.Transaction(transaction_id, payload, pair.remote.address, policy, now)
         outstanding = _Outstanding(transaction, pair, purpose, self.controlling)
         self._outstanding[transaction_id] = outstanding
+        self._directory._add_transaction(transaction_id, self)
         pair.outstanding.append(outstanding)
         self._transmits.append(Transmit(pair.remote.address, payload, pair.local.address))
 
     def _finish(self, outstanding: _Outstanding, now: float) -> None:
         if not outstanding.transaction.finished:
             outstanding.transaction.complete(now)
-        self._outstanding.pop(outstanding.transaction.transaction_id, None)
+        transaction_id = outstanding.transaction.transaction_id
+        self._outstanding.pop(transaction_id, None)
+        self._directory._remove_transaction(transaction_id, self)
         if outstanding in outstanding.pair.outstanding:
             outstanding.pair.outstanding.remove(outstanding)
 
@@ -726,6 +794,7 @@ class IceAgent:
     def _remove_pair(self, pair: CandidatePair, now: float, reason: str) -> None:
         self._cancel_outstanding(pair, now)
         del self._pairs[pair.key]
+        self._directory._remove_pair(pair.key, self)
         if pair is self._selected:
             self._lose_selected(now, reason)
 

@@ -12,6 +12,7 @@ from dataplane.base import Address, Transmit
 from dataplane.ice import (
     CLIENT_PROFILE,
     SERVER_PROFILE,
+    AgentDirectory,
     Candidate,
     CandidateKind,
     DropReason,
@@ -660,3 +661,34 @@ def test_controlled_side_returns_to_the_nominated_pair_after_losing_consent_on_i
     assert a.selected_pair is not None and a.selected_pair[1] == b_host
     assert b.selected_pair is not None and b.selected_pair[0] == b_host
     assert not wire.kinds("b", IceDisconnected)
+
+
+# ---- the directory shared by a node's agents ----------------------------------------------------------------------
+
+
+def test_a_shared_directory_tracks_every_pair_and_outstanding_transaction() -> None:
+    directory = AgentDirectory()
+    a = IceAgent(True, "aufr", "a-password-0123456789a", "bufr", "b-password-0123456789b", SeededRng(1))
+    b = IceAgent(
+        False, "bufr", "b-password-0123456789b", "aufr", "a-password-0123456789a", SeededRng(2), directory=directory
+    )
+    wire = Wire(a, b)
+    wire.own("a", A_HOST)
+    wire.own("b", B_HOST, B_RELAY)
+    b.add_local_candidate(Candidate.host(B_HOST), B_HOST, 0.0)
+    b.add_local_candidate(Candidate.relayed(B_RELAY, B_HOST), B_RELAY, 0.0)
+    b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    assert directory.agents_with_pair(B_HOST, A_HOST) == [b]
+    assert directory.agents_with_pair(B_RELAY, A_HOST) == [b]
+    assert directory.agents_with_pair(A_HOST, B_HOST) == []  # a has its own, private directory
+    b.handle_timeout(0.0)
+    sent = [stun.decode(t.payload).transaction_id for t in iter(b.poll_transmit, None)]
+    assert sent and all(directory.agent_for_transaction(tid) is b for tid in sent)
+    wire.run(5.0)  # answered or given up: finished transactions leave the directory
+    assert all(directory.agent_for_transaction(tid) is None for tid in sent)
+    b.remove_local_candidate(Candidate.relayed(B_RELAY, B_HOST), 5.0)
+    assert directory.agents_with_pair(B_RELAY, A_HOST) == []
+    b.close()
+    assert len(directory) == 0

@@ -231,3 +231,16 @@ def _short_plaintexts(sender: Tunn, now: float) -> list[bytes]:
         sender.encapsulate(plaintext, now)
     sender.mtu = DEFAULT_MTU
     return sender.drain_transmits()
+
+
+def test_closing_connections_empties_every_lookup_table() -> None:
+    world, node = _measured_world()
+    now = world.net.now
+    for index in range(3):
+        assert _upsert(node, cid=f"client-{index}", key_seed=f"peer-{index}", now=now)
+        node.add_remote_candidate(f"client-{index}", f"candidate:1 1 udp 2130706431 10.9.0.{index} 4000 typ host", now)
+    assert len(node._agents) > 0 and len(node._by_agent) == 3
+    for index in range(3):
+        node.close_connection(f"client-{index}", now)
+    assert len(node._agents) == 0
+    assert not node._by_agent and not node._by_ufrags and not node._by_selected

@@ -13,7 +13,8 @@ p2p-control messages (a ``goodbye`` closes that connection, §3.4).
 * stdin: ``{"request": "<resource id>"}``, ``{"quit": true}`` (also EOF)
 * stdout: ``joined`` {ipv4, ipv6, public_key, local, resources}, ``flow_created`` {resource_id, gateway_id,
   gateway_ipv4, flow_seconds}, ``flow_creation_failed`` {resource_id, reason}, ``established`` {gateway_id, path,
-  local, remote, setup_seconds: flow_created → established}, ``path_changed``, ``failed`` {gateway_id?, reason},
+  local, remote, setup_seconds: flow_created → established}, ``flow_retry`` {resource_id, reason, attempt} (the
+  gateway answered ``no_relays``: asked again 1 s later, up to 5 times), ``path_changed``, ``failed`` {gateway_id?, reason},
   ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``error`` (a bad command). Exit status 1 when the
   portal is unreachable or drops us, else 0.
 
@@ -321,6 +322,8 @@ MAX_EARLY_CANDIDATES = 64
 """Per gateway: candidates that arrive before ``flow_created`` (the gateway announces before it confirms, §2.3)."""
 MAX_EARLY_GATEWAYS = 16
 PORTAL_OPEN_TIMEOUT = 10.0
+NO_RELAYS_RETRIES = 5
+NO_RELAYS_RETRY_DELAY = 1.0
 
 
 class ClientDropReason(enum.Enum):
@@ -472,6 +475,7 @@ class HeadlessClient:
         self.resources: dict[str, object] = {}
         self.flows: dict[str, _Flow] = {}  # by gateway id
         self.requested_at: dict[str, float] = {}  # resource id → when create_flow went out
+        self.retries: dict[str, int] = {}  # resource id → create_flow retries after no_relays
         self.queued_requests: list[str] = list(args.resource)
         self.early_candidates: dict[str, list[str]] = {}
         self.replaced: set[str] = set()  # gateways whose connection we closed to replace it: no "closed" report
@@ -606,9 +610,7 @@ class HeadlessClient:
         elif event == "flow_created":
             self.on_flow_created(payload)
         elif event == "flow_creation_failed":
-            resource_id = body.get("resource_id")
-            self.requested_at.pop(str(resource_id), None)
-            self.emit("flow_creation_failed", resource_id=resource_id, reason=body.get("reason"))
+            self.on_flow_creation_failed(body)
         elif event in ("ice_candidates", "invalidate_ice_candidates"):
             self.on_candidates(event == "ice_candidates", body)
         elif event == "relays_presence":
@@ -687,6 +689,23 @@ class HeadlessClient:
         self.channel.push("create_flow", {"resource_id": resource_id, "connected_gateway_ids": connected}, self.now())
         self.flush_portal()
 
+    def on_flow_creation_failed(self, body: dict[str, Any]) -> None:
+        resource_id, reason = body.get("resource_id"), body.get("reason")
+        if not isinstance(resource_id, str):
+            self.drops.drop(ClientDropReason.BAD_PUSH)
+            return
+        self.requested_at.pop(resource_id, None)
+        attempt = self.retries.get(resource_id, 0) + 1
+        if reason == "no_relays" and attempt <= NO_RELAYS_RETRIES:
+            # The gateway had no relay with a measured RTT yet (it just started): it is asking the portal for
+            # relays now, so a second try shortly after usually succeeds.
+            self.retries[resource_id] = attempt
+            self.emit("flow_retry", resource_id=resource_id, reason=reason, attempt=attempt)
+            self.loop.call_later(NO_RELAYS_RETRY_DELAY, self.request, resource_id)
+            return
+        self.retries.pop(resource_id, None)
+        self.emit("flow_creation_failed", resource_id=resource_id, reason=reason)
+
     def on_flow_created(self, payload: object) -> None:
         grant = FlowGrant.parse(payload)
         if grant is None:
@@ -695,6 +714,7 @@ class HeadlessClient:
             return
         now = self.now()
         requested = self.requested_at.pop(grant.resource_id, None)
+        self.retries.pop(grant.resource_id, None)
         flow = self.flows.get(grant.gateway_id)
         if flow is not None and flow.grant.gateway_public_key != grant.gateway_public_key:
             # The gateway restarted (new key): its old connection goes now, quietly; routes stay (same gateway id).

@@ -8,9 +8,9 @@ DEB_PACKAGES := wireguard-go wireguard-tools coturn iperf3 nftables iproute2 ipu
 NODE_PACKAGES := nodejs npm
 PYTEST_ARGS ?=
 
-.PHONY: setup deb venv js test lint typecheck demo bench clean
+.PHONY: setup deb venv js tools dist test lint typecheck demo bench clean
 
-setup: deb venv js
+setup: deb venv js tools
 
 # Installs only what is missing, so a second run is quick and needs no network.
 deb:
@@ -30,6 +30,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
+
+# checkov pins its own dependencies, so it lives in a venv of its own.
+TOOLS_VENV := .venv-tools
+CHECKOV_VERSION := 3.3.30
+
+TOOLS_STAMP := $(TOOLS_VENV)/.installed-checkov-$(CHECKOV_VERSION)
+
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP):
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install -q 'checkov==$(CHECKOV_VERSION)'
+	@touch $@
+
+# The wheel the install script and the Terraform module install (dist/firezone_gateway_py-<version>-py3-none-any.whl).
+dist: venv
+	$(PY) -m build --wheel --no-isolation --outdir dist .
+	cd dist && sha256sum *.whl
 
 js: lab/js/node_modules/.installed
 
@@ -56,4 +75,4 @@ bench: setup
 	$(PY) -m lab.bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) lab/js/node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TOOLS_VENV) dist lab/js/node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -235,3 +235,75 @@ async def test_a_refused_token_is_reported(portal: DevPortal, capsys: pytest.Cap
     assert client.done.is_set() and client.exit_code == 1
     [failed] = emitted(capsys)
     assert failed["event"] == "failed" and "401" in failed["reason"]
+
+
+class FakeUdp:
+    def __init__(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        self.datagrams = datagrams
+        self.sent: list[Any] = []
+
+    def recv_many(self) -> list[tuple[bytes, tuple[str, int]]]:
+        found, self.datagrams = self.datagrams, []
+        return found
+
+    def send_many(self, transmits: list[Any]) -> None:
+        self.sent.extend(transmits)
+
+
+class FakeTun:
+    def __init__(self, packets: list[bytes] | None = None) -> None:
+        self.packets = packets or []
+        self.written: list[bytes] = []
+
+    def poll_recv_many(self) -> list[bytes]:
+        found, self.packets = self.packets, []
+        return found
+
+    def send_many(self, packets: list[bytes]) -> int:
+        self.written.extend(packets)
+        return len(packets)
+
+
+async def test_decrypted_packets_go_to_the_tun_and_a_goodbye_closes_the_connection(
+    ip_commands: list[list[str]], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = HeadlessClient(build_headless_parser().parse_args(["--portal", "ws://x:1", "--token", "t"]))
+    client.initialised = True
+    client.resources = {"res-lan": {"id": "res-lan", "type": "cidr", "address": "172.20.0.0/16"}}
+    client.on_flow_created(flow_created())
+    data_packet = ipv4_packet("100.93.74.51")
+    decrypted = iter([("gw-1", data_packet), ("gw-1", p2p_control.goodbye())])
+    monkeypatch.setattr(client.node, "handle_input", lambda data, src, local, now: next(decrypted))
+    closed: list[str] = []
+    monkeypatch.setattr(client.node, "close_connection", lambda connection_id, now: closed.append(connection_id))
+    tun = FakeTun()
+    client.tun = tun  # type: ignore[assignment]
+    client.socket = FakeUdp([(b"one", ("1.2.3.4", 5)), (b"two", ("1.2.3.4", 5))])  # type: ignore[assignment]
+
+    client.on_udp()
+
+    assert tun.written == [data_packet]
+    assert closed == ["gw-1"] and "gw-1" not in client.flows
+    assert client.routes.lookup(ipv4_packet("172.20.0.1")) is None
+    assert ["route", "del", "172.20.0.0/16", "dev", "tun-firezone"] in ip_commands
+    assert {"event": "closed", "gateway_id": "gw-1", "reason": "goodbye"} in emitted(capsys)
+    if client.timer is not None:
+        client.timer.cancel()
+
+
+async def test_tun_packets_go_to_the_gateway_whose_prefix_matches(
+    ip_commands: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = HeadlessClient(build_headless_parser().parse_args(["--portal", "ws://x:1", "--token", "t"]))
+    client.initialised = True
+    client.resources = {"res-lan": {"id": "res-lan", "type": "cidr", "address": "172.20.0.0/16"}}
+    client.on_flow_created(flow_created())
+    sent: list[tuple[str, bytes]] = []
+    monkeypatch.setattr(client.node, "encapsulate", lambda gateway_id, packet, now: sent.append((gateway_id, packet)))
+    to_resource, to_gateway, elsewhere = ipv4_packet("172.20.0.10"), ipv4_packet("100.64.0.10"), ipv4_packet("8.8.8.8")
+    client.tun = FakeTun([to_resource, to_gateway, elsewhere])  # type: ignore[assignment]
+    client.on_tun()
+    assert sent == [("gw-1", to_resource), ("gw-1", to_gateway)]
+    assert client.drops.counts == {"no_route": 1}
+    if client.timer is not None:
+        client.timer.cancel()

@@ -1,245 +1,369 @@
-"""``make demo`` (``python -m lab.demo``): the dev portal and a real gateway joined to it, with a readable report.
+"""``make demo`` (``python -m lab.demo``): the real gateway in the lab world, checked end to end as a user would.
 
-The demo is a list of steps (:data:`STEPS`) run in order against one :class:`DemoContext`; each returns a one-line
-result or raises :class:`DemoError`. Later stages (data plane, relays, a headless client) append their steps.
-Whatever happens, the gateway and the portal are shut down at the end; the exit code is 0 only if every step
-passed and the gateway shut down cleanly.
+The lab world (:mod:`lab.world`) is built first: NAT routers, a coturn relay, the dev portal, the resource host and
+``firezone-gateway`` in its own namespace. Then a list of checks (:data:`CHECKS`) runs in order; each prints one
+progress line and either passes with a short result or fails with what was seen instead. A check whose prerequisites
+failed is skipped (and counts as not passed). Everything is torn down at the end, also on failure, Ctrl-C or SIGTERM.
+The last line is ``demo: K/N checks passed``; the exit code is 0 only when K == N.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
+import contextlib
+import os
+import signal
 import sys
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import aiohttp
+from lab.world import (
+    HTTP_PORT,
+    IPERF_PORT,
+    RELAY_IPS,
+    RELAY_PORT,
+    RESOURCE_IP,
+    ClientProcess,
+    LabWorld,
+)
 
-from lab.portal import DEFAULT_CONFIG, DevPortal, PortalConfig, load_config
-from lab.portal.gateway_process import GatewayProcess
-
-STEP_TIMEOUT = 20.0
-METRIC_PREFIXES = ("firezone_portal_", "firezone_gateway_up", "firezone_clients")
+CHECK_TIMEOUT = 25.0
+DENIED_PORT = 22
+METRIC_PREFIXES = ("firezone_",)
+METRICS_EXCERPT_LINES = 12
+EXIT_INTERRUPTED = 130
+ICMP_ADMIN_PROHIBITED = [3, 13]
 
 
 class DemoError(Exception):
-    """A step could not do what it promises; the message says what was seen instead."""
+    """A check could not do what it promises; the message says what was seen instead."""
 
 
 @dataclass
 class DemoContext:
-    config: PortalConfig
-    workdir: Path
-    log_level: str = "info"
-    portal: DevPortal | None = None
-    gateway: GatewayProcess | None = None
-    http: aiohttp.ClientSession | None = None
+    """What the checks share: the world, the clients they started, and facts for later checks and the report."""
+
+    world: Any
+    """A :class:`LabWorld` in the real demo (the unit tests pass a stand-in)."""
+    clients: dict[str, ClientProcess] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Extra lines printed under the current check's progress line (e.g. a metrics excerpt)."""
 
-    def need_portal(self) -> DevPortal:
-        if self.portal is None:
-            raise DemoError("the dev portal is not running")
-        return self.portal
+    @property
+    def lab(self) -> LabWorld:
+        if not isinstance(self.world, LabWorld):
+            raise DemoError("this check needs the lab world")
+        return self.world
 
-    def need_gateway(self) -> GatewayProcess:
-        if self.gateway is None:
-            raise DemoError("the gateway is not running")
-        return self.gateway
-
-    def need_http(self) -> aiohttp.ClientSession:
-        if self.http is None:
-            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT + 5))
-        return self.http
-
-    async def admin(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One admin API call on the dev portal (the demo uses the same HTTP API as external tools would)."""
-        url = f"{self.need_portal().admin_url}{path}"
-        async with self.need_http().request(method, url, **kwargs) as response:
-            body = await response.json()
-            if response.status != 200:
-                raise DemoError(f"{method} {path} → {response.status}: {body.get('error', body)}")
-            return body
+    def client(self, name: str) -> ClientProcess:
+        try:
+            return self.clients[name]
+        except KeyError:
+            raise DemoError(f"{name} was not started") from None
 
 
-Step = tuple[str, Callable[[DemoContext], Awaitable[str]]]
+@dataclass(frozen=True)
+class Check:
+    title: str
+    run: Callable[[DemoContext], Awaitable[str]]
+    needs: tuple[str, ...] = ()
+    """Titles of earlier checks that must have passed for this one to make sense."""
+    timeout: float = CHECK_TIMEOUT
 
 
-async def start_portal(ctx: DemoContext) -> str:
-    ctx.portal = DevPortal(ctx.config, host="127.0.0.1", port=0)
-    await ctx.portal.start()
-    return f"listening on {ctx.portal.url} (admin API {ctx.portal.admin_url})"
+# ---------------------------------------------------------------------- the checks
 
 
-async def start_gateway(ctx: DemoContext) -> str:
-    portal = ctx.need_portal()
-    if not ctx.config.gateways:
-        raise DemoError("the portal config has no gateway token")
-    state_dir = ctx.workdir / "state"
-    state_dir.mkdir()
-    ctx.gateway = await GatewayProcess.start(
-        api_url=portal.url,
-        token=ctx.config.gateways[0].token,
-        state_dir=state_dir,
-        name="demo-gateway",
-        log_level=ctx.log_level,
-    )
-    return f"pid {ctx.gateway.pid}, health on {ctx.gateway.health_url}, state in {state_dir}"
-
-
-async def wait_joined(ctx: DemoContext) -> str:
-    gateway = ctx.need_gateway()
-    found = await ctx.admin("GET", "/wait", params={"kind": "received", "event": "phx_join", "timeout": "15"})
-    joined_seq = found["event"]["seq"]
-    await ctx.admin("GET", "/wait", params={"kind": "sent", "event": "init", "since": str(joined_seq), "timeout": "5"})
-    if not gateway.running:
-        raise DemoError(f"the gateway exited with {gateway.process.returncode}")
-    [info] = [g for g in (await ctx.admin("GET", "/gateways"))["gateways"] if g["connected"]]
-    ctx.facts["gateway"] = info
-    return f"{info['name']} joined topic gateway and received init"
-
-
-async def wait_ready(ctx: DemoContext) -> str:
-    gateway = ctx.need_gateway()
-    try:
-        await gateway.wait_readyz(200, timeout=STEP_TIMEOUT)
-    except TimeoutError as exc:
-        raise DemoError(str(exc)) from None
-    ctx.facts["readyz"] = 200
-    ctx.facts["healthz"] = await gateway.healthz()
-    return "/readyz 200 (joined and init applied)"
-
-
-async def authorize_client(ctx: DemoContext) -> str:
-    config = ctx.config
-    if not config.clients or not config.resources:
-        raise DemoError("the portal config needs a client and a resource")
-    client, resource = config.clients[0], config.resources[0]
-    since = ctx.need_portal().next_seq
+async def gateway_joined(ctx: DemoContext) -> str:
+    world = ctx.lab
     started = time.monotonic()
-    pushed = await ctx.admin("POST", "/create_authorization", json={"client_id": client.id, "resource_id": resource.id})
-    found = await ctx.admin(
-        "GET",
-        "/wait",
-        params={"kind": "received", "event": "authorization_created", "since": str(since), "timeout": "10"},
+    try:
+        init = await world.wait_gateway_joined(timeout=20)
+        await world.need_gateway().wait_readyz(200, timeout=10)
+    except (TimeoutError, RuntimeError) as exc:
+        raise DemoError(str(exc).splitlines()[0]) from None
+    remote = next((s.remote for s in world.need_portal().sessions if s.joined), "?")
+    relays = ", ".join(r["addr"] for r in init.payload.get("relays", []))
+    return (
+        f"joined from {remote} (behind {world.gateway_nat!r} NAT) in {time.monotonic() - started:.1f} s; "
+        f"init with relays {relays}; /readyz 200"
     )
-    answered_ref = found["event"]["payload"].get("ref")
-    if answered_ref != pushed["ref"]:
-        raise DemoError(f"authorization_created carried ref {answered_ref!r}, expected {pushed['ref']!r}")
-    elapsed_ms = (time.monotonic() - started) * 1000
-    ctx.facts["authorization"] = {"client": client.id, "resource": f"{resource.name or resource.id} ({resource.type})"}
-    return f"client {client.id[:8]}… → resource {resource.name!r}: authorization_created, same ref, {elapsed_ms:.0f} ms"
 
 
-async def read_metrics(ctx: DemoContext) -> str:
-    text = await ctx.need_gateway().metrics()
+async def _start_client(ctx: DemoContext, name: str, index: int, resource_key: str) -> dict[str, Any]:
+    world = ctx.lab
+    client = await world.start_client(index, resources=[world.resource_id(resource_key)])
+    ctx.clients[name] = client
+    try:
+        found = await client.wait_event(("flow_created", "flow_creation_failed"), timeout=20)
+    except (TimeoutError, RuntimeError) as exc:
+        tail = client.stderr_text().strip().splitlines()[-3:]
+        raise DemoError(f"{exc}{'; stderr: ' + ' | '.join(tail) if tail else ''}") from None
+    if found["event"] == "flow_creation_failed":
+        raise DemoError(f"flow_creation_failed: {found.get('reason')}")
+    return found
+
+
+async def authorization(ctx: DemoContext) -> str:
+    world = ctx.lab
+    portal = world.need_portal()
+    since = portal.next_seq
+    started = time.monotonic()
+    await _start_client(ctx, "client-1", 0, "lan-web")
+    elapsed = time.monotonic() - started
+    try:
+        pushed = await portal.wait_for(kind="sent", event="create_authorization", since=since, timeout=1)
+        answered = await portal.wait_for(kind="received", event="authorization_created", since=since, timeout=1)
+    except TimeoutError:
+        raise DemoError("the client got its flow but the portal log lacks the gateway's authorization") from None
+    if pushed.payload.get("ref") != answered.payload.get("ref"):
+        raise DemoError("authorization_created did not echo the ref of create_authorization")
+    return (
+        f"client-1 asked for 'lan-web': create_authorization → authorization_created → flow_created in "
+        f"{elapsed:.1f} s (client start included)"
+    )
+
+
+async def _wait_path(client: ClientProcess, wanted: str, timeout: float) -> float:
+    """Waits until the client's connection is established on ``wanted``; returns its setup time."""
+    established = await client.wait_event(("established", "failed"), timeout=timeout)
+    if established["event"] == "failed":
+        raise DemoError(f"the connection failed: {established}")
+    deadline = time.monotonic() + 10
+    while client.path != wanted and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            await client.wait_event("path_changed", timeout=deadline - time.monotonic(), since=len(client.events))
+    if client.path != wanted:
+        raise DemoError(f"path is {client.path}, expected {wanted}")
+    return float(established.get("setup_seconds", 0.0))
+
+
+async def direct_path(ctx: DemoContext) -> str:
+    setup = await _wait_path(ctx.client("client-1"), "direct", timeout=20)
+    return f"client-1 ↔ gateway: direct (hole punched through both NATs), ICE + handshake {setup:.2f} s"
+
+
+async def download(ctx: DemoContext) -> str:
+    world = ctx.lab
+    fetched = await world.http_get_sha256("cl")
+    if "error" in fetched:
+        raise DemoError(f"GET {world.blob_url}: {fetched['error']}")
+    if not fetched["matches"]:
+        raise DemoError(f"sha256 {fetched['sha256'][:16]}… differs from the blob's {world.blob_sha256[:16]}…")
+    mbit = fetched["bytes"] * 8 / max(fetched["seconds"], 1e-6) / 1e6
+    return (
+        f"{fetched['bytes'] / 2**20:.1f} MiB from http://{RESOURCE_IP}:{HTTP_PORT} through the tunnel in "
+        f"{fetched['seconds']:.2f} s ({mbit:.0f} Mbit/s), sha256 {fetched['sha256'][:16]}… matches"
+    )
+
+
+async def denied_port(ctx: DemoContext) -> str:
+    probe = await ctx.lab.probe_tcp("cl", RESOURCE_IP, DENIED_PORT)
+    if probe.get("icmp") != ICMP_ADMIN_PROHIBITED:
+        raise DemoError(f"tcp/{DENIED_PORT}: {probe} (expected ICMP 3/13)")
+    return (
+        f"tcp/{DENIED_PORT} is outside lan-web's filters: ICMP destination unreachable, administratively "
+        f"prohibited (3/13), connect() → {probe['outcome']}"
+    )
+
+
+async def iperf3(ctx: DemoContext) -> str:
+    try:
+        result = await ctx.lab.iperf3("cl", seconds=3)
+    except RuntimeError as exc:
+        raise DemoError(str(exc)) from None
+    ctx.facts["iperf3_mbit"] = result.bits_per_second / 1e6
+    retransmits = f", {result.retransmits} retransmits" if result.retransmits is not None else ""
+    return (
+        f"TCP client → {RESOURCE_IP}:{IPERF_PORT}: {result.bits_per_second / 1e6:.0f} Mbit/s over "
+        f"{result.seconds:.1f} s{retransmits}"
+    )
+
+
+async def relayed_path(ctx: DemoContext) -> str:
+    world = ctx.lab
+    # New flows through both routers now get a new port per destination: hole punching cannot work any more.
+    world.set_nat("natg", "masquerade random")
+    world.set_nat("natc", "masquerade random")
+    await _start_client(ctx, "client-2", 1, "lan")
+    setup = await _wait_path(ctx.client("client-2"), "relayed", timeout=20)
+    ping = await world.ping("cl2", RESOURCE_IP, count=3)
+    if ping.returncode != 0:
+        raise DemoError(f"relayed, but ping {RESOURCE_IP} failed: {ping.stdout.strip().splitlines()[-1:]}")
+    return (
+        f"client-2 ↔ gateway behind port-randomizing NATs: relayed via {RELAY_IPS[0]}:{RELAY_PORT} "
+        f"(setup {setup:.2f} s), ping {RESOURCE_IP} 0% loss"
+    )
+
+
+async def metrics(ctx: DemoContext) -> str:
+    text = await ctx.lab.gateway_metrics()
     if not text:
         raise DemoError("/metrics did not answer")
     excerpt = [line for line in text.splitlines() if line.startswith(METRIC_PREFIXES)]
-    ctx.facts["metrics"] = excerpt
-    return f"{len(text.splitlines())} lines of Prometheus text"
+    ctx.notes += [f"    {line}" for line in excerpt[:METRICS_EXCERPT_LINES]]
+    return f"{len(text.splitlines())} lines of Prometheus text from 127.0.0.1:8080 inside the gateway's namespace"
 
 
-STEPS: list[Step] = [
-    ("start the dev portal", start_portal),
-    ("start firezone-gateway", start_gateway),
-    ("gateway joins the portal", wait_joined),
-    ("gateway is ready", wait_ready),
-    ("authorize a client", authorize_client),
-    ("read /metrics", read_metrics),
+async def clean_shutdown(ctx: DemoContext) -> str:
+    gateway = ctx.lab.need_gateway()
+    for client in ctx.clients.values():
+        await client.quit(timeout=3)
+    started = time.monotonic()
+    try:
+        code = await gateway.terminate(timeout=10)
+    except TimeoutError:
+        raise DemoError("the gateway did not exit within 10 s of SIGTERM (killed)") from None
+    if code != 0:
+        raise DemoError(f"the gateway exited with {code} after SIGTERM")
+    return f"SIGTERM → exit 0 in {time.monotonic() - started:.1f} s"
+
+
+CHECKS: list[Check] = [
+    Check("gateway joined", gateway_joined),
+    Check("authorization", authorization, needs=("gateway joined",)),
+    Check("direct path", direct_path, needs=("authorization",)),
+    Check("download", download, needs=("authorization",), timeout=40),
+    Check("denied port", denied_port, needs=("authorization",)),
+    Check("iperf3", iperf3, needs=("authorization",)),
+    Check("relayed path", relayed_path, needs=("gateway joined",), timeout=45),
+    Check("metrics", metrics, needs=("gateway joined",)),
+    Check("clean shutdown", clean_shutdown),
 ]
 
 
-def _report(ctx: DemoContext) -> list[str]:
-    lines = ["", "Report", "------"]
-    info = ctx.facts.get("gateway")
-    if info:
-        lines += [
-            f"gateway name      {info['name']}",
-            f"gateway version   {info['version']}   (User-Agent: {info['user_agent']})",
-            f"public key        {info['public_key']}",
-            f"external id       {info['external_id']}",
-            f"portal id         {info['gateway_id']}",
-            f"tunnel addresses  {info['ipv4']}  {info['ipv6']}",
-        ]
-    if "readyz" in ctx.facts:
-        lines.append(f"health            /healthz {ctx.facts['healthz']}  /readyz {ctx.facts['readyz']}")
-    if ctx.portal is not None:
-        received = Counter(e.event for e in ctx.portal.events(kind="received"))
-        sent = Counter(e.event for e in ctx.portal.events(kind="sent") if e.event)
-        lines.append("gateway → portal  " + ", ".join(f"{k} ×{v}" for k, v in sorted(received.items())))
-        lines.append("portal → gateway  " + ", ".join(f"{k} ×{v}" for k, v in sorted(sent.items())))
-    metrics = ctx.facts.get("metrics")
-    if metrics:
-        lines.append("metrics excerpt")
-        lines += [f"    {line}" for line in metrics[:15]]
+# ---------------------------------------------------------------------- the runner
+
+WorldFactory = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+def demo_world(gateway_log_level: str = "info") -> LabWorld:
+    return LabWorld(
+        gateway_nat="masquerade",
+        client_nat="masquerade",
+        relays=1,
+        clients=2,
+        resources=("lan", "lan-web"),
+        gateway_log_level=gateway_log_level,
+    )
+
+
+def _diagnostics(ctx: DemoContext) -> list[str]:
+    """The last lines the gateway and the clients wrote, for a failed run."""
+    lines: list[str] = []
+    world = ctx.world
+    gateway = getattr(world, "gateway", None)
+    if gateway is not None:
+        lines += ["gateway output (last lines):", *(f"    {line}" for line in gateway.output().splitlines()[-12:])]
+    for name, client in ctx.clients.items():
+        tail = client.stderr_text().splitlines()[-6:]
+        if tail:
+            lines += [f"{name} stderr (last lines):", *(f"    {line}" for line in tail)]
     return lines
 
 
-async def _shutdown(ctx: DemoContext) -> tuple[bool, str]:
-    ok, detail = True, ""
-    if ctx.gateway is not None:
-        try:
-            code = await ctx.gateway.terminate(timeout=10)
-            ok = code == 0
-            detail = f"gateway exited with {code} after SIGTERM"
-        except TimeoutError:
-            ok, detail = False, "the gateway did not exit within 10 s of SIGTERM (killed)"
-        await ctx.gateway.close()
-    if ctx.http is not None:
-        await ctx.http.close()
-    if ctx.portal is not None:
-        await ctx.portal.stop()
-        detail += "; dev portal stopped"
-    return ok, detail.lstrip("; ")
-
-
-async def run(config: PortalConfig, *, log_level: str = "info", steps: Sequence[Step] = STEPS) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="firezone-demo-"))
-    ctx = DemoContext(config=config, workdir=workdir, log_level=log_level)
-    failed: str | None = None
-    print("Firezone gateway demo: dev portal + firezone-gateway on loopback\n", flush=True)
+async def run(
+    checks: Sequence[Check] = CHECKS,
+    *,
+    make_world: WorldFactory = demo_world,
+    write: Callable[[str], None] = print,
+) -> int:
+    """Builds the world, runs the checks, tears down; returns the exit code (0 all passed, 1 some failed, 130 on
+    interruption)."""
+    passed: list[str] = []
+    failed = False
+    interrupted = False
+    total = len(checks)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    write("Firezone gateway demo: client ─ NAT ─ relay + portal ─ NAT ─ firezone-gateway ─ resource host")
+    started = time.monotonic()
     try:
-        for number, (title, step) in enumerate(steps, 1):
+        async with make_world() as world:
+            write(f"setup: {_describe(world)} ({time.monotonic() - started:.1f} s)")
+            ctx = DemoContext(world=world)
+            checks_started = time.monotonic()
             try:
-                detail = await asyncio.wait_for(step(ctx), STEP_TIMEOUT)
-            except (DemoError, TimeoutError, OSError, aiohttp.ClientError) as exc:
-                failed = title
-                print(f"[{number}/{len(steps)}] FAILED  {title}: {exc or type(exc).__name__}", flush=True)
-                break
-            print(f"[{number}/{len(steps)}] ok      {title}: {detail}", flush=True)
+                for number, check in enumerate(checks, 1):
+                    missing = [need for need in check.needs if need not in passed]
+                    prefix = f"[{number}/{total}]"
+                    if missing:
+                        failed = True
+                        write(f"{prefix} skipped {check.title}: needs {', '.join(missing)}")
+                        continue
+                    try:
+                        detail = await asyncio.wait_for(check.run(ctx), check.timeout)
+                    except (DemoError, TimeoutError, OSError, RuntimeError) as exc:
+                        failed = True
+                        message = str(exc).splitlines()[0] if str(exc) else f"timed out after {check.timeout:g} s"
+                        write(f"{prefix} FAILED  {check.title}: {message}")
+                    else:
+                        passed.append(check.title)
+                        write(f"{prefix} ok      {check.title}: {detail}")
+                    for note in ctx.notes:
+                        write(note)
+                    ctx.notes.clear()
+            except asyncio.CancelledError:
+                interrupted = True
+                _consume_cancellation()
+                write("demo: interrupted, tearing everything down")
+            write(f"checks took {time.monotonic() - checks_started:.1f} s")
+            if failed and not interrupted:
+                for line in _diagnostics(ctx):
+                    write(line)
+            teardown_started = time.monotonic()
+        write(f"teardown: namespaces, processes and relays removed ({time.monotonic() - teardown_started:.1f} s)")
+    except asyncio.CancelledError:
+        interrupted = True
+        _consume_cancellation()
+        write("demo: interrupted during setup or teardown; everything built so far was removed")
+    except (OSError, RuntimeError, ValueError) as exc:
+        failed = True
+        write(f"setup FAILED: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     finally:
-        clean, detail = await _shutdown(ctx)
-        print(f"[end]   {'ok' if clean else 'FAILED'}      shut down: {detail}", flush=True)
-        for line in _report(ctx):
-            print(line)
-        if (failed or not clean) and ctx.gateway is not None:
-            tail = ctx.gateway.output().splitlines()[-25:]
-            print("\ngateway output (last lines):")
-            print("\n".join(f"    {line}" for line in tail))
-        shutil.rmtree(workdir, ignore_errors=True)
-    success = failed is None and clean
-    print(f"\n{'demo passed' if success else 'demo FAILED'}")
-    return 0 if success else 1
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+    write(f"demo: {len(passed)}/{total} checks passed")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if len(passed) == total and not failed else 1
+
+
+def _consume_cancellation() -> None:
+    """Marks the interruption as handled, so that the teardown's own timeouts keep working."""
+    task = asyncio.current_task()
+    if task is not None:
+        while task.cancelling():
+            task.uncancel()
+
+
+def _describe(world: Any) -> str:
+    if not isinstance(world, LabWorld):
+        return "stand-in world"
+    return (
+        f"{len(world.ns)} namespaces, NATs gateway={world.gateway_nat!r} client={world.client_nat!r}, coturn on "
+        f"{', '.join(f'{ip}:{RELAY_PORT}' for ip in RELAY_IPS[: world.relays])}, resource host {RESOURCE_IP} "
+        f"(HTTP {world.blob_size / 2**20:.0f} MiB blob, iperf3), portal {world.portal_url}, firezone-gateway in gw"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="dev portal config (default: the dev one)")
     parser.add_argument("--gateway-log-level", default="info", help="FIREZONE_LOG_LEVEL for the gateway")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.config}: {exc}", file=sys.stderr)
+    if os.geteuid() != 0:
+        print("demo: needs root (network namespaces, TUN devices, nftables)", file=sys.stderr)
+        print(f"demo: 0/{len(CHECKS)} checks passed")
         return 2
-    return asyncio.run(run(config, log_level=args.gateway_log_level))
+    return asyncio.run(run(make_world=lambda: demo_world(args.gateway_log_level)))
 
 
 if __name__ == "__main__":

@@ -233,18 +233,20 @@ class ClientProcess:
 
     async def wait_event(
         self,
-        event: str,
+        event: str | Sequence[str],
         *,
         timeout: float = 15.0,
         where: Callable[[dict[str, Any]], bool] | None = None,
         since: int = 0,
     ) -> dict[str, Any]:
-        """The first event named ``event`` (at index ``since`` or later) that satisfies ``where``."""
+        """The first event named ``event`` (or any of several names) at index ``since`` or later that satisfies
+        ``where``; raises ``TimeoutError``, or ``RuntimeError`` once the client has exited without it."""
+        names = {event} if isinstance(event, str) else set(event)
         deadline = time.monotonic() + timeout
         while True:
             self._changed.clear()
             for found in self.events[since:]:
-                if found.get("event") == event and (where is None or where(found)):
+                if found.get("event") in names and (where is None or where(found)):
                     return found
             if not self.running and all(reader.done() for reader in self._readers[:1]):
                 raise RuntimeError(f"client {self.name} exited ({self.process.returncode}) before {event!r}")
@@ -714,8 +716,10 @@ class LabWorld:
         host, port = result.stdout.split()
         return host, int(port)
 
-    async def ping(self, ns: str | Netns, host: str, *, count: int = 3) -> ExecResult:
-        return await self.exec_in(ns, ["ping", "-c", str(count), "-i", "0.2", "-W", "2", host], timeout=count + 10)
+    async def ping(self, ns: str | Netns, host: str, *, count: int = 3, wait: float = 2.0) -> ExecResult:
+        """``ping -c count`` from ``ns``; ``wait`` is how long each reply is waited for."""
+        argv = ["ping", "-c", str(count), "-i", "0.2", "-W", f"{wait:g}", host]
+        return await self.exec_in(ns, argv, timeout=count * (wait + 0.2) + 5)
 
     async def gateway_metrics(self) -> str:
         """The gateway's /metrics text, fetched inside ``gw`` ("" when it does not answer)."""

@@ -48,8 +48,8 @@ async def test_world_builds_serves_relays_and_hosts_a_joined_gateway() -> None:
             assert mapped_cl is not None and mapped_cl[0] == "172.31.2.1", mapped_cl
 
         # Nothing behind a NAT is reachable from the wan, and the client has no way onto the gateway's LAN.
-        assert (await world.ping("wan", "10.1.0.2", count=1)).returncode != 0
-        assert (await world.ping("cl", RESOURCE_IP, count=1)).returncode != 0
+        assert (await world.ping("wan", "10.1.0.2", count=1, wait=0.5)).returncode != 0
+        assert (await world.ping("cl", RESOURCE_IP, count=1, wait=0.5)).returncode != 0
 
         # The real gateway joins the portal inside the topology and becomes ready.
         init = await world.wait_gateway_joined(timeout=20)
@@ -72,12 +72,12 @@ async def test_plain_routing_exposes_private_addresses() -> None:
         assert (await world.ping("wan", "10.2.0.2", count=1)).returncode == 0
         # The resource host is only on the gateway's LAN.
         assert (await world.ping("res", GATEWAY_LAN_IP, count=1)).returncode == 0
-        assert (await world.ping("cl", RESOURCE_IP, count=1)).returncode != 0
+        assert (await world.ping("cl", RESOURCE_IP, count=1, wait=0.5)).returncode != 0
 
         world.set_nat("natg", "masquerade random")
         mapped = await world.relay_binding("gw")
         assert mapped is not None and mapped[0] == "172.31.1.1"
-        assert (await world.ping("wan", "10.1.0.2", count=1)).returncode != 0
+        assert (await world.ping("wan", "10.1.0.2", count=1, wait=0.5)).returncode != 0
         world.set_nat("natg", "none")
         mapped = await world.relay_binding("gw")
         assert mapped is not None and mapped[0] == "10.1.0.2"

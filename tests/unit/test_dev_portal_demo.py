@@ -1,4 +1,4 @@
-"""The demo's step runner and the ``firezone-lab portal`` command (the gateway itself is covered in integration)."""
+"""The demo's check runner (with a stand-in world) and the ``firezone-lab portal`` command."""
 
 from __future__ import annotations
 
@@ -11,41 +11,97 @@ import aiohttp
 import pytest
 
 from lab.cli import main
-from lab.demo import DemoContext, DemoError, run, start_portal
-from lab.portal import DEFAULT_CONFIG, load_config
+from lab.demo import Check, DemoContext, DemoError, run
+from lab.portal import DEFAULT_CONFIG
 
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_a_failing_step_fails_the_demo_and_everything_is_shut_down(capsys: pytest.CaptureFixture[str]) -> None:
-    seen: list[DemoContext] = []
+class StandInWorld:
+    """Records whether the demo built and tore down its world; the real one needs root and namespaces."""
 
-    async def broken(ctx: DemoContext) -> str:
-        seen.append(ctx)
-        raise DemoError("this step is broken on purpose")
+    def __init__(self, fail_on_enter: bool = False) -> None:
+        self.fail_on_enter = fail_on_enter
+        self.entered = self.exited = False
 
-    async def never(ctx: DemoContext) -> str:
-        raise AssertionError("steps after a failure must not run")
+    async def __aenter__(self) -> StandInWorld:
+        if self.fail_on_enter:
+            raise RuntimeError("no namespaces today")
+        self.entered = True
+        return self
 
-    code = await run(
-        load_config(DEFAULT_CONFIG), steps=[("portal", start_portal), ("broken", broken), ("never", never)]
-    )
-    out = capsys.readouterr().out
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.exited = True
+
+
+async def _passes(ctx: DemoContext) -> str:
+    assert isinstance(ctx.world, StandInWorld) and ctx.world.entered
+    return "fine"
+
+
+async def _fails(ctx: DemoContext) -> str:
+    raise DemoError("this check is broken on purpose")
+
+
+async def _never(ctx: DemoContext) -> str:
+    raise AssertionError("a check whose prerequisite failed must not run")
+
+
+async def test_failed_checks_are_counted_dependents_skipped_and_the_world_torn_down() -> None:
+    world = StandInWorld()
+    lines: list[str] = []
+    checks = [Check("first", _passes), Check("second", _fails), Check("third", _never, needs=("second",))]
+    code = await run(checks, make_world=lambda: world, write=lines.append)
     assert code == 1
-    assert "[2/3] FAILED  broken: this step is broken on purpose" in out and "demo FAILED" in out
-    assert seen and seen[0].portal is not None and not seen[0].portal.running
-    assert not seen[0].workdir.exists()
+    assert "[1/3] ok      first: fine" in lines
+    assert "[2/3] FAILED  second: this check is broken on purpose" in lines
+    assert "[3/3] skipped third: needs second" in lines
+    assert lines[-1] == "demo: 1/3 checks passed"
+    assert world.exited
 
 
-async def test_passing_steps_pass_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
-    async def admin_answers(ctx: DemoContext) -> str:
-        gateways = await ctx.admin("GET", "/gateways")
-        return f"{len(gateways['gateways'])} gateways"
+async def test_all_checks_passing_pass_the_demo() -> None:
+    lines: list[str] = []
+    code = await run([Check("a", _passes), Check("b", _passes)], make_world=StandInWorld, write=lines.append)
+    assert code == 0, lines
+    assert lines[-1] == "demo: 2/2 checks passed"
 
-    code = await run(load_config(DEFAULT_CONFIG), steps=[("portal", start_portal), ("admin", admin_answers)])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "[2/2] ok      admin: 0 gateways" in out and "demo passed" in out
+
+async def test_a_slow_check_fails_by_its_timeout() -> None:
+    async def slow(ctx: DemoContext) -> str:
+        await asyncio.sleep(5)
+        return "too late"
+
+    lines: list[str] = []
+    code = await run([Check("slow", slow, timeout=0.05)], make_world=StandInWorld, write=lines.append)
+    assert code == 1
+    assert "[1/1] FAILED  slow: timed out after 0.05 s" in lines
+
+
+async def test_a_world_that_cannot_be_built_fails_every_check() -> None:
+    lines: list[str] = []
+    code = await run([Check("a", _never)], make_world=lambda: StandInWorld(fail_on_enter=True), write=lines.append)
+    assert code == 1
+    assert "setup FAILED: no namespaces today" in lines and lines[-1] == "demo: 0/1 checks passed"
+
+
+async def test_interrupting_the_demo_tears_the_world_down() -> None:
+    world = StandInWorld()
+    lines: list[str] = []
+    started = asyncio.Event()
+
+    async def endless(ctx: DemoContext) -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    demo = asyncio.ensure_future(
+        run([Check("endless", endless, timeout=120)], make_world=lambda: world, write=lines.append)
+    )
+    await started.wait()
+    demo.cancel()
+    assert await demo == 130
+    assert world.exited and lines[-1] == "demo: 0/1 checks passed"
 
 
 async def test_firezone_lab_portal_serves_until_sigterm() -> None:

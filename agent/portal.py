@@ -266,7 +266,8 @@ class PortalLink:
         return self.channel.joined
 
     def push(self, event: str, payload: Any) -> bool:
-        """Queue an application message (held while not joined). Safe to call from handlers and other tasks."""
+        """Queue an application message; False when refused (no connection: dropped, not replayed later; or a
+        duplicate while joining). Safe to call from handlers and other tasks."""
         accepted = self.channel.push(event, payload, asyncio.get_running_loop().time())
         self._wakeup.set()
         return accepted

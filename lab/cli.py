@@ -1,4 +1,4 @@
-"""``firezone-lab``: the local world from the command line (``portal``, ``demo``)."""
+"""``firezone-lab``: the local world from the command line (``portal``, ``client``, ``demo``)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--listen", type=parse_listen, default=("127.0.0.1", 4000), help="HOST:PORT (default 127.0.0.1:4000)"
     )
     commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)", add_help=False)
+    commands.add_parser(
+        "client", help="the headless client (python -m lab.client --portal URL --token T ...)", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lab.demo import main as demo_main
 
         return demo_main(rest)
+    if args.command == "client":
+        from lab.client import headless_main
+        from lab.client import main as client_main
+
+        # Portal mode unless the caller asks for the bare Node driver (--role).
+        if any(a == "--role" or a.startswith("--role=") for a in rest):
+            return client_main(rest)
+        return headless_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

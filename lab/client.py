@@ -989,10 +989,15 @@ async def _main(argv: Sequence[str] | None) -> None:
     await driver.run()
 
 
+def headless_main(argv: Sequence[str]) -> int:
+    """Portal mode (``firezone-lab client``): runs until ``quit``, EOF on stdin or the portal dropping us."""
+    return asyncio.run(_headless_main(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--portal" or a.startswith("--portal=") for a in arguments):
-        return asyncio.run(_headless_main(arguments))
+        return headless_main(arguments)
     asyncio.run(_main(arguments))
     return 0
 

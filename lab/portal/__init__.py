@@ -9,12 +9,33 @@ In process::
         reply = await portal.wait_for(kind="received", event="authorization_created", since=joined.seq)
 
 As a process: ``firezone-lab portal --config FILE --listen 127.0.0.1:PORT`` (or ``python -m lab.portal``).
+``start(sock=...)`` serves on a listening socket the caller made (e.g. inside a network namespace).
+
+Clients (``python -m lab.client --portal URL --token T``) connect on ``/client/websocket?public_key=<their key>``
+with ``X-Authorization: Bearer <clients[].token>`` and join topic ``client``; the portal brokers them to gateways
+(portal-protocol.md §2.3)::
+
+    client → create_flow {resource_id, connected_gateway_ids?}
+             portal picks a joined gateway of the resource's site (one the client already uses first, else the least
+             loaded), derives ICE credentials and the PSK for the client's announced key
+    gateway ← create_authorization ... gateway → authorization_created {ref} (within authorization_timeout, 15 s)
+    client ← flow_created {resource_id, gateway_id, site_id, gateway_public_key, gateway_ipv4, gateway_ipv6,
+             preshared_key, client_ice_credentials, gateway_ice_credentials, relays}
+             or flow_creation_failed {resource_id, reason: not_found | offline | no_relays | too_many_requests}
+    client broadcast_(invalidated_)ice_candidates {gateway_ids, candidates} → gateway (invalidate_)ice_candidates
+             {client_id, candidates}; the gateway's {client_ids, candidates} → client {gateway_id, candidates}
+             (only between peers the portal brokered)
+
+:meth:`DevPortal.flows`, :meth:`DevPortal.wait_for_flow`, :meth:`DevPortal.clients` and ``wait_for(client=...)`` show
+what was brokered.
 
 Admin HTTP API (JSON, same server, under ``/admin``):
 
 =====================================  ===========================================================================
 ``GET  /admin/gateways``               every gateway seen: ids, name, public key, User-Agent, version, connected
-``GET  /admin/events``                 the log; filters ``since kind event gateway conn_id``; ``timeout`` long-polls
+``GET  /admin/clients``                every client seen: id, its announced public key, tunnel IPs, connected
+``GET  /admin/flows``                  brokered flows (filters ``client``, ``state``: pending/created/failed/abandoned)
+``GET  /admin/events``                 the log; filters ``since kind event gateway client conn_id``; ``timeout``
 ``GET  /admin/wait``                   first matching log entry (same filters), 504 after ``timeout`` s
 ``GET/POST /admin/faults``             read / change :class:`Faults` (reject_remaining, reject_status, reject_code,
                                        reject_retry_after, refuse_connections, answer_heartbeats, join_reply, ...)
@@ -50,7 +71,7 @@ from lab.portal.config import (
     relay_password,
     relay_salt,
 )
-from lab.portal.server import AdminError, DevPortal, Faults, GatewaySession, PortalEvent
+from lab.portal.server import AdminError, ClientSession, DevPortal, Faults, Flow, GatewaySession, PortalEvent
 
 DEFAULT_CONFIG = Path(__file__).with_name("dev-config.json")
 
@@ -58,8 +79,10 @@ __all__ = [
     "DEFAULT_CONFIG",
     "RELAY_CREDENTIALS_EXPIRY",
     "AdminError",
+    "ClientSession",
     "DevPortal",
     "Faults",
+    "Flow",
     "GatewaySession",
     "PortalConfig",
     "PortalEvent",

@@ -35,7 +35,10 @@ from dataplane.ice.candidate import Candidate, CandidateKind
 from dataplane.ice.timing import CLIENT_PROFILE, SERVER_PROFILE
 from dataplane.turn import Allocation
 from dataplane.wireguard import tunn as wg
+from dataplane.wireguard.constants import MESSAGE_INITIATION_SIZE, MESSAGE_RESPONSE_SIZE
+from dataplane.wireguard.cookie import CookieChecker
 from dataplane.wireguard.crypto import public_key
+from dataplane.wireguard.ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ FIREZONE_REKEY_ATTEMPT_TIME = 20.0  # portal-protocol.md §4.2: ICE mode fails a
 MAX_PENDING_PACKETS = 64  # a client's IP packets held per connection until it has a path
 RTT_INCLUSION_FACTOR = 2.0  # relays within 2× the best RTT (plus slack) are sampled evenly; slower ones are outliers
 RTT_INCLUSION_SLACK = 0.010
+# portal-protocol.md §4.2: more handshakes per second than this, over all connections, and the node is under load
+# (boringtun's default, which Firezone uses).
+HANDSHAKE_RATE_LIMIT = 100
 
 ConnectionId = str
 RelayId = str
@@ -70,6 +76,10 @@ class DropReason(enum.Enum):
     PENDING_QUEUE_FULL = "pending_queue_full"
     CONNECTION_NOT_READY = "connection_not_ready"
     NO_PATH = "no_path"
+    HANDSHAKE_BAD_LENGTH = "handshake_bad_length"
+    HANDSHAKE_BAD_MAC1 = "handshake_bad_mac1"
+    COOKIE_REQUIRED = "cookie_required"  # under load, without a valid mac2: answered with a cookie reply only
+    HANDSHAKE_RATE_LIMITED = "handshake_rate_limited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +241,7 @@ class Node:
         rng: Rng,
         wall_clock: WallClock,
         rekey_attempt_time: float = FIREZONE_REKEY_ATTEMPT_TIME,
+        handshake_rate_limit: int = HANDSHAKE_RATE_LIMIT,
     ) -> None:
         if len(private_key) != 32:
             raise ValueError("a WireGuard private key has 32 bytes")
@@ -251,6 +262,10 @@ class Node:
         self._by_agent: dict[ice.IceAgent, _Connection] = {}
         self._by_ufrags: dict[tuple[str, str], list[_Connection]] = {}
         self._by_selected: dict[tuple[Address, Address], _Connection] = {}
+        # Handshake flood protection shared by all connections (every tunnel answers to our one static key).
+        self._cookie_checker = CookieChecker(self.public_key, rng)
+        self.handshake_load = wg.HandshakeLoad(handshake_rate_limit)
+        self._handshake_rate_limiter = RateLimiter()
         self._relays: dict[RelayId, _Relay] = {}
         self._relay_by_server: dict[Address, RelayId] = {}
         self._relay_by_relayed: dict[Address, RelayId] = {}
@@ -632,6 +647,8 @@ class Node:
         if conn is None:
             self.drops.drop(DropReason.WIREGUARD_NO_CONNECTION)
             return None
+        if kind <= 2 and not self._admit_handshake(data, src, local, now):
+            return None
         packet = conn.tunnel.decapsulate(data, now)
         # A handshake response goes back where the initiation came from, even if ICE has not selected that pair yet
         # (the controlled side learns the nomination a moment after the initiator may already send).
@@ -641,6 +658,29 @@ class Node:
             return None
         conn.agent.note_activity(now)
         return conn.id, packet
+
+    def _admit_handshake(self, data: bytes, src: Address, local: Address, now: float) -> bool:
+        """Whether an initiation or response may go on to the (costly) Noise handshake: its mac1 must be valid,
+        and under load it needs a valid mac2 (else it gets a cookie reply) and passes a per-source rate limit."""
+        if len(data) != (MESSAGE_INITIATION_SIZE if data[0] == 1 else MESSAGE_RESPONSE_SIZE):
+            self.drops.drop(DropReason.HANDSHAKE_BAD_LENGTH)
+            return False
+        checker = self._cookie_checker
+        if not checker.check_mac1(data):
+            self.drops.drop(DropReason.HANDSHAKE_BAD_MAC1)
+            return False
+        load = self.handshake_load
+        load.count(now)
+        if not load.under_load(now):
+            return True
+        if not checker.check_mac2(data, src, now):
+            self._send_from(local, src, checker.create_reply(data, src, now), now)
+            self.drops.drop(DropReason.COOKIE_REQUIRED)
+            return False
+        if not self._handshake_rate_limiter.allow(src[0], now):
+            self.drops.drop(DropReason.HANDSHAKE_RATE_LIMITED)
+            return False
+        return True
 
     def _connection_by_source(self, src: Address, local: Address) -> _Connection | None:
         """The connection whose ICE agent talks to ``src`` from ``local``: selected pair first, then any pair."""

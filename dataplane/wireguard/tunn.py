@@ -47,6 +47,7 @@ from .constants import (
     REKEY_ATTEMPT_TIME,
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
+    UNDER_LOAD_AFTER_TIME,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .crypto import PrivateKey, dh, load_private_key, public_key, tai64n
@@ -133,6 +134,37 @@ class IndexTable:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+class HandshakeLoad:
+    """Whether handshake messages arrive too fast: the "under load" state of Device, for a caller of many Tunns.
+
+    mac1-valid handshake messages are counted in one-second buckets (a bucket starts at the first message after the
+    previous one ended); a bucket holding more than ``threshold`` of them means under load, until
+    ``UNDER_LOAD_AFTER_TIME`` after the last message over the threshold. Under load the caller answers a message
+    without a valid mac2 with a cookie reply only, and sends one with a valid mac2 through a per-source rate limiter
+    before any Curve25519 work.
+    """
+
+    __slots__ = ("_bucket_count", "_bucket_start", "_until", "force", "threshold")
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.force = False  # pins the state on (tests, operators)
+        self._bucket_start = 0.0
+        self._bucket_count = 0
+        self._until: float | None = None
+
+    def count(self, now: float) -> None:
+        if now - self._bucket_start >= 1.0 or now < self._bucket_start:
+            self._bucket_start = now
+            self._bucket_count = 0
+        self._bucket_count += 1
+        if self._bucket_count > self.threshold:
+            self._until = now + UNDER_LOAD_AFTER_TIME
+
+    def under_load(self, now: float) -> bool:
+        return self.force or (self._until is not None and now < self._until)
 
 
 _log = logging.getLogger(__name__)

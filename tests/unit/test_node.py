@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane import stun
+from dataplane.ice.candidate import Candidate
 from dataplane.io.rng import SeededRng
 from dataplane.node import (
     CandidateGathered,
@@ -27,8 +28,9 @@ from dataplane.node import (
     RelayConfig,
 )
 from dataplane.wireguard.constants import DEFAULT_MTU
+from dataplane.wireguard.crypto import public_key
 from dataplane.wireguard.tunn import DropReason as TunnDropReason
-from dataplane.wireguard.tunn import Tunn
+from dataplane.wireguard.tunn import IndexTable, Tunn
 from tests.sim.harness import private_key_for
 from tests.sim.nat import PORT_RESTRICTED_CONE
 from tests.sim.world import GATEWAY_ID, build_world, ipv4_udp
@@ -244,3 +246,97 @@ def test_closing_connections_empties_every_lookup_table() -> None:
         node.close_connection(f"client-{index}", now)
     assert len(node._agents) == 0
     assert not node._by_agent and not node._by_ufrags and not node._by_selected
+
+
+# -- handshake flood protection --------------------------------------------------------------------------------------
+
+
+def _gateway_with_a_client_tunnel(seed: int = 0) -> tuple[Node, Tunn, tuple[str, int], tuple[str, int], float]:
+    """A gateway Node with one connection whose ICE agent has a pair to ``src``, and the client's Tunn."""
+    world, node = _measured_world(seed=seed)
+    now = world.net.now
+    client_key = private_key_for("flood-client")
+    node.upsert_connection(
+        "client-1",
+        remote_public_key=public_key(client_key),
+        preshared_key=None,
+        local_credentials=GATEWAY_CREDS,
+        remote_credentials=CLIENT_CREDS,
+        now=now,
+    )
+    src = ("203.0.113.77", 40000)
+    node.add_remote_candidate("client-1", Candidate.host(src), now)
+    local = next(pair.local.address for pair in node._connections["client-1"].agent.pairs)
+    _events(node)
+    while node.poll_transmit() is not None:
+        pass
+    rng = SeededRng(99)
+    client = Tunn(client_key, node.public_key, None, IndexTable(rng), rng, lambda: 1_800_000_000.0 + now)
+    return node, client, src, local, now
+
+
+def _handshake_transmits(node: Node) -> list[bytes]:
+    out = []
+    while (transmit := node.poll_transmit()) is not None:
+        if transmit.payload[:1] in (b"\x02", b"\x03"):
+            out.append(transmit.payload)
+    return out
+
+
+def test_under_load_an_initiation_without_mac2_gets_only_a_cookie_reply_then_succeeds_with_it() -> None:
+    node, client, src, local, now = _gateway_with_a_client_tunnel()
+    node.handshake_load.force = True
+    client.send_keepalive(now)
+    (initiation,) = client.drain_transmits()
+    assert node.handle_input(initiation, src, local, now) is None
+    assert node.drops[DropReason.COOKIE_REQUIRED] == 1
+    (cookie_reply,) = _handshake_transmits(node)
+    assert cookie_reply[0] == 3
+    info = node.connection("client-1")
+    assert info is not None and info.handshakes == 0
+    client.decapsulate(cookie_reply, now)
+    client.handle_timeout(now + 10.0)  # the retry carries mac2 now
+    (retry,) = client.drain_transmits()
+    node.handle_input(retry, src, local, now + 10.0)
+    (response,) = _handshake_transmits(node)
+    assert response[0] == 2
+    assert node.drops[DropReason.COOKIE_REQUIRED] == 1
+
+
+def test_under_load_valid_mac2_still_passes_a_per_source_rate_limit() -> None:
+    node, client, src, local, now = _gateway_with_a_client_tunnel()
+    node.handshake_load.force = True
+    client.send_keepalive(now)
+    node.handle_input(client.drain_transmits()[0], src, local, now)
+    client.decapsulate(_handshake_transmits(node)[0], now)
+    client.handle_timeout(now + 10.0)
+    (retry,) = client.drain_transmits()
+    for _ in range(10):  # replays of a valid message: the limiter acts before any Curve25519 work
+        node.handle_input(retry, src, local, now + 10.0)
+    assert node.drops[DropReason.HANDSHAKE_RATE_LIMITED] == 5  # burst 5, then 20/s
+
+
+def test_handshake_load_is_shared_across_connections() -> None:
+    world = build_world(PORT_RESTRICTED_CONE, seed=3)
+    world.gateway.node.handshake_load.threshold = 1
+    clients = [world.add_client(PORT_RESTRICTED_CONE, seed=index) for index in range(3)]
+    world.net.run_for(2.0)
+    for client in clients:
+        world.connect(client)
+    world.net.run_for(30.0)
+    gateway = world.gateway.node
+    assert gateway.drops[DropReason.COOKIE_REQUIRED] >= 1  # three clients' handshakes in one second: under load
+    for client in clients:  # each retried with the cookie and got through
+        info = gateway.connection(client.client_id)
+        assert info is not None and info.handshakes >= 1
+
+
+def test_handshake_with_a_bad_mac1_or_length_is_dropped_before_any_work() -> None:
+    node, client, src, local, now = _gateway_with_a_client_tunnel()
+    client.send_keepalive(now)
+    (initiation,) = client.drain_transmits()
+    node.handle_input(initiation[:-40] + bytes(40), src, local, now)
+    node.handle_input(initiation[:100], src, local, now)
+    assert node.drops[DropReason.HANDSHAKE_BAD_MAC1] == 1
+    assert node.drops[DropReason.HANDSHAKE_BAD_LENGTH] == 1
+    assert not _handshake_transmits(node)

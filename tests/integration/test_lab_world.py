@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 from lab.netns import run
 from lab.resource import blob_sha256
-from lab.world import GATEWAY_LAN_IP, RESOURCE_IP, LabWorld
+from lab.world import GATEWAY_LAN_IP, RESOURCE_IP, LabWorld, NatMode
 
 pytestmark = [
     pytest.mark.integration,
@@ -95,3 +96,29 @@ async def test_a_failed_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPa
         await world.start()
     assert not world.ns and not world.coturns
     assert not any(name.startswith("fzlab-") and name.endswith(world.topology.suffix) for name in _namespaces())
+
+
+@pytest.mark.parametrize(
+    "nat,expected_path", [("masquerade", "direct"), ("masquerade random", "relayed")], ids=["direct", "relayed"]
+)
+async def test_a_client_reaches_the_resource_through_the_gateway(nat: NatMode, expected_path: str) -> None:
+    async with LabWorld(
+        gateway_nat=nat, client_nat=nat, clients=1, resources=("lan-web",), blob_size=BLOB_SIZE
+    ) as world:
+        await world.wait_gateway_joined(timeout=20)
+        client = await world.start_client(resources=[world.resource_id("lan-web")])
+        flow = await client.wait_event(("flow_created", "flow_creation_failed"), timeout=20)
+        assert flow["event"] == "flow_created", (flow, world.need_gateway().output()[-2000:])
+        await client.wait_event("established", timeout=20)
+        for _ in range(50):
+            if client.path == expected_path:
+                break
+            await asyncio.sleep(0.1)
+        assert client.path == expected_path, client.events
+
+        fetched = await world.http_get_sha256("cl")
+        assert fetched.get("matches") is True, fetched
+        # tcp/22 is outside lan-web's filters: the gateway answers for the resource.
+        probe = await world.probe_tcp("cl", RESOURCE_IP, 22)
+        assert probe["icmp"] == [3, 13], probe
+        assert (await world.ping("cl", RESOURCE_IP, count=2)).returncode == 0

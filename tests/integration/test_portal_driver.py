@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -23,10 +23,12 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from agent.config import Secret
-from agent.eventloop import AuthorizationBook, Eventloop
+from agent.eventloop import Eventloop
 from agent.portal import PortalLink
+from dataplane.gateway import AuthorizationOutcome
 from dataplane.io.rng import SeededRng
 from protocol.errors import FatalReason, PortalError
+from protocol.messages import CreateAuthorization, Init, OutboundMessage, Relay, Resource
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -63,6 +65,41 @@ CREATE_AUTHORIZATION = {
     "gateway_ice_credentials": {"username": "ejqt", "password": "zfjrrjdkbci42t2axyd45a"},
     "expires_at": None,
 }
+
+
+class AcceptingState:
+    """The smallest GatewayStateHandler: accepts every authorization and keeps it; the data plane is not under test."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[CreateAuthorization] = []
+
+    def set_portal_connected(self, connected: bool) -> None:
+        pass
+
+    def apply_init(self, init: Init, now: float) -> None:
+        pass
+
+    def create_authorization(self, request: CreateAuthorization, now: float) -> AuthorizationOutcome:
+        self.authorizations.append(request)
+        return AuthorizationOutcome.ACCEPTED
+
+    def add_ice_candidates(self, client_id: str, candidates: Sequence[str], now: float) -> None:
+        pass
+
+    def remove_ice_candidates(self, client_id: str, candidates: Sequence[str], now: float) -> None:
+        pass
+
+    def reject_access(self, client_id: str, resource_id: str, now: float) -> None:
+        pass
+
+    def update_resource(self, resource: Resource, now: float) -> None:
+        pass
+
+    def relays_presence(self, disconnected_ids: Sequence[str], connected: Sequence[Relay], now: float) -> None:
+        pass
+
+    def poll_outbound(self) -> OutboundMessage | None:
+        return None
 
 
 @dataclass
@@ -172,7 +209,7 @@ async def test_join_capabilities_init_and_authorization() -> None:
     portal = FakePortal(pushes_after_join=[("init", INIT), ("create_authorization", CREATE_AUTHORIZATION)])
     async with running(portal):
         link = make_link(portal.port, heartbeat_interval=0.3)
-        state = AuthorizationBook(wall_clock=time.time)
+        state = AcceptingState()
         loop = Eventloop(link, state, time.monotonic)
         task = asyncio.ensure_future(link.run(loop.handle_channel_event))
         await wait_until(lambda: bool(portal.events("authorization_created")) and len(portal.events("heartbeat")) >= 2)
@@ -195,7 +232,7 @@ async def test_join_capabilities_init_and_authorization() -> None:
     refs = [f["ref"] for f in portal.received]
     assert refs == list(range(len(refs)))
     assert all(f["topic"] == "phoenix" and f["payload"] == {} for f in portal.events("heartbeat"))
-    assert "c1" in state.clients
+    assert [request.client.id for request in state.authorizations] == ["c1"]
 
 
 @pytest.mark.allow_error_logs
@@ -373,7 +410,7 @@ async def test_malformed_frames_do_not_break_the_link() -> None:
     portal.handler = noisy_handler  # type: ignore[method-assign]
     async with running(portal):
         link = make_link(portal.port, heartbeat_interval=0.2)
-        state = AuthorizationBook(wall_clock=time.time)
+        state = AcceptingState()
         loop = Eventloop(link, state, time.monotonic)
         task = asyncio.ensure_future(link.run(loop.handle_channel_event))
         await wait_until(lambda: loop.drops.total() >= 3 and link.channel.drops.total() >= 2)

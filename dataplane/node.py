@@ -80,6 +80,7 @@ class DropReason(enum.Enum):
     HANDSHAKE_BAD_MAC1 = "handshake_bad_mac1"
     COOKIE_REQUIRED = "cookie_required"  # under load, without a valid mac2: answered with a cookie reply only
     HANDSHAKE_RATE_LIMITED = "handshake_rate_limited"
+    TOO_MANY_CANDIDATES = "too_many_candidates"
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +393,10 @@ class Node:
                 logger.debug("candidate for unknown connection %s", connection_id)
             return
         if parsed in conn.remote_candidates:
+            return
+        if len(conn.remote_candidates) >= ice.MAX_REMOTE_CANDIDATES:
+            self.drops.drop(DropReason.TOO_MANY_CANDIDATES)
+            logger.debug("connection %s: candidate %s over the limit, dropped", connection_id, parsed)
             return
         conn.remote_candidates.add(parsed)
         conn.agent.add_remote_candidate(parsed, now)

@@ -54,6 +54,13 @@ from dataplane.ice.timing import CLIENT_PROFILE, SERVER_PROFILE, IceTimingProfil
 logger = logging.getLogger(__name__)
 
 MAX_PAIRS = 100  # RFC 8445 §6.1.2.5 recommended check list limit
+# Bounds on what the peer can make an agent store (and so on the work its candidates cause). A Firezone peer signals
+# a handful of candidates (host per interface and family, srflx, two relayed); each kind of remote input has its own
+# budget so that learned or synthesized candidates never crowd out signalled ones.
+MAX_REMOTE_CANDIDATES = 64  # signalled by the peer
+MAX_PEER_REFLEXIVE_CANDIDATES = 16  # remote ones learned from the sources of checks
+MAX_OPTIMISTIC_CANDIDATES = 16  # synthesized srflx IP × host port
+MAX_LEARNED_LOCAL_CANDIDATES = 16  # our own, learned from XOR-MAPPED-ADDRESS in responses
 _ROLE_CONFLICT = 487
 
 
@@ -65,6 +72,7 @@ class DropReason(enum.Enum):
     ASYMMETRIC_RESPONSE = "asymmetric_response"
     AGENT_FAILED = "agent_failed"
     TOO_MANY_PAIRS = "too_many_pairs"
+    TOO_MANY_CANDIDATES = "too_many_candidates"
 
 
 class IceState(enum.Enum):
@@ -286,6 +294,8 @@ class IceAgent:
         self._bases: dict[Address, Candidate] = {}
         self._remote_candidates: dict[Address, Candidate] = {}
         self._optimistic_sources: dict[Address, tuple[Address, Address]] = {}  # synthesized -> (host, srflx)
+        self._peer_reflexive: set[Address] = set()  # remote candidates learned from checks, not (yet) signalled
+        self._learned_local: set[Address] = set()  # our peer-reflexive candidates learned from responses
         self._pairs: dict[tuple[Address, Address], CandidatePair] = {}
         self._had_pairs = False
         self._triggered: deque[CandidatePair] = deque()
@@ -359,6 +369,7 @@ class IceAgent:
         for address, (_, base) in list(self._local_candidates.items()):
             if base == candidate.address:
                 del self._local_candidates[address]  # reflexive candidates learned through this base
+                self._learned_local.discard(address)
         for pair in [p for p in self._pairs.values() if p.local.address == candidate.address]:
             self._remove_pair(pair, now, "local candidate removed")
         self._check_failed(now)
@@ -373,7 +384,12 @@ class IceAgent:
             if learned and candidate.kind is not CandidateKind.PEER_REFLEXIVE:
                 # The signalled candidate replaces what we learned or synthesized (RFC 8445 §7.3.1.3).
                 self._optimistic_sources.pop(candidate.address, None)
+                self._peer_reflexive.discard(candidate.address)
                 self._replace_remote(candidate)
+            return
+        signalled = len(self._remote_candidates) - len(self._peer_reflexive) - len(self._optimistic_sources)
+        if signalled >= MAX_REMOTE_CANDIDATES:
+            self.drops.drop(DropReason.TOO_MANY_CANDIDATES)
             return
         self._remote_candidates[candidate.address] = candidate
         for base in list(self._bases.values()):
@@ -392,6 +408,7 @@ class IceAgent:
         )
         for address in doomed:
             self._optimistic_sources.pop(address, None)
+            self._peer_reflexive.discard(address)
             if self._remote_candidates.pop(address, None) is None:
                 continue
             for pair in [p for p in self._pairs.values() if p.remote.address == address]:
@@ -479,7 +496,15 @@ class IceAgent:
             logger.debug("check from %s on %s, which is not a local base; answered only", src, local)
             return True
         remote = self._remote_candidates.get(src)
+        pair = self._pairs.get((local, src))
+        if pair is None and len(self._pairs) >= MAX_PAIRS:
+            # Checked before storing anything: a candidate without a pair would be kept for nothing.
+            self.drops.drop(DropReason.TOO_MANY_PAIRS)
+            return True
         if remote is None:
+            if len(self._peer_reflexive) >= MAX_PEER_REFLEXIVE_CANDIDATES:
+                self.drops.drop(DropReason.TOO_MANY_CANDIDATES)
+                return True
             remote = Candidate(
                 foundation=compute_foundation(CandidateKind.PEER_REFLEXIVE, src[0]),
                 component=1,
@@ -489,8 +514,9 @@ class IceAgent:
                 kind=CandidateKind.PEER_REFLEXIVE,
             )
             self._remote_candidates[src] = remote
+            self._peer_reflexive.add(src)
             self._events.append(PeerReflexiveCandidateLearned(remote, local=False))
-        pair = self._pairs.get((local, src)) or self._add_pair(base, remote)
+        pair = pair or self._add_pair(base, remote)
         if pair is None:
             return True
         nominate = request.use_candidate() and not self.controlling
@@ -546,9 +572,10 @@ class IceAgent:
             and mapped not in self._local_candidates
             and _same_family(mapped, pair.local.address)
         ):
-            learned = Candidate.peer_reflexive(mapped, pair.local.address, priority=self._prflx_priority(pair.local))
-            self._local_candidates[mapped] = (learned, pair.local.address)
-            self._events.append(PeerReflexiveCandidateLearned(learned, local=True))
+            if len(self._learned_local) >= MAX_LEARNED_LOCAL_CANDIDATES:
+                self.drops.drop(DropReason.TOO_MANY_CANDIDATES)
+            else:
+                self._learn_local(mapped, pair)
 
         if pair.state is not PairState.SUCCEEDED:
             pair.state = PairState.SUCCEEDED
@@ -561,6 +588,12 @@ class IceAgent:
         else:
             self._update_selection(now)
         return True
+
+    def _learn_local(self, mapped: Address, pair: CandidatePair) -> None:
+        learned = Candidate.peer_reflexive(mapped, pair.local.address, priority=self._prflx_priority(pair.local))
+        self._local_candidates[mapped] = (learned, pair.local.address)
+        self._learned_local.add(mapped)
+        self._events.append(PeerReflexiveCandidateLearned(learned, local=True))
 
     # ---- timers --------------------------------------------------------------------------------------------------
 
@@ -684,7 +717,8 @@ class IceAgent:
         """Firezone's optimistic candidate: a NAT that keeps ports gives srflx IP × host port (§4.3)."""
         if not is_ipv4(candidate.address):
             return
-        remotes = list(self._remote_candidates.values())
+        # Only signalled candidates are sources: synthesizing from synthesized ones would multiply them.
+        remotes = [c for c in self._remote_candidates.values() if c.address not in self._optimistic_sources]
         if candidate.kind is CandidateKind.SERVER_REFLEXIVE:
             combos = [
                 (host, candidate) for host in remotes if host.kind is CandidateKind.HOST and is_ipv4(host.address)
@@ -701,6 +735,9 @@ class IceAgent:
             address = (srflx.address[0], host.address[1])
             if address in self._remote_candidates:
                 continue
+            if len(self._optimistic_sources) >= MAX_OPTIMISTIC_CANDIDATES:
+                self.drops.drop(DropReason.TOO_MANY_CANDIDATES)
+                return
             local_preference = max(((srflx.priority >> 8) & MAX_LOCAL_PREFERENCE) - 1, 0)
             optimistic = Candidate(
                 foundation=compute_foundation(CandidateKind.SERVER_REFLEXIVE, host.address[0], "optimistic"),

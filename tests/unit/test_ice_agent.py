@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,6 +28,13 @@ from dataplane.ice import (
     RoleChanged,
     SelectedPairChanged,
     pair_priority,
+)
+from dataplane.ice.agent import (
+    MAX_LEARNED_LOCAL_CANDIDATES,
+    MAX_OPTIMISTIC_CANDIDATES,
+    MAX_PAIRS,
+    MAX_PEER_REFLEXIVE_CANDIDATES,
+    MAX_REMOTE_CANDIDATES,
 )
 from dataplane.ice.timing import CLIENT_ACTIVE_TIMING, SERVER_ACTIVE_TIMING, StunTiming
 from dataplane.io.rng import SeededRng
@@ -692,3 +700,80 @@ def test_a_shared_directory_tracks_every_pair_and_outstanding_transaction() -> N
     assert directory.agents_with_pair(B_RELAY, A_HOST) == []
     b.close()
     assert len(directory) == 0
+
+
+# ---- bounds on what the peer can make an agent store -----------------------------------------------------------
+
+
+def _flooded_agent() -> IceAgent:
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    return a
+
+
+def test_300_host_and_300_srflx_remote_candidates_stay_within_the_bounds_quickly() -> None:
+    agent = _flooded_agent()
+    started = time.process_time()
+    for index in range(300):
+        agent.add_remote_candidate(Candidate.host((f"10.1.{index // 250}.{index % 250 + 1}", 5000 + index)), 0.0)
+        srflx = Candidate.server_reflexive((f"203.0.{index // 250}.{index % 250 + 1}", 6000 + index), B_HOST)
+        agent.add_remote_candidate(srflx, 0.0)
+    elapsed = time.process_time() - started
+    remotes = agent.remote_candidates
+    optimistic = [c for c in remotes if c.related is not None and c.related[0].startswith("10.1.")]
+    assert len(remotes) - len(optimistic) == MAX_REMOTE_CANDIDATES
+    assert len(optimistic) <= MAX_OPTIMISTIC_CANDIDATES
+    assert len(agent.pairs) <= MAX_PAIRS
+    assert agent.drops[DropReason.TOO_MANY_CANDIDATES] > 0
+    assert elapsed < 2.0, elapsed  # unbounded, this was 90,600 optimistic candidates and half a minute of CPU
+
+
+def test_peer_reflexive_remote_candidates_are_bounded() -> None:
+    a, b, wire = host_setup()
+    wire.run(1.0)
+    template = next(t for _, t in wire.sent["a"] if stun.decode(t.payload).is_request)
+    learned: list[PeerReflexiveCandidateLearned] = []
+    for port in range(40):  # authenticated checks from 40 new sources (the peer's NAT hands out new ports)
+        b.handle_stun(template.payload, ("203.0.113.9", 20000 + port), B_HOST, 1.0)
+        learned.extend(e for e in iter(b.poll_event, None) if isinstance(e, PeerReflexiveCandidateLearned))
+    assert len(learned) == MAX_PEER_REFLEXIVE_CANDIDATES
+    assert len(b.remote_candidates) == 1 + MAX_PEER_REFLEXIVE_CANDIDATES
+    assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 40 - MAX_PEER_REFLEXIVE_CANDIDATES
+
+
+def test_no_peer_reflexive_candidate_is_stored_once_the_check_list_is_full() -> None:
+    a, b, wire = host_setup()
+    b.add_local_candidate(Candidate.relayed(B_RELAY, B_HOST), B_RELAY, 0.0)
+    for index in range(MAX_PAIRS // 2 - 1):  # fill b's check list: two bases × 50 signalled candidates
+        b.add_remote_candidate(Candidate.host((f"10.2.0.{index + 1}", 7000)), 0.0)
+    assert len(b.pairs) == MAX_PAIRS
+    before = len(b.remote_candidates)
+    wire.run(0.2)
+    template = next(t for _, t in wire.sent["a"] if stun.decode(t.payload).is_request)
+    b.handle_stun(template.payload, ("203.0.113.9", 30000), B_HOST, 0.2)
+    assert len(b.remote_candidates) == before
+    assert b.drops[DropReason.TOO_MANY_PAIRS] >= 1
+
+
+def test_local_candidates_learned_from_responses_are_bounded() -> None:
+    agent = _flooded_agent()
+    peer_key = stun.short_term_key("b-password-0123456789b")
+    for index in range(40):
+        agent.add_remote_candidate(Candidate.host((f"10.3.0.{index + 1}", 8000)), 0.0)
+    learned = 0
+    now = 0.0
+    for _ in range(100):  # answer every check, each with a different mapped address
+        now += 0.05
+        agent.handle_timeout(now)
+        while (transmit := agent.poll_transmit()) is not None:
+            request = stun.decode(transmit.payload)
+            if not request.is_request:
+                continue
+            mapped = ("198.18.0.1", 10000 + learned + agent.drops[DropReason.TOO_MANY_CANDIDATES])
+            response = request.success_response().add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, mapped)
+            agent.handle_stun(
+                stun.encode(response, integrity_key=peer_key, fingerprint=True), transmit.dst, A_HOST, now
+            )
+            learned += sum(1 for e in iter(agent.poll_event, None) if isinstance(e, PeerReflexiveCandidateLearned))
+    assert learned == MAX_LEARNED_LOCAL_CANDIDATES
+    assert agent.drops[DropReason.TOO_MANY_CANDIDATES] > 0

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane import stun
+from dataplane.ice.agent import MAX_REMOTE_CANDIDATES
 from dataplane.ice.candidate import Candidate
 from dataplane.io.rng import SeededRng
 from dataplane.node import (
@@ -340,3 +341,13 @@ def test_handshake_with_a_bad_mac1_or_length_is_dropped_before_any_work() -> Non
     assert node.drops[DropReason.HANDSHAKE_BAD_MAC1] == 1
     assert node.drops[DropReason.HANDSHAKE_BAD_LENGTH] == 1
     assert not _handshake_transmits(node)
+
+
+def test_remote_candidates_per_connection_are_bounded() -> None:
+    world, node = _measured_world()
+    now = world.net.now
+    assert _upsert(node, now=now)
+    for index in range(300):
+        node.add_remote_candidate("client-1", Candidate.host((f"10.7.{index // 250}.{index % 250 + 1}", 9000)), now)
+    assert len(node._connections["client-1"].remote_candidates) == MAX_REMOTE_CANDIDATES
+    assert node.drops[DropReason.TOO_MANY_CANDIDATES] == 300 - MAX_REMOTE_CANDIDATES

@@ -433,15 +433,20 @@ class LabWorld:
         await self.close()
 
     async def start(self) -> None:
+        relays: asyncio.Future[None] | None = None
         try:
             self.blob_sha256 = blob_sha256(self.blob_size)
             self.workdir = Path(tempfile.mkdtemp(prefix="firezone-lab-"))
             self._build_namespaces()
-            await asyncio.gather(asyncio.to_thread(self._start_relays), self._start_resource_services())
+            relays = asyncio.ensure_future(asyncio.to_thread(self._start_relays))
+            # Shielded: a cancelled start must not tear down while that thread may still be launching a relay.
+            await asyncio.gather(asyncio.shield(relays), self._start_resource_services())
             await self._start_portal()
             if self.start_gateway:
                 await self.launch_gateway()
         except BaseException:
+            if relays is not None and not relays.done():
+                await asyncio.wait([relays])
             await self.close()
             raise
 

@@ -119,6 +119,14 @@ class Gateway:
         text.family(
             "firezone_clients", "gauge", "Clients with at least one authorization.", [({}, len(self.state.peers))]
         )
+        node = self.state.node
+        measured = sum(1 for relay_id in node.relay_ids if node.relay_rtt(relay_id) is not None)
+        text.family(
+            "firezone_relays",
+            "gauge",
+            "Relays from the portal, by whether a BINDING answer measured their RTT (only those serve new clients).",
+            [({"state": "measured"}, measured), ({"state": "unmeasured"}, len(node.relay_ids) - measured)],
+        )
         connections = self.state.node.connections.values()
         by_path: dict[str, int] = {"direct": 0, "relayed": 0}
         for info in connections:
@@ -168,6 +176,9 @@ class Gateway:
 
     def _on_channel_event(self, event: ChannelEvent) -> None:
         self.eventloop.handle_channel_event(event)
+        # Portal input changes the data plane too (relays to allocate, candidates to check, a goodbye to send):
+        # send what it produced and re-arm its timer.
+        self.dataplane.flush()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -23,10 +23,12 @@ from lab.portal import DevPortal, PortalEvent
 from tests.integration.helpers_gateway import (
     CLIENT_ID,
     GATEWAY_TOKEN,
-    PORTAL_CONFIG,
     RESOURCE_ID,
+    GatewayProcess,
+    portal_config,
     requires_gateway,
     run_gateway,
+    wait_relay_measured,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60), requires_gateway]
@@ -36,7 +38,7 @@ FAST_HEARTBEAT = 0.5
 
 @pytest.fixture
 async def portal() -> AsyncIterator[DevPortal]:
-    async with DevPortal(PORTAL_CONFIG, host="127.0.0.1", port=0) as running:
+    async with DevPortal(portal_config(), host="127.0.0.1", port=0) as running:
         yield running
 
 
@@ -76,10 +78,14 @@ async def test_join_then_init_applied_then_ready(portal: DevPortal, tmp_path: Pa
     assert "token" not in connected["query"]
 
 
-def _portal_connections_from_this_host(port: int) -> list[str]:
-    """``ss`` lines of established TCP connections towards ``port`` (the dev portal's port is unique to the test)."""
+def _portal_connections_from_gateway(gateway: GatewayProcess, port: int) -> list[str]:
+    """``ss`` lines of established TCP connections towards ``port`` in the gateway's namespace."""
+    assert gateway.netns is not None
     listing = subprocess.run(
-        ["ss", "-tnHe", "state", "established", f"dport = :{port}"], capture_output=True, text=True, check=True
+        ["ip", "netns", "exec", gateway.netns, "ss", "-tnHe", "state", "established", f"dport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return [line for line in listing.stdout.splitlines() if line.strip()]
 
@@ -88,7 +94,7 @@ def _portal_connections_from_this_host(port: int) -> list[str]:
 async def test_portal_socket_carries_the_firezone_fwmark(portal: DevPortal, tmp_path: Path) -> None:
     async with run_gateway(portal, tmp_path) as gateway:
         await gateway.wait_readyz(200)
-        connections = _portal_connections_from_this_host(portal.port)
+        connections = _portal_connections_from_gateway(gateway, portal.port)
     assert len(connections) == 1, connections
     assert re.search(r"\bfwmark:0xfd002021\b", connections[0]), connections[0]
     assert "SO_MARK" not in gateway.output()  # no "not permitted" warning when running as root
@@ -97,6 +103,7 @@ async def test_portal_socket_carries_the_firezone_fwmark(portal: DevPortal, tmp_
 async def test_create_authorization_is_answered_with_the_same_ref(portal: DevPortal, tmp_path: Path) -> None:
     async with run_gateway(portal, tmp_path) as gateway:
         await gateway.wait_readyz(200)
+        await wait_relay_measured(gateway)
         since = portal.next_seq
         pushed = await portal.create_authorization(CLIENT_ID, RESOURCE_ID)
         answer = await portal.wait_for(since=since, kind="received", event="authorization_created")
@@ -303,6 +310,7 @@ async def test_token_never_shown_and_sigterm_exits_0(portal: DevPortal, tmp_path
     async with run_gateway(portal, tmp_path, log_level="debug", heartbeat_interval=FAST_HEARTBEAT) as gateway:
         await gateway.wait_readyz(200)
         cmdline = gateway.cmdline()
+        await wait_relay_measured(gateway)
         await portal.create_authorization(CLIENT_ID, RESOURCE_ID)
         await portal.wait_for(kind="received", event="authorization_created")
         since = portal.next_seq

@@ -441,14 +441,6 @@ class DevPortal:
         self._runner = runner
         log.info("dev portal listening on %s", self.url)
 
-    async def add_listener(self, sock: socket.socket) -> None:
-        """Serves on one more bound listening TCP socket (e.g. 127.0.0.1 inside a gateway's own network namespace);
-        the portal owns it from now on and closes it on :meth:`stop`."""
-        if self._runner is None:
-            raise RuntimeError("start the dev portal first")
-        sock.setblocking(False)
-        await web.SockSite(self._runner, sock).start()
-
     async def stop(self) -> None:
         """Closes every gateway and client socket (WS close 1001) and the listener. Idempotent."""
         runner, self._runner = self._runner, None

@@ -91,11 +91,16 @@ python="${FIREZONE_PYTHON:-python3}"
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || fail "$python is not Python >= 3.11"
 release_dir="$root/opt/firezone/releases/$actual_sha256"
 mkdir -p "$root/opt/firezone/releases"
-rm -rf "$release_dir"
-"$python" -m venv "$release_dir"
-# shellcheck disable=SC2086 # FIREZONE_PIP_ARGS is a list of arguments on purpose
-"$release_dir/bin/python" -m pip install --quiet --disable-pip-version-check --no-input ${FIREZONE_PIP_ARGS:-} "$wheel"
-[[ -x "$release_dir/bin/firezone-gateway" ]] || fail "the wheel installed no firezone-gateway command"
+# The same wheel again (a re-run to change settings) keeps its complete venv: the running service is not disturbed.
+if [[ ! -f "$release_dir/.installed" ]]; then
+    rm -rf "$release_dir"
+    "$python" -m venv "$release_dir"
+    # shellcheck disable=SC2086 # FIREZONE_PIP_ARGS is a list of arguments on purpose
+    "$release_dir/bin/python" -m pip install --quiet --disable-pip-version-check --no-input ${FIREZONE_PIP_ARGS:-} \
+        "$wheel"
+    [[ -x "$release_dir/bin/firezone-gateway" ]] || fail "the wheel installed no firezone-gateway command"
+    echo "$wheel_name" >"$release_dir/.installed"
+fi
 ln -sfn "releases/$actual_sha256" "$root/opt/firezone/venv.new"
 mv -T "$root/opt/firezone/venv.new" "$venv_dir"
 for old in "$root"/opt/firezone/releases/*; do

@@ -27,6 +27,7 @@ from agent.eventloop import Eventloop
 from agent.portal import PortalLink
 from dataplane.gateway import AuthorizationOutcome
 from dataplane.io.rng import SeededRng
+from lab.loopback_bridge import IsolatedNetns
 from protocol.errors import FatalReason, PortalError
 from protocol.messages import CreateAuthorization, Init, OutboundMessage, Relay, Resource
 
@@ -342,22 +343,24 @@ def _gateway_env(port: int, state_dir: Path) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def gateway_cli(env: dict[str, str], *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m agent.main`` with output captured; killed on exit if the test left it running."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.main",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.communicate()
+    """``python -m agent.main`` with output captured; killed on exit if the test left it running.
+
+    It runs in a namespace of its own (its TUN device and host setup stay there), the portal's loopback port bridged
+    in (lab/loopback_bridge.py)."""
+    port = urlsplit(env["FIREZONE_API_URL"]).port
+    async with IsolatedNetns(ports=[port] if port else []) as netns:
+        proc = await asyncio.create_subprocess_exec(
+            *netns.exec_argv([sys.executable, "-m", "agent.main", *args]),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.communicate()
 
 
 async def test_cli_exits_1_on_401_without_leaking_the_token(tmp_path: Path) -> None:
@@ -435,15 +438,11 @@ async def test_stop_during_backoff_returns_promptly() -> None:
 
 
 async def test_cli_exits_1_when_the_health_port_is_taken(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen()
-        env = _gateway_env(9, tmp_path)
-        env["HEALTH_CHECK_ADDR"] = f"127.0.0.1:{blocker.getsockname()[1]}"
-        async with gateway_cli(env) as proc:
-            _, stderr = await asyncio.wait_for(proc.communicate(), 20.0)
+    env = _gateway_env(9, tmp_path)
+    # In the gateway's namespace the bridge of the portal's port listens on 127.0.0.1:9 (nothing answers behind it).
+    env["HEALTH_CHECK_ADDR"] = "127.0.0.1:9"
+    async with gateway_cli(env) as proc:
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20.0)
     assert proc.returncode == 1
     assert stderr.decode().strip().splitlines()[-1].startswith("error: ")
 

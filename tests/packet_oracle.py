@@ -126,3 +126,15 @@ def kernel_segments(frame: bytes) -> list[bytes]:
         seg_transport.add_payload(Raw(chunk))
         out.append(bytes(segment))
     return out
+
+
+def pseudo_header_partial(packet: bytes) -> int:
+    """The value the kernel leaves in a NEEDS_CSUM checksum field: the folded, uncomplemented one's-complement sum of
+    the pseudo-header (addresses, protocol, whole transport length)."""
+    parsed = parse(packet)
+    if isinstance(parsed, IP):
+        header_len = parsed.ihl * 4
+        pseudo = struct.pack("!4s4sBBH", packet[12:16], packet[16:20], 0, parsed.proto, len(packet) - header_len)
+    else:
+        pseudo = struct.pack("!16s16sIxxxB", packet[8:24], packet[24:40], len(packet) - 40, parsed.nh)
+    return ~checksum(pseudo) & 0xFFFF

@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := wireguard-go wireguard-tools coturn iperf3 nftables iproute2 iputils-ping procps iptables
+# Deployment tests: cloud-init's schema check, systemd-analyze, shellcheck, and a Debian python3 with venv that the
+# installed gateway runs on.
+DEB_PACKAGES += cloud-init systemd python3-venv util-linux shellcheck
 # npm comes with nodejs on machines that use NodeSource's build; Debian's own nodejs needs its npm package.
 NODE_PACKAGES := nodejs npm
 PYTEST_ARGS ?=

@@ -92,3 +92,35 @@ def test_unit_hardening_leaves_what_the_gateway_needs() -> None:
     # PrivateDevices would hide /dev/net/tun.
     for forbidden in ("ProtectKernelTunables", "PrivateDevices", "ProcSubset", "PrivateNetwork"):
         assert forbidden not in settings, forbidden
+
+
+# --- install script -----------------------------------------------------------------------------------------------
+
+INSTALL_SCRIPT = REPO / "packaging/install-gateway.sh"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is a Debian package (`make setup`)")
+def test_install_script_passes_shellcheck() -> None:
+    proc = subprocess.run(["shellcheck", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({}, "FIREZONE_WHEEL is required"),
+        ({"FIREZONE_WHEEL": "x.whl", "FIREZONE_WHEEL_SHA256": "abc"}, "FIREZONE_WHEEL_SHA256 must be 64 hex"),
+        ({"FIREZONE_WHEEL": "x.whl", "FIREZONE_WHEEL_SHA256": "a" * 64}, "FIREZONE_TOKEN is required"),
+        (
+            {"FIREZONE_WHEEL": "http://example.com/x.whl", "FIREZONE_WHEEL_SHA256": "a" * 64, "FIREZONE_TOKEN": "t"},
+            "local path or an https URL",
+        ),
+    ],
+)
+def test_install_script_refuses_incomplete_input(tmp_path: Path, settings: dict[str, str], message: str) -> None:
+    root = tmp_path / "root"
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "FIREZONE_INSTALL_ROOT": str(root), **settings}
+    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], env=environment, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert not root.exists()

@@ -23,9 +23,10 @@ ICE moving between direct and relayed pairs (relay removed, roaming) never loses
 from __future__ import annotations
 
 import enum
+import heapq
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dataplane import stun, turn
@@ -169,6 +170,7 @@ class ConnectionInfo:
     remote: Address | None
     established: bool
     handshakes: int  # WireGuard handshakes completed: a path change must not add one
+    has_session: bool = False  # a WireGuard session exists: packets encapsulated now are sent, not dropped/queued
 
 
 # -- internals --------------------------------------------------------------------------------------------------
@@ -263,6 +265,11 @@ class Node:
         self._by_agent: dict[ice.IceAgent, _Connection] = {}
         self._by_ufrags: dict[tuple[str, str], list[_Connection]] = {}
         self._by_selected: dict[tuple[Address, Address], _Connection] = {}
+        # Each connection's next deadline, refreshed whenever the connection was touched, and a heap over them
+        # (stale entries are skipped, and the heap is rebuilt when they pile up): the driver asks poll_timeout after
+        # every datagram, so it must not walk every connection's pairs.
+        self._deadline_of: dict[ConnectionId, float] = {}
+        self._timer_heap: list[tuple[float, ConnectionId]] = []
         # Handshake flood protection shared by all connections (every tunnel answers to our one static key).
         self._cookie_checker = CookieChecker(self.public_key, rng)
         self.handshake_load = wg.HandshakeLoad(handshake_rate_limit)
@@ -310,6 +317,7 @@ class Node:
             None if conn.selected is None else conn.selected[1].address,
             conn.established,
             conn.handshakes,
+            conn.tunnel.has_session,
         )
 
     # -- connections ---------------------------------------------------------------------------------------------
@@ -442,6 +450,7 @@ class Node:
             if not same_ufrags:
                 del self._by_ufrags[ufrags]
         self._forget_selected(conn)
+        self._deadline_of.pop(conn.id, None)
         conn.agent.close()
         conn.tunnel.close()
         if event is not None:
@@ -662,6 +671,7 @@ class Node:
         if not packet:  # handshake, keepalive or dropped (the tunnel counted why)
             return None
         conn.agent.note_activity(now)
+        self._refresh_deadline(conn)
         return conn.id, packet
 
     def _admit_handshake(self, data: bytes, src: Address, local: Address, now: float) -> bool:
@@ -704,6 +714,11 @@ class Node:
 
     # -- output -----------------------------------------------------------------------------------------------------
 
+    def has_session(self, connection_id: ConnectionId) -> bool:
+        """Whether the connection has a WireGuard session, e.g. to send a last packet before closing it."""
+        conn = self._connections.get(connection_id)
+        return conn is not None and conn.tunnel.has_session
+
     def encapsulate(self, connection_id: ConnectionId, packet: bytes, now: float) -> None:
         """Encrypts an IP packet for the connection; the datagram(s) come out of :meth:`poll_transmit`.
 
@@ -711,22 +726,31 @@ class Node:
         gateway never buffers (portal-protocol.md §3.3): until the client's handshake gave it a session, packets for
         that client are dropped and counted.
         """
+        self.encapsulate_batch(connection_id, (packet,), now)
+
+    def encapsulate_batch(self, connection_id: ConnectionId, packets: Sequence[bytes], now: float) -> None:
+        """:meth:`encapsulate` for several packets of one connection, in order, with one tunnel call."""
+        if not packets:
+            return
         conn = self._connections.get(connection_id)
         if conn is None:
-            self.drops.drop(DropReason.NO_CONNECTION)
+            self.drops.drop(DropReason.NO_CONNECTION, len(packets))
             return
         if not self._can_send(conn):
             if self.role is NodeRole.GATEWAY:
-                self.drops.drop(DropReason.CONNECTION_NOT_READY)
+                self.drops.drop(DropReason.CONNECTION_NOT_READY, len(packets))
                 return
-            if len(conn.pending) >= MAX_PENDING_PACKETS:
-                conn.pending.popleft()
-                self.drops.drop(DropReason.PENDING_QUEUE_FULL)
-            conn.pending.append(packet)
+            pending = conn.pending
+            for packet in packets:
+                if len(pending) >= MAX_PENDING_PACKETS:
+                    pending.popleft()
+                    self.drops.drop(DropReason.PENDING_QUEUE_FULL)
+                pending.append(packet)
             return
         conn.agent.note_activity(now)
-        conn.tunnel.encapsulate(packet, now)
+        conn.tunnel.encapsulate_batch(packets, now)
         self._flush_tunnel(conn, now)
+        self._refresh_deadline(conn)
 
     def poll_transmit(self) -> Transmit | None:
         return self._transmits.popleft() if self._transmits else None
@@ -735,17 +759,15 @@ class Node:
         return self._events.popleft() if self._events else None
 
     def poll_timeout(self) -> float | None:
-        """The earliest deadline of every allocation, ICE agent and tunnel (may lie in the past: call now)."""
-        deadlines: list[float] = []
+        """The earliest deadline of every allocation, ICE agent and tunnel (may lie in the past: call now).
+
+        O(relays + log connections): connection deadlines come from the timer heap."""
+        earliest = self._earliest_connection_deadline()
         for relay in self._relays.values():
             deadline = _deadline(relay.allocation.poll_timeout())
-            if deadline is not None:
-                deadlines.append(deadline)
-        for conn in self._connections.values():
-            for deadline in (_deadline(conn.agent.poll_timeout()), _deadline(conn.tunnel.poll_timeout())):
-                if deadline is not None:
-                    deadlines.append(deadline)
-        return min(deadlines) if deadlines else None
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return earliest
 
     def handle_timeout(self, now: float) -> None:
         for relay_id in list(self._relays):
@@ -756,15 +778,57 @@ class Node:
             if deadline is not None and deadline <= now:
                 relay.allocation.handle_timeout(now)
             self._pump_relay(relay_id, now)
-        for conn in list(self._connections.values()):
+        for connection_id in self._pop_due_connections(now):
+            conn = self._connections.get(connection_id)
+            if conn is None:
+                continue
             deadline = _deadline(conn.agent.poll_timeout())
             if deadline is not None and deadline <= now:
                 conn.agent.handle_timeout(now)
             deadline = _deadline(conn.tunnel.poll_timeout())
             if deadline is not None and deadline <= now:
                 conn.tunnel.handle_timeout(now)
-            if conn.id in self._connections:
-                self._pump_connection(conn, now)
+            self._pump_connection(conn, now)  # also files its next deadline
+
+    # -- connection timers ------------------------------------------------------------------------------------------
+
+    def _refresh_deadline(self, conn: _Connection) -> None:
+        if conn.id not in self._connections:
+            return
+        agent_deadline = _deadline(conn.agent.poll_timeout())
+        tunnel_deadline = conn.tunnel.poll_timeout()
+        if agent_deadline is None or (tunnel_deadline is not None and tunnel_deadline < agent_deadline):
+            agent_deadline = tunnel_deadline
+        if agent_deadline is None:
+            self._deadline_of.pop(conn.id, None)
+            return
+        if self._deadline_of.get(conn.id) == agent_deadline:
+            return
+        self._deadline_of[conn.id] = agent_deadline
+        heap = self._timer_heap
+        heapq.heappush(heap, (agent_deadline, conn.id))
+        if len(heap) > 2 * len(self._deadline_of) + 64:
+            self._timer_heap = [(deadline, cid) for cid, deadline in self._deadline_of.items()]
+            heapq.heapify(self._timer_heap)
+
+    def _earliest_connection_deadline(self) -> float | None:
+        heap = self._timer_heap
+        while heap:
+            deadline, connection_id = heap[0]
+            if self._deadline_of.get(connection_id) == deadline:
+                return deadline
+            heapq.heappop(heap)  # stale: the connection's deadline moved or it is gone
+        return None
+
+    def _pop_due_connections(self, now: float) -> list[ConnectionId]:
+        due: list[ConnectionId] = []
+        heap = self._timer_heap
+        while heap and heap[0][0] <= now:
+            deadline, connection_id = heapq.heappop(heap)
+            if self._deadline_of.get(connection_id) == deadline:
+                del self._deadline_of[connection_id]
+                due.append(connection_id)
+        return due
 
     # -- plumbing -------------------------------------------------------------------------------------------------
 
@@ -827,6 +891,11 @@ class Node:
             self._sync_local_candidates(conn, now)
 
     def _pump_connection(self, conn: _Connection, now: float) -> None:
+        """Moves the connection's output and events along, then files its next deadline."""
+        self._pump_connection_output(conn, now)
+        self._refresh_deadline(conn)
+
+    def _pump_connection_output(self, conn: _Connection, now: float) -> None:
         if conn.id not in self._connections:
             return
         while (transmit := conn.agent.poll_transmit()) is not None:

@@ -6,7 +6,8 @@ network to send:
 
 * ``unmatched_wg``: a 4-byte WireGuard initiation header from an unknown source (looked up by (local, source) pair);
 * ``stun_response``: a BINDING success response with an unknown transaction id (looked up by transaction id);
-* ``stun_request``: a BINDING request whose USERNAME names no connection (looked up by ufrag pair).
+* ``stun_request``: a BINDING request whose USERNAME names no connection (looked up by ufrag pair);
+* ``poll_timeout``: the next deadline over all connections, which a driver asks after every datagram.
 
 Each figure is the wall time per datagram in microseconds (best of 5 runs); O(1) lookups keep them flat across N.
 No sockets, no namespaces: the Node is sans-IO and is driven in-process with a fake clock.
@@ -106,6 +107,7 @@ def measure(connections: int, pairs: int, packets: int) -> dict[str, float]:
         "unmatched_wg": _per_packet_us(lambda: node.handle_input(unmatched_wg, STRANGER, LOCAL, now), packets),
         "stun_response": _per_packet_us(lambda: node.handle_input(response, STRANGER, LOCAL, now), packets),
         "stun_request": _per_packet_us(lambda: node.handle_input(request, STRANGER, LOCAL, now), packets),
+        "poll_timeout": _per_packet_us(node.poll_timeout, packets),
     }
 
 
@@ -116,12 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--packets", type=int, default=2000, help="datagrams fed per measurement")
     args = parser.parse_args(argv)
     counts = [int(part) for part in args.connections.split(",") if part]
-    print(f"{'connections':>11} {'unmatched_wg µs':>16} {'stun_response µs':>17} {'stun_request µs':>16}")
+    print(
+        f"{'connections':>11} {'unmatched_wg µs':>16} {'stun_response µs':>17} {'stun_request µs':>16} "
+        f"{'poll_timeout µs':>16}"
+    )
     for count in counts:
         figures = measure(count, args.pairs, args.packets)
         print(
             f"{count:>11} {figures['unmatched_wg']:>16.1f} {figures['stun_response']:>17.1f} "
-            f"{figures['stun_request']:>16.1f}",
+            f"{figures['stun_request']:>16.1f} {figures['poll_timeout']:>16.1f}",
             flush=True,
         )
 

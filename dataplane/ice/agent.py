@@ -642,22 +642,33 @@ class IceAgent:
         """(deadline, reason) of the earliest timer, or None; a deadline may lie in the past (then call now)."""
         if self.state is IceState.FAILED:
             return None
-        candidates: list[tuple[float, str]] = []
+        # The node asks after every datagram of this connection: find the earliest deadline first and name its
+        # reason once, rather than build a (deadline, reason) tuple per pair and transaction.
+        best: float | None = None
+        reason = ""
         for outstanding in self._outstanding.values():
             deadline = outstanding.transaction.poll_timeout()
-            if deadline is not None:
-                candidates.append((deadline, f"{outstanding.purpose.value} retransmit"))
+            if deadline is not None and (best is None or deadline < best):
+                best, reason = deadline, f"{outstanding.purpose.value} retransmit"
         if self._has_checks_to_start():
             start = self._next_check_at if self._next_check_at is not None else self._last_now
-            candidates.append((start if start is not None else 0.0, "connectivity check"))
+            start = start if start is not None else 0.0
+            if best is None or start < best:
+                best, reason = start, "connectivity check"
+        consent_timeout = self.timing.consent_timeout
         for pair in self._pairs.values():
             if pair.state is PairState.SUCCEEDED and pair.last_response_at is not None:
-                candidates.append((pair.last_response_at + self.timing.consent_timeout, "consent expiry"))
-                if pair.next_consent_at is not None:
-                    candidates.append((pair.next_consent_at, "consent check"))
+                expiry = pair.last_response_at + consent_timeout
+                if best is None or expiry < best:
+                    best, reason = expiry, "consent expiry"
+                check = pair.next_consent_at
+                if check is not None and check < best:
+                    best, reason = check, "consent check"
         if not self.idle and self._last_activity is not None:
-            candidates.append((self._last_activity + self.timing.idle_after, "idle"))
-        return min(candidates) if candidates else None
+            idle_at = self._last_activity + self.timing.idle_after
+            if best is None or idle_at < best:
+                best, reason = idle_at, "idle"
+        return None if best is None else (best, reason)
 
     # ---- output --------------------------------------------------------------------------------------------------
 

@@ -351,3 +351,28 @@ def test_remote_candidates_per_connection_are_bounded() -> None:
         node.add_remote_candidate("client-1", Candidate.host((f"10.7.{index // 250}.{index % 250 + 1}", 9000)), now)
     assert len(node._connections["client-1"].remote_candidates) == MAX_REMOTE_CANDIDATES
     assert node.drops[DropReason.TOO_MANY_CANDIDATES] == 300 - MAX_REMOTE_CANDIDATES
+
+
+def test_encapsulate_batch_keeps_order_and_has_session_tells_when_packets_would_be_sent() -> None:
+    world = build_world(PORT_RESTRICTED_CONE, seed=2)
+    client = world.add_client(PORT_RESTRICTED_CONE)
+    world.net.run_for(2.0)
+    gateway = world.gateway.node
+    assert not gateway.has_session(client.client_id)  # unknown connection
+    world.connect(client)
+    assert not gateway.has_session(client.client_id)
+    world.net.run_for(3.0)
+    up = ipv4_udp(client.tunnel_ip, "100.64.0.1", b"up")
+    client.peer.send_packet(GATEWAY_ID, up)
+    world.net.run_for(1.0)
+    assert (client.client_id, up) in world.gateway.received
+    assert gateway.has_session(client.client_id)
+    info = gateway.connection(client.client_id)
+    assert info is not None and info.has_session
+    downs = [ipv4_udp("100.64.0.1", client.tunnel_ip, f"down-{index}".encode()) for index in range(5)]
+    gateway.encapsulate_batch(client.client_id, downs, world.net.now)
+    world.gateway.flush(world.net.now)
+    world.net.run_for(1.0)
+    assert [packet for _, packet in client.peer.received] == downs
+    gateway.encapsulate_batch("nobody", downs, world.net.now)
+    assert gateway.drops[DropReason.NO_CONNECTION] == 5

@@ -470,3 +470,17 @@ def test_every_reason_is_reached_and_counted(reason: PolicyDropReason) -> None:
     decision = p.from_client(packet, NOW) if direction == "from" else p.to_client(packet, NOW)
     refused(decision, reason)
     assert drops[reason] == 1 and drops.total() == 1
+
+
+def test_buffers_of_any_kind_and_client_renumbering() -> None:
+    p = policy()
+    p.grant(cidr("r1", "10.0.0.0/8"), None)
+    packet = out4("10.0.0.1", UDP(dport=53))
+    assert p.from_client(bytearray(packet), NOW).allowed
+    assert p.from_client(memoryview(packet), NOW).allowed
+    assert p.to_client(memoryview(in4("10.0.0.1", UDP(sport=53))), NOW).allowed
+    assert (p.client_ipv4, p.client_ipv6) == (IPv4Address(CLIENT4), IPv6Address(CLIENT6))
+    p.set_client_addresses(IPv4Address("100.64.0.8"), IPv6Address("fd00:2021:1111::8"))
+    refused(p.from_client(packet, NOW), R.SPOOFED_SOURCE)
+    assert p.from_client(out4("10.0.0.1", UDP(dport=53), src="100.64.0.8"), NOW).allowed
+    refused(p.to_client(in4("10.0.0.1", UDP(sport=53)), NOW), R.WRONG_DESTINATION)

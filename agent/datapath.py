@@ -118,6 +118,10 @@ class DataPlane:
                 loop.remove_reader(self.tun.wakeup_fd)
             self.tun.close()  # the device (and its addresses and routes) goes with its last descriptor
             self.tun = None
+            try:
+                netlink.remove_tunnel_routes(self.options.tun_name)  # the routing rules outlive the device
+            except OSError as exc:
+                logger.warning("could not remove the tunnel routing rules: %s", exc)
         if self.host_setup is not None:
             try:
                 self.host_setup.undo()

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from agent.config import ConfigError, Settings, build_parser, describe_settings, load_settings
 from agent.datapath import DataPlane, DataPlaneOptions
 from agent.eventloop import Eventloop
-from agent.health import HealthServer, MetricsText
+from agent.health import HealthServer, MetricsText, raise_nofile_limit
 from agent.logs import RedactingFilter, configure_logging
 from agent.portal import PortalLink
 from dataplane.gateway import GatewayState
@@ -72,7 +72,7 @@ class Gateway:
             DataPlaneOptions(
                 tun_queues=settings.num_tun_threads,
                 increase_buffers=not settings.no_inc_buf,
-                host_setup=not getattr(settings, "no_host_setup", False),
+                host_setup=not settings.no_host_setup,
             ),
             on_portal_output=self.eventloop.flush_outbound,
         )
@@ -182,6 +182,8 @@ class Gateway:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        soft, hard = raise_nofile_limit()
+        logger.debug("open file limit %d (hard %d)", soft, hard)
         await self.health.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_shutdown, signum)

@@ -374,11 +374,15 @@ class GatewayState:
         return to_tun
 
     def handle_tun_packets(self, packets: Iterable[bytes], now: float) -> None:
-        """Packets read from the TUN: those addressed to a client it may receive them from are encrypted to it."""
+        """Packets read from the TUN: those addressed to a client it may receive them from are encrypted to it.
+
+        Consecutive packets for one client (a TSO-split burst) are sealed in one batch, in order."""
         wall_now = self._wall_clock()
         by_address = self._peer_by_address
         peers = self._peers
         node = self.node
+        batch: list[bytes] = []
+        batch_client: ClientId | None = None
         for packet in packets:
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
@@ -392,8 +396,15 @@ class GatewayState:
             if peer is None:
                 self.drops.drop(GatewayDropReason.NO_PEER_FOR_ADDRESS)
                 continue
-            if peer.policy.to_client(packet, wall_now).allowed:
-                node.encapsulate(peer.client_id, packet, now)
+            if not peer.policy.to_client(packet, wall_now).allowed:
+                continue  # counted by the policy
+            if client_id != batch_client:
+                if batch_client is not None:
+                    node.encapsulate_batch(batch_client, batch, now)
+                batch, batch_client = [], client_id
+            batch.append(packet)
+        if batch_client is not None:
+            node.encapsulate_batch(batch_client, batch, now)
         self._drain_node(now)
 
     def poll_transmit(self) -> Transmit | None:
@@ -440,7 +451,8 @@ class GatewayState:
 
     def _remove_peer(self, peer: _Peer, now: float, why: str) -> None:
         logger.info("closing the connection to a client: %s", why, extra={"client_id": peer.client_id})
-        self.node.encapsulate(peer.client_id, p2p_control.goodbye(), now)
+        if self.node.has_session(peer.client_id):
+            self.node.encapsulate(peer.client_id, p2p_control.goodbye(), now)
         self.node.close_connection(peer.client_id, now)
         self._forget_addresses(peer)
         self._peers.pop(peer.client_id, None)

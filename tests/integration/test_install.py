@@ -250,12 +250,13 @@ def test_installed_gateway_runs_like_the_unit_runs_it(installed: Path, tmp_path:
 
 
 def healthz_answers(netns: str, gateway: subprocess.Popen[bytes], log_path: Path) -> int:
-    """Status of GET /healthz from inside the namespace, retried until the gateway listens (10 s at most)."""
+    """Status of GET /healthz from inside the namespace, retried until the gateway listens (30 s at most: a loaded
+    machine starts a Python process slowly)."""
     probe = (
         "import sys, urllib.request\n"
         f"print(urllib.request.urlopen('http://127.0.0.1:{HEALTH_PORT}/healthz', timeout=2).status)\n"
     )
-    deadline = time.monotonic() + 10.0
+    deadline = time.monotonic() + 30.0
     while True:
         assert gateway.poll() is None, log_path.read_text(errors="replace")
         proc = subprocess.run(

@@ -324,8 +324,9 @@ async def test_server_close_reconnects_with_backoff() -> None:
         await wait_until(lambda: len(portal.requests) >= 2 and link.joined)
         await stop_link(link, task)
     gap = portal.attempt_times[1] - portal.attempt_times[0]
-    # After a join the reconnect ladder starts at 0.5 s with jitter up to one more interval.
-    assert 0.5 <= gap < 2.0
+    # After a join the reconnect ladder starts at 0.5 s with jitter up to one more interval (so at most 1 s); the upper
+    # bound only catches a ladder that starts far too late, with a margin a loaded machine cannot eat.
+    assert 0.5 <= gap < 5.0
 
 
 def _gateway_env(port: int, state_dir: Path) -> dict[str, str]:
@@ -434,7 +435,8 @@ async def test_stop_during_backoff_returns_promptly() -> None:
         await asyncio.sleep(0.1)
         started = time.monotonic()
         await stop_link(link, task)
-        assert time.monotonic() - started < 3.0
+        # Returning before the 10 s Retry-After is the point; the margin absorbs a loaded machine.
+        assert time.monotonic() - started < 8.0
 
 
 async def test_cli_exits_1_when_the_health_port_is_taken(tmp_path: Path) -> None:

@@ -218,8 +218,9 @@ async def test_reconnect_budget_exhausted_exits_1(portal: DevPortal, tmp_path: P
         gave_up_after = time.monotonic() - stopped
     assert code == 1
     assert len([line for line in gateway.stderr.decode().splitlines() if line.startswith("error:")]) == 1
-    # Delays 0.5, 0.75, 1.125 s (each up to doubled by jitter) until the next one would overrun the 3 s budget.
-    assert 1.0 <= gave_up_after <= 8.0
+    # Delays 0.5, 0.75, 1.125 s (each up to doubled by jitter) until the next one would overrun the 3 s budget. No upper
+    # bound here: a gateway that ignored the budget would not exit, and wait_exit's timeout catches that.
+    assert gave_up_after >= 1.0
 
 
 async def test_invalid_token_exits_1_with_a_clear_message(portal: DevPortal, tmp_path: Path) -> None:

@@ -88,7 +88,6 @@ def test_a_handshake_flood_gets_cookie_replies_while_a_real_peer_still_connects(
         result = json.loads(out.decode().strip().splitlines()[-1])
         print(f"flood: {result}; handshake after {handshake_took:.1f} s")
         assert result["sent"] == FLOOD_COUNT
-        assert result["seconds"] < 15
         # Most of the flood arrives while under load and is answered by a cookie reply carrying a real cookie.
         assert result["cookie_replies"] > FLOOD_COUNT // 2, result
         assert result["other_replies"] == 0, result

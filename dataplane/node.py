@@ -51,6 +51,7 @@ RTT_INCLUSION_SLACK = 0.010
 # portal-protocol.md §4.2: more handshakes per second than this, over all connections, and the node is under load
 # (boringtun's default, which Firezone uses).
 HANDSHAKE_RATE_LIMIT = 100
+MAX_RELAYS = 32  # the portal lists a handful; each relay costs an allocation and candidates on every connection
 
 ConnectionId = str
 RelayId = str
@@ -171,6 +172,22 @@ class ConnectionInfo:
     established: bool
     handshakes: int  # WireGuard handshakes completed: a path change must not add one
     has_session: bool = False  # a WireGuard session exists: packets encapsulated now are sent, not dropped/queued
+    rx_bytes: int = 0  # WireGuard datagram bytes received from / sent to the peer (status, metrics)
+    tx_bytes: int = 0
+    last_handshake_wall: float | None = None  # unix seconds of the last completed handshake
+
+
+@dataclass(frozen=True, slots=True)
+class RelayInfo:
+    """A read-only view of one relay and its allocation, for status and metrics."""
+
+    relay_id: RelayId
+    server: Address
+    state: str  # the allocation's state (turn.AllocationState value)
+    rtt: float | None
+    srflx: tuple[Address, ...]
+    relayed: tuple[Address, ...]
+    expires_at: float | None  # monotonic seconds, like ``now``
 
 
 # -- internals --------------------------------------------------------------------------------------------------
@@ -223,6 +240,7 @@ class _Connection:
     established: bool = False
     pending: deque[bytes] = field(default_factory=deque)
     handshakes: int = 0
+    agent_deadline: float | None = None  # the ICE agent's next deadline when it was last asked
 
     @property
     def path(self) -> Path | None:
@@ -284,6 +302,11 @@ class Node:
         self._retired_hosts: set[Address] = set()
         self._transmits: deque[Transmit] = deque()
         self._events: deque[NodeEvent] = deque()
+        # Monotonic totals for metrics: handshakes, and the WireGuard bytes of connections already closed (the live
+        # ones are read from their tunnels at scrape time, so the hot path counts nothing extra).
+        self.handshakes_completed = 0
+        self._closed_rx_bytes = 0
+        self._closed_tx_bytes = 0
 
     # -- queries -----------------------------------------------------------------------------------------------
 
@@ -308,6 +331,29 @@ class Node:
         relay = self._relays.get(relay_id)
         return None if relay is None else relay.rtt
 
+    @property
+    def relays(self) -> list[RelayInfo]:
+        return [
+            RelayInfo(
+                relay_id,
+                relay.allocation.server,
+                relay.allocation.state.value,
+                relay.rtt,
+                tuple(sorted(relay.srflx)),
+                tuple(sorted(relay.relayed)),
+                relay.allocation.expires_at,
+            )
+            for relay_id, relay in self._relays.items()
+        ]
+
+    def wireguard_bytes(self) -> tuple[int, int]:
+        """(received, sent) WireGuard datagram bytes since start, over all connections, closed ones included."""
+        rx, tx = self._closed_rx_bytes, self._closed_tx_bytes
+        for conn in self._connections.values():
+            rx += conn.tunnel.rx_bytes
+            tx += conn.tunnel.tx_bytes
+        return rx, tx
+
     def _info(self, conn: _Connection) -> ConnectionInfo:
         return ConnectionInfo(
             conn.id,
@@ -318,6 +364,9 @@ class Node:
             conn.established,
             conn.handshakes,
             conn.tunnel.has_session,
+            rx_bytes=conn.tunnel.rx_bytes,
+            tx_bytes=conn.tunnel.tx_bytes,
+            last_handshake_wall=conn.tunnel.last_handshake_wall,
         )
 
     # -- connections ---------------------------------------------------------------------------------------------
@@ -451,6 +500,8 @@ class Node:
                 del self._by_ufrags[ufrags]
         self._forget_selected(conn)
         self._deadline_of.pop(conn.id, None)
+        self._closed_rx_bytes += conn.tunnel.rx_bytes
+        self._closed_tx_bytes += conn.tunnel.tx_bytes
         conn.agent.close()
         conn.tunnel.close()
         if event is not None:
@@ -469,6 +520,9 @@ class Node:
         replaced: set[RelayId] = set()
         for config in add:
             current = self._relays.get(config.id)
+            if current is None and len(self._relays) >= MAX_RELAYS:
+                logger.warning("ignoring relay %s: already %d relays", config.id, MAX_RELAYS)
+                continue
             if current is not None:
                 if current.config == config:
                     continue
@@ -667,11 +721,12 @@ class Node:
         # A handshake response goes back where the initiation came from, even if ICE has not selected that pair yet
         # (the controlled side learns the nomination a moment after the initiator may already send).
         self._flush_tunnel(conn, now, reply_path=(local, src))
-        self._pump_connection(conn, now)
         if not packet:  # handshake, keepalive or dropped (the tunnel counted why)
+            self._pump_connection(conn, now, agent_touched=False)
             return None
+        was_idle = conn.agent.idle
         conn.agent.note_activity(now)
-        self._refresh_deadline(conn)
+        self._pump_connection(conn, now, agent_touched=was_idle)
         return conn.id, packet
 
     def _admit_handshake(self, data: bytes, src: Address, local: Address, now: float) -> bool:
@@ -747,10 +802,11 @@ class Node:
                     self.drops.drop(DropReason.PENDING_QUEUE_FULL)
                 pending.append(packet)
             return
+        was_idle = conn.agent.idle
         conn.agent.note_activity(now)
         conn.tunnel.encapsulate_batch(packets, now)
         self._flush_tunnel(conn, now)
-        self._refresh_deadline(conn)
+        self._refresh_deadline(conn, agent_touched=was_idle)
 
     def poll_transmit(self) -> Transmit | None:
         return self._transmits.popleft() if self._transmits else None
@@ -792,10 +848,15 @@ class Node:
 
     # -- connection timers ------------------------------------------------------------------------------------------
 
-    def _refresh_deadline(self, conn: _Connection) -> None:
+    def _refresh_deadline(self, conn: _Connection, *, agent_touched: bool = True) -> None:
+        """Files the connection's next deadline. ``agent_touched=False`` (the data path, where only the tunnel and
+        the agent's activity time changed) reuses the agent's last deadline: at worst it is early, which costs one
+        spurious wake-up, never a missed timer -- and it saves a walk over the agent's pairs per packet."""
         if conn.id not in self._connections:
             return
-        agent_deadline = _deadline(conn.agent.poll_timeout())
+        if agent_touched:
+            conn.agent_deadline = _deadline(conn.agent.poll_timeout())
+        agent_deadline = conn.agent_deadline
         tunnel_deadline = conn.tunnel.poll_timeout()
         if agent_deadline is None or (tunnel_deadline is not None and tunnel_deadline < agent_deadline):
             agent_deadline = tunnel_deadline
@@ -890,10 +951,10 @@ class Node:
         for conn in list(self._connections.values()):
             self._sync_local_candidates(conn, now)
 
-    def _pump_connection(self, conn: _Connection, now: float) -> None:
+    def _pump_connection(self, conn: _Connection, now: float, *, agent_touched: bool = True) -> None:
         """Moves the connection's output and events along, then files its next deadline."""
         self._pump_connection_output(conn, now)
-        self._refresh_deadline(conn)
+        self._refresh_deadline(conn, agent_touched=agent_touched)
 
     def _pump_connection_output(self, conn: _Connection, now: float) -> None:
         if conn.id not in self._connections:
@@ -907,6 +968,7 @@ class Node:
         while (tunnel_event := conn.tunnel.poll_event()) is not None:
             if isinstance(tunnel_event, wg.HandshakeCompleted):
                 conn.handshakes += 1
+                self.handshakes_completed += 1
             elif isinstance(tunnel_event, wg.HandshakeGaveUp):
                 self._remove_connection(conn, now, event=ConnectionFailed(conn.id, "wireguard handshake gave up"))
                 return

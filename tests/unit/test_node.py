@@ -17,6 +17,7 @@ from dataplane.ice.agent import MAX_REMOTE_CANDIDATES
 from dataplane.ice.candidate import Candidate
 from dataplane.io.rng import SeededRng
 from dataplane.node import (
+    MAX_RELAYS,
     CandidateGathered,
     CandidateInvalidated,
     ConnectionClosed,
@@ -376,3 +377,10 @@ def test_encapsulate_batch_keeps_order_and_has_session_tells_when_packets_would_
     assert [packet for _, packet in client.peer.received] == downs
     gateway.encapsulate_batch("nobody", downs, world.net.now)
     assert gateway.drops[DropReason.NO_CONNECTION] == 5
+
+
+def test_relays_from_the_portal_are_bounded() -> None:
+    node = _node()
+    configs = [RelayConfig(f"r{index}", ((f"198.51.100.{index + 1}", 3478),), "u", "p") for index in range(100)]
+    node.update_relays([], configs, 0.0)
+    assert len(node.relay_ids) == MAX_RELAYS

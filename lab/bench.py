@@ -4,11 +4,15 @@ Pairs (A = iperf3 client side, B = server side), each over its own fresh pair of
 configured with the stock ``wg`` tool (see :mod:`lab.wg`): wireguard-go↔wireguard-go (the reference),
 wireguard-go↔firezone-wg, firezone-wg↔firezone-wg with 1 and 2 TUN queues (``FIREZONE_NUM_TUN_THREADS``), and with
 2 queues but without read-side TSO (``FIREZONE_TUN_READ_OFFLOAD=0``: the kernel segments, writes are still merged).
-For each: ping RTT, iperf3 TCP with 1 and 4 streams in both directions, UDP at a fixed rate (loss, out-of-order), and
-CPU seconds per GB of the two daemons (utime+stime from /proc/<pid>/stat). Prints a table with the ratios to the
-reference and writes JSON under ``bench-results/``.
+The ``gateway`` row is the product's own path: the lab's headless client ↔ the real ``firezone-gateway`` process ↔ the
+resource host, through a lab world with plain routing (see :mod:`lab.bench_gateway`).
 
-    python -m lab.bench [--quick] [--seconds N] [--pairs wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz2r-fz2r] [--output DIR]
+For each: ping RTT, iperf3 TCP with 1 and 4 streams in both directions, UDP at a fixed rate (loss, out-of-order), and
+CPU seconds per GB of the two tunnel processes together (utime+stime from /proc/<pid>/stat), with each side's share of
+one core during the run (``a`` = the iperf3 client's side, ``b`` = the server's; ~100% means that side saturates).
+Prints a table with the ratios to the reference and writes JSON under ``bench-results/``.
+
+    python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz2r-fz2r,gateway] [--output DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from lab.wg import Implementation, WgInterface, WgPair, ping_rtt_ms, wg_topology
 
 IPERF_PORT = 5201
 UDP_PAYLOAD = 1300  # fits the 1420-byte tunnel MTU
+GATEWAY_ROW = "gateway"  # measured through a lab world by lab.bench_gateway, not a wg pair
 UDP_RATE = "400M"  # fixed for every pair: above what the reference carries, so loss shows who keeps up
 
 
@@ -75,7 +80,9 @@ class Measurement:
     lost_percent: float | None = None
     out_of_order: int | None = None
     packets: int | None = None
-    cpu_s_per_gb: float | None = None
+    cpu_s_per_gb: float | None = None  # both tunnel processes together
+    cpu_a_busy: float | None = None  # the iperf3 client side's process: CPU seconds per wall second of the run
+    cpu_b_busy: float | None = None  # the iperf3 server side's process
     error: str | None = None
 
 
@@ -83,6 +90,7 @@ class Measurement:
 class PairResult:
     key: str
     label: str
+    sides: tuple[str, str] = ("a", "b")  # what the a and b columns of the CPU figures are
     rtt_avg_ms: float = math.nan
     rtt_max_ms: float = math.nan
     ping_lost: int = 0
@@ -105,12 +113,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _daemon_pids(pair: WgPair) -> list[int]:
-    return [iface.process.pid for iface in (pair.a, pair.b) if iface.process is not None]
+@dataclass(frozen=True)
+class IperfTarget:
+    """Where iperf3 runs and what it measures: the client's namespace, the server's address, and the pids of the two
+    tunnel processes (side a, side b) whose CPU time is charged to the run."""
+
+    client: Netns
+    server_ip: str
+    pid_a: int | None
+    pid_b: int | None
+    udp_payload: int = UDP_PAYLOAD
+
+
+def _pair_target(pair: WgPair) -> IperfTarget:
+    pids = [iface.process.pid if iface.process is not None else None for iface in (pair.a, pair.b)]
+    return IperfTarget(pair.a.ns, pair.b.tunnel_ip, pids[0], pids[1])
 
 
 def run_iperf(
-    pair: WgPair,
+    target: IperfTarget,
     name: str,
     *,
     seconds: int,
@@ -118,18 +139,23 @@ def run_iperf(
     streams: int = 1,
     udp_rate: str | None = None,
 ) -> Measurement:
-    client: Netns = pair.a.ns
-    argv = ["iperf3", "-c", pair.b.tunnel_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "--json"]
+    argv = ["iperf3", "-c", target.server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "--json"]
+    argv += ["--connect-timeout", "5000"]
     if reverse:
         argv.append("-R")
     if streams > 1:
         argv += ["-P", str(streams)]
     if udp_rate is not None:
-        argv += ["-u", "-b", udp_rate, "-l", str(UDP_PAYLOAD)]
-    pids = _daemon_pids(pair)
-    cpu_before = sum(cpu_seconds(pid) for pid in pids)
-    proc = subprocess.run(client.argv(argv), capture_output=True, text=True, timeout=seconds + 60)
-    cpu_used = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        argv += ["-u", "-b", udp_rate, "-l", str(target.udp_payload)]
+
+    def cpu(pid: int | None) -> float:
+        return cpu_seconds(pid) if pid is not None else 0.0
+
+    cpu_a_before, cpu_b_before = cpu(target.pid_a), cpu(target.pid_b)
+    started = time.monotonic()
+    proc = subprocess.run(target.client.argv(argv), capture_output=True, text=True, timeout=seconds + 60)
+    wall = time.monotonic() - started
+    cpu_a, cpu_b = cpu(target.pid_a) - cpu_a_before, cpu(target.pid_b) - cpu_b_before
     result = Measurement(name)
     try:
         report = json.loads(proc.stdout)
@@ -155,7 +181,11 @@ def run_iperf(
         result.packets = summary.get("packets")
         result.out_of_order = _udp_out_of_order(report)
     if result.bytes > 0:
-        result.cpu_s_per_gb = cpu_used / (result.bytes / 1e9)
+        result.cpu_s_per_gb = (cpu_a + cpu_b) / (result.bytes / 1e9)
+    if wall > 0:
+        # iperf3's own connect and teardown are in the wall time: a saturated side shows slightly under 100%.
+        result.cpu_a_busy = cpu_a / wall if target.pid_a is not None else None
+        result.cpu_b_busy = cpu_b / wall if target.pid_b is not None else None
     return result
 
 
@@ -207,6 +237,29 @@ def _wait_for_tunnel(a: WgInterface, address: str, timeout: float = 15.0) -> Non
         time.sleep(0.1)  # a ping that fails at once (no route yet) must not turn this into a busy loop
 
 
+IPERF_PLAN: tuple[tuple[str, dict[str, object]], ...] = (
+    ("tcp1 a→b", {}),
+    ("tcp1 b→a", {"reverse": True}),
+    ("tcp4 a→b", {"streams": 4}),
+    ("tcp4 b→a", {"streams": 4, "reverse": True}),
+    ("udp a→b", {"udp_rate": UDP_RATE}),
+)
+
+
+def run_plan(target: IperfTarget, result: PairResult, *, seconds: int) -> None:
+    """Runs every iperf3 measurement of :data:`IPERF_PLAN` against ``target``, appending to ``result``."""
+    for name, kwargs in IPERF_PLAN:
+        progress(f"{result.label}: iperf3 {name} ({seconds} s)")
+        measurement = run_iperf(target, name, seconds=seconds, **kwargs)  # type: ignore[arg-type]
+        if measurement.error is not None:
+            # iperf3's control connection rides the tunnel and can be reset under overload: one retry.
+            progress(f"{result.label}: {name} failed ({measurement.error[:60]}); retrying once")
+            time.sleep(1.0)
+            measurement = run_iperf(target, name, seconds=seconds, **kwargs)  # type: ignore[arg-type]
+        result.measurements.append(measurement)
+        progress(f"{result.label}: {name}: {_cell(measurement, result.sides)}")
+
+
 def measure_pair(spec: PairSpec, *, seconds: int, pings: int, log_dir: Path) -> PairResult:
     result = PairResult(spec.key, spec.label)
     try:
@@ -215,30 +268,14 @@ def measure_pair(spec: PairSpec, *, seconds: int, pings: int, log_dir: Path) -> 
             result.rtt_avg_ms, result.rtt_max_ms, result.ping_lost = ping_rtt_ms(
                 pair.a.ns, pair.b.tunnel_ip, count=pings
             )
-            plan: list[tuple[str, dict[str, object]]] = [
-                ("tcp1 a→b", {}),
-                ("tcp1 b→a", {"reverse": True}),
-                ("tcp4 a→b", {"streams": 4}),
-                ("tcp4 b→a", {"streams": 4, "reverse": True}),
-                ("udp a→b", {"udp_rate": UDP_RATE}),
-            ]
-            for name, kwargs in plan:
-                progress(f"{spec.label}: iperf3 {name} ({seconds} s)")
-                measurement = run_iperf(pair, name, seconds=seconds, **kwargs)  # type: ignore[arg-type]
-                if measurement.error is not None:
-                    # iperf3's control connection rides the tunnel and can be reset under overload: one retry.
-                    progress(f"{spec.label}: {name} failed ({measurement.error[:60]}); retrying once")
-                    time.sleep(1.0)
-                    measurement = run_iperf(pair, name, seconds=seconds, **kwargs)  # type: ignore[arg-type]
-                result.measurements.append(measurement)
-                progress(f"{spec.label}: {name}: {_cell(measurement)}")
+            run_plan(_pair_target(pair), result, seconds=seconds)
     except Exception as exc:  # one broken implementation must not hide the others' figures
         result.error = f"{type(exc).__name__}: {exc}"[:300]
         progress(f"{spec.label}: FAILED: {result.error}")
     return result
 
 
-def _cell(m: Measurement) -> str:
+def _cell(m: Measurement, sides: tuple[str, str] = ("a", "b")) -> str:
     if m.error is not None:
         return f"error: {m.error[:40]}"
     text = f"{m.mbit_per_s:.0f} Mbit/s"
@@ -248,6 +285,13 @@ def _cell(m: Measurement) -> str:
         text += f" loss {m.lost_percent:.2f}% ooo {m.out_of_order}"
     if m.cpu_s_per_gb is not None:
         text += f" cpu {m.cpu_s_per_gb:.1f} s/GB"
+    busy = [
+        f"{side} {share * 100:.0f}%"
+        for side, share in zip(sides, (m.cpu_a_busy, m.cpu_b_busy), strict=True)
+        if share is not None
+    ]
+    if busy:
+        text += f" ({' '.join(busy)})"
     return text
 
 
@@ -279,7 +323,7 @@ def format_table(results: list[PairResult]) -> str:
             if m is None:
                 cells.append("-")
                 continue
-            cell = _cell(m)
+            cell = _cell(m, result.sides)
             ref = ref_by_name.get(name)
             if (
                 ref is not None
@@ -299,7 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 s per iperf3 run, 10 pings")
     parser.add_argument("--seconds", type=int, default=None, help="seconds per iperf3 run (default 10, quick 3)")
     parser.add_argument("--pings", type=int, default=None)
-    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
+    rows = [*PAIRS, GATEWAY_ROW]
+    parser.add_argument(
+        "--only",
+        "--pairs",
+        dest="rows",
+        default=",".join(rows),
+        help=f"comma-separated rows to measure, in this order (default all): {','.join(rows)}; ratios need {REFERENCE}",
+    )
+    parser.add_argument(
+        "--profile-gateway",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="gateway row: also sample the gateway and the lab client with py-spy for SECONDS under iperf3 load",
+    )
     parser.add_argument("--output", default="bench-results", help="directory for the JSON result")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -307,16 +365,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = args.seconds or (3 if args.quick else 10)
     pings = args.pings or (10 if args.quick else 30)
-    keys = [k.strip() for k in args.pairs.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in PAIRS]
-    if unknown:
-        parser.error(f"unknown pairs {unknown}; choose from {list(PAIRS)}")
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in rows]
+    if unknown or not keys:
+        parser.error(f"unknown rows {unknown}; choose from {rows}")
     started = datetime.datetime.now(datetime.UTC)
     results: list[PairResult] = []
     with tempfile.TemporaryDirectory(prefix="fz-bench-") as tmp:
         for key in keys:
-            progress(f"pair {key}: starting")
-            results.append(measure_pair(PAIRS[key], seconds=seconds, pings=pings, log_dir=Path(tmp)))
+            progress(f"row {key}: starting")
+            if key == GATEWAY_ROW:
+                # Imported here: the lab world pulls in the dev portal, which the wg pairs do not need.
+                from lab.bench_gateway import measure_gateway
+
+                profile_dir = Path(args.output) if args.profile_gateway > 0 else None
+                results.append(
+                    measure_gateway(
+                        seconds=seconds, pings=pings, profile_seconds=args.profile_gateway, profile_dir=profile_dir
+                    )
+                )
+            else:
+                results.append(measure_pair(PAIRS[key], seconds=seconds, pings=pings, log_dir=Path(tmp)))
     table = format_table(results)
     print(table)
     out_dir = Path(args.output)
@@ -339,4 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy importable as lab.bench, the one lab.bench_gateway's results are made of.
+    from lab import bench
+
+    sys.exit(bench.main())

@@ -1,0 +1,159 @@
+"""The ``gateway`` row of ``make bench``: the lab's headless client ↔ the real ``firezone-gateway`` ↔ the resource host.
+
+A :class:`lab.world.LabWorld` with plain routing on both routers (NAT mode ``none``: the path is direct and the routers
+only forward), one relay (the gateway needs one to accept flows), one client granted the whole resource network. iperf3
+runs in the client's namespace against ``iperf3 -s`` on the resource host, through the tunnel; side a is the lab client
+process, side b the gateway process, each charged its own CPU time, so the table shows which one saturates.
+
+The client's TUN has MTU 1280 (as Firezone's), so the UDP run uses :data:`GATEWAY_UDP_PAYLOAD`-byte datagrams instead of
+the wg pairs' 1300 (which would be fragmented). With ``profile_seconds`` both processes are sampled by py-spy (found on
+``PATH`` or through ``PY_SPY``) under iperf3 load in each direction, and the hottest frames are printed and written as
+collapsed stacks next to the JSON result.
+
+    python -m lab.bench --only wgo-wgo,gateway [--profile-gateway 8]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from lab.bench import GATEWAY_ROW, IperfTarget, PairResult, progress, run_iperf, run_plan
+from lab.netns import Netns
+from lab.wg import ping_rtt_ms
+from lab.world import RESOURCE_IP, LabWorld
+
+GATEWAY_UDP_PAYLOAD = 1200  # fits the client's 1280-byte TUN MTU with room for IPv4 and UDP headers
+SETUP_TIMEOUT = 30.0
+TOP_FRAMES = 15
+
+
+def measure_gateway(
+    *, seconds: int, pings: int, profile_seconds: float = 0.0, profile_dir: Path | None = None
+) -> PairResult:
+    """Builds the lab world, measures the row and tears everything down again (also on failure)."""
+    return asyncio.run(_measure(seconds=seconds, pings=pings, profile_seconds=profile_seconds, profile_dir=profile_dir))
+
+
+async def _measure(*, seconds: int, pings: int, profile_seconds: float, profile_dir: Path | None) -> PairResult:
+    result = PairResult(GATEWAY_ROW, "lab client ↔ firezone-gateway", sides=("client", "gateway"))
+    try:
+        world = LabWorld(
+            gateway_nat="none",
+            client_nat="none",
+            relays=1,
+            clients=1,
+            resources=("lan",),
+            blob_size=4096,
+            gateway_log_level="warn",  # logging must not cost throughput while measuring
+        )
+        async with world:
+            await world.wait_gateway_joined(timeout=SETUP_TIMEOUT)
+            client = await world.start_client(resources=[world.resource_id("lan")])
+            established = await client.wait_event("established", timeout=SETUP_TIMEOUT)
+            result.label += f" ({established.get('path')})"
+            client_ns = world.netns("cl")
+            await _wait_for_route(client_ns, RESOURCE_IP)
+            progress(f"{result.label}: tunnel up; ping ×{pings}")
+            result.rtt_avg_ms, result.rtt_max_ms, result.ping_lost = await asyncio.to_thread(
+                ping_rtt_ms, client_ns, RESOURCE_IP, count=pings
+            )
+            target = IperfTarget(
+                client_ns,
+                RESOURCE_IP,
+                pid_a=client.process.pid,
+                pid_b=world.need_gateway().process.pid,
+                udp_payload=GATEWAY_UDP_PAYLOAD,
+            )
+            # In a thread: the dev portal in this process must keep answering heartbeats while iperf3 runs.
+            await asyncio.to_thread(run_plan, target, result, seconds=seconds)
+            if profile_seconds > 0 and profile_dir is not None:
+                await asyncio.to_thread(profile, target, profile_seconds, profile_dir)
+    except Exception as exc:  # the other rows' figures must still be printed
+        result.error = f"{type(exc).__name__}: {exc}"[:300]
+        progress(f"{result.label}: FAILED: {result.error}")
+    return result
+
+
+async def _wait_for_route(ns: Netns, address: str, timeout: float = 15.0) -> None:
+    """``established`` comes before the client has routed the resource: wait for one ping to get through."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = await asyncio.to_thread(
+            subprocess.run, ns.argv(["ping", "-c", "1", "-W", "1", address]), capture_output=True, timeout=10
+        )
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no ping through the tunnel to {address} after {timeout} s")
+        await asyncio.sleep(0.1)
+
+
+def py_spy_command() -> str | None:
+    return os.environ.get("PY_SPY") or shutil.which("py-spy")
+
+
+def profile(target: IperfTarget, seconds: float, out_dir: Path) -> None:
+    """Samples both processes with py-spy while iperf3 pushes one TCP stream each way; prints the hottest frames."""
+    py_spy = py_spy_command()
+    if py_spy is None:
+        progress("profile: py-spy not found (PATH or PY_SPY); skipped")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for direction, reverse in (("upload", False), ("download", True)):
+        samplers: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        for side, pid in (("client", target.pid_a), ("gateway", target.pid_b)):
+            if pid is None:
+                continue
+            path = out_dir / f"profile-{stamp}-{direction}-{side}.txt"
+            argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200"]
+            argv += ["--nonblocking", "--format", "raw", "--output", str(path)]
+            samplers[side] = (subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path)
+        time.sleep(0.5)  # py-spy attaches before the load starts
+        run_iperf(target, f"profile {direction}", seconds=max(1, round(seconds)) + 1, reverse=reverse)
+        for side, (sampler, path) in samplers.items():
+            try:
+                _, stderr = sampler.communicate(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    sampler.kill()
+                _, stderr = sampler.communicate()
+            if not path.exists():
+                progress(f"profile {direction} {side}: py-spy wrote nothing: {stderr.decode(errors='replace')[-300:]}")
+                continue
+            print(f"\nprofile {direction} ({'client→resource' if not reverse else 'resource→client'}), {side}: {path}")
+            print(summarize_collapsed(path.read_text()))
+
+
+def summarize_collapsed(text: str, top: int = TOP_FRAMES) -> str:
+    """The hottest frames of py-spy's collapsed stacks (``frame;frame;... count`` per line): self and total share."""
+    self_samples: Counter[str] = Counter()
+    total_samples: Counter[str] = Counter()
+    all_samples = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        # The thread name leads when py-spy labels threads; only real frames (with a file position) count.
+        frames = [frame for frame in frames if "(" in frame]
+        if not frames:
+            continue
+        all_samples += count
+        self_samples[frames[-1]] += count
+        for frame in set(frames):
+            total_samples[frame] += count
+    if all_samples == 0:
+        return "  (no samples)"
+    lines = [f"  {all_samples} samples; self% total% frame"]
+    for frame, count in self_samples.most_common(top):
+        lines.append(f"  {100 * count / all_samples:5.1f} {100 * total_samples[frame] / all_samples:5.1f}  {frame}")
+    return "\n".join(lines)

@@ -49,10 +49,13 @@ class DataPlane:
         options: DataPlaneOptions,
         *,
         on_portal_output: Callable[[], None] = lambda: None,
+        on_fatal: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.state = state
         self.options = options
         self._on_portal_output = on_portal_output
+        self._on_fatal = on_fatal
+        self.failure: str | None = None
         self.tun: Tun | None = None
         self.sockets: DualStackSockets | None = None
         self.host_setup: HostSetup | None = None
@@ -149,6 +152,9 @@ class DataPlane:
     def _on_tun_readable(self) -> None:
         if self.tun is None:
             return
+        if self.tun.failure is not None and self.failure is None:
+            self.failure = f"TUN device {self.options.tun_name}: {self.tun.failure}"
+            self._on_fatal(self.failure)
         packets = self.tun.poll_recv_many(TUN_BATCH)
         if packets:
             self.packets_from_tun += len(packets)

@@ -75,6 +75,7 @@ class Gateway:
                 host_setup=not settings.no_host_setup,
             ),
             on_portal_output=self.eventloop.flush_outbound,
+            on_fatal=self._on_dataplane_failure,
         )
         host, port = settings.health_check_addr
         self.health = HealthServer(host, port, ready=self.ready, metrics=self.metrics)
@@ -209,8 +210,16 @@ class Gateway:
                 loop.remove_signal_handler(signum)
             await self.dataplane.shut_down()
             await self.health.stop()
+        if self.dataplane.failure is not None:
+            print(f"error: {self.dataplane.failure}", file=sys.stderr, flush=True)
+            return EXIT_FATAL
         logger.info("shut down cleanly")
         return EXIT_OK
+
+    def _on_dataplane_failure(self, reason: str) -> None:
+        """The data plane cannot go on (a TUN thread died): stop, so the exit code tells the supervisor to restart us."""
+        logger.error("data plane failed: %s; stopping", reason)
+        self.link.stop()
 
     def _request_shutdown(self, signum: int) -> None:
         logger.info("received %s; shutting down", signal.Signals(signum).name)

@@ -182,6 +182,7 @@ class WgDaemon:
         self._selector = selectors.DefaultSelector()
         self._sessions: dict[int, tuple[socket.socket, UapiSession]] = {}
         self._stop = False
+        self.failure: str | None = None
         self._signal_pair: tuple[socket.socket, socket.socket] | None = None
         self._previous_wakeup_fd = -1
 
@@ -365,6 +366,11 @@ class WgDaemon:
 
     def _on_tun_readable(self, now: float) -> None:
         assert self.tun is not None and self.device is not None
+        if self.tun.failure is not None and self.failure is None:
+            # A dead queue thread would drop its share of the traffic for good: stop, exit 1, let the supervisor act.
+            self.failure = f"TUN device {self.ifname}: {self.tun.failure}"
+            logger.error("%s; shutting down", self.failure)
+            self._stop = True
         packets = self.tun.poll_recv_many(TUN_BATCH)
         if packets:
             self.device.send_packets(packets, now)
@@ -550,7 +556,7 @@ def _serve(ifname: str, ready_fd: int | None, *, num_tun_queues: int, increase_b
     finally:
         daemon.close()
         logger.info("Device closed")
-    return 0
+    return 1 if daemon.failure is not None else 0
 
 
 def _daemonise(ifname: str, *, num_tun_queues: int, increase_buffers: bool) -> int:

@@ -19,6 +19,7 @@ same-flow segments (see :mod:`dataplane.packet`); the syscalls and this Python w
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import errno
 import fcntl
@@ -28,7 +29,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dataplane.base import DropCounter
@@ -99,6 +100,7 @@ class TunDropReason(enum.Enum):
     MALFORMED_OFFLOAD_FRAME = "malformed_offload_frame"
     WRITE_FAILED = "write_failed"
     READ_FAILED = "read_failed"
+    THREAD_FAILED = "thread_failed"
 
 
 def queues_from_env(environ: Mapping[str, str] | None = None) -> int:
@@ -222,10 +224,15 @@ class Tun:
         self._epoll.register(self._signal_fd, select.EPOLLIN)
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closed = False
+        self.failure: str | None = None
+        """Set when a reader or writer thread died of an unexpected error: the device no longer serves that queue, so
+        the owner must stop (a supervisor restarts it) instead of running on with a silently dead queue."""
         self._threads: list[threading.Thread] = []
         for index, queue in enumerate(self._queues):
             for role, target in (("rx", self._reader), ("tx", self._writer)):
-                thread = threading.Thread(target=target, args=(queue,), name=f"tun-{name}-{role}{index}", daemon=True)
+                thread = threading.Thread(
+                    target=self._guarded, args=(target, queue), name=f"tun-{name}-{role}{index}", daemon=True
+                )
                 self._threads.append(thread)
         for thread in self._threads:
             thread.start()
@@ -469,6 +476,22 @@ class Tun:
         self.close()
 
     # -- the threads -------------------------------------------------------------------------------------------------
+
+    def _guarded(self, target: Callable[[_Queue], None], queue: _Queue) -> None:
+        """Runs a queue's thread; an unexpected exception is logged, counted and reported through :attr:`failure`
+        (and the event loop is woken to notice it)."""
+        try:
+            target(queue)
+        except BaseException as exc:
+            if self._closed:
+                return
+            name = threading.current_thread().name
+            log.critical("TUN %s: thread %s died: %s", self.name, name, exc, exc_info=True)
+            self._drop(TunDropReason.THREAD_FAILED)
+            if self.failure is None:
+                self.failure = f"thread {name} died: {exc.__class__.__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._signal_fd, 1)
 
     def _drop(self, reason: TunDropReason, count: int = 1) -> None:
         with self._drops_lock:

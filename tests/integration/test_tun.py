@@ -6,6 +6,7 @@ Every device lives in a namespace the test creates (entered from a short-lived t
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 import subprocess
@@ -284,3 +285,25 @@ def test_adaptive_reads_switch_modes_and_keep_order(ns: Netns) -> None:
         assert received == list(range(seq))
         stats = tun.stats()
         assert 0 < stats.rx_direct_frames < stats.rx_frames, stats
+
+
+@pytest.mark.allow_error_logs
+def test_a_thread_that_dies_is_logged_counted_and_reported(ns: Netns) -> None:
+    """Issue 11 finding 7: a writer thread killed by an unexpected error must not leave a silently dead queue."""
+    with create(ns, offload=False) as tun:
+        configure(ns)
+
+        def explode(queue: object, packets: list[bytes]) -> bool:
+            raise RuntimeError("planted bug")
+
+        tun._write_batch = explode  # type: ignore[method-assign]
+        assert tun.failure is None
+        tun.send_many([udp_to_tun_address(b"x" * 64) for _ in range(4)])  # more than the inline fast path takes
+        deadline = time.monotonic() + 5
+        while tun.failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tun.failure is not None and "planted bug" in tun.failure
+        assert tun.drops[TunDropReason.THREAD_FAILED] == 1
+        poller = select.poll()
+        poller.register(tun.wakeup_fd, select.POLLIN)
+        assert poller.poll(1000), "the event loop must be woken to notice the failure"

@@ -14,6 +14,15 @@ portal-protocol.md §4.4:
   connection whose ICE agent has a pair from that local address to that source. A datagram that matches no
   connection, or more than one, is dropped and counted, never guessed.
 
+Every one of these lookups, and :meth:`Node.poll_timeout`, is O(1) (a heap: O(log n)) in the number of connections:
+agents register transactions and pairs in a shared :class:`~dataplane.ice.agent.AgentDirectory`. Handshake messages
+pass a node-wide flood guard first (mac1; above 100 per second, cookie replies and a per-source limit), and what a
+peer can make the node store is bounded (candidates, pairs, relays).
+
+Roles (§4.2): the client initiates WireGuard as soon as ICE selected a pair; the gateway's tunnels are responder-only
+and it never buffers. While ICE has lost consent on the selected pair (``IceDisconnected``) nothing is sent on it:
+packets wait (client) or are dropped (gateway) until ICE selects a pair again.
+
 Candidates all come from the relays (§4.3): the local socket address seen on relay traffic is the host candidate,
 the BINDING answer the server-reflexive one and the ALLOCATE answer the relayed ones; each connection only uses the
 relayed candidates of the one relay sampled for it. A connection's WireGuard tunnel is independent of its path, so

@@ -23,6 +23,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dataplane import p2p_control
 from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
@@ -46,6 +47,7 @@ from protocol.messages import (
     CidrResource,
     CreateAuthorization,
     DnsResource,
+    FlowLogsConfig,
     Init,
     Interface,
     InternetResource,
@@ -91,6 +93,14 @@ class TunnelAddressesChanged:
 GatewayEvent = TunnelAddressesChanged
 
 
+class FlowObserver(Protocol):
+    """Sees every packet the policy let through, with its client and the resource that allowed it (flow logs)."""
+
+    def from_client(self, client_id: str, resource_id: str | None, packet: bytes, wall_now: float) -> None: ...
+
+    def to_client(self, client_id: str, resource_id: str | None, packet: bytes, wall_now: float) -> None: ...
+
+
 @dataclass(eq=False)
 class _Peer:
     client_id: ClientId
@@ -100,6 +110,7 @@ class _Peer:
     policy: ClientPolicy
     resources: dict[str, Resource] = field(default_factory=dict)
     ingest_tokens: dict[str, str] = field(default_factory=dict)
+    expires_at: dict[str, float | None] = field(default_factory=dict)  # by resource id, for status
 
 
 @dataclass
@@ -152,6 +163,8 @@ class GatewayState:
         self._held: dict[ClientId, _HeldCandidates] = {}
         self._next_tick: float | None = None
         self.established_connections = 0
+        self.flow_logs: FlowLogsConfig | None = None  # init.flow_logs: the portal wants flow logs
+        self.flow_observer: FlowObserver | None = None  # set by the driver while flow logs are on
 
     # -- queries ------------------------------------------------------------------------------------------------
 
@@ -173,6 +186,15 @@ class GatewayState:
 
     def peer(self, client_id: ClientId) -> PeerInfo | None:
         return next((p for p in self.peers if p.client_id == client_id), None)
+
+    @property
+    def client_ids(self) -> frozenset[ClientId]:
+        return frozenset(self._peers)
+
+    def resource_expiries(self, client_id: ClientId) -> dict[str, float | None]:
+        """The client's resources with their expiry (unix seconds, None = never); empty for an unknown client."""
+        peer = self._peers.get(client_id)
+        return {} if peer is None else {rid: peer.expires_at.get(rid) for rid in sorted(peer.resources)}
 
     # -- the portal link ------------------------------------------------------------------------------------------
 
@@ -196,6 +218,7 @@ class GatewayState:
     def apply_init(self, init: Init, now: float) -> None:
         """§2.1 ``init``: relays added, own tunnel addresses stored, authorizations re-synced."""
         self.account_slug = init.account_slug
+        self.flow_logs = init.flow_logs
         self.node.update_relays((), relay_configs(init.relays), now)
         if self.interface != init.interface:
             self.interface = init.interface
@@ -213,6 +236,7 @@ class GatewayState:
                 else:
                     expires_at = keep[resource_id]
                     peer.policy.set_expiry(resource_id, None if expires_at is None else float(expires_at))
+                    peer.expires_at[resource_id] = None if expires_at is None else float(expires_at)
         # A client left without resources keeps its peer state until the next tick (as the reference does): a
         # create_authorization racing the init may still give it one.
         self._drain_node(now)
@@ -263,6 +287,7 @@ class GatewayState:
         expires_at = None if request.expires_at is None else float(request.expires_at)
         peer.resources[request.resource.id] = request.resource
         peer.policy.grant(request.resource, expires_at)
+        peer.expires_at[request.resource.id] = expires_at
         if request.flow_logs_ingest_token is not None:
             peer.ingest_tokens[request.resource.id] = request.flow_logs_ingest_token
         logger.info(
@@ -333,6 +358,7 @@ class GatewayState:
                 for resource_id in peer.policy.expire(wall_now):
                     peer.resources.pop(resource_id, None)
                     peer.ingest_tokens.pop(resource_id, None)
+                    peer.expires_at.pop(resource_id, None)
                     logger.info(
                         "authorization expired", extra={"client_id": peer.client_id, "resource_id": resource_id}
                     )
@@ -352,6 +378,7 @@ class GatewayState:
         """Feeds received datagrams (data, source, local address); returns the packets to write to the TUN."""
         wall_now = self._wall_clock()
         node = self.node
+        observer = self.flow_observer
         to_tun: list[bytes] = []
         for data, src, local in datagrams:
             result = node.handle_input(data, src, local, now)
@@ -368,6 +395,8 @@ class GatewayState:
             decision = peer.policy.from_client(packet, wall_now)  # counts its refusals in self.drops
             if decision.allowed:
                 to_tun.append(packet)
+                if observer is not None:
+                    observer.from_client(client_id, decision.resource_id, packet, wall_now)
             elif decision.icmp_reply is not None:
                 node.encapsulate(client_id, decision.icmp_reply, now)
         self._drain_node(now)
@@ -381,6 +410,7 @@ class GatewayState:
         by_address = self._peer_by_address
         peers = self._peers
         node = self.node
+        observer = self.flow_observer
         batch: list[bytes] = []
         batch_client: ClientId | None = None
         for packet in packets:
@@ -396,8 +426,11 @@ class GatewayState:
             if peer is None:
                 self.drops.drop(GatewayDropReason.NO_PEER_FOR_ADDRESS)
                 continue
-            if not peer.policy.to_client(packet, wall_now).allowed:
+            decision = peer.policy.to_client(packet, wall_now)
+            if not decision.allowed:
                 continue  # counted by the policy
+            if observer is not None:
+                observer.to_client(peer.client_id, decision.resource_id, packet, wall_now)
             if client_id != batch_client:
                 if batch_client is not None:
                     node.encapsulate_batch(batch_client, batch, now)
@@ -447,6 +480,7 @@ class GatewayState:
     def _revoke(self, peer: _Peer, resource_id: str) -> None:
         peer.resources.pop(resource_id, None)
         peer.ingest_tokens.pop(resource_id, None)
+        peer.expires_at.pop(resource_id, None)
         peer.policy.revoke(resource_id)
 
     def _remove_peer(self, peer: _Peer, now: float, why: str) -> None:

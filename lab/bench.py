@@ -358,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="gateway row: also sample the gateway and the lab client with py-spy for SECONDS under iperf3 load",
     )
+    parser.add_argument(
+        "--client-plain-io",
+        action="store_true",
+        help="gateway row: the lab client without GSO/GRO and TUN offloads",
+    )
     parser.add_argument("--output", default="bench-results", help="directory for the JSON result")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -381,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
                 profile_dir = Path(args.output) if args.profile_gateway > 0 else None
                 results.append(
                     measure_gateway(
-                        seconds=seconds, pings=pings, profile_seconds=args.profile_gateway, profile_dir=profile_dir
+                        seconds=seconds,
+                        pings=pings,
+                        profile_seconds=args.profile_gateway,
+                        profile_dir=profile_dir,
+                        client_plain_io=args.client_plain_io,
                     )
                 )
             else:

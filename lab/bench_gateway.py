@@ -35,14 +35,32 @@ TOP_FRAMES = 15
 
 
 def measure_gateway(
-    *, seconds: int, pings: int, profile_seconds: float = 0.0, profile_dir: Path | None = None
+    *,
+    seconds: int,
+    pings: int,
+    profile_seconds: float = 0.0,
+    profile_dir: Path | None = None,
+    client_plain_io: bool = False,
 ) -> PairResult:
-    """Builds the lab world, measures the row and tears everything down again (also on failure)."""
-    return asyncio.run(_measure(seconds=seconds, pings=pings, profile_seconds=profile_seconds, profile_dir=profile_dir))
+    """Builds the lab world, measures the row and tears everything down again (also on failure).
+
+    ``client_plain_io``: the lab client without GSO/GRO and TUN offloads (to see what batching it is worth)."""
+    return asyncio.run(
+        _measure(
+            seconds=seconds,
+            pings=pings,
+            profile_seconds=profile_seconds,
+            profile_dir=profile_dir,
+            client_plain_io=client_plain_io,
+        )
+    )
 
 
-async def _measure(*, seconds: int, pings: int, profile_seconds: float, profile_dir: Path | None) -> PairResult:
-    result = PairResult(GATEWAY_ROW, "lab client ↔ firezone-gateway", sides=("client", "gateway"))
+async def _measure(
+    *, seconds: int, pings: int, profile_seconds: float, profile_dir: Path | None, client_plain_io: bool
+) -> PairResult:
+    label = "lab client" + (" (plain I/O)" if client_plain_io else "") + " ↔ firezone-gateway"
+    result = PairResult(GATEWAY_ROW, label, sides=("client", "gateway"))
     try:
         world = LabWorld(
             gateway_nat="none",
@@ -55,7 +73,9 @@ async def _measure(*, seconds: int, pings: int, profile_seconds: float, profile_
         )
         async with world:
             await world.wait_gateway_joined(timeout=SETUP_TIMEOUT)
-            client = await world.start_client(resources=[world.resource_id("lan")])
+            client = await world.start_client(
+                resources=[world.resource_id("lan")], extra_args=["--plain-io"] if client_plain_io else []
+            )
             established = await client.wait_event("established", timeout=SETUP_TIMEOUT)
             result.label += f" ({established.get('path')})"
             client_ns = world.netns("cl")

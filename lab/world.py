@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -65,6 +66,9 @@ GATEWAY_TOKEN = "lab-site-token"
 RELAY_SECRET = "lab-relay-secret"
 MAX_CLIENTS = 2
 MAX_RELAYS = 2
+MAX_GATEWAYS = 2
+SECOND_GATEWAY_LAN = ("172.21.0.1", "172.21.0.10")
+"""The second gateway's own link to the resource host (gateway side, resource side)."""
 PROCESS_START_TIMEOUT = 10.0
 
 
@@ -321,6 +325,9 @@ class LabWorld:
     start_gateway: bool = True
     gateway_log_level: str = "info"
     gateway_env: Mapping[str, str] = field(default_factory=dict)
+    gateways: int = 1
+    """1, or 2: a second gateway of the same site in ``gw2`` (behind ``natg`` too, reaching the resource host over a
+    LAN of its own); :meth:`launch_gateway` with ``index=1`` starts it."""
     topology: Topology = field(init=False)
     ns: dict[str, Netns] = field(init=False, default_factory=dict)
     coturns: list[Coturn] = field(init=False, default_factory=list)
@@ -328,7 +335,10 @@ class LabWorld:
     lab_clients: list[LabClient] = field(init=False, default_factory=list)
     portal: DevPortal | None = field(init=False, default=None)
     gateway: GatewayProcess | None = field(init=False, default=None)
+    gateway2: GatewayProcess | None = field(init=False, default=None)
     client_processes: list[ClientProcess] = field(init=False, default_factory=list)
+    stopped_gateways: list[GatewayProcess] = field(init=False, default_factory=list)
+    """Gateway runs that ended before the world did (their output, for :meth:`gateway_problems`)."""
     blob_sha256: str = field(init=False, default="")
     workdir: Path | None = field(init=False, default=None)
     _routers: dict[str, NatRouter] = field(init=False, default_factory=dict)
@@ -341,6 +351,8 @@ class LabWorld:
             raise ValueError(f"relays must be 1..{MAX_RELAYS}")
         if not 0 <= self.clients <= MAX_CLIENTS:
             raise ValueError(f"clients must be 0..{MAX_CLIENTS}")
+        if not 1 <= self.gateways <= MAX_GATEWAYS:
+            raise ValueError(f"gateways must be 1..{MAX_GATEWAYS}")
         unknown = [key for key in self.resources if key not in LAB_RESOURCES]
         if unknown:
             raise ValueError(f"unknown resources {unknown}; known: {sorted(LAB_RESOURCES)}")
@@ -418,10 +430,11 @@ class LabWorld:
             raise RuntimeError("the lab world has not been started")
         return self.portal
 
-    def need_gateway(self) -> GatewayProcess:
-        if self.gateway is None:
-            raise RuntimeError("the gateway is not running")
-        return self.gateway
+    def need_gateway(self, index: int = 0) -> GatewayProcess:
+        gateway = self._gateway_slot(index)
+        if gateway is None:
+            raise RuntimeError(f"gateway {index} is not running")
+        return gateway
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -452,7 +465,8 @@ class LabWorld:
 
     def _build_namespaces(self) -> None:
         topo = self.topology
-        for role in ("wan", "natg", "natc", "gw", "res", *(c.netns_role for c in self.lab_clients)):
+        second_gateway = ("gw2",) if self.gateways > 1 else ()
+        for role in ("wan", "natg", "natc", "gw", *second_gateway, "res", *(c.netns_role for c in self.lab_clients)):
             self.ns[role] = topo.add_ns(role)
         wan, natg, natc, gw, res = (self.ns[r] for r in ("wan", "natg", "natc", "gw", "res"))
         topo.link(gw, "10.1.0.2/24", natg, "10.1.0.1/24")
@@ -462,6 +476,17 @@ class LabWorld:
         gw.exec("ip route add default via 10.1.0.1")
         natg.exec("ip route add default via 172.31.1.254")
         natc.exec("ip route add default via 172.31.2.254")
+        gateway_networks = ["10.1.0.0/24"]
+        if second_gateway:
+            gw2 = self.ns["gw2"]
+            topo.link(gw2, "10.1.1.2/24", natg, "10.1.1.1/24")
+            gateway_side, resource_side = SECOND_GATEWAY_LAN
+            topo.link(gw2, f"{gateway_side}/24", res, f"{resource_side}/24")
+            gw2.exec("ip route add default via 10.1.1.1")
+            # The resource keeps its one address; the second gateway reaches it over its own link (the gateway
+            # masquerades, so the replies come back the same way).
+            gw2.exec(["ip", "route", "add", RESOURCE_NETWORK, "via", resource_side])
+            gateway_networks.append("10.1.1.0/24")
         client_networks = []
         for index, client in enumerate(self.lab_clients):
             network = f"10.{2 + index}.0"
@@ -479,7 +504,7 @@ class LabWorld:
         wan.exec(["ip", "link", "set", f"{sink}a", "up"])  # its peer stays down: whatever goes in is dropped
         wan.exec(["ip", "route", "add", "default", "dev", f"{sink}a"])
         self._routers = {
-            "natg": NatRouter(natg, natg_out, "172.31.1.1", ("10.1.0.0/24",)),
+            "natg": NatRouter(natg, natg_out, "172.31.1.1", tuple(gateway_networks)),
             "natc": NatRouter(natc, natc_out, "172.31.2.1", tuple(client_networks)),
         }
         self.set_nat("natg", self.gateway_nat)
@@ -546,14 +571,7 @@ class LabWorld:
         return bool(result.stdout.strip())
 
     async def _start_portal(self) -> None:
-        def listening_socket() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((PORTAL_IP, PORTAL_PORT))
-            sock.listen(128)
-            return sock
-
-        sock = run_in_netns(self.ns["wan"].name, listening_socket)
+        sock = run_in_netns(self.ns["wan"].name, _portal_listening_socket)
         self.portal = DevPortal(self.config, host=PORTAL_IP, port=PORTAL_PORT)
         try:
             await self.portal.start(sock=sock)
@@ -562,36 +580,162 @@ class LabWorld:
             self.portal = None
             raise
 
-    async def launch_gateway(self) -> GatewayProcess:
-        """Starts ``firezone-gateway`` in ``gw`` against the portal (once; the world stops it on close)."""
-        if self.gateway is not None:
-            raise RuntimeError("the gateway is already running")
+    async def launch_gateway(self, index: int = 0, *, firezone_id: str | None = None) -> GatewayProcess:
+        """Starts ``firezone-gateway`` number ``index`` (0: in ``gw``, 1: in ``gw2``) against the portal; the world
+        stops it on close. ``firezone_id`` keeps an identity across a restart (default: a new random one)."""
+        if self._gateway_slot(index) is not None:
+            raise RuntimeError(f"gateway {index} is already running")
         assert self.workdir is not None
-        state_dir = self.workdir / "gateway-state"
+        state_dir = self.workdir / ("gateway-state" if index == 0 else f"gateway-state-{index + 1}")
         state_dir.mkdir(exist_ok=True)
-        self.gateway = await GatewayProcess.start(
+        process = await GatewayProcess.start(
             api_url=self.portal_url,
             token=GATEWAY_TOKEN,
             state_dir=state_dir,
-            name="lab-gateway",
+            firezone_id=firezone_id,
+            name="lab-gateway" if index == 0 else f"lab-gateway-{index + 1}",
             log_level=self.gateway_log_level,
-            netns=self.ns["gw"].name,
+            netns=self.ns["gw" if index == 0 else "gw2"].name,
             extra_env={"FIREZONE_ALLOW_INSECURE_PORTAL": "true", **self.gateway_env},
         )
-        return self.gateway
+        if index == 0:
+            self.gateway = process
+        else:
+            self.gateway2 = process
+        return process
 
-    async def wait_gateway_joined(self, timeout: float = 15.0) -> PortalEvent:
-        """The portal's ``init`` sent after the gateway's ``phx_join`` (raises ``TimeoutError`` with its output)."""
+    def _gateway_slot(self, index: int) -> GatewayProcess | None:
+        if not 0 <= index < self.gateways:
+            raise ValueError(f"this world has {self.gateways} gateway(s), no gateway {index}")
+        return self.gateway if index == 0 else self.gateway2
+
+    async def stop_gateway(self, index: int = 0, *, kill: bool = False, timeout: float = 10.0) -> GatewayProcess:
+        """Stops gateway ``index`` (SIGTERM, or SIGKILL with ``kill``) and forgets it; returns the stopped process
+        (its output stays readable). :meth:`launch_gateway` may start it again."""
+        process = self._gateway_slot(index)
+        if process is None:
+            raise RuntimeError(f"gateway {index} is not running")
+        try:
+            if kill:
+                await process.close()
+            else:
+                await process.terminate(timeout=timeout)
+        finally:
+            await process.close()
+            if index == 0:
+                self.gateway = None
+            else:
+                self.gateway2 = None
+            self.stopped_gateways.append(process)
+        return process
+
+    async def restart_gateway(self, index: int = 0, *, kill: bool = False) -> GatewayProcess:
+        """Stops gateway ``index`` and starts it again with the same firezone id (a new WireGuard key)."""
+        old = await self.stop_gateway(index, kill=kill)
+        return await self.launch_gateway(index, firezone_id=old.firezone_id)
+
+    # ------------------------------------------------------------------ faults
+
+    async def restart_portal(self, downtime: float = 0.0) -> None:
+        """Stops the portal (every socket closed with 1001), waits ``downtime`` s, and listens again on the same
+        address; config, event log and tunnel IPs survive, as a real portal's database would."""
         portal = self.need_portal()
-        gateway = self.need_gateway()
+        await portal.stop()
+        if downtime > 0:
+            await asyncio.sleep(downtime)
+        sock = run_in_netns(self.ns["wan"].name, _portal_listening_socket)
+        try:
+            await portal.start(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def stop_relay(self, index: int) -> None:
+        """Kills coturn ``index`` (its allocations vanish without a word to anyone)."""
+        self.coturns[index].stop()
+
+    async def start_relay(self, index: int) -> None:
+        """Starts coturn ``index`` again on its address (fresh: no allocations survive)."""
+        await asyncio.to_thread(self.coturns[index].start)
+
+    def set_loss(self, router: Literal["natg", "natc"], percent: float) -> None:
+        """Drops ``percent`` % of the datagrams the router forwards, each way, at random (nftables ``numgen``);
+        0 removes the rule. Only UDP: the tunnel and ICE suffer, the portal's TCP keeps its pace."""
+        if not 0 <= percent <= 100:
+            raise ValueError("percent must be 0..100")
+        ns = self._routers[router].netns
+        ns.exec(["nft", "delete", "table", "inet", "fzloss"], check=False)
+        if percent > 0:
+            per_mille = round(percent * 10)
+            _nft(
+                ns,
+                "table inet fzloss {\n chain forward {\n  type filter hook forward priority -10; policy accept;\n"
+                f"  meta l4proto udp numgen random mod 1000 < {per_mille} counter drop\n }}\n}}\n",
+            )
+
+    def lost_datagrams(self, router: Literal["natg", "natc"]) -> int:
+        """How many datagrams :meth:`set_loss`'s rule has dropped on ``router`` so far (0 without a rule)."""
+        listing = self._routers[router].netns.exec(["nft", "-j", "list", "table", "inet", "fzloss"], check=False)
+        try:
+            entries = json.loads(listing).get("nftables", [])
+        except ValueError:
+            return 0
+        return sum(
+            expression["counter"]["packets"]
+            for entry in entries
+            for expression in entry.get("rule", {}).get("expr", [])
+            if isinstance(expression, dict) and "counter" in expression
+        )
+
+    def shape_resource(self, rate_mbit: float | None) -> None:
+        """Caps what the resource host sends towards the gateway(s) at ``rate_mbit`` (a tbf qdisc), so a download
+        lasts long enough for a fault to strike mid-flow; None removes the cap."""
+        res = self.ns["res"]
+        links = json.loads(res.exec(["ip", "-j", "link", "show"]))
+        for link in links:
+            name = link.get("ifname")
+            if not isinstance(name, str) or name == "lo":
+                continue
+            res.exec(["tc", "qdisc", "del", "dev", name, "root"], check=False)
+            if rate_mbit is not None:
+                res.exec(
+                    ["tc", "qdisc", "add", "dev", name, "root", "tbf", "rate", f"{rate_mbit:g}mbit", "burst", "32kb",
+                     "latency", "400ms"]
+                )  # fmt: skip
+
+    def gateway_problems(self, index: int = 0, *, allowed: Sequence[str] = ()) -> list[str]:
+        """The gateway's WARN and ERROR lines (this run and the stopped runs of the same slot) that match none of
+        the ``allowed`` substrings: what a scenario provoked on purpose is allowed, anything else is a finding."""
+        name = "lab-gateway" if index == 0 else f"lab-gateway-{index + 1}"
+        runs = [p for p in self.stopped_gateways if p.env.get("FIREZONE_NAME") == name]
+        current = self._gateway_slot(index)
+        if current is not None:
+            runs.append(current)
+        return [
+            line
+            for run in runs
+            for line in run.output().splitlines()
+            if _WARN_OR_ERROR.search(line) and not any(text in line for text in allowed)
+        ]
+
+    async def wait_gateway_joined(self, timeout: float = 15.0, *, index: int = 0, since: int = 0) -> PortalEvent:
+        """The portal's ``init`` sent after gateway ``index``'s ``phx_join`` at log position ``since`` or later
+        (raises ``TimeoutError`` with its output)."""
+        portal = self.need_portal()
+        gateway = self.need_gateway(index)
 
         async def joined_and_initialised() -> PortalEvent:
             on_gateway_topic: Callable[[PortalEvent], bool] = lambda e: e.topic == "gateway"  # noqa: E731
             joined = await portal.wait_for(
-                kind="received", event="phx_join", predicate=on_gateway_topic, timeout=timeout
+                kind="received",
+                event="phx_join",
+                gateway=gateway.firezone_id if self.gateways > 1 else None,
+                predicate=on_gateway_topic,
+                since=since,
+                timeout=timeout,
             )
             return await portal.wait_for(
-                kind="sent", event="init", since=joined.seq, predicate=on_gateway_topic, timeout=5.0
+                kind="sent", event="init", since=joined.seq, conn_id=joined.conn_id, timeout=5.0
             )
 
         waiting = asyncio.ensure_future(joined_and_initialised())
@@ -625,11 +769,13 @@ class LabWorld:
                 with contextlib.suppress(Exception):
                     await process.quit(timeout=2.0)
             self.client_processes.clear()
-            if self.gateway is not None:
+            for gateway in (self.gateway, self.gateway2):
+                if gateway is None:
+                    continue
                 with contextlib.suppress(Exception):
-                    await self.gateway.terminate(timeout=5.0)
+                    await gateway.terminate(timeout=5.0)
                 with contextlib.suppress(Exception):
-                    await self.gateway.close()
+                    await gateway.close()
             if self.portal is not None:
                 with contextlib.suppress(Exception):
                     await self.portal.stop()
@@ -729,6 +875,17 @@ class LabWorld:
     async def gateway_metrics(self) -> str:
         """The gateway's /metrics text, fetched inside ``gw`` ("" when it does not answer)."""
         return await self.need_gateway().metrics()
+
+
+def _portal_listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((PORTAL_IP, PORTAL_PORT))
+    sock.listen(1024)
+    return sock
+
+
+_WARN_OR_ERROR = re.compile(r"\b(WARN|WARNING|ERROR|CRITICAL)\b|\"level\": \"(WARN|ERROR)\"|Traceback")
 
 
 def _nft(ns: Netns, ruleset: str) -> None:

@@ -45,6 +45,7 @@ DEFAULT_MTU = 1420  # wireguard-go's DefaultMTU
 TUN_BATCH = 128  # wireguard-go's conn.IdealBatchSize
 UDP_BATCH = 64
 HOUSEKEEPING_INTERVAL = 1.0
+UAPI_MAX_UNSENT = 4 * 1024 * 1024  # reply bytes a UAPI client may leave unread before we stop reading its requests
 PORT_RETRIES = 100  # wireguard-go retries this often to find a random port free on both families
 CAP_NET_ADMIN = 12
 IFNAMSIZ = 16
@@ -101,7 +102,7 @@ def preflight(ifname: str) -> None:
 
 
 def _open_uapi_listener(ifname: str) -> tuple[socket.socket, os.stat_result]:
-    os.makedirs(SOCKET_DIRECTORY, mode=0o755, exist_ok=True)
+    os.makedirs(SOCKET_DIRECTORY, mode=0o755, exist_ok=True)  # removed again at exit when nothing else is in it
     path = socket_path(ifname)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o077)
@@ -180,7 +181,7 @@ class WgDaemon:
         self._listener: socket.socket | None = None
         self._socket_stat: os.stat_result | None = None
         self._selector = selectors.DefaultSelector()
-        self._sessions: dict[int, tuple[socket.socket, UapiSession]] = {}
+        self._sessions: dict[int, tuple[socket.socket, UapiSession, bytearray]] = {}  # fd → (conn, session, unsent)
         self._stop = False
         self.failure: str | None = None
         self._signal_pair: tuple[socket.socket, socket.socket] | None = None
@@ -216,7 +217,7 @@ class WgDaemon:
         logger.info("Device started (UDP port %d, UAPI %s)", port, socket_path(self.ifname))
 
     def close(self) -> None:
-        for sock, _ in list(self._sessions.values()):
+        for sock, _, _ in list(self._sessions.values()):
             self._close_session(sock)
         if self._listener is not None:
             with contextlib.suppress(KeyError, ValueError):
@@ -251,6 +252,9 @@ class WgDaemon:
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+            # Leave the host as we found it: the directory goes too unless another daemon's socket is in it.
+            with contextlib.suppress(OSError):
+                os.rmdir(SOCKET_DIRECTORY)
 
     def request_stop(self) -> None:
         self._stop = True
@@ -410,16 +414,29 @@ class WgDaemon:
         except OSError as exc:
             logger.warning("UAPI accept failed: %s", exc)
             return
-        # Replies are small and the client reads them at once; a short timeout bounds a stuck client.
-        conn.settimeout(2.0)
+        # Non-blocking both ways: a client that does not read its replies must not stall the packet loop.
+        conn.setblocking(False)
         session = self.uapi.open_session()
-        self._sessions[conn.fileno()] = (conn, session)
-        self._selector.register(conn, selectors.EVENT_READ, lambda now, conn=conn: self._on_uapi_readable(conn, now))
+        self._sessions[conn.fileno()] = (conn, session, bytearray())
+        self._selector.register(conn, selectors.EVENT_READ, lambda now, conn=conn: self._on_uapi_ready(conn, now))
 
-    def _on_uapi_readable(self, conn: socket.socket, now: float) -> None:
-        _, session = self._sessions[conn.fileno()]
+    def _on_uapi_ready(self, conn: socket.socket, now: float) -> None:
+        entry = self._sessions.get(conn.fileno())
+        if entry is None:
+            return
+        _, session, unsent = entry
+        if unsent and not self._send_uapi(conn, unsent):
+            return
+        if session.closed:
+            if not unsent:
+                self._close_session(conn)
+            return
+        if len(unsent) >= UAPI_MAX_UNSENT:
+            return  # the client reads nothing: take no more requests from it until it catches up
         try:
             data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
             data = b""
         if not data:
@@ -428,16 +445,28 @@ class WgDaemon:
             return
         session.receive_data(data, now)
         # Applying configuration may have queued handshakes or keepalives; they go out in this loop turn's flush.
-        reply = session.data_to_send()
-        if reply:
-            try:
-                conn.sendall(reply)
-            except OSError as exc:
-                logger.debug("UAPI client went away: %s", exc)
-                self._close_session(conn)
-                return
-        if session.closed:
+        unsent += session.data_to_send()
+        if unsent and not self._send_uapi(conn, unsent):
+            return
+        if session.closed and not unsent:
             self._close_session(conn)
+
+    def _send_uapi(self, conn: socket.socket, unsent: bytearray) -> bool:
+        """Sends what the socket takes now; waits for writability for the rest. False when the connection is gone."""
+        try:
+            sent = conn.send(unsent)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            logger.debug("UAPI client went away: %s", exc)
+            self._close_session(conn)
+            return False
+        del unsent[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if unsent else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            if self._selector.get_key(conn).events != events:
+                self._selector.modify(conn, events, self._selector.get_key(conn).data)
+        return True
 
     def _close_session(self, conn: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):

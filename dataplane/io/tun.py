@@ -198,6 +198,7 @@ class Tun:
         inbound_capacity: int,
         outbound_capacity: int,
         adaptive: bool = True,
+        lock_path: str | None = None,
     ) -> None:
         self.name = name
         self.queues = len(queue_fds)
@@ -210,6 +211,7 @@ class Tun:
         self._coalesce_tcp = bool(offload_flags & (TUN_F_TSO4 | TUN_F_TSO6))
         self._coalesce_udp = bool(offload_flags & (TUN_F_USO4 | TUN_F_USO6))
         self._lock_fd = lock_fd
+        self._lock_path = lock_path
         self._drops_lock = threading.Lock()
         self._queues = [_Queue(fd) for fd in queue_fds]
         self._inbound: collections.deque[bytes] = collections.deque()
@@ -261,7 +263,7 @@ class Tun:
             raise ValueError(f"invalid interface name {name!r}")
         if queues < 1:
             raise ValueError("queues must be >= 1")
-        lock_fd = cls._lock(name)
+        lock_fd, lock_path = cls._lock(name)
         fds: list[int] = []
         try:
             if _interface_exists(name):
@@ -289,6 +291,8 @@ class Tun:
         except BaseException as exc:
             for fd in fds:
                 os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)
             os.close(lock_fd)
             if isinstance(exc, OSError) and not isinstance(exc, TunError):
                 raise TunError(exc.errno, f"cannot create TUN device {name}: {exc.strerror or exc}") from exc
@@ -303,19 +307,29 @@ class Tun:
             adaptive=adaptive_reads,
             inbound_capacity=inbound_capacity,
             outbound_capacity=outbound_capacity,
+            lock_path=lock_path,
         )
 
     @staticmethod
-    def _lock(name: str) -> int:
+    def _lock(name: str) -> tuple[int, str]:
+        """Takes the per-namespace, per-name lock file; returns its fd and path (removed again by :meth:`close`)."""
         os.makedirs(LOCK_DIR, exist_ok=True)
         path = os.path.join(LOCK_DIR, f"tun-{_netns_id()}-{name}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise TunError(errno.EBUSY, f"TUN device {name} is in use by another process (lock {path})") from None
+            # The holder unlinks the file before releasing it: a lock on a file no longer at the path protects
+            # nothing, so take the new one.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd, path
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise TunError(errno.EBUSY, f"TUN device {name} is in use by another process (lock {path})") from None
-        return fd
 
     @staticmethod
     def _probe_offloads(fd: int) -> int:
@@ -467,6 +481,9 @@ class Tun:
         self._epoll.close()
         os.close(self._signal_fd)
         os.close(self._stop_fd)
+        if self._lock_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock_path)  # while still holding it (see _lock)
         os.close(self._lock_fd)
 
     def __enter__(self) -> Tun:

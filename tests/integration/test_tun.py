@@ -6,6 +6,7 @@ Every device lives in a namespace the test creates (entered from a short-lived t
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import struct
@@ -103,6 +104,17 @@ def test_second_attach_is_refused_in_process_and_from_another_process(ns: Netns)
         assert proc.returncode != 0
         assert "in use by another process" in proc.stderr
         assert "numqueues 2" in link_details(ns)
+
+
+def test_the_lock_file_is_removed_at_close_and_taken_again(ns: Netns) -> None:
+    """Issue 11 finding 8: nothing of ours is left in /run/firezone once the device is closed."""
+    netns_lock = f"tun-{run_in_netns(ns.name, tun_module._netns_id)}-fztun0.lock"
+    with create(ns):
+        assert netns_lock in os.listdir(tun_module.LOCK_DIR)
+    assert netns_lock not in os.listdir(tun_module.LOCK_DIR)
+    with create(ns):  # and the name is usable again
+        assert netns_lock in os.listdir(tun_module.LOCK_DIR)
+    assert netns_lock not in os.listdir(tun_module.LOCK_DIR)
 
 
 def test_existing_device_that_is_not_ours_is_refused(ns: Netns) -> None:

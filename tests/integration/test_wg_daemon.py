@@ -185,6 +185,8 @@ def test_a_signal_removes_the_socket_and_the_device(topo: Topology, tmp_path: Pa
     assert not os.path.exists(socket_file(firezone.name))
     assert not link_exists(ns, firezone.name)
     assert "Traceback" not in firezone.log()
+    # Issue 11 finding 8: the socket directory goes too, unless another daemon (another test's) still has a socket.
+    assert not os.path.isdir(SOCKET_DIRECTORY) or os.listdir(SOCKET_DIRECTORY)
 
 
 def test_deleting_the_link_or_the_socket_stops_the_daemon_like_wireguard_go(topo: Topology, tmp_path: Path) -> None:
@@ -371,3 +373,32 @@ def test_the_uapi_socket_serves_several_operations_per_connection(topo: Topology
         assert f"public_key={peer}" in got and "allowed_ip=10.5.0.0/16" in got
         client.sendall(b"bogus=1\n")
         assert reader.readline() == b""  # an unknown operation closes the connection, without a reply
+
+
+def test_a_uapi_client_that_never_reads_does_not_stall_the_daemon(topo: Topology, tmp_path: Path) -> None:
+    """Issue 11 finding 11: replies are sent without blocking, so other clients (and packets) are still served."""
+    ns = topo.add_ns("a")
+    firezone = start_interface(
+        ns, "firezone-wg", f"wg{topo.suffix}f", tunnel_ip="10.78.0.1", underlay_ip="", log_dir=tmp_path
+    )
+    peers = "".join(f"public_key={(bytes([i]) * 32).hex()}\nallowed_ip=10.{i}.0.0/16\n" for i in range(1, 200))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as setter:
+        setter.connect(socket_file(firezone.name))
+        setter.sendall(f"set=1\n{peers}\n".encode())
+        assert setter.recv(64).startswith(b"errno=0")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hog:
+        hog.connect(socket_file(firezone.name))
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        requests = 200  # each get=1 answers ~20 kB; nothing is read back for a while
+        hog.sendall(b"get=1\n\n" * requests)
+        time.sleep(0.5)
+        shown = ns.exec(["wg", "show", firezone.name, "peers"], timeout=10)
+        assert len(shown.split()) == 199
+        # The slow reader is still served in full once it reads (a blocking send used to give up and drop it).
+        hog.settimeout(10)
+        received = bytearray()
+        while received.count(b"errno=0\n\n") < requests:
+            chunk = hog.recv(1 << 20)
+            assert chunk, f"connection closed after {received.count(b'errno=0')} of {requests} replies"
+            received += chunk
+    assert "Traceback" not in firezone.log()

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -23,9 +24,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from agent.config import ConfigError, Settings, build_parser, describe_settings, load_settings
 from agent.datapath import DataPlane, DataPlaneOptions
 from agent.eventloop import Eventloop
-from agent.health import HealthServer, MetricsText, raise_nofile_limit
+from agent.flowlog import FlowLogDriver, FlowTracker
+from agent.health import HealthServer, raise_nofile_limit
 from agent.logs import RedactingFilter, configure_logging
+from agent.metrics import build_registry, render
 from agent.portal import PortalLink
+from agent.status import StatusServer, status_document, status_main, status_socket_path
 from dataplane.gateway import GatewayState
 from dataplane.io.hostsetup import HostSetupError
 from dataplane.io.rng import SystemRng
@@ -79,101 +83,23 @@ class Gateway:
         )
         host, port = settings.health_check_addr
         self.health = HealthServer(host, port, ready=self.ready, metrics=self.metrics)
+        self.flow_logs = FlowLogDriver(self.state, enabled_by_setting=settings.flow_logs, wall_clock=time.time)
+        self.status = StatusServer(status_socket_path(), self.status_document)
+        self._metrics_registry = build_registry(self)
 
     def ready(self) -> bool:
         return self.link.joined and self.eventloop.init_applied
 
+    @property
+    def flow_tracker(self) -> FlowTracker | None:
+        """The flow table while flow logs are on (setting or the portal's ``init.flow_logs``), else None."""
+        return self.flow_logs.tracker
+
     def metrics(self) -> str:
-        stats = self.link.stats
-        text = MetricsText()
-        text.family("firezone_gateway_up", "gauge", "1 while the event loop runs.", [({}, 1)])
-        text.family("firezone_portal_joined", "gauge", "1 while joined to the portal.", [({}, int(self.link.joined))])
-        text.family("firezone_portal_ready", "gauge", "1 when joined and init applied.", [({}, int(self.ready()))])
-        text.family(
-            "firezone_portal_connect_attempts_total",
-            "counter",
-            "WebSocket connect attempts.",
-            [({}, stats.connect_attempts)],
-        )
-        text.family(
-            "firezone_portal_reconnects_total",
-            "counter",
-            "Connect attempts after a first join.",
-            [({}, stats.reconnects)],
-        )
-        text.family("firezone_portal_joins_total", "counter", "Successful channel joins.", [({}, stats.joins)])
-        text.family(
-            "firezone_portal_messages_received_total",
-            "counter",
-            "Portal pushes by event.",
-            [({"event": event}, count) for event, count in sorted(stats.received.items())],
-        )
-        text.family(
-            "firezone_portal_messages_sent_total",
-            "counter",
-            "Frames sent to the portal by event.",
-            [({"event": event}, count) for event, count in sorted(stats.sent.items())],
-        )
-        drops = [({"layer": "phoenix", "reason": r}, n) for r, n in sorted(self.link.channel.drops.counts.items())]
-        drops += [({"layer": "messages", "reason": r}, n) for r, n in sorted(self.eventloop.drops.counts.items())]
-        text.family("firezone_portal_drops_total", "counter", "Portal input dropped, by reason.", drops)
-        text.family(
-            "firezone_clients", "gauge", "Clients with at least one authorization.", [({}, len(self.state.peers))]
-        )
-        node = self.state.node
-        measured = sum(1 for relay_id in node.relay_ids if node.relay_rtt(relay_id) is not None)
-        text.family(
-            "firezone_relays",
-            "gauge",
-            "Relays from the portal, by whether a BINDING answer measured their RTT (only those serve new clients).",
-            [({"state": "measured"}, measured), ({"state": "unmeasured"}, len(node.relay_ids) - measured)],
-        )
-        connections = self.state.node.connections.values()
-        by_path: dict[str, int] = {"direct": 0, "relayed": 0}
-        for info in connections:
-            if info.path is not None:
-                by_path[info.path.value] += 1
-        text.family(
-            "firezone_connections",
-            "gauge",
-            "Client connections with a selected path, by path.",
-            [({"path": path}, count) for path, count in sorted(by_path.items())],
-        )
-        text.family(
-            "firezone_handshakes_total",
-            "counter",
-            "WireGuard handshakes completed with the current connections.",
-            [({}, sum(info.handshakes for info in connections))],
-        )
-        dp = self.dataplane
-        text.family(
-            "firezone_packets_total",
-            "counter",
-            "Packets through the data plane, by direction.",
-            [
-                ({"direction": "client_to_resource"}, dp.packets_to_tun),
-                ({"direction": "resource_to_client"}, dp.packets_from_tun),
-            ],
-        )
-        text.family(
-            "firezone_datagrams_total",
-            "counter",
-            "UDP datagrams, by direction.",
-            [({"direction": "in"}, dp.datagrams_in), ({"direction": "out"}, dp.datagrams_out)],
-        )
-        dataplane_drops = [({"layer": "gateway", "reason": r}, n) for r, n in sorted(self.state.drops.counts.items())]
-        dataplane_drops += [
-            ({"layer": "node", "reason": r}, n) for r, n in sorted(self.state.node.drops.counts.items())
-        ]
-        if dp.tun is not None:
-            dataplane_drops += [({"layer": "tun", "reason": r}, n) for r, n in sorted(dp.tun.drops.counts.items())]
-        if dp.sockets is not None:
-            for udp in dp.sockets.sockets():
-                dataplane_drops += [({"layer": "udp", "reason": r}, n) for r, n in sorted(udp.drops.counts.items())]
-        text.family(
-            "firezone_dataplane_drops_total", "counter", "Packets dropped, by layer and reason.", dataplane_drops
-        )
-        return text.render()
+        return render(self._metrics_registry)
+
+    def status_document(self) -> dict[str, Any]:
+        return status_document(self, wall_now=time.time(), now=time.monotonic())
 
     def _on_channel_event(self, event: ChannelEvent) -> None:
         self.eventloop.handle_channel_event(event)
@@ -195,6 +121,8 @@ class Gateway:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             print(f"error: cannot start the data plane: {detail}", file=sys.stderr, flush=True)
             return EXIT_FATAL
+        await self.status.start()
+        self.flow_logs.start()
         logger.debug("effective settings: %s", describe_settings(self.settings))
         logger.info(
             "starting gateway",
@@ -209,6 +137,8 @@ class Gateway:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             await self.dataplane.shut_down()
+            await self.flow_logs.stop()
+            await self.status.stop()
             await self.health.stop()
         if self.dataplane.failure is not None:
             print(f"error: {self.dataplane.failure}", file=sys.stderr, flush=True)
@@ -270,6 +200,9 @@ def _move_positional_token_out_of_argv() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["status"]:
+        return status_main(arguments[1:])
     if argv is None:
         _move_positional_token_out_of_argv()
     try:

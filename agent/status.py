@@ -296,7 +296,12 @@ def render_text(document: dict[str, Any]) -> str:
             )
         for resource in client.get("resources", []):
             expires = resource.get("expires_at")
-            until = "never expires" if expires is None else f"expires {_when(float(expires))}"
+            if expires is None:
+                until = "never expires"
+            elif float(expires) > now:
+                until = f"expires {_when(float(expires))}, in {_ago(float(expires) - now)}"
+            else:
+                until = f"expired {_when(float(expires))}"
             lines.append(f"  resource: {resource.get('id')} ({until})")
     return "\n".join(lines) + "\n"
 

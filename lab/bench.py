@@ -9,7 +9,8 @@ resource host, through a lab world with plain routing (see :mod:`lab.bench_gatew
 
 For each: ping RTT, iperf3 TCP with 1 and 4 streams in both directions, UDP at a fixed rate (loss, out-of-order), and
 CPU seconds per GB of the two tunnel processes together (utime+stime from /proc/<pid>/stat), with each side's share of
-one core during the run (``a`` = the iperf3 client's side, ``b`` = the server's; ~100% means that side saturates).
+one core during the run (``a`` = the iperf3 client's side, ``b`` = the server's; ~100% means that side saturates) and
+how busy the whole machine was (``host``: all cores; near 100% means CPU, not either process, is the limit).
 Prints a table with the ratios to the reference and writes JSON under ``bench-results/``.
 
     python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz2r-fz2r,gateway] [--output DIR]
@@ -83,6 +84,7 @@ class Measurement:
     cpu_s_per_gb: float | None = None  # both tunnel processes together
     cpu_a_busy: float | None = None  # the iperf3 client side's process: CPU seconds per wall second of the run
     cpu_b_busy: float | None = None  # the iperf3 server side's process
+    host_busy: float | None = None  # all CPUs of the machine (iperf3, kernel, other load): 1.0 = every core busy
     error: str | None = None
 
 
@@ -125,6 +127,18 @@ class IperfTarget:
     udp_payload: int = UDP_PAYLOAD
 
 
+def host_cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs since boot, from /proc/stat's ``cpu`` line (idle and iowait are idle)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    total = sum(values[:8])  # guest time is already counted in user time
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return total - idle, total
+
+
 def _pair_target(pair: WgPair) -> IperfTarget:
     pids = [iface.process.pid if iface.process is not None else None for iface in (pair.a, pair.b)]
     return IperfTarget(pair.a.ns, pair.b.tunnel_ip, pids[0], pids[1])
@@ -152,10 +166,12 @@ def run_iperf(
         return cpu_seconds(pid) if pid is not None else 0.0
 
     cpu_a_before, cpu_b_before = cpu(target.pid_a), cpu(target.pid_b)
+    host_busy_before, host_total_before = host_cpu_times()
     started = time.monotonic()
     proc = subprocess.run(target.client.argv(argv), capture_output=True, text=True, timeout=seconds + 60)
     wall = time.monotonic() - started
     cpu_a, cpu_b = cpu(target.pid_a) - cpu_a_before, cpu(target.pid_b) - cpu_b_before
+    host_busy_after, host_total_after = host_cpu_times()
     result = Measurement(name)
     try:
         report = json.loads(proc.stdout)
@@ -186,6 +202,8 @@ def run_iperf(
         # iperf3's own connect and teardown are in the wall time: a saturated side shows slightly under 100%.
         result.cpu_a_busy = cpu_a / wall if target.pid_a is not None else None
         result.cpu_b_busy = cpu_b / wall if target.pid_b is not None else None
+    if host_total_after > host_total_before:
+        result.host_busy = (host_busy_after - host_busy_before) / (host_total_after - host_total_before)
     return result
 
 
@@ -290,6 +308,8 @@ def _cell(m: Measurement, sides: tuple[str, str] = ("a", "b")) -> str:
         for side, share in zip(sides, (m.cpu_a_busy, m.cpu_b_busy), strict=True)
         if share is not None
     ]
+    if m.host_busy is not None:
+        busy.append(f"host {m.host_busy * 100:.0f}%")
     if busy:
         text += f" ({' '.join(busy)})"
     return text

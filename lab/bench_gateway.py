@@ -79,7 +79,11 @@ async def _measure(
             established = await client.wait_event("established", timeout=SETUP_TIMEOUT)
             result.label += f" ({established.get('path')})"
             client_ns = world.netns("cl")
-            await _wait_for_route(client_ns, RESOURCE_IP)
+            if not await _wait_for_route(client_ns, RESOURCE_IP):
+                raise RuntimeError(
+                    f"no ping through the tunnel to {RESOURCE_IP} within {SETUP_TIMEOUT} s; client events "
+                    f"{[e.get('event') for e in client.events]}, stderr {client.stderr_text()[-300:]!r}"
+                )
             progress(f"{result.label}: tunnel up; ping ×{pings}")
             result.rtt_avg_ms, result.rtt_max_ms, result.ping_lost = await asyncio.to_thread(
                 ping_rtt_ms, client_ns, RESOURCE_IP, count=pings
@@ -101,18 +105,17 @@ async def _measure(
     return result
 
 
-async def _wait_for_route(ns: Netns, address: str, timeout: float = 15.0) -> None:
-    """``established`` comes before the client has routed the resource: wait for one ping to get through."""
+async def _wait_for_route(ns: Netns, address: str, timeout: float = SETUP_TIMEOUT) -> bool:
+    """``established`` comes before the client has routed the resource: waits for one ping to get through."""
     deadline = time.monotonic() + timeout
-    while True:
+    while time.monotonic() < deadline:
         proc = await asyncio.to_thread(
             subprocess.run, ns.argv(["ping", "-c", "1", "-W", "1", address]), capture_output=True, timeout=10
         )
         if proc.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no ping through the tunnel to {address} after {timeout} s")
+            return True
         await asyncio.sleep(0.1)
+    return False
 
 
 def py_spy_command() -> str | None:

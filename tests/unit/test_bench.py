@@ -1,0 +1,69 @@
+"""lab.bench's table, row selection and CPU accounting, and lab.bench_gateway's profile summary (no namespaces)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lab.bench import GATEWAY_ROW, REFERENCE, Measurement, PairResult, cpu_seconds, format_table, host_cpu_times, main
+from lab.bench_gateway import summarize_collapsed
+
+
+def _row(key: str, label: str, mbit: float, sides: tuple[str, str] = ("a", "b")) -> PairResult:
+    measurement = Measurement("tcp1 a→b", mbit_per_s=mbit, bytes=10**9, retransmits=0, cpu_s_per_gb=20.0)
+    measurement.cpu_a_busy, measurement.cpu_b_busy, measurement.host_busy = 0.5, 0.97, 0.99
+    return PairResult(key, label, rtt_avg_ms=2.0, rtt_max_ms=3.0, sides=sides, measurements=[measurement])
+
+
+def test_the_gateway_row_gets_ratios_to_the_reference_and_names_its_sides() -> None:
+    table = format_table(
+        [
+            _row(REFERENCE, "wireguard-go ↔ wireguard-go", 1000.0),
+            _row(GATEWAY_ROW, "lab client ↔ firezone-gateway", 250.0, ("client", "gateway")),
+        ]
+    ).splitlines()
+    assert table[0] == "pair | ping avg/max ms | tcp1 a→b"
+    assert "(a 50% b 97% host 99%)" in table[2]
+    gateway = table[3]
+    assert gateway.startswith("lab client ↔ firezone-gateway | 2.000/3.000 (1.00×)")
+    assert "250 Mbit/s retr 0 cpu 20.0 s/GB (client 50% gateway 97% host 99%) [0.25×]" in gateway
+
+
+def test_without_the_reference_there_are_no_ratios() -> None:
+    table = format_table([_row(GATEWAY_ROW, "lab client ↔ firezone-gateway", 250.0, ("client", "gateway"))])
+    assert "×" not in table
+
+
+def test_a_failed_row_keeps_its_place() -> None:
+    table = format_table([_row(REFERENCE, "wgo", 1.0), PairResult(GATEWAY_ROW, "gw", error="RuntimeError: no ping")])
+    assert table.splitlines()[-1] == "gw | FAILED: RuntimeError: no ping"
+
+
+@pytest.mark.parametrize("only", ["nope", "wgo-wgo,nope", ","])
+def test_unknown_rows_are_refused_before_anything_runs(only: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--only", only])
+    assert exited.value.code == 2
+
+
+def test_cpu_figures_come_from_proc() -> None:
+    busy, total = host_cpu_times()
+    assert 0 < busy <= total
+    assert cpu_seconds(1) >= 0.0
+    assert cpu_seconds(2**22 + 12345) == 0.0  # no such process
+
+
+def test_profile_summary_ranks_frames_by_self_samples() -> None:
+    collapsed = "\n".join(
+        [
+            'process 1:"python";run (agent/main.py:10);send (dataplane/io/udp.py:300) 6',
+            'process 1:"python";run (agent/main.py:10);seal (dataplane/wireguard/tunn.py:400) 3',
+            'process 1:"python";run (agent/main.py:10) 1',
+            "garbage line",
+        ]
+    )
+    lines = summarize_collapsed(collapsed, top=2).splitlines()
+    assert lines[0].strip() == "10 samples; self% total% frame"
+    assert lines[1].split() == ["60.0", "60.0", "send", "(dataplane/io/udp.py:300)"]
+    assert lines[2].split() == ["30.0", "30.0", "seal", "(dataplane/wireguard/tunn.py:400)"]
+    assert len(lines) == 3
+    assert summarize_collapsed("") == "  (no samples)"

@@ -41,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import PrivateAttr
+
 from dataplane.io.netlink import run_in_netns
 from lab.netns import Netns, Topology
-from lab.portal import DevPortal, PortalConfig, PortalEvent
+from lab.portal import DevPortal, Flow, PortalConfig, PortalEvent
 from lab.portal.gateway_process import GatewayProcess
 from lab.relay import Coturn, coturn_password
 from lab.resource import BLOB_PATH, DEFAULT_BLOB_SIZE, blob_sha256
@@ -120,6 +122,35 @@ class LabPortalConfig(PortalConfig):
     scheme (HMAC-SHA1 over the username). Usernames stay the portal's ``<expiry>:<salt>``; only the password differs,
     which neither the gateway nor the client computes themselves.
     """
+
+    _brokered_flows: Callable[[], Sequence[Flow]] | None = PrivateAttr(default=None)
+
+    def remember_brokered_flows(self, flows: Callable[[], Sequence[Flow]]) -> None:
+        """Lets ``init`` list the flows the portal brokered (see :meth:`authorizations_for_site`)."""
+        self._brokered_flows = flows
+
+    def authorizations_for_site(self, site_id: str, now_unix: float) -> list[dict[str, Any]]:
+        """The configured pairs plus every flow the portal brokered for this site that is still valid.
+
+        The real portal's authorization cache holds brokered flows too, and a gateway re-syncs to ``init`` after a
+        reconnect by revoking whatever is not listed (portal-protocol.md §2.1 step 5): without them a portal restart
+        would cut every client off.
+        """
+        result = super().authorizations_for_site(site_id, now_unix)
+        listed = {(entry["client_id"], entry["resource_id"]) for entry in result}
+        for flow in self._brokered_flows() if self._brokered_flows is not None else ():
+            authorization = flow.authorization
+            if flow.state != "created" or authorization is None:
+                continue
+            if self.resource(flow.resource_id).site_id not in (None, site_id):
+                continue
+            expires_at = authorization.get("expires_at")
+            if isinstance(expires_at, int) and expires_at < now_unix:
+                continue
+            if (flow.client_id, flow.resource_id) not in listed:
+                listed.add((flow.client_id, flow.resource_id))
+                result.append({"client_id": flow.client_id, "resource_id": flow.resource_id, "expires_at": expires_at})
+        return result
 
     def relay_entries(self, gateway_public_key: str, relay_ids: list[str] | None = None) -> list[dict[str, Any]]:
         entries = super().relay_entries(gateway_public_key, relay_ids)
@@ -573,6 +604,7 @@ class LabWorld:
     async def _start_portal(self) -> None:
         sock = run_in_netns(self.ns["wan"].name, _portal_listening_socket)
         self.portal = DevPortal(self.config, host=PORTAL_IP, port=PORTAL_PORT)
+        self.config.remember_brokered_flows(self.portal.flows)
         try:
             await self.portal.start(sock=sock)
         except BaseException:
@@ -596,7 +628,12 @@ class LabWorld:
             name="lab-gateway" if index == 0 else f"lab-gateway-{index + 1}",
             log_level=self.gateway_log_level,
             netns=self.ns["gw" if index == 0 else "gw2"].name,
-            extra_env={"FIREZONE_ALLOW_INSECURE_PORTAL": "true", **self.gateway_env},
+            extra_env={
+                "FIREZONE_ALLOW_INSECURE_PORTAL": "true",
+                # /run is shared by every namespace: each gateway gets a status socket of its own.
+                "FIREZONE_STATUS_SOCKET": str(state_dir / "status.sock"),
+                **self.gateway_env,
+            },
         )
         if index == 0:
             self.gateway = process
@@ -649,6 +686,19 @@ class LabWorld:
         except BaseException:
             sock.close()
             raise
+
+    async def bounce_portal_for_gateways(self, downtime: float = 1.0) -> None:
+        """A portal restart as the gateways see it: their sockets close (1001), new connections are refused for
+        ``downtime`` s, then accepted again. Client sockets stay up, because the lab client does not reconnect
+        (a full :meth:`restart_portal` ends it); config, log and tunnel IPs survive either way."""
+        portal = self.need_portal()
+        portal.faults.refuse_connections = True
+        try:
+            for session in list(portal.sessions):
+                await portal.drop(gateway=str(session.conn_id), code=1001)
+            await asyncio.sleep(downtime)
+        finally:
+            portal.faults.refuse_connections = False
 
     def stop_relay(self, index: int) -> None:
         """Kills coturn ``index`` (its allocations vanish without a word to anyone)."""

@@ -4,10 +4,13 @@ and fails on any WARN/ERROR line in the gateway's log that it did not provoke on
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from lab.world import LabWorld
-from tests.scenarios.helpers import SCENARIO_MARKS, assert_no_unprovoked_problems, connect_client, report
+from tests.scenarios.helpers import SCENARIO_MARKS, Pinger, assert_no_unprovoked_problems, connect_client, report
 
 pytestmark = [*SCENARIO_MARKS, pytest.mark.timeout(120)]
 
@@ -36,3 +39,50 @@ async def test_relayed_download_with_loss_each_way() -> None:
             mbit_per_second=BLOB_SIZE * 8 / fetched["seconds"] / 1e6,
         )
         assert_no_unprovoked_problems(world)
+
+
+SHAPED_MBIT = 4.0
+"""The resource host's send rate in the mid-download scenarios: a 2 MiB download then lasts about 4 s."""
+
+
+async def test_portal_restart_mid_download() -> None:
+    """The portal goes away for a second while a download runs: the download finishes intact, the gateway rejoins,
+    and nobody asks for the flow again (the client's connection and authorization stay as they were)."""
+    async with LabWorld(gateway_nat="masquerade", client_nat="masquerade", blob_size=BLOB_SIZE) as world:
+        await world.wait_gateway_joined(timeout=20)
+        client, _ = await connect_client(world)
+        world.shape_resource(SHAPED_MBIT)
+        pinger = await Pinger(world).start()
+        portal = world.need_portal()
+        try:
+            download = asyncio.ensure_future(world.http_get_sha256("cl", timeout=60))
+            await pinger.wait_replies(10)
+            events_before, seq_before = len(client.events), portal.next_seq
+            bounced_at = time.time()
+            started = time.monotonic()
+            await world.bounce_portal_for_gateways(downtime=1.0)
+            rejoined = await world.wait_gateway_joined(timeout=30, since=seq_before)
+            rejoin_seconds = time.monotonic() - started
+            assert not download.done(), "the download ended before the portal came back: make it longer"
+            fetched = await download
+        finally:
+            await pinger.stop()
+        assert fetched.get("matches") is True, fetched
+        # The new init carries the brokered authorization, so the gateway's re-sync keeps it.
+        listed = {(a["client_id"], a["resource_id"]) for a in rejoined.payload["authorizations"]}
+        assert (world.lab_clients[0].id, world.resource_id("lan")) in listed, listed
+        later = [e["event"] for e in client.events[events_before:]]
+        assert not {"flow_created", "closed", "failed", "established"} & set(later), later
+        authorizations = [
+            e
+            for e in portal.events(since=seq_before, kind="sent")
+            if e.event in ("authorize_flow", "create_authorization")
+        ]
+        assert not authorizations, authorizations
+        report(
+            "portal_restart_mid_download",
+            rejoin_seconds=rejoin_seconds,
+            ping_gap_seconds=pinger.largest_gap(after=bounced_at),
+            download_seconds=fetched["seconds"],
+        )
+        assert_no_unprovoked_problems(world, allowed=("portal link down",))

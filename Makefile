@@ -73,6 +73,7 @@ demo: setup
 	$(PY) -m lab.demo
 
 # Data-plane benchmarks in network namespaces; wireguard-go is measured in the same run as the reference.
+# Some rows only, shorter: make bench BENCH_ARGS="--only wgo-wgo,gateway --quick" (python -m lab.bench --help).
 BENCH_ARGS ?=
 bench: setup
 	$(PY) -m lab.bench $(BENCH_ARGS)

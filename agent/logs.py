@@ -1,7 +1,8 @@
 """Log setup for the gateway: ``human`` or ``json`` lines on stderr, and a guard that keeps the token out of them.
 
 JSON format: one object per line with ``timestamp`` (RFC 3339, UTC), ``level``, ``target`` (logger name), ``message``,
-plus every ``extra=`` field flattened into the object.
+plus every ``extra=`` field flattened into the object (a mapping value becomes dotted keys, ``relay.rtt_ms``), so log
+pipelines can index every field without parsing nested objects.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 from agent.config import TRACE, LogSpec
@@ -53,10 +54,19 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in _extras(record).items():
-            entry.setdefault(key, value)
+            _flatten_into(entry, key, value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def _flatten_into(entry: dict[str, Any], key: str, value: Any, depth: int = 0) -> None:
+    """Adds ``value`` under ``key`` (mappings as ``key.sub`` keys, four levels at most); never overrides a field."""
+    if isinstance(value, Mapping) and value and depth < 4:
+        for sub_key, sub_value in value.items():
+            _flatten_into(entry, f"{key}.{sub_key}", sub_value, depth + 1)
+    else:
+        entry.setdefault(key, value)
 
 
 class RedactingFilter(logging.Filter):

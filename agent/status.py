@@ -137,12 +137,18 @@ class StatusServer:
         self._active = 0
 
     async def start(self) -> bool:
-        """Listens; False (and a warning) when the socket cannot be made, or another gateway answers on it: the
-        gateway runs on without a status socket rather than fail or take over another's."""
+        """Listens; False when the socket cannot be made (a warning) or another gateway answers on it (several
+        gateways on one host, in network namespaces of their own): the gateway runs on without a status socket
+        rather than fail or take over another's."""
         try:
             if _answers(self.path):
-                logger.warning("another process answers on %s; no status socket", self.path)
+                logger.info(
+                    "another gateway answers on %s; this one has no status socket (set %s)",
+                    self.path,
+                    STATUS_SOCKET_VARIABLE,
+                )
                 return False
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                     os.unlink(self.path)  # a stale socket of a gateway that did not stop cleanly

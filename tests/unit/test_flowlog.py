@@ -183,3 +183,14 @@ def test_flow_records_are_json_log_lines_with_flat_fields(restore_logging: None)
     assert flow["client_address"] == CLIENT and flow["resource_port"] == 53
     assert flow["flow_start"] == "2027-01-15T08:00:00.000Z" and flow["flow_end"] == "2027-01-15T08:00:01.000Z"
     assert entries[-1]["message"] == "after"
+
+
+def test_json_log_lines_flatten_mapping_fields(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging("json", LogSpec(logging.INFO), stream=stream)
+    logging.getLogger("agent.test").info(
+        "line one\nline two", extra={"relay": {"id": "r1", "rtt": {"ms": 1.5}}, "level": "not the level"}
+    )
+    [entry] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert entry["message"] == "line one\nline two" and entry["level"] == "INFO"
+    assert entry["relay.id"] == "r1" and entry["relay.rtt.ms"] == 1.5 and "relay" not in entry

@@ -103,10 +103,17 @@ async def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(tmp_path: Path
         await third.stop()
 
 
-async def test_no_socket_when_the_directory_is_missing(tmp_path: Path) -> None:
-    server = StatusServer(str(tmp_path / "missing" / "status.sock"), lambda: {})
-    assert not await server.start()
-    await server.stop()
+async def test_the_directory_is_made_and_an_impossible_path_costs_only_the_socket(tmp_path: Path) -> None:
+    made = StatusServer(str(tmp_path / "run" / "status.sock"), lambda: {"ok": True})
+    assert await made.start()
+    try:
+        assert (await _fetch(tmp_path / "run" / "status.sock"))["ok"] is True
+    finally:
+        await made.stop()
+    (tmp_path / "file").write_text("")
+    impossible = StatusServer(str(tmp_path / "file" / "status.sock"), lambda: {})
+    assert not await impossible.start()
+    await impossible.stop()
 
 
 def test_text_rendering_reads_like_wg_show() -> None:

@@ -18,15 +18,15 @@ from __future__ import annotations
 import base64
 import enum
 import ipaddress
-import json
 import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dataplane import p2p_control
+from dataplane import dns_pattern, p2p_control
 from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
+from dataplane.dns_nat import DnsNat, InboundVerdict, IpAddress, is_proxy_address, is_proxy_ip
 from dataplane.node import (
     CandidateGathered,
     CandidateInvalidated,
@@ -65,6 +65,7 @@ ClientId = str
 PERIODIC_TICK = 1.0  # §3.3: expired authorizations are evicted by a 1 Hz tick
 MAX_CLIENTS = 65_536  # the portal decides who connects; this only bounds what a misbehaving portal could grow
 MAX_HELD_CANDIDATES = 64  # per client and direction, while the portal link is down (a Node announces a handful)
+MAX_PENDING_RESOLUTIONS = 1000  # §3.4: the reference resolves at most 1000 domains at once
 
 
 class AuthorizationOutcome(enum.Enum):
@@ -80,6 +81,7 @@ class GatewayDropReason(enum.Enum):
     UNKNOWN_CONTROL_EVENT = "unknown_control_event"
     MALFORMED_CONTROL_MESSAGE = "malformed_control_message"
     TOO_MANY_CLIENTS = "too_many_clients"
+    TOO_MANY_RESOLUTIONS = "too_many_resolutions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,18 @@ class TunnelAddressesChanged:
     ipv6: ipaddress.IPv6Address
 
 
-GatewayEvent = TunnelAddressesChanged
+@dataclass(frozen=True, slots=True)
+class ResolveDomain:
+    """A client assigned proxy IPs for ``domain`` (§3.4 ``assigned_ips``): resolve it (A and AAAA) and answer with
+    :meth:`GatewayState.handle_domain_resolved`."""
+
+    client_id: str
+    resource_id: str
+    domain: str
+    proxy_ips: tuple[IpAddress, ...]
+
+
+GatewayEvent = TunnelAddressesChanged | ResolveDomain
 
 
 class FlowObserver(Protocol):
@@ -111,6 +124,7 @@ class _Peer:
     resources: dict[str, Resource] = field(default_factory=dict)
     ingest_tokens: dict[str, str] = field(default_factory=dict)
     expires_at: dict[str, float | None] = field(default_factory=dict)  # by resource id, for status
+    nat: DnsNat = field(default_factory=DnsNat)
 
 
 @dataclass
@@ -159,6 +173,7 @@ class GatewayState:
         self._peer_by_address: dict[bytes, ClientId] = {}
         self._outbound: deque[OutboundMessage] = deque()
         self._events: deque[GatewayEvent] = deque()
+        self._pending_resolutions: set[ResolveDomain] = set()
         self._portal_connected = False
         self._held: dict[ClientId, _HeldCandidates] = {}
         self._next_tick: float | None = None
@@ -244,10 +259,6 @@ class GatewayState:
 
     def create_authorization(self, request: CreateAuthorization, now: float) -> AuthorizationOutcome:
         client = request.client
-        if isinstance(request.resource, DnsResource):
-            # DNS resources need the proxy-IP NAT (not built yet): accepting would tell the client it is served.
-            logger.warning("refusing DNS resource %s: DNS resources are not supported yet", request.resource.id)
-            return AuthorizationOutcome.REFUSED
         if client.id not in self._peers and len(self._peers) >= MAX_CLIENTS:
             self.drops.drop(GatewayDropReason.TOO_MANY_CLIENTS)
             logger.warning("refusing a new client: %d clients already", len(self._peers))
@@ -275,7 +286,7 @@ class GatewayState:
         ipv4, ipv6 = client.ipv4.packed, client.ipv6.packed
         if peer is None:
             policy = ClientPolicy(client.ipv4, client.ipv6, self.interface.ipv4, self.interface.ipv6, drops=self.drops)
-            peer = self._peers[client.id] = _Peer(client.id, public_key, ipv4, ipv6, policy)
+            peer = self._peers[client.id] = _Peer(client.id, public_key, ipv4, ipv6, policy, nat=DnsNat(self.drops))
         elif (peer.ipv4, peer.ipv6) != (ipv4, ipv6):
             # Same client, new tunnel addresses: its grants carry over, its old addresses do not.
             self._forget_addresses(peer)
@@ -287,6 +298,10 @@ class GatewayState:
         expires_at = None if request.expires_at is None else float(request.expires_at)
         peer.resources[request.resource.id] = request.resource
         peer.policy.grant(request.resource, expires_at)
+        if isinstance(request.resource, DnsResource):
+            # Proxy IPs assigned under an earlier authorization of this resource are routed again (the reference keeps
+            # its translations across revocations).
+            peer.policy.route_proxy_addresses(request.resource.id, peer.nat.proxy_ips(request.resource.id))
         peer.expires_at[request.resource.id] = expires_at
         if request.flow_logs_ingest_token is not None:
             peer.ingest_tokens[request.resource.id] = request.flow_logs_ingest_token
@@ -355,6 +370,7 @@ class GatewayState:
         if self._next_tick is not None and now >= self._next_tick:
             wall_now = self._wall_clock()
             for peer in list(self._peers.values()):
+                peer.nat.handle_timeout(now)
                 for resource_id in peer.policy.expire(wall_now):
                     peer.resources.pop(resource_id, None)
                     peer.ingest_tokens.pop(resource_id, None)
@@ -393,6 +409,13 @@ class GatewayState:
                 self._handle_control(peer, packet, now)
                 continue
             decision = peer.policy.from_client(packet, wall_now)  # counts its refusals in self.drops
+            if decision.allowed and decision.resource_id is not None and is_proxy_address(packet):
+                translated = peer.nat.translate_outbound(packet, now)  # §3.4: counts its refusals in self.drops
+                if translated.packet is None:
+                    if translated.icmp_reply is not None:
+                        node.encapsulate(client_id, translated.icmp_reply, now)
+                    continue
+                packet = translated.packet
             if decision.allowed:
                 to_tun.append(packet)
                 if observer is not None:
@@ -426,6 +449,12 @@ class GatewayState:
             if peer is None:
                 self.drops.drop(GatewayDropReason.NO_PEER_FOR_ADDRESS)
                 continue
+            if peer.nat.active:
+                inbound = peer.nat.translate_inbound(packet, now)
+                if inbound.verdict is InboundVerdict.EXPIRED:
+                    continue  # counted by the NAT: a late reply for a session that ended
+                if inbound.packet is not None:
+                    packet = inbound.packet
             decision = peer.policy.to_client(packet, wall_now)
             if not decision.allowed:
                 continue  # counted by the policy
@@ -438,6 +467,32 @@ class GatewayState:
             batch.append(packet)
         if batch_client is not None:
             node.encapsulate_batch(batch_client, batch, now)
+        self._drain_node(now)
+
+    def handle_domain_resolved(self, request: ResolveDomain, addresses: Sequence[IpAddress] | None, now: float) -> None:
+        """The answer to a :class:`ResolveDomain`: ``addresses`` (A and AAAA records, maybe none), or None when the
+        resolution failed. Sets up the NAT and answers ``domain_status`` (§3.4)."""
+        self._pending_resolutions.discard(request)
+        peer = self._peers.get(request.client_id)
+        if peer is None:
+            return
+        resource = peer.resources.get(request.resource_id)
+        active = False
+        if addresses is None:
+            logger.info("resolving a DNS resource's domain failed", extra={"domain": request.domain})
+        elif isinstance(resource, DnsResource) and dns_pattern.matches(resource.address, request.domain):
+            installed, reset = peer.nat.setup(request.domain, request.resource_id, request.proxy_ips, addresses)
+            if reset:
+                logger.info(
+                    "client re-assigned its proxy IPs; its DNS NAT was reset", extra={"client_id": peer.client_id}
+                )
+                peer.policy.clear_proxy_addresses()
+            active = installed and peer.policy.route_proxy_addresses(request.resource_id, request.proxy_ips)
+            logger.info(
+                "DNS resource NAT set up" if active else "DNS resource NAT refused: too many proxy IPs",
+                extra={"client_id": peer.client_id, "domain": request.domain, "addresses": [str(a) for a in addresses]},
+            )
+        self._send_domain_status(peer.client_id, request.resource_id, request.domain, active, now)
         self._drain_node(now)
 
     def poll_transmit(self) -> Transmit | None:
@@ -462,20 +517,42 @@ class GatewayState:
             del self._peers[peer.client_id]
             self.node.close_connection(peer.client_id, now)
         elif message.event == p2p_control.ASSIGNED_IPS_EVENT:
-            self._refuse_assigned_ips(peer, message.body, now)
+            self._handle_assigned_ips(peer, message.body, now)
         else:
             self.drops.drop(GatewayDropReason.UNKNOWN_CONTROL_EVENT)
 
-    def _refuse_assigned_ips(self, peer: _Peer, body: bytes, now: float) -> None:
-        """DNS resources are not served yet: say so (``domain_status`` Inactive) instead of leaving the client waiting."""
-        try:
-            request = json.loads(body)
-            resource, domain = str(request["resource"]), str(request["domain"])
-        except (ValueError, KeyError, TypeError):
+    def _handle_assigned_ips(self, peer: _Peer, body: bytes, now: float) -> None:
+        """§3.4: an authorized domain of the resource's pattern is resolved (the driver answers with
+        :meth:`handle_domain_resolved`); anything else is answered ``Inactive`` at once."""
+        request = p2p_control.parse_assigned_ips(body)
+        if request is None:
             self.drops.drop(GatewayDropReason.MALFORMED_CONTROL_MESSAGE)
             return
-        reply = json.dumps({"resource": resource[:64], "domain": domain[:255], "status": "Inactive"}).encode()
-        self.node.encapsulate(peer.client_id, p2p_control.build(p2p_control.DOMAIN_STATUS_EVENT, reply), now)
+        if not all(is_proxy_ip(ip) for ip in request.proxy_ips):
+            # Routing an arbitrary address under a DNS resource's filters would let it through untranslated.
+            self.drops.drop(GatewayDropReason.MALFORMED_CONTROL_MESSAGE)
+            return
+        domain = request.domain
+        resource = peer.resources.get(request.resource)
+        if not isinstance(resource, DnsResource) or not dns_pattern.matches(resource.address, domain):
+            logger.info(
+                "assigned_ips for a domain the client is not authorized for",
+                extra={"client_id": peer.client_id, "resource_id": request.resource, "domain": domain},
+            )
+            self._send_domain_status(peer.client_id, request.resource, request.domain, False, now)
+            return
+        event = ResolveDomain(peer.client_id, request.resource, domain, request.proxy_ips)
+        if event in self._pending_resolutions:
+            return  # a retransmission: the answer to the first one is on its way
+        if len(self._pending_resolutions) >= MAX_PENDING_RESOLUTIONS:
+            self.drops.drop(GatewayDropReason.TOO_MANY_RESOLUTIONS)
+            return  # the client retransmits every 2 s
+        self._pending_resolutions.add(event)
+        self._events.append(event)
+
+    def _send_domain_status(self, client_id: ClientId, resource_id: str, domain: str, active: bool, now: float) -> None:
+        if self.node.has_session(client_id):
+            self.node.encapsulate(client_id, p2p_control.domain_status(resource_id, domain, active), now)
 
     def _revoke(self, peer: _Peer, resource_id: str) -> None:
         peer.resources.pop(resource_id, None)

@@ -50,6 +50,8 @@ GrantableResource = CidrResource | DnsResource | InternetResource
 
 # Bounds on what the portal can make us store per client.
 MAX_GRANTS_PER_CLIENT = 4096
+# DNS proxy addresses routed per client (portal-protocol.md §3.4; the DNS NAT bounds its translations the same).
+MAX_PROXY_ROUTES_PER_CLIENT = 4096
 # Distinct (address, protocol, port) classifications remembered between state changes (Firezone keeps 1024 too).
 CLASSIFICATION_CACHE_SIZE = 1024
 
@@ -299,9 +301,9 @@ class _Grant:
     resource: GrantableResource
     expires_at: float | None
     filter: _Filter
-    # The networks this grant routes. A CIDR resource: its address. A DNS resource: none yet; the proxy addresses a
-    # client assigns to its domains will be added here (portal-protocol.md §3.4). The Internet resource is not routed
-    # through the table.
+    # The networks this grant routes. A CIDR resource: its address. A DNS resource: the proxy addresses the client
+    # assigned to its domains, as host routes (portal-protocol.md §3.4). The Internet resource is not routed through
+    # the table.
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 
@@ -334,6 +336,8 @@ class ClientPolicy:
         self._routes_v4: tuple[_Route, ...] = ()
         self._routes_v6: tuple[_Route, ...] = ()
         self._internet_decision: Decision | None = None
+        self._proxy_v4: frozenset[int] = frozenset()  # DNS proxy addresses routed by a live DNS grant
+        self._proxy_v6: frozenset[int] = frozenset()
         self._allowed: dict[str, Decision] = {}
         self._cache: dict[tuple[int, int, int, int], Decision | PolicyDropReason] = {}
         self._valid_from = math.inf
@@ -414,6 +418,34 @@ class ClientPolicy:
         self._invalidate()
         return True
 
+    def route_proxy_addresses(
+        self, resource_id: str, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    ) -> bool:
+        """Routes DNS proxy addresses the client assigned for a held DNS resource to it, with the resource's filters
+        (portal-protocol.md §3.4 ``setup_nat``). False when the client holds no such DNS resource or the addresses
+        would exceed :data:`MAX_PROXY_ROUTES_PER_CLIENT`."""
+        grant = self._grants.get(resource_id)
+        if grant is None or not isinstance(grant.resource, DnsResource):
+            return False
+        known = set(grant.networks)
+        added = [ipaddress.ip_network(a) for a in addresses]
+        added = [n for n in dict.fromkeys(added) if n not in known]
+        routed = sum(len(g.networks) for g in self._grants.values() if isinstance(g.resource, DnsResource))
+        if routed + len(added) > MAX_PROXY_ROUTES_PER_CLIENT:
+            logger.warning("client has %d proxy addresses routed already; refusing more", routed)
+            return False
+        if added:
+            grant.networks.extend(added)
+            self._invalidate()
+        return True
+
+    def clear_proxy_addresses(self) -> None:
+        """Forgets every routed DNS proxy address (the client re-numbered its proxy IPs)."""
+        for grant in self._grants.values():
+            if isinstance(grant.resource, DnsResource) and grant.networks:
+                grant.networks.clear()
+        self._invalidate()
+
     def revoke(self, resource_id: str) -> bool:
         """Removes one grant (``reject_access``); False if the client did not hold it."""
         if self._grants.pop(resource_id, None) is None:
@@ -481,6 +513,11 @@ class ClientPolicy:
                 shift = network.max_prefixlen - network.prefixlen
                 route: _Route = (int(network.network_address) >> shift, shift, rid, grant.filter)
                 (routes_v4 if network.version == 4 else routes_v6).append((network.prefixlen, rid, route))
+        proxies = [
+            n for rid in allowed if isinstance((grant := self._grants[rid]).resource, DnsResource) for n in grant.networks
+        ]
+        self._proxy_v4 = frozenset(int(n.network_address) for n in proxies if n.version == 4)
+        self._proxy_v6 = frozenset(int(n.network_address) for n in proxies if n.version == 6)
         routes_v4.sort(key=lambda item: (item[0], item[1]), reverse=True)
         routes_v6.sort(key=lambda item: (item[0], item[1]), reverse=True)
         self._routes_v4 = tuple(route for _, _, route in routes_v4)
@@ -529,9 +566,9 @@ class ClientPolicy:
         outcome = self._classify(version, dst, kind, dport, dns_proxy)
         if isinstance(outcome, PolicyDropReason):
             return self._refuse(outcome, packet)
-        if dns_proxy:
-            # An authorized proxy address still needs the DNS-resource NAT, which does not exist yet: answered as
-            # Firezone answers a proxy address without a translation.
+        if dns_proxy and dst not in (self._proxy_v4 if version == 4 else self._proxy_v6):
+            # Authorized (e.g. by a CIDR resource covering the proxy range) but the client never assigned this proxy
+            # address for a DNS resource: no translation exists, answered as Firezone does.
             return self._refuse(PolicyDropReason.DNS_PROXY_UNTRANSLATED, packet)
         return outcome
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dataplane.base import Address
-from dataplane.gateway import AuthorizationOutcome, GatewayState
+from dataplane.dns_nat import IpAddress
+from dataplane.gateway import AuthorizationOutcome, GatewayState, ResolveDomain
 from dataplane.io.rng import SeededRng
 from dataplane.node import CandidateGathered, CandidateInvalidated, IceCredentials, NodeEvent, NodeRole
 from protocol.messages import (
@@ -54,6 +56,8 @@ class SimGateway:
         self.to_tun: list[tuple[float, bytes]] = []
         self.outbound: list[OutboundMessage] = []
         self.portal: GatewayPortal | None = None
+        # Answers the gateway's DNS resolutions at once (None: they are never answered).
+        self.resolver: Callable[[ResolveDomain], Sequence[IpAddress] | None] | None = None
         host.bind(NODE_PORT, self._on_datagram)
         net.add_participant(self)
 
@@ -94,8 +98,13 @@ class SimGateway:
             self.outbound.append(message)
             if self.portal is not None:
                 self.portal.from_gateway(message)
-        while self.state.poll_event() is not None:
-            pass
+        resolved = False
+        while (event := self.state.poll_event()) is not None:
+            if isinstance(event, ResolveDomain) and self.resolver is not None:
+                self.state.handle_domain_resolved(event, self.resolver(event), now)
+                resolved = True
+        if resolved:
+            self.flush(now)
 
 
 @dataclass

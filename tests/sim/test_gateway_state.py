@@ -217,13 +217,6 @@ def test_no_relay_means_no_relays_and_no_authorization() -> None:
     assert world.gateway.state.peer(client.client_id) is None
 
 
-def test_dns_resources_are_refused_until_the_nat_exists() -> None:
-    world = build_gateway_world()
-    client = world.add_client(None)
-    dns = {"id": "res-dns", "type": "dns", "name": "d", "address": "*.corp.example", "filters": []}
-    assert world.portal.authorize(client, dns) is AuthorizationOutcome.REFUSED
-
-
 def test_tun_packets_for_unknown_addresses_are_counted() -> None:
     world = build_gateway_world()
     world.gateway.from_resource(ipv4_udp("172.20.0.10", "100.64.7.7", b"nobody"))

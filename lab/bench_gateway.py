@@ -7,7 +7,7 @@ process, side b the gateway process, each charged its own CPU time, so the table
 
 The client's TUN has MTU 1280 (as Firezone's), so the UDP run uses :data:`GATEWAY_UDP_PAYLOAD`-byte datagrams instead of
 the wg pairs' 1300 (which would be fragmented). With ``profile_seconds`` both processes are sampled by py-spy (found on
-``PATH`` or through ``PY_SPY``) under iperf3 load in each direction, and the hottest frames are printed and written as
+``PATH`` or through ``PY_SPY``; more options in ``PY_SPY_ARGS``) under iperf3 load in each direction, and the hottest frames are printed and written as
 collapsed stacks next to the JSON result.
 
     python -m lab.bench --only wgo-wgo,gateway [--profile-gateway 8]
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -32,6 +33,7 @@ from lab.world import RESOURCE_IP, LabWorld
 GATEWAY_UDP_PAYLOAD = 1200  # fits the client's 1280-byte TUN MTU with room for IPv4 and UDP headers
 SETUP_TIMEOUT = 30.0
 TOP_FRAMES = 15
+PY_SPY_ARGS = "PY_SPY_ARGS"  # more py-spy record options, e.g. "--gil" (only samples holding the GIL: Python work)
 
 
 def measure_gateway(
@@ -137,7 +139,14 @@ def profile(target: IperfTarget, seconds: float, out_dir: Path) -> None:
                 continue
             path = out_dir / f"profile-{stamp}-{direction}-{side}.txt"
             argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200"]
-            argv += ["--nonblocking", "--format", "raw", "--output", str(path)]
+            argv += [
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(path),
+                *shlex.split(os.environ.get(PY_SPY_ARGS, "")),
+            ]
             samplers[side] = (subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path)
         time.sleep(0.5)  # py-spy attaches before the load starts
         run_iperf(target, f"profile {direction}", seconds=max(1, round(seconds)) + 1, reverse=reverse)

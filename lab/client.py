@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 CLIENT_TOPIC = "client"
 TUN_MTU = 1280  # portal-protocol.md §4.1
+TUN_BATCH = 128  # packets per TUN wake-up, as the gateway takes them
 MAX_EARLY_CANDIDATES = 64
 """Per gateway: candidates that arrive before ``flow_created`` (the gateway announces before it confirms, §2.3)."""
 MAX_EARLY_GATEWAYS = 16
@@ -839,12 +840,21 @@ class HeadlessClient:
     def on_tun(self) -> None:
         assert self.tun is not None
         now = self.now()
-        for packet in self.tun.poll_recv_many():
+        # Consecutive packets for one gateway go through one tunnel call, as the gateway batches its TUN reads.
+        batch_gateway: str | None = None
+        batch: list[bytes] = []
+        for packet in self.tun.poll_recv_many(TUN_BATCH):
             gateway_id = self.routes.lookup(packet)
             if gateway_id is None:
                 self.drops.drop(ClientDropReason.NO_ROUTE)
                 continue
-            self.node.encapsulate(gateway_id, packet, now)
+            if gateway_id != batch_gateway and batch_gateway is not None:
+                self.node.encapsulate_batch(batch_gateway, batch, now)
+                batch = []
+            batch_gateway = gateway_id
+            batch.append(packet)
+        if batch_gateway is not None:
+            self.node.encapsulate_batch(batch_gateway, batch, now)
         self.flush()
 
     def on_timer(self) -> None:

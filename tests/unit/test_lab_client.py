@@ -255,8 +255,8 @@ class FakeTun:
         self.packets = packets or []
         self.written: list[bytes] = []
 
-    def poll_recv_many(self) -> list[bytes]:
-        found, self.packets = self.packets, []
+    def poll_recv_many(self, max: int = 100) -> list[bytes]:
+        found, self.packets = self.packets[:max], self.packets[max:]
         return found
 
     def send_many(self, packets: list[bytes]) -> int:
@@ -298,12 +298,14 @@ async def test_tun_packets_go_to_the_gateway_whose_prefix_matches(
     client.initialised = True
     client.resources = {"res-lan": {"id": "res-lan", "type": "cidr", "address": "172.20.0.0/16"}}
     client.on_flow_created(flow_created())
-    sent: list[tuple[str, bytes]] = []
-    monkeypatch.setattr(client.node, "encapsulate", lambda gateway_id, packet, now: sent.append((gateway_id, packet)))
+    sent: list[tuple[str, list[bytes]]] = []
+    monkeypatch.setattr(
+        client.node, "encapsulate_batch", lambda gateway_id, packets, now: sent.append((gateway_id, list(packets)))
+    )
     to_resource, to_gateway, elsewhere = ipv4_packet("172.20.0.10"), ipv4_packet("100.64.0.10"), ipv4_packet("8.8.8.8")
-    client.tun = FakeTun([to_resource, to_gateway, elsewhere])  # type: ignore[assignment]
+    client.tun = FakeTun([to_resource, elsewhere, to_gateway])  # type: ignore[assignment]
     client.on_tun()
-    assert sent == [("gw-1", to_resource), ("gw-1", to_gateway)]
+    assert sent == [("gw-1", [to_resource, to_gateway])]  # one tunnel call for the gateway's packets
     assert client.drops.counts == {"no_route": 1}
     if client.timer is not None:
         client.timer.cancel()

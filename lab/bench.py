@@ -383,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="gateway row: the lab client without GSO/GRO and TUN offloads",
     )
+    parser.add_argument(
+        "--gateway-env",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="gateway row: extra environment for firezone-gateway, e.g. FIREZONE_TUN_READ_OFFLOAD=0 (repeatable)",
+    )
     parser.add_argument("--output", default="bench-results", help="directory for the JSON result")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -394,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in keys if k not in rows]
     if unknown or not keys:
         parser.error(f"unknown rows {unknown}; choose from {rows}")
+    gateway_env: dict[str, str] = {}
+    for item in args.gateway_env:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            parser.error(f"--gateway-env takes NAME=VALUE, not {item!r}")
+        gateway_env[name] = value
     started = datetime.datetime.now(datetime.UTC)
     results: list[PairResult] = []
     with tempfile.TemporaryDirectory(prefix="fz-bench-") as tmp:
@@ -411,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                         profile_seconds=args.profile_gateway,
                         profile_dir=profile_dir,
                         client_plain_io=args.client_plain_io,
+                        gateway_env=gateway_env,
                     )
                 )
             else:

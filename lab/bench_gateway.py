@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 from lab.bench import GATEWAY_ROW, IperfTarget, PairResult, progress, run_iperf, run_plan
@@ -43,10 +44,12 @@ def measure_gateway(
     profile_seconds: float = 0.0,
     profile_dir: Path | None = None,
     client_plain_io: bool = False,
+    gateway_env: Mapping[str, str] | None = None,
 ) -> PairResult:
     """Builds the lab world, measures the row and tears everything down again (also on failure).
 
-    ``client_plain_io``: the lab client without GSO/GRO and TUN offloads (to see what batching it is worth)."""
+    ``client_plain_io``: the lab client without GSO/GRO and TUN offloads (to see what batching it is worth);
+    ``gateway_env``: more environment for the gateway, e.g. ``FIREZONE_TUN_READ_OFFLOAD=0`` (shown in the label)."""
     return asyncio.run(
         _measure(
             seconds=seconds,
@@ -54,14 +57,23 @@ def measure_gateway(
             profile_seconds=profile_seconds,
             profile_dir=profile_dir,
             client_plain_io=client_plain_io,
+            gateway_env=dict(gateway_env or {}),
         )
     )
 
 
 async def _measure(
-    *, seconds: int, pings: int, profile_seconds: float, profile_dir: Path | None, client_plain_io: bool
+    *,
+    seconds: int,
+    pings: int,
+    profile_seconds: float,
+    profile_dir: Path | None,
+    client_plain_io: bool,
+    gateway_env: dict[str, str],
 ) -> PairResult:
     label = "lab client" + (" (plain I/O)" if client_plain_io else "") + " ↔ firezone-gateway"
+    if gateway_env:
+        label += "(" + ",".join(f"{key}={value}" for key, value in sorted(gateway_env.items())) + ")"
     result = PairResult(GATEWAY_ROW, label, sides=("client", "gateway"))
     try:
         world = LabWorld(
@@ -72,6 +84,7 @@ async def _measure(
             resources=("lan",),
             blob_size=4096,
             gateway_log_level="warn",  # logging must not cost throughput while measuring
+            gateway_env=gateway_env,
         )
         async with world:
             await world.wait_gateway_joined(timeout=SETUP_TIMEOUT)

@@ -38,10 +38,13 @@ def test_a_failed_row_keeps_its_place() -> None:
     assert table.splitlines()[-1] == "gw | FAILED: RuntimeError: no ping"
 
 
-@pytest.mark.parametrize("only", ["nope", "wgo-wgo,nope", ","])
-def test_unknown_rows_are_refused_before_anything_runs(only: str) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [["--only", "nope"], ["--only", "wgo-wgo,nope"], ["--only", ","], ["--only", "gateway", "--gateway-env", "X"]],
+)
+def test_bad_arguments_are_refused_before_anything_runs(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["--only", only])
+        main(argv)
     assert exited.value.code == 2
 
 

@@ -1,7 +1,8 @@
 """Health and metrics HTTP server, started before the portal connection (portal-protocol.md §5).
 
 ``GET /healthz``: 200 while the event loop runs. ``GET /readyz``: 200 only when joined to the portal and ``init`` has
-been applied, else 503 (the reference always answers 200). ``GET /metrics``: Prometheus text exposition format.
+been applied, else 503 (the reference always answers 200). ``GET /metrics``: Prometheus text exposition format (the
+text comes from the ``metrics`` callback: the gateway's prometheus-client registry, ``agent.metrics``).
 
 The listener is reachable by anyone who can reach the port, so it must not be a way to starve the process: it holds at
 most :data:`MAX_CONNECTIONS` connections (a new one evicts the oldest that has not sent its request yet), a request
@@ -51,7 +52,8 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 class MetricsText:
-    """A tiny Prometheus text builder: one HELP/TYPE header per family, escaped label values."""
+    """A tiny Prometheus text builder: one HELP/TYPE header per family, escaped label values (the gateway itself uses
+    prometheus-client, ``agent.metrics``; this stays for callers that serve a few fixed lines)."""
 
     def __init__(self) -> None:
         self._lines: list[str] = []

@@ -229,6 +229,14 @@ async def gateway_drops(world: LabWorld, reason: str) -> float:
     return 0.0
 
 
+async def gateway_clients(world: LabWorld) -> float:
+    """The firezone_clients gauge: clients holding at least one authorization (-1 when absent)."""
+    for line in (await world.gateway_metrics()).splitlines():
+        if line.startswith("firezone_clients "):
+            return float(line.split()[1])
+    return -1.0
+
+
 async def wait_drops(world: LabWorld, reason: str, at_least: float, timeout: float = 5.0) -> float:
     deadline = time.monotonic() + timeout
     while True:
@@ -497,8 +505,17 @@ async def test_the_relayed_path_carries_the_same_download(capsys: pytest.Capture
         assert client.path == "relayed", client.events
         probe = await world.probe_tcp("cl", RESOURCE_IP, DENIED_PORT)
         assert probe["icmp"] == ICMP_ADMIN_PROHIBITED, probe
+        # Rejecting the client's last resource ends its connection at once: the gateway says goodbye (§3.4).
+        since = len(client.events)
+        rejected_at = time.monotonic()
+        await world.need_portal().reject_access(world.lab_clients[0].id, world.resource_id("lan-web"))
+        closed = await client.wait_event("closed", since=since, timeout=5)
+        goodbye_after = time.monotonic() - rejected_at
+        assert closed.get("reason") == "goodbye", closed
+        assert await gateway_clients(world) == 0
         report(
             capsys,
             f"relayed: {BLOB_SIZE} bytes in {fetched['seconds']:.2f} s, sha256 matches "
-            f"(setup {established['setup_seconds']:.2f} s)",
+            f"(setup {established['setup_seconds']:.2f} s); reject_access of the last resource: "
+            f"goodbye after {goodbye_after * 1000:.0f} ms",
         )

@@ -93,6 +93,12 @@ class GatewayCollector(Collector):
         state = self._gateway.state
         node = state.node
         yield _gauge("firezone_clients", "Clients with at least one authorization.", (), [((), len(state.peers))])
+        yield _gauge(
+            "firezone_dns_nat_sessions",
+            "Sessions in the DNS-resource NAT tables (proxy IP to resource address), over all clients.",
+            (),
+            [((), state.dns_nat_sessions)],
+        )
         relays = node.relays
         measured = sum(1 for relay in relays if relay.rtt is not None)
         yield _gauge(

@@ -206,6 +206,11 @@ class GatewayState:
     def client_ids(self) -> frozenset[ClientId]:
         return frozenset(self._peers)
 
+    @property
+    def dns_nat_sessions(self) -> int:
+        """Sessions in every client's DNS-resource NAT table (metrics)."""
+        return sum(peer.nat.session_count for peer in self._peers.values())
+
     def resource_expiries(self, client_id: ClientId) -> dict[str, float | None]:
         """The client's resources with their expiry (unix seconds, None = never); empty for an unknown client."""
         peer = self._peers.get(client_id)
@@ -409,6 +414,7 @@ class GatewayState:
                 self._handle_control(peer, packet, now)
                 continue
             decision = peer.policy.from_client(packet, wall_now)  # counts its refusals in self.drops
+            client_view = packet  # flow logs key a flow by the addresses the client sees (proxy IPs, not NAT'd)
             if decision.allowed and decision.resource_id is not None and is_proxy_address(packet):
                 translated = peer.nat.translate_outbound(packet, now)  # §3.4: counts its refusals in self.drops
                 if translated.packet is None:
@@ -419,7 +425,7 @@ class GatewayState:
             if decision.allowed:
                 to_tun.append(packet)
                 if observer is not None:
-                    observer.from_client(client_id, decision.resource_id, packet, wall_now)
+                    observer.from_client(client_id, decision.resource_id, client_view, wall_now)
             elif decision.icmp_reply is not None:
                 node.encapsulate(client_id, decision.icmp_reply, now)
         self._drain_node(now)

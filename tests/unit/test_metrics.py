@@ -50,6 +50,7 @@ def test_metrics_parse_and_cover_the_documented_families(tmp_path: Path) -> None
         "firezone_portal_messages_received",
         "firezone_portal_drops",
         "firezone_clients",
+        "firezone_dns_nat_sessions",
         "firezone_relays",
         "firezone_relay_allocations",
         "firezone_connections",

@@ -84,6 +84,8 @@ class Measurement:
     cpu_s_per_gb: float | None = None  # both tunnel processes together
     cpu_a_busy: float | None = None  # the iperf3 client side's process: CPU seconds per wall second of the run
     cpu_b_busy: float | None = None  # the iperf3 server side's process
+    cpu_a_s_per_gb: float | None = None  # each side's own CPU seconds per GB (in the JSON only)
+    cpu_b_s_per_gb: float | None = None
     host_busy: float | None = None  # all CPUs of the machine (iperf3, kernel, other load): 1.0 = every core busy
     error: str | None = None
 
@@ -197,7 +199,10 @@ def run_iperf(
         result.packets = summary.get("packets")
         result.out_of_order = _udp_out_of_order(report)
     if result.bytes > 0:
-        result.cpu_s_per_gb = (cpu_a + cpu_b) / (result.bytes / 1e9)
+        gigabytes = result.bytes / 1e9
+        result.cpu_s_per_gb = (cpu_a + cpu_b) / gigabytes
+        result.cpu_a_s_per_gb = cpu_a / gigabytes if target.pid_a is not None else None
+        result.cpu_b_s_per_gb = cpu_b / gigabytes if target.pid_b is not None else None
     if wall > 0:
         # iperf3's own connect and teardown are in the wall time: a saturated side shows slightly under 100%.
         result.cpu_a_busy = cpu_a / wall if target.pid_a is not None else None

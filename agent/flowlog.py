@@ -17,6 +17,7 @@ import asyncio
 import datetime
 import ipaddress
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +35,8 @@ SWEEP_INTERVAL = 1.0
 _TCP, _UDP, _ICMP, _ICMPV6 = 6, 17, 1, 58
 _PROTOCOL_NAMES = {_TCP: "tcp", _UDP: "udp", _ICMP: "icmp", _ICMPV6: "icmpv6"}
 _TCP_FIN, _TCP_RST = 0x01, 0x04
+_ENDING_FLAGS = _TCP_FIN | _TCP_RST
+_PORTS = struct.Struct("!HH")
 
 # (client id, protocol, client address, client port, resource address, resource port); addresses packed.
 FlowKey = tuple[str, int, bytes, int, bytes, int]
@@ -90,7 +93,7 @@ def _five_tuple(packet: bytes) -> tuple[int, bytes, int, bytes, int, int] | None
         header_length = (packet[0] & 0x0F) * 4
         protocol = packet[9]
         source, destination = packet[12:16], packet[16:20]
-        first_fragment = int.from_bytes(packet[6:8], "big") & 0x1FFF == 0
+        first_fragment = not (packet[6] & 0x1F or packet[7])
     elif version == 6 and len(packet) >= 40:
         header_length = 40
         protocol = packet[6]  # extension headers are rare on this path: such packets count under their next-header
@@ -100,10 +103,9 @@ def _five_tuple(packet: bytes) -> tuple[int, bytes, int, bytes, int, int] | None
         return None
     source_port = destination_port = flags = 0
     if first_fragment and protocol in (_TCP, _UDP) and len(packet) >= header_length + 4:
-        source_port = int.from_bytes(packet[header_length : header_length + 2], "big")
-        destination_port = int.from_bytes(packet[header_length + 2 : header_length + 4], "big")
+        source_port, destination_port = _PORTS.unpack_from(packet, header_length)
         if protocol == _TCP and len(packet) >= header_length + 14:
-            flags = packet[header_length + 13]
+            flags = packet[header_length + 13] & _ENDING_FLAGS  # only these change what the tracker does
     return protocol, source, source_port, destination, destination_port, flags
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
+from agent.dns_forwarder import DnsForwarder
 from dataplane.base import Transmit
-from dataplane.gateway import GatewayState, TunnelAddressesChanged
+from dataplane.gateway import GatewayState, ResolveDomain, TunnelAddressesChanged
 from dataplane.io import netlink
 from dataplane.io.hostsetup import HostSetup
+from dataplane.io.resolver import DomainResolver
 from dataplane.io.tun import Tun
 from dataplane.io.udp import FIREZONE_MARK, DualStackSockets, UdpSocket, bind_dual_stack
 
@@ -38,6 +41,7 @@ class DataPlaneOptions:
     increase_buffers: bool = True
     host_setup: bool = True
     mark: int | None = FIREZONE_MARK
+    dns_forwarder: bool = True  # §3.5: listen on <tunnel ip>:53535 once the tunnel addresses are known
 
 
 class DataPlane:
@@ -62,6 +66,9 @@ class DataPlane:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
+        self.resolver = DomainResolver()
+        self.dns_forwarder: DnsForwarder | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.packets_to_tun = 0
         self.packets_from_tun = 0
         self.datagrams_in = 0
@@ -107,6 +114,11 @@ class DataPlane:
 
     def close(self) -> None:
         loop = self._loop
+        for task in list(self._background):
+            task.cancel()
+        if self.dns_forwarder is not None:
+            self.dns_forwarder.close()
+            self.dns_forwarder = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -175,6 +187,8 @@ class DataPlane:
         while (event := self.state.poll_event()) is not None:
             if isinstance(event, TunnelAddressesChanged):
                 self._configure_tunnel(event)
+            elif isinstance(event, ResolveDomain):
+                self._in_background(self._resolve(event))
         self._on_portal_output()
         self._arm_timer()
 
@@ -207,6 +221,34 @@ class DataPlane:
             logger.error("could not configure %s: %s", self.options.tun_name, exc)
             return
         logger.info("tunnel interface configured", extra={"ipv4": str(event.ipv4), "ipv6": str(event.ipv6)})
+        if self.options.dns_forwarder:
+            self._in_background(self._restart_dns_forwarder(event))
+
+    # -- DNS resources (portal-protocol.md §3.4, §3.5) -----------------------------------------------------------
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resolve(self, request: ResolveDomain) -> None:
+        addresses = await self.resolver.resolve(request.domain)
+        if self._loop is None or self.tun is None:
+            return  # closed meanwhile
+        self.state.handle_domain_resolved(request, addresses, self._now())
+        self.flush()
+
+    async def _restart_dns_forwarder(self, event: TunnelAddressesChanged) -> None:
+        if self.dns_forwarder is not None:
+            self.dns_forwarder.close()
+            self.dns_forwarder = None
+        forwarder = DnsForwarder([event.ipv4, event.ipv6])
+        try:
+            await forwarder.start()
+        except OSError as exc:
+            logger.error("could not start the DNS forwarder: %s", exc)
+            return
+        self.dns_forwarder = forwarder
 
     def _arm_timer(self) -> None:
         loop = self._loop

@@ -356,8 +356,6 @@ def default_num_tun_threads() -> int:
 # --- command line -------------------------------------------------------------------------------------------------
 
 # The data plane is not built yet: these settings are validated so deployments can set them, but nothing reads them.
-NOT_USED_YET = "validated but not used yet (no data plane)"
-DATA_PLANE_SETTINGS = ("flow_logs", "num_tun_threads", "no_inc_buf")
 
 
 def describe_settings(settings: Settings) -> str:
@@ -368,8 +366,6 @@ def describe_settings(settings: Settings) -> str:
             continue
         value = getattr(settings, name)
         text = f"{name}={value}"
-        if name in DATA_PLANE_SETTINGS:
-            text += " (not used yet)"
         shown.append(text)
     return ", ".join(shown)
 
@@ -390,19 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--flow-logs",
         action="store_const",
         const="true",
-        help=f"track and log flows; {NOT_USED_YET} [FIREZONE_FLOW_LOGS]",
+        help="track flows and log one record per flow even if the portal disabled uploads [FIREZONE_FLOW_LOGS]",
     )
     parser.add_argument(
         "-m", "--max-partition-time", help="reconnect budget, e.g. 5m, 1h, 30d [FIREZONE_MAX_PARTITION_TIME]"
     )
     parser.add_argument(
-        "--num-tun-threads", help=f"TUN queues, one thread each; {NOT_USED_YET} [FIREZONE_NUM_TUN_THREADS]"
+        "--num-tun-threads", help="TUN queues (IFF_MULTI_QUEUE), one reader and one writer thread each [FIREZONE_NUM_TUN_THREADS]"
     )
     parser.add_argument(
         "--no-inc-buf",
         action="store_const",
         const="true",
-        help=f"do not raise net.core.rmem_max/wmem_max; {NOT_USED_YET} [FIREZONE_NO_INC_BUF]",
+        help="do not ask for 16 MiB receive / 2 MiB send socket buffers beyond the host's limits [FIREZONE_NO_INC_BUF]",
     )
     parser.add_argument(
         "--no-telemetry",

@@ -10,12 +10,14 @@ p2p-control messages (a ``goodbye`` closes that connection, §3.4).
 
     python -m lab.client --portal ws://172.31.0.254:8081 --token TOKEN --resource RESOURCE_ID --tun tun-firezone
 
-* stdin: ``{"request": "<resource id>"}``, ``{"quit": true}`` (also EOF)
+* stdin: ``{"request": "<resource id>"}``, ``{"resolve": "<domain>", "resource": "<DNS resource id>"}`` (as if an
+  application looked the name up: proxy IPs are assigned and announced, §3.4), ``{"quit": true}`` (also EOF)
 * stdout: ``joined`` {ipv4, ipv6, public_key, local, resources}, ``flow_created`` {resource_id, gateway_id,
   gateway_ipv4, flow_seconds}, ``flow_creation_failed`` {resource_id, reason}, ``established`` {gateway_id, path,
   local, remote, setup_seconds: flow_created → established}, ``flow_retry`` {resource_id, reason, attempt} (the
   gateway answered ``no_relays``: asked again 1 s later, up to 5 times), ``path_changed``, ``failed`` {gateway_id?, reason},
-  ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``error`` (a bad command). Exit status 1 when the
+  ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``domain_status`` {resource_id, domain,
+  status: Active|Inactive, proxy_ips}, ``error`` (a bad command). Exit status 1 when the
   portal is unreachable or drops us, else 0.
 
 **Stdio mode** (``--role``): one Node connection whose keys and credentials are given on the command line and whose
@@ -327,6 +329,23 @@ NO_RELAYS_RETRIES = 5
 NO_RELAYS_RETRY_DELAY = 1.0
 
 
+ASSIGNED_IPS_RETRANSMIT = 2.0  # portal-protocol.md §3.4: until a domain_status arrives
+_PROXY_V4_BASE = int(ipaddress.IPv4Address("100.96.0.0"))
+_PROXY_V6_BASE = int(ipaddress.IPv6Address("fd00:2021:1111:8000::"))
+MAX_DNS_ASSIGNMENTS = 4096  # domains; each takes 4 IPv4 + 4 IPv6 of the 2**21 proxy addresses per family
+
+
+@dataclass
+class _DnsAssignment:
+    """Proxy IPs the client handed out for one (resource, domain), as a real client does on a DNS query."""
+
+    resource_id: str
+    domain: str
+    proxy_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    status: str | None = None  # the gateway's last domain_status
+    retransmit: asyncio.TimerHandle | None = None
+
+
 class ClientDropReason(enum.Enum):
     NO_ROUTE = "no_route"  # a TUN packet to an address no granted resource covers
     NOT_IP = "not_ip"
@@ -491,6 +510,7 @@ class HeadlessClient:
         self.exit_code = 0
         self.stdin_buffer = b""
         self.stdin_fd: int | None = None
+        self.dns_assignments: dict[tuple[str, str], _DnsAssignment] = {}
 
     def now(self) -> float:
         return self.loop.time()
@@ -528,6 +548,9 @@ class HeadlessClient:
         for handle in (self.timer, self.portal_timer):
             if handle is not None:
                 handle.cancel()
+        for assignment in self.dns_assignments.values():
+            if assignment.retransmit is not None:
+                assignment.retransmit.cancel()
         if self.socket is not None:
             self.loop.remove_reader(self.socket.fileno())
             log.info(
@@ -827,6 +850,8 @@ class HeadlessClient:
             message = p2p_control.parse(packet)
             if message is None:
                 packets.append(packet)
+            elif message.event == p2p_control.DOMAIN_STATUS_EVENT:
+                self.on_domain_status(message.body)
             elif message.event == p2p_control.GOODBYE_EVENT:
                 self.node.close_connection(gateway_id, now)
                 self.emit("closed", gateway_id=gateway_id, reason="goodbye")
@@ -960,10 +985,76 @@ class HeadlessClient:
             self.emit("error", detail="a command is a JSON object")
         elif isinstance(command.get("request"), str):
             self.request(command["request"])
+        elif isinstance(command.get("resolve"), str) and isinstance(command.get("resource"), str):
+            self.resolve(command["resource"], command["resolve"])
         elif command.get("quit"):
             self.stop(0)
         else:
             self.emit("error", detail=f"unknown command {command!r}")
+
+    # -- DNS resources (portal-protocol.md §3.4) ----------------------------------------------------------------
+
+    def resolve(self, resource_id: str, domain: str) -> None:
+        """What the client does when an application asks for ``domain`` of a DNS resource: proxy IPs are handed out
+        (the same ones on every later query), routed to the resource's gateway and announced with ``assigned_ips``,
+        re-sent every 2 s until the gateway answers; every query re-sends, so the gateway re-resolves."""
+        domain = domain.lower().rstrip(".")
+        key = (resource_id, domain)
+        assignment = self.dns_assignments.get(key)
+        if assignment is None:
+            if len(self.dns_assignments) >= MAX_DNS_ASSIGNMENTS:
+                self.emit("error", detail="too many DNS assignments")
+                return
+            index = len(self.dns_assignments)
+            proxies: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+                ipaddress.IPv4Address(_PROXY_V4_BASE + 4 * index + i + 1) for i in range(4)
+            ]
+            proxies += [ipaddress.IPv6Address(_PROXY_V6_BASE + 4 * index + i + 1) for i in range(4)]
+            assignment = self.dns_assignments[key] = _DnsAssignment(resource_id, domain, proxies)
+        assignment.status = None
+        self.send_assigned_ips(assignment)
+
+    def gateway_of(self, resource_id: str) -> str | None:
+        return next((g for g, f in self.flows.items() if resource_id in f.resources), None)
+
+    def send_assigned_ips(self, assignment: _DnsAssignment) -> None:
+        if assignment.retransmit is not None:
+            assignment.retransmit.cancel()
+            assignment.retransmit = None
+        if assignment.status is not None:
+            return
+        gateway_id = self.gateway_of(assignment.resource_id)
+        if gateway_id is not None:
+            for proxy in assignment.proxy_ips:
+                prefix = ipaddress.ip_network(proxy)
+                if prefix not in self.routes.prefixes(gateway_id):
+                    self.routes.add(prefix, gateway_id)
+                    run_ip(["route", "replace", str(prefix), "dev", self.args.tun], check=False)
+            packet = p2p_control.assigned_ips(assignment.resource_id, assignment.domain, assignment.proxy_ips)
+            self.node.encapsulate(gateway_id, packet, self.now())
+            self.flush()
+        assignment.retransmit = self.loop.call_later(ASSIGNED_IPS_RETRANSMIT, self.send_assigned_ips, assignment)
+
+    def on_domain_status(self, body: bytes) -> None:
+        status = p2p_control.parse_domain_status(body)
+        if status is None:
+            self.drops.drop(ClientDropReason.CONTROL_MESSAGE)
+            return
+        assignment = self.dns_assignments.get((status.resource, status.domain.lower().rstrip(".")))
+        if assignment is None:
+            self.drops.drop(ClientDropReason.CONTROL_MESSAGE)
+            return
+        assignment.status = "Active" if status.active else "Inactive"
+        if assignment.retransmit is not None:
+            assignment.retransmit.cancel()
+            assignment.retransmit = None
+        self.emit(
+            "domain_status",
+            resource_id=status.resource,
+            domain=status.domain,
+            status=assignment.status,
+            proxy_ips=[str(ip) for ip in assignment.proxy_ips],
+        )
 
 
 def run_ip(arguments: list[str], *, check: bool = True) -> None:

@@ -7,6 +7,8 @@ DEB_PACKAGES := wireguard-go wireguard-tools coturn iperf3 nftables iproute2 ipu
 # Deployment tests: cloud-init's schema check, systemd-analyze, shellcheck, and a Debian python3 with venv that the
 # installed gateway runs on.
 DEB_PACKAGES += cloud-init systemd python3-venv util-linux shellcheck
+# The optional C extension of the data-plane hot path (dataplane/_native.c): compiler, Python and libcrypto headers.
+DEB_PACKAGES += gcc libc6-dev python3-dev libssl-dev
 # npm comes with nodejs on machines that use NodeSource's build; Debian's own nodejs needs its npm package.
 NODE_PACKAGES := nodejs npm
 PYTEST_ARGS ?=
@@ -28,7 +30,7 @@ deb:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py dataplane/_native.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -50,7 +52,8 @@ $(TOOLS_STAMP):
 
 # The wheel the install script and the Terraform module install (dist/firezone_gateway_py-<version>-py3-none-any.whl).
 dist: venv
-	$(PY) -m build --wheel --no-isolation --outdir dist .
+	@# A pure wheel: the C extension is left out so that one wheel installs on any CPU and Python (pure-Python hot path).
+	FIREZONE_BUILD_NATIVE=0 $(PY) -m build --wheel --no-isolation --outdir dist .
 	cd dist && sha256sum *.whl
 
 js: lab/js/node_modules/.installed

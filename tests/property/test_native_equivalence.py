@@ -1,0 +1,134 @@
+"""The C hot path (dataplane._native) and its pure-Python twin give byte-identical results on the same inputs."""
+
+from __future__ import annotations
+
+import struct
+from types import ModuleType
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataplane import native_fallback as pure
+
+native: ModuleType | None
+try:
+    from dataplane import _native as native
+except ImportError:  # pragma: no cover - depends on the build
+    native = None
+
+pytestmark = pytest.mark.skipif(
+    native is None, reason="dataplane._native is not built (no C compiler/OpenSSL headers): pure-Python mode only"
+)
+
+keys = st.binary(min_size=32, max_size=32)
+# Sizes around the padding rule and the MTU, plus empty (keepalive) packets and an occasional large one.
+packets = st.one_of(
+    st.binary(max_size=64),
+    st.integers(min_value=1380, max_value=1440).map(lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256)),
+    st.just(b""),
+    st.just(b"\xab" * 65535),
+)
+mtus = st.one_of(st.none(), st.integers(min_value=-5, max_value=1500))
+counters = st.integers(min_value=0, max_value=2**64 - 200)
+indices = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def _native() -> ModuleType:
+    assert native is not None
+    return native
+
+
+@settings(max_examples=150)
+@given(keys, indices, counters, st.lists(packets, max_size=20), mtus)
+def test_seal_batch_is_identical(key: bytes, index: int, counter: int, batch: list[bytes], mtu: int | None) -> None:
+    sealed = _native().seal_batch(key, index, counter, batch, mtu)
+    assert sealed == pure.seal_batch(key, index, counter, batch, mtu)
+    assert len(sealed) == len(batch)
+    for position, message in enumerate(sealed):
+        assert struct.unpack_from("<IIQ", message) == (4, index, counter + position)
+
+
+@settings(max_examples=150)
+@given(keys, st.lists(packets, max_size=12), counters, st.data())
+def test_open_batch_is_identical_on_sealed_tampered_and_short_messages(
+    key: bytes, batch: list[bytes], counter: int, data: st.DataObject
+) -> None:
+    messages: list[bytes | bytearray | memoryview] = list(pure.seal_batch(key, 7, counter, batch, None))
+    # Tamper with some messages (any byte, header included: the counter is in the nonce), add short/garbage ones.
+    for position in range(len(messages)):
+        if data.draw(st.booleans(), label="tamper"):
+            tampered = bytearray(messages[position])
+            offset = data.draw(st.integers(0, len(tampered) - 1), label="offset")
+            tampered[offset] ^= data.draw(st.integers(1, 255), label="flip")
+            messages[position] = tampered
+    garbage: list[bytes] = data.draw(st.lists(st.binary(max_size=48), max_size=4), label="garbage")
+    messages.extend(garbage)
+    use_view: bool = data.draw(st.booleans(), label="memoryview")
+    if messages and use_view:
+        messages[0] = memoryview(bytes(messages[0]))
+    opened = _native().open_batch(key, messages)
+    assert opened == pure.open_batch(key, messages)
+    for position, packet in enumerate(batch):
+        if isinstance(messages[position], bytes):
+            plain = opened[position]
+            assert plain is not None and plain[: len(packet)] == packet
+
+
+@given(keys, keys, st.lists(packets, min_size=1, max_size=6))
+def test_open_batch_with_the_wrong_key_authenticates_nothing(key: bytes, other: bytes, batch: list[bytes]) -> None:
+    messages = _native().seal_batch(key, 1, 0, batch, 1420)
+    expected = [None] * len(batch) if key != other else pure.open_batch(key, messages)
+    assert _native().open_batch(other, messages) == pure.open_batch(other, messages) == expected
+
+
+def test_empty_batches() -> None:
+    key = bytes(range(32))
+    assert _native().seal_batch(key, 1, 0, [], None) == pure.seal_batch(key, 1, 0, [], None) == []
+    assert _native().open_batch(key, []) == pure.open_batch(key, []) == []
+
+
+@pytest.mark.parametrize("implementation", ["native", "pure"])
+def test_bad_arguments_raise_the_same_errors(implementation: str) -> None:
+    module = _native() if implementation == "native" else pure
+    with pytest.raises(ValueError):
+        module.seal_batch(b"short", 1, 0, [b"x"], None)
+    with pytest.raises(ValueError):
+        module.open_batch(bytes(31), [bytes(40)])
+    with pytest.raises(OverflowError):
+        module.seal_batch(bytes(32), 2**32, 0, [b"x"], None)
+    with pytest.raises(OverflowError):
+        module.seal_batch(bytes(32), 1, 2**64 - 1, [b"x", b"y"], None)
+    with pytest.raises(OverflowError):
+        module.seal_batch(bytes(32), 1, -1, [b"x"], None)
+    with pytest.raises(ValueError):
+        module.ones_complement_sum(b"ab", -1)
+    with pytest.raises(ValueError):
+        module.ones_complement_sum(b"ab", 2**62 + 1)
+
+
+@given(st.binary(max_size=9000), st.integers(min_value=0, max_value=2**62))
+def test_ones_complement_sum_is_identical(data: bytes, initial: int) -> None:
+    assert _native().ones_complement_sum(data, initial) == pure.ones_complement_sum(data, initial)
+    assert _native().ones_complement_sum(data) == pure.ones_complement_sum(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "initial"),
+    [
+        (b"", 0),
+        (b"", 0xFFFF),
+        (b"\x00" * 7, 0),
+        (b"\xff\xff", 0),
+        (b"\xff", 0),
+        (b"\x00\x00", 0xFFFF * 3),
+        (b"", 2**62),
+    ],
+)
+def test_ones_complement_sum_edges(data: bytes, initial: int) -> None:
+    assert _native().ones_complement_sum(data, initial) == pure.ones_complement_sum(data, initial)
+
+
+def test_checksum_of_a_large_buffer_releases_nothing_wrong() -> None:
+    data = bytes(range(256)) * 300 + b"\x01"
+    assert _native().ones_complement_sum(memoryview(data)[1:], 12345) == pure.ones_complement_sum(data[1:], 12345)

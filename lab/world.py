@@ -45,7 +45,7 @@ from pydantic import PrivateAttr
 
 from dataplane.io.netlink import run_in_netns
 from lab.netns import Netns, Topology
-from lab.portal import DevPortal, Flow, PortalConfig, PortalEvent
+from lab.portal import AdminError, DevPortal, Flow, PortalConfig, PortalEvent
 from lab.portal.gateway_process import GatewayProcess
 from lab.relay import Coturn, coturn_password
 from lab.resource import BLOB_PATH, DEFAULT_BLOB_SIZE, blob_sha256
@@ -72,6 +72,11 @@ MAX_GATEWAYS = 2
 SECOND_GATEWAY_LAN = ("172.21.0.1", "172.21.0.10")
 """The second gateway's own link to the resource host (gateway side, resource side)."""
 PROCESS_START_TIMEOUT = 10.0
+DNS_PORT = 53
+DNS_RESOURCE_PATTERN = "*.lab.example"
+DNS_NAME = "app.lab.example"
+"""A name of the DNS resource the resource host's DNS server answers (A: the resource host; TXT for the forwarder)."""
+DNS_TXT = "firezone-lab"
 
 
 @dataclass(frozen=True)
@@ -83,11 +88,12 @@ class LabResource:
     name: str
     address: str
     filters: tuple[Mapping[str, Any], ...] = ()
+    type: Literal["cidr", "dns"] = "cidr"
 
     def to_config(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "type": "cidr",
+            "type": self.type,
             "name": self.name,
             "address": self.address,
             "filters": [dict(f) for f in self.filters],
@@ -110,9 +116,22 @@ LAB_RESOURCES = {
                 {"protocol": "icmp"},
             ),
         ),
+        LabResource(
+            "dns",
+            "1a000000-0000-4000-8000-000000000003",
+            "Lab names (DNS resource)",
+            DNS_RESOURCE_PATTERN,
+            (
+                {"protocol": "tcp", "port_range_start": HTTP_PORT, "port_range_end": HTTP_PORT},
+                {"protocol": "udp", "port_range_start": 1, "port_range_end": 65535},
+                {"protocol": "icmp"},
+            ),
+            type="dns",
+        ),
     )
 }
-"""``lan``: the resource host's network, everything allowed; ``lan-web``: the same network behind filters."""
+"""``lan``: the resource host's network, everything allowed; ``lan-web``: the same network behind filters; ``dns``:
+the names under ``*.lab.example`` the resource host's DNS server answers (portal-protocol.md §3.4)."""
 
 
 class LabPortalConfig(PortalConfig):
@@ -373,6 +392,7 @@ class LabWorld:
     blob_sha256: str = field(init=False, default="")
     workdir: Path | None = field(init=False, default=None)
     _routers: dict[str, NatRouter] = field(init=False, default_factory=dict)
+    _etc_netns: list[Path] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         for mode in (self.gateway_nat, self.client_nat):
@@ -591,11 +611,58 @@ class LabWorld:
             ["iperf3", "-s", "-B", RESOURCE_IP, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        await self._start_dns_server()
         deadline = time.monotonic() + PROCESS_START_TIMEOUT
         while not await self._listens(res, IPERF_PORT):
             if time.monotonic() > deadline:
                 raise RuntimeError("iperf3 -s did not start listening")
             await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ DNS (portal-protocol.md §3.4, §3.5)
+
+    @property
+    def dns_zone_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "zone.json"
+
+    def set_dns_records(
+        self, name: str, *, a: Sequence[str] = (), aaaa: Sequence[str] = (), txt: Sequence[str] = ()
+    ) -> None:
+        """Sets ``name``'s records on the resource host's DNS server (TTL 1 s; an empty name is removed)."""
+        path = self.dns_zone_path
+        zone: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        records = {k: list(v) for k, v in (("A", a), ("AAAA", aaaa), ("TXT", txt)) if v}
+        if records:
+            zone[name] = records
+        else:
+            zone.pop(name, None)
+        scratch = path.with_suffix(".tmp")
+        scratch.write_text(json.dumps(zone))
+        scratch.replace(path)
+
+    async def _start_dns_server(self) -> None:
+        self.set_dns_records(DNS_NAME, a=[RESOURCE_IP], txt=[DNS_TXT])
+        dns = self.ns["res"].popen(
+            [sys.executable, "-m", "lab.dns_server", "--bind", RESOURCE_IP, "--port", str(DNS_PORT),
+             "--zone", str(self.dns_zone_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert dns.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(dns.stdout.readline), PROCESS_START_TIMEOUT)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the resource host's DNS server did not start (said {line!r})")
+        # The gateways resolve through it: `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf.
+        for role in ("gw", "gw2"):
+            if role in self.ns:
+                self.write_netns_etc(role, "resolv.conf", f"nameserver {RESOURCE_IP}\n")
+
+    def write_netns_etc(self, role: str, file: str, text: str) -> None:
+        """Writes /etc/netns/<namespace>/<file>, which `ip netns exec` shows as /etc/<file> (removed on close)."""
+        directory = Path("/etc/netns") / self.ns[role].name
+        directory.mkdir(parents=True, exist_ok=True)
+        if directory not in self._etc_netns:
+            self._etc_netns.append(directory)
+        (directory / file).write_text(text)
 
     async def _listens(self, ns: Netns, port: int) -> bool:
         result = await self.exec_in(ns, ["ss", "-Hltn", f"sport = :{port}"], timeout=5)
@@ -699,6 +766,37 @@ class LabWorld:
             await asyncio.sleep(downtime)
         finally:
             portal.faults.refuse_connections = False
+
+    def relay_id(self, index: int) -> str:
+        """Relay ``index``'s id in the portal config (what ``relays_presence`` names)."""
+        return str(self.portal_config()["relays"][index]["id"])
+
+    async def announce_relays_gone(self, indexes: Sequence[int]) -> None:
+        """``relays_presence`` to every joined gateway and client: relays ``indexes`` disconnected, the others still
+        connected (with credentials minted for each receiver), as the portal pushes when relays leave it."""
+        portal = self.need_portal()
+        gone = [self.relay_id(index) for index in indexes]
+        staying = [self.relay_id(index) for index in range(self.relays) if index not in indexes]
+        for session in [s for s in portal.sessions if s.joined]:
+            await portal.relays_presence(disconnected_ids=gone, connected=staying, gateway=str(session.conn_id))
+        for client in self.lab_clients:
+            try:
+                client_session = portal.client_session(client.id)
+            except AdminError:
+                continue  # not connected
+            payload = {
+                "disconnected_ids": gone,
+                "connected": self.config.relay_entries(client_session.public_key, staying),
+            }
+            # The dev portal's public push only addresses gateways; the client topic needs its session directly.
+            await portal._push(client_session, "relays_presence", payload, topic="client")
+
+    async def kill_relay(self, index: int, *, announce: bool = True) -> None:
+        """Kills coturn ``index``; with ``announce`` the portal then tells gateways and clients, as the real portal
+        does when a relay process dies (its portal socket goes with it)."""
+        self.stop_relay(index)
+        if announce:
+            await self.announce_relays_gone([index])
 
     def stop_relay(self, index: int) -> None:
         """Kills coturn ``index`` (its allocations vanish without a word to anyone)."""
@@ -836,6 +934,9 @@ class LabWorld:
             self.coturns.clear()
             self.topology.close()
             self.ns.clear()
+            for directory in self._etc_netns:
+                shutil.rmtree(directory, ignore_errors=True)
+            self._etc_netns.clear()
             if self.workdir is not None:
                 shutil.rmtree(self.workdir, ignore_errors=True)
                 self.workdir = None

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
-from lab.world import LabWorld
-from tests.scenarios.helpers import SCENARIO_MARKS, Pinger, assert_no_unprovoked_problems, connect_client, report
+from lab.world import RELAY_IPS, ClientProcess, LabWorld
+from tests.scenarios.helpers import (
+    SCENARIO_MARKS,
+    Pinger,
+    assert_no_unprovoked_problems,
+    connect_client,
+    metric,
+    report,
+)
 
 pytestmark = [*SCENARIO_MARKS, pytest.mark.timeout(120)]
 
@@ -86,3 +94,63 @@ async def test_portal_restart_mid_download() -> None:
             download_seconds=fetched["seconds"],
         )
         assert_no_unprovoked_problems(world, allowed=("portal link down",))
+
+
+def on_path(event: dict[str, Any]) -> set[str]:
+    """The addresses an ``established``/``path_changed`` event's pair uses."""
+    return {event["local"][0], event["remote"][0]}
+
+
+def relay_in_use(client: ClientProcess) -> int:
+    """The index of the relay the client's current path goes through (its own relayed candidate, else the
+    gateway's)."""
+    current = [e for e in client.events if e.get("event") in ("established", "path_changed")][-1]
+    for address in (current["local"][0], current["remote"][0]):
+        if address in RELAY_IPS:
+            return RELAY_IPS.index(address)
+    raise AssertionError(f"no relay address in {current}")
+
+
+@pytest.mark.parametrize(
+    "announced", [True, pytest.param(False, marks=pytest.mark.full_suite)], ids=["announced", "silent"]
+)
+async def test_relay_killed_while_relayed(announced: bool) -> None:
+    """The relay carrying a relayed connection dies: the connection moves to the other relay without a new
+    WireGuard handshake (the session keys stay valid); the gap in a 20 Hz ping is the recovery time.
+
+    ``announced``: the portal pushes ``relays_presence`` right away, as the real portal does when the relay's portal
+    socket dies with it. ``silent``: nobody tells the peers; they must notice on their own."""
+    async with LabWorld(
+        gateway_nat="masquerade random", client_nat="masquerade random", relays=2, blob_size=BLOB_SIZE
+    ) as world:
+        await world.wait_gateway_joined(timeout=20)
+        client, _ = await connect_client(world)
+        assert client.path == "relayed", client.events
+        pinger = await Pinger(world).start()
+        try:
+            await pinger.wait_replies(5)
+            handshakes = metric(await world.gateway_metrics(), "firezone_handshakes")
+            events_before = len(client.events)
+            killed = relay_in_use(client)
+            killed_at = time.time()
+            await world.kill_relay(killed, announce=announced)
+            # Unannounced, the peers notice when consent on the pair expires (RFC 7675: 30 s).
+            await client.wait_event(
+                "path_changed", since=events_before, timeout=45, where=lambda e: RELAY_IPS[killed] not in on_path(e)
+            )
+            moved_seconds = time.time() - killed_at
+            await pinger.wait_replies(20, timeout=30)
+        finally:
+            await pinger.stop()
+        after = metric(await world.gateway_metrics(), "firezone_handshakes")
+        fetched = await world.http_get_sha256("cl", timeout=30)
+        assert fetched.get("matches") is True, fetched
+        report(
+            f"relay_killed_{'announced' if announced else 'silent'}",
+            killed=RELAY_IPS[killed],
+            moved_seconds=moved_seconds,
+            ping_gap_seconds=pinger.largest_gap(after=killed_at),
+            new_handshakes=str(int(after - handshakes)),
+        )
+        assert after == handshakes, "a new WireGuard handshake although the keys were still valid"
+        assert_no_unprovoked_problems(world)

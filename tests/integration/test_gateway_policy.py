@@ -48,7 +48,7 @@ EXPIRY_LEAD = 3.0
 """Seconds at least between granting with an expiry and that expiry: long enough to see traffic pass first."""
 EXPIRY_CUT_LIMIT = 2.0
 """portal-protocol.md §3.3: an expired authorization carries no traffic after this many seconds."""
-AT_ONCE_LIMIT = 1.0
+AT_ONCE_LIMIT = 1.5
 """What "at once" (reject_access, resource_updated) may take on a loaded machine; measured values are milliseconds."""
 
 PROBE_LOOP = r"""
@@ -484,6 +484,31 @@ async def test_existing_flows_keep_working_while_the_portal_is_down(
         f"portal down {seconds_down:.1f} s ({refused} reconnects refused): the open connection, a new download "
         "and ping all worked",
     )
+
+
+async def test_expiry_of_the_last_resource_closes_the_connection(
+    lab: PolicyLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Client 2's only grant expires: its packets are refused from that instant, and the 1 Hz expiry tick then
+    ends the connection with a goodbye (portal-protocol.md §3.3, §3.4). Runs last: client 2 is gone afterwards."""
+    client = lab.clients[1]
+    since = len(client.events)
+    expires_at = math.ceil(time.time() + EXPIRY_LEAD)
+    await authorize(lab, 1, "lan-web", expires_at=expires_at)
+    loop = await probe_loop(lab, 1, HTTP_PORT, until=expires_at + EXPIRY_CUT_LIMIT + 3, stop_after=1)
+    try:
+        closed = await client.wait_event("closed", since=since, timeout=expires_at - time.time() + 10)
+        closed_after = time.time() - expires_at
+        results = await drain(loop, 10)
+    finally:
+        await loop.close()
+    assert closed.get("reason") == "goodbye", closed
+    reached = [r for r in results if r["outcome"] == "reached"]
+    assert reached and reached[0]["end"] < expires_at, results
+    assert all(r["start"] < expires_at for r in reached), f"traffic passed after expires_at: {results}"
+    assert closed_after <= EXPIRY_CUT_LIMIT, f"goodbye {closed_after:.3f} s after expires_at"
+    assert await gateway_clients(lab.world) == 1
+    report(capsys, f"expiry of the last resource: goodbye {closed_after * 1000:+.0f} ms from expires_at")
 
 
 async def test_the_relayed_path_carries_the_same_download(capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,7 +40,8 @@ TCP_IDLE_TIMEOUT = 10.0
 _RTT_SMOOTHING = 0.3
 _FAILURE_PENALTY = 10.0  # seconds added to a failed server's smoothed RTT: it is tried last until it recovers
 RESOLV_CONF = "/etc/resolv.conf"
-_IP_FREEBIND = 15  # bind before the TUN address is up (Linux)
+_IP_FREEBIND = 15  # Linux socket options: bind to an address not (yet) configured
+_IPV6_FREEBIND = 78
 
 
 def system_nameservers(resolv_conf: str = RESOLV_CONF) -> list[str]:
@@ -87,27 +88,45 @@ class DnsForwarder:
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            for address in self.addresses:
-                family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-                udp = socket.socket(family, socket.SOCK_DGRAM)
-                tcp = socket.socket(family, socket.SOCK_STREAM)
-                for sock in (udp, tcp):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind((str(address), self.port))
-                    sock.setblocking(False)
-                transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp)
-                self._transports.append(transport)
-                self._servers.append(await asyncio.start_server(self._serve_tcp, sock=tcp))
-        except BaseException:
+        """Listens on every address it can (an address family the host lacks is skipped); raises OSError when it can
+        listen on none."""
+        errors: list[str] = []
+        for address in self.addresses:
+            try:
+                await self._listen(address)
+            except OSError as exc:
+                logger.warning("DNS forwarder cannot listen on %s: %s", address, exc)
+                errors.append(f"{address}: {exc}")
+        if not self._transports:
             self.close()
-            raise
+            raise OSError(f"the DNS forwarder could not listen anywhere ({'; '.join(errors)})")
         logger.info("DNS forwarder listening", extra={"addresses": [str(a) for a in self.addresses], "port": self.port})
+
+    async def _listen(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            for sock in (udp, tcp):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # Bind before the TUN address is up (or while IPv6 still checks it for duplicates).
+                with contextlib.suppress(OSError):
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    else:
+                        sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+                sock.bind((str(address), self.port))
+                sock.setblocking(False)
+            server = await asyncio.start_server(self._serve_tcp, sock=tcp)
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp)
+        self._transports.append(transport)
+        self._servers.append(server)
 
     def close(self) -> None:
         """Stops listening and abandons queries in flight (synchronous: called while the data plane closes)."""

@@ -154,3 +154,39 @@ async def test_relay_killed_while_relayed(announced: bool) -> None:
         )
         assert after == handshakes, "a new WireGuard handshake although the keys were still valid"
         assert_no_unprovoked_problems(world)
+
+
+async def test_two_gateways_one_killed() -> None:
+    """Two gateways serve the site; the one serving the client stops (SIGTERM: it says goodbye). The client asks
+    again and the portal brokers the other gateway; the gap is from the stop to the first ping reply after it."""
+    async with LabWorld(gateway_nat="masquerade", client_nat="masquerade", gateways=2, blob_size=BLOB_SIZE) as world:
+        await world.launch_gateway(1)
+        await world.wait_gateway_joined(timeout=20, index=0)
+        await world.wait_gateway_joined(timeout=20, index=1)
+        client, _ = await connect_client(world)
+        serving_id = client.of("flow_created")[-1]["gateway_id"]
+        external_ids = {s.gateway_id: s.external_id for s in world.need_portal().sessions}
+        serving = 0 if external_ids[serving_id] == world.need_gateway(0).firezone_id else 1
+        other = 1 - serving
+        pinger = await Pinger(world).start()
+        try:
+            await pinger.wait_replies(5)
+            events_before = len(client.events)
+            stopped_at = time.time()
+            await world.stop_gateway(serving)
+            await client.wait_event("closed", since=events_before, timeout=15)
+            client.request(world.resource_id("lan"))
+            flow = await client.wait_event("flow_created", since=events_before, timeout=20)
+            assert flow["gateway_id"] != serving_id, flow
+            await client.wait_event("established", since=events_before, timeout=20)
+            await pinger.wait_replies(5, timeout=20)
+        finally:
+            await pinger.stop()
+        fetched = await world.http_get_sha256("cl", timeout=30)
+        assert fetched.get("matches") is True, fetched
+        report(
+            "two_gateways_one_stopped",
+            ping_gap_seconds=pinger.largest_gap(after=stopped_at),
+            served_by=f"gateway {other}",
+        )
+        assert_no_unprovoked_problems(world, gateways=2)

@@ -1,0 +1,232 @@
+"""Mutation testing of the sans-IO cores, one module at a time, with a score per module (``make mutate``).
+
+mutmut 3 mutates every file under its source paths that ``only_mutate`` matches and runs the tests that cover each
+mutated function. To keep one module's run short and its results separate, each module gets a scratch copy of the
+repository under ``build/mutation/<module>/`` whose pyproject narrows ``[tool.mutmut]`` to that module and to the
+tests that exercise it; results stay there, so re-running a module only re-tests what changed.
+
+Score = killed / (mutants - skipped), where a timeout or a type-check failure counts as killed (the mutant was
+detected) and "no tests" counts against the score (nothing would notice the change).
+
+    .venv/bin/python tools/mutation_report.py                     # every module, smallest first
+    .venv/bin/python tools/mutation_report.py dataplane/p2p_control.py --max-children 1
+    .venv/bin/python tools/mutation_report.py --report-only       # print the table from earlier runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK_DIR = ROOT / "build" / "mutation"
+COPIED = ("dataplane", "protocol", "agent", "lab", "fuzz", "tests")
+SKIPPED_IN_COPY = shutil.ignore_patterns("node_modules", "__pycache__", ".hypothesis", "*.pyc")
+
+_FUZZ_PASS = "tests/property/test_fuzz_targets.py::test_seeds_and_mutants_never_fail"
+_WG_TESTS = [
+    "tests/unit/test_wg_vectors.py",
+    "tests/unit/test_wg_tunn.py",
+    "tests/unit/test_wg_device.py",
+    "tests/unit/test_wg_cookie.py",
+    "tests/unit/test_wg_timers.py",
+    "tests/property/test_wg_properties.py",
+    "tests/property/test_wg_stateful.py",
+]
+_ICE_TESTS = ["tests/unit/test_ice_agent.py", "tests/unit/test_candidate.py", "tests/property/test_ice_property.py"]
+_ICE_TESTS += ["tests/property/test_candidate_property.py"]
+
+# The tests that exercise each module (integration tests need root and real peers: never part of a mutation run).
+MODULE_TESTS: dict[str, list[str]] = {
+    "dataplane/p2p_control.py": ["tests/unit/test_dns_control.py", "tests/sim/test_gateway_state.py", _FUZZ_PASS],
+    "dataplane/wireguard/messages.py": [*_WG_TESTS, _FUZZ_PASS],
+    "dataplane/wireguard/uapi.py": ["tests/unit/test_uapi.py", _FUZZ_PASS],
+    "dataplane/wireguard/replay.py": _WG_TESTS,
+    "dataplane/wireguard/allowedips.py": _WG_TESTS,
+    "dataplane/wireguard/cookie.py": _WG_TESTS,
+    "dataplane/wireguard/ratelimit.py": _WG_TESTS,
+    "dataplane/wireguard/session.py": _WG_TESTS,
+    "dataplane/wireguard/timers.py": _WG_TESTS,
+    "dataplane/wireguard/crypto.py": _WG_TESTS,
+    "dataplane/wireguard/noise.py": _WG_TESTS,
+    "dataplane/wireguard/tunn.py": _WG_TESTS,
+    "dataplane/wireguard/device.py": [*_WG_TESTS, "tests/unit/test_mutation_killers.py"],
+    "dataplane/ice/timing.py": _ICE_TESTS,
+    "dataplane/ice/candidate.py": _ICE_TESTS,
+    "dataplane/ice/agent.py": [*_ICE_TESTS, "tests/unit/test_mutation_killers.py"],
+    "dataplane/stun.py": [
+        "tests/unit/test_stun.py",
+        "tests/unit/test_stun_transaction.py",
+        "tests/unit/test_turn_credentials.py",
+        "tests/property/test_stun_property.py",
+        "tests/property/test_stun_turn_inputs.py",
+        _FUZZ_PASS,
+    ],
+    "dataplane/turn.py": [
+        "tests/unit/test_turn.py",
+        "tests/property/test_stun_turn_inputs.py",
+        "tests/sim/test_relay.py",
+        _FUZZ_PASS,
+    ],
+    "dataplane/packet.py": [
+        "tests/unit/test_packet.py",
+        "tests/unit/test_mutation_killers.py",
+        "tests/property/test_packet_property.py",
+        "tests/property/test_packet_scapy.py",
+        _FUZZ_PASS,
+    ],
+    "protocol/messages.py": ["tests/unit/test_messages.py", "tests/property/test_messages_fuzz.py", _FUZZ_PASS],
+    "protocol/phoenix.py": ["tests/unit/test_phoenix.py", _FUZZ_PASS],
+    "protocol/errors.py": ["tests/unit/test_phoenix.py", "tests/unit/test_portal_dial.py"],
+}
+
+# mutmut's exit-code classes (mutmut/stats.py); anything else is "suspicious".
+_KILLED_CODES = {1, 3}
+_DETECTED_CODES = {36, 37, 24, -24, 152, 255}  # timeout / caught by the type checker
+_SURVIVED_CODES = {0}
+_NO_TESTS_CODES = {5, 33}
+_SKIPPED_CODES = {34}
+
+
+@dataclass
+class Score:
+    module: str
+    mutants: int = 0
+    killed: int = 0
+    survived: int = 0
+    no_tests: int = 0
+    skipped: int = 0
+    other: int = 0
+
+    @property
+    def percent(self) -> float:
+        counted = self.mutants - self.skipped
+        return 100.0 * self.killed / counted if counted else 100.0
+
+
+def scratch_dir(module: str) -> Path:
+    return WORK_DIR / re.sub(r"[^A-Za-z0-9]+", "_", module.removesuffix(".py"))
+
+
+def prepare(module: str) -> Path:
+    """A copy of the sources and tests with ``[tool.mutmut]`` narrowed to ``module``; earlier results are kept."""
+    scratch = scratch_dir(module)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        target = scratch / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(ROOT / name, target, ignore=SKIPPED_IN_COPY)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    base = pyproject.get("tool", {}).get("mutmut", {})
+    settings = {
+        **base,
+        "source_paths": ["dataplane", "protocol"],
+        "only_mutate": [module],
+        "also_copy": ["agent", "lab", "fuzz"],
+        "pytest_add_cli_args_test_selection": MODULE_TESTS[module],
+    }
+    lines = ["[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    # Keep pytest's settings (asyncio mode, markers, timeout) so the tests behave as in the real tree.
+    pytest_section = _section(ROOT / "pyproject.toml", "tool.pytest.ini_options")
+    (scratch / "pyproject.toml").write_text("\n".join(lines) + "\n\n" + pytest_section)
+    return scratch
+
+
+def _section(path: Path, name: str) -> str:
+    text = path.read_text()
+    start = text.index(f"[{name}]")
+    following = re.search(r"^\[", text[start + 1 :], re.MULTILINE)
+    return text[start : start + 1 + following.start()] if following else text[start:]
+
+
+def run(module: str, max_children: int, timeout: float) -> Path:
+    scratch = prepare(module)
+    mutmut = Path(sys.executable).with_name("mutmut")
+    log = scratch / "mutmut.log"
+    with log.open("w") as output:
+        subprocess.run(
+            [str(mutmut), "run", "--max-children", str(max_children)],
+            cwd=scratch,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    return scratch
+
+
+def score(module: str) -> Score | None:
+    meta = scratch_dir(module) / "mutants" / f"{module}.meta"
+    if not meta.exists():
+        return None
+    exit_codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+    result = Score(module, mutants=len(exit_codes))
+    for code in exit_codes.values():
+        if code in _KILLED_CODES or code in _DETECTED_CODES:
+            result.killed += 1
+        elif code in _SURVIVED_CODES:
+            result.survived += 1
+        elif code in _NO_TESTS_CODES:
+            result.no_tests += 1
+        elif code in _SKIPPED_CODES:
+            result.skipped += 1
+        else:
+            result.other += 1
+    return result
+
+
+def survivors(module: str) -> list[str]:
+    meta = scratch_dir(module) / "mutants" / f"{module}.meta"
+    if not meta.exists():
+        return []
+    exit_codes: dict[str, int | None] = json.loads(meta.read_text()).get("exit_code_by_key", {})
+    return sorted(name for name, code in exit_codes.items() if code in _SURVIVED_CODES or code in _NO_TESTS_CODES)
+
+
+def print_table(scores: list[Score], target: float) -> None:
+    print(f"{'module':36} {'mutants':>8} {'killed':>7} {'survived':>9} {'no tests':>9} {'other':>6} {'score':>7}")
+    for s in scores:
+        flag = "" if s.percent >= target else "  < target"
+        print(
+            f"{s.module:36} {s.mutants:8} {s.killed:7} {s.survived:9} {s.no_tests:9} {s.other:6} {s.percent:6.1f}%{flag}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help="module paths (default: all, smallest first)")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel test processes (default 2)")
+    parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per module before giving up")
+    parser.add_argument("--report-only", action="store_true", help="print scores from earlier runs, run nothing")
+    parser.add_argument("--survivors", action="store_true", help="also list surviving mutant names")
+    parser.add_argument("--target", type=float, default=90.0, help="score to flag modules below (default 90)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULE_TESTS]
+    if unknown:
+        parser.error(f"no test selection for {unknown}; known: {', '.join(sorted(MODULE_TESTS))}")
+    modules = args.modules or sorted(MODULE_TESTS, key=lambda m: (ROOT / m).stat().st_size)
+    scores: list[Score] = []
+    for module in modules:
+        if not args.report_only:
+            print(f"mutating {module} ...", flush=True)
+            run(module, args.max_children, args.timeout)
+        result = score(module)
+        if result is not None:
+            scores.append(result)
+            if args.survivors:
+                for name in survivors(module):
+                    print(f"  survived: {name}")
+    print_table(scores, args.target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

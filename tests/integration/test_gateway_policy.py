@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from lab.portal.config import AuthorizationConfig
 from lab.world import HTTP_PORT, RESOURCE_IP, ClientProcess, LabWorld
 
 pytestmark = [
@@ -476,13 +477,31 @@ async def test_existing_flows_keep_working_while_the_portal_is_down(
         seconds_down = time.monotonic() - down_at
     finally:
         await session.close()
+        # The real portal's init lists its cache of valid pairs (portal-protocol.md §2.1) and the gateway revokes
+        # every pair it does not list; the dev portal only lists configured ones, so the brokered pairs go there.
+        listed = {(f.client_id, f.resource_id): f for f in portal.flows(state="created")}
+        portal.config.authorizations.extend(
+            AuthorizationConfig(
+                client_id=client_id,
+                resource_id=resource_id,
+                expires_at=(flow.authorization or {}).get("expires_at"),
+            )
+            for (client_id, resource_id), flow in listed.items()
+        )
         since = portal.next_seq
         portal.faults.refuse_connections = False
-    await portal.wait_for(since=since, kind="received", event="phx_join", timeout=30)
+    joined = await portal.wait_for(since=since, kind="received", event="phx_join", timeout=30)
+    await portal.wait_for(since=joined.seq, kind="sent", event="init", timeout=10)
+    # Past one expiry tick (1 Hz) after the re-sync: both clients keep their grant and their connection.
+    await asyncio.sleep(1.2)
+    for index in (0, 1):
+        fetched = await world.http_get_sha256(lab.netns_role(index))
+        assert fetched.get("matches") is True, (index, fetched)
+    assert await gateway_clients(world) == 2
     report(
         capsys,
         f"portal down {seconds_down:.1f} s ({refused} reconnects refused): the open connection, a new download "
-        "and ping all worked",
+        "and ping all worked; after the rejoin both clients still download",
     )
 
 

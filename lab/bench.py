@@ -14,6 +14,9 @@ how busy the whole machine was (``host``: all cores; near 100% means CPU, not ei
 Prints a table with the ratios to the reference and writes JSON under ``bench-results/``.
 
     python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz2r-fz2r,gateway] [--output DIR]
+        [--gateway-env NAME=VALUE ...] [--client-plain-io] [--profile-gateway SECONDS]
+
+``--only`` picks rows (ratios need ``wgo-wgo`` among them): ``make bench BENCH_ARGS="--only wgo-wgo,gateway --quick"``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lab.world import (
+    DNS_NAME,
+    DNS_RESOURCE_PATTERN,
     HTTP_PORT,
     IPERF_PORT,
     RELAY_IPS,
@@ -172,6 +174,45 @@ async def download(ctx: DemoContext) -> str:
     )
 
 
+async def dns_resource(ctx: DemoContext) -> str:
+    """A DNS resource reached by name (portal-protocol.md §3.4): the client asks for the resource, hands out proxy
+    IPs for the name (announced with assigned_ips), the gateway resolves it through the resource host's DNS server and
+    NATs the proxy IP to the real address; the name points at the proxy IP in the client's hosts file, as a Firezone
+    client's DNS stub would answer."""
+    world = ctx.lab
+    client = ctx.client("client-1")
+    dns_id = world.resource_id("dns")
+    since = len(client.events)
+    client.request(dns_id)
+    try:
+        found = await client.wait_event(
+            ("flow_created", "flow_creation_failed"), since=since, where=lambda e: e.get("resource_id") == dns_id
+        )
+        if found["event"] == "flow_creation_failed":
+            raise DemoError(f"flow_creation_failed: {found.get('reason')}")
+        since = len(client.events)
+        started = time.monotonic()
+        client.send({"resolve": DNS_NAME, "resource": dns_id})
+        status = await client.wait_event("domain_status", since=since, where=lambda e: e.get("domain") == DNS_NAME)
+    except (TimeoutError, RuntimeError) as exc:
+        raise DemoError(str(exc).splitlines()[0]) from None
+    if status.get("status") != "Active":
+        raise DemoError(f"domain_status {status.get('status')} for {DNS_NAME}")
+    elapsed = time.monotonic() - started
+    proxy = status["proxy_ips"][0]
+    world.write_netns_etc("cl", "hosts", f"{proxy} {DNS_NAME}\n")
+    url = f"http://{DNS_NAME}:{HTTP_PORT}/blob"
+    fetched = await world.http_get_sha256("cl", url)
+    if "error" in fetched:
+        raise DemoError(f"GET {url}: {fetched['error']}")
+    if not fetched["matches"]:
+        raise DemoError(f"GET {url}: sha256 {fetched['sha256'][:16]}… differs from the blob's")
+    return (
+        f"{DNS_NAME} ({DNS_RESOURCE_PATTERN}): assigned_ips → domain_status Active in {elapsed:.2f} s; "
+        f"{fetched['bytes'] / 2**20:.1f} MiB by name via proxy IP {proxy} → {RESOURCE_IP}, sha256 matches"
+    )
+
+
 async def denied_port(ctx: DemoContext) -> str:
     probe = await ctx.lab.probe_tcp("cl", RESOURCE_IP, DENIED_PORT)
     if probe.get("icmp") != ICMP_ADMIN_PROHIBITED:
@@ -241,6 +282,7 @@ CHECKS: list[Check] = [
     Check("authorization", authorization, needs=("gateway joined",)),
     Check("direct path", direct_path, needs=("authorization",)),
     Check("download", download, needs=("authorization",), timeout=40),
+    Check("DNS resource", dns_resource, needs=("authorization",), timeout=40),
     Check("denied port", denied_port, needs=("authorization",)),
     Check("iperf3", iperf3, needs=("authorization",)),
     Check("relayed path", relayed_path, needs=("gateway joined",), timeout=45),
@@ -260,7 +302,7 @@ def demo_world(gateway_log_level: str = "info") -> LabWorld:
         client_nat="masquerade",
         relays=1,
         clients=2,
-        resources=("lan", "lan-web"),
+        resources=("lan", "lan-web", "dns"),
         gateway_log_level=gateway_log_level,
     )
 

@@ -56,13 +56,13 @@ def seal_batch(
     counter = first_counter
     for packet in packets:
         size = len(packet)
-        plaintext = bytes(packet)
+        plaintext = packet
         if size:
             padding = -size % _PADDING_MULTIPLE
             if padding:
                 if mtu is not None and size + padding > mtu:
                     padding = max(mtu - size, 0)
-                plaintext += paddings[padding]
+                plaintext = bytes(packet) + paddings[padding]
         counter_bytes = counter.to_bytes(8, "little")
         counter += 1
         out.append(header + counter_bytes + encrypt(_NONCE_PREFIX + counter_bytes, plaintext, None))

@@ -23,13 +23,18 @@ class Keypair:
         "is_initiator",
         "local_index",
         "receive_aead",
+        "receive_key",
         "remote_index",
         "replay",
         "send_aead",
         "send_counter",
+        "send_key",
     )
 
     def __init__(self, keys: SessionKeys, created: float, *, replay_limit: int = REJECT_AFTER_MESSAGES) -> None:
+        # The batch paths (dataplane.native seal_batch/open_batch) take the keys; seal/open use the AEAD objects.
+        self.send_key = keys.send_key
+        self.receive_key = keys.receive_key
         self.send_aead = ChaCha20Poly1305(keys.send_key)
         self.receive_aead = ChaCha20Poly1305(keys.receive_key)
         self.local_index = keys.local_index

@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from dataplane.base import DropCounter, Rng, WallClock
+from dataplane.native import open_batch, seal_batch
 
 from . import noise
 from .constants import (
@@ -39,7 +39,6 @@ from .constants import (
     MESSAGE_RESPONSE_SIZE,
     MESSAGE_TRANSPORT,
     MESSAGE_TRANSPORT_MIN_SIZE,
-    PADDING_MULTIPLE,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
@@ -168,11 +167,8 @@ class HandshakeLoad:
 
 
 _log = logging.getLogger(__name__)
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_PADDINGS = tuple(bytes(size) for size in range(PADDING_MULTIPLE))
 _RECEIVER_INDEX = struct.Struct("<4xI")
 _COUNTER = struct.Struct("<8xQ")
-_NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 32 zero bits, then the little-endian counter
 _RING_MASK = REPLAY_RING_BLOCKS - 1
 _BIT_MASK = (1 << _BLOCK_BIT_LOG) - 1
 
@@ -389,27 +385,11 @@ class Tunn:
         self._seal(keypair, packets, now)
 
     def _seal(self, keypair: Keypair, packets: Sequence[bytes], now: float) -> None:
-        out = self._transmits
-        mtu = self.mtu
-        encrypt = keypair.send_aead.encrypt
-        header = keypair.header_prefix
         counter = keypair.send_counter
-        nonce_prefix = _NONCE_PREFIX
-        paddings = _PADDINGS
-        sent = 0
-        for packet in packets:
-            size = len(packet)
-            if size:
-                padding = -size % PADDING_MULTIPLE
-                if padding:
-                    if mtu is not None and size + padding > mtu:
-                        padding = max(mtu - size, 0)
-                    packet = packet + paddings[padding]
-            counter_bytes = counter.to_bytes(8, "little")
-            counter += 1
-            message = header + counter_bytes + encrypt(nonce_prefix + counter_bytes, packet, None)
-            sent += len(message)
-            out.append(message)
+        messages = seal_batch(keypair.send_key, keypair.remote_index, counter, packets, self.mtu)
+        counter += len(messages)
+        sent = sum(map(len, messages))
+        self._transmits.extend(messages)
         keypair.send_counter = counter
         self.tx_bytes += sent
         timers = self._timers
@@ -560,28 +540,25 @@ class Tunn:
             for _ in messages:
                 drops.drop(reason)
             return 0
-        decrypt = keypair.receive_aead.decrypt
+        plaintexts = open_batch(keypair.receive_key, messages)
         replay = keypair.replay
         validate = replay.validate
         ring = replay.ring
         limit = replay.limit
         unpack_counter = _COUNTER.unpack_from
-        pack_nonce = _NONCE.pack
         confirm = keypair is self._next
         # Counted on the rare paths so that the common one does no bookkeeping: rejected = not authenticated.
         rejected = 0
         rejected_bytes = 0
         keepalives = 0
         checked_source = b""
-        for message in messages:
-            counter = unpack_counter(message)[0]
-            try:
-                plaintext = decrypt(pack_nonce(counter), message[16:], None)
-            except InvalidTag:
+        for message, plaintext in zip(messages, plaintexts, strict=True):
+            if plaintext is None:
                 drops.drop(DropReason.DECRYPTION_FAILED)
                 rejected += 1
                 rejected_bytes += len(message)
                 continue
+            counter = unpack_counter(message)[0]
             # Replay check after authentication, as wireguard-go; the in-order case inline (see ReplayFilter).
             last = replay.last
             if last < counter < limit and not (counter ^ last) >> _BLOCK_BIT_LOG:

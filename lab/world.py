@@ -69,6 +69,8 @@ RELAY_SECRET = "lab-relay-secret"
 MAX_CLIENTS = 2
 MAX_RELAYS = 2
 MAX_GATEWAYS = 2
+MAX_LOAD_CLIENTS = 10_000
+LOAD_CLIENT_TOKEN_PREFIX = "lab-load-token-"
 SECOND_GATEWAY_LAN = ("172.21.0.1", "172.21.0.10")
 """The second gateway's own link to the resource host (gateway side, resource side)."""
 PROCESS_START_TIMEOUT = 10.0
@@ -217,6 +219,11 @@ def nat_ruleset(outside_interface: str, mode: NatMode) -> str:
         f'  iifname "{outside_interface}" ct state new drop\n }}\n'
         "}\n"
     )
+
+
+def load_client_token(index: int) -> str:
+    """The portal token of load client ``index`` (see ``LabWorld.load_clients``)."""
+    return f"{LOAD_CLIENT_TOKEN_PREFIX}{index}"
 
 
 def lab_client_argv(portal_url: str, token: str, resources: Sequence[str], tun: str = "tun-firezone") -> list[str]:
@@ -375,6 +382,9 @@ class LabWorld:
     start_gateway: bool = True
     gateway_log_level: str = "info"
     gateway_env: Mapping[str, str] = field(default_factory=dict)
+    load_clients: int = 0
+    """Extra client identities in the portal config, without namespaces of their own: for :mod:`lab.loadgen`, which
+    runs them all in one process (tokens :func:`load_client_token`)."""
     gateways: int = 1
     """1, or 2: a second gateway of the same site in ``gw2`` (behind ``natg`` too, reaching the resource host over a
     LAN of its own); :meth:`launch_gateway` with ``index=1`` starts it."""
@@ -402,6 +412,8 @@ class LabWorld:
             raise ValueError(f"relays must be 1..{MAX_RELAYS}")
         if not 0 <= self.clients <= MAX_CLIENTS:
             raise ValueError(f"clients must be 0..{MAX_CLIENTS}")
+        if not 0 <= self.load_clients <= MAX_LOAD_CLIENTS:
+            raise ValueError(f"load_clients must be 0..{MAX_LOAD_CLIENTS}")
         if not 1 <= self.gateways <= MAX_GATEWAYS:
             raise ValueError(f"gateways must be 1..{MAX_GATEWAYS}")
         unknown = [key for key in self.resources if key not in LAB_RESOURCES]
@@ -450,6 +462,18 @@ class LabWorld:
                     "actor_email": f"user{index + 1}@lab.example",
                 }
                 for index, client in enumerate(self.lab_clients)
+            ]
+            + [
+                {
+                    "id": f"c2000000-0000-4000-8000-{index:012d}",
+                    "public_key": placeholder_key,
+                    "token": load_client_token(index),
+                    "ipv4": f"100.66.{index // 250}.{index % 250 + 1}",
+                    "ipv6": f"fd00:2021:1111::{2 + index // 65536:x}:{index % 65536:x}",
+                    "actor_name": f"Load User {index}",
+                    "actor_email": f"load{index}@lab.example",
+                }
+                for index in range(self.load_clients)
             ],
             "relays": [
                 {"id": f"5e1a0000-0000-4000-8000-00000000000{index + 1}", "addrs": [f"{RELAY_IPS[index]}:{RELAY_PORT}"]}
@@ -1022,6 +1046,31 @@ class LabWorld:
         """``ping -c count`` from ``ns``; ``wait`` is how long each reply is waited for."""
         argv = ["ping", "-c", str(count), "-i", "0.2", "-W", f"{wait:g}", host]
         return await self.exec_in(ns, argv, timeout=count * (wait + 0.2) + 5)
+
+    async def run_loadgen(
+        self,
+        clients: int,
+        *,
+        rate: float = 1.0,
+        duration: float = 5.0,
+        setup_timeout: float = 60.0,
+        resource: str = "lan",
+        ns: str = "cl",
+    ) -> dict[str, Any]:
+        """Runs :mod:`lab.loadgen` in ``ns`` with ``clients`` of this world's load identities (``load_clients``),
+        pinging the resource host; returns its summary (``{"error": ...}`` when it printed none)."""
+        if clients > self.load_clients:
+            raise ValueError(f"this world has {self.load_clients} load identities, not {clients}")
+        argv = [
+            sys.executable, "-m", "lab.loadgen", "--portal", self.portal_url, "--token-prefix", LOAD_CLIENT_TOKEN_PREFIX,
+            "--clients", str(clients), "--resource", self.resource_id(resource), "--target", RESOURCE_IP,
+            "--rate", f"{rate:g}", "--duration", f"{duration:g}", "--setup-timeout", f"{setup_timeout:g}",
+        ]  # fmt: skip
+        result = await self.exec_in(ns, argv, timeout=setup_timeout + duration + 30)
+        summary = result.json()
+        if not isinstance(summary, dict):
+            return {"error": result.stderr.strip()[-2000:] or f"exit {result.returncode}"}
+        return summary
 
     async def gateway_metrics(self) -> str:
         """The gateway's /metrics text, fetched inside ``gw`` ("" when it does not answer)."""

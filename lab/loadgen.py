@@ -1,0 +1,537 @@
+"""Load generator: many Firezone client identities in one process, each with its own keys, against one gateway.
+
+Every identity is a lean headless client without a TUN: it joins the portal's ``client`` channel with its own token
+and a fresh X25519 key, asks for one resource with ``create_flow``, connects its own Node (ICE controlling, WireGuard
+initiator) to the gateway the portal brokers, and then sends ICMP echo requests from its tunnel address to a target
+behind the gateway at a fixed rate, matching the replies it decrypts. Identities share the process's event loop,
+not their sockets or keys: to the gateway and the portal they are as many separate clients.
+
+    python -m lab.loadgen --portal ws://172.31.0.1:8443 --token-prefix lab-load-token- --clients 20 \\
+        --resource RESOURCE_ID --target 172.20.0.10 --rate 2 --duration 5
+
+Progress goes to stderr; stdout gets one JSON object at the end (:meth:`LoadSummary.to_json`): how many identities
+connected, setup times (``create_flow`` sent → connection established: median, p99, max), the time to bring them all
+up, pings sent and answered, round-trip times and the failures by reason. Exit status 0 when every identity connected
+and at least one ping each was answered.
+
+Used by the scenario tests (a 20-client smoke run), ``make bench`` and the soak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import resource
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlparse
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import WebSocketException
+
+from dataplane.base import Address, Transmit
+from dataplane.io.rng import SystemRng
+from dataplane.io.udp import UdpSocket
+from dataplane.node import (
+    CandidateGathered,
+    CandidateInvalidated,
+    ConnectionClosed,
+    ConnectionEstablished,
+    ConnectionFailed,
+    Node,
+    NodeRole,
+)
+from lab.client import CLIENT_TOPIC, FlowGrant, parse_portal_relays
+from protocol.phoenix import ChannelFailed, LinkHiccuped, PhoenixChannel, PushReceived
+
+log = logging.getLogger("lab.loadgen")
+
+ICMP_ECHO_REQUEST = 8
+ICMP_ECHO_REPLY = 0
+IPV4_HEADER = 20
+ICMP_HEADER = 8
+PING_PAYLOAD = b"firezone-loadgen"
+MAX_PINGS_IN_FLIGHT = 256
+"""Per identity: echo requests remembered for matching; older ones count as lost."""
+MAX_EARLY_CANDIDATES = 64
+PORTAL_OPEN_TIMEOUT = 20.0
+CONNECT_SPREAD = 0.005
+"""Seconds between two identities' portal connections at start (a stampede of 1,000 TLS-less upgrades at once
+only measures the dev portal's accept queue)."""
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def echo_request(source: bytes, destination: bytes, identifier: int, sequence: int) -> bytes:
+    """An IPv4 ICMP echo request (TTL 64) from ``source`` to ``destination`` (4 bytes each)."""
+    icmp = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, identifier, sequence) + PING_PAYLOAD
+    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+    total = IPV4_HEADER + len(icmp)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, identifier, 0, 64, 1, 0, source, destination)
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return header + icmp
+
+
+def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
+    """(identifier, sequence) of an IPv4 ICMP echo reply, else None."""
+    if len(packet) < IPV4_HEADER + ICMP_HEADER or packet[0] >> 4 != 4 or packet[9] != 1:
+        return None
+    offset = (packet[0] & 0x0F) * 4
+    if len(packet) < offset + ICMP_HEADER or packet[offset] != ICMP_ECHO_REPLY:
+        return None
+    _, _, _, identifier, sequence = struct.unpack_from("!BBHHH", packet, offset)
+    return identifier, sequence
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """The nearest-rank percentile (``fraction`` in 0..1) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+@dataclass
+class LoadSummary:
+    clients: int
+    connected: int
+    setup_seconds: list[float]
+    bring_up_seconds: float | None
+    pings_sent: int
+    pings_answered: int
+    rtt_seconds: list[float]
+    failures: Counter[str]
+    answered_by_every_client: bool
+
+    def to_json(self) -> dict[str, Any]:
+        def figures(values: Sequence[float]) -> dict[str, float | None]:
+            return {
+                "p50": percentile(values, 0.5),
+                "p99": percentile(values, 0.99),
+                "max": max(values, default=None),
+            }
+
+        return {
+            "clients": self.clients,
+            "connected": self.connected,
+            "setup_seconds": figures(self.setup_seconds),
+            "bring_up_seconds": self.bring_up_seconds,
+            "pings_sent": self.pings_sent,
+            "pings_answered": self.pings_answered,
+            "rtt_ms": {k: None if v is None else v * 1000 for k, v in figures(self.rtt_seconds).items()},
+            "failures": dict(self.failures),
+            "answered_by_every_client": self.answered_by_every_client,
+        }
+
+
+@dataclass
+class _Grant:
+    grant: FlowGrant
+    connected: bool = False
+
+
+@dataclass
+class LoadClient:
+    """One identity: its portal channel, Node, UDP socket and pings. Driven by :class:`LoadGenerator`'s loop."""
+
+    index: int
+    token: str
+    generator: LoadGenerator
+    node: Node = field(init=False)
+    channel: PhoenixChannel = field(init=False)
+    public_key_b64: str = field(init=False)
+    socket: UdpSocket | None = None
+    local: Address = ("0.0.0.0", 0)
+    tunnel_ipv4: bytes | None = None
+    grant: _Grant | None = None
+    early_candidates: list[str] = field(default_factory=list)
+    requested_at: float | None = None
+    established_at: float | None = None
+    failure: str | None = None
+    timer: asyncio.TimerHandle | None = None
+    portal_timer: asyncio.TimerHandle | None = None
+    ping_timer: asyncio.TimerHandle | None = None
+    outbox: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    in_flight: dict[int, float] = field(default_factory=dict)
+    next_sequence: int = 0
+    pings_sent: int = 0
+    rtts: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        key = X25519PrivateKey.generate().private_bytes_raw()
+        self.node = Node(NodeRole.CLIENT, key, rng=SystemRng(), wall_clock=time.time)
+        self.public_key_b64 = base64.b64encode(self.node.public_key).decode()
+        self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.generator.loop
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None and self.established_at is None:
+            self.failure = reason
+            log.info("client %d failed: %s", self.index, reason)
+            self.generator.settled()
+
+    # -- the portal -------------------------------------------------------------------------------------------------
+
+    async def run_portal(self) -> None:
+        args = self.generator.args
+        url = f"{args.portal.rstrip('/')}/client/websocket?{urlencode({'public_key': self.public_key_b64})}"
+        headers = {"X-Authorization": f"Bearer {self.token}"}
+        try:
+            async with ws_connect(url, additional_headers=headers, open_timeout=PORTAL_OPEN_TIMEOUT) as ws:
+                sender = self.loop.create_task(self._send_frames(ws))
+                try:
+                    self.channel.connect(self.now())
+                    self.after_portal_input()
+                    async for frame in ws:
+                        self.channel.receive_text(frame, self.now())
+                        self.after_portal_input()
+                finally:
+                    sender.cancel()
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            self.fail(f"portal: {type(exc).__name__}")
+            return
+        if not self.generator.stopping:
+            self.fail("portal: the socket closed")
+
+    async def _send_frames(self, ws: ClientConnection) -> None:
+        while True:
+            await ws.send(await self.outbox.get())
+
+    def after_portal_input(self) -> None:
+        while (event := self.channel.poll_event()) is not None:
+            if isinstance(event, PushReceived):
+                self.on_push(event.event, event.payload)
+            elif isinstance(event, LinkHiccuped | ChannelFailed):
+                self.fail(f"portal: {type(event).__name__}")
+        self.flush_portal()
+        self.flush()
+
+    def flush_portal(self) -> None:
+        while (frame := self.channel.poll_send()) is not None:
+            self.outbox.put_nowait(frame)
+        if self.portal_timer is not None:
+            self.portal_timer.cancel()
+            self.portal_timer = None
+        deadline = self.channel.poll_timeout()
+        if deadline is not None:
+            self.portal_timer = self.loop.call_at(max(deadline[0], self.now()), self.on_portal_timer)
+
+    def on_portal_timer(self) -> None:
+        self.portal_timer = None
+        self.channel.handle_timeout(self.now())
+        self.after_portal_input()
+
+    def on_push(self, event: str, payload: object) -> None:
+        body = payload if isinstance(payload, dict) else {}
+        if event == "init":
+            self.on_init(body)
+        elif event == "flow_created":
+            self.on_flow_created(payload)
+        elif event == "flow_creation_failed":
+            self.fail(f"flow_creation_failed: {body.get('reason')}")
+        elif event == "ice_candidates":
+            self.on_candidates(body)
+        elif event == "relays_presence":
+            removed = [r for r in body.get("disconnected_ids", []) if isinstance(r, str)]
+            self.node.update_relays(removed, parse_portal_relays(body.get("connected"), ipv6=False), self.now())
+
+    def on_init(self, body: dict[str, Any]) -> None:
+        if self.socket is not None:
+            return
+        interface = body.get("interface")
+        try:
+            assert isinstance(interface, dict)
+            self.tunnel_ipv4 = bytes(int(part) for part in str(interface["ipv4"]).split("."))
+            self.socket = UdpSocket.bind(self.generator.bind, 0, gso=False, gro=False, increase_buffers=False)
+        except (AssertionError, KeyError, ValueError, OSError) as exc:
+            self.fail(f"setup: {type(exc).__name__}")
+            return
+        self.local = self.socket.local_address
+        self.loop.add_reader(self.socket.fileno(), self.on_udp)
+        self.node.update_relays([], parse_portal_relays(body.get("relays"), ipv6=False), self.now())
+        self.requested_at = self.now()
+        payload = {"resource_id": self.generator.args.resource, "connected_gateway_ids": []}
+        self.channel.push("create_flow", payload, self.now())
+
+    def on_flow_created(self, payload: object) -> None:
+        grant = FlowGrant.parse(payload)
+        if grant is None:
+            self.fail("malformed flow_created")
+            return
+        self.grant = _Grant(grant)
+        self.node.update_relays([], parse_portal_relays(grant.relays, ipv6=False), self.now())
+        self.connect_when_ready()
+
+    def connect_when_ready(self) -> None:
+        """Creates the connection once a relay has a measured RTT (the Node samples one for it)."""
+        if self.grant is None or self.grant.connected:
+            return
+        if not any(self.node.relay_rtt(r) is not None for r in self.node.relay_ids):
+            return
+        grant, now = self.grant.grant, self.now()
+        self.grant.connected = self.node.upsert_connection(
+            grant.gateway_id,
+            remote_public_key=grant.gateway_public_key,
+            preshared_key=grant.preshared_key,
+            local_credentials=grant.client_credentials,
+            remote_credentials=grant.gateway_credentials,
+            now=now,
+        )
+        if self.grant.connected:
+            for sdp in self.early_candidates:
+                self.node.add_remote_candidate(grant.gateway_id, sdp, now)
+            self.early_candidates.clear()
+
+    def on_candidates(self, body: dict[str, Any]) -> None:
+        candidates = body.get("candidates")
+        if not isinstance(candidates, list):
+            return
+        sdps = [c for c in candidates if isinstance(c, str)]
+        if self.grant is not None and self.grant.connected and body.get("gateway_id") == self.grant.grant.gateway_id:
+            for sdp in sdps:
+                self.node.add_remote_candidate(self.grant.grant.gateway_id, sdp, self.now())
+        else:
+            room = MAX_EARLY_CANDIDATES - len(self.early_candidates)
+            self.early_candidates.extend(sdps[: max(0, room)])
+
+    # -- the data plane ---------------------------------------------------------------------------------------------
+
+    def on_udp(self) -> None:
+        assert self.socket is not None
+        now = self.now()
+        for data, src in self.socket.recv_many():
+            result = self.node.handle_input(data, src, self.local, now)
+            if result is not None:
+                self.on_packet(result[1], now)
+        self.flush()
+
+    def on_packet(self, packet: bytes, now: float) -> None:
+        reply = parse_echo_reply(packet)
+        if reply is None or reply[0] != self.identifier:
+            return
+        sent_at = self.in_flight.pop(reply[1], None)
+        if sent_at is not None:
+            self.rtts.append(now - sent_at)
+
+    @property
+    def identifier(self) -> int:
+        return self.index & 0xFFFF
+
+    def send_ping(self) -> None:
+        self.ping_timer = None
+        if self.grant is None or self.tunnel_ipv4 is None or self.generator.stopping:
+            return
+        now = self.now()
+        sequence = self.next_sequence
+        self.next_sequence = (sequence + 1) & 0xFFFF
+        if len(self.in_flight) >= MAX_PINGS_IN_FLIGHT:
+            self.in_flight.pop(next(iter(self.in_flight)))
+        self.in_flight[sequence] = now
+        packet = echo_request(self.tunnel_ipv4, self.generator.target, self.identifier, sequence)
+        self.node.encapsulate(self.grant.grant.gateway_id, packet, now)
+        self.pings_sent += 1
+        self.flush()
+        self.ping_timer = self.loop.call_later(1.0 / self.generator.args.rate, self.send_ping)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.node.handle_timeout(self.now())
+        self.flush()
+
+    def flush(self) -> None:
+        transmits: list[Transmit] = []
+        while (transmit := self.node.poll_transmit()) is not None:
+            transmits.append(transmit)
+        if transmits and self.socket is not None:
+            self.socket.send_many(transmits)
+        announced: dict[tuple[str, str], list[str]] = {}
+        while (event := self.node.poll_event()) is not None:
+            if isinstance(event, CandidateGathered | CandidateInvalidated):
+                kind = (
+                    "broadcast_ice_candidates"
+                    if isinstance(event, CandidateGathered)
+                    else ("broadcast_invalidated_ice_candidates")
+                )
+                announced.setdefault((kind, event.connection_id), []).append(event.candidate.to_sdp())
+            elif isinstance(event, ConnectionEstablished):
+                self.on_established()
+            elif isinstance(event, ConnectionFailed):
+                self.fail(f"connection failed: {event.reason}")
+            elif isinstance(event, ConnectionClosed):
+                self.fail("connection closed")
+        for (kind, gateway_id), sdps in announced.items():
+            self.channel.push(kind, {"gateway_ids": [gateway_id], "candidates": sdps}, self.now())
+        if announced:
+            self.flush_portal()
+        if self.grant is not None and not self.grant.connected:
+            # A relay may just have been measured: the connection can be made now, and its first checks go out.
+            self.connect_when_ready()
+            if self.grant.connected:
+                self.flush()
+                return
+        self.arm_timer()
+
+    def on_established(self) -> None:
+        if self.established_at is not None:
+            return
+        self.established_at = self.now()
+        if self.failure is None:
+            self.generator.settled()
+        self.send_ping()
+
+    def arm_timer(self) -> None:
+        deadline = self.node.poll_timeout()
+        if self.timer is not None:
+            if deadline is not None and abs(self.timer.when() - max(deadline, self.now())) < 1e-4:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            self.timer = self.loop.call_at(max(deadline, self.now()), self.on_timer)
+
+    def close(self) -> None:
+        for handle in (self.timer, self.portal_timer, self.ping_timer):
+            if handle is not None:
+                handle.cancel()
+        if self.socket is not None:
+            self.loop.remove_reader(self.socket.fileno())
+            self.socket.close()
+            self.socket = None
+
+
+class LoadGenerator:
+    """Brings ``--clients`` identities up at once, pings for ``--duration`` s once all have settled, summarises."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.loop = asyncio.get_running_loop()
+        self.target = bytes(int(part) for part in str(args.target).split("."))
+        self.stopping = False
+        self.bind = args.bind or source_address_towards(urlparse(args.portal).hostname or "127.0.0.1")
+        self.clients: list[LoadClient] = []
+        self.unsettled = 0
+        self.all_settled = asyncio.Event()
+
+    def settled(self) -> None:
+        """One more identity is either connected or has failed."""
+        self.unsettled -= 1
+        if self.unsettled <= 0:
+            self.all_settled.set()
+
+    async def run(self) -> LoadSummary:
+        _raise_open_file_limit()
+        args = self.args
+        self.clients = [LoadClient(i, f"{args.token_prefix}{i}", self) for i in range(args.clients)]
+        self.unsettled = len(self.clients)
+        started = self.now()
+        portals: list[asyncio.Task[None]] = []
+        for client in self.clients:
+            portals.append(self.loop.create_task(client.run_portal()))
+            await asyncio.sleep(CONNECT_SPREAD)
+        bring_up: float | None = None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_settled.wait(), args.setup_timeout)
+        connected = [c for c in self.clients if c.established_at is not None]
+        if len(connected) == len(self.clients):
+            bring_up = max(c.established_at for c in connected if c.established_at is not None) - started
+        log.info("%d of %d connected; pinging for %.1f s", len(connected), len(self.clients), args.duration)
+        await asyncio.sleep(args.duration)
+        self.stopping = True
+        # The last pings get one more second to come back before they count as lost.
+        await asyncio.sleep(1.0)
+        for task in portals:
+            task.cancel()
+        await asyncio.gather(*portals, return_exceptions=True)
+        for client in self.clients:
+            client.close()
+        failures: Counter[str] = Counter(
+            c.failure or "not established in time" for c in self.clients if c not in connected
+        )
+        return LoadSummary(
+            clients=len(self.clients),
+            connected=len(connected),
+            setup_seconds=[c.established_at - c.requested_at for c in connected if c.established_at and c.requested_at],
+            bring_up_seconds=bring_up,
+            pings_sent=sum(c.pings_sent for c in self.clients),
+            pings_answered=sum(len(c.rtts) for c in self.clients),
+            rtt_seconds=[rtt for c in self.clients for rtt in c.rtts],
+            failures=failures,
+            answered_by_every_client=bool(self.clients) and all(c.rtts for c in self.clients),
+        )
+
+    def now(self) -> float:
+        return self.loop.time()
+
+
+def source_address_towards(host: str) -> str:
+    """The address the kernel sends from towards ``host``: the identities' host candidate."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return str(probe.getsockname()[0])
+
+
+def _raise_open_file_limit() -> None:
+    """Two descriptors per identity (socket and WebSocket) exceed the default 1,024 from a few hundred on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lab.loadgen", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--portal", required=True, help="the portal's base URL, e.g. ws://172.31.0.1:8443")
+    parser.add_argument("--token-prefix", required=True, help="identity i uses the token PREFIX + i")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--resource", required=True, help="the resource id every identity asks for")
+    parser.add_argument("--target", required=True, help="IPv4 address behind the gateway to ping")
+    parser.add_argument("--rate", type=float, default=1.0, help="pings per second per identity")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of pinging once all have settled")
+    parser.add_argument("--setup-timeout", type=float, default=60.0, help="seconds to wait for every identity")
+    parser.add_argument("--bind", default=None, help="local IP for the UDP sockets (default: towards the portal)")
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+async def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr)
+    if args.clients < 1 or args.rate <= 0:
+        raise SystemExit("--clients must be ≥ 1 and --rate > 0")
+    summary = await LoadGenerator(args).run()
+    print(json.dumps(summary.to_json()), flush=True)
+    return 0 if summary.connected == summary.clients and summary.answered_by_every_client else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(_main(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

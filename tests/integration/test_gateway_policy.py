@@ -2,10 +2,11 @@
 
 One lab world serves the module: ``firezone-gateway`` joined to the dev portal, two headless clients behind their NAT
 holding the filtered resource ``lan-web`` (tcp/80, tcp/5201, ICMP), and the resource host. Each test starts from that
-state and puts it back. The portal pushes what an operator would cause (a second authorization, an expiry,
-``reject_access``, ``resource_updated``, downtime); the clients' namespaces probe the resource host and the gateway's
-``/metrics`` and the resource host's own counters say what got through. A second, short-lived world checks the relayed
-path. Timings are measured against the wall clock the gateway's policy uses and printed.
+state and puts it back, except the last one on that world, which lets client 2's grant expire. The portal pushes what
+an operator would cause (a second authorization, an expiry, ``reject_access``, ``resource_updated``, downtime); the
+clients' namespaces probe the resource host, and the gateway's ``/metrics`` and the resource host's own counters say
+what got through. A second, short-lived world checks the relayed path. Timings are measured against the wall clock the
+gateway's policy uses, and printed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from lab.portal import DevPortal
 from lab.portal.config import AuthorizationConfig
 from lab.world import HTTP_PORT, RESOURCE_IP, ClientProcess, LabWorld
 
@@ -124,7 +126,7 @@ class PolicyLab:
     clients: list[ClientProcess]
 
     @property
-    def portal(self) -> Any:
+    def portal(self) -> DevPortal:
         return self.world.need_portal()
 
     def client_id(self, index: int) -> str:
@@ -463,11 +465,10 @@ async def test_existing_flows_keep_working_while_the_portal_is_down(
             assert time.monotonic() < deadline, "the gateway still says it is joined"
             await asyncio.sleep(0.1)
         # The gateway tries to come back and is turned away, more than once, while the traffic goes on.
-        await portal.wait_for(since=down_since, kind="refused", timeout=10)
+        first_refusal = await portal.wait_for(since=down_since, kind="refused", timeout=10)
         fetched = await world.http_get_sha256("cl")
         assert fetched.get("matches") is True, fetched
         assert (await world.ping(lab.netns_role(1), RESOURCE_IP, count=2)).returncode == 0
-        first_refusal = await portal.wait_for(since=down_since, kind="refused", timeout=10)
         await portal.wait_for(since=first_refusal.seq + 1, kind="refused", timeout=15)
         session.send("5")
         during = await session.next()

@@ -102,3 +102,15 @@ mutate: venv
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) dist lab/js/node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# Fault scenarios (tests/scenarios): every one, the slow ones too; `make test` runs the representative subset.
+.PHONY: scenarios soak
+scenarios: setup
+	FIREZONE_SCENARIOS=all $(PY) -m pytest -q -s -ra tests/scenarios $(PYTEST_ARGS)
+
+# A fixed-length run against the real gateway with client churn, pings, relay flaps and one portal restart, sampling
+# the gateway's RSS, descriptors, connections and drops every 10 s (lab/loadgen.py).
+SOAK_MINUTES ?= 10
+SOAK_ARGS ?=
+soak: setup
+	$(PY) -m lab.loadgen soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)

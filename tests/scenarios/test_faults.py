@@ -112,14 +112,17 @@ def relay_in_use(client: ClientProcess) -> int:
 
 
 @pytest.mark.parametrize(
-    "announced", [True, pytest.param(False, marks=pytest.mark.full_suite)], ids=["announced", "silent"]
+    "fault",
+    ["killed_announced", pytest.param("killed_silent", marks=pytest.mark.full_suite), "presence_removed"],
 )
-async def test_relay_killed_while_relayed(announced: bool) -> None:
-    """The relay carrying a relayed connection dies: the connection moves to the other relay without a new
+async def test_relay_in_use_goes_away(fault: str) -> None:
+    """The relay carrying a relayed connection goes away: the connection moves to the other relay without a new
     WireGuard handshake (the session keys stay valid); the gap in a 20 Hz ping is the recovery time.
 
-    ``announced``: the portal pushes ``relays_presence`` right away, as the real portal does when the relay's portal
-    socket dies with it. ``silent``: nobody tells the peers; they must notice on their own."""
+    ``killed_announced``: coturn dies and the portal pushes ``relays_presence`` right away, as the real portal does
+    when the relay's portal socket dies with it. ``killed_silent``: nobody tells the peers; they notice when consent
+    on the pair expires (RFC 7675: 30 s). ``presence_removed``: coturn lives on, but the portal's ``relays_presence``
+    says it left."""
     async with LabWorld(
         gateway_nat="masquerade random", client_nat="masquerade random", relays=2, blob_size=BLOB_SIZE
     ) as world:
@@ -131,14 +134,16 @@ async def test_relay_killed_while_relayed(announced: bool) -> None:
             await pinger.wait_replies(5)
             handshakes = metric(await world.gateway_metrics(), "firezone_handshakes")
             events_before = len(client.events)
-            killed = relay_in_use(client)
-            killed_at = time.time()
-            await world.kill_relay(killed, announce=announced)
-            # Unannounced, the peers notice when consent on the pair expires (RFC 7675: 30 s).
+            gone = relay_in_use(client)
+            gone_at = time.time()
+            if fault == "presence_removed":
+                await world.announce_relays_gone([gone])
+            else:
+                await world.kill_relay(gone, announce=fault == "killed_announced")
             await client.wait_event(
-                "path_changed", since=events_before, timeout=45, where=lambda e: RELAY_IPS[killed] not in on_path(e)
+                "path_changed", since=events_before, timeout=45, where=lambda e: RELAY_IPS[gone] not in on_path(e)
             )
-            moved_seconds = time.time() - killed_at
+            moved_seconds = time.time() - gone_at
             await pinger.wait_replies(20, timeout=30)
         finally:
             await pinger.stop()
@@ -146,13 +151,39 @@ async def test_relay_killed_while_relayed(announced: bool) -> None:
         fetched = await world.http_get_sha256("cl", timeout=30)
         assert fetched.get("matches") is True, fetched
         report(
-            f"relay_killed_{'announced' if announced else 'silent'}",
-            killed=RELAY_IPS[killed],
+            f"relay_{fault}",
+            relay=RELAY_IPS[gone],
             moved_seconds=moved_seconds,
-            ping_gap_seconds=pinger.largest_gap(after=killed_at),
+            ping_gap_seconds=pinger.largest_gap(after=gone_at),
             new_handshakes=str(int(after - handshakes)),
         )
         assert after == handshakes, "a new WireGuard handshake although the keys were still valid"
+        assert_no_unprovoked_problems(world)
+
+
+async def test_gateway_restarted() -> None:
+    """SIGTERM, then a new gateway process with the same id (and a new key): the client hears goodbye, asks again,
+    and traffic resumes over a new connection; the gap is from the SIGTERM to the first ping reply after it."""
+    async with LabWorld(gateway_nat="masquerade", client_nat="masquerade", blob_size=BLOB_SIZE) as world:
+        await world.wait_gateway_joined(timeout=20)
+        client, _ = await connect_client(world)
+        pinger = await Pinger(world).start()
+        portal = world.need_portal()
+        try:
+            await pinger.wait_replies(5)
+            events_before, seq_before = len(client.events), portal.next_seq
+            stopped_at = time.time()
+            await world.restart_gateway()
+            await client.wait_event("closed", since=events_before, timeout=15)
+            await world.wait_gateway_joined(timeout=30, since=seq_before)
+            client.request(world.resource_id("lan"))
+            await client.wait_event("established", since=events_before, timeout=30)
+            await pinger.wait_replies(5, timeout=20)
+        finally:
+            await pinger.stop()
+        fetched = await world.http_get_sha256("cl", timeout=30)
+        assert fetched.get("matches") is True, fetched
+        report("gateway_restarted", ping_gap_seconds=pinger.largest_gap(after=stopped_at))
         assert_no_unprovoked_problems(world)
 
 

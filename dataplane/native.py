@@ -9,12 +9,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Protocol
 
 from . import native_fallback
 
 Buffer = native_fallback.Buffer
 
 _log = logging.getLogger(__name__)
+
+
+class OnesComplementSum(Protocol):
+    def __call__(self, data: Buffer, initial: int = 0, /) -> int: ...
 
 
 def _select() -> tuple[ModuleType, str]:
@@ -37,4 +42,4 @@ else:
 
 seal_batch: Callable[[Buffer, int, int, Sequence[Buffer], int | None], list[bytes]] = implementation.seal_batch
 open_batch: Callable[[Buffer, Sequence[Buffer]], list[bytes | None]] = implementation.open_batch
-ones_complement_sum: Callable[..., int] = implementation.ones_complement_sum
+ones_complement_sum: OnesComplementSum = implementation.ones_complement_sum

@@ -17,6 +17,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dataplane.native import ones_complement_sum as native_ones_complement_sum
+
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -68,19 +70,10 @@ class PacketParseError(ValueError):
 # Checksums
 
 
-def ones_complement_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
-    """The folded 16-bit one's-complement sum of ``data`` (odd length padded with a zero byte) plus ``initial``.
-
-    Not complemented: this is the "partial" value that goes into a NEEDS_CSUM checksum field.
-    """
-    value = int.from_bytes(data, "big")
-    if len(data) & 1:
-        value <<= 8
-    value += initial
-    if value == 0:
-        return 0
-    folded = value % _FOLD
-    return folded if folded else _FOLD
+# ones_complement_sum(data, initial=0): the folded 16-bit one's-complement sum of ``data`` (odd length padded with a
+# zero byte) plus ``initial`` (0..2**62): 0 only when both are zero, else 1..0xFFFF. Not complemented: this is the
+# "partial" value that goes into a NEEDS_CSUM checksum field. From dataplane.native: C when built, else pure Python.
+ones_complement_sum = native_ones_complement_sum
 
 
 def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -399,7 +392,7 @@ _V6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
 
 def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, version: int) -> list[bytes]:
     """TSO split. Checksums are built from per-frame constant sums: per segment only the payload is summed (one
-    ``int.from_bytes``, one modulo) and both headers are packed by one ``struct`` call."""
+    :func:`ones_complement_sum`) and both headers are packed by one ``struct`` call."""
     n = len(packet)
     if version == 4 and n >= 40 and packet[0] == 0x45 and packet[9] == IPPROTO_TCP:
         fields = _V4_TCP.unpack_from(packet)
@@ -423,6 +416,7 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
     count = max(1, -(-(n - headers_len) // mss))
     last = count - 1
     from_bytes = int.from_bytes
+    payload_sum = ones_complement_sum
     join = b"".join
     out: list[bytes] = []
     if version == 4:
@@ -452,11 +446,9 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
         seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)
         if index:
             seg_flags &= ~TCP_CWR
-        # Reduce the payload first: every other operand is small, so no big-integer temporaries.
-        payload = from_bytes(segment, "big")
-        if seg_len & 1:
-            payload <<= 8
-        checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload % _FOLD)) % _FOLD
+        # The payload's folded sum (0xFFFF and 0 are the same value modulo _FOLD); every other operand is small.
+        payload = payload_sum(segment)
+        checksum = (-(tcp_sum + thlen + seg_len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + payload)) % _FOLD
         if version == 4:
             total = headers_len + seg_len
             ip_id = (ip_id0 + index) & 0xFFFF
@@ -479,7 +471,7 @@ def _split_with_template(
 ) -> list[bytes]:
     """TSO/USO split for any header layout (IPv4 options, UDP): each segment's headers are a copy of a template with
     the per-segment fields patched in. Checksums are built incrementally from the template sums: per segment only the
-    payload is summed (one ``int.from_bytes`` and one modulo), everything else is small-integer arithmetic."""
+    payload is summed (one :func:`ones_complement_sum`), everything else is small-integer arithmetic."""
     is_tcp = protocol == IPPROTO_TCP
     version, ihl, l4_len, ip_id0, template, ip_sum, l4_sum = _segment_plan(
         packet, None if is_tcp else UDP_HEADER_LEN, protocol, expected_version
@@ -494,7 +486,7 @@ def _split_with_template(
     seq0 = _U32.unpack_from(packet, ihl + 4)[0] if is_tcp else 0
     flags = packet[ihl + 13] if is_tcp else 0
     pack_into = struct.pack_into
-    from_bytes = int.from_bytes
+    payload_sum = ones_complement_sum
     join = b"".join
     out: list[bytes] = []
     for index in range(count):
@@ -510,10 +502,7 @@ def _split_with_template(
             pack_into("!H", header, 10, (-(ip_sum + total + ip_id)) % _FOLD)
         else:
             pack_into("!H", header, 4, l4_total)
-        payload = from_bytes(segment, "big")
-        if seg_len & 1:
-            payload <<= 8
-        payload %= _FOLD
+        payload = payload_sum(segment)
         if is_tcp:
             seq = (seq0 + index * size) & 0xFFFFFFFF
             seg_flags = flags if index == last else flags & ~(TCP_FIN | TCP_PSH)

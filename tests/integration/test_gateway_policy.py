@@ -182,7 +182,7 @@ class LineProcess:
 
 
 async def probe_loop(
-    lab: PolicyLab, index: int, port: int, *, until: float, stop_after: int = 3, interval: float = 0.1
+    lab: PolicyLab, index: int, port: int, *, until: float, stop_after: int = 3, interval: float = 0.05
 ) -> LineProcess:
     args = [RESOURCE_IP, str(port), f"{until:.3f}", str(interval), "0.5", str(stop_after)]
     return await LineProcess.start(lab.world, lab.netns_role(index), PROBE_LOOP, args)
@@ -479,7 +479,8 @@ async def test_existing_flows_keep_working_while_the_portal_is_down(
     finally:
         await session.close()
         # The real portal's init lists its cache of valid pairs (portal-protocol.md §2.1) and the gateway revokes
-        # every pair it does not list; the dev portal only lists configured ones, so the brokered pairs go there.
+        # every pair it does not list: the pairs brokered so far go into the config, so that the rejoin's init lists
+        # them whatever the dev portal remembers by itself.
         listed = {(f.client_id, f.resource_id): f for f in portal.flows(state="created")}
         portal.config.authorizations.extend(
             AuthorizationConfig(

@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-m", "--max-partition-time", help="reconnect budget, e.g. 5m, 1h, 30d [FIREZONE_MAX_PARTITION_TIME]"
     )
     parser.add_argument(
-        "--num-tun-threads", help="TUN queues (IFF_MULTI_QUEUE), one reader and one writer thread each [FIREZONE_NUM_TUN_THREADS]"
+        "--num-tun-threads",
+        help="TUN queues (IFF_MULTI_QUEUE), one reader and one writer thread each [FIREZONE_NUM_TUN_THREADS]",
     )
     parser.add_argument(
         "--no-inc-buf",

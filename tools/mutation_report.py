@@ -31,6 +31,7 @@ COPIED = ("dataplane", "protocol", "agent", "lab", "fuzz", "tests")
 SKIPPED_IN_COPY = shutil.ignore_patterns("node_modules", "__pycache__", ".hypothesis", "*.pyc")
 
 _FUZZ_PASS = "tests/property/test_fuzz_targets.py::test_seeds_and_mutants_never_fail"
+_KILLERS = "tests/unit/test_parser_mutation_killers.py"
 _WG_TESTS = [
     "tests/unit/test_wg_vectors.py",
     "tests/unit/test_wg_tunn.py",
@@ -45,9 +46,14 @@ _ICE_TESTS += ["tests/property/test_candidate_property.py"]
 
 # The tests that exercise each module (integration tests need root and real peers: never part of a mutation run).
 MODULE_TESTS: dict[str, list[str]] = {
-    "dataplane/p2p_control.py": ["tests/unit/test_dns_control.py", "tests/sim/test_gateway_state.py", _FUZZ_PASS],
-    "dataplane/wireguard/messages.py": [*_WG_TESTS, _FUZZ_PASS],
-    "dataplane/wireguard/uapi.py": ["tests/unit/test_uapi.py", _FUZZ_PASS],
+    "dataplane/p2p_control.py": [
+        "tests/unit/test_dns_control.py",
+        "tests/sim/test_gateway_state.py",
+        _FUZZ_PASS,
+        _KILLERS,
+    ],
+    "dataplane/wireguard/messages.py": [*_WG_TESTS, _FUZZ_PASS, _KILLERS],
+    "dataplane/wireguard/uapi.py": ["tests/unit/test_uapi.py", _FUZZ_PASS, _KILLERS],
     "dataplane/wireguard/replay.py": _WG_TESTS,
     "dataplane/wireguard/allowedips.py": _WG_TESTS,
     "dataplane/wireguard/cookie.py": _WG_TESTS,
@@ -68,12 +74,14 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/property/test_stun_property.py",
         "tests/property/test_stun_turn_inputs.py",
         _FUZZ_PASS,
+        _KILLERS,
     ],
     "dataplane/turn.py": [
         "tests/unit/test_turn.py",
         "tests/property/test_stun_turn_inputs.py",
         "tests/sim/test_relay.py",
         _FUZZ_PASS,
+        _KILLERS,
     ],
     "dataplane/packet.py": [
         "tests/unit/test_packet.py",
@@ -81,9 +89,15 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/property/test_packet_property.py",
         "tests/property/test_packet_scapy.py",
         _FUZZ_PASS,
+        _KILLERS,
     ],
-    "protocol/messages.py": ["tests/unit/test_messages.py", "tests/property/test_messages_fuzz.py", _FUZZ_PASS],
-    "protocol/phoenix.py": ["tests/unit/test_phoenix.py", _FUZZ_PASS],
+    "protocol/messages.py": [
+        "tests/unit/test_messages.py",
+        "tests/property/test_messages_fuzz.py",
+        _FUZZ_PASS,
+        _KILLERS,
+    ],
+    "protocol/phoenix.py": ["tests/unit/test_phoenix.py", _FUZZ_PASS, _KILLERS],
     "protocol/errors.py": ["tests/unit/test_phoenix.py", "tests/unit/test_portal_dial.py"],
 }
 

@@ -25,6 +25,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import resource
 import socket
 import struct
@@ -504,6 +505,148 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# -- soak ----------------------------------------------------------------------------------------------------------
+
+SOAK_SAMPLE_INTERVAL = 10.0
+SOAK_ROUND_SECONDS = 30.0
+SOAK_RELAY_FLAP_EVERY = 120.0
+SOAK_RELAY_DOWN_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class SoakSample:
+    seconds: float
+    """Since the start of the run."""
+    rss_bytes: int
+    open_descriptors: int
+    connections: float
+    drops: float
+    event: str = ""
+    """What the run did since the previous sample (round, relay flap, portal restart)."""
+
+
+def process_sample(pid: int) -> tuple[int, int]:
+    """(resident set size in bytes, open descriptors) of a process; (0, 0) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            rss_kib = next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+        descriptors = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError):
+        return 0, 0
+    return rss_kib * 1024, descriptors
+
+
+def prometheus_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples in ``text`` whose labels include ``labels`` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name, _, label_text = head.partition("{")
+        if metric_name == name and all(f'{key}="{wanted}"' in label_text for key, wanted in labels.items()):
+            with contextlib.suppress(ValueError):
+                total += float(value)
+    return total
+
+
+async def soak(minutes: float, clients: int, rate: float, samples_path: str | None) -> list[SoakSample]:
+    """The soak run (``make soak``): a lab world with the real gateway and two relays; back-to-back rounds of
+    ``clients`` load identities (new keys every round: churn) pinging at ``rate``; relay 2 flaps every two minutes
+    (killed and announced gone, back 10 s later); one portal restart (as the gateway sees it) halfway. The gateway's
+    RSS, descriptors, connections and drops are sampled every 10 s, printed, and written as JSON lines to
+    ``samples_path``."""
+    from lab.world import LabWorld  # only the soak drives a whole world; the identity runner does not need it
+
+    duration = minutes * 60
+    samples: list[SoakSample] = []
+    notes: list[str] = []
+    rounds: list[dict[str, Any]] = []
+    async with LabWorld(
+        gateway_nat="masquerade", client_nat="masquerade", relays=2, load_clients=clients, blob_size=4096
+    ) as world:
+        await world.wait_gateway_joined(timeout=30)
+        started = time.monotonic()
+        gateway_pid = world.need_gateway().pid
+
+        def elapsed() -> float:
+            return time.monotonic() - started
+
+        async def churn() -> None:
+            while (left := duration - elapsed()) > 5:
+                summary = await world.run_loadgen(
+                    clients, rate=rate, duration=min(SOAK_ROUND_SECONDS, max(1.0, left - 5)), setup_timeout=60
+                )
+                rounds.append(summary)
+                notes.append(
+                    f"round: {summary.get('connected')}/{summary.get('clients')} connected, "
+                    f"{summary.get('pings_answered')}/{summary.get('pings_sent')} pings"
+                    + (
+                        f", failures {summary.get('failures') or summary.get('error')}"
+                        if summary.get("connected") != clients
+                        else ""
+                    )
+                )
+
+        async def faults() -> None:
+            portal_restarted = False
+            next_flap = SOAK_RELAY_FLAP_EVERY
+            while elapsed() < duration:
+                if not portal_restarted and elapsed() >= duration / 2:
+                    portal_restarted = True
+                    await world.bounce_portal_for_gateways(downtime=2.0)
+                    notes.append("portal restart")
+                elif elapsed() >= next_flap and duration - elapsed() > SOAK_RELAY_DOWN_SECONDS + 10:
+                    next_flap += SOAK_RELAY_FLAP_EVERY
+                    await world.kill_relay(1)
+                    await asyncio.sleep(SOAK_RELAY_DOWN_SECONDS)
+                    await world.start_relay(1)
+                    notes.append("relay 2 flapped")
+                await asyncio.sleep(1.0)
+
+        async def sampler() -> None:
+            while True:
+                rss, descriptors = process_sample(gateway_pid)
+                metrics = await world.gateway_metrics()
+                sample = SoakSample(
+                    seconds=round(elapsed(), 1),
+                    rss_bytes=rss,
+                    open_descriptors=descriptors,
+                    connections=prometheus_sum(metrics, "firezone_connections"),
+                    drops=prometheus_sum(metrics, "firezone_dataplane_drops"),
+                    event="; ".join(notes),
+                )
+                notes.clear()
+                samples.append(sample)
+                print(json.dumps(sample.__dict__), flush=True)
+                if elapsed() >= duration:
+                    return
+                await asyncio.sleep(SOAK_SAMPLE_INTERVAL - (elapsed() % SOAK_SAMPLE_INTERVAL))
+
+        await asyncio.gather(churn(), faults(), sampler())
+        problems = world.gateway_problems(allowed=("portal link down",))
+    if samples_path is not None:
+        with open(samples_path, "w") as out:
+            for sample in samples:
+                out.write(json.dumps(sample.__dict__) + "\n")
+    connected = sum(int(r.get("connected") or 0) for r in rounds)
+    offered = sum(int(r.get("clients") or 0) for r in rounds)
+    print(
+        json.dumps(
+            {
+                "soak_minutes": minutes,
+                "rounds": len(rounds),
+                "connected": f"{connected}/{offered}",
+                "rss_mib": [round(s.rss_bytes / 2**20, 1) for s in samples],
+                "open_descriptors": [s.open_descriptors for s in samples],
+                "gateway_warnings": problems[:20],
+            }
+        ),
+        flush=True,
+    )
+    return samples
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lab.loadgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--portal", required=True, help="the portal's base URL, e.g. ws://172.31.0.1:8443")
@@ -519,8 +662,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_soak_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lab.loadgen soak", description=soak.__doc__)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=50, help="load identities per round")
+    parser.add_argument("--rate", type=float, default=2.0, help="pings per second per identity")
+    parser.add_argument("--samples", default=None, help="write the samples here as JSON lines")
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
 async def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["soak"]:
+        soak_args = build_soak_parser().parse_args(arguments[1:])
+        logging.basicConfig(level=soak_args.log_level, stream=sys.stderr)
+        await soak(soak_args.minutes, soak_args.clients, soak_args.rate, soak_args.samples)
+        return 0
+    args = build_parser().parse_args(arguments)
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
     if args.clients < 1 or args.rate <= 0:
         raise SystemExit("--clients must be ≥ 1 and --rate > 0")

@@ -14,7 +14,10 @@ from typing import Any
 
 import pytest
 
+from lab.loadgen import prometheus_sum as metric
 from lab.world import RESOURCE_IP, ClientProcess, LabWorld
+
+__all__ = ["SCENARIO_MARKS", "Pinger", "assert_no_unprovoked_problems", "connect_client", "metric", "report"]
 
 SCENARIO_MARKS = [
     pytest.mark.integration,
@@ -117,18 +120,3 @@ def report(scenario: str, **figures: float | str | None) -> None:
     """One line per scenario for the note: ``SCENARIO <name> key=value ...`` (seen with ``pytest -s``)."""
     shown = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
     print(f"\nSCENARIO {scenario} {shown}", flush=True)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus metric's samples in ``text`` whose labels include ``labels`` (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric_name, _, label_text = head.partition("{")
-        if metric_name != name:
-            continue
-        if all(f'{key}="{wanted}"' in label_text for key, wanted in labels.items()):
-            total += float(value)
-    return total

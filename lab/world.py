@@ -29,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -607,6 +609,22 @@ class LabWorld:
         else:
             self.client_nat = mode
 
+    def rebind_nat(self, router: Literal["natg", "natc"]) -> None:
+        """A NAT rebinding, as when a client roams: the router forgets its mappings and maps every UDP flow behind
+        it to a new random port from now on. TCP flows are mapped to the same ports again, so the portal
+        connections survive (the lab client does not reconnect to the portal)."""
+        entry = self._routers[router]
+        if entry.mode in (None, "none"):
+            raise ValueError("rebinding needs a masquerading router")
+        entry.netns.exec(["nft", "delete", "table", "ip", "fznat"], check=False)
+        ruleset = nat_ruleset(entry.outside_interface, entry.mode).replace(
+            f'  oifname "{entry.outside_interface}" masquerade',
+            f'  oifname "{entry.outside_interface}" meta l4proto udp masquerade random\n'
+            f'  oifname "{entry.outside_interface}" masquerade',
+        )
+        _nft(entry.netns, ruleset)
+        run_in_netns(entry.netns.name, _flush_conntrack)
+
     def _start_relays(self) -> None:
         for index in range(self.relays):
             relay = Coturn(
@@ -1075,6 +1093,23 @@ class LabWorld:
     async def gateway_metrics(self) -> str:
         """The gateway's /metrics text, fetched inside ``gw`` ("" when it does not answer)."""
         return await self.need_gateway().metrics()
+
+
+def _flush_conntrack() -> None:
+    """Empties the calling namespace's IPv4 connection-tracking table (``conntrack -F`` over netlink: an
+    IPCTNL_MSG_CT_DELETE without attributes), so every flow gets a new NAT mapping."""
+    netlink_netfilter = 12
+    message_type = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE
+    flags = 0x1 | 0x4  # NLM_F_REQUEST | NLM_F_ACK
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0)  # nfgenmsg: family, version, res_id
+    header = struct.pack("=IHHII", 16 + len(body), message_type, flags, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink_netfilter) as sock:
+        sock.settimeout(5)
+        sock.send(header + body)
+        reply = sock.recv(4096)
+    (error,) = struct.unpack_from("=i", reply, 16)
+    if error != 0:
+        raise OSError(-error, f"conntrack flush failed: {os.strerror(-error)}")
 
 
 def _portal_listening_socket() -> socket.socket:

@@ -28,7 +28,7 @@ SCENARIO_MARKS = [
     ),
 ]
 
-_REPLY = re.compile(r"^\[(?P<at>\d+\.\d+)\] .* icmp_seq=(?P<seq>\d+)")
+_REPLY = re.compile(r"^\[(?P<at>\d+\.\d+)\] \d+ bytes from .* icmp_seq=(?P<seq>\d+)")
 
 
 async def connect_client(

@@ -221,3 +221,35 @@ async def test_two_gateways_one_killed() -> None:
             served_by=f"gateway {other}",
         )
         assert_no_unprovoked_problems(world, gateways=2)
+
+
+@pytest.mark.full_suite
+async def test_client_roams() -> None:
+    """The client's NAT forgets its mappings mid-flow (each UDP flow reappears from a new port): traffic resumes
+    over the same session, without a new WireGuard handshake; the gap is from the rebinding to the first ping reply
+    after it. The lab client does not know it moved, so it is up to consent expiry (30 s) to find a new path."""
+    async with LabWorld(gateway_nat="masquerade", client_nat="masquerade", blob_size=BLOB_SIZE) as world:
+        await world.wait_gateway_joined(timeout=20)
+        client, _ = await connect_client(world)
+        pinger = await Pinger(world).start()
+        try:
+            await pinger.wait_replies(5)
+            handshakes = metric(await world.gateway_metrics(), "firezone_handshakes")
+            events_before = len(client.events)
+            moved_at = time.time()
+            world.rebind_nat("natc")
+            await pinger.wait_replies(20, timeout=45)
+        finally:
+            await pinger.stop()
+        after = metric(await world.gateway_metrics(), "firezone_handshakes")
+        fetched = await world.http_get_sha256("cl", timeout=30)
+        assert fetched.get("matches") is True, fetched
+        report(
+            "client_roams",
+            ping_gap_seconds=pinger.largest_gap(after=moved_at),
+            new_handshakes=str(int(after - handshakes)),
+            client_events=",".join(e["event"] for e in client.events[events_before:]),
+        )
+        assert not {"closed", "failed"} & {e["event"] for e in client.events[events_before:]}, client.events
+        assert after == handshakes, "a new WireGuard handshake although the session was kept"
+        assert_no_unprovoked_problems(world)

@@ -15,7 +15,7 @@ native = Extension(
     "dataplane._native",
     sources=["dataplane/_native.c"],
     libraries=["crypto"],
-    extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     optional=True,
 )
 

@@ -26,12 +26,14 @@ _PROBE = (
 )
 
 
-def _probe(environment_value: str | None) -> tuple[bool, str]:
+def _probe(environment_value: str | None, *, without_extension: bool = False) -> tuple[bool, str]:
     env = {key: value for key, value in os.environ.items() if key != "FIREZONE_NATIVE"}
     if environment_value is not None:
         env["FIREZONE_NATIVE"] = environment_value
+    # A None entry in sys.modules makes the import fail as if the extension had not been built.
+    probe = ("import sys; sys.modules['dataplane._native'] = None;" if without_extension else "") + _PROBE
     result = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, timeout=60
     )
     return "NATIVE True" in result.stdout, result.stderr
 
@@ -42,6 +44,14 @@ def test_firezone_native_0_selects_the_pure_python_twin_and_says_so() -> None:
     assert [line for line in log.splitlines() if line.startswith("dataplane.native")] == [
         "dataplane.native data plane: FIREZONE_NATIVE=0: pure-Python hot path"
     ]
+
+
+def test_without_the_extension_the_pure_python_twin_runs_and_says_why() -> None:
+    used_native, log = _probe(None, without_extension=True)
+    assert not used_native
+    lines = [line for line in log.splitlines() if line.startswith("dataplane.native")]
+    assert len(lines) == 1
+    assert "not built" in lines[0] and "pure-Python hot path" in lines[0]
 
 
 @needs_extension

@@ -125,6 +125,12 @@ def _filter_strategy() -> st.SearchStrategy[dict[str, Any]]:
 
 
 FILTERS = st.lists(_filter_strategy(), max_size=3)
+# Seconds until an authorization expires (None: never). Long enough for a tunnel to come up first.
+LIFETIMES = st.sampled_from([None, 8, 15, 30, 60])
+# Grants of nested networks, each with its own filters: the routing table's order decides (§3.3 step 5).
+NESTED = st.sampled_from(
+    [["res-a", "res-b", "res-c", "res-d"], ["res-e", "res-f"], ["res-h", "res-i"], ["res-j", "res-k", "res-l"]]
+).flatmap(lambda family: st.tuples(*(st.tuples(st.just(rid), LIFETIMES) for rid in family)).map(list))
 
 
 # -- the reference model -----------------------------------------------------------------------------------------------
@@ -290,15 +296,27 @@ class GatewayMachine(RuleBasedStateMachine):
 
     @initialize(
         seed=st.integers(0, 2**16),
-        nats=st.lists(BEHAVIOURS, min_size=1, max_size=2),
-        first=st.lists(GRANTABLE, min_size=2, max_size=2),
+        filters=st.fixed_dictionaries({rid: FILTERS for rid in CATALOG}),
+        clients=st.lists(
+            st.tuples(BEHAVIOURS, st.one_of(st.lists(st.tuples(GRANTABLE, LIFETIMES), min_size=1, max_size=3), NESTED)),
+            min_size=1,
+            max_size=2,
+        ),
     )
-    def build(self, seed: int, nats: list[NatBehaviour | None], first: list[str]) -> None:
-        """A gateway with one or two clients, each already holding a resource: packets flow from the first step."""
+    def build(
+        self,
+        seed: int,
+        filters: dict[str, list[dict[str, Any]]],
+        clients: list[tuple[NatBehaviour | None, list[tuple[str, int | None]]]],
+    ) -> None:
+        """A gateway with one or two clients already holding resources (often overlapping): packets flow at once."""
         self.world = build_gateway_world(relays=2, seed=seed)
-        for nat, rid in zip(nats, first, strict=False):
+        self.model.filters.update(filters)
+        for nat, grants in clients:
             self.client_arrives(nat)
-            self._authorize(self.model.clients[f"client-{len(self.model.clients)}"], rid, None)
+            who = self.model.clients[f"client-{len(self.model.clients)}"]
+            for rid, lifetime in grants:
+                self._authorize(who, rid, None if lifetime is None else int(self.wall_now) + lifetime)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -432,18 +450,23 @@ class GatewayMachine(RuleBasedStateMachine):
         self._run(2.0)
 
     @precondition(lambda self: self.portal_connected and bool(self.model.clients))
-    @rule(data=st.data(), rid=GRANTABLE, lifetime=st.one_of(st.none(), st.integers(5, 60)))
+    @rule(data=st.data(), rid=GRANTABLE, lifetime=LIFETIMES)
     def create_authorization(self, data: st.DataObject, rid: str, lifetime: int | None) -> None:
         self._quiesce(0.0)
         who = data.draw(st.sampled_from(sorted(self.model.clients.values(), key=lambda m: m.client.client_id)))
         expires_at = None if lifetime is None else int(self.wall_now) + lifetime
         self._authorize(who, rid, expires_at)
         self._run(0.2)
+        self._quiesce(PACKET_HORIZON)
+        if who.present:  # the grant applies from the next packet
+            self._client_traffic(data, who, 2, focus=CATALOG.get(rid))
 
     @precondition(lambda self: self.portal_connected and bool(self._present()))
     @rule(data=st.data())
     def reject_access(self, data: st.DataObject) -> None:
         self._quiesce(PACKET_HORIZON)
+        if not self._present():
+            return  # the wait let every grant expire
         who = data.draw(st.sampled_from(self._present()))
         rid = data.draw(st.sampled_from(sorted(who.grants)) | st.sampled_from(RESOURCE_IDS))
         self.world.portal.push("reject_access", {"client_id": who.client.client_id, "resource_id": rid})
@@ -452,14 +475,25 @@ class GatewayMachine(RuleBasedStateMachine):
             self._evicted(who)
 
     @precondition(lambda self: self.portal_connected)
-    @rule(rid=st.sampled_from([*CATALOG, INTERNET_ID]), filters=FILTERS)
-    def resource_updated(self, rid: str, filters: list[dict[str, Any]]) -> None:
+    @rule(data=st.data(), filters=FILTERS)
+    def resource_updated(self, data: st.DataObject, filters: list[dict[str, Any]]) -> None:
+        # Pushed for every resource of the account; mostly one a client holds, so the change shows.
+        held = sorted({rid for who in self._present() for rid in who.grants})
+        everything = st.sampled_from(RESOURCE_IDS)
+        rid = data.draw(st.one_of(st.sampled_from(held), st.sampled_from(held), everything) if held else everything)
         if rid == INTERNET_ID:
             self.world.portal.push("resource_updated", {"id": rid, "type": "internet", "name": "Internet"})
             return
         resource = {"id": rid, "type": "cidr", "name": rid, "address": str(CATALOG[rid]), "filters": filters}
         self.world.portal.push("resource_updated", resource)
         self.model.filters[rid] = filters
+        # The new filters apply from the next packet: try them on a client holding the resource, both ways.
+        self._quiesce(PACKET_HORIZON)
+        holders = [who for who in self._present() if rid in who.grants]
+        if holders:
+            who = data.draw(st.sampled_from(holders))
+            self._client_traffic(data, who, 3, focus=CATALOG[rid])
+            self._resource_traffic(data, who, 2, focus=CATALOG[rid])
 
     def _resync(self, data: st.DataObject, *, everything: bool) -> None:
         """``init``: the listed pairs stay (with a possibly new expiry), the others go; emptied clients go a tick later."""
@@ -534,8 +568,10 @@ class GatewayMachine(RuleBasedStateMachine):
 
     # -- transitions: packets --------------------------------------------------------------------------------------
 
-    def _draw_address(self, data: st.DataObject, version: int, who: ModelClient) -> IpAddress:
-        """Mostly inside the networks the client holds, else inside any catalog network, else anywhere interesting."""
+    def _draw_address(
+        self, data: st.DataObject, version: int, who: ModelClient, focus: IpNetwork | None = None
+    ) -> IpAddress:
+        """Mostly inside ``focus`` or the networks the client holds, else in any catalog network, else anywhere."""
         networks = [n for n in CATALOG.values() if n.version == version]
         held = [CATALOG[rid] for rid in sorted(who.grants) if rid in CATALOG and CATALOG[rid].version == version]
         if INTERNET_ID in who.grants:
@@ -551,6 +587,8 @@ class GatewayMachine(RuleBasedStateMachine):
         inside = host_in(networks)
         if held:
             inside = st.one_of(host_in(held), host_in(held), inside)
+        if focus is not None:
+            inside = st.one_of(host_in([focus]), host_in([focus]), inside)
         other = st.sampled_from([*OTHER_ADDRESSES[version], str(GATEWAY[version])]).map(ipaddress.ip_address)
         peers = st.sampled_from(sorted(self.model.clients)).map(lambda cid: self.model.clients[cid].address(version))
         address: IpAddress = data.draw(st.one_of(inside, inside, other, peers), label="address")
@@ -564,10 +602,20 @@ class GatewayMachine(RuleBasedStateMachine):
     @rule(data=st.data(), count=st.integers(1, 6))
     def client_sends(self, data: st.DataObject, count: int) -> None:
         self._quiesce(PACKET_HORIZON)
-        present = self._present()
-        if not present:
-            return
-        who = data.draw(st.sampled_from(present))
+        if self._present():
+            self._client_traffic(data, data.draw(st.sampled_from(self._present())), count)
+
+    @precondition(lambda self: bool(self.model.clients))
+    @rule(data=st.data(), count=st.integers(1, 6))
+    def resource_answers(self, data: st.DataObject, count: int) -> None:
+        self._quiesce(PACKET_HORIZON)
+        who = data.draw(st.sampled_from(sorted(self.model.clients.values(), key=lambda m: m.client.client_id)))
+        self._resource_traffic(data, who, count)
+
+    def _client_traffic(
+        self, data: st.DataObject, who: ModelClient, count: int, focus: IpNetwork | None = None
+    ) -> None:
+        """``count`` packets from the client (mostly towards ``focus`` when given), each outcome as the model says."""
         self._ensure_tunnel(who)
         self._quiesce(PACKET_HORIZON)
         if not who.present:
@@ -576,7 +624,7 @@ class GatewayMachine(RuleBasedStateMachine):
         self._new_tun_packets()
         predicted: list[tuple[bytes, Outcome]] = []
         for _ in range(count):
-            version = data.draw(st.sampled_from([4, 6]), label="version")
+            version = focus.version if focus is not None else data.draw(st.sampled_from([4, 6]), label="version")
             own = who.address(version)
             src = data.draw(
                 st.one_of(st.just(own), st.just(own), st.just(own), st.sampled_from(SPOOFED_SOURCES[version])),
@@ -584,7 +632,7 @@ class GatewayMachine(RuleBasedStateMachine):
             )
             spec = PacketSpec(
                 ipaddress.ip_address(src),
-                self._draw_address(data, version, who),
+                self._draw_address(data, version, who, focus),
                 self._draw_kind(data),
                 sport=data.draw(st.integers(1024, 65535), label="sport"),
                 dport=data.draw(st.sampled_from(PORTS), label="dport"),
@@ -611,21 +659,20 @@ class GatewayMachine(RuleBasedStateMachine):
         assert not replies, f"unpredicted answers: {[r.hex() for r in replies]}"
         assert len(reached) == sum(1 for _, o in predicted if o == "tun")
 
-    @precondition(lambda self: bool(self.model.clients))
-    @rule(data=st.data(), count=st.integers(1, 6))
-    def resource_answers(self, data: st.DataObject, count: int) -> None:
-        self._quiesce(PACKET_HORIZON)
-        who = data.draw(st.sampled_from(sorted(self.model.clients.values(), key=lambda m: m.client.client_id)))
+    def _resource_traffic(
+        self, data: st.DataObject, who: ModelClient, count: int, focus: IpNetwork | None = None
+    ) -> None:
+        """``count`` packets from resources (mostly inside ``focus`` when given) to the client, delivered as predicted."""
         if who.present:
             self._ensure_tunnel(who)
             self._quiesce(PACKET_HORIZON)
         assert not self._new_client_packets(who), "the client received something nobody predicted"
         predicted: list[tuple[bytes, bool]] = []
         for _ in range(count):
-            version = data.draw(st.sampled_from([4, 6]), label="version")
+            version = focus.version if focus is not None else data.draw(st.sampled_from([4, 6]), label="version")
             kind = self._draw_kind(data)
             spec = PacketSpec(
-                self._draw_address(data, version, who),
+                self._draw_address(data, version, who, focus),
                 who.address(version),
                 kind,
                 sport=data.draw(st.sampled_from(PORTS), label="sport") if kind != "icmp" else 1,  # 1: an echo reply

@@ -537,14 +537,17 @@ def process_sample(pid: int) -> tuple[int, int]:
 
 
 def prometheus_sum(text: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus metric's samples in ``text`` whose labels include ``labels`` (0 when absent)."""
+    """The sum of a Prometheus metric's samples in ``text`` whose labels include ``labels`` (0 when absent); a
+    counter's samples are found under its name with or without the ``_total`` suffix."""
     total = 0.0
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue
         head, _, value = line.rpartition(" ")
         metric_name, _, label_text = head.partition("{")
-        if metric_name == name and all(f'{key}="{wanted}"' in label_text for key, wanted in labels.items()):
+        if metric_name in (name, f"{name}_total") and all(
+            f'{key}="{wanted}"' in label_text for key, wanted in labels.items()
+        ):
             with contextlib.suppress(ValueError):
                 total += float(value)
     return total

@@ -5,12 +5,14 @@ and fails on any WARN/ERROR line in the gateway's log that it did not provoke on
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from typing import Any
 
 import pytest
 
-from lab.world import RELAY_IPS, ClientProcess, LabWorld
+from lab.world import RELAY_IPS, RESOURCE_IP, ClientProcess, LabWorld
 from tests.scenarios.helpers import (
     SCENARIO_MARKS,
     Pinger,
@@ -21,6 +23,9 @@ from tests.scenarios.helpers import (
 )
 
 pytestmark = [*SCENARIO_MARKS, pytest.mark.timeout(120)]
+
+GATEWAY_PORT = 52625
+"""The gateway's WireGuard/ICE UDP port (its default)."""
 
 BLOB_SIZE = 2 * 1024 * 1024
 LOSS_PERCENT = 5.0
@@ -133,6 +138,7 @@ async def test_relay_in_use_goes_away(fault: str) -> None:
         try:
             await pinger.wait_replies(5)
             handshakes = metric(await world.gateway_metrics(), "firezone_handshakes")
+            assert handshakes >= 1, "the gateway's handshake counter is missing"
             events_before = len(client.events)
             gone = relay_in_use(client)
             gone_at = time.time()
@@ -235,6 +241,7 @@ async def test_client_roams() -> None:
         try:
             await pinger.wait_replies(5)
             handshakes = metric(await world.gateway_metrics(), "firezone_handshakes")
+            assert handshakes >= 1, "the gateway's handshake counter is missing"
             events_before = len(client.events)
             moved_at = time.time()
             world.rebind_nat("natc")
@@ -252,4 +259,49 @@ async def test_client_roams() -> None:
         )
         assert not {"closed", "failed"} & {e["event"] for e in client.events[events_before:]}, client.events
         assert after == handshakes, "a new WireGuard handshake although the session was kept"
+        assert_no_unprovoked_problems(world)
+
+
+FLOOD_COUNT = 10_000
+FLOOD_RATE = 2_000.0
+
+
+async def test_handshake_flood_during_download() -> None:
+    """Forged WireGuard handshake initiations (valid MAC1) hit the gateway's port at 2,000/s while a download runs:
+    the download finishes intact, and a client that connects during the flood still gets through (the gateway
+    answers the flood with cookie replies under load)."""
+    async with LabWorld(gateway_nat="none", client_nat="masquerade", clients=2, blob_size=BLOB_SIZE) as world:
+        await world.wait_gateway_joined(timeout=20)
+        await connect_client(world)
+        world.shape_resource(SHAPED_MBIT)
+        gateway_key = world.need_portal().session().public_key
+        flood_argv = [
+            sys.executable, "-m", "lab.wg", "flood", f"10.1.0.2:{GATEWAY_PORT}", gateway_key,
+            *(f"--source=172.31.1.254:{40000 + n}" for n in range(8)),
+            f"--count={FLOOD_COUNT}", f"--rate={FLOOD_RATE:g}",
+        ]  # fmt: skip
+        download = asyncio.ensure_future(world.http_get_sha256("cl", timeout=60))
+        flood = asyncio.ensure_future(world.exec_in("wan", flood_argv, timeout=60))
+        started = time.monotonic()
+        second, established = await connect_client(world, index=1)
+        second_setup = time.monotonic() - started
+        flood_running = not flood.done()
+        fetched = await download
+        flooded = await flood
+        result = flooded.json()
+        assert fetched.get("matches") is True, fetched
+        assert (await world.ping("cl2", RESOURCE_IP, count=2)).returncode == 0
+        # Initiations from an address no ICE pair knows never reach WireGuard: one lookup, one counted drop.
+        dropped = metric(await world.gateway_metrics(), "firezone_dataplane_drops", reason="wireguard_no_connection")
+        report(
+            "handshake_flood",
+            flood_dropped_unmatched=str(int(dropped)),
+            download_seconds=fetched["seconds"],
+            second_client_setup_seconds=second_setup,
+            flood_running_at_setup=str(flood_running),
+            flood=json.dumps(result),
+        )
+        assert flood_running, "the flood ended before the second client connected: make it longer"
+        assert isinstance(result, dict) and result["sent"] == FLOOD_COUNT, flooded
+        assert dropped >= 0.9 * FLOOD_COUNT, f"only {dropped} of the flood's datagrams reached the gateway"
         assert_no_unprovoked_problems(world)

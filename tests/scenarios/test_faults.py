@@ -305,3 +305,31 @@ async def test_handshake_flood_during_download() -> None:
         assert isinstance(result, dict) and result["sent"] == FLOOD_COUNT, flooded
         assert dropped >= 0.9 * FLOOD_COUNT, f"only {dropped} of the flood's datagrams reached the gateway"
         assert_no_unprovoked_problems(world)
+
+
+@pytest.mark.parametrize("ending", ["reject_access", "expiry"])
+async def test_access_ends_mid_flow(ending: str) -> None:
+    """The portal withdraws the client's only resource mid-flow (``reject_access``), or shortens its authorization
+    through a new ``init`` so that it expires two seconds later: the gateway stops forwarding and closes the
+    connection with a goodbye. The time is from the portal's push to the client's ``closed`` event."""
+    async with LabWorld(gateway_nat="masquerade", client_nat="masquerade", blob_size=BLOB_SIZE) as world:
+        await world.wait_gateway_joined(timeout=20)
+        client, _ = await connect_client(world)
+        portal = world.need_portal()
+        client_id, resource_id = world.lab_clients[0].id, world.resource_id("lan")
+        assert (await world.ping("cl", RESOURCE_IP, count=1)).returncode == 0
+        events_before = len(client.events)
+        pushed_at = time.monotonic()
+        if ending == "reject_access":
+            await portal.reject_access(client_id, resource_id)
+        else:
+            (flow,) = portal.flows(client=client_id, state="created")
+            assert flow.authorization is not None
+            flow.authorization["expires_at"] = int(time.time()) + 2
+            await portal.push_init()
+        closed = await client.wait_event("closed", since=events_before, timeout=20)
+        closed_seconds = time.monotonic() - pushed_at
+        assert closed["reason"] == "goodbye", closed
+        assert (await world.ping("cl", RESOURCE_IP, count=1, wait=1.0)).returncode != 0
+        report(f"access_ends_{ending}", closed_seconds=closed_seconds)
+        assert_no_unprovoked_problems(world)

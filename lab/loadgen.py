@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -650,6 +651,142 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
     return samples
 
 
+# -- the soak's plot: a PNG written with zlib alone (no plotting library in the lab) ---------------------------------
+
+_GLYPHS = {
+    "0": "01110100011001110101110011000101110",
+    "1": "00100011000010000100001000010001110",
+    "2": "01110100010000100010001000100011111",
+    "3": "11111000100010000010000011000101110",
+    "4": "00010001100101010010111110001000010",
+    "5": "11111100001111000001000011000101110",
+    "6": "00110010001000011110100011000101110",
+    "7": "11111000010001000100010000100001000",
+    "8": "01110100011000101110100011000101110",
+    "9": "01110100011000101111000010001001100",
+    ".": "00000000000000000000000000110001100",
+    " ": "0" * 35,
+    "-": "00000000000000011111000000000000000",
+    "A": "01110100011000111111100011000110001",
+    "B": "11110100011000111110100011000111110",
+    "C": "01110100011000010000100001000101110",
+    "D": "11110100011000110001100011000111110",
+    "E": "11111100001000011110100001000011111",
+    "F": "11111100001000011110100001000010000",
+    "I": "01110001000010000100001000010001110",
+    "K": "10001100101010011000101001001010001",
+    "L": "10000100001000010000100001000011111",
+    "M": "10001110111010110101100011000110001",
+    "N": "10001110011010110011100011000110001",
+    "O": "01110100011000110001100011000101110",
+    "P": "11110100011000111110100001000010000",
+    "R": "11110100011000111110101001001010001",
+    "S": "01111100001000001110000010000111110",
+    "T": "11111001000010000100001000010000100",
+    "U": "10001100011000110001100011000101110",
+    "W": "10001100011000110101101011101110001",
+    "Y": "10001100010101000100001000010000100",
+    "G": "01110100011000010111100011000101111",
+    "H": "10001100011000111111100011000110001",
+    "V": "10001100011000110001100010101000100",
+}
+_Colour = tuple[int, int, int]
+
+
+class _Canvas:
+    def __init__(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        self.pixels = bytearray(b"\xff" * (width * height * 3))
+
+    def dot(self, x: int, y: int, colour: _Colour, size: int = 1) -> None:
+        for dy in range(size):
+            for dx in range(size):
+                px, py = x + dx, y + dy
+                if 0 <= px < self.width and 0 <= py < self.height:
+                    offset = (py * self.width + px) * 3
+                    self.pixels[offset : offset + 3] = bytes(colour)
+
+    def line(self, x0: int, y0: int, x1: int, y1: int, colour: _Colour, size: int = 1) -> None:
+        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+        for step in range(steps + 1):
+            self.dot(x0 + (x1 - x0) * step // steps, y0 + (y1 - y0) * step // steps, colour, size)
+
+    def text(self, x: int, y: int, text: str, colour: _Colour = (0, 0, 0), scale: int = 2) -> None:
+        for index, char in enumerate(text.upper()):
+            glyph = _GLYPHS.get(char, _GLYPHS[" "])
+            for bit, on in enumerate(glyph):
+                if on == "1":
+                    self.dot(x + index * 6 * scale + (bit % 5) * scale, y + (bit // 5) * scale, colour, scale)
+
+    def png(self) -> bytes:
+        raw = b"".join(
+            b"\0" + bytes(self.pixels[row * self.width * 3 : (row + 1) * self.width * 3]) for row in range(self.height)
+        )
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
+
+        header = struct.pack("!IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+        )
+
+
+def _figure(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 or value == int(value) else f"{value:.1f}"
+
+
+def plot_samples(samples: Sequence[SoakSample], path: str) -> None:
+    """Four panels over time (RSS in MiB, open descriptors, connections, drops); red marks the portal restart,
+    orange the relay flaps."""
+    panels: list[tuple[str, list[float]]] = [
+        ("RSS MIB", [s.rss_bytes / 2**20 for s in samples]),
+        ("OPEN FDS", [float(s.open_descriptors) for s in samples]),
+        ("CONNECTIONS", [s.connections for s in samples]),
+        ("DROPS", [s.drops for s in samples]),
+    ]
+    width, panel_height, left, right, top = 900, 170, 90, 20, 30
+    canvas = _Canvas(width, top + panel_height * len(panels) + 30)
+    end = max((s.seconds for s in samples), default=1.0) or 1.0
+    plot_width = width - left - right
+
+    def x_of(seconds: float) -> int:
+        return left + round(seconds / end * plot_width)
+
+    for index, (title, values) in enumerate(panels):
+        y_top = top + index * panel_height
+        y_bottom = y_top + panel_height - 40
+        low, high = min(values, default=0.0), max(values, default=1.0)
+        if high - low < 1e-9:
+            low, high = low - 1, high + 1
+        for edge in (y_top, y_bottom):
+            canvas.line(left, edge, width - right, edge, (170, 170, 170))
+        canvas.line(left, y_top, left, y_bottom, (170, 170, 170))
+        for sample in samples:
+            if "portal restart" in sample.event:
+                canvas.line(x_of(sample.seconds), y_top, x_of(sample.seconds), y_bottom, (220, 40, 40), 2)
+            elif "relay" in sample.event:
+                canvas.line(x_of(sample.seconds), y_top, x_of(sample.seconds), y_bottom, (240, 160, 30), 2)
+        points = [
+            (x_of(s.seconds), y_bottom - round((v - low) / (high - low) * (y_bottom - y_top)))
+            for s, v in zip(samples, values, strict=True)
+        ]
+        for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+            canvas.line(x0, y0, x1, y1, (30, 90, 200), 2)
+        canvas.text(left + 6, y_top - 18, title)
+        canvas.text(4, y_top, _figure(high), (90, 90, 90))
+        canvas.text(4, y_bottom - 14, _figure(low), (90, 90, 90))
+    canvas.text(left, canvas.height - 24, "0 S", (90, 90, 90))
+    canvas.text(width - right - 90, canvas.height - 24, f"{end:.0f} S", (90, 90, 90))
+    with open(path, "wb") as out:
+        out.write(canvas.png())
+
+
+def read_samples(path: str) -> list[SoakSample]:
+    with open(path) as lines:
+        return [SoakSample(**json.loads(line)) for line in lines if line.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lab.loadgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--portal", required=True, help="the portal's base URL, e.g. ws://172.31.0.1:8443")
@@ -671,16 +808,22 @@ def build_soak_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=50, help="load identities per round")
     parser.add_argument("--rate", type=float, default=2.0, help="pings per second per identity")
     parser.add_argument("--samples", default=None, help="write the samples here as JSON lines")
+    parser.add_argument("--plot", default=None, help="draw the samples into this PNG")
     parser.add_argument("--log-level", default="WARNING")
     return parser
 
 
 async def _main(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["plot"] and len(arguments) == 3:
+        plot_samples(read_samples(arguments[1]), arguments[2])
+        return 0
     if arguments[:1] == ["soak"]:
         soak_args = build_soak_parser().parse_args(arguments[1:])
         logging.basicConfig(level=soak_args.log_level, stream=sys.stderr)
-        await soak(soak_args.minutes, soak_args.clients, soak_args.rate, soak_args.samples)
+        samples = await soak(soak_args.minutes, soak_args.clients, soak_args.rate, soak_args.samples)
+        if soak_args.plot is not None:
+            plot_samples(samples, soak_args.plot)
         return 0
     args = build_parser().parse_args(arguments)
     logging.basicConfig(level=args.log_level, stream=sys.stderr)

@@ -70,6 +70,9 @@ MAX_PINGS_IN_FLIGHT = 256
 """Per identity: echo requests remembered for matching; older ones count as lost."""
 MAX_EARLY_CANDIDATES = 64
 PORTAL_OPEN_TIMEOUT = 20.0
+PORTAL_ATTEMPTS = 10
+PORTAL_RETRY_DELAY = 0.5
+"""Seconds before the first retry of a refused portal connection; each later one waits that much longer."""
 CONNECT_SPREAD = 0.005
 """Seconds between two identities' portal connections at start (a stampede of 1,000 TLS-less upgrades at once
 only measures the dev portal's accept queue)."""
@@ -124,6 +127,7 @@ class LoadSummary:
     pings_answered: int
     rtt_seconds: list[float]
     failures: Counter[str]
+    portal_retries: int
     answered_by_every_client: bool
 
     def to_json(self) -> dict[str, Any]:
@@ -143,6 +147,7 @@ class LoadSummary:
             "pings_answered": self.pings_answered,
             "rtt_ms": {k: None if v is None else v * 1000 for k, v in figures(self.rtt_seconds).items()},
             "failures": dict(self.failures),
+            "portal_retries": self.portal_retries,
             "answered_by_every_client": self.answered_by_every_client,
         }
 
@@ -168,6 +173,7 @@ class LoadClient:
     tunnel_ipv4: bytes | None = None
     grant: _Grant | None = None
     early_candidates: list[str] = field(default_factory=list)
+    portal_retries: int = 0
     requested_at: float | None = None
     established_at: float | None = None
     failure: str | None = None
@@ -202,9 +208,25 @@ class LoadClient:
     # -- the portal -------------------------------------------------------------------------------------------------
 
     async def run_portal(self) -> None:
+        """Joins the portal; a connection refused or lost before this identity's connection is up is tried again
+        (as a client would after a portal restart), up to :data:`PORTAL_ATTEMPTS` times."""
+        reason = "portal: not tried"
+        for attempt in range(PORTAL_ATTEMPTS):
+            reason = await self._portal_session()
+            if self.generator.stopping or self.established_at is not None or self.failure is not None:
+                return
+            if attempt + 1 < PORTAL_ATTEMPTS:
+                self.portal_retries += 1
+                await asyncio.sleep(PORTAL_RETRY_DELAY * (attempt + 1))
+        self.fail(reason)
+
+    async def _portal_session(self) -> str:
+        """One WebSocket to the portal, until it closes; returns why it ended."""
         args = self.generator.args
         url = f"{args.portal.rstrip('/')}/client/websocket?{urlencode({'public_key': self.public_key_b64})}"
         headers = {"X-Authorization": f"Bearer {self.token}"}
+        self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
+        self.outbox = asyncio.Queue()
         try:
             async with ws_connect(url, additional_headers=headers, open_timeout=PORTAL_OPEN_TIMEOUT) as ws:
                 sender = self.loop.create_task(self._send_frames(ws))
@@ -217,10 +239,8 @@ class LoadClient:
                 finally:
                     sender.cancel()
         except (OSError, TimeoutError, WebSocketException) as exc:
-            self.fail(f"portal: {type(exc).__name__}")
-            return
-        if not self.generator.stopping:
-            self.fail("portal: the socket closed")
+            return f"portal: {type(exc).__name__}"
+        return "portal: the socket closed"
 
     async def _send_frames(self, ws: ClientConnection) -> None:
         while True:
@@ -265,20 +285,22 @@ class LoadClient:
             self.node.update_relays(removed, parse_portal_relays(body.get("connected"), ipv6=False), self.now())
 
     def on_init(self, body: dict[str, Any]) -> None:
-        if self.socket is not None:
-            return
-        interface = body.get("interface")
-        try:
-            assert isinstance(interface, dict)
-            self.tunnel_ipv4 = bytes(int(part) for part in str(interface["ipv4"]).split("."))
-            self.socket = UdpSocket.bind(self.generator.bind, 0, gso=False, gro=False, increase_buffers=False)
-        except (AssertionError, KeyError, ValueError, OSError) as exc:
-            self.fail(f"setup: {type(exc).__name__}")
-            return
-        self.local = self.socket.local_address
-        self.loop.add_reader(self.socket.fileno(), self.on_udp)
+        if self.socket is None:
+            interface = body.get("interface")
+            try:
+                assert isinstance(interface, dict)
+                self.tunnel_ipv4 = bytes(int(part) for part in str(interface["ipv4"]).split("."))
+                self.socket = UdpSocket.bind(self.generator.bind, 0, gso=False, gro=False, increase_buffers=False)
+            except (AssertionError, KeyError, ValueError, OSError) as exc:
+                self.fail(f"setup: {type(exc).__name__}")
+                return
+            self.local = self.socket.local_address
+            self.loop.add_reader(self.socket.fileno(), self.on_udp)
         self.node.update_relays([], parse_portal_relays(body.get("relays"), ipv6=False), self.now())
-        self.requested_at = self.now()
+        if self.grant is not None:
+            return  # a rejoin after the connection was granted: nothing to ask again
+        if self.requested_at is None:
+            self.requested_at = self.now()
         payload = {"resource_id": self.generator.args.resource, "connected_gateway_ids": []}
         self.channel.push("create_flow", payload, self.now())
 
@@ -485,6 +507,7 @@ class LoadGenerator:
             pings_answered=sum(len(c.rtts) for c in self.clients),
             rtt_seconds=[rtt for c in self.clients for rtt in c.rtts],
             failures=failures,
+            portal_retries=sum(c.portal_retries for c in self.clients),
             answered_by_every_client=bool(self.clients) and all(c.rtts for c in self.clients),
         )
 
@@ -630,6 +653,9 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
 
         await asyncio.gather(churn(), faults(), sampler())
         problems = world.gateway_problems(allowed=("portal link down",))
+        drops = [
+            line for line in (await world.gateway_metrics()).splitlines() if line.startswith("firezone_dataplane_drops")
+        ]
     if samples_path is not None:
         with open(samples_path, "w") as out:
             for sample in samples:
@@ -644,6 +670,7 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
                 "connected": f"{connected}/{offered}",
                 "rss_mib": [round(s.rss_bytes / 2**20, 1) for s in samples],
                 "open_descriptors": [s.open_descriptors for s in samples],
+                "drops_by_reason": drops,
                 "gateway_warnings": problems[:20],
             }
         ),

@@ -11,6 +11,7 @@ detected) and "no tests" counts against the score (nothing would notice the chan
     .venv/bin/python tools/mutation_report.py                     # every module, smallest first
     .venv/bin/python tools/mutation_report.py dataplane/p2p_control.py --max-children 1
     .venv/bin/python tools/mutation_report.py --report-only       # print the table from earlier runs
+    .venv/bin/python tools/mutation_report.py --retest-survivors dataplane/p2p_control.py   # after adding tests
 """
 
 from __future__ import annotations
@@ -161,27 +162,54 @@ def _section(path: Path, name: str) -> str:
     return text[start : start + 1 + following.start()] if following else text[start:]
 
 
-def run(module: str, max_children: int, timeout: float) -> Path:
+def run(module: str, max_children: int, timeout: float, *, retest_survivors: bool = False) -> Path:
+    """One mutmut run over ``module``; with ``retest_survivors`` only the mutants that survived last time run again
+    (after adding tests: fresh tests are copied in, every other verdict is kept)."""
+    names = survivors(module) if retest_survivors else []
+    earlier = _exit_codes(module)
     scratch = prepare(module)
+    if retest_survivors and not names:
+        return scratch
     mutmut = Path(sys.executable).with_name("mutmut")
     log = scratch / "mutmut.log"
     with log.open("w") as output:
         subprocess.run(
-            [str(mutmut), "run", "--max-children", str(max_children)],
+            [str(mutmut), "run", "--max-children", str(max_children), *names],
             cwd=scratch,
             stdout=output,
             stderr=subprocess.STDOUT,
             timeout=timeout,
             check=False,
         )
+    if retest_survivors:
+        # mutmut forgets the verdicts of mutants it did not re-run when tests changed; added tests cannot revive a
+        # killed mutant, so those verdicts still hold.
+        meta_path = _meta_path(module)
+        meta = json.loads(meta_path.read_text())
+        codes = meta.get("exit_code_by_key", {})
+        for name, code in codes.items():
+            if code is None and earlier.get(name) is not None:
+                codes[name] = earlier[name]
+        meta_path.write_text(json.dumps(meta))
     return scratch
 
 
-def score(module: str) -> Score | None:
-    meta = scratch_dir(module) / "mutants" / f"{module}.meta"
+def _meta_path(module: str) -> Path:
+    return scratch_dir(module) / "mutants" / f"{module}.meta"
+
+
+def _exit_codes(module: str) -> dict[str, int | None]:
+    meta = _meta_path(module)
     if not meta.exists():
+        return {}
+    codes: dict[str, int | None] = json.loads(meta.read_text()).get("exit_code_by_key", {})
+    return codes
+
+
+def score(module: str) -> Score | None:
+    if not _meta_path(module).exists():
         return None
-    exit_codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+    exit_codes = _exit_codes(module)
     result = Score(module, mutants=len(exit_codes))
     for code in exit_codes.values():
         if code in _KILLED_CODES or code in _DETECTED_CODES:
@@ -198,11 +226,9 @@ def score(module: str) -> Score | None:
 
 
 def survivors(module: str) -> list[str]:
-    meta = scratch_dir(module) / "mutants" / f"{module}.meta"
-    if not meta.exists():
-        return []
-    exit_codes: dict[str, int | None] = json.loads(meta.read_text()).get("exit_code_by_key", {})
-    return sorted(name for name, code in exit_codes.items() if code in _SURVIVED_CODES or code in _NO_TESTS_CODES)
+    return sorted(
+        name for name, code in _exit_codes(module).items() if code in _SURVIVED_CODES or code in _NO_TESTS_CODES
+    )
 
 
 def print_table(scores: list[Score], target: float) -> None:
@@ -221,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per module before giving up")
     parser.add_argument("--report-only", action="store_true", help="print scores from earlier runs, run nothing")
     parser.add_argument("--survivors", action="store_true", help="also list surviving mutant names")
+    parser.add_argument(
+        "--retest-survivors", action="store_true", help="re-run only the mutants that survived the last run"
+    )
     parser.add_argument("--target", type=float, default=90.0, help="score to flag modules below (default 90)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULE_TESTS]
@@ -231,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in modules:
         if not args.report_only:
             print(f"mutating {module} ...", flush=True)
-            run(module, args.max_children, args.timeout)
+            run(module, args.max_children, args.timeout, retest_survivors=args.retest_survivors)
         result = score(module)
         if result is not None:
             scores.append(result)

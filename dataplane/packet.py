@@ -410,6 +410,8 @@ def _split_tcp(hdr: VirtioNetHdr, packet: bytes | bytearray | memoryview, versio
     mss = hdr.gso_size
     if mss <= 0:
         raise PacketParseError("TSO frame with gso_size 0")
+    if headers_len + min(mss, n - headers_len) > MAX_IP_PACKET:
+        raise PacketParseError("TSO segment longer than an IP packet")
     options = bytes(packet[ihl + TCP_MIN_HEADER_LEN : headers_len])
     options_sum = int.from_bytes(options, "big") % _FOLD if options else 0
     view = memoryview(packet)
@@ -480,6 +482,8 @@ def _split_with_template(
     if size <= 0:
         raise PacketParseError(f"{'TSO' if is_tcp else 'USO'} frame with gso_size 0")
     headers_len = ihl + l4_len
+    if headers_len + min(size, len(packet) - headers_len) > MAX_IP_PACKET:
+        raise PacketParseError(f"{'TSO' if is_tcp else 'USO'} segment longer than an IP packet")
     view = memoryview(packet)
     count = max(1, -(-(len(packet) - headers_len) // size))
     last = count - 1

@@ -13,8 +13,16 @@ import struct
 from dataplane import packet as pk
 from fuzz.harness import fuzz_main, join_datagrams, split_datagrams
 
+# Frames up to the TUN reader's 65536 + 10 bytes need a 3-byte length prefix; libFuzzer must be allowed that long too.
+LENGTH_WIDTH = 3
+MAX_INPUT_LENGTH = 2 * (LENGTH_WIDTH + 65536 + pk.VIRTIO_NET_HDR_LEN)
+
 SRC4, DST4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 SRC6, DST6 = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("fd00" + "00" * 13 + "02")
+
+
+def join(packets: list[bytes]) -> bytes:
+    return join_datagrams(packets, width=LENGTH_WIDTH)
 
 
 def _ipv4(protocol: int, l4: bytes, ident: int = 1) -> bytes:
@@ -53,7 +61,11 @@ def seeds() -> list[bytes]:
     syn = _with_l4_checksum(_ipv4(6, _tcp(1, b"", pk.TCP_SYN)), SRC4, DST4, 6, 20, 16)
     frames = pk.coalesce(tcp4) + pk.coalesce(tcp6)
     singles = [udp4, udp6, icmp4, icmp6, syn]
-    return [join_datagrams(tcp4), join_datagrams(tcp6), join_datagrams(singles), *(join_datagrams([f]) for f in frames)]
+    # The largest frame the TUN reader takes: 65536 bytes of TSO super-packet in MSS-sized segments.
+    big = _ipv4(6, _tcp(1, b""))
+    big_frame = pk.VirtioNetHdr(gso_type=pk.VIRTIO_NET_HDR_GSO_TCPV4, hdr_len=40, gso_size=1400).encode()
+    big_frame += big + bytes(65536 - len(big))
+    return [join(tcp4), join(tcp6), join(singles), *(join([f]) for f in [*frames, big_frame])]
 
 
 def _check_packet(data: bytes) -> None:
@@ -98,7 +110,7 @@ def _check_coalesce(packets: list[bytes]) -> None:
 
 
 def TestOneInput(data: bytes) -> None:
-    packets = split_datagrams(data, limit=16)
+    packets = split_datagrams(data, limit=16, width=LENGTH_WIDTH)
     for packet in packets:
         _check_packet(packet)
         _check_frame(packet)

@@ -66,6 +66,9 @@ def fuzz_main(target: str, argv: Sequence[str] | None = None) -> None:
         corpus_dirs = [scratch]
         args.append(scratch)
     write_seeds(Path(corpus_dirs[0]), module.seeds())
+    max_len = getattr(module, "MAX_INPUT_LENGTH", None)
+    if max_len is not None and not any(arg.startswith("-max_len=") for arg in args):
+        args.insert(1, f"-max_len={max_len}")
     atheris.Setup(args, module.TestOneInput)
     atheris.Fuzz()
 
@@ -127,17 +130,17 @@ def _run_one(target: str, test_one_input: TestOneInput, data: bytes) -> None:
         raise FuzzFailure(target, data, exc) from exc
 
 
-def join_datagrams(datagrams: Sequence[bytes]) -> bytes:
-    """The input format of the stateful targets: each datagram behind a 16-bit big-endian length."""
-    return b"".join(len(d).to_bytes(2, "big") + d for d in datagrams)
+def join_datagrams(datagrams: Sequence[bytes], width: int = 2) -> bytes:
+    """The input format of the stateful targets: each datagram behind a ``width``-byte big-endian length."""
+    return b"".join(len(d).to_bytes(width, "big") + d for d in datagrams)
 
 
-def split_datagrams(data: bytes, limit: int = 64) -> list[bytes]:
+def split_datagrams(data: bytes, limit: int = 64, width: int = 2) -> list[bytes]:
     """Inverse of :func:`join_datagrams`; a short last frame keeps what is left, at most ``limit`` frames."""
     out: list[bytes] = []
     offset = 0
     while offset < len(data) and len(out) < limit:
-        length = int.from_bytes(data[offset : offset + 2], "big")
-        out.append(data[offset + 2 : offset + 2 + length])
-        offset += 2 + length
+        length = int.from_bytes(data[offset : offset + width], "big")
+        out.append(data[offset + width : offset + width + length])
+        offset += width + length
     return out

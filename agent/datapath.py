@@ -232,7 +232,11 @@ class DataPlane:
         task.add_done_callback(self._background.discard)
 
     async def _resolve(self, request: ResolveDomain) -> None:
-        addresses = await self.resolver.resolve(request.domain)
+        try:
+            addresses = await self.resolver.resolve(request.domain)
+        except Exception as exc:  # every request must be answered, or it would hold a pending slot forever
+            logger.warning("resolving %s raised: %r", request.domain, exc)
+            addresses = None
         if self._loop is None or self.tun is None:
             return  # closed meanwhile
         self.state.handle_domain_resolved(request, addresses, self._now())

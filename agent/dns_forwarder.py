@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -76,6 +77,8 @@ class DnsForwarder:
         self._upstream_port = upstream_port
         self._upstream_timeout = upstream_timeout
         self._srtt: dict[str, float] = {}
+        self._system_servers: list[str] | None = None
+        self._resolv_conf_stamp: tuple[int, int, int] | None = None
         self._queries = asyncio.Semaphore(MAX_CONCURRENT_QUERIES)
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.Server] = []
@@ -141,8 +144,20 @@ class DnsForwarder:
 
     # -- forwarding ---------------------------------------------------------------------------------------------
 
+    def _system_nameservers(self) -> list[str]:
+        """/etc/resolv.conf's nameservers, re-read only when the file changes."""
+        try:
+            st = os.stat(RESOLV_CONF)
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp != self._resolv_conf_stamp or self._system_servers is None:
+            self._system_servers = system_nameservers()
+            self._resolv_conf_stamp = stamp
+        return self._system_servers
+
     def _ordered_servers(self) -> list[str]:
-        servers = self._nameservers if self._nameservers is not None else system_nameservers()
+        servers = self._nameservers if self._nameservers is not None else self._system_nameservers()
         return sorted(servers, key=lambda s: self._srtt.get(s, 0.0))
 
     def _record(self, server: str, rtt: float) -> None:

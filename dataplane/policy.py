@@ -514,7 +514,10 @@ class ClientPolicy:
                 route: _Route = (int(network.network_address) >> shift, shift, rid, grant.filter)
                 (routes_v4 if network.version == 4 else routes_v6).append((network.prefixlen, rid, route))
         proxies = [
-            n for rid in allowed if isinstance((grant := self._grants[rid]).resource, DnsResource) for n in grant.networks
+            n
+            for rid in allowed
+            if isinstance((grant := self._grants[rid]).resource, DnsResource)
+            for n in grant.networks
         ]
         self._proxy_v4 = frozenset(int(n.network_address) for n in proxies if n.version == 4)
         self._proxy_v6 = frozenset(int(n.network_address) for n in proxies if n.version == 6)

@@ -38,6 +38,7 @@ def _probe(environment_value: str | None, *, without_extension: bool = False) ->
     return "NATIVE True" in result.stdout, result.stderr
 
 
+@needs_extension
 def test_firezone_native_0_selects_the_pure_python_twin_and_says_so() -> None:
     used_native, log = _probe("0")
     assert not used_native
@@ -91,3 +92,17 @@ def test_open_batch_lets_other_threads_run() -> None:
     assert results == [[None] * len(messages)]
     # With the GIL held for the whole call this loop could hardly run at all.
     assert spins > 1000
+
+
+def test_the_extension_is_built_where_make_setup_installed_its_build_tools() -> None:
+    """A silent build failure must not quietly turn every gateway pure-Python: with gcc and the OpenSSL headers present
+    (what `make setup` installs), the optional extension has to be there."""
+    import shutil
+    import sysconfig
+
+    headers = os.path.exists("/usr/include/openssl/evp.h") and os.path.exists(
+        os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    )
+    if shutil.which("gcc") is None or not headers or os.environ.get("FIREZONE_BUILD_NATIVE") == "0":
+        pytest.skip("no build tools here: the pure-Python mode is expected")
+    assert _native is not None, "gcc and the headers are installed but dataplane._native was not built"

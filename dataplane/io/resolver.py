@@ -2,9 +2,10 @@
 
 The gateway resolves a domain a client assigned proxy IPs for with its own resolver, as the reference does: the
 nameservers and search options of ``/etc/resolv.conf``, names in ``/etc/hosts`` first, A and AAAA asked separately
-(each answer may fail on its own), a 10 s timeout, at most 1000 lookups at a time and a cache of 512 answers that
-honours the records' TTLs (so a client re-sending ``assigned_ips`` after a TTL gets fresh records). Messages are built
-and parsed by dnspython's asynchronous resolver.
+(a lookup that fails counts as no records of that type, as in the reference), a 10 s timeout on the whole resolution
+(the only outcome reported as a failure), at most 1000 lookups at a time and a cache of 512 answers that honours the
+records' TTLs (so a client re-sending ``assigned_ips`` after a TTL gets fresh records). Messages are built and parsed
+by dnspython's asynchronous resolver.
 
 Both files are re-read when they change (a lab namespace bind-mounts its own ``resolv.conf``).
 """
@@ -104,7 +105,7 @@ class DomainResolver:
                 logger.warning("no usable %s (%s): resolving through 127.0.0.1", self._resolv_conf, exc)
                 resolver.nameservers = ["127.0.0.1"]
             resolver.port = self._port
-            resolver.lifetime = self._timeout
+            resolver.lifetime = self._timeout + 1.0  # the whole resolution's timeout fires first
             resolver.timeout = min(resolver.timeout, self._timeout)
             resolver.cache = dns.resolver.LRUCache(self._cache_size)
             self._resolver, self._resolver_stamp = resolver, stamp
@@ -124,8 +125,8 @@ class DomainResolver:
         return self._hosts
 
     async def resolve(self, domain: str) -> list[IpAddress] | None:
-        """The addresses of ``domain`` (possibly none: NXDOMAIN or no records), or None when resolution failed (every
-        query timed out or every nameserver failed)."""
+        """The addresses of ``domain`` (possibly none: NXDOMAIN, no records, or lookups that failed), or None when the
+        resolution did not finish within the timeout."""
         self.lookups += 1
         name = domain.lower().rstrip(".")
         listed = self._current_hosts().get(name)
@@ -133,24 +134,29 @@ class DomainResolver:
             return list(listed)
         async with self._limit:
             resolver = self._current_resolver()
-            answers = await asyncio.gather(
-                self._query(resolver, name, dns.rdatatype.A), self._query(resolver, name, dns.rdatatype.AAAA)
-            )
-        if all(answer is None for answer in answers):
-            self.failures += 1
-            return None
-        return [address for answer in answers if answer is not None for address in answer]
+            try:
+                answers = await asyncio.wait_for(
+                    asyncio.gather(
+                        self._query(resolver, name, dns.rdatatype.A), self._query(resolver, name, dns.rdatatype.AAAA)
+                    ),
+                    self._timeout,
+                )
+            except TimeoutError:
+                self.failures += 1
+                logger.info("resolving %s timed out after %.0f s", name, self._timeout)
+                return None
+        return [address for answer in answers for address in answer]
 
     async def _query(
         self, resolver: dns.asyncresolver.Resolver, name: str, rdtype: dns.rdatatype.RdataType
-    ) -> list[IpAddress] | None:
+    ) -> list[IpAddress]:
         try:
             answer = await resolver.resolve(dns.name.from_text(name), rdtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except (dns.exception.DNSException, OSError, ValueError) as exc:
             logger.info("resolving %s %s failed: %s", name, dns.rdatatype.to_text(rdtype), exc)
-            return None
+            return []
         addresses: list[IpAddress] = []
         for record in answer:
             try:

@@ -99,3 +99,19 @@ async def test_forwarder_answers_txt_over_udp_and_tcp_and_servfails_without_upst
     failed = dns.message.from_wire(await dead.answer(query.to_wire(), tcp=False) or b"")
     assert failed.rcode() == dns.rcode.SERVFAIL and failed.id == query.id
     assert await dead.answer(b"garbage", tcp=False) is None
+
+
+async def test_a_failing_lookup_counts_as_no_records(tmp_path: Path) -> None:
+    """A nameserver that answers SERVFAIL (here the forwarder with no upstream) yields no records, not a failure:
+    the reference answers such a domain Active without addresses; only the timeout is a failure."""
+    port = free_port()
+    servfailing = DnsForwarder(
+        [ip_address("127.0.0.1")], ["127.0.0.1"], port=port, upstream_port=free_port(), upstream_timeout=0.2
+    )
+    await servfailing.start()
+    try:
+        resolver = resolver_for(tmp_path, port)
+        assert await resolver.resolve("app.corp.example") == []
+        assert servfailing.servfails == 2  # A and AAAA
+    finally:
+        servfailing.close()

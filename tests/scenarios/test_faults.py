@@ -317,7 +317,8 @@ async def test_access_ends_mid_flow(ending: str) -> None:
         client, _ = await connect_client(world)
         portal = world.need_portal()
         client_id, resource_id = world.lab_clients[0].id, world.resource_id("lan")
-        assert (await world.ping("cl", RESOURCE_IP, count=1)).returncode == 0
+        # The very first packets after "established" may still be dropped (connection_not_ready): any reply will do.
+        assert (await world.ping("cl", RESOURCE_IP, count=3)).returncode == 0
         events_before = len(client.events)
         pushed_at = time.monotonic()
         if ending == "reject_access":

@@ -334,3 +334,31 @@ async def test_access_ends_mid_flow(ending: str) -> None:
         assert (await world.ping("cl", RESOURCE_IP, count=1, wait=1.0)).returncode != 0
         report(f"access_ends_{ending}", closed_seconds=closed_seconds)
         assert_no_unprovoked_problems(world)
+
+
+FIRST_PACKET_ATTEMPTS = 5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway bug: right after the client's connection is established, the gateway forwards the client's first "
+    "packet to the resource but drops the resource's reply (node drop reason connection_not_ready); seen in 2 of 3 "
+    "fresh connections",
+)
+async def test_first_packet_after_established_is_answered() -> None:
+    """A client that sends one ping the moment its connection is established gets the reply, every time: the
+    gateway never drops the answer to a packet it has just accepted from that client. Five fresh connections (a new
+    client key each time, so the gateway replaces the connection)."""
+    async with LabWorld(gateway_nat="masquerade", client_nat="masquerade", blob_size=4096) as world:
+        await world.wait_gateway_joined(timeout=20)
+        unanswered = 0
+        for _ in range(FIRST_PACKET_ATTEMPTS):
+            client, _ = await connect_client(world)
+            if (await world.ping("cl", RESOURCE_IP, count=1, wait=2.0)).returncode != 0:
+                unanswered += 1
+            await client.quit()
+            world.client_processes.remove(client)
+        metrics = await world.gateway_metrics()
+        not_ready = metric(metrics, "firezone_dataplane_drops", reason="connection_not_ready")
+        report("first_packet", unanswered=f"{unanswered}/{FIRST_PACKET_ATTEMPTS}", not_ready_drops=not_ready)
+        assert unanswered == 0 and not_ready == 0, f"{unanswered} first pings unanswered, {not_ready} drops"

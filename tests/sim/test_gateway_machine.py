@@ -192,11 +192,19 @@ class Model:
 
     def from_client(self, who: ModelClient, spec: PacketSpec) -> Outcome:
         """§3.3 client → resource."""
+        outcome = self._judge_from_client(who, spec)
+        if outcome != "tun" and spec.dst == LIMITED_BROADCAST:
+            # RFC 1122 §3.2.2: no ICMP error about a broadcast. Firezone answers this one (e.g. "network unreachable",
+            # the Internet resource refusing 240/4); the gateway deliberately follows the RFC, which no client relies on.
+            return "drop"
+        return outcome
+
+    def _judge_from_client(self, who: ModelClient, spec: PacketSpec) -> Outcome:
         version = spec.dst.version
         if spec.icmp_error:
             return "drop"  # step 1
         if spec.dst in MULTICAST[version]:
-            return "drop"  # no ICMP error may answer a multicast destination (RFC 1122 §3.2.2, RFC 4443 §2.4 e)
+            return "drop"  # Firezone drops multicast destinations before the policy, without an answer
         if spec.src != who.address(version):
             return "prohibited"  # step 2, answered like any refusal (to the forged source, through this tunnel)
         if spec.dst == GATEWAY[version]:
@@ -206,10 +214,6 @@ class Model:
         outcome = self.classify(who, spec.dst, spec.kind, spec.dport)
         if outcome == "tun" and spec.dst in DNS_PROXY[version]:
             return "network"  # authorized, but no DNS translation exists for the proxy address (§3.4)
-        if outcome != "tun" and spec.dst == LIMITED_BROADCAST:
-            # RFC 1122 §3.2.2: no ICMP error about a broadcast. Firezone answers this one ("network unreachable", the
-            # Internet resource refusing 240/4); the gateway deliberately follows the RFC, which no client relies on.
-            return "drop"
         return outcome
 
     def to_client(self, who: ModelClient, spec: PacketSpec) -> bool:

@@ -246,6 +246,9 @@ class _Connection:
     selected: tuple[Candidate, Candidate] | None = None  # (local base, remote) as ICE selected them last
     # False from IceDisconnected until ICE selects a pair again: ``selected`` then names a pair without consent.
     path_usable: bool = False
+    # (local, remote) of the last transport message that authenticated: the gateway answers there while ICE has not
+    # selected a pair yet (the controlled side learns the nomination only once its own check on that pair succeeded).
+    data_path: tuple[Address, Address] | None = None
     established: bool = False
     pending: deque[bytes] = field(default_factory=deque)
     handshakes: int = 0
@@ -727,6 +730,8 @@ class Node:
         if kind <= 2 and not self._admit_handshake(data, src, local, now):
             return None
         packet = conn.tunnel.decapsulate(data, now)
+        if kind == 4 and packet:
+            conn.data_path = (local, src)  # authenticated and not a replay: the client is reachable there
         # A handshake response goes back where the initiation came from, even if ICE has not selected that pair yet
         # (the controlled side learns the nomination a moment after the initiator may already send).
         self._flush_tunnel(conn, now, reply_path=(local, src))
@@ -990,9 +995,11 @@ class Node:
         """Whether packets may go into the tunnel now. The gateway never starts a handshake (§4.2: it only answers
         and sends in response to client traffic; its Tunn is responder-only), so it sends only once the client's
         handshake gave it a session; otherwise both sides would initiate at once and drop each other's handshake."""
-        if conn.selected is None or not conn.path_usable:
-            return False
-        return self.role is NodeRole.CLIENT or conn.tunnel.has_session
+        if self.role is NodeRole.GATEWAY:
+            return conn.tunnel.has_session and (
+                (conn.selected is not None and conn.path_usable) or conn.data_path is not None
+            )
+        return conn.selected is not None and conn.path_usable
 
     def _on_ice_event(self, conn: _Connection, event: ice.IceEvent, now: float) -> None:
         if isinstance(event, ice.SelectedPairChanged):
@@ -1030,6 +1037,8 @@ class Node:
             local, remote = conn.selected[0].address, conn.selected[1].address
         elif reply_path is not None:
             local, remote = reply_path
+        elif self.role is NodeRole.GATEWAY and conn.data_path is not None:
+            local, remote = conn.data_path
         else:
             self.drops.drop(DropReason.NO_PATH)
             return

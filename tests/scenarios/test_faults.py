@@ -339,12 +339,6 @@ async def test_access_ends_mid_flow(ending: str) -> None:
 FIRST_PACKET_ATTEMPTS = 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: right after the client's connection is established, the gateway forwards the client's first "
-    "packet to the resource but drops the resource's reply (node drop reason connection_not_ready); seen in 2 of 3 "
-    "fresh connections",
-)
 async def test_first_packet_after_established_is_answered() -> None:
     """A client that sends one ping the moment its connection is established gets the reply, every time: the
     gateway never drops the answer to a packet it has just accepted from that client. Five fresh connections (a new

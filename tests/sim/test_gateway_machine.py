@@ -492,9 +492,10 @@ class GatewayMachine(RuleBasedStateMachine):
         who = data.draw(st.sampled_from(self._present()))
         rid = data.draw(st.sampled_from(sorted(who.grants)) | st.sampled_from(RESOURCE_IDS))
         self.world.portal.push("reject_access", {"client_id": who.client.client_id, "resource_id": rid})
-        self._run(0.3)  # the goodbye travels
-        if who.grants.pop(rid, "absent") != "absent" and not who.grants:
-            self._evicted(who)
+        self._run(0.3)  # a goodbye, if any, travels
+        held = who.grants.pop(rid, "not held") != "not held"
+        if held and not who.grants:
+            self._evicted(who)  # at once, not at the next tick
 
     @precondition(lambda self: self.portal_connected)
     @rule(data=st.data(), filters=FILTERS)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import struct
+from typing import Any
 
 import pytest
 
 from dataplane import p2p_control
+from dataplane.io.rng import SeededRng
 from dataplane.wireguard import messages
 from dataplane.wireguard.constants import (
     MESSAGE_COOKIE_REPLY,
@@ -21,6 +24,8 @@ from dataplane.wireguard.constants import (
     MESSAGE_TRANSPORT,
     MESSAGE_TRANSPORT_MIN_SIZE,
 )
+from dataplane.wireguard.device import Device
+from dataplane.wireguard.uapi import MAX_LINE_LENGTH, Uapi, parse_allowed_ip
 
 # --- dataplane/wireguard/messages.py ---------------------------------------------------------------------------------
 
@@ -136,3 +141,132 @@ def test_assigned_ips_name_length_limits(resource: str, domain: str, accepted: b
 def test_domain_status_needs_a_string_resource() -> None:
     body = json.dumps({"resource": 1, "domain": "d", "status": "Active"}).encode()
     assert p2p_control.parse_domain_status(body) is None
+
+
+# --- dataplane/wireguard/uapi.py -------------------------------------------------------------------------------------
+# A refused `set` line is answered with an errno only; the reason goes to the log at warning level, where an operator
+# reads it. These tests pin both.
+
+KEY_A = bytes(range(32)).hex()
+KEY_B = bytes(range(32, 64)).hex()
+
+
+def _uapi() -> Uapi:
+    return Uapi(Device(rng=SeededRng(1), wall_clock=lambda: 1_700_000_000.0))
+
+
+def _set(uapi: Uapi, *lines: str) -> str:
+    return uapi.request("set=1\n" + "".join(line + "\n" for line in lines) + "\n", 0.0)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.uapi" and r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "errno", "reason"),
+    [
+        (["private_key=00"], -22, "failed to set private_key: key must be 64 hex characters"),
+        (["private_key=" + "zz" * 32], -22, "failed to set private_key: invalid hex"),
+        (["public_key=00"], -22, "failed to set peer public key: key must be 64 hex characters"),
+        (["listen_port=65536"], -22, "failed to parse listen_port: '65536'"),
+        (["fwmark=4294967296"], -22, "failed to parse fwmark: '4294967296'"),
+        (["fwmark=1=2"], -22, "failed to parse fwmark: '1=2'"),
+        (["replace_peers=false"], -22, "failed to set replace_peers, invalid value: 'false'"),
+        (["bogus=1"], -22, "invalid UAPI device key: 'bogus'"),
+        (["no equals sign"], -71, "failed to parse line 'no equals sign'"),
+        ([f"public_key={KEY_B}", "update_only=1"], -22, "failed to set update only, invalid value: '1'"),
+        ([f"public_key={KEY_B}", "remove=yes"], -22, "failed to set remove, invalid value: 'yes'"),
+        (
+            [f"public_key={KEY_B}", "preshared_key=00"],
+            -22,
+            "failed to set preshared key: key must be 64 hex characters",
+        ),
+        (
+            [f"public_key={KEY_B}", "persistent_keepalive_interval=65536"],
+            -22,
+            "failed to parse persistent keepalive interval: '65536'",
+        ),
+        (
+            [f"public_key={KEY_B}", "replace_allowed_ips=no"],
+            -22,
+            "failed to set replace allowed ips, invalid value: 'no'",
+        ),
+        ([f"public_key={KEY_B}", "protocol_version=2"], -22, "invalid protocol version: '2'"),
+        ([f"public_key={KEY_B}", "bogus=1"], -22, "invalid UAPI peer key: 'bogus'"),
+    ],
+)
+def test_refused_set_lines_answer_an_errno_and_log_why(
+    caplog: pytest.LogCaptureFixture, lines: list[str], errno: int, reason: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        assert _set(_uapi(), *lines) == f"errno={errno}\n\n"
+    assert _warnings(caplog) == [f"UAPI: {reason} (errno={errno})"]
+
+
+def test_protocol_version_1_is_accepted_for_a_peer() -> None:
+    assert _set(_uapi(), f"public_key={KEY_B}", "protocol_version=1") == "errno=0\n\n"
+
+
+def test_a_prefix_without_bits_is_refused_as_a_prefix() -> None:
+    with pytest.raises(ValueError, match="^invalid prefix: '10.0.0.1/'$"):
+        parse_allowed_ip("10.0.0.1/")
+
+
+def test_a_value_the_device_refuses_is_an_errno_and_the_rest_of_the_set_is_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class RefusingDevice(Device):
+        def upsert_peer(self, public_key: bytes, now: float, **changes: Any) -> Any:
+            if changes.get("allowed_ips"):
+                raise ValueError("allowed-IPs table full")
+            return super().upsert_peer(public_key, now, **changes)
+
+    uapi = Uapi(RefusingDevice(rng=SeededRng(1), wall_clock=lambda: 0.0))
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        reply = _set(uapi, f"public_key={KEY_B}", "allowed_ip=10.0.0.0/8", "listen_port=7")
+    assert reply == "errno=-22\n\n"
+    assert _warnings(caplog) == ["UAPI: invalid value: allowed-IPs table full (errno=-22)"]
+    assert uapi.listen_port == 0
+
+
+def test_only_an_empty_or_cr_line_ends_a_skipped_set() -> None:
+    uapi = _uapi()
+    # After the refused line everything up to the blank line is skipped, including a " " or "X" line and a get.
+    reply = uapi.request("set=1\nbogus=1\n \nX\nget=1\n\n", 0.0)
+    assert reply == "errno=-22\n\n"
+    # A line of just CR ends it (a client writing CRLF), so the get after it is answered.
+    assert uapi.request("set=1\nbogus=1\n\r\nget=1\n\n", 0.0) == "errno=-22\n\nerrno=0\n\n"
+
+
+def test_trailing_characters_after_get_cost_exactly_one_byte(caplog: pytest.LogCaptureFixture) -> None:
+    uapi = _uapi()
+    _set(uapi, "listen_port=5")
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        reply = uapi.request("get=1\nxget=1\n\n", 0.0)
+    assert reply == "errno=-22\n\nlisten_port=5\nerrno=0\n\n"
+    assert _warnings(caplog) == ["UAPI: trailing characters in UAPI get (errno=-22)"]
+
+
+def test_an_unknown_operation_closes_the_session_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    session = _uapi().open_session()
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        session.receive_data(b"x" * 100 + b"\n", 0.0)
+    assert session.closed is True
+    assert _warnings(caplog) == [f"UAPI: invalid UAPI operation: {b'x' * 64!r}; closing the connection"]
+
+
+def test_line_length_limit_is_inclusive(caplog: pytest.LogCaptureFixture) -> None:
+    session = _uapi().open_session()
+    session.receive_data(b"s" * MAX_LINE_LENGTH, 0.0)
+    assert session.closed is False
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        session.receive_data(b"s", 0.0)
+    assert session.closed is True
+    assert _warnings(caplog) == ["UAPI: line too long; closing the connection"]
+
+
+def test_end_of_input_closes_the_session() -> None:
+    session = _uapi().open_session()
+    session.receive_eof(0.0)
+    assert session.closed is True

@@ -1,4 +1,4 @@
-"""Reconnect backoff of the portal link, exactly as portal-protocol.md §1.7 (the reference wraps ``backon``).
+"""Reconnect backoff of the portal link, exactly as docs/protocol.md §1.7 (the reference wraps ``backon``).
 
 Pure: no clock, no sleeping. ``next_delay()`` returns how long to wait before the next attempt, or ``None`` once the
 total-delay budget would be exceeded (the caller then fails fatally). Jitter, when on, adds a uniform random share of

@@ -224,7 +224,7 @@ class DataPlane:
         if self.options.dns_forwarder:
             self._in_background(self._restart_dns_forwarder(event))
 
-    # -- DNS resources (portal-protocol.md §3.4, §3.5) -----------------------------------------------------------
+    # -- DNS resources (docs/protocol.md §3.4, §3.5) -----------------------------------------------------------
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -1,4 +1,4 @@
-"""Opening the portal's TCP connection the way the reference does (portal-protocol.md §1.3, §4.1).
+"""Opening the portal's TCP connection the way the reference does (docs/protocol.md §1.3, §4.1).
 
 At every attempt the host is resolved again and, when it is an IP literal, the literal itself is added to what the
 resolver returned. All addresses are dialled at once, each with a 5 s TCP connect timeout; the first socket to connect

@@ -1,4 +1,4 @@
-"""The gateway's DNS forwarder on ``<tunnel ip>:53535``, UDP and TCP (portal-protocol.md §3.5).
+"""The gateway's DNS forwarder on ``<tunnel ip>:53535``, UDP and TCP (docs/protocol.md §3.5).
 
 Clients send here the queries for DNS-resource names whose record types they do not synthesize themselves (TXT, SRV,
 ...). Each query goes to the system's nameservers (``/etc/resolv.conf``, port 53), the fastest first: every server

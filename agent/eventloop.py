@@ -1,4 +1,4 @@
-"""Portal events → gateway state; gateway outputs → portal messages (design.md §1, portal-protocol.md §2).
+"""Portal events → gateway state; gateway outputs → portal messages (design.md §1, docs/protocol.md §2).
 
 :class:`Eventloop` parses every push (:func:`protocol.messages.parse_portal_message`), hands it to the gateway state
 (:class:`dataplane.gateway.GatewayState`, behind the :class:`GatewayStateHandler` interface) and sends what the state

@@ -1,7 +1,7 @@
 """Flow logs: one record per flow (client, resource, 5-tuple, bytes and packets each way, start and end) written to the
 log stream under the ``flow_logs`` logger.
 
-Enabled by ``FIREZONE_FLOW_LOGS`` or by the portal's ``init.flow_logs`` (portal-protocol.md §2.1). While disabled the
+Enabled by ``FIREZONE_FLOW_LOGS`` or by the portal's ``init.flow_logs`` (docs/protocol.md §2.1). While disabled the
 gateway state has no observer and the data path pays nothing. While enabled, :class:`FlowTracker` is called once per
 packet the policy allowed (client → resource and resource → client) and keeps one small record per 5-tuple in a single
 table of at most ``max_flows`` entries; packets of a flow that does not fit are counted (``untracked``) but not logged.

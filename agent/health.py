@@ -1,4 +1,4 @@
-"""Health and metrics HTTP server, started before the portal connection (portal-protocol.md §5).
+"""Health and metrics HTTP server, started before the portal connection (docs/protocol.md §5).
 
 ``GET /healthz``: 200 while the event loop runs. ``GET /readyz``: 200 only when joined to the portal and ``init`` has
 been applied, else 503 (the reference always answers 200). ``GET /metrics``: Prometheus text exposition format (the

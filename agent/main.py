@@ -1,4 +1,4 @@
-"""``firezone-gateway``: configuration → health server → data plane → portal link → event loop (portal-protocol.md §5).
+"""``firezone-gateway``: configuration → health server → data plane → portal link → event loop (docs/protocol.md §5).
 
 Exit codes: 0 clean shutdown (SIGTERM/SIGINT), 1 fatal portal error, 2 bad configuration. Errors are one line
 ``error: ...`` on stderr; logs go to stderr too.

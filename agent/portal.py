@@ -1,4 +1,4 @@
-"""The portal link: :class:`protocol.phoenix.PhoenixChannel` driven over ``websockets`` (portal-protocol.md §1).
+"""The portal link: :class:`protocol.phoenix.PhoenixChannel` driven over ``websockets`` (docs/protocol.md §1).
 
 :class:`PortalLink` connects (URL, headers; the TCP connection is opened by :mod:`agent.dial` as §1.3 says: host
 resolved again at every attempt, all addresses dialled at once, 5 s per TCP connect, 15 s for the whole attempt, every

@@ -1,4 +1,4 @@
-"""One client's DNS-resource NAT (portal-protocol.md §3.4), sans-IO.
+"""One client's DNS-resource NAT (docs/protocol.md §3.4), sans-IO.
 
 A client reaches a DNS resource through *proxy IPs* it picked itself and announced with ``assigned_ips``. The gateway
 resolves the domain and keeps, per proxy IP, a *translation*: the domain, the resources it was assigned for and the

@@ -1,4 +1,4 @@
-"""Whether a domain belongs to a DNS resource's address pattern (portal-protocol.md §3.1).
+"""Whether a domain belongs to a DNS resource's address pattern (docs/protocol.md §3.1).
 
 A pattern is a glob over labels, ``.`` being the separator, compared case-insensitively:
 

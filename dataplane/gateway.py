@@ -1,6 +1,6 @@
 """The gateway's state, sans-IO: portal messages, the Node (ICE + WireGuard per client) and per-client policy, joined.
 
-It is what Firezone's ``GatewayState`` is to its gateway (portal-protocol.md §2, §3.3, §4.6). Inputs are the parsed
+It is what Firezone's ``GatewayState`` is to its gateway (docs/protocol.md §2, §3.3, §4.6). Inputs are the parsed
 portal messages, datagrams from the UDP sockets and packets read from the TUN device, each with ``now`` (monotonic
 seconds); wall-clock time (portal expiries) comes from the injected ``wall_clock``. Outputs are pulled:
 :meth:`poll_transmit` (datagrams), the packets returned by :meth:`handle_datagrams` (for the TUN), :meth:`poll_outbound`

@@ -1,4 +1,4 @@
-"""ICMP "destination unreachable" replies the gateway sends back through the tunnel (portal-protocol.md §3.3, §3.4).
+"""ICMP "destination unreachable" replies the gateway sends back through the tunnel (docs/protocol.md §3.3, §3.4).
 
 A client whose packet the gateway refuses gets an ICMP error quoting that packet; the client uses it to ask the portal
 for a fresh authorization. The reply is addressed from the packet's destination to its source, so to the client it

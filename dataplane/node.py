@@ -3,7 +3,7 @@
 The counterpart of Firezone's snownet ``Node``, role-symmetric: a gateway node is ICE-controlled and WireGuard
 responder, a client node ICE-controlling and WireGuard initiator. One UDP socket per address family carries STUN
 (relay control and ICE checks), TURN ChannelData and WireGuard; :meth:`Node.handle_input` demultiplexes by the rules of
-portal-protocol.md §4.4:
+docs/protocol.md §4.4:
 
 * from port 3478 of a known relay → that relay's :class:`~dataplane.turn.Allocation` (STUN for TURN, or ChannelData
   whose payload is a peer's datagram arriving on our relayed address; it is then demultiplexed again, below);
@@ -53,11 +53,11 @@ from dataplane.wireguard.ratelimit import RateLimiter
 logger = logging.getLogger(__name__)
 
 RELAY_PORT = 3478
-FIREZONE_REKEY_ATTEMPT_TIME = 20.0  # portal-protocol.md §4.2: ICE mode fails a desynced tunnel fast
+FIREZONE_REKEY_ATTEMPT_TIME = 20.0  # docs/protocol.md §4.2: ICE mode fails a desynced tunnel fast
 MAX_PENDING_PACKETS = 64  # a client's IP packets held per connection until it has a path
 RTT_INCLUSION_FACTOR = 2.0  # relays within 2× the best RTT (plus slack) are sampled evenly; slower ones are outliers
 RTT_INCLUSION_SLACK = 0.010
-# portal-protocol.md §4.2: more handshakes per second than this, over all connections, and the node is under load
+# docs/protocol.md §4.2: more handshakes per second than this, over all connections, and the node is under load
 # (boringtun's default, which Firezone uses).
 HANDSHAKE_RATE_LIMIT = 100
 MAX_RELAYS = 32  # the portal lists a handful; each relay costs an allocation and candidates on every connection
@@ -792,7 +792,7 @@ class Node:
         """Encrypts an IP packet for the connection; the datagram(s) come out of :meth:`poll_transmit`.
 
         A client's packets wait in a short queue until the connection has a path (oldest dropped when full). A
-        gateway never buffers (portal-protocol.md §3.3): until the client's handshake gave it a session, packets for
+        gateway never buffers (docs/protocol.md §3.3): until the client's handshake gave it a session, packets for
         that client are dropped and counted.
         """
         self.encapsulate_batch(connection_id, (packet,), now)

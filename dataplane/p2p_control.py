@@ -1,4 +1,4 @@
-"""Firezone's peer-to-peer control protocol: events between client and gateway inside the tunnel (portal-protocol.md §3.4).
+"""Firezone's peer-to-peer control protocol: events between client and gateway inside the tunnel (docs/protocol.md §3.4).
 
 A control message is an IPv6 packet that no real traffic can look like: source and destination are both the
 unspecified address ``::``, next header 0xFF (reserved), hop limit 0. Its payload is an 8-byte header (byte 0 the event
@@ -72,7 +72,7 @@ def parse(packet: bytes | bytearray | memoryview) -> ControlMessage | None:
     return ControlMessage(packet[start], bytes(packet[start + HEADER_LENGTH : end]))
 
 
-# --- DNS-resource NAT events (portal-protocol.md §3.4) ----------------------------------------------------------------
+# --- DNS-resource NAT events (docs/protocol.md §3.4) ----------------------------------------------------------------
 
 PROXY_IP_COUNTS = (4, 8)  # a client assigns 4 (IPv4 only) or 8 (4 + 4 IPv6) proxy IPs per domain
 MAX_DOMAIN_LENGTH = 253

@@ -1,4 +1,4 @@
-"""One client's access policy on the gateway (portal-protocol.md §3.3): what it may send, what may reach it.
+"""One client's access policy on the gateway (docs/protocol.md §3.3): what it may send, what may reach it.
 
 :class:`ClientPolicy` holds the client's tunnel addresses, the gateway's own, and the resources the portal granted the
 client, each with its own expiry. Two per-packet questions are answered from that state:
@@ -50,7 +50,7 @@ GrantableResource = CidrResource | DnsResource | InternetResource
 
 # Bounds on what the portal can make us store per client.
 MAX_GRANTS_PER_CLIENT = 4096
-# DNS proxy addresses routed per client (portal-protocol.md §3.4; the DNS NAT bounds its translations the same).
+# DNS proxy addresses routed per client (docs/protocol.md §3.4; the DNS NAT bounds its translations the same).
 MAX_PROXY_ROUTES_PER_CLIENT = 4096
 # Distinct (address, protocol, port) classifications remembered between state changes (Firezone keeps 1024 too).
 CLASSIFICATION_CACHE_SIZE = 1024
@@ -75,7 +75,7 @@ class PolicyDropReason(enum.Enum):
     SOURCE_INTERNET_EXCLUDED = "source_internet_excluded"
 
 
-# Which refusals from the client are answered, and how (portal-protocol.md §3.3 step 6, §3.4).
+# Which refusals from the client are answered, and how (docs/protocol.md §3.3 step 6, §3.4).
 _REPLY_KIND: dict[PolicyDropReason, UnreachableKind] = {
     PolicyDropReason.SPOOFED_SOURCE: UnreachableKind.PROHIBITED,
     PolicyDropReason.CLIENT_TO_CLIENT: UnreachableKind.PROHIBITED,
@@ -116,7 +116,7 @@ def _range(network: str) -> tuple[int, int]:
     return int(net.network_address) >> shift, shift
 
 
-# Device tunnel addresses (portal-protocol.md §4.1); both ranges leave 21 host bits.
+# Device tunnel addresses (docs/protocol.md §4.1); both ranges leave 21 host bits.
 _TUNNEL_V4 = _range("100.64.0.0/11")
 _TUNNEL_V6 = _range("fd00:2021:1111::/107")
 # Client-side DNS-resource proxy addresses (§3.4).
@@ -252,7 +252,7 @@ def _quotes_known_flow(packet: bytes | bytearray | memoryview, version: int, sta
 
 
 class _Filter:
-    """A resource's filter list compiled (portal-protocol.md §3.2): empty permits everything; otherwise the union of
+    """A resource's filter list compiled (docs/protocol.md §3.2): empty permits everything; otherwise the union of
     TCP ranges, the union of UDP ranges and an ICMP flag, and every other protocol is refused."""
 
     __slots__ = ("icmp", "permit_all", "tcp", "udp")
@@ -302,7 +302,7 @@ class _Grant:
     expires_at: float | None
     filter: _Filter
     # The networks this grant routes. A CIDR resource: its address. A DNS resource: the proxy addresses the client
-    # assigned to its domains, as host routes (portal-protocol.md §3.4). The Internet resource is not routed through
+    # assigned to its domains, as host routes (docs/protocol.md §3.4). The Internet resource is not routed through
     # the table.
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
@@ -366,7 +366,7 @@ class ClientPolicy:
         """Grants ``resource`` until ``expires_at`` (unix seconds; None = never).
 
         Granting a resource the client already holds refreshes its expiry and filters, nothing else: an address change
-        comes as ``reject_access`` first (portal-protocol.md §2.1). Refused (False) when the resource changes type (the
+        comes as ``reject_access`` first (docs/protocol.md §2.1). Refused (False) when the resource changes type (the
         expiry is still refreshed) or the client already holds :data:`MAX_GRANTS_PER_CLIENT` resources.
         """
         existing = self._grants.get(resource.id)
@@ -422,7 +422,7 @@ class ClientPolicy:
         self, resource_id: str, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]
     ) -> bool:
         """Routes DNS proxy addresses the client assigned for a held DNS resource to it, with the resource's filters
-        (portal-protocol.md §3.4 ``setup_nat``). False when the client holds no such DNS resource or the addresses
+        (docs/protocol.md §3.4 ``setup_nat``). False when the client holds no such DNS resource or the addresses
         would exceed :data:`MAX_PROXY_ROUTES_PER_CLIENT`."""
         grant = self._grants.get(resource_id)
         if grant is None or not isinstance(grant.resource, DnsResource):

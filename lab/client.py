@@ -1,6 +1,6 @@
 """The lab's headless Firezone client, and a bare Node driver for the NAT traversal test.
 
-**Portal mode** (``--portal``), a headless client as portal-protocol.md §2.3 describes it from the client's side: it
+**Portal mode** (``--portal``), a headless client as docs/protocol.md §2.3 describes it from the client's side: it
 generates its WireGuard key, joins the portal's ``client`` channel (``/client/websocket``, Phoenix V1), takes its tunnel
 addresses from ``init``, creates its TUN (MTU 1280, /32 + /128), asks for each resource with ``create_flow`` and, on
 ``flow_created``, opens a Node connection to the gateway (ICE controlling, WireGuard initiator; connection id = gateway
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- headless Firezone client (portal mode) ------------------------------------------------------------------------
 
 CLIENT_TOPIC = "client"
-TUN_MTU = 1280  # portal-protocol.md §4.1
+TUN_MTU = 1280  # docs/protocol.md §4.1
 TUN_BATCH = 128  # packets per TUN wake-up, as the gateway takes them
 MAX_EARLY_CANDIDATES = 64
 """Per gateway: candidates that arrive before ``flow_created`` (the gateway announces before it confirms, §2.3)."""
@@ -329,7 +329,7 @@ NO_RELAYS_RETRIES = 5
 NO_RELAYS_RETRY_DELAY = 1.0
 
 
-ASSIGNED_IPS_RETRANSMIT = 2.0  # portal-protocol.md §3.4: until a domain_status arrives
+ASSIGNED_IPS_RETRANSMIT = 2.0  # docs/protocol.md §3.4: until a domain_status arrives
 _PROXY_V4_BASE = int(ipaddress.IPv4Address("100.96.0.0"))
 _PROXY_V6_BASE = int(ipaddress.IPv6Address("fd00:2021:1111:8000::"))
 MAX_DNS_ASSIGNMENTS = 4096  # domains; each takes 4 IPv4 + 4 IPv6 of the 2**21 proxy addresses per family
@@ -562,7 +562,7 @@ class HeadlessClient:
             self.tun.close()
 
     def say_goodbye(self) -> None:
-        """Tells every connected gateway we are leaving (portal-protocol.md §3.4 ``goodbye``)."""
+        """Tells every connected gateway we are leaving (docs/protocol.md §3.4 ``goodbye``)."""
         if self.socket is None:
             return
         now = self.now()
@@ -992,7 +992,7 @@ class HeadlessClient:
         else:
             self.emit("error", detail=f"unknown command {command!r}")
 
-    # -- DNS resources (portal-protocol.md §3.4) ----------------------------------------------------------------
+    # -- DNS resources (docs/protocol.md §3.4) ----------------------------------------------------------------
 
     def resolve(self, resource_id: str, domain: str) -> None:
         """What the client does when an application asks for ``domain`` of a DNS resource: proxy IPs are handed out

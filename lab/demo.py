@@ -175,7 +175,7 @@ async def download(ctx: DemoContext) -> str:
 
 
 async def dns_resource(ctx: DemoContext) -> str:
-    """A DNS resource reached by name (portal-protocol.md §3.4): the client asks for the resource, hands out proxy
+    """A DNS resource reached by name (docs/protocol.md §3.4): the client asks for the resource, hands out proxy
     IPs for the name (announced with assigned_ips), the gateway resolves it through the resource host's DNS server and
     NATs the proxy IP to the real address; the name points at the proxy IP in the client's hosts file, as a Firezone
     client's DNS stub would answer."""

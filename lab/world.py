@@ -135,13 +135,13 @@ LAB_RESOURCES = {
     )
 }
 """``lan``: the resource host's network, everything allowed; ``lan-web``: the same network behind filters; ``dns``:
-the names under ``*.lab.example`` the resource host's DNS server answers (portal-protocol.md §3.4)."""
+the names under ``*.lab.example`` the resource host's DNS server answers (docs/protocol.md §3.4)."""
 
 
 class LabPortalConfig(PortalConfig):
     """The portal config with relay passwords coturn accepts.
 
-    The real portal and relay share the Firezone scheme (portal-protocol.md §4.5); coturn only knows its TURN REST
+    The real portal and relay share the Firezone scheme (docs/protocol.md §4.5); coturn only knows its TURN REST
     scheme (HMAC-SHA1 over the username). Usernames stay the portal's ``<expiry>:<salt>``; only the password differs,
     which neither the gateway nor the client computes themselves.
     """
@@ -156,7 +156,7 @@ class LabPortalConfig(PortalConfig):
         """The configured pairs plus every flow the portal brokered for this site that is still valid.
 
         The real portal's authorization cache holds brokered flows too, and a gateway re-syncs to ``init`` after a
-        reconnect by revoking whatever is not listed (portal-protocol.md §2.1 step 5): without them a portal restart
+        reconnect by revoking whatever is not listed (docs/protocol.md §2.1 step 5): without them a portal restart
         would cut every client off.
         """
         result = super().authorizations_for_site(site_id, now_unix)
@@ -660,7 +660,7 @@ class LabWorld:
                 raise RuntimeError("iperf3 -s did not start listening")
             await asyncio.sleep(0.05)
 
-    # ------------------------------------------------------------------ DNS (portal-protocol.md §3.4, §3.5)
+    # ------------------------------------------------------------------ DNS (docs/protocol.md §3.4, §3.5)
 
     @property
     def dns_zone_path(self) -> Path:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Python Firezone Gateway as a systemd service from a pinned wheel.
 #
-# Reads the variables of Firezone's scripts/gateway-systemd-install.sh (portal-protocol.md §6.1) and writes every
+# Reads the variables of Firezone's scripts/gateway-systemd-install.sh (docs/protocol.md §6.1) and writes every
 # gateway setting it is given into /etc/firezone/gateway-env, which the unit reads, so none is lost on the way
 # (FIREZONE_LOG_FORMAT and FIREZONE_FLOW_LOGS included).
 #
@@ -120,7 +120,7 @@ if [[ -z "${FIREZONE_ID:-}" && -f "$env_file" ]]; then
     FIREZONE_ID="$(sed -n 's/^FIREZONE_ID="\([0-9A-Za-z_-]*\)"$/\1/p' "$env_file" | tail -n 1)"
 fi
 if [[ -z "${FIREZONE_ID:-}" ]]; then
-    # A unique id per machine even when many are cloned from one image (portal-protocol.md §6.2).
+    # A unique id per machine even when many are cloned from one image (docs/protocol.md §6.2).
     FIREZONE_ID="$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1)"
 fi
 {

@@ -2,7 +2,7 @@
 
 Two axes: *who* broke the protocol (``LocalProtocolError``: our own misuse of an API; ``RemoteProtocolError``: the peer
 sent something we cannot accept) and *what happens next* (``PortalError``: fatal, the process exits 1;
-``TransientPortalError``: the link is retried with backoff, portal-protocol.md §1.7/§1.8).
+``TransientPortalError``: the link is retried with backoff, docs/protocol.md §1.7/§1.8).
 """
 
 from __future__ import annotations

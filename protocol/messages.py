@@ -1,4 +1,4 @@
-"""Typed payloads of every event on the gateway channel, both directions (portal-protocol.md §2).
+"""Typed payloads of every event on the gateway channel, both directions (docs/protocol.md §2).
 
 Inbound: :func:`parse_portal_message` turns ``(event, payload)`` into one of the models below, or into a
 :class:`DropReason` (counted and logged) — it never raises. Unknown fields are ignored everywhere, as the portal adds

@@ -1,4 +1,4 @@
-"""Sans-IO Phoenix V1 JSON channel, as the gateway speaks it to the portal (portal-protocol.md §1.4–§1.6).
+"""Sans-IO Phoenix V1 JSON channel, as the gateway speaks it to the portal (docs/protocol.md §1.4–§1.6).
 
 One :class:`PhoenixChannel` lives as long as the process. For every WebSocket connection the driver calls
 :meth:`PhoenixChannel.connect` once the upgrade succeeded, feeds every text frame to :meth:`receive_text`, sends what
@@ -61,7 +61,7 @@ class DropReason(enum.Enum):
 
 
 class HiccupReason(enum.Enum):
-    """Why the link must be re-established (all transient, portal-protocol.md §1.8)."""
+    """Why the link must be re-established (all transient, docs/protocol.md §1.8)."""
 
     MISSED_HEARTBEATS = "missed_heartbeats"
     JOIN_TIMEOUT = "join_timeout"

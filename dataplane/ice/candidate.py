@@ -1,7 +1,7 @@
 """ICE candidates as values: SDP ``candidate:`` strings both ways, RFC 8445 priorities and foundations.
 
 Firezone exchanges candidates through the portal as bare SDP attribute values
-(``candidate:<foundation> 1 udp <priority> <ip> <port> typ <type> [raddr <ip> rport <port>]``, portal-protocol.md §4.3).
+(``candidate:<foundation> 1 udp <priority> <ip> <port> typ <type> [raddr <ip> rport <port>]``, docs/protocol.md §4.3).
 Only UDP, component 1 is used, but the parser accepts any component number so that a peer's choice survives a round trip.
 """
 

@@ -1,4 +1,4 @@
-"""Firezone's ICE timing profiles (portal-protocol.md §4.3), expressed as STUN retransmission ladders.
+"""Firezone's ICE timing profiles (docs/protocol.md §4.3), expressed as STUN retransmission ladders.
 
 A ladder follows str0m's rule, which Firezone configures: after the k-th transmission of a check the agent waits
 ``min(initial_rto * 2^(k-1), max_rto)``, and a pair without any answer is given up ``timeout`` seconds after its first

@@ -1,4 +1,4 @@
-"""Kernel setup on the host for the gateway: forwarding sysctls and an nftables table of our own (portal-protocol.md §4.7).
+"""Kernel setup on the host for the gateway: forwarding sysctls and an nftables table of our own (docs/protocol.md §4.7).
 
 Firezone leaves this to an init script that inserts iptables rules; here the agent does it at start (:meth:`HostSetup.
 apply`) and undoes it at exit (:meth:`HostSetup.undo`), unless the operator turns that off and does it themselves.

@@ -4,10 +4,10 @@
 function creates there (TUN devices, sockets) stays bound to that namespace and can be used from any thread afterwards,
 so a test process can own devices in several namespaces at once without ``ip netns exec``.
 
-:func:`configure_tunnel_interface` gives the TUN device its portal-assigned addresses and routes (portal-protocol.md §2.1
+:func:`configure_tunnel_interface` gives the TUN device its portal-assigned addresses and routes (docs/protocol.md §2.1
 ``init`` steps 6-7, §4.1) through rtnetlink (pyroute2); :func:`remove_tunnel_routes` takes the routing away at exit.
 
-Routing choice: like Firezone (portal-protocol.md §4.7) the tunnel ranges 100.64.0.0/11 and fd00:2021:1111::/107 are
+Routing choice: like Firezone (docs/protocol.md §4.7) the tunnel ranges 100.64.0.0/11 and fd00:2021:1111::/107 are
 routed in a table of their own, ``0x2021fd00``, consulted by one rule per address family at priority 100, "not fwmark
 0xfd002021". Plain main-table routes would be simpler but wrong in two cases that occur in practice:
 

@@ -1,4 +1,4 @@
-"""Resolution of DNS-resource domains with the system's configuration (portal-protocol.md §3.4).
+"""Resolution of DNS-resource domains with the system's configuration (docs/protocol.md §3.4).
 
 The gateway resolves a domain a client assigned proxy IPs for with its own resolver, as the reference does: the
 nameservers and search options of ``/etc/resolv.conf``, names in ``/etc/hosts`` first, A and AAAA asked separately

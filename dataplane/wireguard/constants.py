@@ -1,4 +1,4 @@
-"""WireGuard protocol constants (whitepaper §6; values as in wireguard-go device/constants.go, reference.md §F)."""
+"""WireGuard protocol constants (whitepaper §6; values as in wireguard-go device/constants.go, docs/protocol.md §F)."""
 
 from __future__ import annotations
 

@@ -197,7 +197,7 @@ class Tunn:
         self.peer_public = peer_public
         self.preshared_key = preshared_key
         self.rekey_attempt_time = rekey_attempt_time
-        # A Firezone gateway never initiates (portal-protocol.md §4.2): the client initiates and rekeys, and traffic
+        # A Firezone gateway never initiates (docs/protocol.md §4.2): the client initiates and rekeys, and traffic
         # for a peer without a session is dropped, not staged, because the gateway never buffers.
         self.responder_only = responder_only
         self.mtu = mtu

@@ -1,4 +1,4 @@
-"""The dev portal: a local stand-in for Firezone's portal that gateways connect to (portal-protocol.md §1, §2).
+"""The dev portal: a local stand-in for Firezone's portal that gateways connect to (docs/protocol.md §1, §2).
 
 In process::
 
@@ -13,7 +13,7 @@ As a process: ``firezone-lab portal --config FILE --listen 127.0.0.1:PORT`` (or 
 
 Clients (``python -m lab.client --portal URL --token T``) connect on ``/client/websocket?public_key=<their key>``
 with ``X-Authorization: Bearer <clients[].token>`` and join topic ``client``; the portal brokers them to gateways
-(portal-protocol.md §2.3)::
+(docs/protocol.md §2.3)::
 
     client → create_flow {resource_id, connected_gateway_ids?}
              portal picks a joined gateway of the resource's site (one the client already uses first, else the least

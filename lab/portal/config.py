@@ -2,7 +2,7 @@
 
 Everything a real portal would compute from its database (tunnel IPs, relay credentials, ICE credentials, PSKs, the
 opaque authorization ``ref``) is derived here deterministically from the config and the connecting gateway, following
-portal-protocol.md §2.1, §4.2, §4.3 and §4.5. Nothing here does I/O beyond :func:`load_config`.
+docs/protocol.md §2.1, §4.2, §4.3 and §4.5. Nothing here does I/O beyond :func:`load_config`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def relay_credentials(
 def ice_credentials(
     client_id: str, client_public_key: str, gateway_id: str, gateway_public_key: str
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """(client, gateway) ICE credentials derived as in portal-protocol.md §4.3 (4/22/4/22 characters)."""
+    """(client, gateway) ICE credentials derived as in docs/protocol.md §4.3 (4/22/4/22 characters)."""
     seed = f"{client_id}:{client_public_key}:{gateway_id}:{gateway_public_key}"
     digest = base64.b32encode(hashlib.sha256(seed.encode()).digest()).decode("ascii").rstrip("=").lower()
     client = {"username": digest[0:4], "password": digest[4:26]}
@@ -73,7 +73,7 @@ def preshared_key(
     gateway_psk_base: bytes,
     gateway_public_key: str,
 ) -> str:
-    """The WireGuard PSK as the portal derives it (portal-protocol.md §4.2), base64 of 32 bytes."""
+    """The WireGuard PSK as the portal derives it (docs/protocol.md §4.2), base64 of 32 bytes."""
     salt = f"WG_PSK|C_ID:{client_id}|G_ID:{gateway_id}|C_PK:{client_public_key}|G_PK:{gateway_public_key}"
     key = hashlib.pbkdf2_hmac("sha256", client_psk_base + gateway_psk_base, salt.encode(), 1, dklen=32)
     return base64.b64encode(key).decode("ascii")
@@ -167,7 +167,7 @@ class ResourceConfig(_Model):
         return self
 
     def to_payload(self) -> dict[str, Any]:
-        """The resource object of portal-protocol.md §3.1, as the gateway sees it."""
+        """The resource object of docs/protocol.md §3.1, as the gateway sees it."""
         if self.type == "internet":
             return {"id": self.id, "type": "internet"}
         return {
@@ -232,7 +232,7 @@ class PortalConfig(_Model):
     idle_timeout: float = 37.0
     """Seconds without any frame from the gateway before the portal closes the socket (Phoenix's 37 s)."""
     authorization_timeout: float = Field(default=15.0, gt=0)
-    """Seconds a brokered flow waits for the gateway's ``authorization_created`` (portal-protocol.md §2.1: 15 s)."""
+    """Seconds a brokered flow waits for the gateway's ``authorization_created`` (docs/protocol.md §2.1: 15 s)."""
     sites: list[SiteConfig] = Field(default_factory=list)
     gateways: list[GatewayConfig] = Field(default_factory=list)
     resources: list[ResourceConfig] = Field(default_factory=list)

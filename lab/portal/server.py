@@ -1,6 +1,6 @@
 """The dev portal: an aiohttp Phoenix server for gateways, plus an admin API for tests and the demo.
 
-It mirrors the parts of Firezone's portal a gateway can observe (portal-protocol.md §1, §2): the upgrade checks and
+It mirrors the parts of Firezone's portal a gateway can observe (docs/protocol.md §1, §2): the upgrade checks and
 their problem+json answers, the ``gateway`` channel, ``init`` after every join, the pushes an operator or a client would
 cause, and the replies to what the gateway sends. Headless clients connect on ``/client/websocket`` (topic ``client``)
 and are brokered as the real portal does (§2.3): ``create_flow`` picks a joined gateway of the resource's site, pushes
@@ -59,7 +59,7 @@ ADMIN_MAX_BODY = 64 * 1024 * 1024
 MAX_LOGGED_EVENTS = 100_000
 """The log keeps this many newest entries (a long-running ``firezone-lab portal`` must not grow without bound)."""
 
-# The gateway→portal events each socket generation understands (portal-protocol.md §2.0, §2.2).
+# The gateway→portal events each socket generation understands (docs/protocol.md §2.0, §2.2).
 _COMMON_GATEWAY_EVENTS = frozenset(
     {"set_snownet_capabilities", "broadcast_ice_candidates", "broadcast_invalidated_ice_candidates", "no_relays"}
 )
@@ -659,7 +659,7 @@ class DevPortal:
             raise SocketGone(session) from None
 
     def init_payload(self, session: GatewaySession) -> dict[str, Any]:
-        """``init`` for this gateway (portal-protocol.md §2.1)."""
+        """``init`` for this gateway (docs/protocol.md §2.1)."""
         ipv4, ipv6 = self._tunnel_ips_for(session.gateway_id, session.entry)
         return {
             "interface": {"ipv4": str(ipv4), "ipv6": str(ipv6)},
@@ -702,7 +702,7 @@ class DevPortal:
         expires_at: int | None | str = "default",
         client_public_key: str | None = None,
     ) -> dict[str, Any]:
-        """A full ``create_authorization`` payload (portal-protocol.md §2.1) for a configured client and resource.
+        """A full ``create_authorization`` payload (docs/protocol.md §2.1) for a configured client and resource.
 
         ``client_public_key``: the key a connected client announced (default: the one in the config).
         """
@@ -1252,7 +1252,7 @@ class DevPortal:
         self._changed = asyncio.Event()
 
     async def _fail_flow(self, flow: Flow, reason: str) -> None:
-        """``flow_creation_failed`` to the client (portal-protocol.md §2.1 step 5: ``offline`` after 15 s)."""
+        """``flow_creation_failed`` to the client (docs/protocol.md §2.1 step 5: ``offline`` after 15 s)."""
         if flow.state != "pending":
             return
         self._finish_flow(flow, "failed", reason)

@@ -1,4 +1,4 @@
-"""DNS resources through the real gateway process (portal-protocol.md §3.4, §3.5).
+"""DNS resources through the real gateway process (docs/protocol.md §3.4, §3.5).
 
 The lab client assigns proxy IPs for a name of the lab's DNS resource and announces them with ``assigned_ips``; the
 gateway resolves the name through the resource host's DNS server (its namespace's resolv.conf points there), answers

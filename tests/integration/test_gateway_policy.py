@@ -1,4 +1,4 @@
-"""The real gateway enforces each client's policy on real traffic (portal-protocol.md §2.1, §3.3, §3.4).
+"""The real gateway enforces each client's policy on real traffic (docs/protocol.md §2.1, §3.3, §3.4).
 
 One lab world serves the module: ``firezone-gateway`` joined to the dev portal, two headless clients behind their NAT
 holding the filtered resource ``lan-web`` (tcp/80, tcp/5201, ICMP), and the resource host. Each test starts from that
@@ -50,7 +50,7 @@ SETUP_TIMEOUT = 30.0
 EXPIRY_LEAD = 3.0
 """Seconds at least between granting with an expiry and that expiry: long enough to see traffic pass first."""
 EXPIRY_CUT_LIMIT = 2.0
-"""portal-protocol.md §3.3: an expired authorization carries no traffic after this many seconds."""
+"""docs/protocol.md §3.3: an expired authorization carries no traffic after this many seconds."""
 AT_ONCE_LIMIT = 1.5
 """What "at once" (reject_access, resource_updated) may take on a loaded machine; measured values are milliseconds."""
 
@@ -285,7 +285,7 @@ async def lab() -> AsyncIterator[PolicyLab]:
             assert flow["event"] == "flow_created", (flow, world.need_gateway().output()[-2000:])
             await client.wait_event("established", timeout=SETUP_TIMEOUT)
         # The gateway drops what it would send a client until its own side of the connection is ready (it never
-        # buffers, portal-protocol.md §3.3), which can lag the client's "established" by a round trip: one answered
+        # buffers, docs/protocol.md §3.3), which can lag the client's "established" by a round trip: one answered
         # ping per client first, so no test pays for a lost first packet.
         for index in (0, 1):
             await wait_tunnel_answers(world, world.lab_clients[index].netns_role)
@@ -478,7 +478,7 @@ async def test_existing_flows_keep_working_while_the_portal_is_down(
         seconds_down = time.monotonic() - down_at
     finally:
         await session.close()
-        # The real portal's init lists its cache of valid pairs (portal-protocol.md §2.1) and the gateway revokes
+        # The real portal's init lists its cache of valid pairs (docs/protocol.md §2.1) and the gateway revokes
         # every pair it does not list: the pairs brokered so far go into the config, so that the rejoin's init lists
         # them whatever the dev portal remembers by itself.
         listed = {(f.client_id, f.resource_id): f for f in portal.flows(state="created")}
@@ -511,7 +511,7 @@ async def test_expiry_of_the_last_resource_closes_the_connection(
     lab: PolicyLab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Client 2's only grant expires: its packets are refused from that instant, and the 1 Hz expiry tick then
-    ends the connection with a goodbye (portal-protocol.md §3.3, §3.4). Runs last: client 2 is gone afterwards."""
+    ends the connection with a goodbye (docs/protocol.md §3.3, §3.4). Runs last: client 2 is gone afterwards."""
     client = lab.clients[1]
     since = len(client.events)
     expires_at = math.ceil(time.time() + EXPIRY_LEAD)

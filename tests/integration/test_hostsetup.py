@@ -363,7 +363,7 @@ def iptables_rules(lab: Lab) -> list[str]:
 
 @pytest.mark.skipif(not iptables_nft_available(), reason="iptables (nf_tables variant) missing")
 def test_firezone_install_script_rules_coexist(lab: Lab, tun: Tun) -> None:
-    # portal-protocol.md §4.7's rules as Firezone's init script inserts them (uplink names match v+ here, not e+/w+),
+    # docs/protocol.md §4.7's rules as Firezone's init script inserts them (uplink names match v+ here, not e+/w+),
     # on a host whose FORWARD policy is DROP as Docker leaves it.
     for iptables, source in (("iptables", "100.64.0.0/11"), ("ip6tables", "fd00:2021:1111::/107")):
         lab.gw.exec([iptables, "-P", "FORWARD", "DROP"])

@@ -1,4 +1,4 @@
-"""packaging/install-gateway.sh against a scratch root, with a wheel built from this checkout (portal-protocol.md §5,
+"""packaging/install-gateway.sh against a scratch root, with a wheel built from this checkout (docs/protocol.md §5,
 §6.1): the files it writes, the checksum pin, a re-install, and the installed gateway running the way the systemd
 unit runs it (user nobody, CAP_NET_ADMIN only, no write+exec memory, the token as a credential) in a namespace of its
 own, answering GET /healthz while it keeps retrying a portal that is not there.

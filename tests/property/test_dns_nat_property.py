@@ -1,4 +1,4 @@
-"""The DNS-resource NAT's rewriting on random packets, checked against scapy (portal-protocol.md §3.4).
+"""The DNS-resource NAT's rewriting on random packets, checked against scapy (docs/protocol.md §3.4).
 
 For TCP, UDP and ICMP echo in both families, random addresses, ports, flags and payloads: the outbound packet is the
 client's with only the destination address (and, on a collision, the source port) changed, every checksum right as

@@ -1,4 +1,4 @@
-"""The DNS resource pattern match (portal-protocol.md §3.1) against a naive recursive model over labels."""
+"""The DNS resource pattern match (docs/protocol.md §3.1) against a naive recursive model over labels."""
 
 from __future__ import annotations
 

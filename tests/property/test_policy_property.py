@@ -1,4 +1,4 @@
-"""ClientPolicy against a naive reference model (portal-protocol.md §3.3), over random histories of grants, filter
+"""ClientPolicy against a naive reference model (docs/protocol.md §3.3), over random histories of grants, filter
 updates, revocations, expiries and packets in both directions, IPv4 and IPv6.
 
 The model is written for clarity, not speed: ``ipaddress`` objects, the pydantic resources as given, every live grant
@@ -219,7 +219,7 @@ class Model:
     def __init__(self) -> None:
         self.grants: dict[str, ModelGrant] = {}
 
-    # state changes, as portal-protocol.md §2.1 and §3.3 describe them
+    # state changes, as docs/protocol.md §2.1 and §3.3 describe them
     def grant(self, resource: Resource, expires_at: float | None) -> bool:
         held = self.grants.get(resource.id)
         if held is None:

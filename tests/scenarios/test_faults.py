@@ -1,5 +1,5 @@
 """Fault scenarios: the real gateway, the dev portal, coturn and lab clients in namespaces, under loss, restarts and
-failures (portal-protocol.md §7). Each reports its setup or recovery time on a ``SCENARIO`` line (``pytest -s``)
+failures (docs/protocol.md §7). Each reports its setup or recovery time on a ``SCENARIO`` line (``pytest -s``)
 and fails on any WARN/ERROR line in the gateway's log that it did not provoke on purpose."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A minimal TURN relay for the simulation, written independently of the client it tests (``dataplane/turn.py``).
 
-Speaks what Firezone's relays speak (portal-protocol.md §4.5): unauthenticated BINDING; ALLOCATE (UDP, dual-stack via
+Speaks what Firezone's relays speak (docs/protocol.md §4.5): unauthenticated BINDING; ALLOCATE (UDP, dual-stack via
 ADDITIONAL-ADDRESS-FAMILY), REFRESH and CHANNEL-BIND with long-term credentials in realm ``firezone`` using Firezone's
 credential scheme (username ``"<expiry>:<salt>"``, password ``base64_nopad(sha256("<expiry>:<secret>:<salt>"))``);
 ChannelData both ways. No Send/Data indications and no CreatePermission: a channel binding is the permission. Every

@@ -1,4 +1,4 @@
-"""DNS resources through GatewayState in the simulated network (portal-protocol.md §3.4).
+"""DNS resources through GatewayState in the simulated network (docs/protocol.md §3.4).
 
 A client authorized for a DNS resource announces proxy IPs with ``assigned_ips``; the gateway asks its driver to
 resolve the domain (here a dict stands in for DNS), answers ``domain_status`` and NATs the proxy IPs to the records.

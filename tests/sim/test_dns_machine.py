@@ -1,5 +1,5 @@
 """A hypothesis state machine over DNS resources on the gateway (GatewayState in the simulated network), checked
-against a naive model written from portal-protocol.md §3.4.
+against a naive model written from docs/protocol.md §3.4.
 
 One client holds a CIDR resource for the resource LAN (so it never loses its last resource) and, at times, a DNS
 resource ``*.corp.example``. Transitions: the names' records change (or their resolution fails), the client assigns a

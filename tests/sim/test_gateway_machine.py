@@ -7,7 +7,7 @@ comes back; relays go away and return; time passes. Clients send TCP, UDP, ICMP 
 inside and outside what they were granted, from their own address or a spoofed one, and resources answer them.
 
 The reference model below is deliberately naive (``ipaddress`` objects, every grant scanned for every packet) and
-written from portal-protocol.md §3.2-3.3 alone, without importing the policy code. For every packet it predicts the
+written from docs/protocol.md §3.2-3.3 alone, without importing the policy code. For every packet it predicts the
 outcome -- written to the TUN unchanged, answered with ICMP "administratively prohibited" (v4 3/13, v6 1/1) or "network
 unreachable" (v4 3/0, v6 1/3), or silently dropped; for a resource's packet, delivered to the client or not -- and the
 rule checks that exactly that happened. Invariants after every step: nothing reached the TUN that the model did not

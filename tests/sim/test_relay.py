@@ -51,7 +51,7 @@ def _world():
 
 
 def test_firezone_password_vector():
-    # portal-protocol.md §4.5 test vector
+    # docs/protocol.md §4.5 test vector
     assert (
         firezone_password(1685984278, "1cab293a-4032-46f4-862a-40e5d174b0d2", "uvdgKvS9GXYZ_vmv")
         == "6xUIoZ+QvxKhRasLifwfRkMXl+ETLJUsFkHlXjlHAkg"

@@ -216,7 +216,7 @@ def test_consent_lost_fails_the_connection(vanishing):
     failed_after = world.net.now - start
     assert survivor.node.connection(connection_id) is None
     # RFC 7675: consent expires 30 s after the last response; then the re-checks run out. An idle connection uses the
-    # idle ladder: 100 s for the client profile, 1000 s for the server (gateway) profile (portal-protocol.md §4.3).
+    # idle ladder: 100 s for the client profile, 1000 s for the server (gateway) profile (docs/protocol.md §4.3).
     assert failed_after >= 30.0
     assert failed_after <= 30.0 + (100.0 if vanishing == "gateway" else 1000.0) + 10.0
 

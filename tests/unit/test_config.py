@@ -1,4 +1,4 @@
-"""agent/config.py and the CLI's configuration errors (portal-protocol.md §5)."""
+"""agent/config.py and the CLI's configuration errors (docs/protocol.md §5)."""
 
 from __future__ import annotations
 

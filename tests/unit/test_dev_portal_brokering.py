@@ -1,4 +1,4 @@
-"""The dev portal brokering a client and a gateway (portal-protocol.md §2.3), both played by raw WebSockets."""
+"""The dev portal brokering a client and a gateway (docs/protocol.md §2.3), both played by raw WebSockets."""
 
 from __future__ import annotations
 

@@ -248,6 +248,6 @@ def test_resource_payloads_have_the_gateway_shape() -> None:
 
 
 def test_relay_password_matches_the_spec_example() -> None:
-    # portal-protocol.md §4.5 quotes this vector in the text itself, independently of tests/vectors.
+    # docs/protocol.md §4.5 quotes this vector in the text itself, independently of tests/vectors.
     password = relay_password(1685984278, "1cab293a-4032-46f4-862a-40e5d174b0d2", "uvdgKvS9GXYZ_vmv")
     assert password == "6xUIoZ+QvxKhRasLifwfRkMXl+ETLJUsFkHlXjlHAkg"

@@ -1,4 +1,4 @@
-"""The p2p control events of DNS resources (portal-protocol.md §3.4): round trips and what is refused."""
+"""The p2p control events of DNS resources (docs/protocol.md §3.4): round trips and what is refused."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The per-client DNS-resource NAT (portal-protocol.md §3.4) on a fake clock, translations checked against scapy.
+"""The per-client DNS-resource NAT (docs/protocol.md §3.4) on a fake clock, translations checked against scapy.
 
 Lifetimes pinned here (seconds since the last packet either way unless said):
 * TCP 2 h 4 min: test_tcp_session_lives_2h4m_after_its_last_packet

@@ -1,4 +1,4 @@
-"""ClientPolicy's part in DNS resources (portal-protocol.md §3.4): proxy IPs routed to the DNS resource that assigned
+"""ClientPolicy's part in DNS resources (docs/protocol.md §3.4): proxy IPs routed to the DNS resource that assigned
 them, with its filters, for as long as the client holds it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""protocol/messages.py: the spec's example payloads (portal-protocol.md §2, copied verbatim), round-trips, drops."""
+"""protocol/messages.py: the spec's example payloads (docs/protocol.md §2, copied verbatim), round-trips, drops."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The systemd unit (portal-protocol.md §5): systemd-analyze accepts it, and it keeps the privileges and hardening the
+"""The systemd unit (docs/protocol.md §5): systemd-analyze accepts it, and it keeps the privileges and hardening the
 gateway is designed for: CAP_NET_ADMIN only, the token as a credential, /var/lib/firezone the only writable path."""
 
 from __future__ import annotations

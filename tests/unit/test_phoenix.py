@@ -1,4 +1,4 @@
-"""Timelines of protocol/phoenix.py on a fake clock (portal-protocol.md §1.4–§1.6)."""
+"""Timelines of protocol/phoenix.py on a fake clock (docs/protocol.md §1.4–§1.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""dataplane.policy.ClientPolicy: portal-protocol.md §3.3 case by case; packets are built and replies read with scapy."""
+"""dataplane.policy.ClientPolicy: docs/protocol.md §3.3 case by case; packets are built and replies read with scapy."""
 
 from __future__ import annotations
 

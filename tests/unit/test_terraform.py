@@ -1,5 +1,5 @@
 """Terraform for GCP: every file parses, checkov finds nothing, the module keeps Firezone's input names, and its
-cloud-init template, rendered the way main.tf renders it, passes cloud-init's schema (portal-protocol.md §6.2-6.3)."""
+cloud-init template, rendered the way main.tf renders it, passes cloud-init's schema (docs/protocol.md §6.2-6.3)."""
 
 from __future__ import annotations
 

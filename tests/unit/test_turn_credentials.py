@@ -32,7 +32,7 @@ def test_superseded_raw_secret_scheme_is_not_reproduced() -> None:
 
 
 def test_portal_protocol_example_password() -> None:
-    # portal-protocol.md §4.5 test vector.
+    # docs/protocol.md §4.5 test vector.
     password = firezone_password("1cab293a-4032-46f4-862a-40e5d174b0d2", 1685984278, "uvdgKvS9GXYZ_vmv")
     assert password == "6xUIoZ+QvxKhRasLifwfRkMXl+ETLJUsFkHlXjlHAkg"
 

@@ -1,4 +1,4 @@
-"""WireGuard timer timelines on a fake clock (wireguard-go timer semantics, reference.md §F)."""
+"""WireGuard timer timelines on a fake clock (wireguard-go timer semantics, docs/protocol.md §F)."""
 
 from __future__ import annotations
 

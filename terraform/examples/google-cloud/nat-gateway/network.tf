@@ -1,5 +1,5 @@
 # A dual-stack VPC whose gateways have no public address: all their egress leaves through Cloud NAT from one static
-# IPv4 address, which is what resources allowlist (portal-protocol.md §6.3).
+# IPv4 address, which is what resources allowlist (docs/protocol.md §6.3).
 
 resource "google_compute_network" "firezone" {
   project                  = var.project_id

@@ -1,5 +1,5 @@
 # A fixed-size regional managed instance group of Python Firezone Gateways, auto-healed on GET /healthz
-# (portal-protocol.md §6.2 describes Firezone's module this mirrors).
+# (docs/protocol.md §6.2 describes Firezone's module this mirrors).
 
 locals {
   application_name = "firezone-gateway"

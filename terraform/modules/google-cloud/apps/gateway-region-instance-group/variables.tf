@@ -1,4 +1,4 @@
-# Inputs keep the names of Firezone's GCP gateway module (portal-protocol.md §6.2), so a configuration written for it
+# Inputs keep the names of Firezone's GCP gateway module (docs/protocol.md §6.2), so a configuration written for it
 # needs only the wheel's location and checksum (artifact_url, artifact_sha256) to switch to this gateway.
 
 variable "project_id" {

@@ -25,7 +25,7 @@ from dataplane.wireguard.constants import (
     MESSAGE_TRANSPORT_MIN_SIZE,
 )
 from dataplane.wireguard.device import Device
-from dataplane.wireguard.uapi import MAX_LINE_LENGTH, Uapi, parse_allowed_ip
+from dataplane.wireguard.uapi import MAX_LINE_LENGTH, Uapi, parse_allowed_ip, parse_endpoint
 
 # --- dataplane/wireguard/messages.py ---------------------------------------------------------------------------------
 
@@ -270,3 +270,108 @@ def test_end_of_input_closes_the_session() -> None:
     session = _uapi().open_session()
     session.receive_eof(0.0)
     assert session.closed is True
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("192.0.2.1", "^not an ip:port: '192.0.2.1'$"),
+        ("[2001:db8::1:51820", "^unclosed bracket: '\\[2001:db8::1:51820'$"),
+        ("2001:db8::1:51820", "square brackets are required for IPv6 and only allowed for IPv6"),
+        ("192.0.2.1:65536", "^invalid port: '192.0.2.1:65536'$"),
+        ("[fe80::1%eth0]:1", "^IPv6 zones are not supported$"),
+    ],
+)
+def test_endpoint_errors_say_what_is_wrong(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_endpoint(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("10.0.0.0/8/8", "^invalid prefix: '10.0.0.0/8/8'$"),
+        ("10.0.0.0/33", "^prefix length out of range: '10.0.0.0/33'$"),
+    ],
+)
+def test_allowed_ip_errors_say_what_is_wrong(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_allowed_ip(text)
+
+
+def test_endpoint_and_allowed_ip_failures_are_logged_with_the_value(caplog: pytest.LogCaptureFixture) -> None:
+    uapi = _uapi()
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        assert _set(uapi, f"public_key={KEY_B}", "endpoint=192.0.2.1") == "errno=-22\n\n"
+        assert _set(uapi, f"public_key={KEY_B}", "allowed_ip=10.0.0.0/33") == "errno=-22\n\n"
+    assert _warnings(caplog) == [
+        "UAPI: failed to set endpoint '192.0.2.1': not an ip:port: '192.0.2.1' (errno=-22)",
+        "UAPI: failed to set allowed ip: prefix length out of range: '10.0.0.0/33' (errno=-22)",
+    ]
+
+
+def test_long_values_are_cut_to_64_characters_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    long_key = "k" * 100
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        _set(_uapi(), f"{long_key}=1")
+        _set(_uapi(), "x" * 100)
+        _set(_uapi(), f"public_key={KEY_B}", f"{long_key}=1")
+        _set(_uapi(), f"public_key={KEY_B}", "protocol_version=" + "9" * 100)
+        _set(_uapi(), f"public_key={KEY_B}", "endpoint=" + "e" * 100)
+    cut_key, cut_x, cut_9, cut_e = "k" * 64, "x" * 64, "9" * 64, "e" * 64
+    assert _warnings(caplog) == [
+        f"UAPI: invalid UAPI device key: '{cut_key}' (errno=-22)",
+        f"UAPI: failed to parse line '{cut_x}' (errno=-71)",
+        f"UAPI: invalid UAPI peer key: '{cut_key}' (errno=-22)",
+        f"UAPI: invalid protocol version: '{cut_9}' (errno=-22)",
+        f"UAPI: failed to set endpoint '{cut_e}': not an ip:port: '{'e' * 100}' (errno=-22)",
+    ]
+
+
+def test_socket_failures_answer_eaddrinuse_and_log_why(caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(_: int) -> int:
+        raise OSError("address in use")
+
+    def refuse_mark(_: int) -> None:
+        raise OSError("not permitted")
+
+    uapi = Uapi(Device(rng=SeededRng(1), wall_clock=lambda: 0.0), on_listen_port=refuse, on_fwmark=refuse_mark)
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        assert _set(uapi, "listen_port=1") == "errno=-98\n\n"
+        assert _set(uapi, "fwmark=1") == "errno=-98\n\n"
+    assert _warnings(caplog) == [
+        "UAPI: failed to set listen_port: address in use (errno=-98)",
+        "UAPI: failed to update fwmark: not permitted (errno=-98)",
+    ]
+
+
+def test_a_peer_the_device_cannot_create_is_an_errno(caplog: pytest.LogCaptureFixture) -> None:
+    class FullDevice(Device):
+        def upsert_peer(self, public_key: bytes, now: float, **changes: Any) -> Any:
+            raise ValueError("too many peers")
+
+    uapi = Uapi(FullDevice(rng=SeededRng(1), wall_clock=lambda: 0.0))
+    with caplog.at_level(logging.WARNING, logger="dataplane.wireguard.uapi"):
+        assert _set(uapi, f"public_key={KEY_B}") == "errno=-22\n\n"
+    assert _warnings(caplog) == ["UAPI: failed to create new peer: too many peers (errno=-22)"]
+
+
+def test_applied_changes_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="dataplane.wireguard.uapi"):
+        reply = _set(
+            _uapi(),
+            f"private_key={KEY_A}",
+            "listen_port=51820",
+            "replace_peers=true",
+            f"public_key={KEY_B}",
+            "remove=true",
+        )
+    assert reply == "errno=0\n\n"
+    debug = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.uapi" and r.levelname == "DEBUG"]
+    assert debug == [
+        "UAPI: updating private key",
+        "UAPI: updating listen port to 51820",
+        "UAPI: removing all peers",
+        f"UAPI: peer {KEY_B[:16]} created",
+        f"UAPI: peer {KEY_B[:16]} removed",
+    ]

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dataplane import p2p_control
+from dataplane.ice.timing import StunTiming
 from dataplane.io.rng import SeededRng
 from dataplane.wireguard import messages
 from dataplane.wireguard.constants import (
@@ -375,3 +376,27 @@ def test_applied_changes_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -
         f"UAPI: peer {KEY_B[:16]} created",
         f"UAPI: peer {KEY_B[:16]} removed",
     ]
+
+
+# --- dataplane/ice/timing.py -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_retransmits", "initial_rto", "max_rto"), [(0, 1.0, 1.0), (1, 0.0, 1.0), (1, -1.0, 1.0), (1, 2.0, 1.0)]
+)
+def test_inconsistent_stun_timing_is_refused(max_retransmits: int, initial_rto: float, max_rto: float) -> None:
+    with pytest.raises(ValueError, match="^inconsistent STUN timing StunTiming"):
+        StunTiming(max_retransmits, initial_rto, max_rto)
+
+
+def test_the_tightest_consistent_stun_timing_is_accepted() -> None:
+    assert StunTiming(1, 1.0, 1.0).timeout == 1.0
+
+
+def test_resend_delay_doubles_from_the_first_transmission_up_to_the_caps() -> None:
+    timing = StunTiming(3, 1.0, 1000.0)
+    assert [timing.resend_delay(k) for k in range(-1, 7)] == [0.0, 0.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert StunTiming(3, 1.0, 5.0).resend_delay(4) == 5.0
+    huge = StunTiming(100, 1.0, 2.0**100)
+    assert huge.resend_delay(63) == 2.0**62
+    assert huge.resend_delay(90) == 2.0**62  # the shift stops at 62 however many retransmits are allowed

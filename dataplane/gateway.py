@@ -401,11 +401,10 @@ class GatewayState:
         node = self.node
         observer = self.flow_observer
         to_tun: list[bytes] = []
-        for data, src, local in datagrams:
-            result = node.handle_input(data, src, local, now)
-            if result is None:
-                continue
-            client_id, packet = result
+        # Runs of transport messages from one client are decrypted together (Node.handle_input_batch); the policy,
+        # NAT and p2p-control handling below stays per packet, in order.
+        batch = datagrams if isinstance(datagrams, Sequence) else list(datagrams)
+        for client_id, packet in node.handle_input_batch(batch, now):
             peer = self._peers.get(client_id)
             if peer is None:
                 self.drops.drop(GatewayDropReason.NO_PEER_FOR_CONNECTION)

@@ -609,7 +609,7 @@ class Tunn:
             out.append(plaintext[:length] if length < size else plaintext)
         authenticated = len(messages) - rejected
         received_bytes = sum(map(len, messages)) - rejected_bytes
-        data_received = authenticated > keepalives
+        data_messages = authenticated - keepalives
         if not authenticated:
             return 0
         self.rx_bytes += received_bytes
@@ -627,9 +627,12 @@ class Tunn:
         if timers.persistent_keepalive_interval:
             timers.persistent_keepalive = now + timers.persistent_keepalive_interval
         timers.new_handshake = None
-        if data_received:
+        if data_messages:
+            # As data_received once per message: the first arms the passive keepalive, any further one asks for another.
             if timers.send_keepalive is None:
                 timers.send_keepalive = now + KEEPALIVE_TIMEOUT
+                if data_messages > 1:
+                    timers.need_another_keepalive = True
             else:
                 timers.need_another_keepalive = True
         return authenticated

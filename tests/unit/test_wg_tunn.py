@@ -214,3 +214,29 @@ def test_a_device_batch_with_short_plaintexts_keeps_the_rest_of_the_batch() -> N
     devices.b.receive_datagrams(batch, devices.now)
     assert devices.b.drain_packets() == [ipv4_packet(TUNNEL_A, TUNNEL_B, b"tail")]
     assert devices.b.drops[DropReason.INVALID_INNER_PACKET] == 3
+
+
+def test_a_run_of_data_messages_moves_the_keepalive_timers_as_one_by_one_does() -> None:
+    """receive_transport_run must leave the passive-keepalive timers as the same messages fed one at a time would:
+    the first data message arms the keepalive, a second one asks for another (a run of several used to forget that)."""
+    results = []
+    for batched in (False, True):
+        pair = TunnPair()
+        pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 0.0)
+        pair.pump(0.0)
+        pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A), 0.1)  # b answers: its keepalive timer is idle again
+        pair.pump(0.1)
+        for _ in range(3):
+            pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 1.0)
+        messages = pair.a.drain_transmits()
+        assert len(messages) == 3 and pair.b._timers.send_keepalive is None
+        if batched:
+            index = int.from_bytes(messages[0][4:8], "little")
+            out: list[bytes] = []
+            assert pair.b.receive_transport_run(index, messages, 2.0, out) == 3
+        else:
+            for message in messages:
+                assert pair.b.decapsulate(message, 2.0)
+        timers = pair.b._timers
+        results.append((timers.send_keepalive, timers.need_another_keepalive))
+    assert results[0] == results[1] and results[0][1] is True

@@ -59,7 +59,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "dataplane/wireguard/allowedips.py": _WG_TESTS,
     "dataplane/wireguard/cookie.py": _WG_TESTS,
     "dataplane/wireguard/ratelimit.py": _WG_TESTS,
-    "dataplane/wireguard/session.py": _WG_TESTS,
+    "dataplane/wireguard/session.py": [*_WG_TESTS, _KILLERS],
     "dataplane/wireguard/timers.py": _WG_TESTS,
     "dataplane/wireguard/crypto.py": _WG_TESTS,
     "dataplane/wireguard/noise.py": _WG_TESTS,

@@ -23,9 +23,12 @@ from dataplane.wireguard.constants import (
     MESSAGE_INITIATION,
     MESSAGE_RESPONSE,
     MESSAGE_TRANSPORT,
+    MESSAGE_TRANSPORT_HEADER_SIZE,
     MESSAGE_TRANSPORT_MIN_SIZE,
 )
 from dataplane.wireguard.device import Device
+from dataplane.wireguard.noise import SessionKeys
+from dataplane.wireguard.session import Keypair
 from dataplane.wireguard.uapi import MAX_LINE_LENGTH, Uapi, parse_allowed_ip, parse_endpoint
 
 # --- dataplane/wireguard/messages.py ---------------------------------------------------------------------------------
@@ -400,3 +403,31 @@ def test_resend_delay_doubles_from_the_first_transmission_up_to_the_caps() -> No
     huge = StunTiming(100, 1.0, 2.0**100)
     assert huge.resend_delay(63) == 2.0**62
     assert huge.resend_delay(90) == 2.0**62  # the shift stops at 62 however many retransmits are allowed
+
+
+# --- dataplane/wireguard/session.py (Keypair.seal: the datapath batches natively; this is the reference path) --------
+
+
+def _keypair_pair() -> tuple[Keypair, Keypair]:
+    a_to_b, b_to_a = bytes([1]) * 32, bytes([2]) * 32
+    sender = Keypair(SessionKeys(a_to_b, b_to_a, 1, 2, True), 0.0)
+    receiver = Keypair(SessionKeys(b_to_a, a_to_b, 2, 1, False), 0.0)
+    return sender, receiver
+
+
+@pytest.mark.parametrize(
+    ("size", "mtu", "padded"),
+    [(1, None, 16), (16, None, 16), (17, None, 32), (1, 10, 10), (1, 16, 16), (20, 10, 20), (0, None, 0)],
+)
+def test_seal_pads_to_16_bytes_but_never_past_the_mtu(size: int, mtu: int | None, padded: int) -> None:
+    sender, receiver = _keypair_pair()
+    message = sender.seal(b"\x45" * size, mtu)
+    assert len(message) == MESSAGE_TRANSPORT_HEADER_SIZE + padded + 16
+    assert receiver.open(message) == b"\x45" * size + bytes(padded - size)
+
+
+def test_seal_counts_messages_from_zero() -> None:
+    sender, _ = _keypair_pair()
+    counters = [messages.parse(sender.seal(b"x")) for _ in range(3)]
+    assert [m.counter for m in counters if isinstance(m, messages.Transport)] == [0, 1, 2]
+    assert sender.send_counter == 3

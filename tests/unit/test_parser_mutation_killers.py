@@ -28,6 +28,8 @@ from dataplane.wireguard.constants import (
 )
 from dataplane.wireguard.device import Device
 from dataplane.wireguard.noise import SessionKeys
+from dataplane.wireguard.ratelimit import RateLimiter
+from dataplane.wireguard.replay import ReplayFilter
 from dataplane.wireguard.session import Keypair
 from dataplane.wireguard.uapi import MAX_LINE_LENGTH, Uapi, parse_allowed_ip, parse_endpoint
 
@@ -431,3 +433,47 @@ def test_seal_counts_messages_from_zero() -> None:
     counters = [messages.parse(sender.seal(b"x")) for _ in range(3)]
     assert [m.counter for m in counters if isinstance(m, messages.Transport)] == [0, 1, 2]
     assert sender.send_counter == 3
+
+
+# --- dataplane/wireguard/replay.py (the receive fast path in tunn.py inlines the common case) -------------------------
+
+
+def test_replay_filter_starts_and_resets_empty() -> None:
+    replay = ReplayFilter()
+    assert replay.last == 0 and not any(replay.ring)
+    assert replay.validate(5) and not replay.validate(5)
+    replay.reset()
+    assert replay.last == 0 and not any(replay.ring)
+    assert replay.validate(5)
+
+
+def test_moving_forward_within_a_block_keeps_earlier_bits() -> None:
+    replay = ReplayFilter()
+    assert [replay.validate(1), replay.validate(2), replay.validate(1)] == [True, True, False]
+
+
+def test_moving_forward_clears_the_block_right_after_the_old_one() -> None:
+    replay = ReplayFilter()
+    assert replay.validate(64 + 4)  # block 1, ring slot 1
+    assert replay.validate(64 * 128)  # block 128: slots 2..0 cleared, slot 1 still block 1 (in the window)
+    assert replay.validate(64 * 129 + 10)  # block 129 reuses slot 1: it must be cleared on entry
+    assert replay.validate(64 * 129 + 4)  # out of order but never seen: accepted
+
+
+# --- dataplane/wireguard/ratelimit.py -----------------------------------------------------------------------------------
+
+
+def test_rate_limiter_collects_entries_older_than_one_interval_once_per_interval() -> None:
+    limiter = RateLimiter()
+    for source, now in (("192.0.2.1", 0.0), ("192.0.2.2", 1.0), ("192.0.2.3", 1.5)):
+        assert limiter.allow(source, now)
+    assert len(limiter) == 3  # collected at 1.0 (nothing older than 0.0); not again before 2.0
+    assert limiter.allow("192.0.2.4", 2.0)
+    assert len(limiter) == 3  # at 2.0 only the entry last seen at 0.0 (< 1.0) went; 1.0 itself stays
+
+
+def test_no_tokens_accrue_without_time_passing() -> None:
+    limiter = RateLimiter(packets_per_second=500_000_000, burst=1)  # one token costs 2 ns
+    assert limiter.allow("192.0.2.1", 0.0)
+    assert not limiter.allow("192.0.2.1", 1e-9)  # 1 ns later: half a token
+    assert not limiter.allow("192.0.2.1", 1e-9)  # same instant: still half a token

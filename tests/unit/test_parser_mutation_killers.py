@@ -477,3 +477,17 @@ def test_no_tokens_accrue_without_time_passing() -> None:
     assert limiter.allow("192.0.2.1", 0.0)
     assert not limiter.allow("192.0.2.1", 1e-9)  # 1 ns later: half a token
     assert not limiter.allow("192.0.2.1", 1e-9)  # same instant: still half a token
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("2001:db8::1", "2001:db8::100:0:0:1"),  # the /64 ends before byte 8, where these differ
+        ("fe80::1%eth0%x", "fe80::2"),  # everything from the first % is a zone, however odd
+    ],
+)
+def test_ipv6_sources_in_one_slash_64_share_a_bucket(first: str, second: str) -> None:
+    limiter = RateLimiter()
+    assert all(limiter.allow(first, 0.0) for _ in range(5))  # the burst
+    assert not limiter.allow(second, 0.0)
+    assert len(limiter) == 1

@@ -92,7 +92,7 @@ class GatewayCollector(Collector):
     def _peers(self) -> Iterator[Metric]:
         state = self._gateway.state
         node = state.node
-        yield _gauge("firezone_clients", "Clients with at least one authorization.", (), [((), len(state.peers))])
+        yield _gauge("firezone_clients", "Clients with at least one authorization.", (), [((), len(state.client_ids))])
         yield _gauge(
             "firezone_dns_nat_sessions",
             "Sessions in the DNS-resource NAT tables (proxy IP to resource address), over all clients.",

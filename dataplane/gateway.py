@@ -189,18 +189,20 @@ class GatewayState:
 
     @property
     def peers(self) -> list[PeerInfo]:
-        return [
-            PeerInfo(
-                p.client_id,
-                str(ipaddress.IPv4Address(p.ipv4)),
-                str(ipaddress.IPv6Address(p.ipv6)),
-                tuple(sorted(p.policy.resource_ids)),
-            )
-            for p in self._peers.values()
-        ]
+        return [self._info(peer) for peer in self._peers.values()]
 
     def peer(self, client_id: ClientId) -> PeerInfo | None:
-        return next((p for p in self.peers if p.client_id == client_id), None)
+        peer = self._peers.get(client_id)
+        return None if peer is None else self._info(peer)
+
+    @staticmethod
+    def _info(peer: _Peer) -> PeerInfo:
+        return PeerInfo(
+            peer.client_id,
+            str(ipaddress.IPv4Address(peer.ipv4)),
+            str(ipaddress.IPv6Address(peer.ipv6)),
+            tuple(sorted(peer.policy.resource_ids)),
+        )
 
     @property
     def client_ids(self) -> frozenset[ClientId]:

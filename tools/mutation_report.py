@@ -74,6 +74,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/unit/test_turn_credentials.py",
         "tests/property/test_stun_property.py",
         "tests/property/test_stun_turn_inputs.py",
+        "tests/unit/test_stun_mutation_killers.py",
         _FUZZ_PASS,
         _KILLERS,
     ],

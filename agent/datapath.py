@@ -1,10 +1,12 @@
 """The gateway's data-plane driver: TUN device, UDP sockets, host setup and one timer around :class:`GatewayState`.
 
 Everything runs on the agent's asyncio loop (like the reference's single-threaded runtime), batch by batch: a readable
-UDP socket yields up to 64 datagrams (GRO-split) that go through the state in one call, and the packets for the TUN go
-out in one ``send_many`` (coalesced by the TUN writer threads); a TUN wake-up yields up to 128 packets (TSO-split by
-the TUN reader threads), and the resulting datagrams leave as GSO runs per destination. No packet is handed to asyncio
-on its own. The single timer is re-armed to ``GatewayState.poll_timeout()`` after every input.
+UDP socket yields up to 64 datagrams (GRO-split) that go through the state in one call, and the packets for the TUN are
+merged and written right there, on the loop (:class:`~dataplane.io.tun_direct.DirectTunWriter`: a hand-off to the TUN
+writer threads costs more than the write, and a lone packet such as a ping goes straight to the device); a TUN wake-up
+yields up to 128 packets (TSO-split by the TUN reader threads), and the resulting datagrams leave as GSO runs per
+destination. No packet is handed to asyncio on its own. The single timer is re-armed to
+``GatewayState.poll_timeout()`` after every input.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataplane.io import netlink
 from dataplane.io.hostsetup import HostSetup
 from dataplane.io.resolver import DomainResolver
 from dataplane.io.tun import Tun
+from dataplane.io.tun_direct import DirectTunWriter
 from dataplane.io.udp import FIREZONE_MARK, DualStackSockets, UdpSocket, bind_dual_stack
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class DataPlane:
         self._on_fatal = on_fatal
         self.failure: str | None = None
         self.tun: Tun | None = None
+        self._tun_writer: DirectTunWriter | None = None
         self.sockets: DualStackSockets | None = None
         self.host_setup: HostSetup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,6 +87,7 @@ class DataPlane:
         options = self.options
         try:
             self.tun = Tun.create(options.tun_name, queues=options.tun_queues)
+            self._tun_writer = DirectTunWriter.for_tun(self.tun)
             self.sockets = bind_dual_stack(
                 options.port,
                 mark=options.mark,
@@ -128,6 +133,7 @@ class DataPlane:
                     loop.remove_reader(udp.fileno())
             self.sockets.close()
             self.sockets = None
+        self._tun_writer = None
         if self.tun is not None:
             if loop is not None:
                 loop.remove_reader(self.tun.wakeup_fd)
@@ -156,9 +162,9 @@ class DataPlane:
             return
         self.datagrams_in += len(datagrams)
         packets = self.state.handle_datagrams(datagrams, self._now())
-        if packets and self.tun is not None:
+        if packets and self._tun_writer is not None:
             self.packets_to_tun += len(packets)
-            self.tun.send_many(packets)
+            self._tun_writer.write(packets)  # on this thread: a writer-thread hand-off costs more than the write
         self.flush()
 
     def _on_tun_readable(self) -> None:

@@ -69,6 +69,7 @@ from dataplane import p2p_control, stun
 from dataplane.base import Address, DropCounter, Transmit
 from dataplane.io.rng import SystemRng
 from dataplane.io.tun import Tun
+from dataplane.io.tun_direct import DirectTunWriter
 from dataplane.io.udp import UdpSocket
 from dataplane.node import (
     CandidateGathered,
@@ -502,6 +503,7 @@ class HeadlessClient:
         self.socket: UdpSocket | None = None
         self.local: Address = ("0.0.0.0", 0)
         self.tun: Tun | None = None
+        self.tun_writer: DirectTunWriter | None = None
         self.initialised = False
         self.timer: asyncio.TimerHandle | None = None
         self.portal_timer: asyncio.TimerHandle | None = None
@@ -557,6 +559,7 @@ class HeadlessClient:
                 "drops: node %s udp %s client %s", self.node.drops.counts, self.socket.drops.counts, self.drops.counts
             )
             self.socket.close()
+        self.tun_writer = None
         if self.tun is not None:
             self.loop.remove_reader(self.tun.wakeup_fd)
             self.tun.close()
@@ -684,6 +687,7 @@ class HeadlessClient:
         self.socket = UdpSocket.bind(bind, self.args.port, gso=batched, gro=batched, increase_buffers=batched)
         self.local = self.socket.local_address
         self.tun = Tun.create(self.args.tun, offload=batched)
+        self.tun_writer = DirectTunWriter.for_tun(self.tun)
         name = self.args.tun
         run_ip(["link", "set", "dev", name, "addrgenmode", "none"], check=False)
         run_ip(["link", "set", "dev", name, "mtu", str(TUN_MTU), "up"])
@@ -839,27 +843,27 @@ class HeadlessClient:
     # -- data plane -----------------------------------------------------------------------------------------------
 
     def on_udp(self) -> None:
-        assert self.socket is not None and self.tun is not None
+        assert self.socket is not None and self.tun_writer is not None
         now = self.now()
+        local = self.local
+        # Runs of one gateway's transport messages are decrypted together (as the gateway does).
+        datagrams = [(data, src, local) for data, src in self.socket.recv_many()]
         packets: list[bytes] = []
-        for data, src in self.socket.recv_many():
-            result = self.node.handle_input(data, src, self.local, now)
-            if result is None:
-                continue
-            gateway_id, packet = result
-            message = p2p_control.parse(packet)
-            if message is None:
+        for gateway_id, packet in self.node.handle_input_batch(datagrams, now):
+            if not p2p_control.is_control_packet(packet):
                 packets.append(packet)
-            elif message.event == p2p_control.DOMAIN_STATUS_EVENT:
+                continue
+            message = p2p_control.parse(packet)
+            if message is not None and message.event == p2p_control.DOMAIN_STATUS_EVENT:
                 self.on_domain_status(message.body)
-            elif message.event == p2p_control.GOODBYE_EVENT:
+            elif message is not None and message.event == p2p_control.GOODBYE_EVENT:
                 self.node.close_connection(gateway_id, now)
                 self.emit("closed", gateway_id=gateway_id, reason="goodbye")
                 self.remove_flow(gateway_id)
             else:
                 self.drops.drop(ClientDropReason.CONTROL_MESSAGE)
-        if packets:
-            self.tun.send_many(packets)
+        # Written on this thread, merged: the writer-thread hand-off would cost more than the write.
+        self.tun_writer.write(packets)
         self.flush()
 
     def on_tun(self) -> None:

@@ -263,6 +263,9 @@ class FakeTun:
         self.written.extend(packets)
         return len(packets)
 
+    def write(self, packets: list[bytes]) -> None:  # as DirectTunWriter
+        self.written.extend(packets)
+
 
 async def test_decrypted_packets_go_to_the_tun_and_a_goodbye_closes_the_connection(
     ip_commands: list[list[str]], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -272,16 +275,25 @@ async def test_decrypted_packets_go_to_the_tun_and_a_goodbye_closes_the_connecti
     client.resources = {"res-lan": {"id": "res-lan", "type": "cidr", "address": "172.20.0.0/16"}}
     client.on_flow_created(flow_created())
     data_packet = ipv4_packet("100.93.74.51")
-    decrypted = iter([("gw-1", data_packet), ("gw-1", p2p_control.goodbye())])
-    monkeypatch.setattr(client.node, "handle_input", lambda data, src, local, now: next(decrypted))
+    fed: list[list[tuple[bytes, tuple[str, int], tuple[str, int]]]] = []
+
+    def decrypt(datagrams: list[tuple[bytes, tuple[str, int], tuple[str, int]]], now: float) -> list[tuple[str, bytes]]:
+        fed.append(datagrams)
+        return [("gw-1", data_packet), ("gw-1", p2p_control.goodbye())]
+
+    monkeypatch.setattr(client.node, "handle_input_batch", decrypt)
     closed: list[str] = []
     monkeypatch.setattr(client.node, "close_connection", lambda connection_id, now: closed.append(connection_id))
     tun = FakeTun()
     client.tun = tun  # type: ignore[assignment]
+    client.tun_writer = tun  # type: ignore[assignment]
+    client.local = ("10.2.0.2", 4444)
     client.socket = FakeUdp([(b"one", ("1.2.3.4", 5)), (b"two", ("1.2.3.4", 5))])  # type: ignore[assignment]
 
     client.on_udp()
 
+    # One call for the whole batch, each datagram with the socket's local address.
+    assert fed == [[(b"one", ("1.2.3.4", 5), ("10.2.0.2", 4444)), (b"two", ("1.2.3.4", 5), ("10.2.0.2", 4444))]]
     assert tun.written == [data_packet]
     assert closed == ["gw-1"] and "gw-1" not in client.flows
     assert client.routes.lookup(ipv4_packet("172.20.0.1")) is None

@@ -1,10 +1,14 @@
 """``firezone-wg [-f] IFNAME``: a userspace WireGuard daemon that the stock `wg` tool configures, like wireguard-go.
 
 It creates the TUN device, serves the UAPI on ``/var/run/wireguard/IFNAME.sock`` and moves packets between the TUN
-device, the UDP sockets and the sans-IO :class:`dataplane.wireguard.device.Device` in one thread: every wakeup handles a
-batch (TUN → ``send_packets`` → ``drain_datagram_runs`` → one GSO send per destination run; UDP (GRO) →
-``receive_datagrams`` → ``drain_packets`` → one batched TUN write) and the single timer is re-armed to
-``Device.poll_timeout()``.
+device, the UDP sockets and the sans-IO :class:`dataplane.wireguard.device.Device`, which one lock guards:
+
+- TUN → peer runs in each TUN queue's reader thread: under the lock ``Device.prepare_send`` routes a batch and claims
+  its counters; outside it the batch is sealed (the C extension releases the GIL) and sent as GSO runs, so two queues
+  seal on two cores. A flow is read by one queue, so its packets are sealed and sent in order by one thread.
+- Everything else runs in the event-loop thread, under the lock for each whole wakeup: UDP (GRO) →
+  ``receive_datagrams`` → ``drain_packets`` → one batched TUN write; the UAPI; the single timer, re-armed to
+  ``Device.poll_timeout()`` (a reader thread that moved the deadline earlier wakes the loop).
 
 Without ``-f`` it daemonises (double fork); the parent exits 0 once the interface is up, or 1 with the daemon's error.
 SIGTERM/SIGINT, deleting the UAPI socket or deleting the link stop it; the socket and the device are removed on exit.
@@ -25,8 +29,8 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -162,6 +166,22 @@ class _FastJitterRng:
         return self._jitter.uniform(low, high)
 
 
+class _UdpReader:
+    """Selector data for a UDP socket: the event loop receives from it before taking the Device lock."""
+
+    __slots__ = ("daemon", "udp")
+
+    def __init__(self, daemon: WgDaemon, udp: UdpSocket) -> None:
+        self.daemon = daemon
+        self.udp = udp
+
+    def receive(self) -> list[tuple[bytes, Address]]:
+        udp = self.udp
+        if udp is not self.daemon.udp4 and udp is not self.daemon.udp6:
+            return []  # closed by a listen_port change
+        return udp.recv_many(UDP_BATCH)
+
+
 class WgDaemon:
     """The driver: owns the TUN device, the UDP sockets, the UAPI listener and the event loop."""
 
@@ -186,6 +206,12 @@ class WgDaemon:
         self.failure: str | None = None
         self._signal_pair: tuple[socket.socket, socket.socket] | None = None
         self._previous_wakeup_fd = -1
+        # Guards the Device (and the UAPI that configures it) between the event loop and the TUN reader threads.
+        self._lock = threading.Lock()
+        # The deadline the event loop sleeps until (monotonic), and the eventfd that wakes it when a reader thread
+        # moves the Device's timer earlier than that.
+        self._sleeping_until = 0.0
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -197,7 +223,7 @@ class WgDaemon:
 
         try:
             try:
-                self.tun = Tun.create(self.ifname, queues=self.num_tun_queues)
+                self.tun = Tun.create(self.ifname, queues=self.num_tun_queues, on_packets=self._on_tun_packets)
             except OSError as exc:
                 if exc.errno == errno.EEXIST:
                     raise StartupError(f"interface {self.ifname} already exists") from exc
@@ -214,6 +240,7 @@ class WgDaemon:
         selector = self._selector
         selector.register(self.tun.wakeup_fd, selectors.EVENT_READ, self._on_tun_readable)
         selector.register(self._listener, selectors.EVENT_READ, self._on_uapi_accept)
+        selector.register(self._wake_fd, selectors.EVENT_READ, self._on_wake)
         logger.info("Device started (UDP port %d, UAPI %s)", port, socket_path(self.ifname))
 
     def close(self) -> None:
@@ -238,6 +265,9 @@ class WgDaemon:
             self.tun.close()
             self.tun = None
         self._selector.close()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
     def _remove_socket_file(self) -> None:
         path = socket_path(self.ifname)
@@ -323,41 +353,62 @@ class WgDaemon:
         selector = self._selector
         self._install_signal_handlers()
         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+        lock = self._lock
         try:
             while not self._stop:
-                deadline = device.poll_timeout()
-                now = time.monotonic()
-                wake_at = next_housekeeping if deadline is None else min(deadline, next_housekeeping)
-                events = selector.select(max(0.0, wake_at - now))
-                now = time.monotonic()
+                with lock:
+                    deadline = device.poll_timeout()
+                    wake_at = next_housekeeping if deadline is None else min(deadline, next_housekeeping)
+                    self._sleeping_until = wake_at
+                events = selector.select(max(0.0, wake_at - time.monotonic()))
+                packets: list[bytes] = []
                 try:
+                    # Outside the lock, so the reader threads can seal meanwhile: receiving, and decrypting (which
+                    # changes no Device state; a keypair that changes before receive_opened means decrypting again).
+                    received = []
+                    handlers = []
                     for key, _ in events:
-                        key.data(now)
-                    if deadline is not None and now >= deadline:
-                        device.handle_timeout(now)
-                    self._flush()
+                        if isinstance(key.data, _UdpReader):
+                            datagrams = key.data.receive()
+                            if datagrams:
+                                received.append(device.open_datagrams(datagrams))
+                        else:
+                            handlers.append(key.data)
+                    with lock:
+                        self._sleeping_until = 0.0  # awake: reader threads need not wake the loop
+                        now = time.monotonic()
+                        for runs in received:
+                            device.receive_opened(runs, now)
+                        for handler in handlers:
+                            handler(now)
+                        deadline = device.poll_timeout()
+                        if deadline is not None and now >= deadline:
+                            device.handle_timeout(now)
+                        packets = self._flush()
+                    if packets:
+                        assert self.tun is not None
+                        self.tun.send_many(packets)  # the Tun's own queues and threads: no Device state
                 except Exception:
                     # A bug must not take the tunnel down with it; it is loud in the log instead.
                     logger.exception("internal error in the event loop")
+                now = time.monotonic()
                 if now >= next_housekeeping:
                     next_housekeeping = now + HOUSEKEEPING_INTERVAL
                     self._housekeeping()
         finally:
             self._restore_signal_handlers()
 
-    def _flush(self) -> None:
+    def _flush(self) -> list[bytes]:
+        """Sends the Device's datagrams and logs its events (under the lock); returns its packets for the TUN."""
         device = self.device
         assert device is not None
         runs = device.drain_datagram_runs()
         if runs:
             self._send(runs)
-        packets = device.drain_packets()
-        if packets:
-            assert self.tun is not None
-            self.tun.send_many(packets)
         while (event := device.poll_event()) is not None:
             public_key, what = event
             logger.debug("peer %s: %s", public_key.hex()[:16], type(what).__name__)
+        return device.drain_packets()
 
     def _send(self, runs: list[tuple[Address, list[bytes]]]) -> None:
         udp4, udp6 = self.udp4, self.udp6
@@ -368,6 +419,36 @@ class WgDaemon:
             udp = udp6 if udp6 is not None and ":" in destination[0] else udp4
             udp.send_batch(destination, payloads)
 
+    def _on_tun_packets(self, packets: list[bytes]) -> None:
+        """A TUN reader thread's batch: claim counters under the lock, seal and send outside it (in parallel with the
+        other queues and the event loop)."""
+        device = self.device
+        if device is None:
+            return  # still starting: no peers to send to yet
+        lock = self._lock
+        count = len(packets)
+        # Chunks bound the counter range one thread holds unsent, so the other queues' batches overtaking it stay far
+        # inside the receiver's replay window (8128 counters).
+        for start in range(0, count, TUN_BATCH):
+            chunk = packets[start : start + TUN_BATCH] if count > TUN_BATCH else packets
+            with lock:
+                jobs = device.prepare_send(chunk, time.monotonic())
+                runs = device.drain_datagram_runs()
+                if runs:
+                    # Handshakes and packets sealed from the staging queue: sent before the lock is released, so that
+                    # no later batch of their flows can overtake them.
+                    self._send(runs)
+                deadline = device.poll_timeout()
+                if deadline is not None and deadline < self._sleeping_until:
+                    self._sleeping_until = deadline
+                    os.eventfd_write(self._wake_fd, 1)
+            for job in jobs:
+                self._send([(job.destination, job.seal())])
+
+    def _on_wake(self, now: float) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+
     def _on_tun_readable(self, now: float) -> None:
         assert self.tun is not None and self.device is not None
         if self.tun.failure is not None and self.failure is None:
@@ -375,20 +456,14 @@ class WgDaemon:
             self.failure = f"TUN device {self.ifname}: {self.tun.failure}"
             logger.error("%s; shutting down", self.failure)
             self._stop = True
+        # With on_packets the reader threads deliver every batch themselves: this only drains the failure signal
+        # (and whatever a future Tun without the callback would queue).
         packets = self.tun.poll_recv_many(TUN_BATCH)
         if packets:
             self.device.send_packets(packets, now)
 
-    def _make_udp_reader(self, udp: UdpSocket) -> Callable[[float], None]:
-        def on_readable(now: float) -> None:
-            assert self.device is not None
-            if udp is not self.udp4 and udp is not self.udp6:
-                return  # closed by a listen_port change earlier in this loop turn
-            datagrams = udp.recv_many(UDP_BATCH)
-            if datagrams:
-                self.device.receive_datagrams(datagrams, now)
-
-        return on_readable
+    def _make_udp_reader(self, udp: UdpSocket) -> _UdpReader:
+        return _UdpReader(self, udp)
 
     def _housekeeping(self) -> None:
         # Like wireguard-go: deleting the UAPI socket or the link stops the daemon.

@@ -2,18 +2,22 @@
 
 Pairs (A = iperf3 client side, B = server side), each over its own fresh pair of namespaces joined by one veth and
 configured with the stock ``wg`` tool (see :mod:`lab.wg`): wireguard-go↔wireguard-go (the reference),
-wireguard-go↔firezone-wg, firezone-wg↔firezone-wg with 1 and 2 TUN queues (``FIREZONE_NUM_TUN_THREADS``), and with
-2 queues but without read-side TSO (``FIREZONE_TUN_READ_OFFLOAD=0``: the kernel segments, writes are still merged).
+wireguard-go↔firezone-wg, firezone-wg↔firezone-wg with 1 and 2 TUN queues (``FIREZONE_NUM_TUN_THREADS``), both with
+the C hot path and pure Python (``FIREZONE_NATIVE=0``, rows ``…py``), and with 2 queues but without read-side TSO
+(``FIREZONE_TUN_READ_OFFLOAD=0``: the kernel segments, writes are still merged).
 The ``gateway`` row is the product's own path: the lab's headless client ↔ the real ``firezone-gateway`` process ↔ the
 resource host, through a lab world with plain routing (see :mod:`lab.bench_gateway`).
 
-For each: ping RTT, iperf3 TCP with 1 and 4 streams in both directions, UDP at a fixed rate (loss, out-of-order), and
-CPU seconds per GB of the two tunnel processes together (utime+stime from /proc/<pid>/stat), with each side's share of
-one core during the run (``a`` = the iperf3 client's side, ``b`` = the server's; ~100% means that side saturates) and
-how busy the whole machine was (``host``: all cores; near 100% means CPU, not either process, is the limit).
-Prints a table with the ratios to the reference and writes JSON under ``bench-results/``.
+For each: ping RTT at idle and under load (pinging while the ``tcp1 a→b`` stream runs), iperf3 TCP with 1 and 4
+streams in both directions (retransmits), UDP at a fixed rate (loss, out-of-order datagrams), and CPU seconds per GB of
+the two tunnel processes together (utime+stime from /proc/<pid>/stat), with each side's share of one core during the
+run (``a`` = the iperf3 client's side, ``b`` = the server's; ~100% means that side saturates) and how busy the whole
+machine was (``host``: all cores; near 100% means CPU, not either process, is the limit). Prints a table with the
+ratios to the reference measured in the same run (throughput ``[N×]``, CPU per GB ``cpu N×``, RTT ``(N×)``), then
+the queue scaling (2 queues over 1, per direction and path), and writes JSON under ``bench-results/``.
 
-    python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz2r-fz2r,gateway] [--output DIR]
+    python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz1py-fz1py,fz2py-fz2py,
+        fz2r-fz2r,gateway] [--output DIR]
         [--gateway-env NAME=VALUE ...] [--client-plain-io] [--profile-gateway SECONDS]
 
 ``--only`` picks rows (ratios need ``wgo-wgo`` among them): ``make bench BENCH_ARGS="--only wgo-wgo,gateway --quick"``.
@@ -30,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -51,13 +56,15 @@ class PairSpec:
     b: Implementation
     queues: int  # FIREZONE_NUM_TUN_THREADS for the firezone-wg side(s)
     read_offload: bool = True  # FIREZONE_TUN_READ_OFFLOAD: TSO/USO super-packets split in Python on read
+    native: bool = True  # False: FIREZONE_NATIVE=0, the pure-Python hot path
 
     @property
     def label(self) -> str:
         def side(impl: Implementation) -> str:
             if impl == "wireguard-go":
                 return "wireguard-go"
-            return f"firezone-wg(q{self.queues}{'' if self.read_offload else ',no-rx-tso'})"
+            options = ("" if self.read_offload else ",no-rx-tso") + ("" if self.native else ",py")
+            return f"firezone-wg(q{self.queues}{options})"
 
         return f"{side(self.a)} ↔ {side(self.b)}"
 
@@ -69,10 +76,17 @@ PAIRS: dict[str, PairSpec] = {
         PairSpec("wgo-fz2", "wireguard-go", "firezone-wg", 2),
         PairSpec("fz1-fz1", "firezone-wg", "firezone-wg", 1),
         PairSpec("fz2-fz2", "firezone-wg", "firezone-wg", 2),
+        PairSpec("fz1py-fz1py", "firezone-wg", "firezone-wg", 1, native=False),
+        PairSpec("fz2py-fz2py", "firezone-wg", "firezone-wg", 2, native=False),
         PairSpec("fz2r-fz2r", "firezone-wg", "firezone-wg", 2, read_offload=False),
     )
 }
 REFERENCE = "wgo-wgo"
+# Queue scaling: (1-queue row, 2-queue row, what differs) compared in the summary under the table.
+QUEUE_SCALING = (("fz1-fz1", "fz2-fz2", "native"), ("fz1py-fz1py", "fz2py-fz2py", "pure Python"))
+SCALING_MEASUREMENTS = ("tcp4 a→b", "tcp4 b→a")
+LOADED_PING_DURING = "tcp1 a→b"  # the iperf3 run that the ping under load rides on
+LOADED_PING_INTERVAL = 0.2
 
 
 @dataclass
@@ -101,6 +115,9 @@ class PairResult:
     rtt_avg_ms: float = math.nan
     rtt_max_ms: float = math.nan
     ping_lost: int = 0
+    rtt_loaded_avg_ms: float = math.nan  # while the LOADED_PING_DURING stream runs
+    rtt_loaded_max_ms: float = math.nan
+    ping_loaded_lost: int = 0
     measurements: list[Measurement] = field(default_factory=list)
     error: str | None = None
 
@@ -240,6 +257,7 @@ def _pair(spec: PairSpec, log_dir: Path) -> Iterator[WgPair]:
             "LOG_LEVEL": "error",
             "FIREZONE_NUM_TUN_THREADS": str(spec.queues),
             "FIREZONE_TUN_READ_OFFLOAD": "1" if spec.read_offload else "0",
+            "FIREZONE_NATIVE": "1" if spec.native else "0",
         }
         pair = WgPair.create(topo, spec.a, spec.b, log_dir=log_dir, env_a=env, env_b=env)
         _wait_for_tunnel(pair.a, pair.b.tunnel_ip)
@@ -272,11 +290,31 @@ IPERF_PLAN: tuple[tuple[str, dict[str, object]], ...] = (
 )
 
 
+def _ping_while(target: IperfTarget, result: PairResult, seconds: int) -> threading.Thread:
+    """Starts pinging the server through the tunnel from 0.5 s into an iperf3 run until just before its end, in a
+    thread; the RTT lands in ``result.rtt_loaded_*``."""
+    count = max(3, int((seconds - 1.0) / LOADED_PING_INTERVAL))
+
+    def ping() -> None:
+        time.sleep(0.5)  # past iperf3's connect, into the stream
+        result.rtt_loaded_avg_ms, result.rtt_loaded_max_ms, result.ping_loaded_lost = ping_rtt_ms(
+            target.client, target.server_ip, count=count, interval=LOADED_PING_INTERVAL
+        )
+
+    thread = threading.Thread(target=ping, name="bench-loaded-ping", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_plan(target: IperfTarget, result: PairResult, *, seconds: int) -> None:
-    """Runs every iperf3 measurement of :data:`IPERF_PLAN` against ``target``, appending to ``result``."""
+    """Runs every iperf3 measurement of :data:`IPERF_PLAN` against ``target``, appending to ``result``; pings under
+    load during :data:`LOADED_PING_DURING`."""
     for name, kwargs in IPERF_PLAN:
         progress(f"{result.label}: iperf3 {name} ({seconds} s)")
+        pinger = _ping_while(target, result, seconds) if name == LOADED_PING_DURING else None
         measurement = run_iperf(target, name, seconds=seconds, **kwargs)  # type: ignore[arg-type]
+        if pinger is not None:
+            pinger.join()
         if measurement.error is not None:
             # iperf3's control connection rides the tunnel and can be reset under overload: one retry.
             progress(f"{result.label}: {name} failed ({measurement.error[:60]}); retrying once")
@@ -323,6 +361,27 @@ def _cell(m: Measurement, sides: tuple[str, str] = ("a", "b")) -> str:
     return text
 
 
+def _ping_cell(avg: float, peak: float, reference: float | None) -> str:
+    if math.isnan(avg):
+        return "-"
+    text = f"{avg:.3f}/{peak:.3f}"
+    if reference is not None and reference > 0 and not math.isnan(reference):
+        text += f" ({avg / reference:.2f}×)"
+    return text
+
+
+def _ratio_suffix(m: Measurement, ref: Measurement | None) -> str:
+    """`` [throughput×, cpu cpu×]`` relative to the reference's same measurement."""
+    if ref is None or ref.error is not None or m.error is not None:
+        return ""
+    parts = []
+    if ref.mbit_per_s > 0:
+        parts.append(f"{m.mbit_per_s / ref.mbit_per_s:.2f}×")
+    if m.cpu_s_per_gb is not None and ref.cpu_s_per_gb:
+        parts.append(f"cpu {m.cpu_s_per_gb / ref.cpu_s_per_gb:.2f}×")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def format_table(results: list[PairResult]) -> str:
     reference = next((r for r in results if r.key == REFERENCE and r.error is None), None)
     ref_by_name = {m.name: m for m in reference.measurements} if reference else {}
@@ -334,17 +393,25 @@ def format_table(results: list[PairResult]) -> str:
         "udp a→b",
     ]
     lines = []
-    header = ["pair", "ping avg/max ms", *names]
+    header = ["pair", "ping idle avg/max ms", f"ping under {LOADED_PING_DURING} avg/max ms", *names]
     lines.append(" | ".join(header))
     lines.append(" | ".join("---" for _ in header))
     for result in results:
         if result.error is not None:
             lines.append(f"{result.label} | FAILED: {result.error}")
             continue
-        ping = f"{result.rtt_avg_ms:.3f}/{result.rtt_max_ms:.3f}"
-        if reference is not None and result is not reference and reference.rtt_avg_ms > 0:
-            ping += f" ({result.rtt_avg_ms / reference.rtt_avg_ms:.2f}×)"
-        cells = [result.label, ping]
+        is_reference = result is reference
+        cells = [
+            result.label,
+            _ping_cell(
+                result.rtt_avg_ms, result.rtt_max_ms, None if is_reference or not reference else reference.rtt_avg_ms
+            ),
+            _ping_cell(
+                result.rtt_loaded_avg_ms,
+                result.rtt_loaded_max_ms,
+                None if is_reference or not reference else reference.rtt_loaded_avg_ms,
+            ),
+        ]
         by_name = {m.name: m for m in result.measurements}
         for name in names:
             m = by_name.get(name)
@@ -352,17 +419,29 @@ def format_table(results: list[PairResult]) -> str:
                 cells.append("-")
                 continue
             cell = _cell(m, result.sides)
-            ref = ref_by_name.get(name)
-            if (
-                ref is not None
-                and result is not reference
-                and ref.error is None
-                and m.error is None
-                and ref.mbit_per_s > 0
-            ):
-                cell += f" [{m.mbit_per_s / ref.mbit_per_s:.2f}×]"
+            if not is_reference:
+                cell += _ratio_suffix(m, ref_by_name.get(name))
             cells.append(cell)
         lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def format_scaling(results: list[PairResult]) -> str:
+    """One line per 1-queue/2-queue pair of rows present: throughput with 2 queues over 1, per measurement."""
+    by_key = {r.key: r for r in results if r.error is None}
+    lines = []
+    for one, two, what in QUEUE_SCALING:
+        if one not in by_key or two not in by_key:
+            continue
+        single = {m.name: m for m in by_key[one].measurements if m.error is None}
+        double = {m.name: m for m in by_key[two].measurements if m.error is None}
+        ratios = [
+            f"{name} {double[name].mbit_per_s / single[name].mbit_per_s:.2f}×"
+            for name in SCALING_MEASUREMENTS
+            if name in single and name in double and single[name].mbit_per_s > 0
+        ]
+        if ratios:
+            lines.append(f"2 queues / 1 queue ({what}, {two} / {one}): {', '.join(ratios)}")
     return "\n".join(lines)
 
 
@@ -438,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results.append(measure_pair(PAIRS[key], seconds=seconds, pings=pings, log_dir=Path(tmp)))
     table = format_table(results)
+    scaling = format_scaling(results)
+    if scaling:
+        table += "\n\n" + scaling
     print(table)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)

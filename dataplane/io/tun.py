@@ -1,8 +1,10 @@
 """Linux TUN device driver: multi-queue, one reader and one writer thread per queue, offloads, batches.
 
 The event loop never blocks on the device: reader threads push received packets into one bounded deque and bump an
-eventfd once per batch (``wakeup_fd``, an epoll fd, becomes readable); ``send``/``send_many`` append to a bounded
-per-queue deque that the queue's writer thread drains (one or two packets for an idle writer are written directly).
+eventfd once per batch (``wakeup_fd``, an epoll fd, becomes readable), or, given ``on_packets``, hand each batch to
+that callback themselves (firezone-wg seals and sends in the reader threads, one queue per core). ``send``/
+``send_many`` append to a bounded per-queue deque that the queue's writer thread drains (one or two packets for an idle
+writer are written directly).
 The queue for a written packet is picked by its flow hash so one flow is always written by one thread, in order
 (Firezone #10231: racing writers reordered flows and TCP throttled). On read the kernel already steers a flow to one
 queue, and each reader appends its batches in order, so reads keep per-flow order too.
@@ -101,6 +103,7 @@ class TunDropReason(enum.Enum):
     WRITE_FAILED = "write_failed"
     READ_FAILED = "read_failed"
     THREAD_FAILED = "thread_failed"
+    CONSUMER_FAILED = "consumer_failed"
 
 
 def queues_from_env(environ: Mapping[str, str] | None = None) -> int:
@@ -199,6 +202,7 @@ class Tun:
         outbound_capacity: int,
         adaptive: bool = True,
         lock_path: str | None = None,
+        on_packets: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.name = name
         self.queues = len(queue_fds)
@@ -217,7 +221,11 @@ class Tun:
         self._inbound: collections.deque[bytes] = collections.deque()
         # Orders "reader thread enqueues / hands a queue back" against "event loop drains and reads directly".
         self._mode_lock = threading.Lock()
-        self._adaptive = adaptive
+        # Set: each reader thread hands its batches to this callback itself (the owner's per-queue work then runs in
+        # parallel, e.g. sealing with the GIL released) instead of queueing them for poll_recv_many.
+        self._on_packets = on_packets
+        self._consumer_failures = 0
+        self._adaptive = adaptive and on_packets is None
         # wakeup_fd is an epoll instance: readable when a reader thread signalled a batch (eventfd) or when a queue in
         # direct mode has packets in the kernel.
         self._epoll = select.epoll()
@@ -251,6 +259,7 @@ class Tun:
         outbound_capacity: int = 2048,
         read_offload: bool | None = None,
         adaptive_reads: bool = True,
+        on_packets: Callable[[list[bytes]], None] | None = None,
     ) -> Tun:
         """Creates ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE`` when more than one) in the calling thread's
         network namespace. Raises :class:`TunError` when another process holds the device or it exists already.
@@ -258,7 +267,13 @@ class Tun:
         ``offload``: use ``IFF_VNET_HDR`` + ``TUNSETOFFLOAD`` when the kernel accepts them (probed). ``read_offload``
         (default: ``FIREZONE_TUN_READ_OFFLOAD``, on unless "0"): let the kernel hand over TSO/USO super-packets, which
         the reader threads split in Python; off, the kernel segments and checksums in C and each read is one packet,
-        while writes are still merged. Which is faster depends on the machine (see lab.bench)."""
+        while writes are still merged. Which is faster depends on the machine (see lab.bench).
+
+        ``on_packets``: called by each queue's reader thread with every batch it read, in order, instead of queueing
+        it for :meth:`poll_recv_many` (which then returns nothing; no adaptive reads, since the reader thread is
+        already the one hop). One flow is read by one queue, so the callback sees each flow's packets in order, from
+        one thread; it runs concurrently for different queues. An exception from it is logged and its batch counted
+        as dropped (``consumer_failed``); the thread goes on."""
         if not name or len(name.encode()) > 15:
             raise ValueError(f"invalid interface name {name!r}")
         if queues < 1:
@@ -305,6 +320,7 @@ class Tun:
             offload_flags=offload_flags,
             read_offload=bool(offload_flags and read_offload),
             adaptive=adaptive_reads,
+            on_packets=on_packets,
             inbound_capacity=inbound_capacity,
             outbound_capacity=outbound_capacity,
             lock_path=lock_path,
@@ -562,6 +578,7 @@ class Tun:
         inbound = self._inbound
         capacity = self.inbound_capacity
         quiet_timeout = _QUIET_MS if self._adaptive else -1
+        on_packets = self._on_packets
         while True:
             if queue.direct:
                 if any(ready_fd == self._stop_fd for ready_fd, _ in parked.poll()):
@@ -592,6 +609,9 @@ class Tun:
                 return
             if not batch:
                 continue
+            if on_packets is not None:
+                self._deliver(on_packets, batch)
+                continue
             room = capacity - len(inbound)
             if room < len(batch):
                 self._drop(TunDropReason.INBOUND_QUEUE_FULL, len(batch) - max(room, 0))
@@ -601,6 +621,22 @@ class Tun:
             with self._mode_lock:
                 inbound.extend(batch)
             os.eventfd_write(self._signal_fd, 1)
+
+    def _deliver(self, on_packets: Callable[[list[bytes]], None], batch: list[bytes]) -> None:
+        try:
+            on_packets(batch)
+        except Exception:
+            if self._closed:
+                return
+            self._drop(TunDropReason.CONSUMER_FAILED, len(batch))
+            self._consumer_failures += 1
+            # Loud once, then quiet: a bug hit by every batch must not flood the log at packet rate.
+            if self._consumer_failures == 1:
+                log.exception(
+                    "TUN %s: the packet consumer failed (batch dropped; further failures logged at debug)", self.name
+                )
+            else:
+                log.debug("TUN %s: the packet consumer failed", self.name, exc_info=True)
 
     def _writer(self, queue: _Queue) -> None:
         poller = select.poll()

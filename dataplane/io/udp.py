@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,7 +83,8 @@ _ICMP_REPORTED_ERRNOS = frozenset(
 
 
 class UdpSocket:
-    """One non-blocking UDP socket; call from one thread."""
+    """One non-blocking UDP socket. Receive from one thread; ``send_batch``/``send_many`` may run in several threads at
+    once (each ``sendmsg`` is atomic in the kernel; firezone-wg's TUN reader threads send what they sealed)."""
 
     def __init__(self, sock: socket.socket, *, gso: bool, gro: bool) -> None:
         self._sock = sock
@@ -90,6 +92,7 @@ class UdpSocket:
         self.gso_enabled = gso
         self.gro_enabled = gro
         self.drops = DropCounter()
+        self._send_drops_lock = threading.Lock()  # senders in several threads count failures without losing any
         host, port = sock.getsockname()[:2]
         self.local_address: Address = (str(host), int(port))
         self._buffer = bytearray(_RECV_BUFFER_SIZE)
@@ -293,10 +296,10 @@ class UdpSocket:
         try:
             self._sock.sendto(payload, dst)
         except (BlockingIOError, InterruptedError):
-            self.drops.drop(UdpDropReason.SEND_WOULD_BLOCK)
+            self._drop_all(UdpDropReason.SEND_WOULD_BLOCK, 1)
         except OSError as exc:
             log.debug("UDP send to %s failed: %s", dst, exc)
-            self.drops.drop(UdpDropReason.SEND_FAILED)
+            self._drop_all(UdpDropReason.SEND_FAILED, 1)
 
     def _send_gso(self, payloads: Sequence[bytes], size: int, dst: Address) -> None:
         try:
@@ -316,7 +319,8 @@ class UdpSocket:
 
     def _drop_all(self, reason: UdpDropReason, datagrams: int) -> None:
         # A failed GSO send loses every datagram it carried: count them, as one-by-one sends would.
-        self.drops.drop(reason, datagrams)
+        with self._send_drops_lock:
+            self.drops.drop(reason, datagrams)
 
     def close(self) -> None:
         self._sock.close()

@@ -23,8 +23,10 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
+from dataplane.native import open_batch
 
 from . import noise
 from .allowedips import AllowedIps, Network
@@ -47,14 +49,38 @@ from .constants import (
 from .cookie import CookieChecker
 from .crypto import load_private_key, public_key
 from .ratelimit import RateLimiter
-from .tunn import DropReason, IndexTable, Tunn, TunnEvent
+from .session import Keypair
+from .tunn import DropReason, IndexTable, SealReservation, Tunn, TunnEvent
 
-__all__ = ["Device", "DropReason", "Peer"]
+__all__ = ["Device", "DropReason", "Peer", "ReceivedRun", "SealJob"]
 
 # Drops outside the transport fast path, one record each: a separate logger so floods stay quiet unless asked for.
 _drop_log = logging.getLogger("dataplane.wireguard.drops")
 
 _TYPE_AND_INDEX = struct.Struct("<II")  # message type (with its 3 reserved bytes) and the receiver index
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRun:
+    """Datagrams grouped by :meth:`Device.open_datagrams`: a transport run (``index`` >= 0: messages with that
+    receiver index from ``source``, decrypted with ``keypair`` when it was known) or one other datagram (index -1)."""
+
+    index: int
+    source: Address
+    messages: list[bytes]
+    keypair: Keypair | None
+    plaintexts: list[bytes | None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class SealJob:
+    """Packets for one peer with their counters claimed (:meth:`Device.prepare_send`): seal, send to ``destination``."""
+
+    destination: Address
+    reservation: SealReservation
+
+    def seal(self) -> list[bytes]:
+        return self.reservation.seal()
 
 
 class Peer:
@@ -264,10 +290,20 @@ class Device:
 
         Consecutive transport messages with the same receiver index from the same source are decrypted as one run.
         """
-        touched: set[Peer] = set()
+        self.receive_opened(self.open_datagrams(datagrams), now)
+
+    def open_datagrams(self, datagrams: Sequence[tuple[bytes, Address]]) -> list[ReceivedRun]:
+        """The first half of :meth:`receive_datagrams`: groups the datagrams into runs and authenticates and decrypts
+        each transport run with the keypair its receiver index names (``dataplane.native.open_batch``, GIL released).
+
+        It changes no state (it only looks keypairs up), so a threaded driver may call it outside the lock that
+        guards the device; :meth:`receive_opened` then does the rest, and decrypts again any run whose keypair
+        changed in between.
+        """
+        runs: list[ReceivedRun] = []
         run: list[bytes] = []
         run_index = -1
-        run_source: Address | None = None
+        run_source: Address = ("", 0)  # meaningful while ``run`` is not empty
         unpack_header = _TYPE_AND_INDEX.unpack_from
         minimum = MESSAGE_TRANSPORT_MIN_SIZE
         for data, source in datagrams:
@@ -278,24 +314,42 @@ class Device:
                         run.append(data)
                         continue
                     if run:
-                        self._receive_run(run_index, run, run_source, now, touched)
+                        runs.append(self._open_run(run_index, run, run_source))
                     run = [data]
                     run_index = index
                     run_source = source
                     continue
             if run:
-                self._receive_run(run_index, run, run_source, now, touched)
+                runs.append(self._open_run(run_index, run, run_source))
                 run = []
                 run_index = -1
-            self._receive_other(data, source, now, touched)
+            runs.append(ReceivedRun(-1, source, [data], None, None))
         if run:
-            self._receive_run(run_index, run, run_source, now, touched)
+            runs.append(self._open_run(run_index, run, run_source))
+        return runs
+
+    def _open_run(self, index: int, messages: list[bytes], source: Address) -> ReceivedRun:
+        tunn = self._indices.entries.get(index)
+        keypair = tunn.keypair_for_index(index) if tunn is not None else None
+        if keypair is None:
+            return ReceivedRun(index, source, messages, None, None)
+        return ReceivedRun(index, source, messages, keypair, open_batch(keypair.receive_key, messages))
+
+    def receive_opened(self, runs: Sequence[ReceivedRun], now: float) -> None:
+        """The second half of :meth:`receive_datagrams`, for what :meth:`open_datagrams` returned."""
+        touched: set[Peer] = set()
+        for run in runs:
+            if run.index < 0:
+                self._receive_other(run.messages[0], run.source, now, touched)
+            else:
+                self._receive_run(run, now, touched)
         for peer in touched:
             self._collect(peer)
 
-    def _receive_run(
-        self, index: int, messages: list[bytes], source: Address | None, now: float, touched: set[Peer]
-    ) -> None:
+    def _receive_run(self, run: ReceivedRun, now: float, touched: set[Peer]) -> None:
+        index = run.index
+        messages = run.messages
+        source = run.source
         tunn = self._indices.entries.get(index)
         if tunn is None:
             drops = self.drops
@@ -303,10 +357,11 @@ class Device:
                 drops.drop(DropReason.UNKNOWN_INDEX)
             return
         peer = self._peers.get(tunn.peer_public)
-        if peer is None or source is None:
+        if peer is None:
             return
+        opened = (run.keypair, run.plaintexts) if run.keypair is not None and run.plaintexts is not None else None
         # Cryptokey routing inside the run: the inner source must be one of this peer's allowed IPs.
-        if tunn.receive_transport_run(index, messages, now, self._packets, self._routes.lookup, peer):
+        if tunn.receive_transport_run(index, messages, now, self._packets, self._routes.lookup, peer, opened=opened):
             peer.endpoint = source
             touched.add(peer)
 
@@ -382,6 +437,32 @@ class Device:
 
     def send_packets(self, packets: Sequence[bytes], now: float) -> None:
         """Encrypt IP packets from the TUN for the peer whose allowed-ips hold each destination."""
+        for peer, batch in self._route_packets(packets).items():
+            peer.tunn.encapsulate_batch(batch, now)
+            self._collect(peer)
+
+    def prepare_send(self, packets: Sequence[bytes], now: float) -> list[SealJob]:
+        """:meth:`send_packets` for threaded drivers: routes the packets and claims their counters, but leaves the
+        sealing (a pure function, :meth:`SealJob.seal`) and the sending to the caller, to do outside its lock.
+
+        Every packet either becomes part of a returned job (sealed for ``job.destination``), or goes the way
+        ``send_packets`` takes it (staged for a handshake, dropped and counted), with its output in
+        :meth:`drain_datagram_runs`. The jobs seal to the very messages ``send_packets`` would have queued.
+        """
+        jobs: list[SealJob] = []
+        for peer, batch in self._route_packets(packets).items():
+            endpoint = peer.endpoint
+            reservation = peer.tunn.reserve_send(batch, now) if endpoint is not None else None
+            if reservation is None:
+                peer.tunn.encapsulate_batch(batch, now)
+            else:
+                assert endpoint is not None
+                jobs.append(SealJob(endpoint, reservation))
+            self._collect(peer)
+        return jobs
+
+    def _route_packets(self, packets: Sequence[bytes]) -> dict[Peer, list[bytes]]:
+        """Groups IP packets by the peer whose allowed-ips hold their destination (order kept within a peer)."""
         lookup = self._routes.lookup
         batches: dict[Peer, list[bytes]] = {}
         drops = self.drops
@@ -413,9 +494,7 @@ class Device:
                 batch.append(packet)
             last_destination = destination
             last_batch = batch
-        for peer, batch in batches.items():
-            peer.tunn.encapsulate_batch(batch, now)
-            self._collect(peer)
+        return batches
 
     # --- timers ---
     # Deadlines live in a heap with lazy deletion: an entry is current while it equals its peer's ``scheduled``

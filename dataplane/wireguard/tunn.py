@@ -173,6 +173,34 @@ _RING_MASK = REPLAY_RING_BLOCKS - 1
 _BIT_MASK = (1 << _BLOCK_BIT_LOG) - 1
 
 
+def sealed_size(packets: Sequence[bytes], mtu: int | None) -> int:
+    """Bytes of the transport messages ``seal_batch`` makes of ``packets`` (header, padding to 16 but never past
+    ``mtu``, tag), without sealing them."""
+    total = 0
+    for packet in packets:
+        size = len(packet)
+        padded = size + (-size % 16)
+        if mtu is not None and padded > mtu:
+            padded = max(mtu, size)
+        total += padded
+    return total + MESSAGE_TRANSPORT_MIN_SIZE * len(packets)
+
+
+@dataclass(frozen=True, slots=True)
+class SealReservation:
+    """Packets whose counters were claimed by :meth:`Tunn.reserve_send`: sealing them is a pure function."""
+
+    key: bytes
+    receiver_index: int
+    first_counter: int
+    packets: Sequence[bytes]
+    mtu: int | None
+
+    def seal(self) -> list[bytes]:
+        """The transport messages, in order (releases the GIL with the C extension)."""
+        return seal_batch(self.key, self.receiver_index, self.first_counter, self.packets, self.mtu)
+
+
 class Tunn:
     def __init__(
         self,
@@ -387,16 +415,40 @@ class Tunn:
     def _seal(self, keypair: Keypair, packets: Sequence[bytes], now: float) -> None:
         counter = keypair.send_counter
         messages = seal_batch(keypair.send_key, keypair.remote_index, counter, packets, self.mtu)
-        counter += len(messages)
-        sent = sum(map(len, messages))
         self._transmits.extend(messages)
+        self._sent(keypair, counter + len(messages), sum(map(len, messages)), len(packets), now)
+
+    def reserve_send(self, packets: Sequence[bytes], now: float) -> SealReservation | None:
+        """The fast send path split for threaded drivers: claims counters for ``packets`` (non-empty IP packets) and
+        does all bookkeeping of sending them now; the caller seals them outside any lock with
+        :meth:`SealReservation.seal` (``dataplane.native.seal_batch``, GIL released) and sends the messages itself.
+
+        None when the packets cannot be sealed at once (no usable session, or packets already staged): the caller
+        uses :meth:`encapsulate_batch` instead, which stages them and starts a handshake. Both give the same bytes.
+        """
+        keypair = self._current
+        count = len(packets)
+        if (
+            self._staged
+            or keypair is None
+            or now - keypair.created >= REJECT_AFTER_TIME
+            or keypair.send_counter + count >= REJECT_AFTER_MESSAGES
+        ):
+            return None
+        counter = keypair.send_counter
+        mtu = self.mtu
+        self._sent(keypair, counter + count, sealed_size(packets, mtu), count, now)
+        return SealReservation(keypair.send_key, keypair.remote_index, counter, packets, mtu)
+
+    def _sent(self, keypair: Keypair, counter: int, sent: int, count: int, now: float) -> None:
+        """Bookkeeping after ``count`` transport messages of ``sent`` bytes were sealed; ``counter`` is the next one."""
         keypair.send_counter = counter
         self.tx_bytes += sent
         timers = self._timers
         if timers.persistent_keepalive_interval:
             timers.persistent_keepalive = now + timers.persistent_keepalive_interval
         timers.send_keepalive = None
-        if sent > MESSAGE_TRANSPORT_MIN_SIZE * len(packets):  # not only keepalives (32-byte messages)
+        if sent > MESSAGE_TRANSPORT_MIN_SIZE * count:  # not only keepalives (32-byte messages)
             timers.data_sent(now)
         # keep-key-fresh on send: either side rekeys after Rekey-After-Messages, the initiator after Rekey-After-Time.
         if counter > REKEY_AFTER_MESSAGES or (keypair.is_initiator and now - keypair.created >= REKEY_AFTER_TIME):
@@ -527,11 +579,15 @@ class Tunn:
         out: list[bytes],
         source_owner: Callable[[bytes], object] | None = None,
         owner: object = None,
+        *,
+        opened: tuple[Keypair, Sequence[bytes | None]] | None = None,
     ) -> int:
         """:meth:`receive_transport_batch` for messages that all carry receiver index ``index``: the hot path.
 
         ``source_owner``: cryptokey routing for the caller: an inner packet whose source address (packed)
         ``source_owner`` does not map to ``owner`` is dropped (``ALLOWED_IPS_MISMATCH``).
+        ``opened``: (keypair, ``open_batch`` result) computed earlier, e.g. outside the caller's lock; used only when
+        that keypair is still the one ``index`` names, else the messages are decrypted again here.
         """
         drops = self.drops
         keypair = self._keypairs_by_index.get(index)
@@ -540,7 +596,10 @@ class Tunn:
             for _ in messages:
                 drops.drop(reason)
             return 0
-        plaintexts = open_batch(keypair.receive_key, messages)
+        if opened is not None and opened[0] is keypair:
+            plaintexts = opened[1]
+        else:
+            plaintexts = open_batch(keypair.receive_key, messages)
         replay = keypair.replay
         validate = replay.validate
         ring = replay.ring

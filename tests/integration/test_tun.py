@@ -319,3 +319,38 @@ def test_a_thread_that_dies_is_logged_counted_and_reported(ns: Netns) -> None:
         poller = select.poll()
         poller.register(tun.wakeup_fd, select.POLLIN)
         assert poller.poll(1000), "the event loop must be woken to notice the failure"
+
+
+@pytest.mark.allow_error_logs
+def test_reader_threads_hand_batches_to_on_packets_in_order(ns: Netns) -> None:
+    """With ``on_packets`` the reader thread delivers each batch itself (nothing for poll_recv_many); a consumer that
+    raises loses its batch, counted, and the thread keeps delivering."""
+    import threading
+
+    delivered: list[bytes] = []
+    arrived = threading.Event()
+    failures = {"left": 1}
+
+    def consume(batch: list[bytes]) -> None:
+        udp = [p for p in batch if p[0] >> 4 == 4 and p[9] == 17 and p[22:24] == struct.pack("!H", 5000)]
+        if udp and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("consumer bug")
+        delivered.extend(udp)
+        if len(delivered) >= 50:
+            arrived.set()
+
+    with create(ns, queues=1, on_packets=consume) as tun:
+        configure(ns)
+        sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        with sender:
+            sender.sendto(b"lost", (PEER_ADDR, 5000))
+            deadline = time.monotonic() + 5
+            while tun.drops["consumer_failed"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert tun.drops[TunDropReason.CONSUMER_FAILED] >= 1
+            for i in range(50):
+                sender.sendto(struct.pack("!I", i) * 10, (PEER_ADDR, 5000))
+            assert arrived.wait(10)
+        assert tun.poll_recv_many() == []
+    assert [struct.unpack_from("!I", p, 28)[0] for p in delivered] == list(range(50))

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from lab.bench import GATEWAY_ROW, REFERENCE, Measurement, PairResult, cpu_seconds, format_table, host_cpu_times, main
+from lab.bench import (
+    GATEWAY_ROW,
+    REFERENCE,
+    Measurement,
+    PairResult,
+    cpu_seconds,
+    format_scaling,
+    format_table,
+    host_cpu_times,
+    main,
+)
 from lab.bench_gateway import summarize_collapsed
 
 
@@ -21,11 +31,11 @@ def test_the_gateway_row_gets_ratios_to_the_reference_and_names_its_sides() -> N
             _row(GATEWAY_ROW, "lab client ↔ firezone-gateway", 250.0, ("client", "gateway")),
         ]
     ).splitlines()
-    assert table[0] == "pair | ping avg/max ms | tcp1 a→b"
+    assert table[0] == "pair | ping idle avg/max ms | ping under tcp1 a→b avg/max ms | tcp1 a→b"
     assert "(a 50% b 97% host 99%)" in table[2]
     gateway = table[3]
-    assert gateway.startswith("lab client ↔ firezone-gateway | 2.000/3.000 (1.00×)")
-    assert "250 Mbit/s retr 0 cpu 20.0 s/GB (client 50% gateway 97% host 99%) [0.25×]" in gateway
+    assert gateway.startswith("lab client ↔ firezone-gateway | 2.000/3.000 (1.00×) | -")
+    assert "250 Mbit/s retr 0 cpu 20.0 s/GB (client 50% gateway 97% host 99%) [0.25×, cpu 1.00×]" in gateway
 
 
 def test_without_the_reference_there_are_no_ratios() -> None:
@@ -70,3 +80,19 @@ def test_profile_summary_ranks_frames_by_self_samples() -> None:
     assert lines[2].split() == ["30.0", "30.0", "seal", "(dataplane/wireguard/tunn.py:400)"]
     assert len(lines) == 3
     assert summarize_collapsed("") == "  (no samples)"
+
+
+def test_loaded_ping_cpu_and_queue_scaling_are_ratios_within_the_run() -> None:
+    reference = _row(REFERENCE, "wgo", 1000.0)
+    reference.rtt_loaded_avg_ms, reference.rtt_loaded_max_ms = 4.0, 8.0
+    one = _row("fz1-fz1", "fz q1", 200.0)
+    two = _row("fz2-fz2", "fz q2", 500.0)
+    two.rtt_loaded_avg_ms, two.rtt_loaded_max_ms = 6.0, 9.0
+    two.measurements[0].cpu_s_per_gb = 10.0
+    for row, mbit in ((one, 100.0), (two, 170.0)):
+        row.measurements.append(Measurement("tcp4 a→b", mbit_per_s=mbit, bytes=10**9))
+    table = format_table([reference, one, two]).splitlines()
+    assert table[4].startswith("fz q2 | 2.000/3.000 (1.00×) | 6.000/9.000 (1.50×) | 500 Mbit/s")
+    assert "[0.50×, cpu 0.50×]" in table[4]
+    assert format_scaling([reference, one, two]) == "2 queues / 1 queue (native, fz2-fz2 / fz1-fz1): tcp4 a→b 1.70×"
+    assert format_scaling([reference, two]) == ""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 RELAY_CREDENTIALS_EXPIRY = 2145916800
 """2038-01-01: the portal mints relay credentials with this fixed expiry so they stay stable across reconnects."""
@@ -240,6 +240,15 @@ class PortalConfig(_Model):
     relays: list[RelayConfig] = Field(default_factory=list)
     authorizations: list[AuthorizationConfig] = Field(default_factory=list)
     flow_logs: FlowLogsConfig = Field(default_factory=FlowLogsConfig)
+    # Lookups by id and token: a load run has thousands of clients and looks one up on every connection and flow.
+    _clients_by_id: dict[str, ClientConfig] = PrivateAttr(default_factory=dict)
+    _clients_by_token: dict[str, ClientConfig] = PrivateAttr(default_factory=dict)
+    _resources_by_id: dict[str, ResourceConfig] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._clients_by_id = {c.id: c for c in reversed(self.clients)}  # the first of a duplicated id wins
+        self._clients_by_token = {c.token: c for c in self.clients if c.token is not None}
+        self._resources_by_id = {r.id: r for r in reversed(self.resources)}
 
     @model_validator(mode="after")
     def _references_resolve(self) -> PortalConfig:
@@ -263,26 +272,26 @@ class PortalConfig(_Model):
         return self
 
     def client(self, client_id: str) -> ClientConfig:
-        return _by_id(self.clients, client_id, "client")
+        client = self._clients_by_id.get(client_id)
+        return _by_id(self.clients, client_id, "client") if client is None else client
 
     def find_client(self, token: str) -> ClientConfig | None:
-        """The client admitted by this token, or None."""
-        for client in self.clients:
-            if client.token is not None and hmac.compare_digest(client.token.encode(), token.encode()):
-                return client
-        return None
+        """The client admitted by this token, or None (a dictionary lookup: this is a dev portal, timing-safe
+        comparison buys nothing here)."""
+        return self._clients_by_token.get(token)
 
     def resource(self, resource_id: str) -> ResourceConfig:
-        return _by_id(self.resources, resource_id, "resource")
+        resource = self._resources_by_id.get(resource_id)
+        return _by_id(self.resources, resource_id, "resource") if resource is None else resource
 
     def relay(self, relay_id: str) -> RelayConfig:
         return _by_id(self.relays, relay_id, "relay")
 
     def psk_base(self, device_id: str) -> bytes:
         """The per-device random secret of the real portal, derived here so restarts keep PSKs stable."""
-        for client in self.clients:
-            if client.id == device_id and client.psk_base is not None:
-                return client.psk_base.encode()
+        client = self._clients_by_id.get(device_id)
+        if client is not None and client.psk_base is not None:
+            return client.psk_base.encode()
         return hmac.new(self.signing_secret.encode(), f"psk_base:{device_id}".encode(), hashlib.sha256).digest()
 
     def gateway_device_id(self, entry: GatewayConfig, external_id: str) -> str:

@@ -24,6 +24,7 @@ import logging
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +380,17 @@ class DevPortal:
         self._flows: dict[int, Flow] = {}
         self._pending_flows: dict[str, Flow] = {}
         """Flows waiting for ``authorization_created``, by the ref pushed to the gateway."""
+        # Indexes kept next to the tables above, so that brokering stays O(1) per message with thousands of clients:
+        self._client_by_id: dict[str, ClientSession] = {}
+        """The live client socket of each client id (a second one is refused with 409)."""
+        self._live_flows: dict[int, Flow] = {}
+        """Kept flows with a gateway that are pending or created: they carry candidates and count as load."""
+        self._live_pairs: Counter[tuple[str, str]] = Counter()
+        """Live flows by (client id, gateway id)."""
+        self._gateway_load: Counter[int] = Counter()
+        """Live flows by gateway connection."""
+        self._pending_by_client: Counter[int] = Counter()
+        """Pending flows by client connection."""
         self._flow_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -1090,7 +1102,7 @@ class DevPortal:
         public_key = query.get("public_key", "")
         if not is_valid_public_key(public_key):
             return self._reject(400, "invalid_connect_params", "public_key: is invalid", client_id=entry.id)
-        if any(s.client_id == entry.id for s in self._clients.values()):
+        if entry.id in self._client_by_id:
             return self._reject(409, "client_already_connected", "This client is already connected", client_id=entry.id)
 
         ws = web.WebSocketResponse(
@@ -1114,12 +1126,15 @@ class DevPortal:
             connected_at=self._wall_clock(),
         )
         self._clients[session.conn_id] = session
+        self._client_by_id[session.client_id] = session
         self._record("connected", session, detail=f"client {serializer.value} {session.user_agent}")
         log.info("client %s connected, conn %d", session.client_id, session.conn_id)
         try:
             await self._serve(session, self._handle_client_text)
         finally:
             self._clients.pop(session.conn_id, None)
+            if self._client_by_id.get(session.client_id) is session:
+                del self._client_by_id[session.client_id]
             self._finished_clients.append(session)
             del self._finished_clients[:-MAX_FINISHED_CLIENTS]
             session.joined = False
@@ -1185,17 +1200,31 @@ class DevPortal:
                 return session
         if not eligible:
             return None
-        load = {s.conn_id: 0 for s in eligible}
-        for flow in self._flows.values():
-            if flow.gateway_conn_id in load and flow.state in ("pending", "created"):
-                load[flow.gateway_conn_id] += 1
-        return min(eligible, key=lambda s: (load[s.conn_id], s.conn_id))
+        return min(eligible, key=lambda s: (self._gateway_load[s.conn_id], s.conn_id))
 
     def _add_flow(self, flow: Flow) -> None:
         self._flows[flow.flow_id] = flow
         if len(self._flows) > MAX_FLOWS_KEPT:
             for flow_id in [i for i, f in self._flows.items() if f.state != "pending"][: MAX_FLOWS_KEPT // 10]:
-                del self._flows[flow_id]
+                self._forget_live(self._flows.pop(flow_id))
+
+    def _make_live(self, flow: Flow) -> None:
+        assert flow.gateway_id is not None and flow.gateway_conn_id is not None
+        self._live_flows[flow.flow_id] = flow
+        self._live_pairs[(flow.client_id, flow.gateway_id)] += 1
+        self._gateway_load[flow.gateway_conn_id] += 1
+
+    def _forget_live(self, flow: Flow) -> None:
+        if self._live_flows.pop(flow.flow_id, None) is None:
+            return
+        assert flow.gateway_id is not None and flow.gateway_conn_id is not None
+        pair = (flow.client_id, flow.gateway_id)
+        self._live_pairs[pair] -= 1
+        if self._live_pairs[pair] <= 0:
+            del self._live_pairs[pair]
+        self._gateway_load[flow.gateway_conn_id] -= 1
+        if self._gateway_load[flow.gateway_conn_id] <= 0:
+            del self._gateway_load[flow.gateway_conn_id]
 
     async def _create_flow(self, session: ClientSession, frame: wire.Frame) -> None:
         payload = frame.payload if isinstance(frame.payload, dict) else {}
@@ -1206,8 +1235,7 @@ class DevPortal:
         await self._send(session, wire.reply(frame, "ok", {}))
         flow = Flow(next(self._flow_ids), session.conn_id, session.client_id, resource_id, self._wall_clock())
         self._add_flow(flow)
-        pending = sum(1 for f in self._pending_flows.values() if f.client_conn_id == session.conn_id)
-        if pending >= MAX_PENDING_FLOWS_PER_CLIENT:
+        if self._pending_by_client[session.conn_id] >= MAX_PENDING_FLOWS_PER_CLIENT:
             await self._fail_flow(flow, "too_many_requests")
             return
         try:
@@ -1226,6 +1254,8 @@ class DevPortal:
         flow.ref, flow.authorization = authorization["ref"], authorization
         gateway.issued_refs.add(authorization["ref"])
         self._pending_flows[authorization["ref"]] = flow
+        self._pending_by_client[flow.client_conn_id] += 1
+        self._make_live(flow)
         flow.timer = asyncio.get_running_loop().call_later(
             self.config.authorization_timeout, self._on_flow_timeout, authorization["ref"]
         )
@@ -1242,8 +1272,12 @@ class DevPortal:
             self._spawn(self._fail_flow(flow, "offline"))
 
     def _finish_flow(self, flow: Flow, state: str, reason: str | None) -> None:
-        if flow.ref is not None:
-            self._pending_flows.pop(flow.ref, None)
+        if flow.ref is not None and self._pending_flows.pop(flow.ref, None) is not None:
+            self._pending_by_client[flow.client_conn_id] -= 1
+            if self._pending_by_client[flow.client_conn_id] <= 0:
+                del self._pending_by_client[flow.client_conn_id]
+        if state not in ("pending", "created"):
+            self._forget_live(flow)
         if flow.timer is not None:
             flow.timer.cancel()
             flow.timer = None
@@ -1284,15 +1318,21 @@ class DevPortal:
         }
         flow.flow_created = payload
         self._finish_flow(flow, "created", None)
-        with contextlib.suppress(SocketGone):
-            await self._push(client, "flow_created", payload, topic=CLIENT_TOPIC)
+        self._push_soon(client, "flow_created", payload, topic=CLIENT_TOPIC)
+
+    def _push_soon(self, session: Session, event: str, payload: Any, *, topic: str) -> None:
+        """Pushes from a task of its own: a gateway's frames (its heartbeats among them) are not held up while one
+        slow client's socket drains. Tasks start in the order they were made, so one client's pushes keep theirs."""
+
+        async def push() -> None:
+            with contextlib.suppress(SocketGone):
+                await self._push(session, event, payload, topic=topic)
+
+        self._spawn(push())
 
     def _flow_between(self, client_id: str, gateway_id: str) -> bool:
         """Whether the portal brokered (or is brokering) this pair: candidates only flow between such peers."""
-        return any(
-            f.client_id == client_id and f.gateway_id == gateway_id and f.state in ("pending", "created")
-            for f in self._flows.values()
-        )
+        return (client_id, gateway_id) in self._live_pairs
 
     async def _forward_client_candidates(self, session: ClientSession, event: str, payload: Any) -> None:
         """``broadcast_(invalidated_)ice_candidates`` {gateway_ids, candidates} → each gateway, with our client id."""
@@ -1317,10 +1357,10 @@ class DevPortal:
         for client_id in _strings(body.get("client_ids"), MAX_BROADCAST_TARGETS):
             if not self._flow_between(client_id, session.gateway_id):
                 continue
-            for client in [c for c in self._clients.values() if c.joined and c.client_id == client_id]:
-                with contextlib.suppress(SocketGone):
-                    body = {"gateway_id": session.gateway_id, "candidates": candidates}
-                    await self._push(client, event, body, topic=CLIENT_TOPIC)
+            client = self._client_by_id.get(client_id)
+            if client is not None and client.joined:
+                body = {"gateway_id": session.gateway_id, "candidates": candidates}
+                self._push_soon(client, event, body, topic=CLIENT_TOPIC)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -54,6 +54,10 @@ MAX_FRAME_SIZE = 4 * 1024 * 1024
 MAX_QUEUED_FRAMES = 4
 # A frame the portal does not take within this time means the connection is dead: reconnect rather than wait on it.
 WRITE_TIMEOUT = 10.0
+# Frames already received are read in one turn of the event loop, up to this many: one frame per turn leaves the
+# portal link behind the data plane when a thousand clients come up at once (their create_authorization and
+# candidates queue, the heartbeat replies behind them, and the link gives up on missed heartbeats).
+MAX_FRAMES_PER_TURN = 64
 PACKAGE_NAME = "firezone-gateway-py"
 FALLBACK_VERSION = "1.6.0"
 _MAX_DETAIL = 300
@@ -385,10 +389,15 @@ class PortalLink:
                         frame = receiving.result()
                     except ConnectionClosed as exc:
                         return TransientPortalError(f"portal closed the connection ({exc.rcvd or 'no close frame'})")
-                    if isinstance(frame, str):
-                        self.channel.receive_text(frame, loop.time())
-                    else:
-                        logger.debug("ignoring a binary frame of %d bytes", len(frame))
+                    for _ in range(MAX_FRAMES_PER_TURN):
+                        if isinstance(frame, str):
+                            self.channel.receive_text(frame, loop.time())
+                        else:
+                            logger.debug("ignoring a binary frame of %d bytes", len(frame))
+                        next_frame = await _buffered_frame(ws)
+                        if next_frame is None:
+                            break
+                        frame = next_frame
                     receiving = asyncio.ensure_future(ws.recv())
                 self.channel.handle_timeout(loop.time())
         except ConnectionClosed as exc:
@@ -426,6 +435,17 @@ class PortalLink:
                 raise PortalError(event.reason, event.detail)
             if self._handler is not None:
                 self._handler(event)
+        return None
+
+
+async def _buffered_frame(ws: ClientConnection) -> str | bytes | None:
+    """The next frame if the connection has one already (``recv`` returns without waiting then), else None.
+
+    ``recv`` is cancel-safe: a frame that is not there yet stays for the next call."""
+    try:
+        async with asyncio.timeout(0):
+            return await ws.recv()
+    except TimeoutError:
         return None
 
 

@@ -2,9 +2,12 @@
 
 Every identity is a lean headless client without a TUN: it joins the portal's ``client`` channel with its own token
 and a fresh X25519 key, asks for one resource with ``create_flow``, connects its own Node (ICE controlling, WireGuard
-initiator) to the gateway the portal brokers, and then sends ICMP echo requests from its tunnel address to a target
-behind the gateway at a fixed rate, matching the replies it decrypts. Identities share the process's event loop,
-not their sockets or keys: to the gateway and the portal they are as many separate clients.
+initiator) to the gateway the portal brokers, and sends one ICMP echo request from its tunnel address to a target
+behind the gateway as soon as the connection is up; once every identity has settled (connected or failed) all of them
+ping at a fixed rate for ``--duration`` s, matching the replies they decrypt (so the bring-up measures setting up,
+not pinging). Identities share the process's event loop, not their sockets or keys: to the gateway and the portal they
+are as many separate clients. Several processes can share a run: ``--first`` picks the identities, ``--start-at``
+starts them together, ``--all-setup-times`` lists the setup times for figures over all of them (:mod:`lab.load_run`).
 
     python -m lab.loadgen --portal ws://172.31.0.1:8443 --token-prefix lab-load-token- --clients 20 \\
         --resource RESOURCE_ID --target 172.20.0.10 --rate 2 --duration 5
@@ -55,6 +58,7 @@ from dataplane.node import (
     ConnectionFailed,
     Node,
     NodeRole,
+    RelayConfig,
 )
 from lab.client import CLIENT_TOPIC, FlowGrant, parse_portal_relays
 from protocol.phoenix import ChannelFailed, LinkHiccuped, PhoenixChannel, PushReceived
@@ -73,9 +77,6 @@ PORTAL_OPEN_TIMEOUT = 20.0
 PORTAL_ATTEMPTS = 10
 PORTAL_RETRY_DELAY = 0.5
 """Seconds before the first retry of a refused portal connection; each later one waits that much longer."""
-CONNECT_SPREAD = 0.005
-"""Seconds between two identities' portal connections at start (a stampede of 1,000 TLS-less upgrades at once
-only measures the dev portal's accept queue)."""
 
 
 def _checksum(data: bytes) -> int:
@@ -129,6 +130,13 @@ class LoadSummary:
     failures: Counter[str]
     portal_retries: int
     answered_by_every_client: bool
+    datagrams: Counter[str] = field(default_factory=Counter)
+    started_at: float = 0.0
+    """Unix time the first identity started (several load processes' bring-up is measured across them)."""
+    last_established_at: float | None = None
+    """Unix time the last identity's connection came up (None when not all did)."""
+    all_setup_seconds: bool = False
+    """Whether :meth:`to_json` lists every setup time (``setup_all``), for figures over several processes."""
 
     def to_json(self) -> dict[str, Any]:
         def figures(values: Sequence[float]) -> dict[str, float | None]:
@@ -148,7 +156,11 @@ class LoadSummary:
             "rtt_ms": {k: None if v is None else v * 1000 for k, v in figures(self.rtt_seconds).items()},
             "failures": dict(self.failures),
             "portal_retries": self.portal_retries,
+            "datagrams": dict(self.datagrams),
             "answered_by_every_client": self.answered_by_every_client,
+            "started_at": self.started_at,
+            "last_established_at": self.last_established_at,
+            **({"setup_all": self.setup_seconds} if self.all_setup_seconds else {}),
         }
 
 
@@ -185,6 +197,8 @@ class LoadClient:
     next_sequence: int = 0
     pings_sent: int = 0
     rtts: list[float] = field(default_factory=list)
+    datagrams: Counter[str] = field(default_factory=Counter)
+    """Sent and received, to/from a relay or anyone else (the gateway, directly)."""
 
     def __post_init__(self) -> None:
         key = X25519PrivateKey.generate().private_bytes_raw()
@@ -228,7 +242,8 @@ class LoadClient:
         self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
         self.outbox = asyncio.Queue()
         try:
-            async with ws_connect(url, additional_headers=headers, open_timeout=PORTAL_OPEN_TIMEOUT) as ws:
+            # proxy=None: the lab portal is never behind a proxy, and looking one up reads the environment per socket.
+            async with ws_connect(url, additional_headers=headers, open_timeout=PORTAL_OPEN_TIMEOUT, proxy=None) as ws:
                 sender = self.loop.create_task(self._send_frames(ws))
                 try:
                     self.channel.connect(self.now())
@@ -282,7 +297,13 @@ class LoadClient:
             self.on_candidates(body)
         elif event == "relays_presence":
             removed = [r for r in body.get("disconnected_ids", []) if isinstance(r, str)]
-            self.node.update_relays(removed, parse_portal_relays(body.get("connected"), ipv6=False), self.now())
+            self.node.update_relays(removed, self.relays(body.get("connected")), self.now())
+
+    def relays(self, entries: object) -> list[RelayConfig]:
+        configs = parse_portal_relays(entries, ipv6=False)
+        for config in configs:
+            self.generator.relay_addresses.update(config.addresses)
+        return configs
 
     def on_init(self, body: dict[str, Any]) -> None:
         if self.socket is None:
@@ -296,7 +317,7 @@ class LoadClient:
                 return
             self.local = self.socket.local_address
             self.loop.add_reader(self.socket.fileno(), self.on_udp)
-        self.node.update_relays([], parse_portal_relays(body.get("relays"), ipv6=False), self.now())
+        self.node.update_relays([], self.relays(body.get("relays")), self.now())
         if self.grant is not None:
             return  # a rejoin after the connection was granted: nothing to ask again
         if self.requested_at is None:
@@ -310,7 +331,7 @@ class LoadClient:
             self.fail("malformed flow_created")
             return
         self.grant = _Grant(grant)
-        self.node.update_relays([], parse_portal_relays(grant.relays, ipv6=False), self.now())
+        self.node.update_relays([], self.relays(grant.relays), self.now())
         self.connect_when_ready()
 
     def connect_when_ready(self) -> None:
@@ -350,7 +371,10 @@ class LoadClient:
     def on_udp(self) -> None:
         assert self.socket is not None
         now = self.now()
-        for data, src in self.socket.recv_many():
+        datagrams = self.socket.recv_many()
+        relays = self.generator.relay_addresses
+        for data, src in datagrams:
+            self.datagrams["from_relays" if src in relays else "from_others"] += 1
             result = self.node.handle_input(data, src, self.local, now)
             if result is not None:
                 self.on_packet(result[1], now)
@@ -382,7 +406,8 @@ class LoadClient:
         self.node.encapsulate(self.grant.grant.gateway_id, packet, now)
         self.pings_sent += 1
         self.flush()
-        self.ping_timer = self.loop.call_later(1.0 / self.generator.args.rate, self.send_ping)
+        if self.generator.pinging:
+            self.ping_timer = self.loop.call_later(1.0 / self.generator.args.rate, self.send_ping)
 
     def on_timer(self) -> None:
         self.timer = None
@@ -395,6 +420,9 @@ class LoadClient:
             transmits.append(transmit)
         if transmits and self.socket is not None:
             self.socket.send_many(transmits)
+            relays = self.generator.relay_addresses
+            for transmit in transmits:
+                self.datagrams["to_relays" if transmit.dst in relays else "to_others"] += 1
         announced: dict[tuple[str, str], list[str]] = {}
         while (event := self.node.poll_event()) is not None:
             if isinstance(event, CandidateGathered | CandidateInvalidated):
@@ -462,6 +490,9 @@ class LoadGenerator:
         self.clients: list[LoadClient] = []
         self.unsettled = 0
         self.all_settled = asyncio.Event()
+        self.pinging = False
+        self.relay_addresses: set[Address] = set()
+        """Until every identity has settled each sends one ping when it connects; then all ping at ``--rate``."""
 
     def settled(self) -> None:
         """One more identity is either connected or has failed."""
@@ -472,13 +503,18 @@ class LoadGenerator:
     async def run(self) -> LoadSummary:
         _raise_open_file_limit()
         args = self.args
-        self.clients = [LoadClient(i, f"{args.token_prefix}{i}", self) for i in range(args.clients)]
+        indexes = range(args.first, args.first + args.clients)
+        self.clients = [LoadClient(i, f"{args.token_prefix}{i}", self) for i in indexes]
         self.unsettled = len(self.clients)
-        started = self.now()
+        if args.start_at is not None:
+            # Several load processes start their identities together (each has made its keys by then).
+            await asyncio.sleep(max(0.0, args.start_at - time.time()))
+        started, started_wall = self.now(), time.time()
         portals: list[asyncio.Task[None]] = []
         for client in self.clients:
             portals.append(self.loop.create_task(client.run_portal()))
-            await asyncio.sleep(CONNECT_SPREAD)
+            if args.spread > 0:
+                await asyncio.sleep(args.spread)
         bring_up: float | None = None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.all_settled.wait(), args.setup_timeout)
@@ -486,6 +522,7 @@ class LoadGenerator:
         if len(connected) == len(self.clients):
             bring_up = max(c.established_at for c in connected if c.established_at is not None) - started
         log.info("%d of %d connected; pinging for %.1f s", len(connected), len(self.clients), args.duration)
+        self.start_pinging(connected)
         await asyncio.sleep(args.duration)
         self.stopping = True
         # The last pings get one more second to come back before they count as lost.
@@ -508,11 +545,24 @@ class LoadGenerator:
             rtt_seconds=[rtt for c in self.clients for rtt in c.rtts],
             failures=failures,
             portal_retries=sum(c.portal_retries for c in self.clients),
+            datagrams=sum((c.datagrams for c in self.clients), Counter()),
             answered_by_every_client=bool(self.clients) and all(c.rtts for c in self.clients),
+            started_at=started_wall,
+            last_established_at=None if bring_up is None else started_wall + bring_up,
+            all_setup_seconds=args.all_setup_times,
         )
 
     def now(self) -> float:
         return self.loop.time()
+
+    def start_pinging(self, connected: Sequence[LoadClient]) -> None:
+        """Every connected identity pings at ``--rate`` from now on, their first pings spread over one interval
+        (1,000 echo requests in the same millisecond would measure a burst, not the rate)."""
+        self.pinging = True
+        interval = 1.0 / self.args.rate
+        for position, client in enumerate(connected):
+            if client.ping_timer is None:
+                client.ping_timer = self.loop.call_later(interval * position / len(connected), client.send_ping)
 
 
 def source_address_towards(host: str) -> str:
@@ -826,6 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of pinging once all have settled")
     parser.add_argument("--setup-timeout", type=float, default=60.0, help="seconds to wait for every identity")
     parser.add_argument("--bind", default=None, help="local IP for the UDP sockets (default: towards the portal)")
+    parser.add_argument("--first", type=int, default=0, help="index of the first identity (token PREFIX + index)")
+    parser.add_argument("--spread", type=float, default=0.0, help="seconds between two identities' starts")
+    parser.add_argument("--start-at", type=float, default=None, help="unix time to start the identities at")
+    parser.add_argument("--all-setup-times", action="store_true", help="list every setup time in the summary")
     parser.add_argument("--log-level", default="WARNING")
     return parser
 

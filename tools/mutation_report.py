@@ -41,6 +41,7 @@ _WG_TESTS = [
     "tests/unit/test_wg_timers.py",
     "tests/property/test_wg_properties.py",
     "tests/property/test_wg_stateful.py",
+    "tests/unit/test_wg_mutation_killers.py",
 ]
 _ICE_TESTS = ["tests/unit/test_ice_agent.py", "tests/unit/test_candidate.py", "tests/property/test_ice_property.py"]
 _ICE_TESTS += ["tests/property/test_candidate_property.py"]

@@ -1,0 +1,228 @@
+"""Spec checks for the WireGuard timers and cookies that the mutation run showed nothing else pinned down.
+
+Timers: wireguard-go's timer hooks (docs/protocol.md §F): Keepalive-Timeout 10 s, Rekey-Timeout 5 s plus up to 1/3 s
+of jitter, keys zeroed 3 x Reject-After-Time (540 s) after a session, persistent keepalive every interval after any
+authenticated packet. Cookies (whitepaper §5.4.4, §5.4.7): mac1 = MAC(HASH("mac1----" || Spub), msg),
+mac2 = MAC(cookie, msg), cookie = MAC(secret, source) with the secret renewed every 120 s, sent in a cookie reply as
+XChaCha20-Poly1305 under HASH("cookie--" || Spub) with mac1 as associated data; the initiator uses it for 120 s.
+Expected values are computed here from the spec with hashlib and an independent XChaCha20 (the HChaCha20 rounds of
+test_wg_vectors), never with the module under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from dataplane.base import Address
+from dataplane.io.rng import SeededRng
+from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
+from dataplane.wireguard.crypto import public_key
+from dataplane.wireguard.timers import PeerTimers
+
+from .test_wg_vectors import hchacha20_rounds
+
+
+class FixedJitterRng(SeededRng):
+    """Seeded bytes, but ``uniform`` always lands at the same fraction of its range."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(7)
+        self.fraction = fraction
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.fraction
+
+
+# --- timers ---
+
+
+def test_fresh_timers_have_no_deadline_and_no_persistent_keepalive() -> None:
+    timers = PeerTimers(FixedJitterRng(0.5))
+    assert timers.next_deadline() is None
+    assert timers.persistent_keepalive_interval == 0
+    assert timers.need_another_keepalive is False
+    # persistent keepalive is off until configured: authenticated traffic arms nothing
+    timers.any_authenticated_packet_traversal(3.0)
+    assert timers.persistent_keepalive is None
+    assert timers.next_deadline() is None
+
+
+def test_first_data_received_arms_the_passive_keepalive_and_later_ones_ask_for_another() -> None:
+    timers = PeerTimers(FixedJitterRng(0.5))
+    timers.data_received(3.0)
+    assert timers.send_keepalive == 13.0  # Keepalive-Timeout after the first data packet
+    assert not timers.need_another_keepalive
+    assert timers.next_deadline() == 13.0
+    timers.data_received(4.0)
+    assert timers.send_keepalive == 13.0  # not pushed back
+    assert timers.need_another_keepalive is True
+    # sending anything authenticated answers the peer: no keepalive needed
+    timers.any_authenticated_packet_sent(5.0)
+    assert timers.send_keepalive is None and timers.next_deadline() is None
+
+
+@pytest.mark.parametrize("interval", [1, 25, 65535])
+def test_persistent_keepalive_follows_every_authenticated_packet(interval: int) -> None:
+    timers = PeerTimers(FixedJitterRng(0.5))
+    timers.persistent_keepalive_interval = interval
+    timers.any_authenticated_packet_traversal(10.0)
+    assert timers.persistent_keepalive == 10.0 + interval
+    timers.any_authenticated_packet_traversal(12.5)
+    assert timers.next_deadline() == 12.5 + interval
+
+
+def test_next_deadline_is_the_earliest_armed_timer() -> None:
+    timers = PeerTimers(FixedJitterRng(0.75))  # jitter 0.25 s of the allowed 1/3 s
+    timers.persistent_keepalive_interval = 25
+    timers.session_derived(0.0)  # keys zeroed at 540
+    timers.data_sent(0.0)  # no reply expected after 10 + 5 + jitter
+    timers.any_authenticated_packet_traversal(3.0)  # persistent keepalive at 28
+    timers.data_received(1.0)  # passive keepalive at 11
+    timers.handshake_initiated(2.0)  # retransmit at 2 + 5 + jitter
+    assert timers.zero_key_material == 540.0
+    assert timers.new_handshake == pytest.approx(15.25)
+    assert timers.next_deadline() == pytest.approx(7.25)
+    timers.handshake_complete(4.0)
+    assert timers.next_deadline() == 11.0
+    timers.any_authenticated_packet_sent(4.0)
+    assert timers.next_deadline() == pytest.approx(15.25)
+    timers.any_authenticated_packet_received(4.0)
+    assert timers.next_deadline() == 28.0
+    timers.persistent_keepalive = None
+    assert timers.next_deadline() == 540.0
+
+
+def test_retransmits_keep_the_start_of_the_attempt_run() -> None:
+    timers = PeerTimers(FixedJitterRng(1.0))
+    timers.handshake_initiated(0.0)
+    assert timers.retransmit_handshake == pytest.approx(5.0 + 1 / 3)
+    timers.handshake_initiated(5.5)
+    assert timers.handshake_started == 0.0  # Rekey-Attempt-Time counts from the first initiation
+    assert timers.retransmit_handshake == pytest.approx(10.5 + 1 / 3)
+    timers.handshake_complete(6.0)
+    assert timers.handshake_started is None and timers.retransmit_handshake is None
+
+
+def test_stop_all_disarms_every_timer_and_a_later_run_starts_afresh() -> None:
+    timers = PeerTimers(FixedJitterRng(0.5))
+    timers.persistent_keepalive_interval = 25
+    timers.session_derived(0.0)
+    timers.data_sent(0.0)
+    timers.data_received(0.0)
+    timers.data_received(0.5)
+    timers.any_authenticated_packet_traversal(0.5)
+    timers.handshake_initiated(1.0)
+    assert timers.next_deadline() is not None and timers.need_another_keepalive
+    timers.stop_all()
+    assert timers.next_deadline() is None
+    armed = [
+        timers.retransmit_handshake,
+        timers.send_keepalive,
+        timers.new_handshake,
+        timers.zero_key_material,
+        timers.persistent_keepalive,
+        timers.handshake_started,
+    ]
+    assert armed == [None] * 6
+    assert timers.need_another_keepalive is False
+    timers.handshake_initiated(50.0)
+    assert timers.handshake_started == 50.0
+
+
+# --- cookies (spec computed independently of the module) ---
+
+
+def blake2s(*parts: bytes) -> bytes:
+    return hashlib.blake2s(b"".join(parts)).digest()
+
+
+def keyed_mac(key: bytes, data: bytes) -> bytes:
+    return hashlib.blake2s(data, key=key, digest_size=16).digest()
+
+
+def xchacha_seal(key: bytes, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    subkey = hchacha20_rounds(key, nonce[:16])
+    return ChaCha20Poly1305(subkey).encrypt(bytes(4) + nonce[16:], plaintext, associated_data)
+
+
+def xchacha_open(key: bytes, nonce: bytes, sealed: bytes, associated_data: bytes) -> bytes:
+    subkey = hchacha20_rounds(key, nonce[:16])
+    return ChaCha20Poly1305(subkey).decrypt(bytes(4) + nonce[16:], sealed, associated_data)
+
+
+RESPONDER_PUBLIC = public_key(SeededRng(5).random_bytes(32))
+COOKIE_KEY = blake2s(b"cookie--", RESPONDER_PUBLIC)
+MAC1_KEY = blake2s(b"mac1----", RESPONDER_PUBLIC)
+SOURCE: Address = ("192.0.2.9", 51820)
+
+
+def initiation(sender_index: bytes = b"\x11\x22\x33\x44") -> bytes:
+    """An initiation-sized message (148 bytes) with a correct mac1 and an empty mac2."""
+    body = b"\x01\x00\x00\x00" + sender_index + bytes(range(108))
+    return body + keyed_mac(MAC1_KEY, body) + bytes(16)
+
+
+def test_cookie_reply_is_the_cookie_sealed_under_the_cookie_key_with_mac1_as_associated_data() -> None:
+    checker = CookieChecker(RESPONDER_PUBLIC, SeededRng(6))
+    message = initiation()
+    assert checker.check_mac1(message)
+    reply = checker.create_reply(message, SOURCE, 0.0)
+    assert len(reply) == 64
+    assert reply[:4] == b"\x03\x00\x00\x00" and reply[4:8] == b"\x11\x22\x33\x44"
+    cookie = xchacha_open(COOKIE_KEY, reply[8:32], reply[32:], message[116:132])
+    assert len(cookie) == 16
+    # that cookie is what mac2 must be keyed with, for this source only
+    signed = message[:132] + keyed_mac(cookie, message[:132])
+    assert checker.check_mac2(signed, SOURCE, 1.0)
+    assert not checker.check_mac2(signed, ("192.0.2.9", 51821), 1.0)
+
+
+def test_initiator_opens_a_spec_cookie_reply_and_signs_mac2_with_it_for_120_seconds() -> None:
+    generator = CookieGenerator(RESPONDER_PUBLIC)
+    body = initiation()[:116]
+    sent = generator.add_macs(body, 1000.0)
+    assert sent[116:132] == keyed_mac(MAC1_KEY, body) and sent[132:] == bytes(16)
+    cookie = bytes(range(100, 116))
+    nonce = bytes(range(24))
+    reply = b"\x03\x00\x00\x00" + body[4:8] + nonce + xchacha_seal(COOKIE_KEY, nonce, cookie, sent[116:132])
+    assert generator.consume_reply(reply, 1000.0)
+    assert generator.has_cookie
+    for now in (1000.5, 1119.9):
+        signed = generator.add_macs(body, now)
+        assert signed[132:] == keyed_mac(cookie, signed[:132])
+    assert generator.add_macs(body, 1120.0)[132:] == bytes(16)
+
+
+def test_unsolicited_cookie_reply_is_rejected() -> None:
+    generator = CookieGenerator(RESPONDER_PUBLIC)
+    # the cookie key is public (derived from the responder's public key): anyone can seal a reply; without a
+    # message of ours to answer, no associated data can be right
+    nonce = bytes(24)
+    for associated_data in (b"", bytes(16)):
+        reply = b"\x03\x00\x00\x00" + bytes(4) + nonce + xchacha_seal(COOKIE_KEY, nonce, bytes(16), associated_data)
+        assert not generator.consume_reply(reply, 0.0)
+    assert not generator.has_cookie
+
+
+def test_cookie_reply_of_the_wrong_size_is_rejected_without_raising() -> None:
+    generator = CookieGenerator(RESPONDER_PUBLIC)
+    sent = generator.add_macs(initiation()[:116], 0.0)
+    mac1 = sent[116:132]
+    nonce = bytes(range(24))
+    header = b"\x03\x00\x00\x00" + sent[4:8]
+    long_cookie = header + nonce + xchacha_seal(COOKIE_KEY, nonce, bytes(17), mac1)  # 65 bytes, authentic
+    assert not generator.consume_reply(long_cookie, 0.0)
+    assert not generator.consume_reply(header + nonce[:12], 0.0)
+    assert not generator.consume_reply(b"", 0.0)
+    assert not generator.has_cookie
+    # the message is still answerable by a proper reply
+    assert generator.consume_reply(header + nonce + xchacha_seal(COOKIE_KEY, nonce, bytes(16), mac1), 0.0)
+
+
+@pytest.mark.parametrize("host", ["1.2.3", "1.2.3.4.5", "1.2", "7"])
+def test_dotted_numbers_that_are_not_four_octets_bind_by_their_text(host: str) -> None:
+    # not an IPv4 address: like any other non-address it binds by its text, never as a short or long packed form
+    assert source_bytes((host, 0x0405)) == host.encode() + b"\x04\x05"

@@ -663,6 +663,10 @@ def encode(
     header_type = encode_message_type(msg.method, msg.message_class)
 
     def header(length: int) -> bytes:
+        # Checked for every header built, so a trailer (MI, MI-SHA256, FINGERPRINT) that pushes the length past the
+        # 16-bit field fails the same way as an over-long body.
+        if length > 0xFFFF:
+            raise ValueError("message too long")
         return struct.pack("!HHI", header_type, length, MAGIC_COOKIE) + msg.transaction_id
 
     if integrity_key is not None:
@@ -676,8 +680,6 @@ def encode(
     if fingerprint:
         prefix = header(len(body) + FINGERPRINT_ATTRIBUTE_LENGTH) + body
         return prefix + struct.pack("!HHI", Attr.FINGERPRINT, 4, _fingerprint(prefix))
-    if len(body) > 0xFFFF:
-        raise ValueError("message too long")
     return header(len(body)) + bytes(body)
 
 

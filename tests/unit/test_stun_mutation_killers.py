@@ -174,6 +174,19 @@ def test_the_body_limit_is_65535_bytes() -> None:
     assert len(stun.encode(fits, fingerprint=False)) == 20 + 65532
 
 
+def test_the_body_limit_counts_the_trailer_encode_appends() -> None:
+    # 4 + 65520 bytes of DATA leave room for FINGERPRINT (8 bytes) but not for MESSAGE-INTEGRITY on top (24 + 8).
+    msg = StunMessage.indication(Method.SEND, TID).add_data(bytes(65520))
+    data = stun.encode(msg)
+    assert len(data) == 20 + 0xFFFC and stun.decode(data).data() == bytes(65520)
+    with pytest.raises(ValueError, match="^message too long$"):
+        stun.encode(msg, integrity_key=KEY)
+    with pytest.raises(ValueError, match="^message too long$"):
+        stun.encode(msg, integrity_key=KEY, fingerprint=False)
+    with pytest.raises(ValueError, match="^message too long$"):
+        stun.encode(StunMessage.indication(Method.SEND, TID).add_data(bytes(65528)))
+
+
 def test_an_attribute_value_may_be_65535_bytes_but_no_more() -> None:
     msg = StunMessage.indication(Method.SEND, TID).add(Attr.DATA, bytes(0xFFFF))
     assert len(msg.get(Attr.DATA) or b"") == 0xFFFF

@@ -61,10 +61,10 @@ class CookieChecker:
         self._mac1_key = mac1_key(static_public)
         self._cookie_key = cookie_key(static_public)
         self._rng = rng
-        self._secret = bytes(KEY_SIZE)
-        self._secret_set: float | None = None
-        self._last_source: Address | None = None
-        self._last_cookie = b""
+        # The secret and when it was drawn: drawn at first use, again once it is Cookie-Refresh-Time old.
+        self._secret: tuple[bytes, float] | None = None
+        # check_mac2 and then create_reply ask for the same source's cookie: the last (source, cookie) is kept.
+        self._last: tuple[Address, bytes] | None = None
 
     def check_mac1(self, message: bytes) -> bool:
         """``message`` is a full initiation or response; mac1 covers everything before it."""
@@ -72,15 +72,17 @@ class CookieChecker:
         return hmac.compare_digest(mac(self._mac1_key, message[:end]), message[end : end + MAC_SIZE])
 
     def _cookie(self, source: Address, now: float) -> bytes:
-        if self._secret_set is None or now - self._secret_set >= COOKIE_REFRESH_TIME:
-            self._secret = self._rng.random_bytes(KEY_SIZE)
-            self._secret_set = now
-            self._last_source = None
-        # check_mac2 and then create_reply ask for the same source's cookie: compute it once.
-        if source != self._last_source:
-            self._last_cookie = mac(self._secret, source_bytes(source))
-            self._last_source = source
-        return self._last_cookie
+        secret = self._secret
+        if secret is None or now - secret[1] >= COOKIE_REFRESH_TIME:
+            secret = (self._rng.random_bytes(KEY_SIZE), now)
+            self._secret = secret
+            self._last = None
+        last = self._last
+        if last is not None and last[0] == source:
+            return last[1]
+        cookie = mac(secret[0], source_bytes(source))
+        self._last = (source, cookie)
+        return cookie
 
     def check_mac2(self, message: bytes, source: Address, now: float) -> bool:
         end = len(message) - MAC_SIZE
@@ -102,8 +104,8 @@ class CookieGenerator:
     def __init__(self, peer_public: bytes) -> None:
         self._mac1_key = mac1_key(peer_public)
         self._cookie_key = cookie_key(peer_public)
-        self._cookie: bytes | None = None
-        self._cookie_set = 0.0
+        # The cookie the peer last sent and when it arrived; mac2 uses it for Cookie-Refresh-Time.
+        self._cookie: tuple[bytes, float] | None = None
         self._last_mac1: bytes | None = None
 
     @property
@@ -114,8 +116,9 @@ class CookieGenerator:
         mac1 = mac(self._mac1_key, body)
         self._last_mac1 = mac1
         message = body + mac1
-        if self._cookie is not None and now - self._cookie_set < COOKIE_REFRESH_TIME:
-            return message + mac(self._cookie, message)
+        cookie = self._cookie
+        if cookie is not None and now - cookie[1] < COOKIE_REFRESH_TIME:
+            return message + mac(cookie[0], message)
         return message + _ZERO_MAC
 
     def consume_reply(self, reply: bytes, now: float) -> bool:
@@ -127,7 +130,6 @@ class CookieGenerator:
         cookie = xaead_decrypt(self._cookie_key, reply[8:nonce_end], reply[nonce_end:], self._last_mac1)
         if cookie is None:
             return False
-        self._cookie = cookie
-        self._cookie_set = now
+        self._cookie = (cookie, now)
         self._last_mac1 = None
         return True

@@ -11,15 +11,18 @@ test_wg_vectors), never with the module under test.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from dataplane.base import Address
 from dataplane.io.rng import SeededRng
+from dataplane.wireguard import noise
 from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
-from dataplane.wireguard.crypto import public_key
+from dataplane.wireguard.crypto import hmac_blake2s, public_key, tai64n
 from dataplane.wireguard.timers import PeerTimers
 
 from .test_wg_vectors import hchacha20_rounds
@@ -226,3 +229,75 @@ def test_cookie_reply_of_the_wrong_size_is_rejected_without_raising() -> None:
 def test_dotted_numbers_that_are_not_four_octets_bind_by_their_text(host: str) -> None:
     # not an IPv4 address: like any other non-address it binds by its text, never as a short or long packed form
     assert source_bytes((host, 0x0405)) == host.encode() + b"\x04\x05"
+
+
+# --- crypto and noise ---
+
+
+@pytest.mark.parametrize("key_size", [0, 32, 63, 64, 65, 128, 200])
+def test_hmac_blake2s_is_rfc2104_hmac_for_every_key_length(key_size: int) -> None:
+    # keys longer than BLAKE2s's 64-byte block are hashed first; a 64-byte key is used as it is
+    key = bytes(range(key_size))
+    for data in (b"", b"\x01", bytes(100)):
+        assert hmac_blake2s(key, data) == hmac.new(key, data, hashlib.blake2s).digest()
+
+
+@pytest.mark.parametrize(
+    ("unix_seconds", "expected_nanoseconds"),
+    [(0.01677721599, 0), (0.0167772165, 1 << 24), (1.999999999, 999_999_999 & ~0xFFFFFF)],
+)
+def test_tai64n_label_and_truncated_nanoseconds(unix_seconds: float, expected_nanoseconds: int) -> None:
+    # TAI64N: 2^62 + 10 + unix seconds, big-endian, then nanoseconds with the low 24 bits cleared (never rounded up)
+    seconds = int(unix_seconds)
+    assert tai64n(unix_seconds) == ((1 << 62) + 10 + seconds).to_bytes(8, "big") + expected_nanoseconds.to_bytes(
+        4, "big"
+    )
+
+
+LOW_ORDER_POINT = bytes(32)  # X25519 with it gives the all-zero shared secret WireGuard rejects
+
+
+def handshake_parties() -> tuple[bytes, bytes, bytes]:
+    rng = SeededRng(21)
+    return rng.random_bytes(32), rng.random_bytes(32), rng.random_bytes(32)
+
+
+def test_responder_refuses_low_order_points_in_the_initiation_it_answers() -> None:
+    responder_private, initiator_private, ephemeral_private = handshake_parties()
+    valid_public = public_key(initiator_private)
+    for remote_static, remote_ephemeral in ((valid_public, LOW_ORDER_POINT), (LOW_ORDER_POINT, valid_public)):
+        forged = noise.ConsumedInitiation(remote_static, bytes(12), bytes(32), bytes(32), remote_ephemeral, 7)
+        created = noise.create_response(forged, ephemeral_private=ephemeral_private, sender_index=9, preshared_key=None)
+        assert created is None
+
+
+def test_handshake_roles_and_a_message_shorter_than_its_body_is_refused() -> None:
+    responder_private, initiator_private, ephemeral_private = handshake_parties()
+    responder_public = public_key(responder_private)
+    created = noise.create_initiation(
+        static_private=initiator_private,
+        remote_static=responder_public,
+        ephemeral_private=ephemeral_private,
+        sender_index=7,
+        timestamp=b"",  # authentic, but a 104-byte body instead of WireGuard's 116
+    )
+    assert created is not None
+    body, state = created
+    assert len(body) == 104
+    consume = functools.partial(
+        noise.consume_initiation, static_private=responder_private, static_public=responder_public
+    )
+    assert consume(message=body) is None  # shorter than an initiation body
+    consumed = consume(message=body, body_size=104)
+    assert consumed is not None and consumed.remote_static == public_key(initiator_private)
+    response = noise.create_response(
+        consumed, ephemeral_private=SeededRng(22).random_bytes(32), sender_index=9, preshared_key=None
+    )
+    assert response is not None
+    response_body, responder_keys = response
+    initiator_keys = noise.consume_response(
+        state, static_private=initiator_private, preshared_key=None, message=response_body
+    )
+    assert initiator_keys is not None
+    assert initiator_keys.is_initiator is True and responder_keys.is_initiator is False
+    assert initiator_keys.send_key == responder_keys.receive_key != responder_keys.send_key

@@ -17,10 +17,12 @@ ratios to the reference measured in the same run (throughput ``[N×]``, CPU per 
 the queue scaling (2 queues over 1, per direction and path), and writes JSON under ``bench-results/``.
 
     python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz1py-fz1py,fz2py-fz2py,
-        fz2r-fz2r,gateway] [--output DIR]
+        fz2r-fz2r,gateway] [--scaling-rounds N] [--output DIR]
         [--gateway-env NAME=VALUE ...] [--client-plain-io] [--profile-gateway SECONDS]
 
 ``--only`` picks rows (ratios need ``wgo-wgo`` among them): ``make bench BENCH_ARGS="--only wgo-wgo,gateway --quick"``.
+``--scaling-rounds N`` also measures the queue scaling with both pairs up and their tcp4 runs taking turns, N rounds:
+on a machine shared with other work, rows measured minutes apart can differ by 2× for reasons of their own.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lab.netns import Netns
 from lab.wg import Implementation, WgInterface, WgPair, ping_rtt_ms, wg_topology
@@ -426,6 +430,64 @@ def format_table(results: list[PairResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class InterleavedScaling:
+    """2 queues over 1 measured in alternation: both pairs stay up and their runs take turns, so a change in the
+    machine's other load hits both sides of each ratio alike (rows measured one after the other do not cancel it)."""
+
+    one: str  # row keys
+    two: str
+    what: str
+    seconds: int
+    ratios: dict[str, list[float]] = field(default_factory=dict)  # measurement name → two/one per round
+    error: str | None = None
+
+
+def measure_interleaved_scaling(
+    one: str, two: str, what: str, *, rounds: int, seconds: int, log_dir: Path
+) -> InterleavedScaling:
+    result = InterleavedScaling(one, two, what, seconds)
+    try:
+        with _pair(PAIRS[one], log_dir) as pair_one, _pair(PAIRS[two], log_dir) as pair_two:
+            targets = {one: _pair_target(pair_one), two: _pair_target(pair_two)}
+            kwargs_by_name = dict(IPERF_PLAN)
+            for round_number in range(rounds):
+                # Alternate who goes first, so a steady drift in the load favours neither.
+                order = (one, two) if round_number % 2 == 0 else (two, one)
+                for name in SCALING_MEASUREMENTS:
+                    mbit: dict[str, float] = {}
+                    for key in order:
+                        options: dict[str, Any] = kwargs_by_name[name]
+                        measured = run_iperf(targets[key], name, seconds=seconds, **options)
+                        mbit[key] = measured.mbit_per_s if measured.error is None else math.nan
+                    if mbit[one] > 0:
+                        result.ratios.setdefault(name, []).append(mbit[two] / mbit[one])
+                    progress(
+                        f"scaling {what} round {round_number + 1}: {name}: {mbit[two]:.0f} / {mbit[one]:.0f} Mbit/s"
+                    )
+    except Exception as exc:  # the rows' figures stand without this
+        result.error = f"{type(exc).__name__}: {exc}"[:300]
+        progress(f"scaling {what}: FAILED: {result.error}")
+    return result
+
+
+def format_interleaved(results: list[InterleavedScaling]) -> str:
+    lines = []
+    for result in results:
+        prefix = f"2 queues / 1 queue interleaved ({result.what}, {result.two} / {result.one}, {result.seconds} s runs)"
+        if result.error is not None:
+            lines.append(f"{prefix}: FAILED: {result.error}")
+            continue
+        parts = []
+        for name, ratios in result.ratios.items():
+            valid = [r for r in ratios if not math.isnan(r)]
+            if valid:
+                rounds = ", ".join(f"{r:.2f}" for r in ratios)
+                parts.append(f"{name} median {statistics.median(valid):.2f}× ({rounds})")
+        lines.append(f"{prefix}: {'; '.join(parts) if parts else 'no figures'}")
+    return "\n".join(lines)
+
+
 def format_scaling(results: list[PairResult]) -> str:
     """One line per 1-queue/2-queue pair of rows present: throughput with 2 queues over 1, per measurement."""
     by_key = {r.key: r for r in results if r.error is None}
@@ -477,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="gateway row: extra environment for firezone-gateway, e.g. FIREZONE_TUN_READ_OFFLOAD=0 (repeatable)",
     )
+    parser.add_argument(
+        "--scaling-rounds",
+        metavar="N",
+        type=int,
+        default=0,
+        help="also run tcp4 on the 1- and 2-queue pairs of the selected rows in alternation, N rounds (robust to other "
+        "load on the machine)",
+    )
     parser.add_argument("--output", default="bench-results", help="directory for the JSON result")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -516,8 +586,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 results.append(measure_pair(PAIRS[key], seconds=seconds, pings=pings, log_dir=Path(tmp)))
+        interleaved = [
+            measure_interleaved_scaling(one, two, what, rounds=args.scaling_rounds, seconds=seconds, log_dir=Path(tmp))
+            for one, two, what in QUEUE_SCALING
+            if args.scaling_rounds > 0 and one in keys and two in keys
+        ]
     table = format_table(results)
-    scaling = format_scaling(results)
+    scaling = "\n".join(part for part in (format_scaling(results), format_interleaved(interleaved)) if part)
     if scaling:
         table += "\n\n" + scaling
     print(table)
@@ -533,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
         "results": [asdict(r) for r in results],
+        "interleaved_scaling": [asdict(r) for r in interleaved],
         "table": table,
     }
     out_path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")

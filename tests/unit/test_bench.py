@@ -7,9 +7,11 @@ import pytest
 from lab.bench import (
     GATEWAY_ROW,
     REFERENCE,
+    InterleavedScaling,
     Measurement,
     PairResult,
     cpu_seconds,
+    format_interleaved,
     format_scaling,
     format_table,
     host_cpu_times,
@@ -96,3 +98,14 @@ def test_loaded_ping_cpu_and_queue_scaling_are_ratios_within_the_run() -> None:
     assert "[0.50×, cpu 0.50×]" in table[4]
     assert format_scaling([reference, one, two]) == "2 queues / 1 queue (native, fz2-fz2 / fz1-fz1): tcp4 a→b 1.70×"
     assert format_scaling([reference, two]) == ""
+
+
+def test_interleaved_scaling_reports_the_median_ratio_and_every_round() -> None:
+    measured = InterleavedScaling("fz1-fz1", "fz2-fz2", "native", 5, {"tcp4 a→b": [1.5, 2.0, float("nan"), 1.1]})
+    failed = InterleavedScaling("fz1py-fz1py", "fz2py-fz2py", "pure Python", 5, error="RuntimeError: no ping")
+    assert format_interleaved([measured, failed]).splitlines() == [
+        "2 queues / 1 queue interleaved (native, fz2-fz2 / fz1-fz1, 5 s runs): tcp4 a→b median 1.50× "
+        "(1.50, 2.00, nan, 1.10)",
+        "2 queues / 1 queue interleaved (pure Python, fz2py-fz2py / fz1py-fz1py, 5 s runs): "
+        "FAILED: RuntimeError: no ping",
+    ]

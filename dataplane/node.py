@@ -61,6 +61,9 @@ RTT_INCLUSION_SLACK = 0.010
 # (boringtun's default, which Firezone uses).
 HANDSHAKE_RATE_LIMIT = 100
 MAX_RELAYS = 32  # the portal lists a handful; each relay costs an allocation and candidates on every connection
+# A client connection whose pairs all stopped answering (ICE PathsUnanswered: e.g. both sides use the same relay and
+# it died without a word) moves to another relay, at most once per this many seconds.
+RELAY_SWITCH_HOLDOFF = 30.0
 
 ConnectionId = str
 RelayId = str
@@ -253,6 +256,11 @@ class _Connection:
     pending: deque[bytes] = field(default_factory=deque)
     handshakes: int = 0
     agent_deadline: float | None = None  # the ICE agent's next deadline when it was last asked
+    relay_switch_wanted: bool = False  # ICE found no pair answering: try another relay (after the event loop)
+    relay_switched_at: float | None = None
+    # The relay used before the last such switch: its relayed candidates stay (the pairs through it keep their
+    # consent, and if the relay was fine after all they still work), so a connection has at most two relays' worth.
+    previous_relay_id: RelayId | None = None
 
     @property
     def path(self) -> Path | None:
@@ -574,6 +582,8 @@ class Node:
         (replacements are added before the removed relay's candidates are invalidated)."""
         out_of_relays = False
         for conn in list(self._connections.values()):
+            if conn.previous_relay_id in removed:
+                conn.previous_relay_id = None
             if conn.relay_id in removed:
                 conn.relay_id = self._sample_relay()
                 out_of_relays |= conn.relay_id is None
@@ -583,8 +593,12 @@ class Node:
             if conn.id in self._connections:
                 self._sync_local_candidates(conn, now)
 
-    def _sample_relay(self) -> RelayId | None:
-        measured = [(relay.rtt, relay_id) for relay_id, relay in self._relays.items() if relay.rtt is not None]
+    def _sample_relay(self, exclude: RelayId | None = None) -> RelayId | None:
+        measured = [
+            (relay.rtt, relay_id)
+            for relay_id, relay in self._relays.items()
+            if relay.rtt is not None and relay_id != exclude
+        ]
         if not measured:
             return None
         best = min(rtt for rtt, _ in measured)
@@ -598,8 +612,9 @@ class Node:
         wanted: dict[Candidate, Address] = {
             Candidate.host(address): address for address in sorted(self._hosts | self._retired_hosts)
         }
+        used = (conn.relay_id, conn.previous_relay_id)
         for relay_id, relay in self._relays.items():
-            for candidate, base in relay.candidates(include_relayed=relay_id == conn.relay_id):
+            for candidate, base in relay.candidates(include_relayed=relay_id in used):
                 wanted.setdefault(candidate, base)
         for relay in self._retired:
             for candidate, base in relay.candidates(include_relayed=relay.config.id == conn.relay_id):
@@ -734,7 +749,8 @@ class Node:
             return
         was_idle = conn.agent.idle
         conn.agent.note_activity(now)
-        self._pump_connection(conn, now, agent_touched=was_idle)
+        heard = self._note_received(conn, local, src, now)
+        self._pump_connection(conn, now, agent_touched=was_idle or heard)
         connection_id = conn.id
         results.extend((connection_id, packet) for packet in packets)
 
@@ -832,8 +848,18 @@ class Node:
             return None
         was_idle = conn.agent.idle
         conn.agent.note_activity(now)
-        self._pump_connection(conn, now, agent_touched=was_idle)
+        heard = self._note_received(conn, local, src, now)
+        self._pump_connection(conn, now, agent_touched=was_idle or heard)
         return conn.id, packet
+
+    @staticmethod
+    def _note_received(conn: _Connection, local: Address, src: Address, now: float) -> bool:
+        """Authenticated data arrived: if on the selected pair, ICE learns that the pair works (which ends its
+        dead-path probing). True when the agent must be pumped and asked for its deadline again."""
+        selected = conn.selected
+        if selected is None or selected[0].address != local or selected[1].address != src:
+            return False
+        return conn.agent.note_data_received(now)
 
     def _admit_handshake(self, data: bytes, src: Address, local: Address, now: float) -> bool:
         """Whether an initiation or response may go on to the (costly) Noise handshake: its mac1 must be valid,
@@ -910,6 +936,14 @@ class Node:
             return
         was_idle = conn.agent.idle
         conn.agent.note_activity(now)
+        # Arms the controlling agent's dead-path detection (a client sends on its selected pair only; the gateway's
+        # controlled agent ignores this).
+        if conn.agent.note_data_sent(now):
+            # The probe deadline it armed lies at least suspect_after ahead: waking then costs no walk over the pairs
+            # now (at worst the wake-up is early and finds nothing due).
+            armed_at = now + conn.agent.timing.suspect_after
+            if conn.agent_deadline is None or armed_at < conn.agent_deadline:
+                conn.agent_deadline = armed_at
         conn.tunnel.encapsulate_batch(packets, now)
         self._flush_tunnel(conn, now)
         self._refresh_deadline(conn, agent_touched=was_idle)
@@ -1071,6 +1105,9 @@ class Node:
             self._on_ice_event(conn, event, now)
             if conn.id not in self._connections:
                 return
+        if conn.relay_switch_wanted:
+            conn.relay_switch_wanted = False
+            self._switch_relay(conn, now)
         while (tunnel_event := conn.tunnel.poll_event()) is not None:
             if isinstance(tunnel_event, wg.HandshakeCompleted):
                 conn.handshakes += 1
@@ -1111,6 +1148,9 @@ class Node:
                     conn.tunnel.send_keepalive(now)
             else:
                 self._events.append(ConnectionPathChanged(conn.id, path, local, remote))
+        elif isinstance(event, ice.PathsUnanswered):
+            held_off = conn.relay_switched_at is not None and now < conn.relay_switched_at + RELAY_SWITCH_HOLDOFF
+            conn.relay_switch_wanted = not held_off
         elif isinstance(event, ice.IceFailed):
             self._remove_connection(conn, now, event=ConnectionFailed(conn.id, f"ICE failed: {event.reason}"))
         elif isinstance(event, ice.IceDisconnected):
@@ -1120,6 +1160,21 @@ class Node:
             # (rekey_attempt_time) runs out while there is no path at all.
             logger.debug("connection %s disconnected: %s", conn.id, event.reason)
             conn.path_usable = False
+
+    def _switch_relay(self, conn: _Connection, now: float) -> None:
+        """No pair answers any more. If our relay died silently (the peer may even use the same one, so that no
+        path is left at all), another relay's candidates give ICE new pairs at once instead of after the relay's
+        allocation times out. The old relay's candidates stay: withdrawing them would remove the selected pair
+        before its consent ran out. The WireGuard session is untouched."""
+        other = self._sample_relay(exclude=conn.relay_id)
+        if other is None:
+            return
+        logger.debug(
+            "connection %s: no pair answers; relayed candidates from %s instead of %s", conn.id, other, conn.relay_id
+        )
+        conn.previous_relay_id, conn.relay_id = conn.relay_id, other
+        conn.relay_switched_at = now
+        self._sync_local_candidates(conn, now)
 
     def _flush_tunnel(self, conn: _Connection, now: float, reply_path: tuple[Address, Address] | None = None) -> None:
         datagrams = conn.tunnel.drain_transmits()

@@ -27,6 +27,14 @@ Decisions worth knowing:
   :class:`IceDisconnected` and re-checks every pair with the full ladder, so a short outage heals.
   :class:`IceFailed` once every pair has failed (or none is left); Failed is terminal. The node's "2 s grace before
   acting on a disconnect" and "10 s for a first remote candidate" rules stay in the node.
+* Dead paths (controlling side): RFC 7675's 30 s say when a peer must *stop* sending, not when it may move. The
+  driver reports data sent and authenticated data received on the selected pair (:meth:`IceAgent.note_data_sent`,
+  :meth:`IceAgent.note_data_received`); once the selected pair has been silent for ``suspect_after`` (1 s) after
+  something was sent on it (data or a consent check), every succeeded pair is probed with a fast ladder (given up
+  after 1 s). If the selected pair stays silent while another answers, earlier nominations are void and the best
+  answering pair is nominated (the controlled side follows the latest nomination, so a pair we return to is nominated
+  afresh); if none answers, :class:`PathsUnanswered` lets the driver offer other candidates. Rounds repeat while the
+  silence lasts, backing off to ``consent_interval``. The controlled side never probes.
 * Idle: after ``idle_after`` seconds without :meth:`IceAgent.note_activity` new checks use the idle ladder
   (Firezone's idle profile); activity switches back. Consent timing is not affected by idleness.
 * Garbage never raises: unparsable or unauthenticated messages are counted in :attr:`IceAgent.drops`.
@@ -117,6 +125,13 @@ class IceDisconnected:
 
 
 @dataclass(frozen=True, slots=True)
+class PathsUnanswered:
+    """Controlling side: the selected pair and every other succeeded pair left a probe round unanswered. Consent
+    still runs (the 30 s rule decides when to stop sending); the driver may offer other candidates meanwhile (e.g.
+    another relay's)."""
+
+
+@dataclass(frozen=True, slots=True)
 class IceFailed:
     """Every pair failed; the agent stays failed."""
 
@@ -139,7 +154,13 @@ class PeerReflexiveCandidateLearned:
 
 
 IceEvent = (
-    IceConnected | SelectedPairChanged | IceDisconnected | IceFailed | RoleChanged | PeerReflexiveCandidateLearned
+    IceConnected
+    | SelectedPairChanged
+    | IceDisconnected
+    | IceFailed
+    | RoleChanged
+    | PeerReflexiveCandidateLearned
+    | PathsUnanswered
 )
 
 
@@ -150,6 +171,7 @@ class _Purpose(enum.Enum):
     CHECK = "check"
     NOMINATION = "nomination"
     CONSENT = "consent"
+    PROBE = "probe"  # a fast check of a succeeded pair while the selected pair is silent (controlling side)
 
 
 @dataclass(eq=False, slots=True)
@@ -173,6 +195,9 @@ class CandidatePair:
     remote_nominated: bool = False
     last_response_at: float | None = None
     next_consent_at: float | None = None
+    # A probe went unanswered and nothing was heard on the pair since: not chosen while a responsive pair exists
+    # (consent, and so the 30 s rule, is unaffected).
+    unresponsive: bool = False
     outstanding: list[_Outstanding] = field(default_factory=list)
 
     @property
@@ -304,6 +329,11 @@ class IceAgent:
         self._next_check_at: float | None = None
         self._last_now: float | None = None
         self._last_activity: float | None = None
+        # Controlling side's dead-path detection (see IceTimingProfile.suspect_after): when something was first sent
+        # on the selected pair without anything heard on it since, and when the next probe round may start.
+        self._silent_since: float | None = None
+        self._probe_hold_until = 0.0
+        self._probe_backoff = self.timing.suspect_after
 
         self._transmits: deque[Transmit] = deque()
         self._events: deque[IceEvent] = deque()
@@ -420,6 +450,26 @@ class IceAgent:
         self._tick(now)
         self._last_activity = now
         self.idle = False
+
+    def note_data_sent(self, now: float) -> bool:
+        """Data went out on the selected pair. Returns True when that armed the silence clock: the controlling side
+        starts probing if nothing is heard on the pair within ``timing.suspect_after`` (a deadline no earlier than
+        ``now + timing.suspect_after``)."""
+        if not self.controlling or self._selected is None or self._silent_since is not None:
+            return False
+        self._silent_since = now
+        return True
+
+    def note_data_received(self, now: float) -> bool:
+        """Authenticated data (decrypted, not a replay) arrived on the selected pair: the pair works. Returns True
+        when that may have queued a transmit or armed a timer (a pair back from silence is nominated again); a
+        stopped silence clock alone only moves the next deadline later, which a caller may learn lazily."""
+        selected = self._selected
+        if selected is None or (self._silent_since is None and not selected.unresponsive):
+            return False
+        was_unresponsive = selected.unresponsive
+        self._heard_on_selected(selected, now)
+        return was_unresponsive
 
     # ---- input ---------------------------------------------------------------------------------------------------
 
@@ -545,7 +595,7 @@ class IceAgent:
         if response.message_class == stun.MessageClass.ERROR:
             error = response.error_code()
             role_conflict = error is not None and error[0] == _ROLE_CONFLICT
-            if role_conflict and outstanding.purpose is _Purpose.CONSENT:
+            if role_conflict and outstanding.purpose in (_Purpose.CONSENT, _Purpose.PROBE):
                 return True  # the next check or the peer's own request settles the roles
             if role_conflict:
                 if outstanding.sent_controlling == self.controlling:
@@ -581,6 +631,9 @@ class IceAgent:
             pair.state = PairState.SUCCEEDED
             pair.next_consent_at = now + self._consent_interval()
         pair.last_response_at = now
+        if pair is self._selected:
+            self._heard_on_selected(pair, now)
+        pair.unresponsive = False
         nominated_by_peer = outstanding.purpose is _Purpose.CHECK and pair.remote_nominated and not self.controlling
         if outstanding.purpose is _Purpose.NOMINATION or nominated_by_peer:
             pair.remote_nominated = False
@@ -604,6 +657,7 @@ class IceAgent:
         if not self.idle and self._last_activity is not None and now >= self._last_activity + self.timing.idle_after:
             self.idle = True
 
+        unanswered_probes: list[CandidatePair] = []
         for outstanding in list(self._outstanding.values()):
             step = outstanding.transaction.handle_timeout(now)
             if step is stun.TransactionStep.RETRANSMIT:
@@ -613,13 +667,17 @@ class IceAgent:
                 )
             elif step is stun.TransactionStep.GAVE_UP:
                 self._finish(outstanding, now)
-                if (
-                    outstanding.purpose is not _Purpose.CONSENT
-                    and self._pairs.get(outstanding.pair.key) is outstanding.pair
-                ):
+                current = self._pairs.get(outstanding.pair.key) is outstanding.pair
+                if outstanding.purpose is _Purpose.PROBE:
+                    if current:
+                        unanswered_probes.append(outstanding.pair)
+                elif outstanding.purpose is not _Purpose.CONSENT and current:
                     self._fail_pair(outstanding.pair, now, "no response")
                 if self.failed:
                     return
+        if unanswered_probes:
+            # A round's probes all give up together: mark every silent pair before choosing among the others.
+            self._probes_unanswered(unanswered_probes, now)
 
         for pair in [p for p in self._pairs.values() if p.state is PairState.SUCCEEDED]:
             if pair.state is not PairState.SUCCEEDED or self._pairs.get(pair.key) is not pair:
@@ -630,6 +688,10 @@ class IceAgent:
             elif now >= pair.next_consent_at:
                 self._send_request(pair, _Purpose.CONSENT, now)
                 pair.next_consent_at = now + self._consent_interval()
+
+        probe_at = self._probe_due_at()
+        if probe_at is not None and now >= probe_at:
+            self._start_probe_round(now)
 
         if self._next_check_at is None or now >= self._next_check_at:
             next_pair = self._next_pair_to_check()
@@ -664,6 +726,9 @@ class IceAgent:
                 check = pair.next_consent_at
                 if check is not None and check < best:
                     best, reason = check, "consent check"
+        probe_at = self._probe_due_at()
+        if probe_at is not None and (best is None or probe_at < best):
+            best, reason = probe_at, "path probe"
         if not self.idle and self._last_activity is not None:
             idle_at = self._last_activity + self.timing.idle_after
             if best is None or idle_at < best:
@@ -797,6 +862,10 @@ class IceAgent:
         if purpose is _Purpose.CONSENT:
             # One transmission per consent check; the next check comes on its own schedule (RFC 7675 §5.1).
             policy = stun.RetransmitPolicy(initial_rto=self.timing.consent_timeout, max_transmissions=1)
+            if pair is self._selected and self.controlling and self._silent_since is None:
+                self._silent_since = now  # an unanswered consent check on the selected pair is reason to probe
+        elif purpose is _Purpose.PROBE:
+            policy = self.timing.probe_policy
         else:
             policy = self.current_timing.retransmit_policy
             if purpose is _Purpose.CHECK:
@@ -873,7 +942,7 @@ class IceAgent:
             # Fall back to any pair known to work rather than go dark; the controlling side nominates it next.
             usable = [p for p in self._pairs.values() if self._usable(p, now)]
             if usable:
-                self._select(max(usable, key=lambda p: p.priority), now)
+                self._select(max(usable, key=lambda p: (not p.unresponsive, p.priority)), now)
                 self._update_selection(now)
         if self._selected is None and self.state is IceState.CONNECTED:
             self.state = IceState.DISCONNECTED
@@ -903,24 +972,71 @@ class IceAgent:
                 or rank(best_nominated) > rank(current)
             ):
                 self._select(best_nominated, now)
-        if not self.controlling or not usable:
+        if not self.controlling:
             return
-        best = max(usable, key=lambda p: p.priority)
+        responsive = [p for p in usable if not p.unresponsive]
+        if not responsive:
+            return
+        best = max(responsive, key=lambda p: p.priority)
         if best.nominated or any(o.purpose is _Purpose.NOMINATION for o in best.outstanding):
             return
         selected = self._selected
-        if selected is None or best.priority > selected.priority:
+        # Nominate the best responsive pair in place of none, of a fallback the peer was never told about, of a
+        # selected pair that stopped answering, or of a worse one.
+        if selected is None or not selected.nominated or selected.unresponsive or best.priority > selected.priority:
             self._send_request(best, _Purpose.NOMINATION, now)
 
     def _nomination_rank(self, pair: CandidatePair) -> tuple[float, int]:
         if self.controlling:
-            return (0.0, pair.priority)
+            return (0.0 if pair.unresponsive else 1.0, pair.priority)
         return (pair.nominated_at, pair.priority)
+
+    # ---- dead-path detection (controlling side) -------------------------------------------------------------------
+
+    def _probe_due_at(self) -> float | None:
+        if self._silent_since is None or self._selected is None:
+            return None
+        return max(self._silent_since + self.timing.suspect_after, self._probe_hold_until)
+
+    def _start_probe_round(self, now: float) -> None:
+        """The selected pair has been silent too long: check it and every other succeeded pair fast."""
+        logger.debug("selected pair %r silent since %.3f: probing every succeeded pair", self._selected, now)
+        for pair in list(self._pairs.values()):
+            if pair.state is PairState.SUCCEEDED and not any(o.purpose is _Purpose.PROBE for o in pair.outstanding):
+                self._send_request(pair, _Purpose.PROBE, now)
+        self._probe_hold_until = now + self.timing.probe_timeout + self._probe_backoff
+        self._probe_backoff = min(self._probe_backoff * 2, self.timing.consent_interval)
+
+    def _probes_unanswered(self, pairs: list[CandidatePair], now: float) -> None:
+        for pair in pairs:
+            pair.unresponsive = True
+        selected = self._selected
+        if selected is None or selected not in pairs:
+            return
+        logger.debug("selected pair %r did not answer its probe; nominating a pair that does", selected)
+        # Every earlier nomination is void: the peer uses the pair nominated last, so a pair we return to (even this
+        # one, once it answers again) is nominated afresh.
+        for other in self._pairs.values():
+            other.nominated = False
+        self._update_selection(now)
+        if not any(self._usable(p, now) and not p.unresponsive for p in self._pairs.values()):
+            self._events.append(PathsUnanswered())
+
+    def _heard_on_selected(self, pair: CandidatePair, now: float) -> None:
+        self._silent_since = None
+        self._probe_hold_until = 0.0
+        self._probe_backoff = self.timing.suspect_after
+        if pair.unresponsive:
+            pair.unresponsive = False
+            self._update_selection(now)
 
     def _select(self, pair: CandidatePair, now: float) -> None:
         if pair is self._selected:
             return
         self._selected = pair
+        self._silent_since = None
+        self._probe_hold_until = 0.0
+        self._probe_backoff = self.timing.suspect_after
         pair.next_consent_at = now + self._consent_interval()
         self._events.append(SelectedPairChanged(pair.local, pair.remote))
         if self.state is not IceState.CONNECTED:

@@ -59,6 +59,23 @@ class IceTimingProfile:
     pacing_interval: float = 0.05  # RFC 8445 Ta: one new check per Ta
     consent_interval: float = 5.0  # RFC 7675 §5.1, randomized by 0.8..1.2
     consent_timeout: float = 30.0  # RFC 7675 §5.1: consent lost this long after the last success
+    # Dead-path detection (controlling side). RFC 7675's timeout is when a peer must *stop* sending; nothing stops
+    # the controlling agent from moving to another working pair long before. Once the selected pair has stayed
+    # silent for ``suspect_after`` seconds after something was sent on it (data, or a consent check), every succeeded
+    # pair is probed with a fast ladder; if the selected pair does not answer within ``probe_timeout`` while another
+    # pair does, that one is nominated. Rounds repeat while the selected pair stays silent, backing off from
+    # ``suspect_after`` to ``consent_interval``.
+    suspect_after: float = 1.0
+    probe_rto: float = 0.15  # first retransmit of a probe; then 0.25 s apart
+    probe_max_rto: float = 0.25
+    probe_timeout: float = 1.0
+
+    @property
+    def probe_policy(self) -> RetransmitPolicy:
+        """The probes' ladder: sends at 0, 0.15, 0.4, 0.65, 0.9 s, given up at 1 s (with the defaults)."""
+        return RetransmitPolicy(
+            initial_rto=self.probe_rto, max_rto=self.probe_max_rto, backoff=2.0, max_elapsed=self.probe_timeout
+        )
 
 
 SERVER_ACTIVE_TIMING = StunTiming(max_retransmits=45, initial_rto=0.25, max_rto=15.0)

@@ -3,7 +3,9 @@
 Speaks what Firezone's relays speak (docs/protocol.md §4.5): unauthenticated BINDING; ALLOCATE (UDP, dual-stack via
 ADDITIONAL-ADDRESS-FAMILY), REFRESH and CHANNEL-BIND with long-term credentials in realm ``firezone`` using Firezone's
 credential scheme (username ``"<expiry>:<salt>"``, password ``base64_nopad(sha256("<expiry>:<secret>:<salt>"))``);
-ChannelData both ways. No Send/Data indications and no CreatePermission: a channel binding is the permission. Every
+ChannelData both ways; a peer that has a permission (its IP has a channel) but no channel of its own reaches the
+client in a Data indication, as with coturn (RFC 8656 §11.6: a roaming peer's new port gets through this way). No
+Send indications and no CreatePermission: a channel binding is the permission. Every
 authenticated response carries MESSAGE-INTEGRITY. The relay listens on port 3478 and relays from ports 49152 and up.
 """
 
@@ -101,6 +103,7 @@ class SimRelay:
         self._nonces: dict[str, tuple[int, float]] = {}  # nonce → (uses left, issued at)
         self._next_port = FIRST_RELAY_PORT
         self._nonce_counter = 0
+        self._indications = 0
         host.bind(RELAY_PORT, self._on_control)
 
     @property
@@ -113,6 +116,10 @@ class SimRelay:
 
     def credentials_for(self, public_key_b64: str, expiry: int = 2145916800) -> tuple[str, str]:
         return mint_credentials(self.secret, public_key_b64, expiry)
+
+    def _next_indication_id(self) -> bytes:
+        self._indications += 1
+        return self._indications.to_bytes(stun.TRANSACTION_ID_LENGTH, "big")
 
     def shut_down(self) -> None:
         """The relay disappears without a word (crash, partition)."""
@@ -362,13 +369,14 @@ class SimRelay:
             self.drops.drop(RelayDropReason.NO_PERMISSION)
             return
         number = allocation.channel_for(src, now)
-        if number is None:
-            # Without Data indications a peer without a channel cannot be relayed.
-            self.drops.drop(RelayDropReason.UNKNOWN_CHANNEL)
-            return
         control = next(
             a
             for a in self.addresses
             if ipaddress.ip_address(a[0]).version == ipaddress.ip_address(allocation.client[0]).version
         )
+        if number is None:
+            indication = stun.StunMessage.indication(stun.Method.DATA, self._next_indication_id())
+            indication.add_xor_address(stun.Attr.XOR_PEER_ADDRESS, src).add(stun.Attr.DATA, data)
+            self.host.send(control, allocation.client, stun.encode(indication, fingerprint=True))
+            return
         self.host.send(control, allocation.client, struct.pack("!HH", number, len(data)) + data)

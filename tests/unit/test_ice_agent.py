@@ -35,6 +35,7 @@ from dataplane.ice.agent import (
     MAX_PAIRS,
     MAX_PEER_REFLEXIVE_CANDIDATES,
     MAX_REMOTE_CANDIDATES,
+    PathsUnanswered,
 )
 from dataplane.ice.timing import CLIENT_ACTIVE_TIMING, SERVER_ACTIVE_TIMING, StunTiming
 from dataplane.io.rng import SeededRng
@@ -599,7 +600,12 @@ def test_direct_path_dies_and_traffic_moves_to_the_relay_without_disconnecting()
     assert not wire.kinds("a", IceDisconnected) and not wire.kinds("b", IceDisconnected)
     assert a.state is IceState.CONNECTED and b.state is IceState.CONNECTED
     (move_a,) = [t for t, e in wire.kinds("a", SelectedPairChanged) if e.remote == b_relay]
-    assert 20.0 + 30.0 - 6.0 <= move_a <= 20.0 + 30.0 + 0.1  # consent on the direct pair ran out
+    (move_b,) = [t for t, e in wire.kinds("b", SelectedPairChanged) if e.local == b_relay]
+    # No data flows: the next consent check on the direct pair goes unanswered (within 5 s × 1.2), a second of
+    # silence starts a probe round, the probes give up after a second and the relay pair, which answered, is
+    # nominated -- long before consent on the direct pair runs out (30 s).
+    assert 20.0 + 2.0 <= move_a <= 20.0 + 6.0 + 1.0 + 1.0 + 0.1
+    assert move_a <= move_b <= move_a + 0.1  # b follows the new nomination at once
 
 
 def _direct_and_relay_wired() -> tuple[IceAgent, IceAgent, Wire, Candidate, Candidate]:
@@ -777,3 +783,108 @@ def test_local_candidates_learned_from_responses_are_bounded() -> None:
             learned += sum(1 for e in iter(agent.poll_event, None) if isinstance(e, PeerReflexiveCandidateLearned))
     assert learned == MAX_LEARNED_LOCAL_CANDIDATES
     assert agent.drops[DropReason.TOO_MANY_CANDIDATES] > 0
+
+
+# ---- dead-path detection (controlling side) ---------------------------------------------------------------------
+
+
+def _send_data(wire: Wire, agent: IceAgent, until: float, every: float = 0.05) -> None:
+    """``agent`` sends data on its selected pair every ``every`` seconds (nothing comes back) until ``until``."""
+    while wire.now < until:
+        agent.note_data_sent(wire.now)
+        wire.run(min(wire.now + every, until))
+
+
+def test_data_without_answer_moves_the_controlling_side_within_seconds() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    direct = {A_HOST, B_HOST}
+    wire.drop = lambda sender, t: t.src in direct and t.dst in direct
+    _send_data(wire, a, 30.0)
+    (move_a,) = [t for t, e in wire.kinds("a", SelectedPairChanged) if e.remote == b_relay]
+    (move_b,) = [t for t, e in wire.kinds("b", SelectedPairChanged) if e.local == b_relay]
+    # 1 s of silence after the first unanswered data, a 1 s probe round, then one nomination round trip.
+    assert 20.0 + 2.0 <= move_a <= 20.0 + 2.0 + 0.1
+    assert move_a <= move_b <= move_a + 0.1
+    assert not wire.kinds("a", IceDisconnected) and not wire.kinds("b", IceDisconnected)
+    direct_pair = next(p for p in a.pairs if p.remote.address == B_HOST)
+    assert direct_pair.unresponsive and not direct_pair.nominated
+    assert direct_pair.state is PairState.SUCCEEDED  # consent on it has not run out: the 30 s rule is unchanged
+
+
+def test_data_answered_on_the_selected_pair_never_starts_a_probe() -> None:
+    a, b, wire, b_host, _ = _direct_and_relay_setup()
+    sent_before = len(wire.sent["a"])
+    assert a.note_data_sent(wire.now)  # arms the silence clock
+    assert not a.note_data_sent(wire.now)  # already running
+    assert a.poll_timeout() == (wire.now + 1.0, "path probe")
+    for _ in range(200):
+        a.note_data_sent(wire.now)
+        wire.run(wire.now + 0.025)
+        assert not a.note_data_received(wire.now)  # stops the clock; nothing to send
+        timeout = a.poll_timeout()
+        assert timeout is not None and timeout[1] != "path probe"
+        wire.run(wire.now + 0.025)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    probes = [t for _, t in wire.sent["a"][sent_before:] if stun.decode(t.payload).is_request and t.dst != B_HOST]
+    assert len(probes) <= 10.0 / 4.0 + 1  # the relay pair's consent checks only (10 s, one per 4-6 s): no probes
+    assert len(wire.kinds("a", SelectedPairChanged)) == 1
+
+
+def test_a_selected_pair_that_answers_its_probe_is_kept_and_probes_back_off() -> None:
+    """One-way traffic (nothing comes back as data) on a working pair: probes confirm the pair; no move, and the
+    rounds thin out while the silence lasts."""
+    a, b, wire, b_host, _ = _direct_and_relay_setup()
+    changes = len(wire.kinds("a", SelectedPairChanged))
+    start = wire.now
+    _send_data(wire, a, start + 40.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    assert len(wire.kinds("a", SelectedPairChanged)) == changes
+    assert not any(p.unresponsive for p in a.pairs)
+    probe_rounds = [
+        t
+        for t, transmit in wire.sent["a"]
+        if t > start and transmit.dst == B_HOST and stun.decode(transmit.payload).is_request
+    ]
+    # At most one check on the selected pair per second of data (a round per silence), never the fast ladder's five.
+    assert len(probe_rounds) <= 40 + 8
+
+
+def test_no_pair_answering_reports_paths_unanswered_and_keeps_the_selected_pair() -> None:
+    a, b, wire, b_host, _ = _direct_and_relay_setup()
+    wire.drop = lambda sender, t: True  # b is gone
+    _send_data(wire, a, 25.0)
+    unanswered = wire.kinds("a", PathsUnanswered)
+    assert unanswered and 22.0 <= unanswered[0][0] <= 22.1
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host  # still sending until consent runs out
+    wire.run(60.0)
+    (disconnected_at, _) = wire.kinds("a", IceDisconnected)[0]
+    assert 20.0 + 30.0 - 6.0 <= disconnected_at <= 20.0 + 30.0 + 0.1  # RFC 7675's rule is unchanged
+
+
+def test_a_pair_that_answers_again_is_nominated_afresh_before_it_is_used() -> None:
+    """The direct pair goes silent and the relay pair takes over; when the direct pair answers again the controlling
+    side nominates it again (the controlled side follows the latest nomination), and both sides return to it."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    direct = {A_HOST, B_HOST}
+    wire.drop = lambda sender, t: t.src in direct and t.dst in direct
+    _send_data(wire, a, 25.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_relay
+    wire.drop = lambda sender, t: False
+    wire.run(40.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    assert b.selected_pair is not None and b.selected_pair[0] == b_host
+    back_a = [t for t, e in wire.kinds("a", SelectedPairChanged) if e.remote == b_host][-1]
+    back_b = [t for t, e in wire.kinds("b", SelectedPairChanged) if e.local == b_host][-1]
+    assert back_a <= back_b + 0.1 and back_b <= back_a + 0.1
+
+
+def test_the_controlled_side_does_not_probe() -> None:
+    a, b, wire, _, _ = _direct_and_relay_setup()
+    assert not b.note_data_sent(wire.now)
+    direct = {A_HOST, B_HOST}
+    wire.drop = lambda sender, t: t.src in direct and t.dst in direct
+    for _ in range(100):
+        b.note_data_sent(wire.now)
+        wire.run(wire.now + 0.05)
+    assert not wire.kinds("b", PathsUnanswered)
+    assert not any(p.unresponsive for p in b.pairs)

@@ -459,6 +459,9 @@ def measure_interleaved_scaling(
                     for key in order:
                         options: dict[str, Any] = kwargs_by_name[name]
                         measured = run_iperf(targets[key], name, seconds=seconds, **options)
+                        if measured.error is not None:  # as in run_plan: one retry after a reset control connection
+                            time.sleep(1.0)
+                            measured = run_iperf(targets[key], name, seconds=seconds, **options)
                         mbit[key] = measured.mbit_per_s if measured.error is None else math.nan
                     if mbit[one] > 0:
                         result.ratios.setdefault(name, []).append(mbit[two] / mbit[one])

@@ -67,7 +67,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "dataplane/wireguard/tunn.py": _WG_TESTS,
     "dataplane/wireguard/device.py": [*_WG_TESTS, "tests/unit/test_mutation_killers.py"],
     "dataplane/ice/timing.py": [*_ICE_TESTS, _KILLERS],
-    "dataplane/ice/candidate.py": _ICE_TESTS,
+    "dataplane/ice/candidate.py": [*_ICE_TESTS, "tests/unit/test_candidate_mutation_killers.py"],
     "dataplane/ice/agent.py": [*_ICE_TESTS, "tests/unit/test_mutation_killers.py"],
     "dataplane/stun.py": [
         "tests/unit/test_stun.py",

@@ -389,15 +389,7 @@ class PortalLink:
                         frame = receiving.result()
                     except ConnectionClosed as exc:
                         return TransientPortalError(f"portal closed the connection ({exc.rcvd or 'no close frame'})")
-                    for _ in range(MAX_FRAMES_PER_TURN):
-                        if isinstance(frame, str):
-                            self.channel.receive_text(frame, loop.time())
-                        else:
-                            logger.debug("ignoring a binary frame of %d bytes", len(frame))
-                        next_frame = await _buffered_frame(ws)
-                        if next_frame is None:
-                            break
-                        frame = next_frame
+                    await receive_burst(ws, frame, self._receive_frame)
                     receiving = asyncio.ensure_future(ws.recv())
                 self.channel.handle_timeout(loop.time())
         except ConnectionClosed as exc:
@@ -414,6 +406,12 @@ class PortalLink:
                 await receiving
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
+
+    def _receive_frame(self, frame: str | bytes) -> None:
+        if isinstance(frame, str):
+            self.channel.receive_text(frame, asyncio.get_running_loop().time())
+        else:
+            logger.debug("ignoring a binary frame of %d bytes", len(frame))
 
     async def _flush(self, ws: ClientConnection) -> None:
         while (frame := self.channel.poll_send()) is not None:
@@ -438,14 +436,28 @@ class PortalLink:
         return None
 
 
+async def receive_burst(ws: ClientConnection, first: str | bytes, receive: Callable[[str | bytes], None]) -> int:
+    """Gives ``receive`` the frame ``first`` and then every frame ``ws`` has already received, in order, up to
+    :data:`MAX_FRAMES_PER_TURN` in all (the rest wait for the next turn); returns how many it gave."""
+    frame: str | bytes | None = first
+    taken = 0
+    while frame is not None:
+        receive(frame)
+        taken += 1
+        frame = await _buffered_frame(ws) if taken < MAX_FRAMES_PER_TURN else None
+    return taken
+
+
 async def _buffered_frame(ws: ClientConnection) -> str | bytes | None:
     """The next frame if the connection has one already (``recv`` returns without waiting then), else None.
 
-    ``recv`` is cancel-safe: a frame that is not there yet stays for the next call."""
+    ``recv`` is cancel-safe: a frame that is not there yet stays for the next call. A closed connection also gives
+    None: the frames taken so far are handled first (a ``disconnect`` among them), the next ``recv`` reports the close.
+    """
     try:
         async with asyncio.timeout(0):
             return await ws.recv()
-    except TimeoutError:
+    except (TimeoutError, ConnectionClosed):
         return None
 
 

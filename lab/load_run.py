@@ -104,9 +104,7 @@ def _udp_receive_errors(world: LabWorld, role: str) -> int:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
-    async with LabWorld(
-        gateway_nat="masquerade", client_nat="masquerade", load_clients=args.clients, blob_size=4096
-    ) as world:
+    async with LabWorld(gateway_nat=args.nat, client_nat=args.nat, load_clients=args.clients, blob_size=4096) as world:
         await world.wait_gateway_joined(timeout=60)
         gateway_pid = world.need_gateway().pid
         rss_before, descriptors_before = process_sample(gateway_pid)
@@ -168,9 +166,29 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics = await world.gateway_metrics()
         flows = world.need_portal().flows()
         brokering = [f.finished_at - f.requested_at for f in flows if f.state == "created" and f.finished_at]
+        timed_out = {f.ref for f in flows if f.state == "failed" and f.reason == "offline" and f.ref is not None}
+        answered_late = sum(
+            1
+            for e in world.need_portal().events(kind="received", event="authorization_created")
+            if isinstance(e.payload, dict) and e.payload.get("ref") in timed_out
+        )
+        pushed = sum(
+            1
+            for e in world.need_portal().events(kind="sent", event="create_authorization")
+            if isinstance(e.payload, dict) and e.payload.get("ref") in timed_out
+        )
+        if args.logs is not None:
+            logs = Path(args.logs)
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / "gateway.log").write_text(world.need_gateway().output())
+            offline = [f.to_json() for f in flows if f.state == "failed"]
+            (logs / "failed-flows.json").write_text(json.dumps(offline, indent=1, default=str))
         flow_states: dict[str, int] = {}
         for flow in flows:
-            flow_states[flow.state] = flow_states.get(flow.state, 0) + 1
+            key = flow.state if flow.reason is None else f"{flow.state}: {flow.reason}"
+            if flow.state == "failed" and flow.finished_at is not None:
+                key += f" (after {flow.finished_at - flow.requested_at:.0f} s)"
+            flow_states[key] = flow_states.get(key, 0) + 1
         gateway_cpu_after, portal_cpu_after = cpu_seconds(gateway_pid), _own_cpu_seconds()
         udp_errors = {role: _udp_receive_errors(world, role) for role in ("gw", "cl", "wan")}
         relay_cpu = sum(cpu_seconds(pid) for pid in relay_pids) - relay_cpu_before
@@ -219,6 +237,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99": None if not brokering else round(percentile(brokering, 0.99) or 0.0, 3),
         },
         "portal_flows": flow_states,
+        "offline_flows": {"pushed": pushed, "answered_later": answered_late},
         "pings_answered": sum(int(s["pings_answered"]) for s in summaries),
         "pings_sent": sum(int(s["pings_sent"]) for s in summaries),
         "rtt_p99_ms": max((s["rtt_ms"]["p99"] or 0.0) for s in summaries),
@@ -260,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="pings per second per identity")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of pinging once all have settled")
     parser.add_argument("--setup-timeout", type=float, default=90.0)
+    parser.add_argument(
+        "--nat",
+        default="masquerade",
+        choices=("masquerade", "none"),
+        help="both routers' NAT: masquerade (srflx candidates come from the relay's BINDING) or none (host pairs)",
+    )
+    parser.add_argument("--logs", default=None, help="write the gateway's output and the failed flows here")
     parser.add_argument("--profile", default=None, help="py-spy every process during bring-up; stacks go here")
     parser.add_argument("--profile-seconds", type=float, default=30.0)
     args = parser.parse_args(argv)

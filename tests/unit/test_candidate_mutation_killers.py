@@ -78,18 +78,20 @@ def test_foundation_of_a_derived_candidate_uses_its_server() -> None:
 # ---- constructed candidates are well-formed SDP ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "candidate",
-    [
-        Candidate.host(BASE),
-        Candidate.host(("2001:db8::1", 5)),
-        Candidate.server_reflexive(PUBLIC, BASE),
-        Candidate.peer_reflexive(PUBLIC, BASE),
-        Candidate.peer_reflexive(PUBLIC, BASE, priority=12345),
-        Candidate.relayed(PUBLIC, BASE, server_ip="192.0.2.1"),
-    ],
-)
-def test_constructed_candidates_survive_an_sdp_round_trip(candidate: Candidate) -> None:
+# Built inside the test (not at collection), so the mutation run sees the constructors called by this test.
+CONSTRUCTIONS: dict[str, Callable[[], Candidate]] = {
+    "host4": lambda: Candidate.host(BASE),
+    "host6": lambda: Candidate.host(("2001:db8::1", 5)),
+    "srflx": lambda: Candidate.server_reflexive(PUBLIC, BASE),
+    "prflx": lambda: Candidate.peer_reflexive(PUBLIC, BASE),
+    "prflx-signalled": lambda: Candidate.peer_reflexive(PUBLIC, BASE, priority=12345),
+    "relay": lambda: Candidate.relayed(PUBLIC, BASE, server_ip="192.0.2.1"),
+}
+
+
+@pytest.mark.parametrize("construction", sorted(CONSTRUCTIONS))
+def test_constructed_candidates_survive_an_sdp_round_trip(construction: str) -> None:
+    candidate = CONSTRUCTIONS[construction]()
     assert candidate.component == 1
     assert candidate.transport == "udp"
     assert isinstance(candidate.foundation, str) and candidate.foundation.isdigit()

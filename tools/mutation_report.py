@@ -97,11 +97,16 @@ MODULE_TESTS: dict[str, list[str]] = {
     "protocol/messages.py": [
         "tests/unit/test_messages.py",
         "tests/property/test_messages_fuzz.py",
+        "tests/unit/test_protocol_mutation_killers.py",
         _FUZZ_PASS,
         _KILLERS,
     ],
     "protocol/phoenix.py": ["tests/unit/test_phoenix.py", _FUZZ_PASS, _KILLERS],
-    "protocol/errors.py": ["tests/unit/test_phoenix.py", "tests/unit/test_portal_dial.py"],
+    "protocol/errors.py": [
+        "tests/unit/test_portal_errors.py",
+        "tests/unit/test_phoenix.py",
+        "tests/unit/test_portal_dial.py",
+    ],
 }
 
 # mutmut's exit-code classes (mutmut/stats.py); anything else is "suspicious".

@@ -443,6 +443,397 @@ static PyObject *ones_complement_sum(PyObject *module, PyObject *const *args, Py
     return PyLong_FromUnsignedLong(folded ? (unsigned long)folded : 0xFFFFUL);
 }
 
+/* --- IP packets: TSO/USO split, flow hash ------------------------------------------------------------------------ */
+/*
+ * The twins are split_gso and flow_hash of dataplane/packet.py (the reference). These functions only handle inputs
+ * they are sure about and return None for everything else (malformed frames, header fields out of range, buffers
+ * they cannot read): the Python wrapper in dataplane/native.py then calls the pure function, so errors raise exactly
+ * the reference's exceptions. Every read is bounds-checked against the buffer length first.
+ */
+
+#define FOLD 0xFFFFu
+#define IPV4_HEADER_LEN 20
+#define IPV6_HEADER_LEN 40
+#define TCP_MIN_HEADER_LEN 20
+#define UDP_HEADER_LEN 8
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80
+#define VNET_HDR_LEN 10
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
+#define VNET_GSO_UDP_L4 5
+#define VNET_GSO_ECN 0x80
+#define MAX_IP_PACKET 65535
+/* Splits producing at least this many bytes run without the GIL; below it the release costs more than it frees. */
+#define SPLIT_GIL_RELEASE_SIZE 4096
+
+static inline unsigned load16(const unsigned char *p) { return ((unsigned)p[0] << 8) | p[1]; }
+static inline uint32_t load32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static inline void store16(unsigned char *p, unsigned value) {
+    p[0] = (unsigned char)(value >> 8);
+    p[1] = (unsigned char)value;
+}
+static inline void store32(unsigned char *p, uint32_t value) {
+    p[0] = (unsigned char)(value >> 24);
+    p[1] = (unsigned char)(value >> 16);
+    p[2] = (unsigned char)(value >> 8);
+    p[3] = (unsigned char)value;
+}
+
+/* The unfolded sum of big-endian 16-bit words of a short even-length header. */
+static uint64_t header_sum(const unsigned char *p, Py_ssize_t size) {
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i + 1 < size; i += 2) {
+        total += load16(p + i);
+    }
+    return total;
+}
+
+/* A checksum field from an unfolded sum: (-sum) mod 0xFFFF, i.e. 0..0xFFFE, as packet.py's ``(-(...)) % _FOLD``. */
+static inline unsigned negated_fold(uint64_t sum) { return (unsigned)((FOLD - sum % FOLD) % FOLD); }
+
+/* virtio_net_hdr fields, as the Python VirtioNetHdr holds them. */
+typedef struct {
+    long flags, gso_type, hdr_len, gso_size, csum_start, csum_offset;
+} VnetHdr;
+
+/* What a split needs, validated with the GIL held (mirrors packet.py's _segment_plan/_split_tcp checks). */
+typedef struct {
+    int version, is_tcp;
+    Py_ssize_t ihl, l4_len, headers_len, size, count;
+} SplitPlan;
+
+/* 0 and the plan when the super-packet is one packet.py splits; -1 where it raises (the wrapper falls back). */
+static int plan_split(long gso, long gso_size, const unsigned char *p, Py_ssize_t n, SplitPlan *plan) {
+    int expected_version = 0;
+    int protocol;
+    if (gso == VNET_GSO_TCPV4 || gso == VNET_GSO_TCPV6) {
+        expected_version = gso == VNET_GSO_TCPV4 ? 4 : 6;
+        protocol = PROTO_TCP;
+    } else if (gso == VNET_GSO_UDP_L4) {
+        protocol = PROTO_UDP;
+    } else {
+        return -1;
+    }
+    if (n < 1) {
+        return -1;
+    }
+    int version = p[0] >> 4;
+    if (expected_version && version != expected_version) {
+        return -1;
+    }
+    Py_ssize_t ihl;
+    if (version == 4) {
+        if (n < IPV4_HEADER_LEN) {
+            return -1;
+        }
+        ihl = (Py_ssize_t)(p[0] & 0x0F) * 4;
+        if (ihl < IPV4_HEADER_LEN || ihl > n || p[9] != protocol) {
+            return -1;
+        }
+    } else if (version == 6) {
+        if (n < IPV6_HEADER_LEN || p[6] != protocol) {
+            return -1;
+        }
+        ihl = IPV6_HEADER_LEN;
+    } else {
+        return -1;
+    }
+    Py_ssize_t l4_len = UDP_HEADER_LEN;
+    if (protocol == PROTO_TCP) {
+        if (n < ihl + TCP_MIN_HEADER_LEN) {
+            return -1;
+        }
+        l4_len = (Py_ssize_t)(p[ihl + 12] >> 4) * 4;
+        if (l4_len < TCP_MIN_HEADER_LEN) {
+            return -1;
+        }
+    }
+    Py_ssize_t headers_len = ihl + l4_len;
+    if (headers_len > n || gso_size <= 0) {
+        return -1;
+    }
+    Py_ssize_t payload = n - headers_len;
+    if (headers_len + (gso_size < payload ? gso_size : payload) > MAX_IP_PACKET) {
+        return -1;
+    }
+    plan->version = version;
+    plan->is_tcp = protocol == PROTO_TCP;
+    plan->ihl = ihl;
+    plan->l4_len = l4_len;
+    plan->headers_len = headers_len;
+    plan->size = gso_size;
+    plan->count = payload ? (payload + gso_size - 1) / gso_size : 1;
+    return 0;
+}
+
+/* Writes segment ``index`` of the super-packet ``p`` to ``out``. Runs without the GIL. */
+static void write_segment(const SplitPlan *plan, const unsigned char *p, Py_ssize_t n, Py_ssize_t index,
+                          unsigned char *out) {
+    Py_ssize_t ihl = plan->ihl;
+    Py_ssize_t headers_len = plan->headers_len;
+    Py_ssize_t start = headers_len + index * plan->size;
+    Py_ssize_t seg_len = n - start < plan->size ? n - start : plan->size;
+    Py_ssize_t l4_total = plan->l4_len + seg_len;
+    memcpy(out, p, (size_t)headers_len);
+    memcpy(out + headers_len, p + start, (size_t)seg_len);
+    uint64_t pseudo;
+    if (plan->version == 4) {
+        store16(out + 2, (unsigned)(ihl + l4_total));
+        store16(out + 4, (load16(p + 4) + (unsigned)index) & 0xFFFF);
+        store16(out + 10, 0);
+        store16(out + 10, negated_fold(header_sum(out, ihl)));
+        pseudo = header_sum(p + 12, 8);
+    } else {
+        store16(out + 4, (unsigned)l4_total);
+        pseudo = header_sum(p + 8, 32);
+    }
+    unsigned char *l4 = out + ihl;
+    Py_ssize_t csum_at;
+    if (plan->is_tcp) {
+        unsigned flags = p[ihl + 13];
+        if (index != plan->count - 1) {
+            flags &= ~(unsigned)(TCP_FIN | TCP_PSH);
+        }
+        if (index) {
+            flags &= ~(unsigned)TCP_CWR;
+        }
+        store32(l4 + 4, load32(p + ihl + 4) + (uint32_t)((uint64_t)index * (uint64_t)plan->size));
+        l4[13] = (unsigned char)flags;
+        csum_at = 16;
+        pseudo += PROTO_TCP;
+    } else {
+        store16(l4 + 4, (unsigned)l4_total);
+        csum_at = 6;
+        pseudo += PROTO_UDP;
+    }
+    store16(l4 + csum_at, 0);
+    uint64_t sum = pseudo + (uint64_t)l4_total + header_sum(l4, plan->l4_len) +
+                   big_endian_value_mod_fold(sum_host_words(p + start, seg_len));
+    unsigned checksum = negated_fold(sum);
+    if (!plan->is_tcp && checksum == 0) {
+        checksum = 0xFFFF;  /* UDP: 0 means "no checksum" */
+    }
+    store16(l4 + csum_at, checksum);
+}
+
+/* The segments of a valid super-packet as a new list, or NULL with an exception set. */
+static PyObject *split_segments(const SplitPlan *plan, const unsigned char *p, Py_ssize_t n) {
+    PyObject *result = PyList_New(plan->count);
+    if (result == NULL) {
+        return NULL;
+    }
+    unsigned char **outputs = PyMem_Calloc((size_t)plan->count, sizeof(unsigned char *));
+    if (outputs == NULL) {
+        Py_DECREF(result);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < plan->count; i++) {
+        Py_ssize_t start = plan->headers_len + i * plan->size;
+        Py_ssize_t seg_len = n - start < plan->size ? n - start : plan->size;
+        PyObject *segment = PyBytes_FromStringAndSize(NULL, plan->headers_len + seg_len);
+        if (segment == NULL) {
+            PyMem_Free(outputs);
+            Py_DECREF(result);
+            return NULL;
+        }
+        outputs[i] = (unsigned char *)PyBytes_AS_STRING(segment);
+        PyList_SET_ITEM(result, i, segment);
+        total += plan->headers_len + seg_len;
+    }
+    if (total >= SPLIT_GIL_RELEASE_SIZE) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < plan->count; i++) {
+            write_segment(plan, p, n, i, outputs[i]);
+        }
+        Py_END_ALLOW_THREADS
+    } else {
+        for (Py_ssize_t i = 0; i < plan->count; i++) {
+            write_segment(plan, p, n, i, outputs[i]);
+        }
+    }
+    PyMem_Free(outputs);
+    return result;
+}
+
+/* packet.py's _complete_checksum: a copy of the packet with the pending NEEDS_CSUM checksum filled in. */
+static PyObject *complete_checksum(const VnetHdr *hdr, const unsigned char *p, Py_ssize_t n) {
+    Py_ssize_t start = hdr->csum_start;
+    Py_ssize_t field = start + hdr->csum_offset;
+    if (field + 2 > n || start > n) {
+        Py_RETURN_NONE;
+    }
+    PyObject *packet = PyBytes_FromStringAndSize((const char *)p, n);
+    if (packet == NULL) {
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packet);
+    /* The field holds the pseudo-header partial sum: summing over it includes it. */
+    uint64_t host_sum = sum_host_words(out + start, n - start);
+    unsigned checksum;
+    if (host_sum == 0) {
+        checksum = 0xFFFF;  /* ~0: every summed byte is zero */
+    } else {
+        unsigned folded = (unsigned)big_endian_value_mod_fold(host_sum);
+        checksum = 0xFFFF - (folded ? folded : 0xFFFF);
+    }
+    if (checksum == 0 && hdr->csum_offset == 6) {
+        checksum = 0xFFFF;  /* UDP: 0 means "no checksum" */
+    }
+    store16(out + field, checksum);
+    PyObject *result = PyList_New(1);
+    if (result == NULL) {
+        Py_DECREF(packet);
+        return NULL;
+    }
+    PyList_SET_ITEM(result, 0, packet);
+    return result;
+}
+
+/* split_gso on an acquired buffer: a list, None (the reference raises or the input is unusual), or NULL + error. */
+static PyObject *split_buffer(const VnetHdr *hdr, const unsigned char *p, Py_ssize_t n) {
+    long gso = hdr->gso_type & ~(long)VNET_GSO_ECN;
+    if (gso == VNET_GSO_NONE) {
+        if (!(hdr->flags & VNET_F_NEEDS_CSUM)) {
+            PyObject *packet = PyBytes_FromStringAndSize((const char *)p, n);
+            if (packet == NULL) {
+                return NULL;
+            }
+            PyObject *result = PyList_New(1);
+            if (result == NULL) {
+                Py_DECREF(packet);
+                return NULL;
+            }
+            PyList_SET_ITEM(result, 0, packet);
+            return result;
+        }
+        return complete_checksum(hdr, p, n);
+    }
+    SplitPlan plan;
+    if (plan_split(gso, hdr->gso_size, p, n, &plan) < 0) {
+        Py_RETURN_NONE;
+    }
+    return split_segments(&plan, p, n);
+}
+
+/* A header field for the C path: 0..0xFFFF (what a decoded virtio_net_hdr holds), else the wrapper falls back. */
+static int vnet_field(PyObject *value, long *out) {
+    if (!PyLong_Check(value)) {
+        return -1;
+    }
+    long field = PyLong_AsLong(value);
+    if (field == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (field < 0 || field > 0xFFFF) {
+        return -1;
+    }
+    *out = field;
+    return 0;
+}
+
+PyDoc_STRVAR(split_gso_doc,
+             "split_gso(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, packet, /) -> list[bytes] | None\n\n"
+             "dataplane.packet.split_gso with the virtio_net_hdr fields passed one by one; None where the reference\n"
+             "raises (or for field values outside 0..0xFFFF): call the reference then.");
+
+static PyObject *split_gso(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "split_gso takes 7 arguments");
+        return NULL;
+    }
+    VnetHdr hdr;
+    long *fields[6] = {&hdr.flags, &hdr.gso_type, &hdr.hdr_len, &hdr.gso_size, &hdr.csum_start, &hdr.csum_offset};
+    for (int i = 0; i < 6; i++) {
+        if (vnet_field(args[i], fields[i]) < 0) {
+            Py_RETURN_NONE;
+        }
+    }
+    Py_buffer packet;
+    if (PyObject_GetBuffer(args[6], &packet, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *result = split_buffer(&hdr, packet.buf, packet.len);
+    PyBuffer_Release(&packet);
+    return result;
+}
+
+PyDoc_STRVAR(split_gso_frame_doc,
+             "split_gso_frame(frame, /) -> list[bytes] | None\n\n"
+             "split_gso of a whole TUN read (little-endian virtio_net_hdr, then the packet); None where the\n"
+             "reference (VirtioNetHdr.decode + split_gso) raises: call it then.");
+
+static PyObject *split_gso_frame(PyObject *module, PyObject *frame_object) {
+    (void)module;
+    Py_buffer frame;
+    if (PyObject_GetBuffer(frame_object, &frame, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *result;
+    if (frame.len < VNET_HDR_LEN) {
+        result = Py_NewRef(Py_None);
+    } else {
+        const unsigned char *f = frame.buf;
+        VnetHdr hdr = {f[0], f[1], f[2] | (f[3] << 8), f[4] | (f[5] << 8), f[6] | (f[7] << 8), f[8] | (f[9] << 8)};
+        result = split_buffer(&hdr, f + VNET_HDR_LEN, frame.len - VNET_HDR_LEN);
+    }
+    PyBuffer_Release(&frame);
+    return result;
+}
+
+/* --- flow_hash --------------------------------------------------------------------------------------------------- */
+
+static inline int is_ported(unsigned protocol) { return protocol == PROTO_TCP || protocol == PROTO_UDP; }
+
+PyDoc_STRVAR(flow_hash_doc,
+             "flow_hash(packet, /) -> int\n\n"
+             "dataplane.packet.flow_hash: Python's hash() of the same key bytes (equal within one process).");
+
+static PyObject *flow_hash(PyObject *module, PyObject *packet_object) {
+    (void)module;
+    Py_buffer packet;
+    if (PyObject_GetBuffer(packet_object, &packet, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const unsigned char *p = packet.buf;
+    Py_ssize_t n = packet.len;
+    unsigned char key[1 + 36];
+    Py_ssize_t key_len = 0;
+    if (n >= IPV4_HEADER_LEN) {
+        unsigned version = p[0] >> 4;
+        if (version == 4) {
+            Py_ssize_t ihl = (Py_ssize_t)(p[0] & 0x0F) * 4;
+            int unfragmented = !((p[6] & 0x3F) || p[7]);
+            key[0] = p[9];
+            memcpy(key + 1, p + 12, 8);
+            key_len = 9;
+            if (is_ported(p[9]) && unfragmented && n >= ihl + 4) {
+                /* 0x45: the ports directly follow the addresses (ihl == 20), the same bytes packet.py takes. */
+                memcpy(key + 9, p + ihl, 4);
+                key_len = 13;
+            }
+        } else if (version == 6 && n >= IPV6_HEADER_LEN) {
+            key[0] = p[6];
+            key_len = is_ported(p[6]) && n >= 44 ? 37 : 33;
+            memcpy(key + 1, p + 8, (size_t)key_len - 1);
+        }
+    }
+    PyBuffer_Release(&packet);
+    return PyLong_FromSsize_t(key_len ? _Py_HashBytes(key, key_len) : 0);
+}
+
 /* --- module ------------------------------------------------------------------------------------------------------ */
 
 static PyMethodDef native_methods[] = {
@@ -450,6 +841,9 @@ static PyMethodDef native_methods[] = {
     {"open_batch", (PyCFunction)(void (*)(void))open_batch, METH_FASTCALL, open_batch_doc},
     {"ones_complement_sum", (PyCFunction)(void (*)(void))ones_complement_sum, METH_FASTCALL,
      ones_complement_sum_doc},
+    {"split_gso", (PyCFunction)(void (*)(void))split_gso, METH_FASTCALL, split_gso_doc},
+    {"split_gso_frame", split_gso_frame, METH_O, split_gso_frame_doc},
+    {"flow_hash", flow_hash, METH_O, flow_hash_doc},
     {NULL, NULL, 0, NULL},
 };
 

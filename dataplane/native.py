@@ -43,3 +43,37 @@ else:
 seal_batch: Callable[[Buffer, int, int, Sequence[Buffer], int | None], list[bytes]] = implementation.seal_batch
 open_batch: Callable[[Buffer, Sequence[Buffer]], list[bytes | None]] = implementation.open_batch
 ones_complement_sum: OnesComplementSum = implementation.ones_complement_sum
+
+# The packet transforms. Their pure twins are the functions of dataplane.packet (the reference), which imports this
+# module for ones_complement_sum: hence the import below comes last and the pure functions are looked up per call.
+# The C functions return None for anything the reference rejects (or they do not handle); the reference is then
+# called, so malformed input raises exactly its exceptions.
+from . import packet as _packet  # noqa: E402
+
+
+def split_gso(hdr: _packet.VirtioNetHdr, packet: Buffer) -> list[bytes]:
+    """:func:`dataplane.packet.split_gso` (C when built: the GIL is released for a large super-packet)."""
+    if NATIVE:
+        segments: list[bytes] | None = implementation.split_gso(
+            hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.gso_size, hdr.csum_start, hdr.csum_offset, packet
+        )
+        if segments is not None:
+            return segments
+    return _packet.split_gso(hdr, packet)
+
+
+def split_gso_frame(frame: Buffer) -> list[bytes]:
+    """:func:`split_gso` of a whole TUN read: the ``virtio_net_hdr`` is decoded from the first 10 bytes."""
+    if NATIVE:
+        segments: list[bytes] | None = implementation.split_gso_frame(frame)
+        if segments is not None:
+            return segments
+    return _packet.split_gso(_packet.VirtioNetHdr.decode(frame), memoryview(frame)[_packet.VIRTIO_NET_HDR_LEN :])
+
+
+def _pure_flow_hash(packet: Buffer) -> int:
+    return _packet.flow_hash(packet)
+
+
+#: :func:`dataplane.packet.flow_hash` (C when built: the same hash of the same key bytes, without the copies).
+flow_hash: Callable[[Buffer], int] = implementation.flow_hash if NATIVE else _pure_flow_hash

@@ -101,7 +101,12 @@ MODULE_TESTS: dict[str, list[str]] = {
         _FUZZ_PASS,
         _KILLERS,
     ],
-    "protocol/phoenix.py": ["tests/unit/test_phoenix.py", _FUZZ_PASS, _KILLERS],
+    "protocol/phoenix.py": [
+        "tests/unit/test_phoenix.py",
+        "tests/unit/test_protocol_mutation_killers.py",
+        _FUZZ_PASS,
+        _KILLERS,
+    ],
     "protocol/errors.py": [
         "tests/unit/test_portal_errors.py",
         "tests/unit/test_phoenix.py",

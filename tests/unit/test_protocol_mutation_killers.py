@@ -1,9 +1,11 @@
-"""Portal message rules that the mutation run showed were unpinned (``make mutate``, issue 11).
+"""Portal message and Phoenix channel rules that the mutation run showed were unpinned (``make mutate``, issue 11).
 
 docs/protocol.md §2: relay ``addr`` is ``ip:port`` / ``[ipv6]:port`` with a port in 1..65535; WireGuard keys are
 standard base64 of 32 bytes; a candidate list keeps the ``candidate:`` lines whose 4th field is a u32 (RFC 8839:
 1*10DIGIT); outbound payloads are JSON-ready. Drops are logged with the event (cut to 64 characters), the reason and,
 for invalid payloads, only an error count — never the payload's values.
+Phoenix (docs/protocol.md §1.4–§1.6): duplicates judged by canonical content, refs, join rejection details, replies
+matched to what was sent, heartbeat cadence, and the reasons given in logs and errors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from dataplane.base import DropCounter
+from protocol.errors import FatalReason, LocalProtocolError
 from protocol.messages import (
     U32_MAX,
     Client,
@@ -28,6 +31,18 @@ from protocol.messages import (
     TurnRelay,
     candidate_priority,
     parse_portal_message,
+)
+from protocol.phoenix import (
+    ChannelEvent,
+    ChannelFailed,
+    ChannelJoined,
+    PhoenixChannel,
+    ReplyReceived,
+    State,
+    TimerKind,
+)
+from protocol.phoenix import (
+    DropReason as PhoenixDrop,
 )
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -206,3 +221,197 @@ def test_skipped_candidates_are_logged_with_their_count(caplog: pytest.LogCaptur
     assert _portal_records(caplog) == [
         (logging.DEBUG, "portal message 'invalidate_ice_candidates': 2 invalid candidates skipped")
     ]
+
+
+# ==== protocol/phoenix.py: Phoenix V1 channel rules (docs/protocol.md §1.4–§1.6) =================================
+
+
+def _frames(channel: PhoenixChannel) -> list[dict[str, Any]]:
+    frames = []
+    while (frame := channel.poll_send()) is not None:
+        frames.append(json.loads(frame))
+    return frames
+
+
+def _events(channel: PhoenixChannel) -> list[ChannelEvent]:
+    out = []
+    while (event := channel.poll_event()) is not None:
+        out.append(event)
+    return out
+
+
+def _reply(ref: Any, topic: str = "gateway", status: str = "ok", response: Any = None) -> str:
+    payload = {"status": status, "response": {} if response is None else response}
+    return json.dumps({"topic": topic, "event": "phx_reply", "payload": payload, "ref": ref})
+
+
+def _joining(now: float = 0.0, **kwargs: Any) -> PhoenixChannel:
+    channel = PhoenixChannel(**kwargs)
+    channel.connect(now)
+    assert [f["event"] for f in _frames(channel)] == ["phx_join"]
+    return channel
+
+
+def _joined(now: float = 0.0, **kwargs: Any) -> PhoenixChannel:
+    channel = _joining(now, **kwargs)
+    channel.receive_text(_reply(0), now)
+    assert _events(channel) == [ChannelJoined()]
+    return channel
+
+
+def _phoenix_records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "protocol.phoenix"]
+
+
+def test_application_frames_carry_the_channel_topic() -> None:
+    channel = _joined(topic="gateway")
+    assert channel.push("authorization_created", {"ref": "x"}, 0.0)
+    assert _frames(channel) == [
+        {"topic": "gateway", "event": "authorization_created", "payload": {"ref": "x"}, "ref": 1}
+    ]
+
+
+def test_held_duplicates_are_judged_by_content_not_key_order_or_event_alone() -> None:
+    channel = _joining()
+    assert channel.push("e", {"a": 1, "b": 2}, 0.0)
+    assert not channel.push("e", {"b": 2, "a": 1}, 0.0)
+    assert channel.push("other", {"a": 1, "b": 2}, 0.0)
+    assert channel.held_count == 2
+    assert channel.drops[PhoenixDrop.HELD_DUPLICATE] == 1
+
+
+@pytest.mark.parametrize(("ref", "joins"), [("0", True), ("0" * 19, True), ("0" * 20, False), ("1" * 20, False)])
+def test_string_refs_are_up_to_19_digits(ref: str, joins: bool) -> None:
+    channel = _joining()
+    channel.receive_text(_reply(ref), 0.0)
+    assert channel.joined is joins
+    assert channel.drops[PhoenixDrop.BAD_ENVELOPE] == (0 if joins else 1)
+
+
+@pytest.mark.parametrize(
+    ("response", "detail"),
+    [
+        ({"reason": "invalid_version"}, "invalid_version"),
+        ({"other": 1}, '{"other": 1}'),
+        ([1, 2], "[1, 2]"),
+        ("text", '"text"'),
+        ({"reason": "x" * 300}, "x" * 300),
+        ({"long": "y" * 300}, json.dumps({"long": "y" * 300})[:200]),
+    ],
+)
+def test_a_rejected_join_fails_with_the_reason_or_the_response_cut_to_200(response: Any, detail: str) -> None:
+    channel = _joining()
+    channel.receive_text(_reply(0, status="error", response=response), 0.0)
+    assert _events(channel) == [ChannelFailed(FatalReason.JOIN_REJECTED, f"join rejected: {detail}")]
+
+
+def test_a_rejected_join_with_a_null_response_says_null() -> None:
+    channel = _joining()
+    frame = json.dumps({"topic": "gateway", "event": "phx_reply", "payload": {"status": "error"}, "ref": 0})
+    channel.receive_text(frame, 0.0)
+    assert _events(channel) == [ChannelFailed(FatalReason.JOIN_REJECTED, "join rejected: null")]
+
+
+def test_token_expired_fails_the_channel_with_its_detail_and_sends_nothing_more() -> None:
+    channel = PhoenixChannel()
+    channel.connect(0.0)  # the join frame is not polled yet
+    channel.receive_text(
+        json.dumps({"topic": "gateway", "event": "disconnect", "payload": {"reason": "token_expired"}}), 0.0
+    )
+    assert _events(channel) == [ChannelFailed(FatalReason.INVALID_TOKEN, "the portal disconnected us: token_expired")]
+    assert channel.poll_send() is None
+
+
+def test_unsent_messages_are_counted_one_by_one_when_the_connection_is_lost(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="protocol.phoenix")
+    channel = _joined()
+    channel.push("a", {}, 0.0)
+    channel.push("b", {}, 0.0)
+    channel.connection_lost(0.0)
+    assert channel.drops[PhoenixDrop.UNSENT_ON_DISCONNECT] == 2
+    assert (logging.DEBUG, "connection lost: 2 unsent portal messages discarded") in _phoenix_records(caplog)
+
+
+def test_replies_to_refs_never_sent_or_not_in_flight_are_unexpected() -> None:
+    channel = _joined()  # refs 0 (join) used; the next ref is 1
+    channel.receive_text(_reply(1), 0.0)
+    channel.receive_text(_reply(0, topic="phoenix"), 0.0)  # ref 0 was the join, not a heartbeat
+    assert channel.drops[PhoenixDrop.UNEXPECTED_REPLY] == 2
+    assert _events(channel) == []
+
+
+def test_replies_on_another_topic_are_dropped() -> None:
+    channel = _joined()
+    channel.receive_text(_reply(0, topic="client"), 0.0)
+    assert channel.drops[PhoenixDrop.UNKNOWN_TOPIC] == 1
+
+
+def test_an_ok_reply_that_mentions_unmatched_topic_is_just_a_reply() -> None:
+    channel = _joined()
+    channel.push("a", {}, 0.0)
+    assert [f["ref"] for f in _frames(channel)] == [1]
+    channel.receive_text(_reply(1, response={"reason": "unmatched topic"}), 0.0)
+    assert _events(channel) == [ReplyReceived(1, "ok", {"reason": "unmatched topic"})]
+    assert channel.joined
+
+
+def test_a_late_reply_to_an_earlier_push_during_a_rejoin_is_not_the_join_reply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="protocol.phoenix")
+    channel = _joined()
+    channel.push("a", {}, 0.0)
+    channel.push("b", {}, 0.0)
+    assert [f["ref"] for f in _frames(channel)] == [1, 2]
+    channel.receive_text(_reply(2, status="error", response={"reason": "unmatched topic"}), 0.0)
+    rejoin = _frames(channel)
+    assert [(f["event"], f["ref"]) for f in rejoin] == [("phx_join", 3)]
+    assert (logging.INFO, "portal says topic 'gateway' is not joined; re-joining") in _phoenix_records(caplog)
+    channel.receive_text(_reply(1), 0.0)
+    assert _events(channel) == [ReplyReceived(1, "ok", {})]
+    assert channel.state is State.JOINING
+
+
+def test_a_heartbeat_called_late_keeps_the_original_cadence() -> None:
+    channel = _joined(heartbeat_interval=10.0)
+    channel.handle_timeout(10.5)
+    assert [f["event"] for f in _frames(channel)] == ["heartbeat"]
+    assert channel.poll_timeout() == (20.0, TimerKind.HEARTBEAT)
+
+
+def test_a_heartbeat_a_whole_interval_late_is_rescheduled_from_now() -> None:
+    channel = _joined(heartbeat_interval=10.0)
+    channel.handle_timeout(20.0)
+    assert [f["event"] for f in _frames(channel)] == ["heartbeat"]
+    assert channel.poll_timeout() == (30.0, TimerKind.HEARTBEAT)
+
+
+def test_when_join_timeout_and_heartbeat_fall_together_the_timer_is_the_earliest() -> None:
+    channel = _joining(heartbeat_interval=5.0, join_timeout=5.0)
+    timeout = channel.poll_timeout()
+    assert timeout is not None and timeout[0] == 5.0
+
+
+def test_hiccups_and_frame_drops_are_logged_with_their_reason(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="protocol.phoenix")
+    channel = _joining(join_timeout=5.0)
+    channel.receive_text("not json", 0.0)
+    channel.handle_timeout(5.0)
+    assert _phoenix_records(caplog) == [
+        (logging.DEBUG, "phoenix frame dropped: not_json"),
+        (logging.INFO, "portal link hiccup: join_timeout"),
+    ]
+
+
+def test_misuse_errors_say_what_was_wrong() -> None:
+    channel = _joining()
+    with pytest.raises(LocalProtocolError) as info:
+        channel.connect(0.0)
+    assert str(info.value) == "connect() while joining; call connection_lost() first"
+    channel.receive_text(_reply(0, status="error"), 0.0)
+    with pytest.raises(LocalProtocolError) as info:
+        channel.connect(0.0)
+    assert str(info.value) == "the channel failed fatally; it cannot be connected again"
+    with pytest.raises(LocalProtocolError) as info:
+        channel.push("e", {}, 0.0)
+    assert str(info.value) == "push() on a failed channel"

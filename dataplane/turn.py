@@ -15,6 +15,7 @@ Feed it with :meth:`Allocation.handle_input` and :meth:`Allocation.handle_timeou
 from __future__ import annotations
 
 import enum
+import heapq
 import logging
 import struct
 from collections import deque
@@ -218,6 +219,7 @@ class _Request:
     authenticated: bool
     stale_nonce_retries: int = 0
     channel: int | None = None
+    order: int = 0  # creation order: due requests are handled in it, as a walk over ``_requests`` would
 
 
 @dataclass(slots=True)
@@ -228,6 +230,7 @@ class _Channel:
     bound_at: float | None = None
     received_since_bind: bool = False
     pending: bool = False
+    order: int = 0  # creation order: due channels are handled in it, as a walk over the channels would
 
     def expires_at(self) -> float | None:
         return None if self.bound_at is None else self.bound_at + CHANNEL_LIFETIME
@@ -293,6 +296,13 @@ class Allocation:
         self._channels_by_number: dict[int, _Channel] = {}
         self._channels_by_peer: dict[Address, _Channel] = {}
         self._cooldown: dict[int, tuple[Address, float]] = {}  # number → (peer it was bound to, reusable-by-others-at)
+        # Deadline heaps, so that poll_timeout and handle_timeout cost O(log n) per due item, not a walk over every
+        # request and channel (a gateway's allocation holds a channel per client). Entries are never removed in
+        # place: a stale one (request answered, channel rebound or gone) is skipped when it surfaces.
+        self._request_heap: list[tuple[float, int, bytes]] = []  # (retransmit deadline, order, transaction id)
+        # (deadline, order, number, bound_at, is the expiry rather than the refresh)
+        self._channel_heap: list[tuple[float, int, int, float, bool]] = []
+        self._created = 0
         self._transmits: deque[Transmit] = deque()
         self._events: deque[TurnEvent] = deque()
         for address in self.servers:
@@ -381,7 +391,7 @@ class Allocation:
         if number is None:
             logger.debug("turn %s: no free channel number for %s", self.server, peer)
             return None
-        channel = _Channel(number=number, peer=peer)
+        channel = _Channel(number=number, peer=peer, order=self._next_order())
         self._channels_by_number[number] = channel
         self._channels_by_peer[peer] = channel
         self._cooldown.pop(number, None)
@@ -418,12 +428,13 @@ class Allocation:
             self._events.append(AllocationDeleted(self.server))
 
     def handle_timeout(self, now: float) -> None:
-        for tid, request in list(self._requests.items()):
-            if tid not in self._requests:
+        for tid, request in self._due_requests(now):
+            if self._requests.get(tid) is not request:
                 continue  # an earlier give-up in this loop ended the allocation
             step = request.transaction.handle_timeout(now)
             if step is TransactionStep.RETRANSMIT:
                 self._queue(request.transaction.destination, request.transaction.payload)
+                self._file_request(tid, request)
             elif step is TransactionStep.GAVE_UP:
                 del self._requests[tid]
                 self._on_give_up(request, now)
@@ -441,17 +452,94 @@ class Allocation:
             self._send_binding(self.server, now)
 
     def poll_timeout(self) -> float | None:
-        deadlines = [d for r in self._requests.values() if (d := r.transaction.poll_timeout()) is not None]
+        deadlines: list[float] = []
+        request_deadline = self._earliest_request_deadline()
+        if request_deadline is not None:
+            deadlines.append(request_deadline)
         if self.state is AllocationState.ALLOCATED:
             deadlines += [d for d in (self.expires_at, self._refresh_at) if d is not None]
-            for channel in self._channels_by_number.values():
-                if channel.bound:
-                    deadlines.append(channel.expires_at() or 0.0)
-                    if channel.received_since_bind and not channel.pending:
-                        deadlines.append(channel.refresh_at() or 0.0)
+            channel_deadline = self._earliest_channel_deadline()
+            if channel_deadline is not None:
+                deadlines.append(channel_deadline)
         if self._next_binding_at is not None:
             deadlines.append(self._next_binding_at)
         return min(deadlines) if deadlines else None
+
+    # --- timer heaps ----------------------------------------------------------------------------------------------
+
+    def _next_order(self) -> int:
+        self._created += 1
+        return self._created
+
+    def _file_request(self, tid: bytes, request: _Request) -> None:
+        deadline = request.transaction.poll_timeout()
+        if deadline is not None:
+            heapq.heappush(self._request_heap, (deadline, request.order, tid))
+            if len(self._request_heap) > 2 * len(self._requests) + 64:
+                self._request_heap = [
+                    (d, r.order, t)
+                    for t, r in self._requests.items()
+                    if (d := r.transaction.poll_timeout()) is not None
+                ]
+                heapq.heapify(self._request_heap)
+
+    def _request_entry_live(self, deadline: float, tid: bytes) -> bool:
+        request = self._requests.get(tid)
+        return request is not None and request.transaction.poll_timeout() == deadline
+
+    def _earliest_request_deadline(self) -> float | None:
+        heap = self._request_heap
+        while heap:
+            deadline, _, tid = heap[0]
+            if self._request_entry_live(deadline, tid):
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def _due_requests(self, now: float) -> list[tuple[bytes, _Request]]:
+        due: list[tuple[int, bytes, _Request]] = []
+        heap = self._request_heap
+        while heap and heap[0][0] <= now:
+            deadline, order, tid = heapq.heappop(heap)
+            if self._request_entry_live(deadline, tid):
+                due.append((order, tid, self._requests[tid]))
+        due.sort(key=lambda item: item[0])
+        return [(tid, request) for _, tid, request in due]
+
+    def _file_channel(self, channel: _Channel, *, expiry: bool = True) -> None:
+        """Files the channel's refresh deadline (and its expiry, unless only the refresh became relevant)."""
+        bound_at = channel.bound_at
+        if bound_at is None:
+            return
+        heap = self._channel_heap
+        if expiry:
+            heapq.heappush(heap, (bound_at + CHANNEL_LIFETIME, channel.order, channel.number, bound_at, True))
+        heapq.heappush(heap, (bound_at + CHANNEL_REFRESH_AFTER, channel.order, channel.number, bound_at, False))
+        if len(heap) > 4 * len(self._channels_by_number) + 64:
+            self._channel_heap = []
+            for other in self._channels_by_number.values():
+                if other.bound_at is not None:
+                    self._file_channel(other)
+
+    def _channel_entry_live(self, number: int, bound_at: float, is_expiry: bool) -> _Channel | None:
+        """The channel the entry still speaks for: its expiry, or its refresh while one is wanted."""
+        channel = self._channels_by_number.get(number)
+        if channel is None or not channel.bound or channel.bound_at != bound_at:
+            return None
+        if is_expiry:
+            return channel
+        if channel.received_since_bind and not channel.pending:
+            return channel
+        return None  # no refresh wanted now: filed again when the channel next receives data
+
+    def _earliest_channel_deadline(self) -> float | None:
+        heap = self._channel_heap
+        while heap:
+            deadline, _, number, bound_at, is_expiry = heap[0]
+            if self._channel_entry_live(number, bound_at, is_expiry) is not None:
+                return deadline
+            heapq.heappop(heap)
+        return None
 
     def poll_transmit(self) -> Transmit | None:
         return self._transmits.popleft() if self._transmits else None
@@ -495,9 +583,9 @@ class Allocation:
         payload = self._sign(message, authenticated)
         dst = destination or self.server
         transaction = Transaction(message.transaction_id, payload, dst, self._policy, now)
-        self._requests[message.transaction_id] = _Request(
-            kind, message, transaction, authenticated, stale_nonce_retries, channel
-        )
+        request = _Request(kind, message, transaction, authenticated, stale_nonce_retries, channel, self._next_order())
+        self._requests[message.transaction_id] = request
+        self._file_request(message.transaction_id, request)
         self._queue(dst, payload)
 
     def _resend_with_new_transaction(self, request: _Request, now: float, *, stale_nonce_retries: int) -> None:
@@ -718,6 +806,8 @@ class Allocation:
 
     def _stop_everything(self) -> None:
         self._requests.clear()
+        self._request_heap.clear()
+        self._channel_heap.clear()
         self._channels_by_number.clear()
         self._channels_by_peer.clear()
         self._cooldown.clear()
@@ -753,6 +843,7 @@ class Allocation:
         channel.pending = False
         channel.bound_at = now
         channel.received_since_bind = False
+        self._file_channel(channel)
         if first:
             self._events.append(ChannelBound(channel.peer, channel.number))
 
@@ -772,15 +863,25 @@ class Allocation:
         self._channels_by_number.pop(channel.number, None)
         self._channels_by_peer.pop(channel.peer, None)
         if not reusable_now:
+            # Re-inserted at the end: the dict stays ordered by reusable-at, so expired entries leave from the front.
+            self._cooldown.pop(channel.number, None)
             self._cooldown[channel.number] = (channel.peer, now + CHANNEL_REBIND_TIMEOUT)
 
     def _channel_timers(self, now: float) -> None:
-        for number, (_, reusable) in list(self._cooldown.items()):
-            if now >= reusable:
-                del self._cooldown[number]
-        for channel in list(self._channels_by_number.values()):
-            if not channel.bound:
-                continue
+        cooldown = self._cooldown
+        while cooldown:
+            number, (_, reusable) = next(iter(cooldown.items()))
+            if now < reusable:
+                break
+            del cooldown[number]
+        due: dict[int, _Channel] = {}
+        heap = self._channel_heap
+        while heap and heap[0][0] <= now:
+            _, _, number, bound_at, is_expiry = heapq.heappop(heap)
+            channel = self._channel_entry_live(number, bound_at, is_expiry)
+            if channel is not None:
+                due[channel.order] = channel
+        for _, channel in sorted(due.items()):
             expires_at = channel.expires_at()
             refresh_at = channel.refresh_at()
             if expires_at is not None and now >= expires_at:
@@ -788,6 +889,11 @@ class Allocation:
                 self._events.append(ChannelExpired(channel.peer, channel.number))
             elif refresh_at is not None and now >= refresh_at and channel.received_since_bind and not channel.pending:
                 self._send_channel_bind(channel, now)
+
+    def _note_channel_received(self, channel: _Channel) -> None:
+        if not channel.received_since_bind:
+            channel.received_since_bind = True
+            self._file_channel(channel, expiry=False)  # its refresh is wanted from now on
 
     def _handle_channel_data(self, data: bytes, now: float) -> bool | Decapsulated:
         try:
@@ -799,7 +905,7 @@ class Allocation:
         if channel is None or self.state is not AllocationState.ALLOCATED:
             self._drop(DropReason.UNKNOWN_CHANNEL, f"channel 0x{number:04x}")
             return True
-        channel.received_since_bind = True
+        self._note_channel_received(channel)
         return Decapsulated(channel.peer, payload)
 
     def _handle_data_indication(self, message: StunMessage, now: float) -> bool | Decapsulated:
@@ -813,7 +919,7 @@ class Allocation:
             return True
         channel = self._channels_by_peer.get(peer)
         if channel is not None:
-            channel.received_since_bind = True
+            self._note_channel_received(channel)
         return Decapsulated(peer, payload)
 
     def _drop(self, reason: DropReason, detail: str) -> None:

@@ -834,6 +834,347 @@ static PyObject *flow_hash(PyObject *module, PyObject *packet_object) {
     return PyLong_FromSsize_t(key_len ? _Py_HashBytes(key, key_len) : 0);
 }
 
+/* --- coalesce ---------------------------------------------------------------------------------------------------- */
+/*
+ * The twin of dataplane/packet.py's coalesce (GRO in reverse for TUN writes). Packets are classified and grouped with
+ * the GIL held (header compares only), the output frames allocated, then headers, checksums and payload copies are
+ * written without the GIL. The merge keys are compared field by field; they are the same bytes packet.py puts in its
+ * dict keys (IPv4/TCP: its fast-path tuple, which includes the urgent pointer; IPv6/TCP: without it).
+ */
+
+#define MAX_SEGMENTS 64
+#define TCP_ACK 0x10
+#define IPV4_DF 0x40 /* in the high byte of the flags/fragment word */
+#define COALESCE_GIL_RELEASE_SIZE 4096
+
+enum { KIND_PLAIN = 0, KIND_V4_TCP, KIND_V4_UDP, KIND_V6_UDP, KIND_V6_TCP };
+
+typedef struct {
+    const unsigned char *data;
+    Py_ssize_t len;
+} Packet;
+
+typedef struct {
+    int kind;
+    Py_ssize_t first, last; /* packet indices; members are chained through next_member */
+    Py_ssize_t members, gso_size, total;
+    uint32_t next_seq;
+    long next_ip_id; /* -1: ids are not checked (DF) */
+    int closed;
+} Group;
+
+typedef struct {
+    int kind;
+    Py_ssize_t ihl, l4_len, payload_len;
+    uint32_t next_seq;
+    int may_extend;
+    long ip_id;
+} Classified;
+
+/* packet.py's fast path and _coalesce_key: which kind of mergeable packet this is (KIND_PLAIN: never merged). */
+static Classified classify(const unsigned char *p, Py_ssize_t n, int tcp, int udp) {
+    Classified c = {KIND_PLAIN, 0, 0, 0, 0, 0, -1};
+    if (tcp && n > 40 && p[0] == 0x45 && p[9] == PROTO_TCP) {
+        Py_ssize_t thlen = (Py_ssize_t)(p[32] >> 4) * 4;
+        Py_ssize_t payload_len = n - 20 - thlen;
+        unsigned frag = load16(p + 6);
+        unsigned flags = p[33];
+        if ((Py_ssize_t)load16(p + 2) != n || (frag & 0xBFFF) || (flags & ~(unsigned)TCP_PSH) != TCP_ACK ||
+            thlen < TCP_MIN_HEADER_LEN || payload_len <= 0) {
+            return c;
+        }
+        c.kind = KIND_V4_TCP;
+        c.ihl = 20;
+        c.l4_len = thlen;
+        c.payload_len = payload_len;
+        c.next_seq = load32(p + 24) + (uint32_t)payload_len;
+        c.may_extend = !(flags & TCP_PSH);
+        c.ip_id = (frag & 0x4000) ? -1 : (long)load16(p + 4);
+        return c;
+    }
+    if (n < 1) {
+        return c;
+    }
+    int version = p[0] >> 4;
+    Py_ssize_t ihl;
+    unsigned protocol;
+    long ip_id = -1;
+    if (version == 4) {
+        if (n < IPV4_HEADER_LEN || p[0] != 0x45) {
+            return c;
+        }
+        if ((Py_ssize_t)load16(p + 2) != n || (p[6] & 0xBF) || p[7]) {
+            return c;
+        }
+        protocol = p[9];
+        ihl = IPV4_HEADER_LEN;
+        if (!(p[6] & IPV4_DF)) {
+            ip_id = (long)load16(p + 4);
+        }
+    } else if (version == 6) {
+        if (n < IPV6_HEADER_LEN || (Py_ssize_t)load16(p + 4) != n - IPV6_HEADER_LEN) {
+            return c;
+        }
+        protocol = p[6];
+        ihl = IPV6_HEADER_LEN;
+    } else {
+        return c;
+    }
+    if (protocol == PROTO_TCP && tcp) {
+        if (n < ihl + TCP_MIN_HEADER_LEN) {
+            return c;
+        }
+        Py_ssize_t thlen = (Py_ssize_t)(p[ihl + 12] >> 4) * 4;
+        unsigned flags = p[ihl + 13];
+        if (thlen < TCP_MIN_HEADER_LEN || ihl + thlen > n || (flags & ~(unsigned)TCP_PSH) != TCP_ACK) {
+            return c;
+        }
+        Py_ssize_t payload_len = n - ihl - thlen;
+        if (payload_len == 0) {
+            return c;
+        }
+        /* IPv4 TCP always takes the fast path above (tcp set, 0x45, n > 40): only IPv6 gets here. */
+        c.kind = version == 6 ? KIND_V6_TCP : KIND_PLAIN;
+        c.ihl = ihl;
+        c.l4_len = thlen;
+        c.payload_len = payload_len;
+        c.next_seq = load32(p + ihl + 4) + (uint32_t)payload_len;
+        c.may_extend = !(flags & TCP_PSH);
+        c.ip_id = ip_id;
+        return c;
+    }
+    if (protocol == PROTO_UDP && udp) {
+        if (n < ihl + UDP_HEADER_LEN || (Py_ssize_t)load16(p + ihl + 4) != n - ihl) {
+            return c;
+        }
+        Py_ssize_t payload_len = n - ihl - UDP_HEADER_LEN;
+        if (payload_len == 0) {
+            return c;
+        }
+        c.kind = version == 4 ? KIND_V4_UDP : KIND_V6_UDP;
+        c.ihl = ihl;
+        c.l4_len = UDP_HEADER_LEN;
+        c.payload_len = payload_len;
+        c.may_extend = 1;
+        c.ip_id = ip_id;
+    }
+    return c;
+}
+
+static inline int same(const unsigned char *a, const unsigned char *b, Py_ssize_t from, Py_ssize_t to) {
+    return memcmp(a + from, b + from, (size_t)(to - from)) == 0;
+}
+
+/* Whether two classified packets of one kind have equal merge keys (all offsets were bounds-checked by classify). */
+static int same_flow(int kind, const unsigned char *a, const unsigned char *b, Py_ssize_t l4_len) {
+    switch (kind) {
+    case KIND_V4_TCP: /* tos, flags/fragment, ttl, addresses+ports, ack+data offset, window, urgent, options */
+        return a[1] == b[1] && same(a, b, 6, 9) && same(a, b, 12, 24) && same(a, b, 28, 33) && same(a, b, 34, 36) &&
+               same(a, b, 38, 40) && same(a, b, 40, 20 + l4_len);
+    case KIND_V4_UDP: /* tos, DF, ttl, protocol, addresses, ports */
+        return a[1] == b[1] && a[6] == b[6] && same(a, b, 8, 10) && same(a, b, 12, 24);
+    case KIND_V6_UDP: /* traffic class, flow label, next header, hop limit, addresses, ports */
+        return same(a, b, 0, 4) && same(a, b, 6, 44);
+    case KIND_V6_TCP: /* ... ports, ack+data offset, window, options */
+        return same(a, b, 0, 4) && same(a, b, 6, 44) && same(a, b, 48, 53) && same(a, b, 54, 56) &&
+               same(a, b, 60, 40 + l4_len);
+    default:
+        return 0;
+    }
+}
+
+/* packet.py's _try_append. */
+static int try_append(Group *group, const Classified *c, Py_ssize_t index, Py_ssize_t *next_member) {
+    if (group->closed || group->members >= MAX_SEGMENTS || c->payload_len > group->gso_size) {
+        return 0;
+    }
+    if (group->total + c->payload_len > MAX_IP_PACKET || c->ip_id != group->next_ip_id) {
+        return 0;
+    }
+    if (group->kind == KIND_V4_TCP || group->kind == KIND_V6_TCP) {
+        if (c->next_seq - (uint32_t)c->payload_len != group->next_seq) {
+            return 0;
+        }
+        group->next_seq = c->next_seq;
+    }
+    if (c->ip_id >= 0) {
+        group->next_ip_id = (c->ip_id + 1) & 0xFFFF;
+    }
+    next_member[group->last] = index;
+    group->last = index;
+    group->members++;
+    group->total += c->payload_len;
+    /* A short segment (or PSH) must be the last one: the kernel cuts every gso_size bytes. */
+    if (c->payload_len < group->gso_size || !c->may_extend) {
+        group->closed = 1;
+    }
+    return 1;
+}
+
+/* packet.py's _emit_group (and the plain frame of a lone packet): writes 10 + total bytes. Runs without the GIL. */
+static void emit_group(const Group *group, const Packet *packets, const Py_ssize_t *next_member,
+                       const Classified *first_class, unsigned char *out) {
+    const Packet *first = &packets[group->first];
+    memset(out, 0, VNET_HDR_LEN);
+    if (group->members == 1) {
+        memcpy(out + VNET_HDR_LEN, first->data, (size_t)first->len);
+        return;
+    }
+    Py_ssize_t ihl = first_class->ihl;
+    Py_ssize_t headers_len = ihl + first_class->l4_len;
+    unsigned char *header = out + VNET_HDR_LEN;
+    memcpy(header, first->data, (size_t)headers_len);
+    Py_ssize_t total = group->total;
+    Py_ssize_t l4_total = total - ihl;
+    int version = first->data[0] >> 4;
+    int is_tcp = group->kind == KIND_V4_TCP || group->kind == KIND_V6_TCP;
+    uint64_t pseudo;
+    if (version == 4) {
+        store16(header + 2, (unsigned)total);
+        store16(header + 10, 0);
+        store16(header + 10, negated_fold(header_sum(header, ihl)));
+        pseudo = header_sum(first->data + 12, 8);
+    } else {
+        store16(header + 4, (unsigned)l4_total);
+        pseudo = header_sum(first->data + 8, 32);
+    }
+    unsigned gso_type, csum_offset;
+    if (is_tcp) {
+        /* PSH of the last segment carries over (the kernel keeps it on the last segment only). */
+        header[ihl + 13] |= packets[group->last].data[ihl + 13] & TCP_PSH;
+        gso_type = version == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
+        csum_offset = 16;
+        pseudo += PROTO_TCP;
+    } else {
+        store16(header + ihl + 4, (unsigned)l4_total);
+        gso_type = VNET_GSO_UDP_L4;
+        csum_offset = 6;
+        pseudo += PROTO_UDP;
+    }
+    unsigned partial = (unsigned)((pseudo + (uint64_t)l4_total) % FOLD);
+    store16(header + ihl + csum_offset, partial ? partial : 0xFFFF);
+    unsigned vnet[5] = {(unsigned)headers_len, (unsigned)group->gso_size, (unsigned)ihl, csum_offset, 0};
+    out[0] = VNET_F_NEEDS_CSUM;
+    out[1] = (unsigned char)gso_type;
+    for (int i = 0; i < 4; i++) {
+        out[2 + 2 * i] = (unsigned char)vnet[i];
+        out[3 + 2 * i] = (unsigned char)(vnet[i] >> 8);
+    }
+    unsigned char *cursor = header + headers_len;
+    for (Py_ssize_t i = group->first; i >= 0; i = next_member[i]) {
+        Py_ssize_t size = packets[i].len - headers_len;
+        memcpy(cursor, packets[i].data + headers_len, (size_t)size);
+        cursor += size;
+    }
+}
+
+PyDoc_STRVAR(coalesce_doc,
+             "coalesce(packets, tcp, udp, /) -> list[bytes] | None\n\n"
+             "dataplane.packet.coalesce(packets, tcp=tcp, udp=udp); None when an item is not exactly bytes\n"
+             "(the reference's behaviour on other buffers is its own): call the reference then.");
+
+static PyObject *coalesce(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "coalesce takes 3 arguments");
+        return NULL;
+    }
+    int tcp = PyObject_IsTrue(args[1]);
+    int udp = PyObject_IsTrue(args[2]);
+    if (tcp < 0 || udp < 0) {
+        return NULL;
+    }
+    /* A tuple holds a reference to every packet while the GIL is released (a list could be changed meanwhile). */
+    PyObject *items = PySequence_Tuple(args[0]);
+    if (items == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(items, i))) {
+            Py_DECREF(items);
+            Py_RETURN_NONE;
+        }
+    }
+    size_t slots = count ? (size_t)count : 1;
+    Packet *packets = PyMem_Calloc(slots, sizeof(Packet));
+    Classified *classes = PyMem_Calloc(slots, sizeof(Classified));
+    Group *groups = PyMem_Calloc(slots, sizeof(Group));
+    Py_ssize_t *next_member = PyMem_Calloc(slots, sizeof(Py_ssize_t));
+    unsigned char **outputs = PyMem_Calloc(slots, sizeof(unsigned char *));
+    PyObject *result = NULL;
+    if (packets == NULL || classes == NULL || groups == NULL || next_member == NULL || outputs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t group_count = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyTuple_GET_ITEM(items, i);
+        packets[i].data = (const unsigned char *)PyBytes_AS_STRING(item);
+        packets[i].len = PyBytes_GET_SIZE(item);
+        next_member[i] = -1;
+        Classified *c = &classes[i];
+        *c = classify(packets[i].data, packets[i].len, tcp, udp);
+        if (c->kind != KIND_PLAIN) {
+            /* The newest group of this flow (packet.py's open_groups[key]) takes the packet if it can. */
+            Py_ssize_t g = group_count - 1;
+            for (; g >= 0; g--) {
+                if (groups[g].kind == c->kind &&
+                    same_flow(c->kind, packets[i].data, packets[groups[g].first].data, c->l4_len)) {
+                    break;
+                }
+            }
+            if (g >= 0 && try_append(&groups[g], c, i, next_member)) {
+                continue;
+            }
+        }
+        Group *group = &groups[group_count++];
+        group->kind = c->kind;
+        group->first = group->last = i;
+        group->members = 1;
+        group->gso_size = c->payload_len;
+        group->total = packets[i].len;
+        group->next_seq = c->next_seq;
+        group->next_ip_id = c->ip_id >= 0 ? (c->ip_id + 1) & 0xFFFF : -1;
+        group->closed = !c->may_extend;
+    }
+    result = PyList_New(group_count);
+    if (result == NULL) {
+        goto done;
+    }
+    Py_ssize_t output_bytes = 0;
+    for (Py_ssize_t g = 0; g < group_count; g++) {
+        PyObject *frame = PyBytes_FromStringAndSize(NULL, VNET_HDR_LEN + groups[g].total);
+        if (frame == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        outputs[g] = (unsigned char *)PyBytes_AS_STRING(frame);
+        PyList_SET_ITEM(result, g, frame);
+        output_bytes += VNET_HDR_LEN + groups[g].total;
+    }
+    if (output_bytes >= COALESCE_GIL_RELEASE_SIZE) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t g = 0; g < group_count; g++) {
+            emit_group(&groups[g], packets, next_member, &classes[groups[g].first], outputs[g]);
+        }
+        Py_END_ALLOW_THREADS
+    } else {
+        for (Py_ssize_t g = 0; g < group_count; g++) {
+            emit_group(&groups[g], packets, next_member, &classes[groups[g].first], outputs[g]);
+        }
+    }
+done:
+    PyMem_Free(packets);
+    PyMem_Free(classes);
+    PyMem_Free(groups);
+    PyMem_Free(next_member);
+    PyMem_Free(outputs);
+    Py_DECREF(items);
+    return result;
+}
+
 /* --- module ------------------------------------------------------------------------------------------------------ */
 
 static PyMethodDef native_methods[] = {
@@ -844,6 +1185,7 @@ static PyMethodDef native_methods[] = {
     {"split_gso", (PyCFunction)(void (*)(void))split_gso, METH_FASTCALL, split_gso_doc},
     {"split_gso_frame", split_gso_frame, METH_O, split_gso_frame_doc},
     {"flow_hash", flow_hash, METH_O, flow_hash_doc},
+    {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_FASTCALL, coalesce_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -415,3 +415,26 @@ def test_misuse_errors_say_what_was_wrong() -> None:
     with pytest.raises(LocalProtocolError) as info:
         channel.push("e", {}, 0.0)
     assert str(info.value) == "push() on a failed channel"
+
+
+def test_frames_are_compact_json_as_serde_json_writes_them() -> None:
+    channel = PhoenixChannel()
+    channel.connect(0.0)
+    assert channel.poll_send() == '{"topic":"gateway","event":"phx_join","payload":null,"ref":0}'
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"heartbeat_interval": 0.0}, {"join_timeout": 0.0}, {"join_timeout": -1.0}, {"max_held_messages": -1}],
+)
+def test_channel_settings_out_of_range_are_refused(settings: dict[str, float]) -> None:
+    with pytest.raises(ValueError) as info:
+        PhoenixChannel(**settings)  # type: ignore[arg-type]
+    assert str(info.value) == "heartbeat_interval and join_timeout must be > 0, max_held_messages >= 0"
+
+
+def test_small_positive_settings_and_an_empty_hold_queue_are_allowed() -> None:
+    channel = _joining(heartbeat_interval=0.5, join_timeout=0.5, max_held_messages=0)
+    assert not channel.push("e", {}, 0.0)
+    assert channel.drops[PhoenixDrop.HELD_QUEUE_FULL] == 1
+    assert channel.poll_timeout() == (0.5, TimerKind.JOIN_TIMEOUT)

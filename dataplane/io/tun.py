@@ -35,14 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dataplane.base import DropCounter
-from dataplane.packet import (
-    VIRTIO_NET_HDR_LEN,
-    PacketParseError,
-    VirtioNetHdr,
-    coalesce,
-    flow_hash,
-    split_gso,
-)
+from dataplane.native import coalesce, flow_hash, split_gso_frame
+from dataplane.packet import VIRTIO_NET_HDR_LEN, PacketParseError
 
 log = logging.getLogger(__name__)
 
@@ -558,7 +552,7 @@ class Tun:
                 batch.append(frame[VIRTIO_NET_HDR_LEN:])
                 continue
             try:
-                batch.extend(split_gso(VirtioNetHdr.decode(frame), memoryview(frame)[VIRTIO_NET_HDR_LEN:]))
+                batch.extend(split_gso_frame(frame))
             except PacketParseError as exc:
                 log.debug("TUN %s: dropping malformed offload frame: %s", self.name, exc)
                 self._drop(TunDropReason.MALFORMED_OFFLOAD_FRAME)

@@ -4,7 +4,7 @@
 event loop does the per-packet work (the gateway, the lab client) that hand-off costs more than the write: waking the
 writer releases the GIL, the writer then merges the batch in Python while the loop waits to get the GIL back (up to
 the interpreter's switch interval), and a lone packet may wait behind a batch. :class:`DirectTunWriter` merges the
-batch (``dataplane.packet.coalesce``, as the writer threads do) and writes the frames at once on the calling thread:
+batch (``dataplane.native.coalesce``, as the writer threads do) and writes the frames at once on the calling thread:
 one packet (a ping) goes straight to the device, and ``os.write`` still releases the GIL while the kernel delivers.
 
 All writes go to one queue's descriptor, from one thread, in the order given, so no flow is reordered. The owner must
@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 from dataplane.base import DropCounter
 from dataplane.io.tun import TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6, Tun, TunDropReason
-from dataplane.packet import VIRTIO_NET_HDR_LEN, coalesce
+from dataplane.native import coalesce
+from dataplane.packet import VIRTIO_NET_HDR_LEN
 
 logger = logging.getLogger(__name__)
 

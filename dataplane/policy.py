@@ -54,6 +54,8 @@ MAX_GRANTS_PER_CLIENT = 4096
 MAX_PROXY_ROUTES_PER_CLIENT = 4096
 # Distinct (address, protocol, port) classifications remembered between state changes (Firezone keeps 1024 too).
 CLASSIFICATION_CACHE_SIZE = 1024
+# Allowed flows remembered per direction and protocol between state changes (a flow is bytes 12-24 of its packets).
+FLOW_TABLE_SIZE = 4096
 
 
 class PolicyDropReason(enum.Enum):
@@ -248,6 +250,34 @@ def _quotes_known_flow(packet: bytes | bytearray | memoryview, version: int, sta
     return False
 
 
+def _flow_table(
+    packet: bytes | bytearray | memoryview, tables: tuple[dict[bytes, Decision], dict[bytes, Decision]]
+) -> dict[bytes, Decision] | None:
+    """The flow table for a plain IPv4 TCP or UDP packet (no options, not a fragment, lengths consistent), or None.
+
+    For such a packet :func:`_parse` cannot fail and every decision depends only on the protocol and bytes 12-24
+    (source and destination address, source and destination port), so an allowed decision can be remembered under
+    those bytes until the policy's state changes. Anything else (IPv6, ICMP, options, fragments, short or padded
+    lengths that :func:`_parse` would judge) takes the full path."""
+    if len(packet) < 28 or packet[0] != 0x45 or packet[6] & 0x3F or packet[7]:
+        return None
+    end = (packet[2] << 8) | packet[3]
+    if end > len(packet):
+        return None
+    protocol = packet[9]
+    if protocol == IPPROTO_TCP:
+        return tables[0] if end >= 40 else None
+    if protocol == IPPROTO_UDP:
+        return tables[1] if end >= 28 else None
+    return None
+
+
+def _remember(table: dict[bytes, Decision], key: bytes, decision: Decision) -> None:
+    if len(table) >= FLOW_TABLE_SIZE:
+        del table[next(iter(table))]  # the oldest flow
+    table[key] = decision
+
+
 # --- filters and routes -----------------------------------------------------------------------------------------------
 
 
@@ -330,6 +360,11 @@ class ClientPolicy:
         self._grants: dict[str, _Grant] = {}
         self._client_v4 = self._client_v6 = 0
         self._gateway_v4 = self._gateway_v6 = -1  # -1 never equals an address
+        # Allowed decisions by flow (the addresses and ports of a plain IPv4 TCP/UDP packet), per protocol and
+        # direction: a packet of a flow seen before is decided with one lookup (see _flow_table). Emptied by every
+        # change of state, the tunnel addresses included.
+        self._flows_from: tuple[dict[bytes, Decision], dict[bytes, Decision]] = ({}, {})
+        self._flows_to: tuple[dict[bytes, Decision], dict[bytes, Decision]] = ({}, {})
         self.set_client_addresses(client_ipv4, client_ipv6)
         self.set_gateway_addresses(gateway_ipv4, gateway_ipv6)
         # The derived lookup state, exact for wall-clock times in [_valid_from, _valid_until); rebuilt lazily.
@@ -356,11 +391,13 @@ class ClientPolicy:
     def set_client_addresses(self, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address) -> None:
         self._client_v4 = int(ipv4)
         self._client_v6 = int(ipv6)
+        self._forget_flows()
 
     def set_gateway_addresses(self, ipv4: ipaddress.IPv4Address | None, ipv6: ipaddress.IPv6Address | None) -> None:
         """The gateway's own tunnel addresses (from ``init``, which may change them); traffic to them is allowed."""
         self._gateway_v4 = -1 if ipv4 is None else int(ipv4)
         self._gateway_v6 = -1 if ipv6 is None else int(ipv6)
+        self._forget_flows()
 
     def grant(self, resource: GrantableResource, expires_at: float | None) -> bool:
         """Grants ``resource`` until ``expires_at`` (unix seconds; None = never).
@@ -487,6 +524,10 @@ class ClientPolicy:
     def is_empty(self) -> bool:
         return not self._grants
 
+    def _forget_flows(self) -> None:
+        for table in (*self._flows_from, *self._flows_to):
+            table.clear()
+
     def _invalidate(self) -> None:
         self._valid_from = math.inf
         self._valid_until = -math.inf
@@ -528,6 +569,7 @@ class ClientPolicy:
         self._internet_decision = None if internet_id is None else allowed[internet_id]
         self._allowed = allowed
         self._cache.clear()
+        self._forget_flows()
         self._valid_from = valid_from
         self._valid_until = valid_until
 
@@ -538,6 +580,19 @@ class ClientPolicy:
         answering with ``icmp_reply``."""
         if not self._valid_from <= wall_now < self._valid_until:
             self._rebuild(wall_now)
+        table = _flow_table(packet, self._flows_from)
+        if table is None:
+            return self._decide_from_client(packet)
+        key = bytes(packet[12:24])
+        decision = table.get(key)
+        if decision is None:
+            decision = self._decide_from_client(packet)
+            if decision.allowed:
+                _remember(table, key, decision)
+        return decision
+
+    def _decide_from_client(self, packet: bytes | bytearray | memoryview) -> Decision:
+        """:meth:`from_client` without the flow table (the reference the flow table must agree with)."""
         parsed = _parse(packet)
         if parsed is None:
             return self._refuse(PolicyDropReason.MALFORMED_PACKET, packet)
@@ -579,6 +634,19 @@ class ClientPolicy:
         """Decides on a packet read from the TUN for this client: encrypt it to the client (allowed) or drop it."""
         if not self._valid_from <= wall_now < self._valid_until:
             self._rebuild(wall_now)
+        table = _flow_table(packet, self._flows_to)
+        if table is None:
+            return self._decide_to_client(packet)
+        key = bytes(packet[12:24])
+        decision = table.get(key)
+        if decision is None:
+            decision = self._decide_to_client(packet)
+            if decision.allowed:
+                _remember(table, key, decision)
+        return decision
+
+    def _decide_to_client(self, packet: bytes | bytearray | memoryview) -> Decision:
+        """:meth:`to_client` without the flow table (the reference the flow table must agree with)."""
         parsed = _parse(packet)
         if parsed is None:
             return self._refuse(PolicyDropReason.MALFORMED_PACKET, None)

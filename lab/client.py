@@ -872,8 +872,14 @@ class HeadlessClient:
         # Consecutive packets for one gateway go through one tunnel call, as the gateway batches its TUN reads.
         batch_gateway: str | None = None
         batch: list[bytes] = []
+        lookup = self.routes.lookup
+        last_destination: bytes | None = None  # a TSO-split burst has one destination: looked up once
+        gateway_id: str | None = None
         for packet in self.tun.poll_recv_many(TUN_BATCH):
-            gateway_id = self.routes.lookup(packet)
+            destination = packet[16:20] if len(packet) >= 20 and packet[0] >> 4 == 4 else None
+            if destination is None or destination != last_destination:
+                gateway_id = lookup(packet)
+                last_destination = destination
             if gateway_id is None:
                 self.drops.drop(ClientDropReason.NO_ROUTE)
                 continue

@@ -9,6 +9,7 @@ trusted by the other; replies are checked with scapy too.
 from __future__ import annotations
 
 import ipaddress
+import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -510,3 +511,154 @@ def test_garbage_never_raises(data: bytes, now: float, towards_client: bool) -> 
     policy.grant(InternetResource(id="i", type="internet"), None)
     decision = policy.to_client(data, now) if towards_client else policy.from_client(data, now)
     assert decision.allowed or decision.reason is not None
+
+
+def _reference_decision(policy: ClientPolicy, packet: bytes, now: float, towards_client: bool) -> Decision:
+    """The policy's full path, without its flow table."""
+    if not policy._valid_from <= now < policy._valid_until:
+        policy._rebuild(now)
+    return policy._decide_to_client(packet) if towards_client else policy._decide_from_client(packet)
+
+
+FLOW_RESOURCE_V4 = [ipaddress.IPv4Address(a) for a in ("172.20.0.10", "172.20.0.10", "172.20.1.1", "8.8.8.8")]
+FLOW_OTHERS_V4 = [ipaddress.IPv4Address(a) for a in ("100.64.0.9", "100.96.0.3", "224.0.0.1", "10.0.0.1")]
+FLOW_PORTS = [53, 80, 5201]
+OTHER_CLIENT4 = ipaddress.IPv4Address("100.64.0.8")
+
+
+FLOW_FILTERS: list[list[Filter]] = [
+    [],
+    [PortFilter(protocol="tcp", port_range_start=80, port_range_end=80)],
+    [PortFilter(protocol="udp", port_range_start=53, port_range_end=80)],
+    [PortFilter(protocol="tcp", port_range_start=5000, port_range_end=6000), IcmpFilter(protocol="icmp")],
+]
+
+
+@st.composite
+def flow_grants(draw: st.DrawFn) -> tuple[Literal["grant"], Resource, float | None]:
+    """A CIDR grant covering some of the flows' resource addresses, with filters that tell their ports apart."""
+    network = draw(st.sampled_from(["172.20.0.0/24", "172.20.0.0/16", "172.20.0.10/32", "0.0.0.0/0", "100.96.0.0/11"]))
+    resource = CidrResource(
+        id=draw(st.sampled_from(RESOURCE_IDS)),
+        type="cidr",
+        address=ipaddress.ip_network(network),
+        filters=draw(st.sampled_from(FLOW_FILTERS)),
+    )
+    return ("grant", resource, draw(st.sampled_from(EXPIRIES)))
+
+
+@st.composite
+def flows(draw: st.DrawFn) -> tuple[bool, bytes]:
+    """(towards the client, a raw IPv4 TCP/UDP packet) between the client (or the gateway) and a resource address;
+    few addresses and ports, so that flows share addresses and differ in a port."""
+    towards_client = draw(st.booleans())
+    own = draw(st.sampled_from([CLIENT4, CLIENT4, CLIENT4, OTHER_CLIENT4, GATEWAY4]))
+    other = draw(st.sampled_from(FLOW_RESOURCE_V4 * 3 + FLOW_OTHERS_V4))
+    protocol = draw(st.sampled_from([6, 17]))
+    own_port, other_port = draw(st.sampled_from([40000, 80])), draw(st.sampled_from(FLOW_PORTS))
+    src, dst, sport, dport = (
+        (other, own, other_port, own_port) if towards_client else (own, other, own_port, other_port)
+    )
+    l4 = (
+        struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x10, 1000, 0, 0)
+        if protocol == 6
+        else struct.pack("!HHHH", sport, dport, 8 + 4, 0)
+    ) + b"data"
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0x4000, 64, protocol, 0, src.packed, dst.packed)
+    return towards_client, header + l4
+
+
+@st.composite
+def variants(draw: st.DrawFn, packet: bytes) -> bytes:
+    """The packet, often with one header field the flow table relies on changed, sometimes cut short."""
+    changed = bytearray(packet)
+    field = draw(st.sampled_from(["none", "none", "version", "length", "fragment", "protocol", "address", "port"]))
+    if field == "version":
+        changed[0] = draw(st.sampled_from([0x44, 0x46, 0x65, 0x05]))
+    elif field == "length":  # the total length: below the transport header, just right, beyond the packet
+        total = draw(st.sampled_from([0, 20, 27, 28, 39, 40, len(packet) - 1, len(packet) + 1, 0x1FF]))
+        changed[2:4] = total.to_bytes(2, "big")
+    elif field == "fragment":  # more-fragments, an offset, the reserved bit, DF cleared
+        changed[6:8] = draw(st.sampled_from([b"\x20\x00", b"\x00\x01", b"\x1f\xff", b"\x80\x00", b"\x00\x00"]))
+    elif field == "protocol":
+        changed[9] = draw(st.sampled_from([1, 6, 17, 47]))
+    elif field == "address":
+        changed[draw(st.integers(12, 19))] ^= draw(st.sampled_from([1, 0x80]))
+    elif field == "port":
+        at = draw(st.integers(20, 23))
+        changed[at] = draw(st.sampled_from([0, 0x14, 0x35, 0x50, 0xFF]))  # 0x14 0x51 = 5201, 0x35 = 53, 0x50 = 80
+    if draw(st.integers(0, 7)) == 0:
+        changed = changed[: draw(st.integers(0, len(changed)))]
+    return bytes(changed)
+
+
+FlowStep = (
+    tuple[Literal["grant"], Resource, float | None]
+    | tuple[Literal["revoke"], str]
+    | tuple[Literal["expire"], float]
+    | tuple[Literal["clock"], float]
+    | tuple[Literal["renumber"], bool]
+    | tuple[Literal["packet"], int]
+)
+
+
+@st.composite
+def flow_steps(draw: st.DrawFn) -> FlowStep:
+    """Mostly packets: runs of them between changes let the flow table answer."""
+    kind = draw(st.sampled_from(["packet"] * 12 + ["grant", "revoke", "expire", "clock", "renumber"]))
+    if kind == "grant":
+        return draw(flow_grants())
+    if kind == "revoke":
+        return ("revoke", draw(st.sampled_from(RESOURCE_IDS)))
+    if kind == "expire":
+        return ("expire", draw(st.sampled_from(TIMES)))
+    if kind == "clock":
+        return ("clock", draw(st.sampled_from(TIMES)))
+    if kind == "renumber":  # the client's or the gateway's tunnel addresses swap with another's
+        return ("renumber", draw(st.booleans()))
+    return ("packet", draw(st.integers(0, 3)))
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(flow_grants(), min_size=1, max_size=4),
+    st.lists(flows(), min_size=1, max_size=4),
+    st.sampled_from(TIMES),
+    st.lists(flow_steps(), min_size=10, max_size=60),
+    st.data(),
+)
+def test_the_flow_table_gives_what_the_full_path_gives(
+    setup: list[FlowStep], packets: list[tuple[bool, bytes]], now: float, more: list[FlowStep], data: st.DataObject
+) -> None:
+    """Packets of a few flows (each seen several times, so the flow table answers), some with a header byte changed
+    or cut short, between grants, revocations, expiries, clock changes and new tunnel addresses: the policy decides
+    as its full path does for a twin that went through the same changes, and counts the same drops. (New tunnel
+    addresses are also pinned by tests/unit/test_policy.py's renumbering tests.)"""
+    fast_drops, reference_drops = DropCounter(), DropCounter()
+    fast = ClientPolicy(CLIENT4, CLIENT6, GATEWAY4, GATEWAY6, drops=fast_drops)
+    reference = ClientPolicy(CLIENT4, CLIENT6, GATEWAY4, GATEWAY6, drops=reference_drops)
+    for step in [*setup, *more]:
+        if step[0] == "packet":
+            towards_client, original = packets[step[1] % len(packets)]
+            packet = data.draw(variants(original))
+            got = fast.to_client(packet, now) if towards_client else fast.from_client(packet, now)
+            assert got == _reference_decision(reference, packet, now, towards_client), packet.hex()
+        elif step[0] == "clock":
+            now = step[1]  # the same grants may be live or expired at the new time
+        elif step[0] == "renumber":
+            for policy in (fast, reference):
+                if step[1]:
+                    client = policy.client_ipv4
+                    policy.set_client_addresses(OTHER_CLIENT4 if client == CLIENT4 else CLIENT4, CLIENT6)
+                else:
+                    gateway = None if policy._gateway_v4 == int(GATEWAY4) else GATEWAY4
+                    policy.set_gateway_addresses(gateway, GATEWAY6)
+        else:
+            for policy in (fast, reference):
+                if step[0] == "grant":
+                    policy.grant(step[1], step[2])
+                elif step[0] == "revoke":
+                    policy.revoke(step[1])
+                elif step[0] == "expire":
+                    policy.expire(step[1])
+    assert fast_drops.counts == reference_drops.counts

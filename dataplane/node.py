@@ -212,6 +212,11 @@ class _Relay:
     host: set[Address] = field(default_factory=set)  # our socket addresses seen on traffic with this relay
     srflx: set[Address] = field(default_factory=set)
     relayed: set[Address] = field(default_factory=set)
+    # The last answer of ``candidates`` per include_relayed, with the addresses it was built from: every connection
+    # asks (on creation, and all of them when a relay changes), and building candidates parses addresses.
+    _cached: dict[bool, tuple[tuple[frozenset[Address], ...], list[tuple[Candidate, Address]]]] = field(
+        default_factory=dict
+    )
 
     @property
     def rtt(self) -> float | None:
@@ -219,6 +224,15 @@ class _Relay:
 
     def candidates(self, include_relayed: bool) -> list[tuple[Candidate, Address]]:
         """(candidate, base) pairs this relay contributes (host candidates are the node's, see ``Node._hosts``)."""
+        key = (frozenset(self.host), frozenset(self.srflx), frozenset(self.relayed) if include_relayed else frozenset())
+        cached = self._cached.get(include_relayed)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        result = self._build_candidates(include_relayed)
+        self._cached[include_relayed] = (key, result)
+        return result
+
+    def _build_candidates(self, include_relayed: bool) -> list[tuple[Candidate, Address]]:
         result: list[tuple[Candidate, Address]] = []
         server_ip = self.config.addresses[0][0] if self.config.addresses else None
         for mapped in sorted(self.srflx):
@@ -320,6 +334,8 @@ class Node:
         self._retired: list[_Relay] = []
         self._hosts: set[Address] = set()  # our socket addresses, as seen on relay traffic
         self._retired_hosts: set[Address] = set()
+        # Host candidates built from the addresses above (rebuilt when they change; see _wanted_candidates).
+        self._host_candidates: tuple[frozenset[Address], dict[Candidate, Address]] = (frozenset(), {})
         self._transmits: deque[Transmit] = deque()
         self._events: deque[NodeEvent] = deque()
         # Monotonic totals for metrics: handshakes, and the WireGuard bytes of connections already closed (the live
@@ -609,9 +625,13 @@ class Node:
     # -- candidates ---------------------------------------------------------------------------------------------
 
     def _wanted_candidates(self, conn: _Connection) -> dict[Candidate, Address]:
-        wanted: dict[Candidate, Address] = {
-            Candidate.host(address): address for address in sorted(self._hosts | self._retired_hosts)
-        }
+        hosts = self._hosts | self._retired_hosts
+        if self._host_candidates[0] != hosts:
+            self._host_candidates = (
+                frozenset(hosts),
+                {Candidate.host(address): address for address in sorted(hosts)},
+            )
+        wanted = dict(self._host_candidates[1])
         used = (conn.relay_id, conn.previous_relay_id)
         for relay_id, relay in self._relays.items():
             for candidate, base in relay.candidates(include_relayed=relay_id in used):

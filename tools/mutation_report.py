@@ -83,6 +83,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/unit/test_turn.py",
         "tests/property/test_stun_turn_inputs.py",
         "tests/sim/test_relay.py",
+        "tests/unit/test_turn_mutation_killers.py",
         _FUZZ_PASS,
         _KILLERS,
     ],

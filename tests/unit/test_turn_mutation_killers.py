@@ -1,0 +1,307 @@
+"""TURN client rules that the mutation run showed were unpinned (``make mutate``, issue 11).
+
+RFC 8656 §12 ChannelData (16-bit unsigned number and length, payload up to 65535 bytes), §7.2/§9 REFRESH (one at a
+time, LIFETIME 0 deletes, only an allocation we hold), long-term credentials (RFC 8489 §9.2: key = MD5(user:realm:pass),
+new credentials sign every later request), a dual-stack relay's addresses racing for the BINDING, and a failed channel
+refresh that leaves the binding running. The in-memory relay answers the way a long-term-credential TURN server does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dataplane import stun, turn
+from dataplane.base import Address, Transmit
+from dataplane.io.rng import SeededRng
+from dataplane.stun import Attr, ErrorCode, Method, StunMessage
+from dataplane.turn import (
+    AllocationDeleted,
+    AllocationFailed,
+    AllocationState,
+    ChannelBindFailed,
+    ChannelBound,
+    ChannelExpired,
+    Decapsulated,
+)
+
+SERVER: Address = ("198.51.100.7", 3478)
+SERVER_V6: Address = ("2001:db8::7", 3478)
+SRFLX: Address = ("203.0.113.20", 40000)
+RELAY: Address = ("198.51.100.7", 50000)
+PEER: Address = ("192.0.2.50", 6000)
+LOCAL: Address = ("10.0.0.2", 5555)
+REALM = "firezone"
+
+
+class Relay:
+    """A long-term-credential TURN server for one user (RFC 8656 §5 / RFC 8489 §9.2)."""
+
+    def __init__(self, username: str = "u1", password: str = "p1", nonce: str = "n1") -> None:
+        self.username = username
+        self.password = password
+        self.nonce = nonce
+
+    def key(self) -> bytes:
+        return stun.long_term_key(self.username, REALM, self.password)
+
+    def answer(self, transmit: Transmit) -> bytes:
+        request = stun.decode(transmit.payload)
+        if request.method == Method.BINDING:
+            return stun.encode(request.success_response().add_xor_address(Attr.XOR_MAPPED_ADDRESS, SRFLX))
+        if request.nonce() is None or request.username() != self.username:
+            return self.challenge(request)
+        if not stun.check_integrity(transmit.payload, self.key()):
+            return self.challenge(request)
+        response = request.success_response()
+        if request.method == Method.ALLOCATE:
+            response.add_xor_address(Attr.XOR_RELAYED_ADDRESS, RELAY).add_lifetime(600)
+        elif request.method == Method.REFRESH:
+            response.add_lifetime(request.lifetime() or 0)
+        return stun.encode(response, integrity_key=self.key())
+
+    def challenge(self, request: StunMessage) -> bytes:
+        error = request.error_response(ErrorCode.UNAUTHENTICATED, "Unauthorized").add_realm(REALM).add_nonce(self.nonce)
+        return stun.encode(error)
+
+    def error(self, transmit: Transmit, code: int, reason: str) -> bytes:
+        request = stun.decode(transmit.payload)
+        return stun.encode(request.error_response(code, reason), integrity_key=self.key())
+
+
+def _transmits(alloc: turn.Allocation) -> list[Transmit]:
+    out = []
+    while (t := alloc.poll_transmit()) is not None:
+        out.append(t)
+    return out
+
+
+def _events(alloc: turn.Allocation) -> list[turn.TurnEvent]:
+    out = []
+    while (e := alloc.poll_event()) is not None:
+        out.append(e)
+    return out
+
+
+def _exchange(alloc: turn.Allocation, relay: Relay, now: float) -> list[Transmit]:
+    seen = []
+    while pending := _transmits(alloc):
+        for transmit in pending:
+            seen.append(transmit)
+            alloc.handle_input(relay.answer(transmit), transmit.dst, now)
+    return seen
+
+
+def _allocated(relay: Relay | None = None, **kwargs: object) -> tuple[turn.Allocation, Relay]:
+    relay = relay or Relay()
+    alloc = turn.Allocation(SERVER, relay.username, relay.password, rng=SeededRng(7), now=0.0, **kwargs)  # type: ignore[arg-type]
+    _exchange(alloc, relay, 0.0)
+    assert alloc.state is AllocationState.ALLOCATED
+    _events(alloc)
+    return alloc, relay
+
+
+def _run_until(alloc: turn.Allocation, until: float, relay: Relay | None = None) -> None:
+    while (deadline := alloc.poll_timeout()) is not None and deadline <= until:
+        alloc.handle_timeout(deadline)
+        if relay is None:
+            _transmits(alloc)
+        else:
+            _exchange(alloc, relay, deadline)
+
+
+# ---- RFC 8656 §12 ChannelData ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 0x7FFF, 0x8000, 0xFFFF])
+def test_channel_data_lengths_are_16_bit_unsigned(size: int) -> None:
+    encoded = turn.encode_channel_data(0x4FFF, bytes(size))
+    assert encoded[:4] == bytes([0x4F, 0xFF, size >> 8, size & 0xFF])
+    assert turn.decode_channel_data(encoded) == (0x4FFF, bytes(size))
+
+
+def test_channel_data_encoder_refuses_with_a_reason() -> None:
+    with pytest.raises(ValueError) as info:
+        turn.encode_channel_data(0x4000, bytes(0x10000))
+    assert str(info.value) == "ChannelData payload longer than 65535 bytes"
+    with pytest.raises(ValueError) as info:
+        turn.encode_channel_data(0x3FFF, b"")
+    assert str(info.value) == "channel number 0x3fff outside 0x4000..0x7fff"
+
+
+# ---- demultiplexing and the local socket ----------------------------------------------------------------------
+
+
+def test_owns_exactly_the_relay_server_addresses() -> None:
+    alloc = turn.Allocation([SERVER, SERVER_V6], "u", "p", rng=SeededRng(1), now=0.0)
+    assert alloc.owns(SERVER) and alloc.owns(SERVER_V6)
+    assert not alloc.owns(("198.51.100.7", 3479))
+    assert not alloc.owns(PEER)
+
+
+def test_channel_data_leaves_from_the_allocation_local_socket() -> None:
+    alloc, relay = _allocated(local=LOCAL)
+    alloc.bind_channel(PEER, 1.0)
+    _exchange(alloc, relay, 1.0)
+    assert _events(alloc) == [ChannelBound(PEER, 0x4000)]
+    assert alloc.encapsulate(PEER, b"hi", 1.0) == Transmit(dst=SERVER, payload=b"\x40\x00\x00\x02hi", src=LOCAL)
+
+
+# ---- REFRESH ----------------------------------------------------------------------------------------------------
+
+
+def test_refresh_sends_one_request_at_a_time() -> None:
+    alloc, _ = _allocated()
+    alloc.refresh(1.0)
+    alloc.refresh(1.5)
+    (refresh,) = _transmits(alloc)
+    assert stun.decode(refresh.payload).method == Method.REFRESH
+
+
+def test_refresh_of_an_allocation_we_do_not_hold_sends_nothing() -> None:
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "wrong", rng=SeededRng(7), now=0.0)
+    _exchange(alloc, relay, 0.0)
+    assert alloc.state is AllocationState.FAILED
+    alloc.refresh(1.0)
+    assert _transmits(alloc) == []
+
+
+# ---- credentials --------------------------------------------------------------------------------------------------
+
+
+def test_new_credentials_sign_every_later_request() -> None:
+    alloc, relay = _allocated()
+    alloc.update_credentials("u2", "p2", 10.0)
+    assert (alloc.username, alloc.password) == ("u2", "p2")
+    alloc.refresh(10.0)
+    (refresh,) = _transmits(alloc)
+    request = stun.decode(refresh.payload)
+    assert request.username() == "u2"
+    assert stun.check_integrity(refresh.payload, stun.long_term_key("u2", REALM, "p2"))
+    assert not stun.check_integrity(refresh.payload, relay.key())
+
+
+def test_credentials_updated_before_the_first_challenge_are_the_ones_used() -> None:
+    relay = Relay(username="u2", password="p2")
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    alloc.update_credentials("u2", "p2", 0.0)
+    _exchange(alloc, relay, 0.0)
+    assert alloc.state is AllocationState.ALLOCATED
+
+
+# ---- shutdown -----------------------------------------------------------------------------------------------------
+
+
+def test_shutdown_deletes_an_allocation_we_hold() -> None:
+    alloc, relay = _allocated()
+    alloc.shutdown(1.0)
+    assert alloc.state is AllocationState.DELETING
+    (delete,) = _transmits(alloc)
+    assert stun.decode(delete.payload).lifetime() == 0
+    alloc.handle_input(relay.answer(delete), SERVER, 1.0)
+    assert _events(alloc) == [AllocationDeleted(SERVER)]
+
+
+@pytest.mark.parametrize("password", ["wrong", None])
+def test_shutdown_without_an_allocation_finishes_at_once(password: str | None) -> None:
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", password or "p1", rng=SeededRng(7), now=0.0)
+    if password is not None:
+        _exchange(alloc, relay, 0.0)  # refused: the key is known, but there is nothing to delete
+        assert alloc.state is AllocationState.FAILED
+        _events(alloc)
+    _transmits(alloc)
+    alloc.shutdown(1.0)
+    assert alloc.state is AllocationState.DELETED
+    assert _events(alloc) == [AllocationDeleted(SERVER)]
+    assert _transmits(alloc) == []
+
+
+# ---- a relay reachable at two addresses ---------------------------------------------------------------------------
+
+
+def test_an_error_from_one_address_waits_for_the_other() -> None:
+    relay = Relay()
+    alloc = turn.Allocation([SERVER, SERVER_V6], "u1", "p1", rng=SeededRng(7), now=0.0)
+    v4, v6 = _transmits(alloc)
+    alloc.handle_input(relay.error(v6, ErrorCode.SERVER_ERROR, "Server Error"), SERVER_V6, 0.1)
+    assert _events(alloc) == []
+    assert alloc.state is AllocationState.ALLOCATING
+    alloc.handle_input(relay.answer(v4), SERVER, 0.2)
+    _exchange(alloc, relay, 0.2)
+    assert alloc.is_allocated
+    assert alloc.server == SERVER
+
+
+def test_a_relay_silent_at_every_address_fails() -> None:
+    alloc = turn.Allocation([SERVER, SERVER_V6], "u1", "p1", rng=SeededRng(7), now=0.0)
+    _run_until(alloc, 60.0)
+    assert _events(alloc) == [AllocationFailed(SERVER, "relay did not answer BINDING")]
+    assert alloc.state is AllocationState.FAILED
+
+
+# ---- failures are logged and reported with their code ---------------------------------------------------------------
+
+
+def test_failed_requests_are_logged_with_relay_kind_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 1.0)
+    (bind,) = _transmits(alloc)
+    alloc.handle_input(relay.error(bind, ErrorCode.FORBIDDEN, "Forbidden"), SERVER, 1.0)
+    assert _events(alloc) == [ChannelBindFailed(PEER, 0x4000, "403 Forbidden", 403)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): channel-bind failed: 403 Forbidden" in lines
+
+
+def test_a_stale_allocation_that_cannot_be_deleted_fails_with_the_error_code() -> None:
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    pending = _transmits(alloc)
+    while pending:
+        transmit = pending.pop(0)
+        request = stun.decode(transmit.payload)
+        if request.method == Method.ALLOCATE and request.nonce() is not None:
+            answer = relay.error(transmit, ErrorCode.ALLOCATION_MISMATCH, "Allocation Mismatch")
+        elif request.method == Method.REFRESH and request.nonce() is not None:
+            answer = relay.error(transmit, ErrorCode.SERVER_ERROR, "Server Error")
+        else:
+            answer = relay.answer(transmit)
+        alloc.handle_input(answer, SERVER, 0.0)
+        pending += _transmits(alloc)
+    assert _events(alloc)[-1] == AllocationFailed(
+        SERVER, "stale allocation could not be deleted: 500 Server Error", ErrorCode.SERVER_ERROR
+    )
+
+
+# ---- a failed channel refresh ---------------------------------------------------------------------------------------
+
+
+def test_a_failed_channel_refresh_keeps_the_binding_and_new_data_asks_again() -> None:
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 0.0)
+    _exchange(alloc, relay, 0.0)
+    assert _events(alloc) == [ChannelBound(PEER, 0x4000)]
+    assert alloc.handle_input(turn.encode_channel_data(0x4000, b"a"), SERVER, 10.0) == Decapsulated(PEER, b"a")
+    refreshes: list[float] = []
+    now = 0.0
+    while (deadline := alloc.poll_timeout()) is not None and deadline <= 590.0:
+        now = deadline
+        alloc.handle_timeout(now)
+        for transmit in _transmits(alloc):
+            request = stun.decode(transmit.payload)
+            if request.method == Method.CHANNEL_BIND:
+                refreshes.append(now)
+                alloc.handle_input(relay.error(transmit, ErrorCode.FORBIDDEN, "Forbidden"), SERVER, now)
+            else:
+                alloc.handle_input(relay.answer(transmit), SERVER, now)
+        if refreshes == [300.0]:
+            # Data after the failed refresh: the binding still carries it, and a refresh is wanted again.
+            assert alloc.handle_input(turn.encode_channel_data(0x4000, b"b"), SERVER, 310.0) == Decapsulated(PEER, b"b")
+            refreshes.append(-1.0)
+    assert refreshes[:2] == [300.0, -1.0]
+    assert len(refreshes) == 3 and 300.0 <= refreshes[2] < 600.0  # once more, not a storm
+    assert alloc.has_channel(PEER)
+    assert ChannelExpired(PEER, 0x4000) not in _events(alloc)

@@ -101,6 +101,9 @@ class Coturn:
     verbose: bool = False
     extra_args: tuple[str, ...] = ()
     start_timeout: float = 10.0
+    # coturn's relay threads (each with its own UDP listener socket, SO_REUSEPORT); one thread drops datagrams in its
+    # socket buffer once hundreds of clients allocate at once (docs/scenarios.md, Load).
+    relay_threads: int = 1
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
 
@@ -142,7 +145,7 @@ class Coturn:
             "--fingerprint",
             "--use-auth-secret",
             f"--static-auth-secret={self.secret}",
-            "--relay-threads=1",
+            f"--relay-threads={self.relay_threads}",
             f"--pidfile={self.workdir / 'turnserver.pid'}",
             f"--db={self.workdir / 'turndb'}",
             f"--log-file={self.log_path}",

@@ -68,6 +68,7 @@ GATEWAY_TUNNEL_IPS = ("100.64.0.10", "fd00:2021:1111::a")
 SITE_ID = "5a1e0000-0000-4000-8000-000000000001"
 GATEWAY_TOKEN = "lab-site-token"
 RELAY_SECRET = "lab-relay-secret"
+LAB_RELAY_THREADS = 2  # one per core of the lab machine: at 500+ clients a single relay thread drops datagrams
 MAX_CLIENTS = 2
 MAX_RELAYS = 2
 MAX_GATEWAYS = 2
@@ -634,6 +635,7 @@ class LabWorld:
                 netns=self.ns["wan"],
                 allow_loopback_peers=False,
                 relay_ports=(40000 + 1000 * index, 40999 + 1000 * index),
+                relay_threads=LAB_RELAY_THREADS,
             )
             self.coturns.append(relay)
             relay.start()

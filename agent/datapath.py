@@ -152,6 +152,11 @@ class DataPlane:
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
+    def tun_tx_frames(self) -> int:
+        """Frames written to the TUN device: this loop's direct writes plus any the device's writer threads made."""
+        direct = self._tun_writer.frames if self._tun_writer is not None else 0
+        return direct + (self.tun.stats().tx_frames if self.tun is not None else 0)
+
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()

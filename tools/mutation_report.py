@@ -92,6 +92,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/unit/test_mutation_killers.py",
         "tests/property/test_packet_property.py",
         "tests/property/test_packet_scapy.py",
+        "tests/unit/test_packet_mutation_killers.py",
         _FUZZ_PASS,
         _KILLERS,
     ],

@@ -77,7 +77,7 @@ class _Model(BaseModel):
 def _parse_host_port(value: str) -> Address:
     """``"1.2.3.4:3478"`` or ``"[2001:db8::1]:3478"`` → (ip, port); raises ValueError."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"not host:port: {value!r}")
     port = int(port_text)
     if not 0 < port < 65536:

@@ -102,6 +102,8 @@ def test_relay_ports_span_1_to_65535(addr: str, address: tuple[str, int]) -> Non
         ("192.0.2.1:+80", "not host:port: '192.0.2.1:+80'"),
         ("192.0.2.1: 80", "not host:port: '192.0.2.1: 80'"),
         ("192.0.2.1", "not host:port: '192.0.2.1'"),
+        # Unicode digits are digits to str.isdigit() and int(), but no portal writes a port that way.
+        ("192.0.2.1:\u0663\u0664\u0667\u0668", "not host:port: '192.0.2.1:\u0663\u0664\u0667\u0668'"),
     ],
 )
 def test_malformed_relay_addresses_are_refused_with_a_reason(addr: str, reason: str) -> None:

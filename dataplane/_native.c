@@ -1,5 +1,7 @@
 /*
- * dataplane._native: the per-packet hot path of the data plane in C (issue 10, first cut).
+ * dataplane._native: the per-packet hot path of the data plane in C (issue 10): WireGuard transport sealing/opening,
+ * Internet checksums, and the TUN packet transforms of dataplane/packet.py (TSO/USO split, write-side coalescing,
+ * flow hash).
  *
  * A pure function library: no sockets, threads or clocks. Each call takes a whole batch, takes references to its
  * input buffers and allocates its output objects while holding the GIL, then releases the GIL for all the

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from dataplane import stun, turn
 from dataplane.base import Address
@@ -123,3 +124,14 @@ def test_cached_candidates_follow_a_changed_relay_address() -> None:
     after = {c for c, _ in relay.candidates(include_relayed=True)}
     assert before != after
     assert any(c.address == moved for c in after)
+
+
+def test_the_static_key_is_loaded_once_not_per_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = build_world(PORT_RESTRICTED_CONE, relays=1)
+    node = world.gateway.node
+    loads = [0]
+    _counting(monkeypatch, loads, X25519PrivateKey, "from_private_bytes")
+    for i in range(20):
+        _upsert(node, i, world.net.now)
+    assert loads[0] == 0
+    assert all(node.connection(f"client-{i}") is not None for i in range(20))

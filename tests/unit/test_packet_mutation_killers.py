@@ -259,3 +259,19 @@ def test_short_or_optioned_ipv4_is_not_merged() -> None:
     v6_tcp_bad_len = bytearray(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(flags="A") / b"xy"))
     v6_tcp_bad_len[4:6] = b"\x00\x01"
     assert _unmerged([bytes(v6_tcp_bad_len)] * 2)
+
+
+def test_an_empty_udp_datagram_parses_but_never_merges() -> None:
+    empty = _v4_udp(b"")
+    assert parse_udp(empty, parse_ip(empty)).length == 8
+    first = bytes(IP(src="10.0.0.1", dst="10.0.0.2", id=1) / UDP(sport=1, dport=2))
+    second = bytes(IP(src="10.0.0.1", dst="10.0.0.2", id=2) / UDP(sport=1, dport=2))
+    assert _unmerged([first, second], udp=True)
+
+
+def test_flow_hash_takes_the_ports_when_just_they_are_there() -> None:
+    def ports_only(sport: int) -> bytes:
+        packet = bytes(IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01\x01\x01\x00") / UDP(sport=sport, dport=53))
+        return packet[:28]  # 24-byte IPv4 header + the two ports
+
+    assert flow_hash(ports_only(1000)) != flow_hash(ports_only(1001))

@@ -305,3 +305,59 @@ def test_a_failed_channel_refresh_keeps_the_binding_and_new_data_asks_again() ->
     assert len(refreshes) == 3 and 300.0 <= refreshes[2] < 600.0  # once more, not a storm
     assert alloc.has_channel(PEER)
     assert ChannelExpired(PEER, 0x4000) not in _events(alloc)
+
+
+# ---- RFC 8656 §11.6 Data indications ------------------------------------------------------------------------------
+
+
+def _data_indication(peer: Address | None, data: bytes | None) -> bytes:
+    message = StunMessage.indication(Method.DATA, bytes(range(12)))
+    if peer is not None:
+        message.add_xor_address(Attr.XOR_PEER_ADDRESS, peer)
+    if data is not None:
+        message.add_data(data)
+    return stun.encode(message)
+
+
+def test_a_data_indication_delivers_the_peer_data() -> None:
+    alloc, _ = _allocated()
+    assert alloc.handle_input(_data_indication(PEER, b"payload"), SERVER, 1.0) == Decapsulated(PEER, b"payload")
+    assert alloc.drops.total() == 0
+
+
+@pytest.mark.parametrize(("peer", "data"), [(None, b"x"), (PEER, None), (None, None)])
+def test_a_data_indication_without_peer_or_data_is_dropped(
+    caplog: pytest.LogCaptureFixture, peer: Address | None, data: bytes | None
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, _ = _allocated()
+    assert alloc.handle_input(_data_indication(peer, data), SERVER, 1.0) is True
+    assert alloc.drops[turn.DropReason.MALFORMED_RESPONSE] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    expected = "dropped (turn_malformed_response): Data indication without XOR-PEER-ADDRESS or DATA"
+    assert f"turn ('198.51.100.7', 3478): {expected}" in lines
+
+
+def test_a_data_indication_before_the_allocation_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    assert alloc.handle_input(_data_indication(PEER, b"x"), SERVER, 0.5) is True
+    assert alloc.drops[turn.DropReason.NOT_ALLOCATED] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): dropped (turn_not_allocated): Data indication" in lines
+
+
+def test_data_indications_keep_a_channel_refreshed() -> None:
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 0.0)
+    _exchange(alloc, relay, 0.0)
+    _events(alloc)
+    assert alloc.handle_input(_data_indication(PEER, b"x"), SERVER, 10.0) == Decapsulated(PEER, b"x")
+    binds = []
+    while (deadline := alloc.poll_timeout()) is not None and deadline <= 700.0:
+        alloc.handle_timeout(deadline)
+        binds += [
+            deadline for t in _exchange(alloc, relay, deadline) if stun.decode(t.payload).method == Method.CHANNEL_BIND
+        ]
+    assert binds == [300.0]
+    assert alloc.has_channel(PEER)

@@ -68,7 +68,11 @@ MODULE_TESTS: dict[str, list[str]] = {
     "dataplane/wireguard/device.py": [*_WG_TESTS, "tests/unit/test_mutation_killers.py"],
     "dataplane/ice/timing.py": [*_ICE_TESTS, _KILLERS],
     "dataplane/ice/candidate.py": [*_ICE_TESTS, "tests/unit/test_candidate_mutation_killers.py"],
-    "dataplane/ice/agent.py": [*_ICE_TESTS, "tests/unit/test_mutation_killers.py"],
+    "dataplane/ice/agent.py": [
+        *_ICE_TESTS,
+        "tests/unit/test_mutation_killers.py",
+        "tests/unit/test_ice_agent_mutation_killers.py",
+    ],
     "dataplane/stun.py": [
         "tests/unit/test_stun.py",
         "tests/unit/test_stun_transaction.py",

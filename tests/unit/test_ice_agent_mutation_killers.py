@@ -7,16 +7,30 @@ side's dead-path probing (docs/architecture.md, ICE), all with a fake clock thro
 from __future__ import annotations
 
 from dataplane import stun
+from dataplane.base import Transmit
 from dataplane.ice import (
     AgentDirectory,
     Candidate,
     IceAgent,
+    IceConnected,
+    IceDisconnected,
+    IceState,
+    PairState,
+    PeerReflexiveCandidateLearned,
+    RoleChanged,
+    SelectedPairChanged,
+    pair_priority,
 )
+from dataplane.ice.agent import PathsUnanswered
 from dataplane.io.rng import SeededRng
 from tests.unit.test_ice_agent import (
     A_HOST,
     B_HOST,
+    B_RELAY,
     Wire,
+    _direct_and_relay_setup,
+    _direct_and_relay_wired,
+    _send_data,
     host_setup,
     make_pair,
 )
@@ -103,3 +117,238 @@ def test_note_data_received_without_a_selected_pair_does_nothing() -> None:
     a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 1.0)
     a.add_remote_candidate(Candidate.host(B_HOST), 1.0)
     assert a.note_data_received(1.0) is False
+
+
+# ---- pair failure, consent loss and fallback ------------------------------------------------------------------
+
+
+def _relay_path(sender: str, t: Transmit) -> bool:
+    return B_RELAY in (t.src, t.dst)
+
+
+def _error_answer(wire: Wire, agent: IceAgent, dst: tuple[str, int]) -> bytes:
+    """Intercepts ``agent``'s next request to ``dst`` and builds the peer's 400 answer to it."""
+    captured: list[Transmit] = []
+
+    def capture(sender: str, t: Transmit) -> bool:
+        if t.dst == dst and stun.decode(t.payload).is_request and not captured:
+            captured.append(t)
+            return True
+        return False
+
+    wire.drop = capture
+    while not captured:
+        wire.run(wire.now + 0.5)
+    wire.drop = lambda sender, t: False
+    answer = stun.decode(captured[0].payload).error_response(400, "Bad Request")
+    return stun.encode(answer, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+
+
+def test_an_error_answer_on_the_only_pair_disconnects_and_the_pair_is_checked_again() -> None:
+    a, b, wire = host_setup()
+    wire.run(3.0)
+    answer = _error_answer(wire, a, B_HOST)
+    assert a.handle_stun(answer, B_HOST, A_HOST, wire.now)
+    (disconnected,) = [e for e in iter(a.poll_event, None) if isinstance(e, IceDisconnected)]
+    assert isinstance(disconnected.reason, str) and "error" in disconnected.reason
+    assert a.selected_pair is None and a.state is IceState.DISCONNECTED
+    (pair,) = a.pairs
+    assert pair.state is not PairState.FAILED and pair.nominated is False  # re-checked, nominated afresh
+    failed_at = wire.now
+    wire.run(failed_at + 3.0)
+    assert a.failed is False and a.selected_pair is not None
+    assert [t for t, _ in wire.kinds("a", IceConnected) if t >= failed_at]
+
+
+def test_an_error_answer_on_the_selected_pair_moves_to_the_other_working_pair() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    answer = _error_answer(wire, a, B_HOST)
+    assert a.handle_stun(answer, B_HOST, A_HOST, wire.now)
+    direct = next(p for p in a.pairs if p.remote.address == B_HOST)
+    assert direct.state is PairState.FAILED and direct.nominated is False
+    assert a.selected_pair is not None and a.selected_pair[1] == b_relay
+    assert not [e for e in iter(a.poll_event, None) if isinstance(e, IceDisconnected)]
+
+
+def test_a_pair_that_never_answers_fails_without_touching_the_selected_pair() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    wire.drop = _relay_path
+    wire.run(20.0)
+    relay = next(p for p in a.pairs if p.remote.address == B_RELAY)
+    assert relay.state is PairState.FAILED and relay.nominated is False
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    changes = [(e.local, e.remote) for _, e in wire.kinds("a", SelectedPairChanged)]
+    assert changes == [(Candidate.host(A_HOST), b_host)]  # selected once, never re-announced
+
+
+def test_consent_lost_on_a_non_selected_pair_fails_it_alone() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    wire.drop = _relay_path
+    wire.run(wire.now + 40.0)
+    relay_a = next(p for p in a.pairs if p.remote.address == B_RELAY)
+    relay_b = next(p for p in b.pairs if p.local.address == B_RELAY)
+    assert relay_a.state is PairState.FAILED and relay_a.nominated is False
+    assert relay_b.state is PairState.FAILED and relay_b.remote_nominated is False
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    assert b.selected_pair is not None and b.selected_pair[0] == b_host
+    assert not wire.kinds("a", IceDisconnected) and not wire.kinds("b", IceDisconnected)
+
+
+def test_after_a_disconnect_failed_pairs_are_checked_again() -> None:
+    """RFC 7675 consent runs out on the selected pair: every pair, also one that failed before, is re-checked."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    wire.drop = _relay_path
+    wire.run(25.0)
+    assert next(p for p in a.pairs if p.remote.address == B_RELAY).state is PairState.FAILED
+    assert not _requests_to(wire, "a", B_RELAY, 20.0)
+    wire.drop = lambda sender, t: True
+    wire.run(60.0)
+    (disconnected_at, _) = wire.kinds("a", IceDisconnected)[0]
+    assert _requests_to(wire, "a", B_RELAY, disconnected_at)
+
+
+# ---- triggered checks (RFC 8445 §7.3.1.4) ------------------------------------------------------------------------
+
+
+def _check_to_b(transaction_id: bytes) -> bytes:
+    request = stun.StunMessage.request(stun.Method.BINDING, transaction_id)
+    request.add_username("bufr:aufr").add_priority(12345).add_ice_controlling(5)
+    return stun.encode(request, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+
+
+def _next_check(agent: IceAgent) -> Transmit:
+    timeout = agent.poll_timeout()
+    assert timeout is not None
+    agent.handle_timeout(timeout[0])
+    transmits = [t for t in iter(agent.poll_transmit, None) if stun.decode(t.payload).is_request]
+    assert transmits
+    return transmits[0]
+
+
+def test_a_check_received_on_a_waiting_pair_is_answered_by_a_triggered_check_first() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    assert b.handle_stun(_check_to_b(b"\x02" * 12), A_HOST, B_RELAY, 0.0)
+    check = _next_check(b)
+    assert (check.src, check.dst) == (B_RELAY, A_HOST)  # before the higher-priority host pair
+
+
+def test_a_check_received_on_a_failed_pair_makes_it_waiting_and_triggers_a_check() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    wire.drop = _relay_path
+    wire.run(25.0)
+    relay = next(p for p in a.pairs if p.remote.address == B_RELAY)
+    assert relay.state is PairState.FAILED
+    request = stun.StunMessage.request(stun.Method.BINDING, b"\x03" * 12)
+    request.add_username("aufr:bufr").add_priority(12345).add_ice_controlled(5)
+    check_to_a = stun.encode(request, integrity_key=stun.short_term_key("a-password-0123456789a"), fingerprint=True)
+    assert a.handle_stun(check_to_a, B_RELAY, A_HOST, wire.now)
+    assert next(p for p in a.pairs if p.remote.address == B_RELAY).state.value == "waiting"
+    check = _next_check(a)
+    assert (check.src, check.dst) == (A_HOST, B_RELAY)
+    assert next(p for p in a.pairs if p.remote.address == B_RELAY).state.value == "in-progress"
+
+
+# ---- role conflicts --------------------------------------------------------------------------------------------
+
+
+def test_after_a_role_switch_pair_priorities_follow_the_new_role() -> None:
+    a, b, wire = host_setup(b_controlling=True)
+    wire.run(3.0)
+    for name, agent in (("a", a), ("b", b)):
+        for _, event in wire.kinds(name, RoleChanged):
+            assert event.controlling is agent.controlling
+    assert [e for _, e in wire.kinds("a", RoleChanged)] + [e for _, e in wire.kinds("b", RoleChanged)]
+    assert a.controlling != b.controlling
+    for agent in (a, b):
+        for pair in agent.pairs:
+            local, remote = pair.local.priority, pair.remote.priority
+            expected = pair_priority(local, remote) if agent.controlling else pair_priority(remote, local)
+            assert pair.priority == expected
+
+
+# ---- candidates ------------------------------------------------------------------------------------------------
+
+
+def test_a_signalled_candidate_replaces_the_peer_reflexive_one_only_in_its_own_pairs() -> None:
+    _, b, _ = host_setup()
+    unknown = ("10.0.0.9", 9000)
+    assert b.handle_stun(_check_to_b(b"\x04" * 12), unknown, B_HOST, 0.0)
+    learned = [e for e in iter(b.poll_event, None) if isinstance(e, PeerReflexiveCandidateLearned)]
+    assert learned and learned[0].candidate.address == unknown
+    signalled = Candidate.host(unknown)
+    b.add_remote_candidate(signalled, 0.1)
+    by_remote = {p.remote.address: p for p in b.pairs}
+    assert by_remote[unknown].remote == signalled
+    assert by_remote[unknown].priority == pair_priority(signalled.priority, by_remote[unknown].local.priority)
+    assert by_remote[A_HOST].remote == Candidate.host(A_HOST)
+
+
+def test_invalidating_a_candidate_forgets_only_what_was_derived_from_it() -> None:
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    srflx = Candidate.server_reflexive(("203.0.113.9", 5000), ("10.0.0.2", 2000))
+    first, second = Candidate.host(("10.0.0.2", 2000)), Candidate.host(("10.0.0.3", 7000))
+    for candidate in (first, srflx, second):
+        a.add_remote_candidate(candidate, 0.0)
+    remotes = {c.address for c in a.remote_candidates}
+    assert {("203.0.113.9", 2000), ("203.0.113.9", 7000)} <= remotes  # optimistic: srflx IP × host port
+    a.invalidate_remote_candidate(Candidate.host(("10.9.9.9", 1)), 0.1)  # unknown: nothing happens
+    assert {c.address for c in a.remote_candidates} == remotes
+    a.invalidate_remote_candidate(second, 0.2)
+    assert {c.address for c in a.remote_candidates} == remotes - {second.address, ("203.0.113.9", 7000)}
+    assert {p.remote.address for p in a.pairs} == remotes - {second.address, ("203.0.113.9", 7000)}
+    a.add_remote_candidate(second, 0.3)  # signalled again: its optimistic candidate comes back
+    assert {c.address for c in a.remote_candidates} == remotes
+
+
+def test_removing_a_local_base_forgets_its_reflexive_candidates_only() -> None:
+    a, _ = make_pair()
+    other: tuple[str, int] = ("10.0.1.1", 1001)
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_local_candidate(Candidate.host(other), other, 0.0)
+    a.add_local_candidate(Candidate.server_reflexive(("203.0.113.5", 1), A_HOST), A_HOST, 0.0)
+    a.add_local_candidate(Candidate.server_reflexive(("203.0.113.5", 2), other), other, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    a.remove_local_candidate(Candidate.host(("10.9.9.9", 1)), 0.1)  # unknown: nothing happens
+    assert len(a.local_candidates) == 4
+    a.remove_local_candidate(Candidate.host(A_HOST), 0.2)
+    assert {c.address for c in a.local_candidates} == {other, ("203.0.113.5", 2)}
+    assert [(p.local.address, p.remote.address) for p in a.pairs] == [(other, B_HOST)]
+
+
+# ---- dead-path probing (controlling side) ------------------------------------------------------------------------
+
+
+def test_probe_rounds_back_off_while_nothing_answers() -> None:
+    a, b, wire, b_host, _ = _direct_and_relay_setup()
+    wire.drop = lambda sender, t: True
+    _send_data(wire, a, wire.now + 25.0)
+    times = [t for t, _ in wire.kinds("a", PathsUnanswered)]
+    gaps = [round(later - earlier, 1) for earlier, later in zip(times, times[1:], strict=False)]
+    # A round is given up after probe_timeout (1 s); the next waits suspect_after (1 s) doubled each round, at most
+    # one consent interval (5 s).
+    assert gaps[:5] == [2.0, 3.0, 5.0, 6.0, 6.0]
+
+
+def test_data_heard_on_an_unanswering_selected_pair_makes_it_responsive_again() -> None:
+    a, b, wire, b_host, _ = _direct_and_relay_setup()
+    wire.drop = lambda sender, t: True
+    _send_data(wire, a, wire.now + 3.0)
+    assert wire.kinds("a", PathsUnanswered)
+    selected = next(p for p in a.pairs if p.remote.address == B_HOST)
+    assert selected.unresponsive
+    assert a.note_data_received(wire.now) is True
+    assert not selected.unresponsive
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    timeout = a.poll_timeout()
+    assert timeout is not None and timeout[1] != "path probe"  # the silence clock stopped
+
+
+def test_probes_go_only_to_pairs_that_succeeded() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    wire.drop = _relay_path
+    wire.run(25.0)  # the relay pair's checks gave up at about 17 s
+    wire.drop = lambda sender, t: True
+    _send_data(wire, a, 40.0)
+    assert wire.kinds("a", PathsUnanswered)
+    assert not _requests_to(wire, "a", B_RELAY, 20.0)  # the relay pair failed: not probed

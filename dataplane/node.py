@@ -83,6 +83,8 @@ class DropReason(enum.Enum):
     EMPTY = "empty"
     UNKNOWN_RELAY_TRAFFIC = "unknown_relay_traffic"
     STUN_NO_CONNECTION = "stun_no_connection"
+    # An answer to a check this node sent and stopped waiting for: a retransmitted check answered twice, or late.
+    STUN_LATE_RESPONSE = "stun_late_response"
     WIREGUARD_NO_CONNECTION = "wireguard_no_connection"
     WIREGUARD_REJECTED = "wireguard_rejected"
     UNRECOGNISED = "unrecognised"
@@ -827,6 +829,9 @@ class Node:
             conn = None if agent is None else self._by_agent.get(agent)
         if conn is not None and conn.agent.handle_stun(data, src, local, now):
             self._pump_connection(conn, now)
+            return
+        if message_class != stun.MessageClass.REQUEST and conn is None and self._agents.recently_finished(data[8:20]):
+            self.drops.drop(DropReason.STUN_LATE_RESPONSE)
             return
         self.drops.drop(DropReason.STUN_NO_CONNECTION)
 

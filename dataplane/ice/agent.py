@@ -221,6 +221,11 @@ def _same_family(a: Address, b: Address) -> bool:
     return is_ipv4(a) == is_ipv4(b)
 
 
+# Finished transaction ids a node remembers to tell a late duplicate answer from foreign STUN (a few seconds' worth of
+# checks at 1,000 connections).
+FINISHED_TRANSACTIONS_KEPT = 4096
+
+
 # ---- the directory shared by a node's agents ---------------------------------------------------------------------
 
 
@@ -232,14 +237,22 @@ class AgentDirectory:
     pairs, so each lookup is one dict access.
     """
 
-    __slots__ = ("_pairs", "_transactions")
+    __slots__ = ("_finished", "_pairs", "_transactions")
 
     def __init__(self) -> None:
         self._transactions: dict[bytes, IceAgent] = {}
         self._pairs: dict[tuple[Address, Address], list[IceAgent]] = {}
+        # Transactions no agent waits for any more (answered, given up, pair gone), newest last: a retransmitted
+        # check can be answered twice, and the second answer is then expected, not foreign traffic.
+        self._finished: dict[bytes, None] = {}
 
     def agent_for_transaction(self, transaction_id: bytes) -> IceAgent | None:
         return self._transactions.get(transaction_id)
+
+    def recently_finished(self, transaction_id: bytes) -> bool:
+        """Whether an agent of this node sent ``transaction_id`` and stopped waiting for it (one of the last
+        ``FINISHED_TRANSACTIONS_KEPT``)."""
+        return transaction_id in self._finished
 
     def agents_with_pair(self, local: Address, remote: Address) -> list[IceAgent]:
         """The agents whose check list holds ``local`` → ``remote`` (usually zero or one); do not modify."""
@@ -255,6 +268,10 @@ class AgentDirectory:
     def _remove_transaction(self, transaction_id: bytes, agent: IceAgent) -> None:
         if self._transactions.get(transaction_id) is agent:
             del self._transactions[transaction_id]
+            finished = self._finished
+            finished[transaction_id] = None
+            if len(finished) > FINISHED_TRANSACTIONS_KEPT:
+                del finished[next(iter(finished))]
 
     def _add_pair(self, key: tuple[Address, Address], agent: IceAgent) -> None:
         agents = self._pairs.get(key)

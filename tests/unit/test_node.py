@@ -384,3 +384,35 @@ def test_relays_from_the_portal_are_bounded() -> None:
     configs = [RelayConfig(f"r{index}", ((f"198.51.100.{index + 1}", 3478),), "u", "p") for index in range(100)]
     node.update_relays([], configs, 0.0)
     assert len(node.relay_ids) == MAX_RELAYS
+
+
+def test_a_second_answer_to_a_finished_check_is_counted_as_late_not_as_foreign_stun() -> None:
+    world, node = _measured_world()
+    now = world.net.now
+    assert _upsert(node, now=now)
+    _events(node)
+    while node.poll_transmit() is not None:
+        pass
+    client = ("192.0.2.77", 40000)
+    node.add_remote_candidate("client-1", Candidate.host(client), now)
+    check = None
+    for step in range(1, 40):
+        node.handle_timeout(now + step * 0.05)
+        while (transmit := node.poll_transmit()) is not None:
+            if transmit.dst == client and stun.is_stun(transmit.payload):
+                check = transmit
+        if check is not None:
+            break
+    assert check is not None and check.src is not None
+    response = stun.decode(check.payload).success_response()
+    response.add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, check.src)
+    answer = stun.encode(response, integrity_key=stun.short_term_key(CLIENT_CREDS.password))
+    later = now + 2.0
+    node.handle_input(answer, client, check.src, later)
+    assert node.drops[DropReason.STUN_LATE_RESPONSE] == 0 and node.drops[DropReason.STUN_NO_CONNECTION] == 0
+    node.handle_input(answer, client, check.src, later + 0.01)  # the same answer again (a retransmitted check's)
+    assert node.drops[DropReason.STUN_LATE_RESPONSE] == 1
+    assert node.drops[DropReason.STUN_NO_CONNECTION] == 0
+    unknown = stun.StunMessage.request(stun.Method.BINDING, os.urandom(12)).success_response()
+    node.handle_input(stun.encode(unknown), client, check.src, later + 0.02)
+    assert node.drops[DropReason.STUN_NO_CONNECTION] == 1  # an answer to nothing we ever sent stays foreign

@@ -6,6 +6,8 @@ side's dead-path probing (docs/architecture.md, ICE), all with a fake clock thro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataplane import stun
 from dataplane.base import Transmit
 from dataplane.ice import (
@@ -126,7 +128,9 @@ def _relay_path(sender: str, t: Transmit) -> bool:
     return B_RELAY in (t.src, t.dst)
 
 
-def _error_answer(wire: Wire, agent: IceAgent, dst: tuple[str, int]) -> bytes:
+def _error_answer(
+    wire: Wire, agent: IceAgent, dst: tuple[str, int], also_drop: Callable[[str, Transmit], bool] = lambda s, t: False
+) -> bytes:
     """Intercepts ``agent``'s next request to ``dst`` and builds the peer's 400 answer to it."""
     captured: list[Transmit] = []
 
@@ -134,12 +138,12 @@ def _error_answer(wire: Wire, agent: IceAgent, dst: tuple[str, int]) -> bytes:
         if t.dst == dst and stun.decode(t.payload).is_request and not captured:
             captured.append(t)
             return True
-        return False
+        return also_drop(sender, t)
 
     wire.drop = capture
     while not captured:
         wire.run(wire.now + 0.5)
-    wire.drop = lambda sender, t: False
+    wire.drop = also_drop
     answer = stun.decode(captured[0].payload).error_response(400, "Bad Request")
     return stun.encode(answer, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
 
@@ -168,6 +172,36 @@ def test_an_error_answer_on_the_selected_pair_moves_to_the_other_working_pair() 
     assert direct.state is PairState.FAILED and direct.nominated is False
     assert a.selected_pair is not None and a.selected_pair[1] == b_relay
     assert not [e for e in iter(a.poll_event, None) if isinstance(e, IceDisconnected)]
+
+
+def test_losing_the_selected_pair_falls_back_to_a_pair_that_answers_probes() -> None:
+    """No nominated pair is left (a probe round voided them) when the selected pair fails: the fallback is a working
+    pair that answered its probe, not one that stayed silent."""
+    relay2: tuple[str, int] = ("198.51.100.2", 3001)
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    wire.own("b", relay2)
+    b_relay2 = Candidate.relayed(relay2, B_HOST)
+    b.add_local_candidate(b_relay2, B_HOST, 0.0)
+    a.add_remote_candidate(b_relay2, 0.0)
+    wire.run(20.0)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host
+    assert all(p.state is PairState.SUCCEEDED for p in a.pairs)
+
+    def silent_paths_and_nominations(sender: str, t: Transmit) -> bool:
+        if B_HOST in (t.src, t.dst) or B_RELAY in (t.src, t.dst):
+            return True
+        message = stun.decode(t.payload)
+        return message.is_request and message.use_candidate()
+
+    wire.drop = silent_paths_and_nominations
+    _send_data(wire, a, 23.0)
+    by_remote = {p.remote.address: p for p in a.pairs}
+    assert by_remote[B_HOST].unresponsive and by_remote[B_RELAY].unresponsive
+    assert not by_remote[relay2].unresponsive
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host  # its replacement's nomination was lost
+    answer = _error_answer(wire, a, B_HOST, also_drop=silent_paths_and_nominations)
+    assert a.handle_stun(answer, B_HOST, A_HOST, wire.now)
+    assert a.selected_pair is not None and a.selected_pair[1] == b_relay2
 
 
 def test_a_pair_that_never_answers_fails_without_touching_the_selected_pair() -> None:
@@ -313,6 +347,9 @@ def test_removing_a_local_base_forgets_its_reflexive_candidates_only() -> None:
     assert len(a.local_candidates) == 4
     a.remove_local_candidate(Candidate.host(A_HOST), 0.2)
     assert {c.address for c in a.local_candidates} == {other, ("203.0.113.5", 2)}
+    assert [(p.local.address, p.remote.address) for p in a.pairs] == [(other, B_HOST)]
+    a.remove_local_candidate(Candidate.server_reflexive(("203.0.113.5", 2), other), 0.3)  # announced only: no pairs
+    assert {c.address for c in a.local_candidates} == {other}
     assert [(p.local.address, p.remote.address) for p in a.pairs] == [(other, B_HOST)]
 
 

@@ -13,6 +13,7 @@ from dataplane.base import Transmit
 from dataplane.ice import (
     AgentDirectory,
     Candidate,
+    DropReason,
     IceAgent,
     IceConnected,
     IceDisconnected,
@@ -389,3 +390,53 @@ def test_probes_go_only_to_pairs_that_succeeded() -> None:
     _send_data(wire, a, 40.0)
     assert wire.kinds("a", PathsUnanswered)
     assert not _requests_to(wire, "a", B_RELAY, 20.0)  # the relay pair failed: not probed
+
+
+# ---- answers to requests (RFC 8445 §7.3, RFC 8489) ---------------------------------------------------------------
+
+
+def _answers(agent: IceAgent) -> list[Transmit]:
+    return [t for t in iter(agent.poll_transmit, None) if not stun.decode(t.payload).is_request]
+
+
+def test_a_check_without_priority_is_answered_400_from_where_it_arrived() -> None:
+    _, b, _ = host_setup()
+    request = stun.StunMessage.request(stun.Method.BINDING, b"\x05" * 12)
+    request.add_username("bufr:aufr").add_ice_controlling(5)
+    assert b.handle_stun(stun.encode(request, integrity_key=stun.short_term_key(B_PASSWORD)), A_HOST, B_HOST, 0.0)
+    (answer,) = _answers(b)
+    assert (answer.src, answer.dst) == (B_HOST, A_HOST)
+    assert stun.has_fingerprint(answer.payload)
+    assert stun.check_integrity(answer.payload, stun.short_term_key(B_PASSWORD))
+    decoded = stun.decode(answer.payload)
+    assert decoded.transaction_id == b"\x05" * 12
+    assert decoded.error_code() == (400, "Bad Request")
+    assert b.drops[DropReason.MISSING_PRIORITY] == 1
+
+
+def test_answers_go_back_to_the_source_from_the_receiving_address_with_a_fingerprint() -> None:
+    _, b, _ = host_setup()
+    assert b.handle_stun(_check_to_b(b"\x06" * 12), A_HOST, B_HOST, 0.0)
+    (success,) = _answers(b)
+    assert (success.src, success.dst) == (B_HOST, A_HOST) and stun.has_fingerprint(success.payload)
+    request = stun.StunMessage.request(stun.Method.BINDING, b"\x08" * 12)
+    request.add_username("bufr:aufr").add_priority(1).add_ice_controlling(5).add(0x7777, b"abcd")
+    assert b.handle_stun(stun.encode(request, integrity_key=stun.short_term_key(B_PASSWORD)), A_HOST, B_HOST, 0.0)
+    (rejection,) = _answers(b)
+    assert (rejection.src, rejection.dst) == (B_HOST, A_HOST) and stun.has_fingerprint(rejection.payload)
+
+
+def test_a_learned_local_candidate_takes_the_priority_its_checks_announced() -> None:
+    """RFC 8445 §7.2.5.3.1: a peer-reflexive candidate learned from a response gets the PRIORITY of the request."""
+    a, b = make_pair()
+    wire = Wire(a, b)
+    wire.own("a", A_HOST)
+    wire.own("b", B_HOST)
+    wire.nat[A_HOST] = ("203.0.113.5", 40000)
+    a.add_local_candidate(Candidate.host(A_HOST, local_preference=100), A_HOST, 0.0)
+    b.add_local_candidate(Candidate.host(B_HOST), B_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    wire.run(2.0)
+    announced = {stun.decode(t.payload).priority() for _, t in wire.sent["a"] if stun.decode(t.payload).is_request}
+    (learned,) = [e.candidate for _, e in wire.kinds("a", PeerReflexiveCandidateLearned)]
+    assert announced == {learned.priority}

@@ -440,3 +440,72 @@ def test_a_learned_local_candidate_takes_the_priority_its_checks_announced() -> 
     announced = {stun.decode(t.payload).priority() for _, t in wire.sent["a"] if stun.decode(t.payload).is_request}
     (learned,) = [e.candidate for _, e in wire.kinds("a", PeerReflexiveCandidateLearned)]
     assert announced == {learned.priority}
+
+
+def test_ice_connected_names_the_selected_pair() -> None:
+    a, b, wire = host_setup()
+    wire.run(3.0)
+    (_, connected) = wire.kinds("a", IceConnected)[0]
+    assert (connected.local, connected.remote) == a.selected_pair
+    assert (connected.local.address, connected.remote.address) == (A_HOST, B_HOST)
+
+
+def test_a_check_on_an_address_that_is_not_a_base_is_answered_but_pairs_nothing() -> None:
+    _, b, _ = host_setup()
+    b_public = ("203.0.113.20", 2000)
+    assert b.handle_stun(_check_to_b(b"\x09" * 12), ("10.0.0.7", 7), b_public, 0.0)
+    (answer,) = _answers(b)
+    assert (answer.src, answer.dst) == (b_public, ("10.0.0.7", 7))
+    assert stun.decode(answer.payload).message_class == stun.MessageClass.SUCCESS
+    assert [p.remote.address for p in b.pairs] == [A_HOST]
+    assert [c.address for c in b.remote_candidates] == [A_HOST]
+
+
+def test_a_response_to_someone_elses_transaction_is_not_consumed() -> None:
+    a, b, wire = host_setup()
+    response = stun.StunMessage.request(stun.Method.BINDING, b"\x0a" * 12).success_response()
+    assert not a.handle_stun(stun.encode(response), B_HOST, A_HOST, 0.0)
+
+
+def test_peer_reflexive_candidates_from_one_ip_share_a_foundation() -> None:
+    """RFC 8445 §5.1.1.3: same type, same IP -> same foundation; component 1, UDP."""
+    _, b, _ = host_setup()
+    for port, transaction in ((7000, b"\x0b"), (7001, b"\x0c")):
+        assert b.handle_stun(_check_to_b(transaction * 12), ("10.0.0.7", port), B_HOST, 0.0)
+    learned = [e.candidate for e in iter(b.poll_event, None) if isinstance(e, PeerReflexiveCandidateLearned)]
+    assert len(learned) == 2
+    assert learned[0].foundation == learned[1].foundation and learned[0].foundation
+    assert all(c.component == 1 and c.transport == "udp" and c.priority == 12345 for c in learned)
+    other = Candidate.host(("10.0.0.8", 7000))
+    assert b.handle_stun(_check_to_b(b"\x0d" * 12), other.address, B_HOST, 0.0)
+    (third,) = [e.candidate for e in iter(b.poll_event, None) if isinstance(e, PeerReflexiveCandidateLearned)]
+    assert third.foundation != learned[0].foundation
+
+
+def _role_request(transaction: bytes, *, controlling: int | None = None, controlled: int | None = None) -> bytes:
+    request = stun.StunMessage.request(stun.Method.BINDING, transaction)
+    request.add_username("bufr:aufr").add_priority(12345)
+    if controlling is not None:
+        request.add_ice_controlling(controlling)
+    if controlled is not None:
+        request.add_ice_controlled(controlled)
+    return stun.encode(request, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+
+
+def test_role_conflicts_follow_the_tie_breakers() -> None:
+    """RFC 8445 §7.3.1.1: the larger tie-breaker controls; the agent that keeps its role answers 487."""
+    for b_controlling in (False, True):
+        _, b, _ = host_setup(b_controlling=b_controlling)
+        lower, higher = b.tie_breaker - 1, b.tie_breaker + 1
+        same_role = {"controlling": higher} if b_controlling else {"controlled": lower}
+        assert b.handle_stun(_role_request(b"\x0e" * 12, **same_role), A_HOST, B_HOST, 0.0)
+        (answer,) = _answers(b)
+        assert stun.decode(answer.payload).message_class == stun.MessageClass.SUCCESS
+        assert b.controlling is not b_controlling  # the peer won: b switched
+        assert [e for e in iter(b.poll_event, None) if isinstance(e, RoleChanged)] == [RoleChanged(not b_controlling)]
+        # Now the peer claims b's new role with a tie-breaker that loses: b keeps it and answers 487.
+        losing = {"controlling": b.tie_breaker - 1} if b.controlling else {"controlled": b.tie_breaker + 1}
+        assert b.handle_stun(_role_request(b"\x0f" * 12, **losing), A_HOST, B_HOST, 0.0)
+        (answer,) = _answers(b)
+        assert stun.decode(answer.payload).error_code() == (487, "Role Conflict")
+        assert b.controlling is not b_controlling

@@ -16,7 +16,7 @@ import socket
 from collections.abc import AsyncIterator
 
 from dataplane.io.netlink import run_in_netns
-from lab.netns import run, unique_suffix
+from lab.netns import remove_stale_tun_locks, run, unique_suffix
 
 _CHUNK = 65536
 
@@ -78,6 +78,7 @@ class IsolatedNetns:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+        remove_stale_tun_locks(self.name)
         run(["ip", "netns", "del", self.name], check=False)
 
     def exec_argv(self, argv: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ namespaces: none of them gets a route to the outside world.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import signal
@@ -15,6 +16,8 @@ import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from dataplane.io.tun import LOCK_DIR
 
 # Namespaces created by this process and not yet deleted: the test fixtures check this, not the machine-wide list, so
 # that concurrent runs on one machine never blame each other.
@@ -72,6 +75,32 @@ class Netns:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         self.processes.clear()
+
+
+def remove_stale_tun_locks(namespace: str) -> None:
+    """Removes the TUN lock files (``dataplane.io.tun.LOCK_DIR``) of a namespace about to be deleted that no process holds
+    any more: a gateway or daemon killed with SIGKILL cannot remove its own, and the namespace's inode may be reused."""
+    try:
+        inode = os.stat(f"/run/netns/{namespace}").st_ino
+        names = os.listdir(LOCK_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(f"tun-{inode}-") and name.endswith(".lock")):
+            continue
+        path = os.path.join(LOCK_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live process: leave it alone
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class Topology:
@@ -136,6 +165,7 @@ class Topology:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
+            remove_stale_tun_locks(ns.name)
             run(["ip", "netns", "del", ns.name], check=False)
             _live_namespaces.discard(ns.name)
         self.namespaces.clear()

@@ -36,7 +36,7 @@ import ipaddress
 import logging
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dataplane.base import DropCounter
@@ -272,10 +272,25 @@ def _flow_table(
     return None
 
 
-def _remember(table: dict[bytes, Decision], key: bytes, decision: Decision) -> None:
-    if len(table) >= FLOW_TABLE_SIZE:
-        del table[next(iter(table))]  # the oldest flow
-    table[key] = decision
+def _through_flow_table(
+    packet: bytes | bytearray | memoryview,
+    tables: tuple[dict[bytes, Decision], dict[bytes, Decision]],
+    decide: Callable[[bytes | bytearray | memoryview], Decision],
+) -> Decision:
+    """``decide(packet)``, answered from the flow table when the packet's flow was allowed before; allowed decisions
+    are remembered (the oldest flow goes when the table is full)."""
+    table = _flow_table(packet, tables)
+    if table is None:
+        return decide(packet)
+    key = bytes(packet[12:24])
+    decision = table.get(key)
+    if decision is None:
+        decision = decide(packet)
+        if decision.allowed:
+            if len(table) >= FLOW_TABLE_SIZE:
+                del table[next(iter(table))]
+            table[key] = decision
+    return decision
 
 
 # --- filters and routes -----------------------------------------------------------------------------------------------
@@ -580,16 +595,7 @@ class ClientPolicy:
         answering with ``icmp_reply``."""
         if not self._valid_from <= wall_now < self._valid_until:
             self._rebuild(wall_now)
-        table = _flow_table(packet, self._flows_from)
-        if table is None:
-            return self._decide_from_client(packet)
-        key = bytes(packet[12:24])
-        decision = table.get(key)
-        if decision is None:
-            decision = self._decide_from_client(packet)
-            if decision.allowed:
-                _remember(table, key, decision)
-        return decision
+        return _through_flow_table(packet, self._flows_from, self._decide_from_client)
 
     def _decide_from_client(self, packet: bytes | bytearray | memoryview) -> Decision:
         """:meth:`from_client` without the flow table (the reference the flow table must agree with)."""
@@ -634,16 +640,7 @@ class ClientPolicy:
         """Decides on a packet read from the TUN for this client: encrypt it to the client (allowed) or drop it."""
         if not self._valid_from <= wall_now < self._valid_until:
             self._rebuild(wall_now)
-        table = _flow_table(packet, self._flows_to)
-        if table is None:
-            return self._decide_to_client(packet)
-        key = bytes(packet[12:24])
-        decision = table.get(key)
-        if decision is None:
-            decision = self._decide_to_client(packet)
-            if decision.allowed:
-                _remember(table, key, decision)
-        return decision
+        return _through_flow_table(packet, self._flows_to, self._decide_to_client)
 
     def _decide_to_client(self, packet: bytes | bytearray | memoryview) -> Decision:
         """:meth:`to_client` without the flow table (the reference the flow table must agree with)."""

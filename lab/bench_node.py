@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from dataplane import stun
-from dataplane.base import Address
+from dataplane.base import Address, Transmit
 from dataplane.ice.candidate import Candidate
 from dataplane.io.rng import SeededRng
 from dataplane.node import IceCredentials, Node, NodeRole, RelayConfig
@@ -33,27 +33,34 @@ LOCAL: Address = ("10.0.0.1", 52625)
 STRANGER: Address = ("192.0.2.1", 9999)
 
 
-def _key(name: str) -> bytes:
+def bench_key(name: str) -> bytes:
+    """A clamped X25519 private key derived from ``name`` (benchmarks are reproducible)."""
     key = bytearray(hashlib.sha256(name.encode()).digest())
     key[0] &= 248
     key[31] = (key[31] & 127) | 64
     return bytes(key)
 
 
+def relay_binding_answer(transmit: Transmit) -> bytes | None:
+    """The relay's answer to a BINDING request sent to :data:`RELAY`, else None: plays the relay just enough for the
+    Node to measure an RTT (a connection needs a measured relay)."""
+    if transmit.dst != RELAY or not stun.is_stun(transmit.payload):
+        return None
+    request = stun.decode(transmit.payload)
+    if request.method != stun.Method.BINDING or not request.is_request:
+        return None
+    response = request.success_response().add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, ("203.0.113.1", 40000))
+    return stun.encode(response, fingerprint=True)
+
+
 def _answer_relay_bindings(node: Node, now: float) -> None:
-    """Plays the relay just enough for the Node to measure an RTT (a connection needs a measured relay)."""
     while (transmit := node.poll_transmit()) is not None:
-        if transmit.dst != RELAY or not stun.is_stun(transmit.payload):
-            continue
-        request = stun.decode(transmit.payload)
-        if request.method != stun.Method.BINDING or not request.is_request:
-            continue
-        response = request.success_response().add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, ("203.0.113.1", 40000))
-        node.handle_input(stun.encode(response, fingerprint=True), RELAY, LOCAL, now)
+        if (answer := relay_binding_answer(transmit)) is not None:
+            node.handle_input(answer, RELAY, LOCAL, now)
 
 
 def build_gateway(connections: int, pairs: int) -> Node:
-    node = Node(NodeRole.GATEWAY, _key("bench-gateway"), rng=SeededRng(1), wall_clock=lambda: 1_800_000_000.0)
+    node = Node(NodeRole.GATEWAY, bench_key("bench-gateway"), rng=SeededRng(1), wall_clock=lambda: 1_800_000_000.0)
     node.update_relays([], [RelayConfig("relay", (RELAY,), "user", "pass")], 0.0)
     _answer_relay_bindings(node, 0.01)
     if node.relay_rtt("relay") is None:
@@ -62,7 +69,7 @@ def build_gateway(connections: int, pairs: int) -> Node:
         connection_id = f"client-{index}"
         created = node.upsert_connection(
             connection_id,
-            remote_public_key=_key(connection_id),
+            remote_public_key=bench_key(connection_id),
             preshared_key=None,
             local_credentials=IceCredentials(f"g{index:05d}", "g" * 22),
             remote_credentials=IceCredentials(f"c{index:05d}", "c" * 22),

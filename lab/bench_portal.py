@@ -26,23 +26,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dataplane import stun
-from dataplane.base import Address
 from dataplane.gateway import AuthorizationOutcome, GatewayState
 from dataplane.io.rng import SeededRng
+from lab.bench_node import LOCAL, RELAY, bench_key, relay_binding_answer
 from protocol.messages import CreateAuthorization, Init, parse_portal_message
 
-RELAY: Address = ("198.51.100.10", 3478)
-LOCAL: Address = ("10.0.0.1", 52625)
 WALL_NOW = 1_800_000_000.0
 EXPIRES_AT = int(WALL_NOW) + 14 * 24 * 3600
-
-
-def _key(name: str) -> bytes:
-    key = bytearray(hashlib.sha256(name.encode()).digest())
-    key[0] &= 248
-    key[31] = (key[31] & 127) | 64
-    return bytes(key)
 
 
 def _b64(data: bytes) -> str:
@@ -78,7 +68,7 @@ def authorization_frame(client: int, resource: int) -> str:
             "resource": _resource(resource),
             "client": {
                 "id": client_id,
-                "public_key": _b64(_key(client_id)[:32]),
+                "public_key": _b64(bench_key(client_id)[:32]),
                 "preshared_key": _b64(hashlib.sha256(client_id.encode()).digest()),
                 "ipv4": f"100.{64 + client // 65536}.{client // 256 % 256}.{client % 256}",
                 "ipv6": f"fd00:2021:1111::{client // 65536:x}:{client % 65536:x}",
@@ -132,21 +122,15 @@ def _parse(frame: str) -> Any:
 
 
 def fresh_gateway() -> GatewayState:
-    state = GatewayState(_key("bench-gateway"), rng=SeededRng(1), wall_clock=lambda: WALL_NOW)
+    state = GatewayState(bench_key("bench-gateway"), rng=SeededRng(1), wall_clock=lambda: WALL_NOW)
     state.set_portal_connected(True)
     return state
 
 
 def _answer_relay_bindings(state: GatewayState, now: float) -> None:
-    """Plays the relay just enough for the Node to measure an RTT (a connection needs a measured relay)."""
     while (transmit := state.poll_transmit()) is not None:
-        if transmit.dst != RELAY or not stun.is_stun(transmit.payload):
-            continue
-        request = stun.decode(transmit.payload)
-        if request.method != stun.Method.BINDING or not request.is_request:
-            continue
-        response = request.success_response().add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, ("203.0.113.1", 40000))
-        state.handle_datagrams([(stun.encode(response, fingerprint=True), RELAY, LOCAL)], now)
+        if (answer := relay_binding_answer(transmit)) is not None:
+            state.handle_datagrams([(answer, RELAY, LOCAL)], now)
 
 
 def populated_gateway(clients: int, resources: int) -> tuple[GatewayState, float]:

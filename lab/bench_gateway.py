@@ -137,6 +137,17 @@ def py_spy_command() -> str | None:
     return os.environ.get("PY_SPY") or shutil.which("py-spy")
 
 
+def wait_sampler(sampler: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """Waits for a py-spy run to end (killed after ``timeout`` seconds); returns what it wrote to stderr."""
+    try:
+        _, stderr = sampler.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            sampler.kill()
+        _, stderr = sampler.communicate()
+    return stderr
+
+
 def profile(target: IperfTarget, seconds: float, out_dir: Path) -> None:
     """Samples both processes with py-spy while iperf3 pushes one TCP stream each way; prints the hottest frames."""
     py_spy = py_spy_command()
@@ -164,12 +175,7 @@ def profile(target: IperfTarget, seconds: float, out_dir: Path) -> None:
         time.sleep(0.5)  # py-spy attaches before the load starts
         run_iperf(target, f"profile {direction}", seconds=max(1, round(seconds)) + 1, reverse=reverse)
         for side, (sampler, path) in samplers.items():
-            try:
-                _, stderr = sampler.communicate(timeout=seconds + 30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    sampler.kill()
-                _, stderr = sampler.communicate()
+            stderr = wait_sampler(sampler, seconds + 30)
             if not path.exists():
                 progress(f"profile {direction} {side}: py-spy wrote nothing: {stderr.decode(errors='replace')[-300:]}")
                 continue

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.bench import cpu_seconds, progress
-from lab.bench_gateway import py_spy_command, summarize_collapsed
+from lab.bench_gateway import py_spy_command, summarize_collapsed, wait_sampler
 from lab.loadgen import percentile, process_sample, prometheus_sum
 from lab.world import LOAD_CLIENT_TOKEN_PREFIX, RESOURCE_IP, LabWorld
 
@@ -81,12 +81,7 @@ def _start_profilers(
 
 def _report_profiles(samplers: dict[str, tuple[subprocess.Popen[bytes], Path]]) -> None:
     for name, (sampler, path) in samplers.items():
-        try:
-            _, stderr = sampler.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                sampler.kill()
-            _, stderr = sampler.communicate()
+        stderr = wait_sampler(sampler, 60)
         if not path.exists():
             progress(f"profile {name}: py-spy wrote nothing: {stderr.decode(errors='replace')[-300:]}")
             continue

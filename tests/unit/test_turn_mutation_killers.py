@@ -25,6 +25,7 @@ from dataplane.turn import (
     ChannelExpired,
     Decapsulated,
 )
+from tests.unit.test_turn import events, transmits
 
 SERVER: Address = ("198.51.100.7", 3478)
 SERVER_V6: Address = ("2001:db8::7", 3478)
@@ -70,23 +71,9 @@ class Relay:
         return stun.encode(request.error_response(code, reason), integrity_key=self.key())
 
 
-def _transmits(alloc: turn.Allocation) -> list[Transmit]:
-    out = []
-    while (t := alloc.poll_transmit()) is not None:
-        out.append(t)
-    return out
-
-
-def _events(alloc: turn.Allocation) -> list[turn.TurnEvent]:
-    out = []
-    while (e := alloc.poll_event()) is not None:
-        out.append(e)
-    return out
-
-
 def _exchange(alloc: turn.Allocation, relay: Relay, now: float) -> list[Transmit]:
     seen = []
-    while pending := _transmits(alloc):
+    while pending := transmits(alloc):
         for transmit in pending:
             seen.append(transmit)
             alloc.handle_input(relay.answer(transmit), transmit.dst, now)
@@ -98,7 +85,7 @@ def _allocated(relay: Relay | None = None, **kwargs: object) -> tuple[turn.Alloc
     alloc = turn.Allocation(SERVER, relay.username, relay.password, rng=SeededRng(7), now=0.0, **kwargs)  # type: ignore[arg-type]
     _exchange(alloc, relay, 0.0)
     assert alloc.state is AllocationState.ALLOCATED
-    _events(alloc)
+    events(alloc)
     return alloc, relay
 
 
@@ -106,7 +93,7 @@ def _run_until(alloc: turn.Allocation, until: float, relay: Relay | None = None)
     while (deadline := alloc.poll_timeout()) is not None and deadline <= until:
         alloc.handle_timeout(deadline)
         if relay is None:
-            _transmits(alloc)
+            transmits(alloc)
         else:
             _exchange(alloc, relay, deadline)
 
@@ -144,7 +131,7 @@ def test_channel_data_leaves_from_the_allocation_local_socket() -> None:
     alloc, relay = _allocated(local=LOCAL)
     alloc.bind_channel(PEER, 1.0)
     _exchange(alloc, relay, 1.0)
-    assert _events(alloc) == [ChannelBound(PEER, 0x4000)]
+    assert events(alloc) == [ChannelBound(PEER, 0x4000)]
     assert alloc.encapsulate(PEER, b"hi", 1.0) == Transmit(dst=SERVER, payload=b"\x40\x00\x00\x02hi", src=LOCAL)
 
 
@@ -155,7 +142,7 @@ def test_refresh_sends_one_request_at_a_time() -> None:
     alloc, _ = _allocated()
     alloc.refresh(1.0)
     alloc.refresh(1.5)
-    (refresh,) = _transmits(alloc)
+    (refresh,) = transmits(alloc)
     assert stun.decode(refresh.payload).method == Method.REFRESH
 
 
@@ -165,7 +152,7 @@ def test_refresh_of_an_allocation_we_do_not_hold_sends_nothing() -> None:
     _exchange(alloc, relay, 0.0)
     assert alloc.state is AllocationState.FAILED
     alloc.refresh(1.0)
-    assert _transmits(alloc) == []
+    assert transmits(alloc) == []
 
 
 # ---- credentials --------------------------------------------------------------------------------------------------
@@ -176,7 +163,7 @@ def test_new_credentials_sign_every_later_request() -> None:
     alloc.update_credentials("u2", "p2", 10.0)
     assert (alloc.username, alloc.password) == ("u2", "p2")
     alloc.refresh(10.0)
-    (refresh,) = _transmits(alloc)
+    (refresh,) = transmits(alloc)
     request = stun.decode(refresh.payload)
     assert request.username() == "u2"
     assert stun.check_integrity(refresh.payload, stun.long_term_key("u2", REALM, "p2"))
@@ -198,10 +185,10 @@ def test_shutdown_deletes_an_allocation_we_hold() -> None:
     alloc, relay = _allocated()
     alloc.shutdown(1.0)
     assert alloc.state is AllocationState.DELETING
-    (delete,) = _transmits(alloc)
+    (delete,) = transmits(alloc)
     assert stun.decode(delete.payload).lifetime() == 0
     alloc.handle_input(relay.answer(delete), SERVER, 1.0)
-    assert _events(alloc) == [AllocationDeleted(SERVER)]
+    assert events(alloc) == [AllocationDeleted(SERVER)]
 
 
 @pytest.mark.parametrize("password", ["wrong", None])
@@ -211,12 +198,12 @@ def test_shutdown_without_an_allocation_finishes_at_once(password: str | None) -
     if password is not None:
         _exchange(alloc, relay, 0.0)  # refused: the key is known, but there is nothing to delete
         assert alloc.state is AllocationState.FAILED
-        _events(alloc)
-    _transmits(alloc)
+        events(alloc)
+    transmits(alloc)
     alloc.shutdown(1.0)
     assert alloc.state is AllocationState.DELETED
-    assert _events(alloc) == [AllocationDeleted(SERVER)]
-    assert _transmits(alloc) == []
+    assert events(alloc) == [AllocationDeleted(SERVER)]
+    assert transmits(alloc) == []
 
 
 # ---- a relay reachable at two addresses ---------------------------------------------------------------------------
@@ -225,9 +212,9 @@ def test_shutdown_without_an_allocation_finishes_at_once(password: str | None) -
 def test_an_error_from_one_address_waits_for_the_other() -> None:
     relay = Relay()
     alloc = turn.Allocation([SERVER, SERVER_V6], "u1", "p1", rng=SeededRng(7), now=0.0)
-    v4, v6 = _transmits(alloc)
+    v4, v6 = transmits(alloc)
     alloc.handle_input(relay.error(v6, ErrorCode.SERVER_ERROR, "Server Error"), SERVER_V6, 0.1)
-    assert _events(alloc) == []
+    assert events(alloc) == []
     assert alloc.state is AllocationState.ALLOCATING
     alloc.handle_input(relay.answer(v4), SERVER, 0.2)
     _exchange(alloc, relay, 0.2)
@@ -238,7 +225,7 @@ def test_an_error_from_one_address_waits_for_the_other() -> None:
 def test_a_relay_silent_at_every_address_fails() -> None:
     alloc = turn.Allocation([SERVER, SERVER_V6], "u1", "p1", rng=SeededRng(7), now=0.0)
     _run_until(alloc, 60.0)
-    assert _events(alloc) == [AllocationFailed(SERVER, "relay did not answer BINDING")]
+    assert events(alloc) == [AllocationFailed(SERVER, "relay did not answer BINDING")]
     assert alloc.state is AllocationState.FAILED
 
 
@@ -249,9 +236,9 @@ def test_failed_requests_are_logged_with_relay_kind_and_reason(caplog: pytest.Lo
     caplog.set_level(logging.DEBUG, logger="dataplane.turn")
     alloc, relay = _allocated()
     alloc.bind_channel(PEER, 1.0)
-    (bind,) = _transmits(alloc)
+    (bind,) = transmits(alloc)
     alloc.handle_input(relay.error(bind, ErrorCode.FORBIDDEN, "Forbidden"), SERVER, 1.0)
-    assert _events(alloc) == [ChannelBindFailed(PEER, 0x4000, "403 Forbidden", 403)]
+    assert events(alloc) == [ChannelBindFailed(PEER, 0x4000, "403 Forbidden", 403)]
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
     assert "turn ('198.51.100.7', 3478): channel-bind failed: 403 Forbidden" in lines
 
@@ -259,7 +246,7 @@ def test_failed_requests_are_logged_with_relay_kind_and_reason(caplog: pytest.Lo
 def test_a_stale_allocation_that_cannot_be_deleted_fails_with_the_error_code() -> None:
     relay = Relay()
     alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
-    pending = _transmits(alloc)
+    pending = transmits(alloc)
     while pending:
         transmit = pending.pop(0)
         request = stun.decode(transmit.payload)
@@ -270,8 +257,8 @@ def test_a_stale_allocation_that_cannot_be_deleted_fails_with_the_error_code() -
         else:
             answer = relay.answer(transmit)
         alloc.handle_input(answer, SERVER, 0.0)
-        pending += _transmits(alloc)
-    assert _events(alloc)[-1] == AllocationFailed(
+        pending += transmits(alloc)
+    assert events(alloc)[-1] == AllocationFailed(
         SERVER, "stale allocation could not be deleted: 500 Server Error", ErrorCode.SERVER_ERROR
     )
 
@@ -283,14 +270,14 @@ def test_a_failed_channel_refresh_keeps_the_binding_and_new_data_asks_again() ->
     alloc, relay = _allocated()
     alloc.bind_channel(PEER, 0.0)
     _exchange(alloc, relay, 0.0)
-    assert _events(alloc) == [ChannelBound(PEER, 0x4000)]
+    assert events(alloc) == [ChannelBound(PEER, 0x4000)]
     assert alloc.handle_input(turn.encode_channel_data(0x4000, b"a"), SERVER, 10.0) == Decapsulated(PEER, b"a")
     refreshes: list[float] = []
     now = 0.0
     while (deadline := alloc.poll_timeout()) is not None and deadline <= 590.0:
         now = deadline
         alloc.handle_timeout(now)
-        for transmit in _transmits(alloc):
+        for transmit in transmits(alloc):
             request = stun.decode(transmit.payload)
             if request.method == Method.CHANNEL_BIND:
                 refreshes.append(now)
@@ -304,7 +291,7 @@ def test_a_failed_channel_refresh_keeps_the_binding_and_new_data_asks_again() ->
     assert refreshes[:2] == [300.0, -1.0]
     assert len(refreshes) == 3 and 300.0 <= refreshes[2] < 600.0  # once more, not a storm
     assert alloc.has_channel(PEER)
-    assert ChannelExpired(PEER, 0x4000) not in _events(alloc)
+    assert ChannelExpired(PEER, 0x4000) not in events(alloc)
 
 
 # ---- RFC 8656 §11.6 Data indications ------------------------------------------------------------------------------
@@ -351,7 +338,7 @@ def test_data_indications_keep_a_channel_refreshed() -> None:
     alloc, relay = _allocated()
     alloc.bind_channel(PEER, 0.0)
     _exchange(alloc, relay, 0.0)
-    _events(alloc)
+    events(alloc)
     assert alloc.handle_input(_data_indication(PEER, b"x"), SERVER, 10.0) == Decapsulated(PEER, b"x")
     binds = []
     while (deadline := alloc.poll_timeout()) is not None and deadline <= 700.0:

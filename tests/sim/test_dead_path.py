@@ -6,10 +6,13 @@ RFC 7675's 30 s consent timeout -- keeping the WireGuard session (no new handsha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from dataplane.node import ConnectionFailed, ConnectionInfo, Path
 from tests.sim.nat import SYMMETRIC
+from tests.sim.test_scenarios import _cl, _gw
 from tests.sim.world import GATEWAY_ID, Client, World, build_world, ipv4_udp
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,16 +75,24 @@ def _connect(world: World, client: Client) -> None:
     assert world.net.run_until_true(established, timeout=30.0)
 
 
-def _gw(world: World, client: Client) -> ConnectionInfo:
-    info = world.gateway.node.connection(client.client_id)
-    assert info is not None
-    return info
-
-
-def _cl(client: Client) -> ConnectionInfo:
-    info = client.peer.node.connection(GATEWAY_ID)
-    assert info is not None
-    return info
+def _assert_recovered(
+    world: World,
+    client: Client,
+    flow: Flow,
+    recovered: Callable[[], bool],
+    *,
+    fault_at: float,
+    handshakes: tuple[int, int],
+) -> None:
+    """Within the gap budget ``recovered()`` holds, traffic has flowed again, the WireGuard session is the same one
+    (no new handshake on either side) and no connection failed."""
+    assert world.net.run_until_true(recovered, timeout=GAP_BUDGET), (_cl(client), _gw(world, client))
+    world.net.run_for(3.0)
+    flow.running = False
+    gap = flow.largest_gap(after=fault_at)
+    assert gap <= GAP_BUDGET, f"traffic stopped for {gap:.2f} s"
+    assert (_gw(world, client).handshakes, _cl(client).handshakes) == handshakes, "the session must survive"
+    assert not world.gateway.events_of(ConnectionFailed) and not client.peer.events_of(ConnectionFailed)
 
 
 def _relay_on_path(world: World, info: ConnectionInfo) -> str | None:
@@ -120,13 +131,7 @@ def test_a_relay_dying_silently_moves_the_connection_within_seconds(seed: int) -
             world, _gw(world, client)
         ) not in (None, dead)
 
-    assert world.net.run_until_true(moved, timeout=GAP_BUDGET), (_cl(client), _gw(world, client))
-    world.net.run_for(3.0)
-    flow.running = False
-    gap = flow.largest_gap(after=died_at)
-    assert gap <= GAP_BUDGET, f"traffic stopped for {gap:.2f} s"
-    assert (_gw(world, client).handshakes, _cl(client).handshakes) == handshakes, "the session must survive"
-    assert not world.gateway.events_of(ConnectionFailed) and not client.peer.events_of(ConnectionFailed)
+    _assert_recovered(world, client, flow, moved, fault_at=died_at, handshakes=handshakes)
 
 
 def test_a_client_whose_nat_forgets_its_mappings_is_followed_within_seconds() -> None:
@@ -155,10 +160,4 @@ def test_a_client_whose_nat_forgets_its_mappings_is_followed_within_seconds() ->
         gw = _gw(world, client)
         return gw.remote != old_remote and gw.path is not None and _cl(client).path is gw.path
 
-    assert world.net.run_until_true(followed, timeout=GAP_BUDGET), (_cl(client), _gw(world, client))
-    world.net.run_for(3.0)
-    flow.running = False
-    gap = flow.largest_gap(after=roamed_at)
-    assert gap <= GAP_BUDGET, f"traffic stopped for {gap:.2f} s"
-    assert (_gw(world, client).handshakes, _cl(client).handshakes) == handshakes, "the session must survive"
-    assert not world.gateway.events_of(ConnectionFailed) and not client.peer.events_of(ConnectionFailed)
+    _assert_recovered(world, client, flow, followed, fault_at=roamed_at, handshakes=handshakes)

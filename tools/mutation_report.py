@@ -157,6 +157,12 @@ def prepare(module: str) -> Path:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(ROOT / name, target, ignore=SKIPPED_IN_COPY)
+    # mutmut copies the unmutated files into mutants/ once; a compiled extension copied then goes stale when the C
+    # API changes, so the current build replaces it on every run.
+    mutated_tree = scratch / "mutants" / "dataplane"
+    if mutated_tree.is_dir():
+        for extension in (ROOT / "dataplane").glob("_native*.so"):
+            shutil.copy2(extension, mutated_tree / extension.name)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     base = pyproject.get("tool", {}).get("mutmut", {})
     settings = {

@@ -2,8 +2,8 @@
 
 Everything runs on the agent's asyncio loop (like the reference's single-threaded runtime), batch by batch: a readable
 UDP socket yields up to 64 datagrams (GRO-split) that go through the state in one call, and the packets for the TUN are
-merged and written right there, on the loop (:class:`~dataplane.io.tun_direct.DirectTunWriter`: a hand-off to the TUN
-writer threads costs more than the write, and a lone packet such as a ping goes straight to the device); a TUN wake-up
+merged and written right there, on the loop (:meth:`Tun.write_now <dataplane.io.tun.Tun.write_now>`: a hand-off to the
+TUN writer threads costs more than the write, and a lone packet such as a ping goes straight to the device); a TUN wake-up
 yields up to 128 packets (TSO-split by the TUN reader threads), and the resulting datagrams leave as GSO runs per
 destination. No packet is handed to asyncio on its own. The single timer is re-armed to
 ``GatewayState.poll_timeout()`` after every input.
@@ -24,7 +24,6 @@ from dataplane.io import netlink
 from dataplane.io.hostsetup import HostSetup
 from dataplane.io.resolver import DomainResolver
 from dataplane.io.tun import Tun
-from dataplane.io.tun_direct import DirectTunWriter
 from dataplane.io.udp import FIREZONE_MARK, DualStackSockets, UdpSocket, bind_dual_stack
 
 logger = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ class DataPlane:
         self._on_fatal = on_fatal
         self.failure: str | None = None
         self.tun: Tun | None = None
-        self._tun_writer: DirectTunWriter | None = None
         self.sockets: DualStackSockets | None = None
         self.host_setup: HostSetup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,7 +85,6 @@ class DataPlane:
         options = self.options
         try:
             self.tun = Tun.create(options.tun_name, queues=options.tun_queues)
-            self._tun_writer = DirectTunWriter.for_tun(self.tun)
             self.sockets = bind_dual_stack(
                 options.port,
                 mark=options.mark,
@@ -133,7 +130,6 @@ class DataPlane:
                     loop.remove_reader(udp.fileno())
             self.sockets.close()
             self.sockets = None
-        self._tun_writer = None
         if self.tun is not None:
             if loop is not None:
                 loop.remove_reader(self.tun.wakeup_fd)
@@ -152,11 +148,6 @@ class DataPlane:
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
-    def tun_tx_frames(self) -> int:
-        """Frames written to the TUN device: this loop's direct writes plus any the device's writer threads made."""
-        direct = self._tun_writer.frames if self._tun_writer is not None else 0
-        return direct + (self.tun.stats().tx_frames if self.tun is not None else 0)
-
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
@@ -167,9 +158,9 @@ class DataPlane:
             return
         self.datagrams_in += len(datagrams)
         packets = self.state.handle_datagrams(datagrams, self._now())
-        if packets and self._tun_writer is not None:
+        if packets and self.tun is not None:
             self.packets_to_tun += len(packets)
-            self._tun_writer.write(packets)  # on this thread: a writer-thread hand-off costs more than the write
+            self.tun.write_now(packets)  # on this thread: a writer-thread hand-off costs more than the write
         self.flush()
 
     def _on_tun_readable(self) -> None:

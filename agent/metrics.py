@@ -167,7 +167,7 @@ class GatewayCollector(Collector):
                 "firezone_tun_frames",
                 "TUN device reads (rx) and writes (tx); offloads carry several packets per frame.",
                 ("direction",),
-                [(("rx",), tun_stats.rx_frames), (("tx",), dp.tun_tx_frames())],
+                [(("rx",), tun_stats.rx_frames), (("tx",), tun_stats.tx_frames)],
             )
             yield _gauge(
                 "firezone_tun_queue_depth",

@@ -69,7 +69,6 @@ from dataplane import p2p_control, stun
 from dataplane.base import Address, DropCounter, Transmit
 from dataplane.io.rng import SystemRng
 from dataplane.io.tun import Tun
-from dataplane.io.tun_direct import DirectTunWriter
 from dataplane.io.udp import UdpSocket
 from dataplane.node import (
     CandidateGathered,
@@ -503,7 +502,6 @@ class HeadlessClient:
         self.socket: UdpSocket | None = None
         self.local: Address = ("0.0.0.0", 0)
         self.tun: Tun | None = None
-        self.tun_writer: DirectTunWriter | None = None
         self.initialised = False
         self.timer: asyncio.TimerHandle | None = None
         self.portal_timer: asyncio.TimerHandle | None = None
@@ -559,7 +557,6 @@ class HeadlessClient:
                 "drops: node %s udp %s client %s", self.node.drops.counts, self.socket.drops.counts, self.drops.counts
             )
             self.socket.close()
-        self.tun_writer = None
         if self.tun is not None:
             self.loop.remove_reader(self.tun.wakeup_fd)
             self.tun.close()
@@ -687,7 +684,6 @@ class HeadlessClient:
         self.socket = UdpSocket.bind(bind, self.args.port, gso=batched, gro=batched, increase_buffers=batched)
         self.local = self.socket.local_address
         self.tun = Tun.create(self.args.tun, offload=batched)
-        self.tun_writer = DirectTunWriter.for_tun(self.tun)
         name = self.args.tun
         run_ip(["link", "set", "dev", name, "addrgenmode", "none"], check=False)
         run_ip(["link", "set", "dev", name, "mtu", str(TUN_MTU), "up"])
@@ -843,7 +839,7 @@ class HeadlessClient:
     # -- data plane -----------------------------------------------------------------------------------------------
 
     def on_udp(self) -> None:
-        assert self.socket is not None and self.tun_writer is not None
+        assert self.socket is not None and self.tun is not None
         now = self.now()
         local = self.local
         # Runs of one gateway's transport messages are decrypted together (as the gateway does).
@@ -863,7 +859,7 @@ class HeadlessClient:
             else:
                 self.drops.drop(ClientDropReason.CONTROL_MESSAGE)
         # Written on this thread, merged: the writer-thread hand-off would cost more than the write.
-        self.tun_writer.write(packets)
+        self.tun.write_now(packets)
         self.flush()
 
     def on_tun(self) -> None:

@@ -13,8 +13,13 @@ When a queue has been quiet for a few milliseconds the event loop reads it itsel
 epoll) until a read finds traffic building up again, then the thread takes over: a ping or a lone request pays one
 thread hop less. Switches happen under a lock, after the thread's last batch is queued, so they never reorder a flow.
 
-With offloads (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``), readers split TSO/USO super-packets and writers merge consecutive
-same-flow segments (see :mod:`dataplane.packet`); the syscalls and this Python work run in the threads, and
+A process whose own thread already holds a batch for the device (the gateway's event loop after decrypting) can write
+it with :meth:`Tun.write_now` instead: merged and written on the calling thread, through the same code as the writer
+threads, with no hand-off (waking a writer costs a GIL hand-over, more than the write itself).
+
+With offloads (``IFF_VNET_HDR`` + ``TUNSETOFFLOAD``), readers split TSO/USO super-packets with
+``dataplane.native.split_gso_frame`` and writers merge consecutive same-flow segments with ``coalesce`` (the C extension
+when it is built, else :mod:`dataplane.packet`); the syscalls and this work run in the threads, and
 ``os.read``/``os.write`` release the GIL while the kernel works.
 """
 
@@ -75,6 +80,8 @@ _FULL_WAIT_MS = 1
 _WRITE_BURST = 128
 # Batches up to this size are written by the caller itself when the queue's writer is idle with nothing pending.
 _INLINE_MAX = 2
+# A virtio_net_hdr with no flags and no GSO: the frame of one plain packet (what coalesce gives a lone packet).
+_PLAIN_HEADER = bytes(VIRTIO_NET_HDR_LEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +219,9 @@ class Tun:
         self._lock_path = lock_path
         self._drops_lock = threading.Lock()
         self._queues = [_Queue(fd) for fd in queue_fds]
+        # Written by write_now's caller only (one thread, see there); read for stats.
+        self._caller_tx_frames = 0
+        self._caller_tx_packets = 0
         self._inbound: collections.deque[bytes] = collections.deque()
         # Orders "reader thread enqueues / hands a queue back" against "event loop drains and reads directly".
         self._mode_lock = threading.Lock()
@@ -260,7 +270,7 @@ class Tun:
 
         ``offload``: use ``IFF_VNET_HDR`` + ``TUNSETOFFLOAD`` when the kernel accepts them (probed). ``read_offload``
         (default: ``FIREZONE_TUN_READ_OFFLOAD``, on unless "0"): let the kernel hand over TSO/USO super-packets, which
-        the reader threads split in Python; off, the kernel segments and checksums in C and each read is one packet,
+        the reader threads split (``split_gso_frame``: C when the extension is built); off, the kernel segments and checksums in C and each read is one packet,
         while writes are still merged. Which is faster depends on the machine (see lab.bench).
 
         ``on_packets``: called by each queue's reader thread with every batch it read, in order, instead of queueing
@@ -457,6 +467,24 @@ class Tun:
             self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
         return accepted
 
+    def write_now(self, packets: Sequence[bytes]) -> None:
+        """Writes packets on the calling thread, in the order given (merged when offloads allow; a lone packet such as
+        a ping goes straight to the device), counted in :meth:`stats`; a failed write is counted as ``write_failed``.
+
+        For an owner whose thread already holds the batch: handing it to a writer thread would cost a GIL hand-over per
+        batch, more than the write, which releases the GIL while the kernel delivers anyway. All go to queue 0's fd
+        (any queue's fd reaches the same device). Per-flow order holds as long as one thread calls this and the owner
+        does not also hand the same flows to :meth:`send`/:meth:`send_many`."""
+        if not packets:
+            return
+        if self._closed:
+            self._drop(TunDropReason.WRITE_FAILED, len(packets))
+            return
+        frames = self._merge(packets)
+        self._caller_tx_packets += len(packets)
+        self._caller_tx_frames += len(frames)
+        self._write_frames(self._queues[0].fd, frames)
+
     def pending_outbound(self) -> int:
         """Packets accepted by ``send`` but not yet written (for tests and metrics)."""
         return sum(len(queue.outbound) for queue in self._queues)
@@ -471,8 +499,8 @@ class Tun:
             rx_frames=sum(q.rx_frames for q in queues),
             rx_packets=sum(q.rx_packets for q in queues),
             rx_direct_frames=sum(q.rx_direct_frames for q in queues),
-            tx_frames=sum(q.tx_frames for q in queues),
-            tx_packets=sum(q.tx_packets for q in queues),
+            tx_frames=self._caller_tx_frames + sum(q.tx_frames for q in queues),
+            tx_packets=self._caller_tx_packets + sum(q.tx_packets for q in queues),
         )
 
     def close(self) -> None:
@@ -661,13 +689,22 @@ class Tun:
 
     def _write_batch(self, queue: _Queue, packets: list[bytes]) -> bool:
         """Writes packets to the queue's fd (merged when offloads allow); False once the device is closing."""
-        if self.offload_enabled:
-            frames = coalesce(packets, tcp=self._coalesce_tcp, udp=self._coalesce_udp)
-        else:
-            frames = packets
+        frames = self._merge(packets)
         queue.tx_packets += len(packets)
         queue.tx_frames += len(frames)
-        fd = queue.fd
+        return self._write_frames(queue.fd, frames)
+
+    def _merge(self, packets: Sequence[bytes]) -> Sequence[bytes]:
+        """The frames that carry ``packets`` to the device, in order: merged runs with offloads, else the packets."""
+        if not self.offload_enabled:
+            return packets
+        if len(packets) == 1:
+            return [_PLAIN_HEADER + packets[0]]  # nothing to merge: skip the flow bookkeeping
+        return coalesce(packets, tcp=self._coalesce_tcp, udp=self._coalesce_udp)
+
+    def _write_frames(self, fd: int, frames: Sequence[bytes]) -> bool:
+        """Writes frames to ``fd`` (a failed write is counted and the rest still go); False once the device is
+        closing."""
         for frame in frames:
             try:
                 os.write(fd, frame)

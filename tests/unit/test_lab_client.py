@@ -263,7 +263,7 @@ class FakeTun:
         self.written.extend(packets)
         return len(packets)
 
-    def write(self, packets: list[bytes]) -> None:  # as DirectTunWriter
+    def write_now(self, packets: list[bytes]) -> None:
         self.written.extend(packets)
 
 
@@ -286,7 +286,6 @@ async def test_decrypted_packets_go_to_the_tun_and_a_goodbye_closes_the_connecti
     monkeypatch.setattr(client.node, "close_connection", lambda connection_id, now: closed.append(connection_id))
     tun = FakeTun()
     client.tun = tun  # type: ignore[assignment]
-    client.tun_writer = tun  # type: ignore[assignment]
     client.local = ("10.2.0.2", 4444)
     client.socket = FakeUdp([(b"one", ("1.2.3.4", 5)), (b"two", ("1.2.3.4", 5))])  # type: ignore[assignment]
 

@@ -1,31 +1,59 @@
-"""DirectTunWriter without a TUN device: a SOCK_SEQPACKET socket stands in for the queue fd (one record per write)."""
+"""``Tun.write_now`` without a TUN device: SOCK_SEQPACKET sockets stand in for the queue fds (one record per write)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from dataplane import packet as pk
-from dataplane.io.tun import TUN_F_TSO4, TUN_F_TSO6, TUN_OFFLOADS_TCP, TunDropReason
-from dataplane.io.tun_direct import DirectTunWriter
+from dataplane.io.tun import TUN_F_TSO4, TUN_F_TSO6, TUN_OFFLOADS_TCP, Tun, TunDropReason
 from tests.unit.test_packet import tcp_packet, udp_packet
 
 MSS = 1000
 
+MakeTun = Callable[..., tuple[Tun, list[socket.socket]]]
+
 
 @pytest.fixture
-def device() -> Iterator[tuple[int, socket.socket]]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    theirs.setblocking(False)
+def make_tun() -> Iterator[MakeTun]:
+    """Builds a Tun whose queue fds are one end of socket pairs; returns it with the ends the test reads."""
+    built: list[tuple[Tun, list[socket.socket]]] = []
+
+    def make(offload_flags: int, queues: int = 1, *, refuse_writes: bool = False) -> tuple[Tun, list[socket.socket]]:
+        ours: list[socket.socket] = []
+        theirs: list[socket.socket] = []
+        for _ in range(queues):
+            left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            left.setblocking(False)
+            right.setblocking(False)
+            right.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            if refuse_writes:
+                left.shutdown(socket.SHUT_WR)  # every write fails with EPIPE; reads still wait quietly
+            ours.append(left)
+            theirs.append(right)
+        tun = Tun(
+            "wn0",
+            [s.detach() for s in ours],
+            os.open(os.devnull, os.O_RDONLY),
+            offload_flags=offload_flags,
+            read_offload=False,
+            inbound_capacity=64,
+            outbound_capacity=64,
+        )
+        built.append((tun, theirs))
+        return tun, theirs
+
     try:
-        yield ours.fileno(), theirs
+        yield make
     finally:
-        ours.close()
-        theirs.close()
+        for tun, theirs in built:
+            tun.close()
+            for s in theirs:
+                s.close()
 
 
 def written(reader: socket.socket) -> list[bytes]:
@@ -41,55 +69,65 @@ def segments(count: int, start: int = 1000) -> list[bytes]:
     return [tcp_packet(bytes([i]) * MSS, seq=start + i * MSS, ip_id=7 + i) for i in range(count)]
 
 
-def test_without_offloads_each_packet_is_one_write(device: tuple[int, socket.socket]) -> None:
-    fd, reader = device
-    writer = DirectTunWriter(fd, 0)
+def test_without_offloads_each_packet_is_one_write(make_tun: MakeTun) -> None:
+    tun, (reader,) = make_tun(0)
     packets = segments(3) + [udp_packet(b"u")]
-    writer.write(packets)
+    tun.write_now(packets)
     assert written(reader) == packets
-    assert (writer.frames, writer.packets) == (4, 4)
+    stats = tun.stats()
+    assert (stats.tx_frames, stats.tx_packets) == (4, 4)
 
 
-def test_with_offloads_frames_are_what_coalesce_gives(device: tuple[int, socket.socket]) -> None:
-    fd, reader = device
-    writer = DirectTunWriter(fd, TUN_OFFLOADS_TCP)
+def test_with_offloads_frames_are_what_coalesce_gives(make_tun: MakeTun) -> None:
+    tun, (reader,) = make_tun(TUN_OFFLOADS_TCP)
     packets = segments(4) + [udp_packet(b"u")] + segments(2, start=1000 + 4 * MSS)
-    writer.write(packets)
+    tun.write_now(packets)
     frames = written(reader)
     assert frames == pk.coalesce(packets, tcp=True, udp=False)
     assert len(frames) < len(packets)  # something was merged
-    assert (writer.frames, writer.packets) == (len(frames), len(packets))
+    stats = tun.stats()
+    assert (stats.tx_frames, stats.tx_packets) == (len(frames), len(packets))
+
+
+def test_every_write_goes_to_the_first_queue_on_the_calling_thread(make_tun: MakeTun) -> None:
+    tun, readers = make_tun(0, queues=2)
+    packets = [udp_packet(bytes([i])) for i in range(8)]  # one flow: its hash picks one queue for send_many
+    tun.write_now(packets)
+    # Written before write_now returned (no writer thread involved), all to queue 0, in order.
+    assert written(readers[0]) == packets
+    assert written(readers[1]) == []
+    assert tun.pending_outbound() == 0
 
 
 @pytest.mark.parametrize("packet", [tcp_packet(b"x" * 10), udp_packet(b"ping"), b"\x45garbage"])
-def test_a_lone_packet_gets_the_frame_coalesce_would_give(device: tuple[int, socket.socket], packet: bytes) -> None:
-    fd, reader = device
-    DirectTunWriter(fd, TUN_OFFLOADS_TCP).write([packet])
+def test_a_lone_packet_gets_the_frame_coalesce_would_give(make_tun: MakeTun, packet: bytes) -> None:
+    tun, (reader,) = make_tun(TUN_OFFLOADS_TCP)
+    tun.write_now([packet])
     assert written(reader) == pk.coalesce([packet], tcp=True, udp=False)
 
 
-def test_nothing_to_write_writes_nothing(device: tuple[int, socket.socket]) -> None:
-    fd, reader = device
-    writer = DirectTunWriter(fd, TUN_OFFLOADS_TCP)
-    writer.write([])
-    assert written(reader) == [] and writer.frames == 0
+def test_nothing_to_write_writes_nothing(make_tun: MakeTun) -> None:
+    tun, (reader,) = make_tun(TUN_OFFLOADS_TCP)
+    tun.write_now([])
+    assert written(reader) == [] and tun.stats().tx_frames == 0
 
 
-def test_a_failed_write_is_counted_per_frame_and_the_rest_still_goes() -> None:
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # every write fails with EPIPE
-    try:
-        writer = DirectTunWriter(write_end, 0)
-        writer.write([udp_packet(b"a"), udp_packet(b"b")])
-    finally:
-        os.close(write_end)
-    assert writer.drops[TunDropReason.WRITE_FAILED] == 2
+def test_a_failed_write_is_counted_per_frame_and_the_rest_still_goes(make_tun: MakeTun) -> None:
+    tun, _ = make_tun(0, refuse_writes=True)
+    tun.write_now([udp_packet(b"a"), udp_packet(b"b")])
+    assert tun.drops[TunDropReason.WRITE_FAILED] == 2
 
 
-def test_a_refused_merged_write_turns_merging_off(
-    device: tuple[int, socket.socket], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fd, reader = device
+def test_writing_to_a_closed_device_is_counted_not_attempted(make_tun: MakeTun) -> None:
+    tun, _ = make_tun(0)
+    tun.close()
+    tun.write_now([udp_packet(b"a"), udp_packet(b"b"), udp_packet(b"c")])
+    assert tun.drops[TunDropReason.WRITE_FAILED] == 3
+    assert tun.stats().tx_frames == 0
+
+
+def test_a_refused_merged_write_turns_merging_off(make_tun: MakeTun, monkeypatch: pytest.MonkeyPatch) -> None:
+    tun, (reader,) = make_tun(TUN_F_TSO4 | TUN_F_TSO6)
     real_write = os.write
 
     def refuse_merged(target: int, frame: bytes) -> int:
@@ -98,11 +136,26 @@ def test_a_refused_merged_write_turns_merging_off(
         return real_write(target, frame)
 
     monkeypatch.setattr(os, "write", refuse_merged)
-    writer = DirectTunWriter(fd, TUN_F_TSO4 | TUN_F_TSO6)
-    writer.write(segments(3))
-    assert writer.drops[TunDropReason.WRITE_FAILED] == 1
+    tun.write_now(segments(3))
+    assert tun.drops[TunDropReason.WRITE_FAILED] == 1
     assert written(reader) == []
     later = segments(3, start=1000 + 3 * MSS)
-    writer.write(later)
+    tun.write_now(later)
     assert written(reader) == pk.coalesce(later, tcp=False, udp=False)  # one plain frame per packet
-    assert writer.drops[TunDropReason.WRITE_FAILED] == 1
+    assert tun.drops[TunDropReason.WRITE_FAILED] == 1
+
+
+def test_the_writer_threads_merge_and_count_the_same_way(make_tun: MakeTun) -> None:
+    """send_many's writer thread and write_now share the merging code: the same batch gives the same frames."""
+    tun, (reader,) = make_tun(TUN_OFFLOADS_TCP)
+    packets = segments(5)
+    tun.send_many(packets)
+    reader.settimeout(10)  # the writer thread's frame arrives when it has run; the timeout only stops a hang
+    frames = [reader.recv(1 << 17)]
+    reader.setblocking(False)
+    assert written(reader) == []  # the whole batch went as one merged frame
+    tun.write_now(segments(5, start=1000 + 5 * MSS))
+    assert frames == pk.coalesce(packets, tcp=True, udp=False)
+    assert len(written(reader)) == 1
+    stats = tun.stats()
+    assert (stats.tx_frames, stats.tx_packets) == (2, 10)

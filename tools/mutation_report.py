@@ -97,6 +97,7 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/property/test_packet_property.py",
         "tests/property/test_packet_scapy.py",
         "tests/unit/test_packet_mutation_killers.py",
+        "tests/property/test_native_packet.py",  # the C twin as a second oracle
         _FUZZ_PASS,
         _KILLERS,
     ],

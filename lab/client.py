@@ -17,8 +17,12 @@ p2p-control messages (a ``goodbye`` closes that connection, §3.4).
   local, remote, setup_seconds: flow_created → established}, ``flow_retry`` {resource_id, reason, attempt} (the
   gateway answered ``no_relays``: asked again 1 s later, up to 5 times), ``path_changed``, ``failed`` {gateway_id?, reason},
   ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``domain_status`` {resource_id, domain,
-  status: Active|Inactive, proxy_ips}, ``error`` (a bad command). Exit status 1 when the
-  portal is unreachable or drops us, else 0.
+  status: Active|Inactive, proxy_ips}, ``portal_lost`` {reason, retry_seconds} (one per failed session or attempt),
+  ``portal_rejoined`` {down_seconds} (the next ``init``), ``error`` (a bad command).
+
+A lost portal is reconnected with the gateway's backoff (docs/protocol.md §1.7) while connections, routes and traffic
+go on; after the rejoin only requests that went unanswered are sent again. Exit status 1 when the portal refuses the
+token or the join, or stays unreachable (15 s at start, a day once joined), else 0.
 
 **Stdio mode** (``--role``): one Node connection whose keys and credentials are given on the command line and whose
 candidates the caller carries (tests/integration/test_nat_traversal.py plays the portal):
@@ -58,13 +62,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlparse
+from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import WebSocketException
 
+from agent.backoff import Backoff, initial_connect_policy, reconnect_policy
 from dataplane import p2p_control, stun
 from dataplane.base import Address, DropCounter, Transmit
 from dataplane.io.rng import SystemRng
@@ -84,7 +86,14 @@ from dataplane.node import (
     RelayConfig,
 )
 from dataplane.wireguard.allowedips import AllowedIps
-from protocol.phoenix import ChannelFailed, ChannelJoined, LinkHiccuped, PhoenixChannel, PushReceived
+from lab.portal_channel import (
+    CandidateAnnouncements,
+    NodeTimer,
+    PortalChannelDriver,
+    SessionEnd,
+    client_socket_url,
+)
+from protocol.phoenix import ChannelEvent, ChannelFailed, ChannelJoined, PushReceived
 
 log = logging.getLogger("lab.client")
 wire = logging.getLogger("lab.client.wire")  # one line per datagram: enable only to debug
@@ -126,7 +135,7 @@ class NodeDriver:
         self.local: Address = self.socket.local_address
         self.tun = Tun.create(args.tun, offload=False)
         self.loop = asyncio.get_running_loop()
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer = NodeTimer(self.loop, self.node, self.flush)
         self.done = asyncio.Event()
         self.connection_id: str = args.id
         self.first_check_at: float | None = None
@@ -165,8 +174,7 @@ class NodeDriver:
             )
             for fd in (self.socket.fileno(), self.tun.wakeup_fd, sys.stdin.fileno()):
                 self.loop.remove_reader(fd)
-            if self.timer is not None:
-                self.timer.cancel()
+            self.timer.cancel()
             self.tun.close()
             self.socket.close()
 
@@ -241,11 +249,6 @@ class NodeDriver:
         elif message.get("quit"):
             self.done.set()
 
-    def on_timer(self) -> None:
-        self.timer = None
-        self.node.handle_timeout(self.now())
-        self.flush()
-
     # -- outputs --------------------------------------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -261,7 +264,7 @@ class NodeDriver:
         while (event := self.node.poll_event()) is not None:
             self.on_event(event)
         self.maybe_create_connection()
-        self.arm_timer()
+        self.timer.arm()
 
     def on_event(self, event: object) -> None:
         if isinstance(event, CandidateGathered):
@@ -286,16 +289,6 @@ class NodeDriver:
         elif isinstance(event, NoRelays):
             self.emit(event="no_relays")
 
-    def arm_timer(self) -> None:
-        deadline = self.node.poll_timeout()
-        if self.timer is not None:
-            if deadline is not None and abs(self.timer.when() - max(deadline, self.now())) < 1e-4:
-                return
-            self.timer.cancel()
-            self.timer = None
-        if deadline is not None:
-            self.timer = self.loop.call_at(max(deadline, self.now()), self.on_timer)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lab.client", description=__doc__.split("\n\n")[0])
@@ -318,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- headless Firezone client (portal mode) ------------------------------------------------------------------------
 
-CLIENT_TOPIC = "client"
 TUN_MTU = 1280  # docs/protocol.md §4.1
 TUN_BATCH = 128  # packets per TUN wake-up, as the gateway takes them
 MAX_EARLY_CANDIDATES = 64
@@ -489,7 +481,16 @@ class HeadlessClient:
         private_key = X25519PrivateKey.generate().private_bytes_raw()
         self.node = Node(NodeRole.CLIENT, private_key, rng=SystemRng(), wall_clock=time.time)
         self.public_key_b64 = base64.b64encode(self.node.public_key).decode()
-        self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
+        self.portal = PortalChannelDriver(
+            self.loop,
+            url=client_socket_url(args.portal, self.public_key_b64),
+            token=args.token,
+            on_event=self.on_portal_event,
+            after_input=self.flush,
+            open_timeout=PORTAL_OPEN_TIMEOUT,
+        )
+        self.portal_backoff = Backoff(initial_connect_policy(), SystemRng())
+        self.portal_lost_at: float | None = None  # when the portal went away; None while joined
         self.drops = DropCounter()
         self.routes = ResourceRoutes()
         self.resources: dict[str, object] = {}
@@ -503,9 +504,7 @@ class HeadlessClient:
         self.local: Address = ("0.0.0.0", 0)
         self.tun: Tun | None = None
         self.initialised = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.portal_timer: asyncio.TimerHandle | None = None
-        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.timer = NodeTimer(self.loop, self.node, self.flush)
         self.done = asyncio.Event()
         self.exit_code = 0
         self.stdin_buffer = b""
@@ -545,9 +544,8 @@ class HeadlessClient:
     def close(self) -> None:
         if self.stdin_fd is not None:
             self.loop.remove_reader(self.stdin_fd)
-        for handle in (self.timer, self.portal_timer):
-            if handle is not None:
-                handle.cancel()
+        self.timer.cancel()
+        self.portal.cancel_timer()
         for assignment in self.dns_assignments.values():
             if assignment.retransmit is not None:
                 assignment.retransmit.cancel()
@@ -574,58 +572,41 @@ class HeadlessClient:
     # -- the portal -----------------------------------------------------------------------------------------------
 
     async def run_portal(self) -> None:
-        base = self.args.portal.rstrip("/")
-        url = f"{base}/client/websocket?{urlencode({'public_key': self.public_key_b64})}"
-        headers = {"X-Authorization": f"Bearer {self.args.token}"}
-        try:
-            async with ws_connect(url, additional_headers=headers, open_timeout=PORTAL_OPEN_TIMEOUT) as ws:
-                sender = self.loop.create_task(self.send_frames(ws))
-                try:
-                    self.channel.connect(self.now())
-                    self.after_portal_input()
-                    async for frame in ws:
-                        self.channel.receive_text(frame, self.now())
-                        self.after_portal_input()
-                finally:
-                    sender.cancel()
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            self.emit("failed", reason=f"portal: {exc}")
-            self.stop(1)
-            return
-        if not self.done.is_set():
-            self.emit("failed", reason="portal: the socket closed")
-            self.stop(1)
-
-    async def send_frames(self, ws: ClientConnection) -> None:
-        while True:
-            await ws.send(await self.outbox.get())
-
-    def after_portal_input(self) -> None:
-        while (event := self.channel.poll_event()) is not None:
-            if isinstance(event, PushReceived):
-                self.on_push(event.event, event.payload)
-            elif isinstance(event, ChannelJoined):
-                log.info("joined the portal's client channel")
-            elif isinstance(event, LinkHiccuped | ChannelFailed):
-                self.emit("failed", reason=f"portal: {event}")
+        """Holds the portal link until stopped, reconnecting with the gateway's backoff (docs/protocol.md §1.7):
+        1 s apart for 15 s at start, then, once joined, 0.5 s growing 1.5x (jittered) for up to a day. Tunnels,
+        routes and traffic go on meanwhile; only a refused token or join (or a spent budget) ends the client."""
+        while not self.done.is_set():
+            ended = await self.portal.session()
+            if self.done.is_set():
+                return
+            self.on_portal_lost(ended)
+            delay = None if ended.fatal else self.portal_backoff.next_delay(ended.retry_after)
+            if delay is None:
+                self.emit("failed", reason=f"portal: {ended}")
                 self.stop(1)
-        self.flush_portal()
-        self.flush()
+                return
+            self.emit("portal_lost", reason=str(ended), retry_seconds=round(delay, 3))
+            await asyncio.sleep(delay)
 
-    def flush_portal(self) -> None:
-        while (frame := self.channel.poll_send()) is not None:
-            self.outbox.put_nowait(frame)
-        if self.portal_timer is not None:
-            self.portal_timer.cancel()
-            self.portal_timer = None
-        deadline = self.channel.poll_timeout()
-        if deadline is not None:
-            self.portal_timer = self.loop.call_at(max(deadline[0], self.now()), self.on_portal_timer)
+    def on_portal_lost(self, ended: SessionEnd) -> None:
+        """The portal's socket is gone: what was asked and not answered is asked again after the next ``init`` (the
+        portal forgets a flow whose client left before it was created)."""
+        if self.portal_lost_at is None and self.initialised:
+            self.portal_lost_at = self.now()
+            log.info("portal lost: %s", ended)
+        unanswered = [r for r in self.requested_at if r not in self.queued_requests]
+        self.queued_requests.extend(unanswered)
+        self.requested_at.clear()
 
-    def on_portal_timer(self) -> None:
-        self.portal_timer = None
-        self.channel.handle_timeout(self.now())
-        self.after_portal_input()
+    def on_portal_event(self, event: ChannelEvent) -> None:
+        if isinstance(event, PushReceived):
+            self.on_push(event.event, event.payload)
+        elif isinstance(event, ChannelJoined):
+            log.info("joined the portal's client channel")
+            # As the gateway: a link that has joined once is retried with the reconnect policy from its start.
+            self.portal_backoff = Backoff(reconnect_policy(), SystemRng())
+        elif isinstance(event, ChannelFailed):
+            log.warning("portal channel failed: %s", event.detail)
 
     def on_push(self, event: str, payload: object) -> None:
         body = payload if isinstance(payload, dict) else {}
@@ -671,6 +652,11 @@ class HeadlessClient:
                 local=list(self.local),
                 resources=sorted(self.resources),
             )
+        elif self.portal_lost_at is not None:
+            # A rejoin: connections, routes and DNS assignments were kept; the relays below are the same ones
+            # (same credentials: the Node keeps their allocations).
+            self.emit("portal_rejoined", down_seconds=self.now() - self.portal_lost_at)
+        self.portal_lost_at = None
         self.node.update_relays([], self.parse_relays(body.get("relays")), self.now())
         queued, self.queued_requests = self.queued_requests, []
         for resource_id in queued:
@@ -707,14 +693,14 @@ class HeadlessClient:
             return str(probe.getsockname()[0])
 
     def request(self, resource_id: str) -> None:
-        """``create_flow`` for a resource (queued until ``init`` arrived)."""
-        if not self.initialised:
-            self.queued_requests.append(resource_id)
+        """``create_flow`` for a resource (queued until ``init`` arrived, also after a rejoin)."""
+        if not self.initialised or self.portal_lost_at is not None or not self.portal.joined:
+            if resource_id not in self.queued_requests:
+                self.queued_requests.append(resource_id)
             return
         connected = [g for g, f in self.flows.items() if f.connected]
         self.requested_at[resource_id] = self.now()
-        self.channel.push("create_flow", {"resource_id": resource_id, "connected_gateway_ids": connected}, self.now())
-        self.flush_portal()
+        self.portal.push("create_flow", {"resource_id": resource_id, "connected_gateway_ids": connected})
 
     def on_flow_creation_failed(self, body: dict[str, Any]) -> None:
         resource_id, reason = body.get("resource_id"), body.get("reason")
@@ -888,11 +874,6 @@ class HeadlessClient:
             self.node.encapsulate_batch(batch_gateway, batch, now)
         self.flush()
 
-    def on_timer(self) -> None:
-        self.timer = None
-        self.node.handle_timeout(self.now())
-        self.flush()
-
     def send_transmits(self) -> None:
         transmits: list[Transmit] = []
         while (transmit := self.node.poll_transmit()) is not None:
@@ -902,25 +883,15 @@ class HeadlessClient:
 
     def flush(self) -> None:
         self.send_transmits()
-        announced: dict[tuple[str, str], list[str]] = {}
+        announced = CandidateAnnouncements()
         while (event := self.node.poll_event()) is not None:
-            if isinstance(event, CandidateGathered | CandidateInvalidated):
-                kind = (
-                    "broadcast_ice_candidates"
-                    if isinstance(event, CandidateGathered)
-                    else ("broadcast_invalidated_ice_candidates")
-                )
-                announced.setdefault((kind, event.connection_id), []).append(event.candidate.to_sdp())
-            else:
+            if not announced.add(event):
                 self.on_node_event(event)
-        now = self.now()
-        for (kind, gateway_id), sdps in announced.items():
-            self.channel.push(kind, {"gateway_ids": [gateway_id], "candidates": sdps}, now)
-        if announced:
-            self.flush_portal()
+        # While the portal is away these are dropped by the channel: the gateway keeps the candidates it has.
+        announced.push_to(self.portal)
         self.connect_waiting_flows()
         self.send_transmits()
-        self.arm_timer()
+        self.timer.arm()
 
     def on_node_event(self, event: object) -> None:
         now = self.now()
@@ -957,16 +928,6 @@ class HeadlessClient:
                 self.remove_flow(event.connection_id)
         elif isinstance(event, NoRelays):
             self.emit("no_relays")
-
-    def arm_timer(self) -> None:
-        deadline = self.node.poll_timeout()
-        if self.timer is not None:
-            if deadline is not None and abs(self.timer.when() - max(deadline, self.now())) < 1e-4:
-                return
-            self.timer.cancel()
-            self.timer = None
-        if deadline is not None:
-            self.timer = self.loop.call_at(max(deadline, self.now()), self.on_timer)
 
     # -- commands -------------------------------------------------------------------------------------------------
 
@@ -1103,7 +1064,7 @@ async def _main(argv: Sequence[str] | None) -> None:
 
 
 def headless_main(argv: Sequence[str]) -> int:
-    """Portal mode (``firezone-lab client``): runs until ``quit``, EOF on stdin or the portal dropping us."""
+    """Portal mode (``firezone-lab client``): runs until ``quit``, EOF on stdin or a fatal portal error."""
     return asyncio.run(_headless_main(argv))
 
 

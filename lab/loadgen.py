@@ -40,19 +40,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlparse
+from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import WebSocketException
 
 from dataplane.base import Address, Transmit
 from dataplane.io.rng import SystemRng
 from dataplane.io.udp import UdpSocket
 from dataplane.node import (
-    CandidateGathered,
-    CandidateInvalidated,
     ConnectionClosed,
     ConnectionEstablished,
     ConnectionFailed,
@@ -60,8 +55,9 @@ from dataplane.node import (
     NodeRole,
     RelayConfig,
 )
-from lab.client import CLIENT_TOPIC, FlowGrant, parse_portal_relays
-from protocol.phoenix import ChannelFailed, LinkHiccuped, PhoenixChannel, PushReceived
+from lab.client import FlowGrant, parse_portal_relays
+from lab.portal_channel import CandidateAnnouncements, NodeTimer, PortalChannelDriver, client_socket_url
+from protocol.phoenix import ChannelEvent, ChannelFailed, LinkHiccuped, PushReceived
 
 log = logging.getLogger("lab.loadgen")
 
@@ -178,7 +174,8 @@ class LoadClient:
     token: str
     generator: LoadGenerator
     node: Node = field(init=False)
-    channel: PhoenixChannel = field(init=False)
+    portal: PortalChannelDriver = field(init=False)
+    timer: NodeTimer = field(init=False)
     public_key_b64: str = field(init=False)
     socket: UdpSocket | None = None
     local: Address = ("0.0.0.0", 0)
@@ -189,10 +186,7 @@ class LoadClient:
     requested_at: float | None = None
     established_at: float | None = None
     failure: str | None = None
-    timer: asyncio.TimerHandle | None = None
-    portal_timer: asyncio.TimerHandle | None = None
     ping_timer: asyncio.TimerHandle | None = None
-    outbox: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     in_flight: dict[int, float] = field(default_factory=dict)
     next_sequence: int = 0
     pings_sent: int = 0
@@ -204,7 +198,15 @@ class LoadClient:
         key = X25519PrivateKey.generate().private_bytes_raw()
         self.node = Node(NodeRole.CLIENT, key, rng=SystemRng(), wall_clock=time.time)
         self.public_key_b64 = base64.b64encode(self.node.public_key).decode()
-        self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
+        self.portal = PortalChannelDriver(
+            self.loop,
+            url=client_socket_url(self.generator.args.portal, self.public_key_b64),
+            token=self.token,
+            on_event=self.on_portal_event,
+            after_input=self.flush,
+            open_timeout=PORTAL_OPEN_TIMEOUT,
+        )
+        self.timer = NodeTimer(self.loop, self.node, self.flush)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -226,7 +228,7 @@ class LoadClient:
         (as a client would after a portal restart), up to :data:`PORTAL_ATTEMPTS` times."""
         reason = "portal: not tried"
         for attempt in range(PORTAL_ATTEMPTS):
-            reason = await self._portal_session()
+            reason = f"portal: {(await self.portal.session()).reason}"
             if self.generator.stopping or self.established_at is not None or self.failure is not None:
                 return
             if attempt + 1 < PORTAL_ATTEMPTS:
@@ -234,56 +236,11 @@ class LoadClient:
                 await asyncio.sleep(PORTAL_RETRY_DELAY * (attempt + 1))
         self.fail(reason)
 
-    async def _portal_session(self) -> str:
-        """One WebSocket to the portal, until it closes; returns why it ended."""
-        args = self.generator.args
-        url = f"{args.portal.rstrip('/')}/client/websocket?{urlencode({'public_key': self.public_key_b64})}"
-        headers = {"X-Authorization": f"Bearer {self.token}"}
-        self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
-        self.outbox = asyncio.Queue()
-        try:
-            # proxy=None: the lab portal is never behind a proxy, and looking one up reads the environment per socket.
-            async with ws_connect(url, additional_headers=headers, open_timeout=PORTAL_OPEN_TIMEOUT, proxy=None) as ws:
-                sender = self.loop.create_task(self._send_frames(ws))
-                try:
-                    self.channel.connect(self.now())
-                    self.after_portal_input()
-                    async for frame in ws:
-                        self.channel.receive_text(frame, self.now())
-                        self.after_portal_input()
-                finally:
-                    sender.cancel()
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            return f"portal: {type(exc).__name__}"
-        return "portal: the socket closed"
-
-    async def _send_frames(self, ws: ClientConnection) -> None:
-        while True:
-            await ws.send(await self.outbox.get())
-
-    def after_portal_input(self) -> None:
-        while (event := self.channel.poll_event()) is not None:
-            if isinstance(event, PushReceived):
-                self.on_push(event.event, event.payload)
-            elif isinstance(event, LinkHiccuped | ChannelFailed):
-                self.fail(f"portal: {type(event).__name__}")
-        self.flush_portal()
-        self.flush()
-
-    def flush_portal(self) -> None:
-        while (frame := self.channel.poll_send()) is not None:
-            self.outbox.put_nowait(frame)
-        if self.portal_timer is not None:
-            self.portal_timer.cancel()
-            self.portal_timer = None
-        deadline = self.channel.poll_timeout()
-        if deadline is not None:
-            self.portal_timer = self.loop.call_at(max(deadline[0], self.now()), self.on_portal_timer)
-
-    def on_portal_timer(self) -> None:
-        self.portal_timer = None
-        self.channel.handle_timeout(self.now())
-        self.after_portal_input()
+    def on_portal_event(self, event: ChannelEvent) -> None:
+        if isinstance(event, PushReceived):
+            self.on_push(event.event, event.payload)
+        elif isinstance(event, LinkHiccuped | ChannelFailed):
+            self.fail(f"portal: {type(event).__name__}")
 
     def on_push(self, event: str, payload: object) -> None:
         body = payload if isinstance(payload, dict) else {}
@@ -323,7 +280,7 @@ class LoadClient:
         if self.requested_at is None:
             self.requested_at = self.now()
         payload = {"resource_id": self.generator.args.resource, "connected_gateway_ids": []}
-        self.channel.push("create_flow", payload, self.now())
+        self.portal.push("create_flow", payload)
 
     def on_flow_created(self, payload: object) -> None:
         grant = FlowGrant.parse(payload)
@@ -409,11 +366,6 @@ class LoadClient:
         if self.generator.pinging:
             self.ping_timer = self.loop.call_later(1.0 / self.generator.args.rate, self.send_ping)
 
-    def on_timer(self) -> None:
-        self.timer = None
-        self.node.handle_timeout(self.now())
-        self.flush()
-
     def flush(self) -> None:
         transmits: list[Transmit] = []
         while (transmit := self.node.poll_transmit()) is not None:
@@ -423,32 +375,24 @@ class LoadClient:
             relays = self.generator.relay_addresses
             for transmit in transmits:
                 self.datagrams["to_relays" if transmit.dst in relays else "to_others"] += 1
-        announced: dict[tuple[str, str], list[str]] = {}
+        announced = CandidateAnnouncements()
         while (event := self.node.poll_event()) is not None:
-            if isinstance(event, CandidateGathered | CandidateInvalidated):
-                kind = (
-                    "broadcast_ice_candidates"
-                    if isinstance(event, CandidateGathered)
-                    else ("broadcast_invalidated_ice_candidates")
-                )
-                announced.setdefault((kind, event.connection_id), []).append(event.candidate.to_sdp())
-            elif isinstance(event, ConnectionEstablished):
+            if announced.add(event):
+                continue
+            if isinstance(event, ConnectionEstablished):
                 self.on_established()
             elif isinstance(event, ConnectionFailed):
                 self.fail(f"connection failed: {event.reason}")
             elif isinstance(event, ConnectionClosed):
                 self.fail("connection closed")
-        for (kind, gateway_id), sdps in announced.items():
-            self.channel.push(kind, {"gateway_ids": [gateway_id], "candidates": sdps}, self.now())
-        if announced:
-            self.flush_portal()
+        announced.push_to(self.portal)
         if self.grant is not None and not self.grant.connected:
             # A relay may just have been measured: the connection can be made now, and its first checks go out.
             self.connect_when_ready()
             if self.grant.connected:
                 self.flush()
                 return
-        self.arm_timer()
+        self.timer.arm()
 
     def on_established(self) -> None:
         if self.established_at is not None:
@@ -458,20 +402,11 @@ class LoadClient:
             self.generator.settled()
         self.send_ping()
 
-    def arm_timer(self) -> None:
-        deadline = self.node.poll_timeout()
-        if self.timer is not None:
-            if deadline is not None and abs(self.timer.when() - max(deadline, self.now())) < 1e-4:
-                return
-            self.timer.cancel()
-            self.timer = None
-        if deadline is not None:
-            self.timer = self.loop.call_at(max(deadline, self.now()), self.on_timer)
-
     def close(self) -> None:
-        for handle in (self.timer, self.portal_timer, self.ping_timer):
-            if handle is not None:
-                handle.cancel()
+        self.timer.cancel()
+        self.portal.cancel_timer()
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
         if self.socket is not None:
             self.loop.remove_reader(self.socket.fileno())
             self.socket.close()

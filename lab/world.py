@@ -613,7 +613,7 @@ class LabWorld:
     def rebind_nat(self, router: Literal["natg", "natc"]) -> None:
         """A NAT rebinding, as when a client roams: the router forgets its mappings and maps every UDP flow behind
         it to a new random port from now on. TCP flows are mapped to the same ports again, so the portal
-        connections survive (the lab client does not reconnect to the portal)."""
+        connections survive."""
         entry = self._routers[router]
         if entry.mode in (None, "none"):
             raise ValueError("rebinding needs a masquerading router")
@@ -800,8 +800,9 @@ class LabWorld:
 
     async def bounce_portal_for_gateways(self, downtime: float = 1.0) -> None:
         """A portal restart as the gateways see it: their sockets close (1001), new connections are refused for
-        ``downtime`` s, then accepted again. Client sockets stay up, because the lab client does not reconnect
-        (a full :meth:`restart_portal` ends it); config, log and tunnel IPs survive either way."""
+        ``downtime`` s, then accepted again. Client sockets stay up (the load generator's identities only rejoin
+        until they connected; :meth:`restart_portal` closes the clients' sockets too, and lab clients rejoin);
+        config, log and tunnel IPs survive either way."""
         portal = self.need_portal()
         portal.faults.refuse_connections = True
         try:

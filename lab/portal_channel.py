@@ -1,0 +1,221 @@
+"""What the lab's portal clients share: the headless client (:mod:`lab.client`) and the load generator's identities
+(:mod:`lab.loadgen`) both drive a Phoenix ``client`` channel over one WebSocket at a time, a Node with one timer, and
+announce the candidates their Node gathers with one portal push per (kind, gateway).
+
+:class:`PortalChannelDriver` is the channel's I/O: a session opens the WebSocket, joins, hands every channel event to
+the owner, keeps the channel's deadline (join timeout, heartbeat) on one loop timer and ends when the socket closes, the
+link hiccups or the channel fails. Reconnecting is the owner's choice (its policy differs: the headless client backs
+off as the gateway does, a load identity only retries until it connected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+
+from agent.portal import classify_rejection
+from dataplane.node import CandidateGathered, CandidateInvalidated, Node
+from protocol.errors import PortalError
+from protocol.phoenix import ChannelEvent, ChannelFailed, LinkHiccuped, PhoenixChannel
+
+CLIENT_TOPIC = "client"
+CLIENT_SOCKET_PATH = "/client/websocket"
+
+
+def client_socket_url(portal: str, public_key_b64: str) -> str:
+    """The client channel's WebSocket URL under the portal's base URL; the key identifies this client (§2.3)."""
+    return f"{portal.rstrip('/')}{CLIENT_SOCKET_PATH}?{urlencode({'public_key': public_key_b64})}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """Why one portal session ended."""
+
+    reason: str
+    """``the socket closed``, the channel event (``LinkHiccuped``, ``ChannelFailed``) or the exception's type."""
+    detail: str = ""
+    fatal: bool = False
+    """The portal refused our token (HTTP 401) or rejected the join: trying again cannot help."""
+    retry_after: float | None = None
+    """The portal's ``Retry-After`` on a refused upgrade, in seconds."""
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+class PortalChannelDriver:
+    """One Phoenix channel to the portal, driven on the event loop.
+
+    ``on_event`` gets every channel event (pushes, joined, hiccup, failure) as it happens; ``after_input`` runs once
+    after each batch of input (a frame or the channel's timer), when the owner flushes its Node."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        url: str,
+        token: str,
+        on_event: Callable[[ChannelEvent], None],
+        after_input: Callable[[], None],
+        open_timeout: float,
+    ) -> None:
+        self.loop = loop
+        self.url = url
+        self._token = token
+        self._on_event = on_event
+        self._after_input = after_input
+        self._open_timeout = open_timeout
+        self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
+        # Frames for the session's sender; None asks it to close the socket (the channel gave the link up).
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._timer: asyncio.TimerHandle | None = None
+        self._ended_by: ChannelEvent | None = None
+
+    @property
+    def joined(self) -> bool:
+        return self.channel.joined
+
+    def push(self, event: str, payload: Any) -> bool:
+        """Sends an application message on the channel (False: not connected, dropped by the channel)."""
+        accepted = self.channel.push(event, payload, self.loop.time())
+        self.flush()
+        return accepted
+
+    async def session(self) -> SessionEnd:
+        """One WebSocket to the portal, from the upgrade until it closes; returns why it ended."""
+        headers = {"X-Authorization": f"Bearer {self._token}"}
+        self._outbox = asyncio.Queue()
+        self._ended_by = None
+        try:
+            # proxy=None: the lab portal is never behind a proxy, and looking one up reads the environment per socket.
+            async with ws_connect(
+                self.url, additional_headers=headers, open_timeout=self._open_timeout, proxy=None
+            ) as ws:
+                sender = self.loop.create_task(self._send_frames(ws))
+                try:
+                    self.channel.connect(self.loop.time())
+                    self._handle_input()
+                    async for frame in ws:
+                        self.channel.receive_text(frame, self.loop.time())
+                        self._handle_input()
+                finally:
+                    sender.cancel()
+        except InvalidStatus as exc:
+            response = exc.response
+            verdict = classify_rejection(
+                response.status_code, dict(response.headers.raw_items()), bytes(response.body or b""), time.time()
+            )
+            if isinstance(verdict, PortalError):
+                return SessionEnd("InvalidStatus", str(verdict), fatal=True)
+            return SessionEnd("InvalidStatus", str(verdict), retry_after=verdict.retry_after)
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            return SessionEnd(type(exc).__name__, str(exc))
+        finally:
+            self.channel.connection_lost(self.loop.time())
+            self.cancel_timer()
+        if isinstance(self._ended_by, ChannelFailed):
+            return SessionEnd("ChannelFailed", self._ended_by.detail, fatal=True)
+        if isinstance(self._ended_by, LinkHiccuped):
+            return SessionEnd("LinkHiccuped", self._ended_by.reason.value)
+        return SessionEnd("the socket closed")
+
+    async def _send_frames(self, ws: ClientConnection) -> None:
+        while (frame := await self._outbox.get()) is not None:
+            await ws.send(frame)
+        await ws.close()
+
+    def _handle_input(self) -> None:
+        while (event := self.channel.poll_event()) is not None:
+            if isinstance(event, LinkHiccuped | ChannelFailed) and self._ended_by is None:
+                self._ended_by = event
+            self._on_event(event)
+        self.flush()
+        if self._ended_by is not None:
+            self._outbox.put_nowait(None)  # after the frames the channel emitted on its way down
+        self._after_input()
+
+    def flush(self) -> None:
+        """Queues the channel's frames for the socket and re-arms its timer."""
+        while (frame := self.channel.poll_send()) is not None:
+            self._outbox.put_nowait(frame)
+        self.cancel_timer()
+        deadline = self.channel.poll_timeout()
+        if deadline is not None:
+            self._timer = self.loop.call_at(max(deadline[0], self.loop.time()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.channel.handle_timeout(self.loop.time())
+        self._handle_input()
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class NodeTimer:
+    """A Node's one timer on the event loop: due at ``node.poll_timeout()``, it runs ``handle_timeout`` and then
+    ``after`` (the owner's flush, which re-arms it)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, node: Node, after: Callable[[], None]) -> None:
+        self.loop = loop
+        self.node = node
+        self._after = after
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        deadline = self.node.poll_timeout()
+        now = self.loop.time()
+        if self._handle is not None:
+            if deadline is not None and abs(self._handle.when() - max(deadline, now)) < 1e-4:
+                return
+            self._handle.cancel()
+            self._handle = None
+        if deadline is not None:
+            self._handle = self.loop.call_at(max(deadline, now), self._on_timer)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _on_timer(self) -> None:
+        self._handle = None
+        self.node.handle_timeout(self.loop.time())
+        self._after()
+
+
+class CandidateAnnouncements:
+    """The candidates one Node poll gathered or invalidated, grouped per (kind, connection) into one portal push each:
+    ``broadcast_ice_candidates`` / ``broadcast_invalidated_ice_candidates`` to that gateway (§2.3)."""
+
+    def __init__(self) -> None:
+        self._sdps: dict[tuple[str, str], list[str]] = {}
+
+    def add(self, event: object) -> bool:
+        """Takes ``event`` if it is a candidate event (True); anything else is the caller's (False)."""
+        if isinstance(event, CandidateGathered):
+            kind = "broadcast_ice_candidates"
+        elif isinstance(event, CandidateInvalidated):
+            kind = "broadcast_invalidated_ice_candidates"
+        else:
+            return False
+        self._sdps.setdefault((kind, event.connection_id), []).append(event.candidate.to_sdp())
+        return True
+
+    def push_to(self, portal: PortalChannelDriver) -> None:
+        now = portal.loop.time()
+        for (kind, gateway_id), sdps in self._sdps.items():
+            portal.channel.push(kind, {"gateway_ids": [gateway_id], "candidates": sdps}, now)
+        if self._sdps:
+            portal.flush()
+        self._sdps.clear()

@@ -100,6 +100,8 @@ class PortalChannelDriver:
                 self.url, additional_headers=headers, open_timeout=self._open_timeout, proxy=None
             ) as ws:
                 sender = self.loop.create_task(self._send_frames(ws))
+                # A send that fails on a dying socket ends the sender; the receiving loop reports the close.
+                sender.add_done_callback(lambda task: task.cancelled() or task.exception())
                 try:
                     self.channel.connect(self.loop.time())
                     self._handle_input()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -28,12 +30,24 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def start_client(portal: DevPortal, monkeypatch: pytest.MonkeyPatch, *resources: str) -> HeadlessClient:
+@contextlib.asynccontextmanager
+async def running_client(
+    portal: DevPortal, monkeypatch: pytest.MonkeyPatch, *resources: str
+) -> AsyncIterator[HeadlessClient]:
+    """A headless client (data plane stubbed out) holding its portal link until the block ends."""
     monkeypatch.setattr(lab_client, "run_ip", lambda arguments, check=True: None)
     monkeypatch.setattr(HeadlessClient, "start_data_plane", lambda self, ipv4, ipv6, relays: None)
     requests = [part for resource in resources for part in ("--resource", resource)]
     args = build_headless_parser().parse_args(["--portal", portal.url, "--token", "client-token", *requests])
-    return HeadlessClient(args)
+    client = HeadlessClient(args)
+    link = asyncio.create_task(client.run_portal())
+    try:
+        yield client
+    finally:
+        client.stop(0)
+        link.cancel()
+        await asyncio.gather(link, return_exceptions=True)
+        client.close()
 
 
 async def restart(portal: DevPortal) -> None:
@@ -52,9 +66,7 @@ async def test_a_restarted_portal_is_rejoined_and_the_flow_is_kept(
         async with connect(f"{portal.url}/gateway/v2/websocket?{query}", additional_headers=headers) as gateway:
             await gateway.send(json.dumps({"topic": "gateway", "event": "phx_join", "payload": {}, "ref": 0}))
             await portal.wait_for(kind="sent", event="init")
-            client = await start_client(portal, monkeypatch, "res-lan")
-            running = asyncio.create_task(client.run_portal())
-            try:
+            async with running_client(portal, monkeypatch, "res-lan") as client:
                 authorization = await portal.wait_for(kind="sent", event="create_authorization")
                 created = {"ref": authorization.payload["ref"]}
                 await gateway.send(
@@ -71,11 +83,6 @@ async def test_a_restarted_portal_is_rejoined_and_the_flow_is_kept(
                 assert list(client.flows) == [gateway_id]
                 assert client.routes.lookup(ipv4_packet("172.20.3.4")) == gateway_id
                 assert not client.done.is_set()
-            finally:
-                client.stop(0)
-                running.cancel()
-                await asyncio.gather(running, return_exceptions=True)
-                client.close()
     kinds = [e["event"] for e in emitted(capsys)]
     assert kinds[:2] == ["joined", "flow_created"], kinds
     assert "portal_lost" in kinds and kinds[-1] == "portal_rejoined", kinds
@@ -86,9 +93,7 @@ async def test_a_resource_asked_for_while_the_portal_is_away_is_asked_for_after_
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with DevPortal(CONFIG, host="127.0.0.1", port=0) as portal:
-        client = await start_client(portal, monkeypatch)
-        running = asyncio.create_task(client.run_portal())
-        try:
+        async with running_client(portal, monkeypatch) as client:
             await portal.wait_for(kind="sent", event="init", client="client-1")
             await until(lambda: client.initialised)
             await portal.stop()
@@ -101,11 +106,6 @@ async def test_a_resource_asked_for_while_the_portal_is_away_is_asked_for_after_
             assert asked.payload["resource_id"] == "res-lan"
             await portal.wait_for(since=restarted_at, kind="sent", event="flow_creation_failed")
             await until(lambda: not client.requested_at)
-        finally:
-            client.stop(0)
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
-            client.close()
     events = emitted(capsys)
     lost = [e for e in events if e["event"] == "portal_lost"]
     assert lost and all(e["retry_seconds"] > 0 for e in lost), events
@@ -113,3 +113,23 @@ async def test_a_resource_asked_for_while_the_portal_is_away_is_asked_for_after_
         "portal_rejoined",
         "flow_creation_failed",
     ], events
+
+
+async def test_a_flow_the_portal_left_unanswered_is_asked_for_again_after_the_rejoin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with DevPortal(CONFIG, host="127.0.0.1", port=0) as portal:
+        query = urlencode({"external_id": "gw", "public_key": base64.b64encode(os.urandom(32)).decode()})
+        headers = {"X-Authorization": "Bearer gw-token"}
+        async with connect(f"{portal.url}/gateway/v2/websocket?{query}", additional_headers=headers) as gateway:
+            await gateway.send(json.dumps({"topic": "gateway", "event": "phx_join", "payload": {}, "ref": 0}))
+            await portal.wait_for(kind="sent", event="init")
+            async with running_client(portal, monkeypatch, "res-lan") as client:
+                # The gateway never answers create_authorization: the flow is pending when the portal stops.
+                await portal.wait_for(kind="sent", event="create_authorization")
+                assert list(client.requested_at) == ["res-lan"]
+                restarted_at = portal.next_seq
+                await restart(portal)
+                asked = await portal.wait_for(since=restarted_at, kind="received", event="create_flow", timeout=15)
+                assert asked.payload["resource_id"] == "res-lan"
+                assert not client.flows

@@ -821,13 +821,14 @@ class Node:
     def _handle_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
         message_class = (data[0] & 0x01) << 1 | (data[1] & 0x10) >> 4
         conn: _Connection | None
+        decoded: stun.StunMessage | None = None
         if message_class == stun.MessageClass.REQUEST:
-            conn = self._connection_for_request(data)
+            conn, decoded = self._connection_for_request(data)
         else:
             # The transaction id (bytes 8-20 of the header) names the agent that sent the request.
             agent = self._agents.agent_for_transaction(data[8:20])
             conn = None if agent is None else self._by_agent.get(agent)
-        if conn is not None and conn.agent.handle_stun(data, src, local, now):
+        if conn is not None and conn.agent.handle_stun(data, src, local, now, decoded):
             self._pump_connection(conn, now)
             return
         if message_class != stun.MessageClass.REQUEST and conn is None and self._agents.recently_finished(data[8:20]):
@@ -835,16 +836,18 @@ class Node:
             return
         self.drops.drop(DropReason.STUN_NO_CONNECTION)
 
-    def _connection_for_request(self, data: bytes) -> _Connection | None:
+    def _connection_for_request(self, data: bytes) -> tuple[_Connection | None, stun.StunMessage | None]:
+        """The connection a BINDING request's USERNAME names, and the decoded request (handed on to its agent)."""
         try:
-            username = stun.decode(data).username()
+            request = stun.decode(data)
+            username = request.username()
         except stun.StunParseError:
-            return None
+            return None, None
         if username is None:
-            return None
+            return None, request
         local_ufrag, _, remote_ufrag = username.partition(":")
         matches = self._by_ufrags.get((local_ufrag, remote_ufrag))
-        return matches[0] if matches else None
+        return (matches[0] if matches else None), request
 
     def _handle_wireguard(
         self, data: bytes, src: Address, local: Address, now: float
@@ -1006,7 +1009,10 @@ class Node:
             conn = self._connections.get(connection_id)
             if conn is None:
                 continue
-            deadline = _deadline(conn.agent.poll_timeout())
+            # The filed agent deadline is never later than the agent's own (see _refresh_deadline): when it lies
+            # ahead, the tunnel's timer is what is due and the agent's pairs need no walk.
+            filed = conn.agent_deadline
+            deadline = _deadline(conn.agent.poll_timeout()) if filed is not None and filed <= now else None
             if deadline is not None and deadline <= now:
                 conn.agent.handle_timeout(now)
             deadline = _deadline(conn.tunnel.poll_timeout())

@@ -498,17 +498,21 @@ class IceAgent:
             self._directory._remove_pair(key, self)
         self._outstanding.clear()
 
-    def handle_stun(self, data: bytes, src: Address, local: Address, now: float) -> bool:
+    def handle_stun(
+        self, data: bytes, src: Address, local: Address, now: float, decoded: stun.StunMessage | None = None
+    ) -> bool:
         """Handles a STUN message received on ``local`` (host socket or relay address) from ``src``.
 
         Returns True when the message belonged to this agent (even if it was then dropped), False when it is not
         ours (another transaction, another agent's username, not a binding message) so the caller can route it on.
+        ``decoded``: ``stun.decode(data)`` when the caller already has it (the Node decodes a request to find the
+        agent by its USERNAME), so it is not decoded twice.
         """
         self._tick(now)
         try:
             if not stun.is_stun(data):
                 return False
-            message = stun.decode(data)
+            message = stun.decode(data) if decoded is None else decoded
             if message.method != stun.Method.BINDING:
                 return False
             if message.is_request:

@@ -8,6 +8,7 @@ published figures: server 615.5 s, server idle 1000 s, client 16.5 s, client idl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from dataplane.stun import RetransmitPolicy
@@ -40,13 +41,19 @@ class StunTiming:
     @property
     def retransmit_policy(self) -> RetransmitPolicy:
         """The same ladder as the STUN module's policy, so checks reuse :class:`dataplane.stun.Transaction`."""
-        return RetransmitPolicy(
-            initial_rto=self.initial_rto,
-            max_rto=self.max_rto,
-            backoff=2.0,
-            max_transmissions=self.max_retransmits + 1,
-            max_elapsed=self.timeout,
-        )
+        return _retransmit_policy(self)
+
+
+@functools.lru_cache(maxsize=16)
+def _retransmit_policy(timing: StunTiming) -> RetransmitPolicy:
+    # Built once per profile: every connectivity check asks for it, and ``timeout`` sums the whole ladder.
+    return RetransmitPolicy(
+        initial_rto=timing.initial_rto,
+        max_rto=timing.max_rto,
+        backoff=2.0,
+        max_transmissions=timing.max_retransmits + 1,
+        max_elapsed=timing.timeout,
+    )
 
 
 @dataclass(frozen=True, slots=True)

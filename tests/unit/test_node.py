@@ -416,3 +416,36 @@ def test_a_second_answer_to_a_finished_check_is_counted_as_late_not_as_foreign_s
     unknown = stun.StunMessage.request(stun.Method.BINDING, os.urandom(12)).success_response()
     node.handle_input(stun.encode(unknown), client, check.src, later + 0.02)
     assert node.drops[DropReason.STUN_NO_CONNECTION] == 1  # an answer to nothing we ever sent stays foreign
+
+
+def test_a_connectivity_check_is_decoded_once_and_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Node decodes a request to find the agent by USERNAME and hands the decoded message on (no second decode).
+    world, node = _measured_world()
+    now = world.net.now
+    assert _upsert(node, now=now)
+    _events(node)
+    while node.poll_transmit() is not None:
+        pass
+    client = ("192.0.2.77", 40000)
+    request = stun.StunMessage.request(stun.Method.BINDING, bytes(range(12)))
+    request.add_username(f"{GATEWAY_CREDS.username}:{CLIENT_CREDS.username}")
+    request.add_priority(0x6E0001FF).add_ice_controlling(7)
+    data = stun.encode(request, integrity_key=stun.short_term_key(GATEWAY_CREDS.password))
+    decodes: list[bytes] = []
+    real_decode = stun.decode
+
+    def counting_decode(payload: bytes) -> stun.StunMessage:
+        decodes.append(payload)
+        return real_decode(payload)
+
+    monkeypatch.setattr(stun, "decode", counting_decode)
+    node.handle_input(data, client, LOCAL, now + 0.01)
+    answers = []
+    while (transmit := node.poll_transmit()) is not None:
+        if transmit.dst == client and stun.is_stun(transmit.payload):
+            answers.append(real_decode(transmit.payload))
+    assert decodes == [data]
+    assert [(a.message_class, a.transaction_id) for a in answers] == [
+        (stun.MessageClass.SUCCESS, request.transaction_id)
+    ]
+    assert answers[0].xor_address(stun.Attr.XOR_MAPPED_ADDRESS) == client

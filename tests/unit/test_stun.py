@@ -287,3 +287,16 @@ def test_api_misuse_raises() -> None:
         StunMessage.request(Method.BINDING, bytes(12)).add(Attr.MESSAGE_INTEGRITY, bytes(20))
     with pytest.raises(ValueError):
         stun.encode_error_code(200, "ok")
+
+
+@pytest.mark.parametrize(
+    "vector", [v for v in RFC5769["vectors"] if "xor_mapped_address" in v["expected"]], ids=lambda v: v["name"]
+)
+def test_xor_address_encodes_to_the_rfc5769_bytes_and_decodes_back(vector: dict[str, Any]) -> None:
+    xma = vector["expected"]["xor_mapped_address"]
+    address = (xma["ip"], xma["port"])
+    message = stun.decode(bytes.fromhex(vector["message_hex"]))
+    built = StunMessage.request(Method.BINDING, message.transaction_id).success_response()
+    built.add_xor_address(Attr.XOR_MAPPED_ADDRESS, address)
+    assert built.get(Attr.XOR_MAPPED_ADDRESS) == message.get(Attr.XOR_MAPPED_ADDRESS)
+    assert built.xor_address(Attr.XOR_MAPPED_ADDRESS) == address

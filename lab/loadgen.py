@@ -57,7 +57,7 @@ from dataplane.node import (
 )
 from lab.client import FlowGrant, parse_portal_relays
 from lab.portal_channel import CandidateAnnouncements, NodeTimer, PortalChannelDriver, client_socket_url
-from protocol.phoenix import ChannelEvent, ChannelFailed, LinkHiccuped, PushReceived
+from protocol.phoenix import ChannelEvent, ChannelFailed, ChannelJoined, LinkHiccuped, PushReceived
 
 log = logging.getLogger("lab.loadgen")
 
@@ -183,6 +183,9 @@ class LoadClient:
     grant: _Grant | None = None
     early_candidates: list[str] = field(default_factory=list)
     portal_retries: int = 0
+    portal_joins: int = 0
+    joins_at_last_loss: int = 0
+    """Joins counted when the portal was last lost: a join since then starts the attempts from one again."""
     requested_at: float | None = None
     established_at: float | None = None
     failure: str | None = None
@@ -224,21 +227,27 @@ class LoadClient:
     # -- the portal -------------------------------------------------------------------------------------------------
 
     async def run_portal(self) -> None:
-        """Joins the portal; a connection refused or lost before this identity's connection is up is tried again
-        (as a client would after a portal restart), up to :data:`PORTAL_ATTEMPTS` times."""
-        reason = "portal: not tried"
-        for attempt in range(PORTAL_ATTEMPTS):
+        """Holds the portal link while the run lasts. A connection refused or lost is tried again (as a client would
+        after a portal restart), up to :data:`PORTAL_ATTEMPTS` times in a row: before this identity connected that
+        ends it as failed; once connected its connection and pings go on, and so do the rejoins."""
+        attempts = 0
+        while True:
             reason = f"portal: {(await self.portal.session()).reason}"
-            if self.generator.stopping or self.established_at is not None or self.failure is not None:
+            if self.generator.stopping or self.failure is not None:
                 return
-            if attempt + 1 < PORTAL_ATTEMPTS:
-                self.portal_retries += 1
-                await asyncio.sleep(PORTAL_RETRY_DELAY * (attempt + 1))
-        self.fail(reason)
+            attempts = 1 if self.portal_joins > self.joins_at_last_loss else attempts + 1
+            self.joins_at_last_loss = self.portal_joins
+            if attempts >= PORTAL_ATTEMPTS:
+                self.fail(reason)
+                return
+            self.portal_retries += 1
+            await asyncio.sleep(PORTAL_RETRY_DELAY * attempts)
 
     def on_portal_event(self, event: ChannelEvent) -> None:
         if isinstance(event, PushReceived):
             self.on_push(event.event, event.payload)
+        elif isinstance(event, ChannelJoined):
+            self.portal_joins += 1
         elif isinstance(event, LinkHiccuped | ChannelFailed):
             self.fail(f"portal: {type(event).__name__}")
 
@@ -566,9 +575,9 @@ def prometheus_sum(text: str, name: str, **labels: str) -> float:
 async def soak(minutes: float, clients: int, rate: float, samples_path: str | None) -> list[SoakSample]:
     """The soak run (``make soak``): a lab world with the real gateway and two relays; back-to-back rounds of
     ``clients`` load identities (new keys every round: churn) pinging at ``rate``; relay 2 flaps every two minutes
-    (killed and announced gone, back 10 s later); one portal restart (as the gateway sees it) halfway. The gateway's
-    RSS, descriptors, connections and drops are sampled every 10 s, printed, and written as JSON lines to
-    ``samples_path``."""
+    (killed and announced gone, back 10 s later); one portal restart halfway (every socket closed, listening again
+    2 s later: the gateway and the identities rejoin). The gateway's RSS, descriptors, connections and drops are
+    sampled every 10 s, printed, and written as JSON lines to ``samples_path``."""
     from lab.world import LabWorld  # only the soak drives a whole world; the identity runner does not need it
 
     duration = minutes * 60
@@ -594,6 +603,7 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
                 notes.append(
                     f"round: {summary.get('connected')}/{summary.get('clients')} connected, "
                     f"{summary.get('pings_answered')}/{summary.get('pings_sent')} pings"
+                    + (f", {summary['portal_retries']} portal retries" if summary.get("portal_retries") else "")
                     + (
                         f", failures {summary.get('failures') or summary.get('error')}"
                         if summary.get("connected") != clients
@@ -607,7 +617,7 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
             while elapsed() < duration:
                 if not portal_restarted and elapsed() >= duration / 2:
                     portal_restarted = True
-                    await world.bounce_portal_for_gateways(downtime=2.0)
+                    await world.restart_portal(downtime=2.0)
                     notes.append("portal restart")
                 elif elapsed() >= next_flap and duration - elapsed() > SOAK_RELAY_DOWN_SECONDS + 10:
                     next_flap += SOAK_RELAY_FLAP_EVERY

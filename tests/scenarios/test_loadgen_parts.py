@@ -1,14 +1,28 @@
-"""The load generator's pure parts: the echo packets it makes and matches, its figures, and the soak's plot."""
+"""The load generator's parts: the echo packets it makes and matches, its figures, the soak's plot, and an identity's
+portal link against the dev portal on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP
 
-from lab.loadgen import SoakSample, echo_request, parse_echo_reply, percentile, plot_samples, prometheus_sum
+from lab.loadgen import (
+    LoadClient,
+    LoadGenerator,
+    SoakSample,
+    build_parser,
+    echo_request,
+    parse_echo_reply,
+    percentile,
+    plot_samples,
+    prometheus_sum,
+)
+from lab.portal import DevPortal
+from tests.unit.test_lab_client import CONFIG
 
 SOURCE, TARGET = bytes([100, 66, 0, 1]), bytes([172, 20, 0, 10])
 
@@ -74,3 +88,27 @@ def test_the_plot_is_a_valid_png(tmp_path: Path) -> None:
     assert data[37:41] == b"IDAT"
     raw = zlib.decompress(data[41 : 41 + length])
     assert len(raw) == height * (1 + width * 3)
+
+
+async def test_a_connected_identity_rejoins_a_restarted_portal() -> None:
+    async with DevPortal(CONFIG, host="127.0.0.1", port=0) as portal:
+        arguments = ["--portal", portal.url, "--token-prefix", "client-token", "--resource", "res-lan"]
+        generator = LoadGenerator(
+            build_parser().parse_args([*arguments, "--target", "172.20.0.10", "--bind", "127.0.0.1"])
+        )
+        identity = LoadClient(0, "client-token", generator)
+        identity.established_at = 0.0  # as if its connection were up: losing the portal must not end it
+        link = asyncio.create_task(identity.run_portal())
+        try:
+            await portal.wait_for(kind="sent", event="init", client="client-1")
+            restarted_at = portal.next_seq
+            await portal.stop()
+            await asyncio.sleep(0.3)
+            await portal.start()
+            await portal.wait_for(since=restarted_at, kind="sent", event="init", client="client-1", timeout=15)
+            assert identity.portal_joins == 2 and identity.portal_retries >= 1 and identity.failure is None
+        finally:
+            generator.stopping = True
+            link.cancel()
+            await asyncio.gather(link, return_exceptions=True)
+            identity.close()

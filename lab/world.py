@@ -798,20 +798,6 @@ class LabWorld:
             sock.close()
             raise
 
-    async def bounce_portal_for_gateways(self, downtime: float = 1.0) -> None:
-        """A portal restart as the gateways see it: their sockets close (1001), new connections are refused for
-        ``downtime`` s, then accepted again. Client sockets stay up (the load generator's identities only rejoin
-        until they connected; :meth:`restart_portal` closes the clients' sockets too, and lab clients rejoin);
-        config, log and tunnel IPs survive either way."""
-        portal = self.need_portal()
-        portal.faults.refuse_connections = True
-        try:
-            for session in list(portal.sessions):
-                await portal.drop(gateway=str(session.conn_id), code=1001)
-            await asyncio.sleep(downtime)
-        finally:
-            portal.faults.refuse_connections = False
-
     def relay_id(self, index: int) -> str:
         """Relay ``index``'s id in the portal config (what ``relays_presence`` names)."""
         return str(self.portal_config()["relays"][index]["id"])

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from lab import client as lab_client
 from lab.client import HeadlessClient, build_headless_parser
@@ -50,6 +50,17 @@ async def running_client(
         client.close()
 
 
+@contextlib.asynccontextmanager
+async def joined_gateway(portal: DevPortal) -> AsyncIterator[ClientConnection]:
+    """A raw gateway socket that has joined (and got its ``init``): the portal has a gateway to broker."""
+    query = urlencode({"external_id": "gw", "public_key": base64.b64encode(os.urandom(32)).decode()})
+    headers = {"X-Authorization": "Bearer gw-token"}
+    async with connect(f"{portal.url}/gateway/v2/websocket?{query}", additional_headers=headers) as gateway:
+        await gateway.send(json.dumps({"topic": "gateway", "event": "phx_join", "payload": {}, "ref": 0}))
+        await portal.wait_for(kind="sent", event="init")
+        yield gateway
+
+
 async def restart(portal: DevPortal) -> None:
     """Stops the portal (every socket closed with 1001) and listens again on the same port a moment later."""
     await portal.stop()
@@ -61,11 +72,7 @@ async def test_a_restarted_portal_is_rejoined_and_the_flow_is_kept(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with DevPortal(CONFIG, host="127.0.0.1", port=0) as portal:
-        query = urlencode({"external_id": "gw", "public_key": base64.b64encode(os.urandom(32)).decode()})
-        headers = {"X-Authorization": "Bearer gw-token"}
-        async with connect(f"{portal.url}/gateway/v2/websocket?{query}", additional_headers=headers) as gateway:
-            await gateway.send(json.dumps({"topic": "gateway", "event": "phx_join", "payload": {}, "ref": 0}))
-            await portal.wait_for(kind="sent", event="init")
+        async with joined_gateway(portal) as gateway:
             async with running_client(portal, monkeypatch, "res-lan") as client:
                 authorization = await portal.wait_for(kind="sent", event="create_authorization")
                 created = {"ref": authorization.payload["ref"]}
@@ -119,11 +126,7 @@ async def test_a_flow_the_portal_left_unanswered_is_asked_for_again_after_the_re
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with DevPortal(CONFIG, host="127.0.0.1", port=0) as portal:
-        query = urlencode({"external_id": "gw", "public_key": base64.b64encode(os.urandom(32)).decode()})
-        headers = {"X-Authorization": "Bearer gw-token"}
-        async with connect(f"{portal.url}/gateway/v2/websocket?{query}", additional_headers=headers) as gateway:
-            await gateway.send(json.dumps({"topic": "gateway", "event": "phx_join", "payload": {}, "ref": 0}))
-            await portal.wait_for(kind="sent", event="init")
+        async with joined_gateway(portal):
             async with running_client(portal, monkeypatch, "res-lan") as client:
                 # The gateway never answers create_authorization: the flow is pending when the portal stops.
                 await portal.wait_for(kind="sent", event="create_authorization")

@@ -22,7 +22,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=os.environ.get("CI", "").lower() == "true",
 )
-settings.load_profile("project")
+# Mutation runs (tools/mutation_report.py) run the selection once per mutant: fixed examples give every mutant the same
+# inputs, and fewer of them where a test does not set its own count.
+settings.register_profile("mutation", parent=settings.get_profile("project"), max_examples=20, derandomize=True)
+settings.load_profile(os.environ.get("FIREZONE_HYPOTHESIS_PROFILE", "project"))
 
 
 class _ErrorRecorder(logging.Handler):

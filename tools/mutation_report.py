@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -203,6 +204,7 @@ def run(module: str, max_children: int, timeout: float, *, retest_survivors: boo
             cwd=scratch,
             stdout=output,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "FIREZONE_HYPOTHESIS_PROFILE": "mutation"},
             timeout=timeout,
             check=False,
         )

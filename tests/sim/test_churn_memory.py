@@ -286,17 +286,30 @@ def gateway_tables(state: GatewayState) -> dict[str, int]:
     return tables
 
 
-# Shared by every gateway (types, functions, modules, loggers, enum members): not the state's own memory. Functions
-# also stop the walk at closures (the wall clock's reaches the whole simulated network).
+# Shared by every gateway (types, modules, loggers, enum members, code): not the state's own memory.
 _SHARED: tuple[type, ...] = (
     type,
     types.ModuleType,
-    types.FunctionType,
     types.BuiltinFunctionType,
-    types.MethodType,
+    types.CodeType,
     logging.Logger,
     enum.Enum,
 )
+
+
+def _referents(obj: object) -> Iterable[object]:
+    """What ``obj`` holds. A function holds its defaults and its closure's cells (not its module's globals: those are
+    measured on their own), a bound method its instance."""
+    if isinstance(obj, types.FunctionType):
+        return [x for x in (obj.__defaults__, obj.__kwdefaults__, obj.__closure__) if x]
+    if isinstance(obj, types.MethodType):
+        return [obj.__self__, obj.__func__]
+    return gc.get_referents(obj)
+
+
+def _external(obj: object) -> bool:
+    """The simulation's own objects (what the wall clock's closure reaches: the whole simulated network)."""
+    return type(obj).__module__.startswith("tests.")
 
 
 @dataclass
@@ -313,27 +326,27 @@ _CONTAINERS = (dict, list, set, frozenset, tuple, collections.deque)
 
 
 def reachable(roots: Iterable[object]) -> Reachable:
-    """Every object reachable from ``roots``, shared objects excluded (but walked into when they are roots). A
-    bounded ``functools.lru_cache`` counts as bounded and is not walked into."""
+    """Every object reachable from ``roots``, shared and simulation objects excluded (roots themselves are walked
+    into, not counted). A bounded ``functools.lru_cache`` counts as bounded and is not walked into."""
     seen: set[int] = set()
     stack: list[object] = []
     for root in roots:
         seen.add(id(root))
-        stack.extend(gc.get_referents(root))
+        stack.extend(_referents(root))
     found = Reachable()
     while stack:
         obj = stack.pop()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, _SHARED):
+        if isinstance(obj, _SHARED) or _external(obj):
             continue
         if isinstance(obj, functools._lru_cache_wrapper) and obj.cache_info().maxsize is not None:
             continue
         found.bytes += sys.getsizeof(obj)
         found.units += 1 + (len(obj) if isinstance(obj, _CONTAINERS) else 0)
         found.by_type[type(obj).__name__] += 1
-        stack.extend(gc.get_referents(obj))
+        stack.extend(_referents(obj))
     return found
 
 

@@ -44,6 +44,13 @@ _WG_TESTS = [
     "tests/property/test_wg_stateful.py",
     "tests/unit/test_wg_mutation_killers.py",
 ]
+# The batched seal/open paths (firezone-wg's threads, the C twin) and the Node's shared handshake-load state.
+_WG_BATCH_TESTS = [
+    "tests/unit/test_wg_split_paths.py",
+    "tests/property/test_native_equivalence.py",
+    "tests/unit/test_node.py",
+    "tests/unit/test_node_batch.py",
+]
 _ICE_TESTS = ["tests/unit/test_ice_agent.py", "tests/unit/test_candidate.py", "tests/property/test_ice_property.py"]
 _ICE_TESTS += ["tests/property/test_candidate_property.py"]
 
@@ -65,8 +72,8 @@ MODULE_TESTS: dict[str, list[str]] = {
     "dataplane/wireguard/timers.py": _WG_TESTS,
     "dataplane/wireguard/crypto.py": _WG_TESTS,
     "dataplane/wireguard/noise.py": _WG_TESTS,
-    "dataplane/wireguard/tunn.py": _WG_TESTS,
-    "dataplane/wireguard/device.py": [*_WG_TESTS, "tests/unit/test_mutation_killers.py"],
+    "dataplane/wireguard/tunn.py": [*_WG_TESTS, *_WG_BATCH_TESTS],
+    "dataplane/wireguard/device.py": [*_WG_TESTS, *_WG_BATCH_TESTS, "tests/unit/test_mutation_killers.py"],
     "dataplane/ice/timing.py": [*_ICE_TESTS, _KILLERS],
     "dataplane/ice/candidate.py": [*_ICE_TESTS, "tests/unit/test_candidate_mutation_killers.py"],
     "dataplane/ice/agent.py": [

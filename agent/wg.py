@@ -7,8 +7,9 @@ device, the UDP sockets and the sans-IO :class:`dataplane.wireguard.device.Devic
   its counters; outside it the batch is sealed (the C extension releases the GIL) and sent as GSO runs, so two queues
   seal on two cores. A flow is read by one queue, so its packets are sealed and sent in order by one thread.
 - Everything else runs in the event-loop thread, under the lock for each whole wakeup: UDP (GRO) →
-  ``receive_datagrams`` → ``drain_packets`` → one batched TUN write; the UAPI; the single timer, re-armed to
-  ``Device.poll_timeout()`` (a reader thread that moved the deadline earlier wakes the loop).
+  ``receive_datagrams`` → ``drain_packets`` → the batch handed to the TUN's one writer thread (``one_writer``: one
+  append and one wake-up per batch; the writer merges it and writes each flow to its queue's fd); the UAPI; the single
+  timer, re-armed to ``Device.poll_timeout()`` (a reader thread that moved the deadline earlier wakes the loop).
 
 Without ``-f`` it daemonises (double fork); the parent exits 0 once the interface is up, or 1 with the daemon's error.
 SIGTERM/SIGINT, deleting the UAPI socket or deleting the link stop it; the socket and the device are removed on exit.
@@ -223,7 +224,11 @@ class WgDaemon:
 
         try:
             try:
-                self.tun = Tun.create(self.ifname, queues=self.num_tun_queues, on_packets=self._on_tun_packets)
+                # One writer thread for all queues: the event loop is this process's busiest thread, and hashing each
+                # decrypted packet to a queue and waking a writer per queue cost it more than a second writer gains.
+                self.tun = Tun.create(
+                    self.ifname, queues=self.num_tun_queues, on_packets=self._on_tun_packets, one_writer=True
+                )
             except OSError as exc:
                 if exc.errno == errno.EEXIST:
                     raise StartupError(f"interface {self.ifname} already exists") from exc

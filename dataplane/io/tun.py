@@ -7,7 +7,10 @@ that callback themselves (firezone-wg seals and sends in the reader threads, one
 writer are written directly).
 The queue for a written packet is picked by its flow hash so one flow is always written by one thread, in order
 (Firezone #10231: racing writers reordered flows and TCP throttled). On read the kernel already steers a flow to one
-queue, and each reader appends its batches in order, so reads keep per-flow order too.
+queue (the queue that last wrote one of its packets), and each reader appends its batches in order, so reads keep
+per-flow order too. With ``one_writer`` a single writer thread (queue 0's) takes every packet and writes each merged
+frame to the fd of the queue its flow hash picks: the reads stay spread over the queues as before, while the producer
+pays one append and one wake-up per batch instead of a flow hash per packet, and the writer merges whole batches.
 
 When a queue has been quiet for a few milliseconds the event loop reads it itself (its fd joins the ``wakeup_fd``
 epoll) until a read finds traffic building up again, then the thread takes over: a ping or a lone request pays one
@@ -204,6 +207,7 @@ class Tun:
         adaptive: bool = True,
         lock_path: str | None = None,
         on_packets: Callable[[list[bytes]], None] | None = None,
+        one_writer: bool = False,
     ) -> None:
         self.name = name
         self.queues = len(queue_fds)
@@ -219,6 +223,9 @@ class Tun:
         self._lock_path = lock_path
         self._drops_lock = threading.Lock()
         self._queues = [_Queue(fd) for fd in queue_fds]
+        # Set with more than one queue: only queue 0 has a writer thread and a deque; frames go to their flow's fd.
+        self._one_writer = one_writer and len(queue_fds) > 1
+        self._queue_fds = [queue.fd for queue in self._queues]
         # Written by write_now's caller only (one thread, see there); read for stats.
         self._caller_tx_frames = 0
         self._caller_tx_packets = 0
@@ -243,7 +250,10 @@ class Tun:
         the owner must stop (a supervisor restarts it) instead of running on with a silently dead queue."""
         self._threads: list[threading.Thread] = []
         for index, queue in enumerate(self._queues):
-            for role, target in (("rx", self._reader), ("tx", self._writer)):
+            roles: list[tuple[str, Callable[[_Queue], None]]] = [("rx", self._reader)]
+            if index == 0 or not self._one_writer:
+                roles.append(("tx", self._writer))
+            for role, target in roles:
                 thread = threading.Thread(
                     target=self._guarded, args=(target, queue), name=f"tun-{name}-{role}{index}", daemon=True
                 )
@@ -264,6 +274,7 @@ class Tun:
         read_offload: bool | None = None,
         adaptive_reads: bool = True,
         on_packets: Callable[[list[bytes]], None] | None = None,
+        one_writer: bool = False,
     ) -> Tun:
         """Creates ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE`` when more than one) in the calling thread's
         network namespace. Raises :class:`TunError` when another process holds the device or it exists already.
@@ -277,7 +288,11 @@ class Tun:
         it for :meth:`poll_recv_many` (which then returns nothing; no adaptive reads, since the reader thread is
         already the one hop). One flow is read by one queue, so the callback sees each flow's packets in order, from
         one thread; it runs concurrently for different queues. An exception from it is logged and its batch counted
-        as dropped (``consumer_failed``); the thread goes on."""
+        as dropped (``consumer_failed``); the thread goes on.
+
+        ``one_writer``: one writer thread for all queues instead of one per queue (see the module docstring): for an
+        owner whose single producer thread is its bottleneck (firezone-wg's event loop), where hashing every packet to
+        a queue and waking two writers cost more than the second writer gives back."""
         if not name or len(name.encode()) > 15:
             raise ValueError(f"invalid interface name {name!r}")
         if queues < 1:
@@ -325,6 +340,7 @@ class Tun:
             read_offload=bool(offload_flags and read_offload),
             adaptive=adaptive_reads,
             on_packets=on_packets,
+            one_writer=one_writer,
             inbound_capacity=inbound_capacity,
             outbound_capacity=outbound_capacity,
             lock_path=lock_path,
@@ -414,7 +430,7 @@ class Tun:
     def send(self, packet: bytes) -> bool:
         """Queues one IP packet for writing; False (and counted) when its queue is full or the device is closed."""
         queues = self._queues
-        queue = queues[flow_hash(packet) % len(queues)] if len(queues) > 1 else queues[0]
+        queue = queues[flow_hash(packet) % len(queues)] if len(queues) > 1 and not self._one_writer else queues[0]
         if len(queue.outbound) >= self.outbound_capacity or self._closed:
             self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
             return False
@@ -438,7 +454,7 @@ class Tun:
             return sum(self.send(packet) for packet in packets)
         capacity = self.outbound_capacity
         accepted = 0
-        if len(queues) == 1:
+        if len(queues) == 1 or self._one_writer:
             queue = queues[0]
             room = capacity - len(queue.outbound)
             if room >= len(packets):
@@ -692,6 +708,8 @@ class Tun:
         frames = self._merge(packets)
         queue.tx_packets += len(packets)
         queue.tx_frames += len(frames)
+        if self._one_writer:
+            return self._write_frames_by_flow(frames)
         return self._write_frames(queue.fd, frames)
 
     def _merge(self, packets: Sequence[bytes]) -> Sequence[bytes]:
@@ -706,6 +724,23 @@ class Tun:
         """Writes frames to ``fd`` (a failed write is counted and the rest still go); False once the device is
         closing."""
         for frame in frames:
+            try:
+                os.write(fd, frame)
+            except OSError as exc:
+                if self._closed:
+                    return False
+                self._on_write_error(frame, exc)
+        return True
+
+    def _write_frames_by_flow(self, frames: Sequence[bytes]) -> bool:
+        """:meth:`_write_frames`, each frame to the fd of the queue its flow hash picks (a merged frame carries one
+        flow): the kernel then reads each flow's other direction on that queue, so the reader threads share the
+        flows."""
+        fds = self._queue_fds
+        count = len(fds)
+        header = VIRTIO_NET_HDR_LEN if self.offload_enabled else 0
+        for frame in frames:
+            fd = fds[flow_hash(memoryview(frame)[header:] if header else frame) % count]
             try:
                 os.write(fd, frame)
             except OSError as exc:

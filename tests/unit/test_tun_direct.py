@@ -1,16 +1,20 @@
-"""``Tun.write_now`` without a TUN device: SOCK_SEQPACKET sockets stand in for the queue fds (one record per write)."""
+"""``Tun.write_now`` and the ``one_writer`` mode without a TUN device: SOCK_SEQPACKET sockets stand in for the queue
+fds (one record per write)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from scapy.layers.inet import IP, TCP
 
 from dataplane import packet as pk
 from dataplane.io.tun import TUN_F_TSO4, TUN_F_TSO6, TUN_OFFLOADS_TCP, Tun, TunDropReason
+from dataplane.native import flow_hash
 from tests.unit.test_packet import tcp_packet, udp_packet
 
 MSS = 1000
@@ -23,7 +27,9 @@ def make_tun() -> Iterator[MakeTun]:
     """Builds a Tun whose queue fds are one end of socket pairs; returns it with the ends the test reads."""
     built: list[tuple[Tun, list[socket.socket]]] = []
 
-    def make(offload_flags: int, queues: int = 1, *, refuse_writes: bool = False) -> tuple[Tun, list[socket.socket]]:
+    def make(
+        offload_flags: int, queues: int = 1, *, refuse_writes: bool = False, one_writer: bool = False
+    ) -> tuple[Tun, list[socket.socket]]:
         ours: list[socket.socket] = []
         theirs: list[socket.socket] = []
         for _ in range(queues):
@@ -42,7 +48,8 @@ def make_tun() -> Iterator[MakeTun]:
             offload_flags=offload_flags,
             read_offload=False,
             inbound_capacity=64,
-            outbound_capacity=64,
+            outbound_capacity=4096,
+            one_writer=one_writer,
         )
         built.append((tun, theirs))
         return tun, theirs
@@ -159,3 +166,65 @@ def test_the_writer_threads_merge_and_count_the_same_way(make_tun: MakeTun) -> N
     assert len(written(reader)) == 1
     stats = tun.stats()
     assert (stats.tx_frames, stats.tx_packets) == (2, 10)
+
+
+def received(reader: socket.socket, count: int) -> list[bytes]:
+    """``count`` frames from ``reader``, waiting for the writer thread (the timeout only stops a hang)."""
+    reader.settimeout(10)
+    try:
+        return [reader.recv(1 << 17) for _ in range(count)]
+    finally:
+        reader.setblocking(False)
+
+
+def flow_segments(flow: int, count: int) -> list[bytes]:
+    """``count`` consecutive full-size segments of one TCP flow (source port 30000 + ``flow``)."""
+    return [
+        bytes(
+            IP(src="10.3.0.1", dst="10.3.0.2", id=i, flags="DF")
+            / TCP(sport=30000 + flow, dport=5201, seq=1000 + i * MSS, ack=1, flags="A", window=500)
+            / (bytes([i]) * MSS)
+        )
+        for i in range(count)
+    ]
+
+
+def test_one_writer_thread_writes_each_flow_to_the_queue_its_hash_picks_in_order(make_tun: MakeTun) -> None:
+    tun, readers = make_tun(0, queues=2, one_writer=True)
+    flows = [[udp_packet(bytes([flow, i]), sport=20000 + flow) for i in range(30)] for flow in range(8)]
+    queue_of = [flow_hash(packets[0]) % 2 for packets in flows]
+    assert set(queue_of) == {0, 1}  # both queues get flows (else the test would prove nothing)
+    for batch in range(3):  # interleaved batches of every flow
+        tun.send_many([packet for packets in flows for packet in packets[batch * 10 : (batch + 1) * 10]])
+    expected = [[p for flow, packets in enumerate(flows) if queue_of[flow] == q for p in packets] for q in (0, 1)]
+    got = [received(readers[q], len(expected[q])) for q in (0, 1)]
+    for q in (0, 1):
+        # Each flow arrives complete and in order on its queue (flows of one queue may interleave between batches).
+        for flow, packets in enumerate(flows):
+            if queue_of[flow] == q:
+                assert [p for p in got[q] if p in packets] == packets
+        assert written(readers[q]) == []
+    writers = [t.name for t in threading.enumerate() if t.name.startswith("tun-wn0-tx")]
+    assert writers == ["tun-wn0-tx0"]
+    assert tun.stats().tx_packets == 8 * 30
+
+
+def test_one_writer_merges_whole_batches_and_sends_each_merged_frame_to_its_flows_queue(make_tun: MakeTun) -> None:
+    tun, readers = make_tun(TUN_OFFLOADS_TCP, queues=2, one_writer=True)
+    flows = [flow_segments(flow, 4) for flow in range(6)]
+    queue_of = [flow_hash(packets[0]) % 2 for packets in flows]
+    assert set(queue_of) == {0, 1}
+    batch = [packet for i in range(4) for packets in flows for packet in packets[i : i + 1]]  # flows interleaved
+    tun.send_many(batch)
+    for q in (0, 1):
+        mine = [packets for flow, packets in enumerate(flows) if queue_of[flow] == q]
+        frames = received(readers[q], len(mine))
+        assert frames == [pk.coalesce(packets, tcp=True, udp=False)[0] for packets in mine]  # one frame per flow
+    stats = tun.stats()
+    assert (stats.tx_frames, stats.tx_packets) == (6, 24)
+
+
+def test_without_one_writer_every_queue_has_its_writer(make_tun: MakeTun) -> None:
+    make_tun(0, queues=2)
+    writers = sorted(t.name for t in threading.enumerate() if t.name.startswith("tun-wn0-tx"))
+    assert writers == ["tun-wn0-tx0", "tun-wn0-tx1"]

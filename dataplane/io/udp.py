@@ -208,8 +208,10 @@ class UdpSocket:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
                     segment_size = _U16.unpack_from(data)[0]
             if segment_size and nbytes > segment_size:
-                for start in range(0, nbytes, segment_size):
-                    out.append((bytes(view[start : min(start + segment_size, nbytes)]), src))
+                # One copy out of the receive buffer, then bytes slices: half the cost of a memoryview slice and a
+                # bytes() per segment, on the event loop's busiest path.
+                blob = bytes(view[:nbytes])
+                out += [(blob[start : start + segment_size], src) for start in range(0, nbytes, segment_size)]
             else:
                 out.append((bytes(view[:nbytes]), src))
         return out
@@ -245,8 +247,8 @@ class UdpSocket:
                 elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
                     local = (socket.inet_ntop(socket.AF_INET6, data[:16]), port)
             if segment_size and nbytes > segment_size:
-                for start in range(0, nbytes, segment_size):
-                    out.append((bytes(view[start : min(start + segment_size, nbytes)]), src, local))
+                blob = bytes(view[:nbytes])  # as in recv_many
+                out += [(blob[start : start + segment_size], src, local) for start in range(0, nbytes, segment_size)]
             else:
                 out.append((bytes(view[:nbytes]), src, local))
         return out

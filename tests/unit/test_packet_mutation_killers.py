@@ -7,16 +7,24 @@ coalescer for frames that do not make sense.
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.packet import Packet, Raw
+from scapy.utils import checksum
 
 from dataplane.packet import (
+    TCP_SYN,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
     VIRTIO_NET_HDR_LEN,
     PacketParseError,
+    TcpView,
     VirtioNetHdr,
     coalesce,
     flow_hash,
@@ -28,6 +36,7 @@ from dataplane.packet import (
     parse_udp,
     split_gso,
 )
+from tests.packet_oracle import checksums_ok, complete_partial_checksum, kernel_segments, pseudo_header_partial
 
 
 def _v4_udp(payload: bytes = b"data") -> bytes:
@@ -275,3 +284,323 @@ def test_flow_hash_takes_the_ports_when_just_they_are_there() -> None:
         return packet[:28]  # 24-byte IPv4 header + the two ports
 
     assert flow_hash(ports_only(1000)) != flow_hash(ports_only(1001))
+
+
+# ---- parse_ip: every refusal says why, and a packet that is just its headers is fine ------------------------------
+
+
+def test_parse_ip_says_why_it_refuses() -> None:
+    udp = _v4_udp()
+    assert _error(parse_ip, b"") == "empty packet"
+    assert _error(parse_ip, b"\x45") == "truncated IPv4 header"
+    assert _error(parse_ip, udp[:19]) == "truncated IPv4 header"
+    assert _error(parse_ip, b"\x60") == "truncated IPv6 header"
+    assert _error(parse_ip, b"\x60" + bytes(38)) == "truncated IPv6 header"
+    assert _error(parse_ip, b"\x00") == "not IPv4/IPv6 (version 0)"
+    assert _error(parse_ip, b"\x50" + bytes(40)) == "not IPv4/IPv6 (version 5)"
+    assert _error(parse_ip, b"\x44" + udp[1:]) == "bad IPv4 header length"  # IHL 4: 16 bytes
+    assert _error(parse_ip, b"\x4f" + udp[1:]) == "bad IPv4 header length"  # IHL 15: 60 bytes, 32 there
+    for total_len in (19, len(udp) + 1):
+        bad_total = bytearray(udp)
+        bad_total[2:4] = total_len.to_bytes(2, "big")
+        assert _error(parse_ip, bytes(bad_total)) == "bad IPv4 total length"
+
+
+def test_header_only_packets_parse_with_their_ttl() -> None:
+    v4 = bytes(IP(src="10.0.0.1", dst="10.0.0.2", proto=47, ttl=33))
+    assert len(v4) == 20
+    view = parse_ip(v4)
+    assert (view.header_len, view.total_len, view.ttl, view.protocol, view.is_fragment) == (20, 20, 33, 47, False)
+    v6 = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=59, hlim=77))
+    view = parse_ip(v6)
+    assert (view.header_len, view.total_len, view.ttl, view.protocol, view.is_fragment) == (40, 40, 77, 59, False)
+
+
+def test_a_tcp_header_without_payload_parses() -> None:
+    packet = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, seq=3, ack=4, flags="S", window=1234))
+    assert len(packet) == 40
+    assert parse_tcp(packet, parse_ip(packet)) == TcpView(1, 2, 3, 4, 20, TCP_SYN, 1234)
+
+
+def test_an_ipv6_fragment_header_marks_a_fragment() -> None:
+    fragment = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrFragment(m=1) / UDP() / b"x")
+    assert parse_ip(fragment).is_fragment is True
+    assert _error(parse_udp, fragment, parse_ip(fragment)) == "not an unfragmented UDP packet"
+
+
+# ---- checksums ------------------------------------------------------------------------------------------------------
+
+
+def test_ipv4_header_checksum_of_a_zero_sum_is_all_ones() -> None:
+    # RFC 1071: the complement of a one's-complement sum of 0 is 0xFFFF (scapy agrees).
+    assert ipv4_header_checksum(bytes(20)) == checksum(bytes(20)) == 0xFFFF
+
+
+def test_udp_without_payload_may_carry_no_checksum_over_ipv4() -> None:
+    packet = bytearray(_v4_udp(b""))
+    assert l4_checksum_valid(bytes(packet))
+    packet[26:28] = b"\x00\x00"
+    assert l4_checksum_valid(bytes(packet))
+
+
+def test_a_udp_checksum_with_only_its_low_byte_zero_is_checked() -> None:
+    packet = bytearray(_v4_udp())
+    assert packet[26:28] != b"\x01\x00"
+    packet[26:28] = b"\x01\x00"
+    assert not l4_checksum_valid(bytes(packet))
+
+
+def _sum16(data: bytes | bytearray) -> int:
+    """Folded one's-complement sum of 16-bit words, independent of dataplane.packet."""
+    data = bytes(data) + b"\x00" * (len(data) & 1)
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _with_partial_checksum(packet: bytes, csum_offset: int) -> tuple[bytes, int]:
+    """The packet as the kernel hands a NEEDS_CSUM frame over: the checksum field holds the pseudo-header sum."""
+    header_len = (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+    out = bytearray(packet)
+    struct.pack_into("!H", out, header_len + csum_offset, pseudo_header_partial(packet))
+    return bytes(out), header_len
+
+
+def test_a_udp_checksum_that_computes_to_zero_is_sent_as_all_ones() -> None:
+    # RFC 768: a computed checksum of 0 is transmitted as 0xFFFF, since 0 means "no checksum".
+    partial, _ = _with_partial_checksum(_v4_udp(b"\x00\x00" + b"payload!"), 6)
+    balancing_word = 0xFFFF - _sum16(partial[20:])  # makes the sum from the UDP header on exactly 0xFFFF
+    partial = partial[:28] + balancing_word.to_bytes(2, "big") + partial[30:]
+    hdr = VirtioNetHdr(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=20, csum_offset=6)
+    [completed] = split_gso(hdr, partial)
+    assert completed == complete_partial_checksum(partial, 20, 6)
+    assert completed[26:28] == b"\xff\xff"
+    assert l4_checksum_valid(completed)
+
+
+def test_a_checksum_field_reaching_past_the_end_is_refused() -> None:
+    packet = _v4_udp()
+    last_two = VirtioNetHdr(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=len(packet) - 8, csum_offset=6)
+    assert len(split_gso(last_two, packet)) == 1
+    last_one = VirtioNetHdr(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=len(packet) - 7, csum_offset=6)
+    assert _error(split_gso, last_one, packet) == "checksum offsets outside the packet"
+
+
+def test_a_short_virtio_net_hdr_is_refused() -> None:
+    assert _error(VirtioNetHdr.decode, bytes(VIRTIO_NET_HDR_LEN - 1)) == "truncated virtio_net_hdr"
+    header = VirtioNetHdr(1, VIRTIO_NET_HDR_GSO_TCPV4, 40, 1400, 20, 16)
+    assert VirtioNetHdr.decode(header.encode()) == header
+
+
+# ---- flow hash: the flow is the protocol, the addresses and the TCP/UDP ports; nothing else counts -------------------
+
+_LAYOUTS = ["ipv4", "ipv4 with options", "ipv6"]
+
+
+def _ip(layout: str, *, first_src_byte: int = 0x20, last_dst_byte: int = 2, ttl: int = 64, **fields: Any) -> Packet:
+    if layout == "ipv6":
+        return IPv6(src=f"{first_src_byte:02x}01:db8::1", dst=f"2001:db8::{last_dst_byte:x}", hlim=ttl, **fields)
+    if layout == "ipv4 with options":
+        fields.setdefault("options", b"\x01\x01\x01\x00")
+    return IP(src=f"{first_src_byte}.0.0.1", dst=f"10.0.0.{last_dst_byte}", ttl=ttl, **fields)
+
+
+def _header_len(packet: bytes) -> int:
+    return (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_flow_hash_changes_with_protocol_addresses_and_ports(layout: str) -> None:
+    base = flow_hash(bytes(_ip(layout) / UDP(sport=1000, dport=2000) / b"data"))
+    others = [
+        _ip(layout) / UDP(sport=1001, dport=2000) / b"data",
+        _ip(layout) / UDP(sport=1000, dport=2001) / b"data",
+        _ip(layout, first_src_byte=0x30) / UDP(sport=1000, dport=2000) / b"data",
+        _ip(layout, last_dst_byte=3) / UDP(sport=1000, dport=2000) / b"data",
+        _ip(layout) / TCP(sport=1000, dport=2000) / b"data",
+    ]
+    for other in others:
+        assert flow_hash(bytes(other)) != base, other.summary()
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_flow_hash_ignores_everything_but_the_flow(layout: str) -> None:
+    def segment(ttl: int = 64, seq: int = 1, payload: bytes = b"data", **fields: Any) -> bytes:
+        return bytes(_ip(layout, ttl=ttl, **fields) / TCP(sport=1000, dport=2000, seq=seq, flags="A") / payload)
+
+    base = flow_hash(segment())
+    v4_only: dict[str, Any] = {} if layout == "ipv6" else {"id": 7, "tos": 0x10}
+    v6_only: dict[str, Any] = {"tc": 0x10, "fl": 12345} if layout == "ipv6" else {}
+    same = [
+        segment(ttl=65),
+        segment(seq=0x12345678),
+        segment(payload=b"more data"),
+        segment(**v4_only),
+        segment(**v6_only),
+    ]
+    if layout == "ipv4 with options":
+        same.append(segment(options=bytes(4)))  # end-of-list instead of no-operations: other option bytes
+    assert [flow_hash(packet) for packet in same] == [base] * len(same)
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_flow_hash_of_portless_protocols_is_protocol_and_addresses(layout: str) -> None:
+    is_v6 = layout == "ipv6"
+    icmp = 58 if is_v6 else 1
+    field = "nh" if is_v6 else "proto"
+
+    def echo(
+        echo_type: int = 8, ident: int = 1, ttl: int = 64, protocol: int = icmp, first_src_byte: int = 0x20
+    ) -> int:
+        body = struct.pack("!BBHHH", echo_type, 0, 0, ident, 1)  # type, code, checksum, id, sequence
+        ip = _ip(layout, ttl=ttl, first_src_byte=first_src_byte, **{field: protocol})
+        return flow_hash(bytes(ip / Raw(body)))
+
+    assert echo(echo_type=0) == echo(ident=2) == echo(ttl=65) == echo()
+    assert echo(protocol=47) != echo()
+    assert echo(first_src_byte=0x30) != echo()
+
+
+@pytest.mark.parametrize("options", [b"", b"\x01\x01\x01\x00"])
+def test_all_fragments_of_a_datagram_hash_alike(options: bytes) -> None:
+    datagram = IP(src="10.0.0.1", dst="10.0.0.2", options=options) / UDP(sport=1000, dport=2000) / bytes(range(40))
+    fragments = [bytes(piece) for piece in fragment(datagram, fragsize=16)]
+    assert len(fragments) == 3
+    assert fragments[0][0] == 0x45 + len(options) // 4
+    assert [flow_hash(piece) for piece in fragments] == [flow_hash(fragments[0])] * 3
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_flow_hash_takes_the_ports_only_when_both_are_there(layout: str) -> None:
+    def udp(sport: int) -> bytes:
+        return bytes(_ip(layout) / UDP(sport=sport, dport=2000) / b"data")
+
+    ihl = _header_len(udp(1000))
+    assert flow_hash(udp(1000)[: ihl + 4]) != flow_hash(udp(1001)[: ihl + 4])
+    assert flow_hash(udp(1000)[: ihl + 2]) == flow_hash(udp(1000)[: ihl + 3]) == flow_hash(udp(1000)[:ihl])
+    protocol: dict[str, Any] = {"nh" if layout == "ipv6" else "proto": 17}
+    header_only, other_dst = bytes(_ip(layout, **protocol)), bytes(_ip(layout, last_dst_byte=3, **protocol))
+    assert len(header_only) == ihl
+    assert flow_hash(header_only) != flow_hash(other_dst)
+
+
+# ---- TSO/USO: edge sizes and header fields against the kernel's segmentation (tests/packet_oracle.py) -----------------
+
+
+def _offload_frame(packet: bytes, gso_size: int) -> tuple[VirtioNetHdr, bytes]:
+    """A NEEDS_CSUM TSO/USO frame for ``packet`` (IPv4/IPv6 + TCP/UDP) as the kernel hands it over."""
+    ihl = _header_len(packet)
+    is_tcp = packet[9 if packet[0] >> 4 == 4 else 6] == 6
+    csum_offset = 16 if is_tcp else 6
+    partial, _ = _with_partial_checksum(packet, csum_offset)
+    if is_tcp:
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if packet[0] >> 4 == 4 else VIRTIO_NET_HDR_GSO_TCPV6
+        headers_len = ihl + (packet[ihl + 12] >> 4) * 4
+    else:
+        gso_type, headers_len = VIRTIO_NET_HDR_GSO_UDP_L4, ihl + 8
+    return VirtioNetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, headers_len, gso_size, ihl, csum_offset), partial
+
+
+def _split_like_the_kernel(packet: bytes, gso_size: int) -> list[bytes]:
+    hdr, partial = _offload_frame(packet, gso_size)
+    segments = split_gso(hdr, partial)
+    assert segments == kernel_segments(hdr.encode() + partial)
+    assert all(checksums_ok(segment) for segment in segments)
+    return segments
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(flags="A")),
+        bytes(IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01\x01\x01\x00") / TCP(flags="A")),
+        bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(flags="A")),
+        bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2)),
+        bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=1, dport=2)),
+    ],
+    ids=["tcp4", "tcp4-options", "tcp6", "udp4", "udp6"],
+)
+def test_an_offload_frame_without_payload_is_one_packet(packet: bytes) -> None:
+    assert len(_split_like_the_kernel(packet, 1000)) == 1
+
+
+@pytest.mark.parametrize("gso_size", [65495, 65535])
+def test_a_tso_segment_of_exactly_65535_bytes_is_allowed(gso_size: int) -> None:
+    packet = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(flags="A") / bytes(65495))
+    assert len(packet) == 65535
+    [segment] = _split_like_the_kernel(packet, gso_size)
+    assert len(segment) == 65535
+
+
+@pytest.mark.parametrize("ip", [IP(src="10.0.0.1", dst="10.0.0.2"), IPv6(src="2001:db8::1", dst="2001:db8::2")])
+def test_tso_checksums_cover_every_bit_of_the_ack_number(ip: Packet) -> None:
+    tcp = TCP(sport=40001, dport=443, seq=0xFFFFFE00, ack=0xDEADBEEF, flags="PA", window=0xABCD, urgptr=0x1234)
+    assert len(_split_like_the_kernel(bytes(ip / tcp / (bytes(range(256)) * 10)), 1000)) == 3
+
+
+def test_tso_refuses_packets_of_another_transport_or_version() -> None:
+    tsov4 = VirtioNetHdr(gso_type=VIRTIO_NET_HDR_GSO_TCPV4, gso_size=40, csum_start=20, csum_offset=16)
+    tsov6 = VirtioNetHdr(gso_type=VIRTIO_NET_HDR_GSO_TCPV6, gso_size=40, csum_start=40, csum_offset=16)
+    udp4 = bytearray(_v4_udp(bytes(100)))
+    udp4[10] = 6  # an IP checksum byte equal to the TCP protocol number must not matter
+    assert _error(split_gso, tsov4, bytes(udp4)) == "gso_type does not match the transport protocol"
+    udp6 = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=6) / UDP() / bytes(100))
+    assert _error(split_gso, tsov6, udp6) == "gso_type does not match the transport protocol"
+    tcp6 = bytearray(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(flags="A") / bytes(100)))
+    tcp6[1], tcp6[9] = 0x45, 6  # traffic class / flow label and a source address byte that look like IPv4 + TCP
+    assert _error(split_gso, tsov4, bytes(tcp6)) == "gso_type does not match the IP version"
+    tcp4 = bytearray(bytes(IP(src="10.0.0.1", dst="10.0.0.2", tos=0x60) / TCP(flags="A") / bytes(100)))
+    tcp4[6] = 6  # a fragment offset byte equal to the TCP protocol number
+    for first_byte in (0x45, 0x70, 0xC5):
+        tcp4[0] = first_byte
+        assert _error(split_gso, tsov6, bytes(tcp4)) == "gso_type does not match the IP version"
+
+
+def test_uso_says_which_header_is_truncated() -> None:
+    uso = VirtioNetHdr(gso_type=VIRTIO_NET_HDR_GSO_UDP_L4, gso_size=40, csum_start=20, csum_offset=6)
+    assert _error(split_gso, uso, b"\x45") == "truncated IPv4 header"
+    assert _error(split_gso, uso, b"\x60") == "truncated IPv6 header"
+    assert _error(split_gso, uso, _v4_udp(bytes(100))[:20]) == "truncated transport header"
+    v6_header = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2", nh=17))
+    assert _error(split_gso, uso, v6_header) == "truncated transport header"
+
+
+def test_an_unsupported_gso_type_is_named() -> None:
+    legacy_ufo = VirtioNetHdr(gso_type=3, gso_size=1000, csum_start=20, csum_offset=6)  # VIRTIO_NET_HDR_GSO_UDP
+    assert _error(split_gso, legacy_ufo, _v4_udp(bytes(2000))) == "unsupported gso_type 3"
+
+
+def test_a_uso_segment_whose_checksum_computes_to_zero_carries_all_ones() -> None:
+    # RFC 768 again, on the USO path: each datagram's checksum is computed, and a computed 0 goes out as 0xFFFF.
+    datagram = bytearray(_v4_udp(b"\x00\x00" + b"payload!"))
+    datagram[26:28] = b"\x00\x00"
+    pseudo_header = datagram[12:20] + struct.pack("!BBH", 0, 17, len(datagram) - 20)
+    balancing_word = 0xFFFF - _sum16(pseudo_header + datagram[20:])  # the checksum then computes to 0
+    datagram[28:30] = balancing_word.to_bytes(2, "big")
+    [segment] = _split_like_the_kernel(bytes(datagram), 1000)
+    assert segment[26:28] == b"\xff\xff"
+
+
+def _tcp_segments(payload_len: int, count: int, *, first_ip_id: int, df: bool) -> list[bytes]:
+    return [
+        bytes(
+            IP(src="10.0.0.1", dst="10.0.0.2", id=first_ip_id + index, flags="DF" if df else 0)
+            / TCP(sport=1000, dport=2000, seq=1 + index * payload_len, flags="A")
+            / (bytes([index]) * payload_len)
+        )
+        for index in range(count)
+    ]
+
+
+def test_segments_without_df_starting_at_ip_id_zero_merge() -> None:
+    packets = _tcp_segments(100, 3, first_ip_id=0, df=False)
+    [frame] = coalesce(packets)
+    assert kernel_segments(frame) == packets
+
+
+def test_a_merged_packet_may_be_exactly_65535_bytes() -> None:
+    packets = _tcp_segments(13099, 5, first_ip_id=1, df=True)  # 40 + 5 * 13099 = 65535
+    [frame] = coalesce(packets)
+    assert len(frame) == VIRTIO_NET_HDR_LEN + 65535
+    assert kernel_segments(frame) == packets

@@ -305,6 +305,21 @@ def decode_error_code(value: bytes) -> tuple[int, str]:
     return error_class * 100 + number, reason
 
 
+_CONTENT_CHECKED_CODECS = (
+    AttrCodec.ADDRESS,
+    AttrCodec.XOR_ADDRESS,
+    AttrCodec.TEXT,
+    AttrCodec.ERROR_CODE,
+    AttrCodec.ATTRIBUTE_LIST,
+    AttrCodec.ADDRESS_FAMILY,
+    AttrCodec.HMAC_SHA256,
+)
+_CONTENT_CHECKED_TYPES = frozenset(
+    int(attr) for attr, spec in ATTRIBUTES.items() if any(spec.codec is codec for codec in _CONTENT_CHECKED_CODECS)
+)
+"""Attribute types whose value :func:`_validate_value` looks into; for the others only the length counts."""
+
+
 def _validate_value(spec: AttrSpec, value: bytes) -> None:
     if spec.fixed_length is not None and len(value) != spec.fixed_length:
         raise StunParseError(f"{spec.name} has length {len(value)}, expected {spec.fixed_length}")
@@ -620,6 +635,14 @@ def _fingerprint(data: bytes) -> int:
     return (zlib.crc32(data) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
 
 
+_ATTRIBUTE_HEADER = struct.Struct("!HH")
+_FINGERPRINT_TYPE = int(Attr.FINGERPRINT)
+_MI_TYPE = int(Attr.MESSAGE_INTEGRITY)
+_MI_SHA256_TYPE = int(Attr.MESSAGE_INTEGRITY_SHA256)
+_INTEGRITY_TYPES = (_MI_TYPE, _MI_SHA256_TYPE)
+_SPECS_BY_TYPE: dict[int, AttrSpec] = {int(attr): spec for attr, spec in ATTRIBUTES.items()}
+
+
 def decode(data: bytes) -> StunMessage:
     """Parses and validates one STUN message; raises only :class:`StunParseError`.
 
@@ -629,25 +652,41 @@ def decode(data: bytes) -> StunMessage:
     """
     data = bytes(data)
     _check_header(data)
-    message_type = int.from_bytes(data[0:2], "big")
-    method, message_class = decode_message_type(message_type)
+    method, message_class = decode_message_type((data[0] << 8) | data[1])
     transaction_id = data[8:HEADER_LENGTH]
     attributes: list[tuple[int, bytes]] = []
     after_integrity = False
     seen_fingerprint = False
-    for attr, value_offset, length in _iter_attributes(data):
+    # The attribute walk of _iter_attributes, inlined: every connectivity check and answer comes through here.
+    unpack_header = _ATTRIBUTE_HEADER.unpack_from
+    specs = _SPECS_BY_TYPE
+    offset = HEADER_LENGTH
+    end = len(data)
+    while offset < end:
+        if end - offset < ATTRIBUTE_HEADER_LENGTH:
+            raise StunParseError("truncated attribute header")
+        attr, length = unpack_header(data, offset)
+        value_offset = offset + ATTRIBUTE_HEADER_LENGTH
+        offset = value_offset + ((length + 3) & ~3)
+        if offset > end:
+            raise StunParseError(f"attribute {attribute_name(attr)} overruns the message")
         if seen_fingerprint:
             raise StunParseError("FINGERPRINT is not the last attribute")
         value = data[value_offset : value_offset + length]
-        spec = ATTRIBUTES.get(attr)
+        spec = specs.get(attr)
         if spec is not None:
-            _validate_value(spec, value)
-        if attr == Attr.FINGERPRINT:
+            if attr in _CONTENT_CHECKED_TYPES:
+                _validate_value(spec, value)
+            elif (spec.fixed_length is not None and length != spec.fixed_length) or (
+                spec.max_length is not None and length > spec.max_length
+            ):
+                _validate_value(spec, value)  # raises, with the reason
+        if attr == _FINGERPRINT_TYPE:
             fingerprint_offset = value_offset - ATTRIBUTE_HEADER_LENGTH
             if int.from_bytes(value, "big") != _fingerprint(data[:fingerprint_offset]):
                 raise StunParseError("FINGERPRINT mismatch")
             seen_fingerprint = True
-        elif attr in (Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256):
+        elif attr in _INTEGRITY_TYPES:
             after_integrity = True
         elif not after_integrity:
             attributes.append((attr, value))
@@ -706,28 +745,39 @@ def check_integrity(data: bytes, key: bytes) -> bool:
     """
     try:
         _check_header(data)
-        found = False
-        for attr, value_offset, length in _iter_attributes(data):
-            if attr == Attr.MESSAGE_INTEGRITY and not found:
-                if length != HMAC_SHA1_LENGTH:
-                    return False
-                digest = "sha1"
-            elif attr == Attr.MESSAGE_INTEGRITY_SHA256:
-                if length > HMAC_SHA256_LENGTH or length < MIN_HMAC_SHA256_LENGTH or length % 4:
-                    return False
-                digest = "sha256"
-            else:
-                continue  # before MI: covered by it; after MI: ignored (RFC 8489 §14.5)
-            attr_offset = value_offset - ATTRIBUTE_HEADER_LENGTH
-            signed = bytearray(data[:attr_offset])
-            signed[2:4] = (attr_offset + ATTRIBUTE_HEADER_LENGTH + length - HEADER_LENGTH).to_bytes(2, "big")
-            mac = hmac.digest(key, bytes(signed), digest)[:length]
-            if not hmac.compare_digest(mac, data[value_offset : value_offset + length]):
-                return False
-            found = True
-        return found
     except StunParseError:
         return False
+    # The attribute walk of _iter_attributes, inlined (every check and answer is verified).
+    unpack_header = _ATTRIBUTE_HEADER.unpack_from
+    found = False
+    offset = HEADER_LENGTH
+    end = len(data)
+    while offset < end:
+        if end - offset < ATTRIBUTE_HEADER_LENGTH:
+            return False
+        attr, length = unpack_header(data, offset)
+        value_offset = offset + ATTRIBUTE_HEADER_LENGTH
+        attr_offset = offset
+        offset = value_offset + ((length + 3) & ~3)
+        if offset > end:
+            return False
+        if attr == _MI_TYPE and not found:
+            if length != HMAC_SHA1_LENGTH:
+                return False
+            digest = "sha1"
+        elif attr == _MI_SHA256_TYPE:
+            if length > HMAC_SHA256_LENGTH or length < MIN_HMAC_SHA256_LENGTH or length % 4:
+                return False
+            digest = "sha256"
+        else:
+            continue  # before MI: covered by it; after MI: ignored (RFC 8489 §14.5)
+        signed = bytearray(data[:attr_offset])
+        signed[2:4] = (attr_offset + ATTRIBUTE_HEADER_LENGTH + length - HEADER_LENGTH).to_bytes(2, "big")
+        mac = hmac.digest(key, bytes(signed), digest)[:length]
+        if not hmac.compare_digest(mac, data[value_offset : value_offset + length]):
+            return False
+        found = True
+    return found
 
 
 def has_integrity(data: bytes) -> bool:

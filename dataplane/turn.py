@@ -296,6 +296,9 @@ class Allocation:
         self._channels_by_number: dict[int, _Channel] = {}
         self._channels_by_peer: dict[Address, _Channel] = {}
         self._cooldown: dict[int, tuple[Address, float]] = {}  # number → (peer it was bound to, reusable-by-others-at)
+        # Every channel number below this one is in _channels_by_number: the search for a free number starts here
+        # instead of walking all the channels a gateway holds (one per client).
+        self._unbound_from = CHANNEL_NUMBER_FIRST
         # Deadline heaps, so that poll_timeout and handle_timeout cost O(log n) per due item, not a walk over every
         # request and channel (a gateway's allocation holds a channel per client). Entries are never removed in
         # place: a stale one (request answered, channel rebound or gone) is skipped when it surfaces.
@@ -393,6 +396,8 @@ class Allocation:
             return None
         channel = _Channel(number=number, peer=peer, order=self._next_order())
         self._channels_by_number[number] = channel
+        while self._unbound_from in self._channels_by_number:
+            self._unbound_from += 1
         self._channels_by_peer[peer] = channel
         self._cooldown.pop(number, None)
         self._send_channel_bind(channel, now)
@@ -418,6 +423,7 @@ class Allocation:
         self._requests.clear()
         self._channels_by_number.clear()
         self._channels_by_peer.clear()
+        self._unbound_from = CHANNEL_NUMBER_FIRST
         self._refresh_at = self._next_binding_at = None
         if was_allocated and self._key is not None:
             self.state = AllocationState.DELETING
@@ -810,6 +816,7 @@ class Allocation:
         self._channel_heap.clear()
         self._channels_by_number.clear()
         self._channels_by_peer.clear()
+        self._unbound_from = CHANNEL_NUMBER_FIRST
         self._cooldown.clear()
         self.relay_addresses = ()
         self.expires_at = self._refresh_at = self._next_binding_at = None
@@ -825,7 +832,7 @@ class Allocation:
         for number, (previous_peer, _) in self._cooldown.items():
             if previous_peer == peer and number not in self._channels_by_number:
                 return number
-        for number in range(CHANNEL_NUMBER_FIRST, CHANNEL_NUMBER_LAST + 1):
+        for number in range(self._unbound_from, CHANNEL_NUMBER_LAST + 1):
             if number in self._channels_by_number:
                 continue
             cooldown = self._cooldown.get(number)
@@ -861,6 +868,7 @@ class Allocation:
 
     def _remove_channel(self, channel: _Channel, now: float, *, reusable_now: bool = False) -> None:
         self._channels_by_number.pop(channel.number, None)
+        self._unbound_from = min(self._unbound_from, channel.number)
         self._channels_by_peer.pop(channel.peer, None)
         if not reusable_now:
             # Re-inserted at the end: the dict stays ordered by reusable-at, so expired entries leave from the front.

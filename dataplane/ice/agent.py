@@ -174,12 +174,16 @@ class _Purpose(enum.Enum):
     PROBE = "probe"  # a fast check of a succeeded pair while the selected pair is silent (controlling side)
 
 
+_RETRANSMIT_REASONS = {purpose: f"{purpose.value} retransmit" for purpose in _Purpose}
+
+
 @dataclass(eq=False, slots=True)
 class _Outstanding:
     transaction: stun.Transaction
     pair: CandidatePair
     purpose: _Purpose
     sent_controlling: bool
+    retransmit_reason: str  # poll_timeout's reason when this transaction's retransmit is the earliest deadline
 
 
 @dataclass(eq=False, slots=True)
@@ -727,26 +731,39 @@ class IceAgent:
             return None
         # The node asks after every datagram of this connection: find the earliest deadline first and name its
         # reason once, rather than build a (deadline, reason) tuple per pair and transaction.
+        # One pass over the transactions and one over the pairs (this runs after every datagram of the connection);
+        # on ties the earlier kind keeps its place: retransmit, connectivity check, consent expiry/check.
         best: float | None = None
         reason = ""
+        earliest: _Outstanding | None = None
         for outstanding in self._outstanding.values():
             deadline = outstanding.transaction.poll_timeout()
             if deadline is not None and (best is None or deadline < best):
-                best, reason = deadline, f"{outstanding.purpose.value} retransmit"
-        if self._has_checks_to_start():
+                best, earliest = deadline, outstanding
+        if earliest is not None:
+            reason = earliest.retransmit_reason
+        checks_to_start = bool(self._triggered)
+        consent: float | None = None
+        consent_reason = ""
+        consent_timeout = self.timing.consent_timeout
+        for pair in self._pairs.values():
+            state = pair.state
+            if state is PairState.WAITING:
+                checks_to_start = True
+            elif state is PairState.SUCCEEDED and pair.last_response_at is not None:
+                expiry = pair.last_response_at + consent_timeout
+                if consent is None or expiry < consent:
+                    consent, consent_reason = expiry, "consent expiry"
+                check = pair.next_consent_at
+                if check is not None and check < consent:
+                    consent, consent_reason = check, "consent check"
+        if checks_to_start:
             start = self._next_check_at if self._next_check_at is not None else self._last_now
             start = start if start is not None else 0.0
             if best is None or start < best:
                 best, reason = start, "connectivity check"
-        consent_timeout = self.timing.consent_timeout
-        for pair in self._pairs.values():
-            if pair.state is PairState.SUCCEEDED and pair.last_response_at is not None:
-                expiry = pair.last_response_at + consent_timeout
-                if best is None or expiry < best:
-                    best, reason = expiry, "consent expiry"
-                check = pair.next_consent_at
-                if check is not None and check < best:
-                    best, reason = check, "consent check"
+        if consent is not None and (best is None or consent < best):
+            best, reason = consent, consent_reason
         probe_at = self._probe_due_at()
         if probe_at is not None and (best is None or probe_at < best):
             best, reason = probe_at, "path probe"
@@ -856,9 +873,6 @@ class IceAgent:
         if pair not in self._triggered:
             self._triggered.append(pair)
 
-    def _has_checks_to_start(self) -> bool:
-        return bool(self._triggered) or any(p.state is PairState.WAITING for p in self._pairs.values())
-
     def _next_pair_to_check(self) -> CandidatePair | None:
         while self._triggered:
             pair = self._triggered.popleft()
@@ -892,7 +906,7 @@ class IceAgent:
             if purpose is _Purpose.CHECK:
                 pair.state = PairState.IN_PROGRESS
         transaction = stun.Transaction(transaction_id, payload, pair.remote.address, policy, now)
-        outstanding = _Outstanding(transaction, pair, purpose, self.controlling)
+        outstanding = _Outstanding(transaction, pair, purpose, self.controlling, _RETRANSMIT_REASONS[purpose])
         self._outstanding[transaction_id] = outstanding
         self._directory._add_transaction(transaction_id, self)
         pair.outstanding.append(outstanding)

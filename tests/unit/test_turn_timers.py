@@ -136,3 +136,19 @@ def test_timer_heaps_stay_bounded_by_live_items() -> None:
         alloc.poll_timeout()
     assert len(alloc._channel_heap) <= 4 * 50 + 64
     assert len(alloc._request_heap) <= 2 * len(alloc._requests) + 64
+
+
+def test_channel_numbers_go_lowest_free_first_and_a_freed_number_is_reused_before_new_ones() -> None:
+    # The search starts above the numbers known to be taken; a number freed below that mark must still come first.
+    alloc, relay = allocated(request_ipv6=False)
+    events(alloc)
+    numbers = [alloc.bind_channel(peer(i), 1.0) for i in range(5)]
+    assert numbers == [0x4000 + i for i in range(5)]
+    binds = {stun.decode(t.payload).channel_number(): stun.decode(t.payload) for t in transmits(alloc)}
+    error = binds[0x4002].error_response(stun.ErrorCode.FORBIDDEN, "Forbidden")
+    alloc.handle_input(stun.encode(error, integrity_key=relay.key()), SERVER, 1.1)
+    assert [e for e in events(alloc) if isinstance(e, ChannelBindFailed)] == [
+        ChannelBindFailed(peer(2), 0x4002, "403 Forbidden", 403)
+    ]
+    assert alloc.bind_channel(peer(10), 1.2) == 0x4002
+    assert alloc.bind_channel(peer(11), 1.2) == 0x4005

@@ -25,7 +25,7 @@ from dataplane.turn import (
     ChannelExpired,
     Decapsulated,
 )
-from tests.unit.test_turn import events, transmits
+from tests.unit.test_turn import OTHER_PEER, events, transmits
 
 SERVER: Address = ("198.51.100.7", 3478)
 SERVER_V6: Address = ("2001:db8::7", 3478)
@@ -348,3 +348,73 @@ def test_data_indications_keep_a_channel_refreshed() -> None:
         ]
     assert binds == [300.0]
     assert alloc.has_channel(PEER)
+
+
+# ---- wake-ups: poll_timeout names only deadlines where something is due ----------------------------------------------
+
+
+def _wakeups(alloc: turn.Allocation, relay: Relay, until: float) -> list[float]:
+    """Drives the allocation from deadline to deadline (the relay answers everything); the deadlines it asked for."""
+    seen = []
+    while (deadline := alloc.poll_timeout()) is not None and deadline <= until:
+        seen.append(deadline)
+        alloc.handle_timeout(deadline)
+        _exchange(alloc, relay, deadline)
+    return seen
+
+
+def test_channel_deadlines_wake_the_driver_only_when_a_refresh_or_expiry_is_due() -> None:
+    # RFC 8656 §12: a channel lives 10 minutes; it is refreshed (here at 5 minutes) only when it is in use. Keepalive
+    # BINDINGs fall on multiples of 25 s and the allocation refreshes at 300 and 600, so 340/370/640/670 are channels'.
+    alloc, relay = _allocated()
+    _run_until(alloc, 40.0, relay)
+    alloc.bind_channel(PEER, 40.0)
+    _exchange(alloc, relay, 40.0)
+    alloc.handle_input(turn.encode_channel_data(0x4000, b"in use"), SERVER, 50.0)
+    _run_until(alloc, 70.0, relay)
+    alloc.bind_channel(OTHER_PEER, 70.0)
+    _exchange(alloc, relay, 70.0)
+    assert events(alloc) == [ChannelBound(PEER, 0x4000), ChannelBound(OTHER_PEER, 0x4001)]
+    wakeups = _wakeups(alloc, relay, 950.0)
+    assert 340.0 in wakeups  # PEER's refresh (it carried data): rebound at 340, lives until 940
+    assert 370.0 not in wakeups  # OTHER_PEER carried nothing: no refresh wanted, nothing to wake up for
+    assert 640.0 not in wakeups  # PEER's expiry before the refresh no longer applies
+    assert 670.0 in wakeups and 940.0 in wakeups  # the two expiries
+    expired = [e for e in events(alloc) if isinstance(e, ChannelExpired)]
+    assert expired == [ChannelExpired(OTHER_PEER, 0x4001), ChannelExpired(PEER, 0x4000)]
+
+
+def test_after_the_five_minute_hold_a_number_is_free_again_and_the_lowest_is_handed_out() -> None:
+    # RFC 8656 §12: a number may not go to another peer within 5 minutes of its binding expiring; from then on it is
+    # free, and the hold that reserved it for its previous peer is over too.
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 0.0)
+    alloc.bind_channel(OTHER_PEER, 0.0)
+    _exchange(alloc, relay, 0.0)
+    assert events(alloc) == [ChannelBound(PEER, 0x4000), ChannelBound(OTHER_PEER, 0x4001)]
+    _run_until(alloc, 900.0, relay)  # both expire unused at 600; 900 (a keepalive) is exactly 5 minutes later
+    expired = [e for e in events(alloc) if isinstance(e, ChannelExpired)]
+    assert expired == [ChannelExpired(PEER, 0x4000), ChannelExpired(OTHER_PEER, 0x4001)]
+    assert alloc.bind_channel(OTHER_PEER, 900.0) == 0x4000
+
+
+# ---- a keepalive BINDING failing while the ALLOCATE is still in flight -------------------------------------------
+
+
+def test_a_failed_keepalive_binding_leaves_a_pending_allocate_to_decide() -> None:
+    relay = Relay()
+    patient = stun.RetransmitPolicy(initial_rto=10.0, max_rto=10.0, backoff=1.0, max_elapsed=60.0)
+    alloc = turn.Allocation(SERVER, relay.username, relay.password, rng=SeededRng(7), now=0.0, policy=patient)
+    (binding,) = transmits(alloc)
+    alloc.handle_input(relay.answer(binding), SERVER, 0.0)
+    (allocate,) = transmits(alloc)  # the ALLOCATE goes unanswered for now
+    assert stun.decode(allocate.payload).method == Method.ALLOCATE
+    alloc.handle_timeout(25.0)
+    keepalive = next(t for t in transmits(alloc) if stun.decode(t.payload).method == Method.BINDING)
+    error = stun.decode(keepalive.payload).error_response(ErrorCode.SERVER_ERROR, "Server Error")
+    alloc.handle_input(stun.encode(error), SERVER, 25.0)
+    assert alloc.state is AllocationState.ALLOCATING  # the ALLOCATE in flight decides, not the keepalive
+    assert not [e for e in events(alloc) if isinstance(e, AllocationFailed)]
+    alloc.handle_input(relay.answer(allocate), SERVER, 26.0)  # the 401 challenge
+    _exchange(alloc, relay, 26.0)
+    assert alloc.is_allocated

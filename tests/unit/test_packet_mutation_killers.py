@@ -604,3 +604,25 @@ def test_a_merged_packet_may_be_exactly_65535_bytes() -> None:
     [frame] = coalesce(packets)
     assert len(frame) == VIRTIO_NET_HDR_LEN + 65535
     assert kernel_segments(frame) == packets
+
+
+def _udp_datagrams(count: int, *, sport: int = 1, **ip_fields: Any) -> list[bytes]:
+    return [
+        bytes(IP(src="10.0.0.1", dst="10.0.0.2", id=1 + index, **ip_fields) / UDP(sport=sport, dport=2) / bytes(100))
+        for index in range(count)
+    ]
+
+
+def test_udp_datagrams_merge_only_when_their_ip_header_allows() -> None:
+    assert len(coalesce(_udp_datagrams(2), udp=True)) == 1
+    # IPv4 options are never merged, even when the option bytes put a fitting UDP length where the ports would be
+    optioned = _udp_datagrams(2, sport=112, options=b"\x01\x01\x01\x00")
+    assert len(optioned[0]) == 132 and optioned[0][24:26] == (132 - 20).to_bytes(2, "big")
+    assert _unmerged(optioned, udp=True)
+    # First fragments: reassembly needs them as they are
+    assert _unmerged(_udp_datagrams(2, flags="MF"), udp=True)
+    # Link padding after the IP total length, even with a UDP length that counts it
+    padded = [bytearray(datagram + bytes(4)) for datagram in _udp_datagrams(2, flags="DF")]
+    for datagram in padded:
+        datagram[24:26] = (len(datagram) - 20).to_bytes(2, "big")
+    assert _unmerged([bytes(datagram) for datagram in padded], udp=True)

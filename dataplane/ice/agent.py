@@ -729,10 +729,9 @@ class IceAgent:
         """(deadline, reason) of the earliest timer, or None; a deadline may lie in the past (then call now)."""
         if self.state is IceState.FAILED:
             return None
-        # The node asks after every datagram of this connection: find the earliest deadline first and name its
-        # reason once, rather than build a (deadline, reason) tuple per pair and transaction.
-        # One pass over the transactions and one over the pairs (this runs after every datagram of the connection);
-        # on ties the earlier kind keeps its place: retransmit, connectivity check, consent expiry/check.
+        # The node asks after every datagram of this connection: one pass over the transactions and one over the
+        # pairs, no (deadline, reason) tuple per item. On ties the earlier kind wins: retransmit, connectivity check,
+        # consent expiry/check, path probe, idle.
         best: float | None = None
         reason = ""
         earliest: _Outstanding | None = None

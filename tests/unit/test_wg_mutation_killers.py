@@ -5,6 +5,8 @@ of jitter, keys zeroed 3 x Reject-After-Time (540 s) after a session, persistent
 authenticated packet. Cookies (whitepaper §5.4.4, §5.4.7): mac1 = MAC(HASH("mac1----" || Spub), msg),
 mac2 = MAC(cookie, msg), cookie = MAC(secret, source) with the secret renewed every 120 s, sent in a cookie reply as
 XChaCha20-Poly1305 under HASH("cookie--" || Spub) with mac1 as associated data; the initiator uses it for 120 s.
+Tunn: a session sends nothing at or past Reject-After-Time (180 s) or Reject-After-Messages, reserve_send and
+encapsulate_batch agree on it, peer settings keep to their UAPI ranges, a forged cookie reply is dropped and counted.
 Expected values are computed here from the spec with hashlib and an independent XChaCha20 (the HChaCha20 rounds of
 test_wg_vectors), never with the module under test.
 """
@@ -21,10 +23,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from dataplane.base import Address
 from dataplane.io.rng import SeededRng
 from dataplane.wireguard import noise
+from dataplane.wireguard.constants import MESSAGE_TRANSPORT, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
 from dataplane.wireguard.crypto import hmac_blake2s, public_key, tai64n
 from dataplane.wireguard.timers import PeerTimers
+from dataplane.wireguard.tunn import DropReason as TunnDropReason
 
+from .test_wg_device import TUNNEL_A, TUNNEL_B, ipv4_packet
+from .test_wg_tunn import TunnPair
 from .test_wg_vectors import hchacha20_rounds
 
 
@@ -301,3 +307,103 @@ def test_handshake_roles_and_a_message_shorter_than_its_body_is_refused() -> Non
     assert initiator_keys is not None
     assert initiator_keys.is_initiator is True and responder_keys.is_initiator is False
     assert initiator_keys.send_key == responder_keys.receive_key != responder_keys.send_key
+
+
+# --- Tunn: sending limits of a session, peer settings, cookie replies ---
+
+
+def _established(at: float) -> TunnPair:
+    pair = TunnPair()
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), at)
+    pair.pump(at)
+    assert pair.delivered["b"] == [ipv4_packet(TUNNEL_A, TUNNEL_B)]
+    return pair
+
+
+def _reserve_agrees_with_encapsulate(at: float, send_counter: int | None = None) -> bool:
+    """Whether ``reserve_send`` seals one packet at once; ``encapsulate_batch`` of a twin must decide the same
+    (its docstring: both give the same bytes): a transport message goes out now, or the packet waits for a new session."""
+    decisions = []
+    for use_reserve in (True, False):
+        pair = _established(1000.0)
+        keypair = pair.a._current
+        assert keypair is not None and keypair.created == 1000.0
+        if send_counter is not None:
+            keypair.send_counter = send_counter
+        packet = ipv4_packet(TUNNEL_A, TUNNEL_B, b"late")
+        if use_reserve:
+            reservation = pair.a.reserve_send([packet], at)
+            decisions.append(reservation is not None)
+        else:
+            pair.a.encapsulate_batch([packet], at)
+            out = pair.a.drain_transmits()
+            decisions.append(MESSAGE_TRANSPORT in [m[0] for m in out])
+    assert decisions[0] == decisions[1]
+    return decisions[0]
+
+
+def test_a_session_sends_until_reject_after_time_and_not_at_it() -> None:
+    # whitepaper §6.2 / docs/protocol.md §F: a keypair older than Reject-After-Time (180 s) sends nothing
+    assert _reserve_agrees_with_encapsulate(1001.0)
+    assert _reserve_agrees_with_encapsulate(1000.0 + REJECT_AFTER_TIME - 0.5)
+    assert not _reserve_agrees_with_encapsulate(1000.0 + REJECT_AFTER_TIME)
+
+
+def test_a_session_sends_until_reject_after_messages_and_not_at_it() -> None:
+    assert _reserve_agrees_with_encapsulate(1001.0, REJECT_AFTER_MESSAGES - 2)
+    assert not _reserve_agrees_with_encapsulate(1001.0, REJECT_AFTER_MESSAGES - 1)
+
+
+def test_reserve_send_claims_the_counters_it_hands_out() -> None:
+    pair = _established(1000.0)
+    keypair = pair.a._current
+    assert keypair is not None
+    first = keypair.send_counter
+    packets = [ipv4_packet(TUNNEL_A, TUNNEL_B, bytes([n])) for n in range(3)]
+    reservation = pair.a.reserve_send(packets, 1001.0)
+    assert reservation is not None and reservation.first_counter == first
+    assert keypair.send_counter == first + 3
+    for counter, message in enumerate(reservation.seal(), start=first):
+        assert int.from_bytes(message[8:16], "little") == counter  # transport header: type, receiver, counter
+
+
+def test_preshared_key_is_32_bytes_or_none() -> None:
+    pair = TunnPair()
+    pair.a.set_preshared_key(bytes(range(32)))
+    assert pair.a.preshared_key == bytes(range(32))
+    pair.a.set_preshared_key(None)  # no preshared key: the all-zero one of the Noise IKpsk2 pattern
+    assert pair.a.preshared_key is None
+    for wrong in (b"", bytes(31), bytes(33)):
+        with pytest.raises(ValueError) as info:
+            pair.a.set_preshared_key(wrong)
+        assert str(info.value) == "preshared key must be 32 bytes"
+    assert pair.a.preshared_key is None
+
+
+def test_persistent_keepalive_is_a_16_bit_number_of_seconds() -> None:
+    # UAPI persistent_keepalive_interval: 0 (off) to 65535 seconds
+    pair = _established(1000.0)
+    pair.a.set_persistent_keepalive(65535, 1001.0)
+    assert pair.a._timers.persistent_keepalive_interval == 65535
+    for wrong in (-1, 65536):
+        with pytest.raises(ValueError) as info:
+            pair.a.set_persistent_keepalive(wrong, 1002.0)
+        assert str(info.value) == "persistent keepalive must be 0..65535 seconds"
+    assert pair.a._timers.persistent_keepalive_interval == 65535
+
+
+def test_a_tunn_takes_an_authentic_cookie_reply_and_counts_a_forged_one() -> None:
+    # whitepaper §5.4.7: the responder under load answers an initiation with a cookie reply; the initiator keeps the
+    # cookie (mac2 of its next messages) and drops a reply that does not open
+    pair = TunnPair()
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 0.0)
+    (initiation_sent,) = pair.a.drain_transmits()
+    checker = CookieChecker(public_key(pair.key_b), SeededRng(6))
+    reply = checker.create_reply(initiation_sent, ("192.0.2.9", 51820), 0.0)
+    forged = reply[:-1] + bytes([reply[-1] ^ 1])
+    assert pair.a.decapsulate(forged, 0.0) is None
+    assert pair.a.drops[TunnDropReason.BAD_COOKIE_REPLY] == 1
+    assert pair.a.receive_cookie_reply(forged, 0.0) is False
+    assert pair.a.drops[TunnDropReason.BAD_COOKIE_REPLY] == 2
+    assert pair.a.receive_cookie_reply(reply, 0.0) is True
+    assert pair.a.drops[TunnDropReason.BAD_COOKIE_REPLY] == 2

@@ -418,3 +418,14 @@ def test_a_failed_keepalive_binding_leaves_a_pending_allocate_to_decide() -> Non
     alloc.handle_input(relay.answer(allocate), SERVER, 26.0)  # the 401 challenge
     _exchange(alloc, relay, 26.0)
     assert alloc.is_allocated
+
+
+def test_malformed_channel_data_is_dropped_and_logged_with_what_is_wrong(caplog: pytest.LogCaptureFixture) -> None:
+    # RFC 8656 §12.5: over UDP the length field counts exactly the bytes that follow
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, _ = _allocated()
+    assert alloc.handle_input(b"\x40\x00\x00\x0aabc", SERVER, 1.0) is True
+    assert alloc.drops[turn.DropReason.MALFORMED_CHANNEL_DATA] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    expected = "dropped (turn_malformed_channel_data): length field 10 but 3 bytes follow"
+    assert f"turn ('198.51.100.7', 3478): {expected}" in lines

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -28,6 +29,7 @@ from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_by
 from dataplane.wireguard.crypto import hmac_blake2s, public_key, tai64n
 from dataplane.wireguard.timers import PeerTimers
 from dataplane.wireguard.tunn import DropReason as TunnDropReason
+from dataplane.wireguard.tunn import HandshakeGaveUp, KeysZeroed
 
 from .test_wg_device import TUNNEL_A, TUNNEL_B, ipv4_packet
 from .test_wg_tunn import TunnPair
@@ -407,3 +409,40 @@ def test_a_tunn_takes_an_authentic_cookie_reply_and_counts_a_forged_one() -> Non
     assert pair.a.drops[TunnDropReason.BAD_COOKIE_REPLY] == 2
     assert pair.a.receive_cookie_reply(reply, 0.0) is True
     assert pair.a.drops[TunnDropReason.BAD_COOKIE_REPLY] == 2
+
+
+def test_turning_persistent_keepalive_on_sends_one_at_once_and_off_disarms_it() -> None:
+    # wireguard-go: setting an interval on an established peer sends a keepalive right away; 0 turns it off
+    pair = _established(1000.0)
+    pair.a.set_persistent_keepalive(1, 1001.0)
+    assert [len(m) for m in pair.a.drain_transmits()] == [32]  # a keepalive: transport header + empty sealed body
+    assert pair.a._timers.persistent_keepalive == 1002.0
+    pair.a.set_persistent_keepalive(0, 1001.5)
+    assert pair.a._timers.persistent_keepalive_interval == 0
+    assert pair.a._timers.persistent_keepalive is None
+
+
+def _gave_up(caplog: pytest.LogCaptureFixture) -> tuple[TunnPair, float]:
+    caplog.set_level(logging.DEBUG, logger="dataplane.wireguard.tunn")
+    pair = TunnPair(rekey_attempt_time=20.0)
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 0.0)
+    pair.a.drain_transmits()  # the responder never answers
+    while (deadline := pair.a.poll_timeout()) is not None:
+        pair.a.handle_timeout(deadline)
+        pair.a.drain_transmits()
+        if isinstance(pair.a.poll_event(), HandshakeGaveUp):
+            return pair, deadline
+    raise AssertionError("the handshake never gave up")
+
+
+def test_a_handshake_that_gives_up_zeroes_the_keys_three_reject_after_times_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # wireguard-go (timers.go, expiredRetransmitHandshake): after the last attempt, zero the key material in
+    # 3 x Reject-After-Time unless that is already pending
+    pair, gave_up_at = _gave_up(caplog)
+    assert pair.a.poll_timeout() == gave_up_at + 3 * REJECT_AFTER_TIME
+    pair.a.handle_timeout(gave_up_at + 3 * REJECT_AFTER_TIME)
+    assert pair.a.poll_event() == KeysZeroed(public_key(pair.key_b))
+    peer = public_key(pair.key_b).hex()[:16]
+    assert f"handshake with {peer} gave up after 20 s" in [r.getMessage() for r in caplog.records]

@@ -6,7 +6,11 @@ side's dead-path probing (docs/architecture.md, ICE), all with a fake clock thro
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
+
+import pytest
 
 from dataplane import stun
 from dataplane.base import Transmit
@@ -24,7 +28,14 @@ from dataplane.ice import (
     SelectedPairChanged,
     pair_priority,
 )
-from dataplane.ice.agent import PathsUnanswered
+from dataplane.ice.agent import (
+    FINISHED_TRANSACTIONS_KEPT,
+    MAX_LEARNED_LOCAL_CANDIDATES,
+    MAX_OPTIMISTIC_CANDIDATES,
+    MAX_PAIRS,
+    MAX_PEER_REFLEXIVE_CANDIDATES,
+    PathsUnanswered,
+)
 from dataplane.io.rng import SeededRng
 from tests.unit.test_ice_agent import (
     A_HOST,
@@ -509,3 +520,391 @@ def test_role_conflicts_follow_the_tie_breakers() -> None:
         (answer,) = _answers(b)
         assert stun.decode(answer.payload).error_code() == (487, "Role Conflict")
         assert b.controlling is not b_controlling
+
+
+# ---- diagnostics: the debug log says which pair changed and why --------------------------------------------------
+
+_AGENT_LOGGER = "dataplane.ice.agent"
+
+
+def _debug_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == _AGENT_LOGGER and r.levelno == logging.DEBUG]
+
+
+def test_the_debug_log_names_a_failed_pair_and_the_reason(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=_AGENT_LOGGER)
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    wire.drop = _relay_path
+    wire.run(20.0)
+    relay = next(p for p in a.pairs if p.remote.address == B_RELAY)
+    assert f"pair {relay!r} failed: no response" in _debug_messages(caplog)
+
+    caplog.clear()
+    answer = _error_answer(wire, a, B_HOST, also_drop=_relay_path)
+    assert a.handle_stun(answer, B_HOST, A_HOST, wire.now)
+    direct = next(p for p in a.pairs if p.remote.address == B_HOST)
+    messages = _debug_messages(caplog)
+    assert f"check on {direct!r} answered with error (400, 'Bad Request')" in messages
+    assert f"pair {direct!r} failed: error response (400, 'Bad Request')" in messages
+
+    a2, _, _ = host_setup()
+    a2.handle_timeout(0.0)
+    check = a2.poll_transmit()
+    assert check is not None
+    response = stun.decode(check.payload).success_response()
+    payload = stun.encode(response, integrity_key=stun.short_term_key(B_PASSWORD))
+    caplog.clear()
+    assert a2.handle_stun(payload, ("10.9.9.9", 2000), A_HOST, 0.01)
+    (pair,) = a2.pairs
+    assert f"pair {pair!r} failed: response from an unexpected address" in _debug_messages(caplog)
+
+
+def test_the_debug_log_reports_consent_loss_and_probe_rounds(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=_AGENT_LOGGER)
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    wire.drop = _relay_path
+    wire.run(wire.now + 40.0)
+    relay = next(p for p in a.pairs if p.remote.address == B_RELAY)
+    assert f"consent lost on {relay!r}" in _debug_messages(caplog)
+
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    caplog.clear()
+    wire.drop = lambda sender, t: True
+    _send_data(wire, a, wire.now + 3.0)
+    direct = next(p for p in a.pairs if p.remote.address == B_HOST)
+    messages = _debug_messages(caplog)
+    rounds = [m for m in messages if m.endswith(": probing every succeeded pair")]
+    assert rounds and re.fullmatch(rf"selected pair {re.escape(repr(direct))} silent since 2\d\.\d\d\d: .*", rounds[0])
+    assert f"selected pair {direct!r} did not answer its probe; nominating a pair that does" in messages
+
+
+def test_the_debug_log_says_a_check_on_a_non_base_address_was_only_answered(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=_AGENT_LOGGER)
+    _, b, _ = host_setup()
+    assert b.handle_stun(_check_to_b(b"\x10" * 12), ("10.0.0.7", 7), ("203.0.113.20", 2000), 0.0)
+    assert _debug_messages(caplog) == [
+        "check from ('10.0.0.7', 7) on ('203.0.113.20', 2000), which is not a local base; answered only"
+    ]
+
+
+# ---- what removing candidates reports --------------------------------------------------------------------------
+
+
+def test_losing_the_selected_pair_to_a_candidate_removal_names_the_removal() -> None:
+    a, b, wire = host_setup()
+    wire.run(3.0)
+    a.remove_local_candidate(Candidate.host(A_HOST), 3.0)
+    disconnected = [e for e in iter(a.poll_event, None) if isinstance(e, IceDisconnected)]
+    assert disconnected == [IceDisconnected("local candidate removed")]
+    a, b, wire = host_setup()
+    wire.run(3.0)
+    a.invalidate_remote_candidate(Candidate.host(B_HOST), 3.0)
+    disconnected = [e for e in iter(a.poll_event, None) if isinstance(e, IceDisconnected)]
+    assert disconnected == [IceDisconnected("remote candidate invalidated")]
+
+
+def test_any_first_input_starts_the_idle_clock() -> None:
+    """Idle = ``idle_after`` (20 s) without activity, counted from the agent's first input, whatever it is."""
+    unknown = Candidate.host(("10.9.9.9", 1))
+    inputs: list[Callable[[IceAgent], None]] = [
+        lambda agent: agent.remove_local_candidate(unknown, 5.0),
+        lambda agent: agent.invalidate_remote_candidate(unknown, 5.0),
+        lambda agent: agent.handle_timeout(5.0),
+    ]
+    for first_input in inputs:
+        a, _ = make_pair()
+        first_input(a)
+        assert a.poll_timeout() == (25.0, "idle")
+
+
+def test_a_check_that_is_due_is_due_at_the_latest_input() -> None:
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    a.note_activity(7.0)
+    assert a.poll_timeout() == (7.0, "connectivity check")
+
+
+# ---- bounded tables: a check is still ours when a table is full ----------------------------------------------------
+
+
+def _full_check_list_b() -> IceAgent:
+    _, b = make_pair()
+    b.add_local_candidate(Candidate.host(B_HOST), B_HOST, 0.0)
+    b.add_local_candidate(Candidate.relayed(B_RELAY, B_HOST), B_RELAY, 0.0)
+    b.add_remote_candidate(Candidate.host(A_HOST), 0.0)
+    for index in range(MAX_PAIRS // 2 - 1):
+        b.add_remote_candidate(Candidate.host((f"10.2.0.{index + 1}", 7000)), 0.0)
+    assert len(b.pairs) == MAX_PAIRS
+    return b
+
+
+def test_with_a_full_check_list_a_check_on_a_known_pair_still_triggers_it() -> None:
+    b = _full_check_list_b()
+    assert b.handle_stun(_check_to_b(b"\x11" * 12), A_HOST, B_RELAY, 0.0)
+    assert b.drops[DropReason.TOO_MANY_PAIRS] == 0
+    check = _next_check(b)
+    assert (check.src, check.dst) == (B_RELAY, A_HOST)  # the triggered check, not the best waiting pair
+    assert b.handle_stun(_check_to_b(b"\x12" * 12), ("203.0.113.9", 30000), B_HOST, 0.1)  # answered, then dropped
+    assert b.drops[DropReason.TOO_MANY_PAIRS] == 1
+
+
+def test_a_check_from_one_source_too_many_is_answered_and_consumed() -> None:
+    _, b, _ = host_setup()
+    for port in range(MAX_PEER_REFLEXIVE_CANDIDATES + 1):
+        transaction = bytes([0x20, port]) * 6
+        assert b.handle_stun(_check_to_b(transaction), ("203.0.113.9", 20000 + port), B_HOST, 0.0)
+    assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 1
+    assert len(_answers(b)) == MAX_PEER_REFLEXIVE_CANDIDATES + 1
+
+
+def test_forgotten_candidates_free_their_budget() -> None:
+    """Invalidated peer-reflexive and optimistic candidates, and local ones learned through a removed base, no longer
+    count against their bounds."""
+    _, b, _ = host_setup()
+    for index in range(MAX_PEER_REFLEXIVE_CANDIDATES + 4):
+        source: tuple[str, int] = ("203.0.113.9", 20000 + index)
+        assert b.handle_stun(_check_to_b(bytes([0x30, index]) * 6), source, B_HOST, 0.0)
+        assert source in {c.address for c in b.remote_candidates}
+        b.invalidate_remote_candidate(Candidate.host(source), 0.0)
+    assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 0
+
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_remote_candidate(Candidate.server_reflexive(("203.0.113.9", 5000), ("10.0.0.2", 2000)), 0.0)
+    for index in range(MAX_OPTIMISTIC_CANDIDATES + 4):
+        host = Candidate.host(("10.0.0.2", 3000 + index))
+        a.add_remote_candidate(host, 0.0)
+        assert ("203.0.113.9", 3000 + index) in {c.address for c in a.remote_candidates}
+        a.invalidate_remote_candidate(host, 0.0)
+    assert a.drops[DropReason.TOO_MANY_CANDIDATES] == 0
+
+    a, _ = make_pair()
+    keeper: tuple[str, int] = ("10.0.2.1", 1000)
+    a.add_local_candidate(Candidate.host(keeper), keeper, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    peer_key = stun.short_term_key(B_PASSWORD)
+    learned = 0
+    now = 0.0
+    for index in range(MAX_LEARNED_LOCAL_CANDIDATES + 4):
+        base: tuple[str, int] = ("10.0.1.1", 1000 + index)
+        a.add_local_candidate(Candidate.host(base), base, now)
+        for _ in range(3):
+            now += 0.1
+            a.handle_timeout(now)
+            for transmit in iter(a.poll_transmit, None):
+                request = stun.decode(transmit.payload)
+                assert transmit.src is not None
+                mapped = ("198.18.0.1", 10000 + index) if transmit.src == base else transmit.src
+                response = request.success_response().add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, mapped)
+                payload = stun.encode(response, integrity_key=peer_key, fingerprint=True)
+                a.handle_stun(payload, transmit.dst, transmit.src, now)
+        learned += sum(1 for e in iter(a.poll_event, None) if isinstance(e, PeerReflexiveCandidateLearned))
+        a.remove_local_candidate(Candidate.host(base), now)
+    assert learned == MAX_LEARNED_LOCAL_CANDIDATES + 4
+    assert a.drops[DropReason.TOO_MANY_CANDIDATES] == 0
+
+
+def test_the_directory_remembers_exactly_the_last_finished_transactions() -> None:
+    directory = AgentDirectory()
+    a = IceAgent(True, "aufr", "a-pw-0123456789012345", "bufr", B_PASSWORD, SeededRng(3), directory=directory)
+    ids = [index.to_bytes(12, "big") for index in range(FINISHED_TRANSACTIONS_KEPT + 2)]
+    for transaction_id in ids:
+        directory._add_transaction(transaction_id, a)
+        directory._remove_transaction(transaction_id, a)
+    assert not directory.recently_finished(ids[0]) and not directory.recently_finished(ids[1])
+    assert all(directory.recently_finished(transaction_id) for transaction_id in ids[2:])
+
+
+def test_a_waiting_pair_repr_ends_with_its_state() -> None:
+    a, _, _ = host_setup()
+    (pair,) = a.pairs
+    assert repr(pair) == "CandidatePair(host ('10.0.0.1', 1000) -> host ('10.0.0.2', 2000), waiting)"
+
+
+# ---- role conflicts: equal tie-breakers and 487 answers (RFC 8445 §7.3.1.1, §7.2.5.1) ------------------------------
+
+
+def test_an_equal_tie_breaker_counts_as_ours_being_larger() -> None:
+    """RFC 8445 §7.3.1.1: "larger than or equal to": a controlling agent answers 487 and keeps its role; a controlled
+    agent switches to controlling."""
+    _, b, _ = host_setup(b_controlling=True)
+    assert b.handle_stun(_role_request(b"\x13" * 12, controlling=b.tie_breaker), A_HOST, B_HOST, 0.0)
+    (answer,) = _answers(b)
+    assert stun.decode(answer.payload).error_code() == (487, "Role Conflict")
+    assert b.controlling is True
+    _, b, _ = host_setup()
+    assert b.handle_stun(_role_request(b"\x14" * 12, controlled=b.tie_breaker), A_HOST, B_HOST, 0.0)
+    (answer,) = _answers(b)
+    assert stun.decode(answer.payload).message_class == stun.MessageClass.SUCCESS
+    assert b.controlling is True
+
+
+def _answer_next_request(
+    wire: Wire, dst: tuple[str, int], code: int, reason: str, also_drop: Callable[[str, Transmit], bool] | None = None
+) -> tuple[Transmit, bytes]:
+    """Intercepts a's next request to ``dst`` (b never sees it) and builds b's error answer to it."""
+    captured: list[Transmit] = []
+    other = also_drop if also_drop is not None else (lambda s, t: False)
+
+    def capture(sender: str, t: Transmit) -> bool:
+        if sender == "a" and t.dst == dst and stun.decode(t.payload).is_request and not captured:
+            captured.append(t)
+            return True
+        return other(sender, t)
+
+    wire.drop = capture
+    while not captured:
+        wire.run(wire.now + 0.05)
+    wire.drop = other
+    answer = stun.decode(captured[0].payload).error_response(code, reason)
+    return captured[0], stun.encode(answer, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+
+
+def test_a_487_to_a_consent_check_is_consumed_and_changes_nothing() -> None:
+    a, b, wire = host_setup()
+    wire.run(3.0)
+    _, answer = _answer_next_request(wire, B_HOST, 487, "Role Conflict")
+    assert a.handle_stun(answer, B_HOST, A_HOST, wire.now)
+    assert a.controlling is True and a.selected_pair is not None
+    assert not [e for e in iter(a.poll_event, None) if isinstance(e, RoleChanged | IceDisconnected)]
+
+
+def test_a_487_to_a_nomination_switches_roles_and_leaves_the_choice_to_the_peer() -> None:
+    a, b, wire = host_setup()
+
+    def is_nomination(sender: str, t: Transmit) -> bool:
+        message = stun.decode(t.payload)
+        return sender == "a" and message.is_request and message.use_candidate()
+
+    captured: list[Transmit] = []
+
+    def capture_nominations(sender: str, t: Transmit) -> bool:
+        if is_nomination(sender, t):
+            captured.append(t)
+            return True
+        return False
+
+    wire.drop = capture_nominations
+    wire.run(0.04)
+    assert captured and a.pairs[0].state is PairState.SUCCEEDED
+    answer = stun.decode(captured[0].payload).error_response(487, "Role Conflict")
+    payload = stun.encode(answer, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+    assert a.handle_stun(payload, B_HOST, A_HOST, 0.04)
+    assert a.controlling is False
+    assert [e for e in iter(a.poll_event, None) if isinstance(e, RoleChanged)] == [RoleChanged(False)]
+    assert a.selected_pair is None  # now the peer nominates
+    assert not [t for t in iter(a.poll_transmit, None) if stun.decode(t.payload).use_candidate()]
+
+
+# ---- consent and transactions (RFC 7675 §5.1, RFC 8489 §6.2.1) --------------------------------------------------
+
+
+def test_one_lost_consent_check_does_not_cost_the_pair() -> None:
+    """Consent runs out 30 s after the last *answer*; a single unanswered check (not retransmitted) is harmless, also
+    when its own 30 s have passed."""
+    a, b, wire = host_setup()
+    wire.run(3.0)
+    sent, _ = _answer_next_request(wire, B_HOST, 400, "unused")
+    wire.run(wire.now + 35.0)
+    (pair,) = a.pairs
+    assert pair.state is PairState.SUCCEEDED and a.selected_pair is not None
+    assert not wire.kinds("a", IceDisconnected)
+    assert len([t for t, transmit in wire.sent["a"] if transmit.payload == sent.payload]) == 1
+
+
+def test_an_answered_check_is_over_a_duplicate_answer_is_not_ours() -> None:
+    """RFC 8489 §6.2.1: a response ends its transaction; a second copy (the check was retransmitted and answered
+    twice) is left to the caller, which counts it as a late answer."""
+    a, b, wire = host_setup()
+    a.handle_timeout(0.0)
+    check = a.poll_transmit()
+    assert check is not None and b.handle_stun(check.payload, A_HOST, B_HOST, 0.0)
+    (answer,) = _answers(b)
+    assert a.handle_stun(answer.payload, B_HOST, A_HOST, 0.01)
+    assert not a.handle_stun(answer.payload, B_HOST, A_HOST, 0.02)
+    assert a.pairs[0].state is PairState.SUCCEEDED
+
+
+def test_a_pair_that_fails_withdraws_its_other_checks() -> None:
+    a, b, wire = host_setup()
+    wire.run(3.0)
+    _, first_answer = _answer_next_request(wire, B_HOST, 400, "Bad Request", also_drop=lambda s, t: s == "a")
+    second, _ = _answer_next_request(wire, B_HOST, 400, "unused", also_drop=lambda s, t: s == "a")
+    assert a.handle_stun(first_answer, B_HOST, A_HOST, wire.now)
+    (pair,) = a.pairs
+    assert pair.state is not PairState.SUCCEEDED and a.selected_pair is None
+    late = stun.decode(second.payload).success_response().add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, A_HOST)
+    late_payload = stun.encode(late, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+    assert not a.handle_stun(late_payload, B_HOST, A_HOST, wire.now)  # withdrawn: no longer ours
+
+
+def test_removing_a_candidate_withdraws_its_check_in_flight() -> None:
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    a.handle_timeout(0.0)
+    check = a.poll_transmit()
+    assert check is not None
+    a.remove_local_candidate(Candidate.host(A_HOST), 0.01)
+    late = stun.decode(check.payload).success_response()
+    payload = stun.encode(late, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+    assert not a.handle_stun(payload, B_HOST, A_HOST, 0.02)
+
+
+# ---- nomination (controlling side) -------------------------------------------------------------------------------
+
+
+def _uses_candidate(t: Transmit) -> bool:
+    message = stun.decode(t.payload)
+    return message.is_request and message.use_candidate()
+
+
+def test_one_nomination_at_a_time_per_pair() -> None:
+    a, b, wire, b_host, b_relay = _direct_and_relay_wired()
+    wire.drop = lambda sender, t: sender == "a" and _uses_candidate(t)
+    wire.run(0.5)
+    nominations = {stun.decode(t.payload).transaction_id for _, t in wire.sent["a"] if _uses_candidate(t)}
+    assert len(nominations) == 1  # retransmitted on its ladder, never doubled by later answers
+
+
+def _fallback_to_a_silent_relay() -> tuple[IceAgent, IceAgent, Wire]:
+    """Everything went silent (a probe round voided the nominations), then the direct pair failed: a falls back to
+    the relay pair, which is working by consent but has not answered a probe."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    wire.drop = lambda sender, t: True
+    _send_data(wire, a, wire.now + 3.0)
+    assert wire.kinds("a", PathsUnanswered)
+    _, answer = _answer_next_request(wire, B_HOST, 400, "Bad Request", also_drop=lambda s, t: True)
+    assert a.handle_stun(answer, B_HOST, A_HOST, wire.now)
+    relay = next(p for p in a.pairs if p.remote.address == B_RELAY)
+    assert a.selected_pair == (relay.local, relay.remote) and relay.unresponsive and not relay.nominated
+    list(iter(a.poll_transmit, None))
+    return a, b, wire
+
+
+def test_data_heard_on_a_silent_fallback_pair_gets_it_nominated() -> None:
+    a, b, wire = _fallback_to_a_silent_relay()
+    assert a.note_data_received(wire.now) is True
+    assert [t.dst for t in iter(a.poll_transmit, None) if _uses_candidate(t)] == [B_RELAY]
+
+
+def test_a_silent_fallback_pair_that_answers_again_is_nominated_and_the_peer_follows() -> None:
+    a, b, wire = _fallback_to_a_silent_relay()
+    wire.drop = lambda sender, t: B_HOST in (t.src, t.dst)
+    wire.run(wire.now + 7.0)
+    assert a.selected_pair is not None and a.selected_pair[1].address == B_RELAY
+    assert b.selected_pair is not None and b.selected_pair[0].address == B_RELAY
+    relay = next(p for p in a.pairs if p.remote.address == B_RELAY)
+    assert relay.nominated and not relay.unresponsive
+
+
+def test_a_probe_round_the_selected_pair_answers_keeps_its_nomination() -> None:
+    """Only a silent *selected* pair voids the nominations; another pair missing its probe is just marked."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    wire.drop = lambda sender, t: _relay_path(sender, t) or (sender == "a" and _uses_candidate(t))
+    _send_data(wire, a, wire.now + 3.0)
+    by_remote = {p.remote.address: p for p in a.pairs}
+    assert by_remote[B_RELAY].unresponsive and not by_remote[B_HOST].unresponsive
+    assert by_remote[B_HOST].nominated
+    assert not wire.kinds("a", PathsUnanswered)

@@ -5,20 +5,26 @@ mutated function. To keep one module's run short and its results separate, each 
 repository under ``build/mutation/<module>/`` whose pyproject narrows ``[tool.mutmut]`` to that module and to the
 tests that exercise it; results stay there, so re-running a module only re-tests what changed.
 
-Score = killed / (mutants - skipped), where a timeout or a type-check failure counts as killed (the mutant was
-detected) and "no tests" counts against the score (nothing would notice the change).
+Score = killed / judged (judged = mutants - skipped - not run), where a timeout or a type-check failure counts as
+killed (the mutant was detected) and "no tests" counts against the score (nothing would notice the change). A module
+whose full run would take hours can be estimated from a random sample (``--sample N``, repeatable: each call judges N
+more); a partial score then shows its 95 % interval, which holds for random samples only (a full run interrupted part
+way has judged the file's first functions, not a random part).
 
     .venv/bin/python tools/mutation_report.py                     # every module, smallest first
     .venv/bin/python tools/mutation_report.py dataplane/p2p_control.py --max-children 1
     .venv/bin/python tools/mutation_report.py --report-only       # print the table from earlier runs
     .venv/bin/python tools/mutation_report.py --retest-survivors dataplane/p2p_control.py   # after adding tests
+    .venv/bin/python tools/mutation_report.py --sample 300 dataplane/wireguard/device.py     # an estimate
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -146,11 +152,24 @@ class Score:
     no_tests: int = 0
     skipped: int = 0
     other: int = 0
+    pending: int = 0  # not run yet (a run in progress, or outside a --sample)
+
+    @property
+    def judged(self) -> int:
+        return self.mutants - self.skipped - self.pending
 
     @property
     def percent(self) -> float:
-        counted = self.mutants - self.skipped
-        return 100.0 * self.killed / counted if counted else 100.0
+        return 100.0 * self.killed / self.judged if self.judged else 100.0
+
+    @property
+    def margin(self) -> float:
+        """Half-width of a 95 % interval when only a random part of the mutants was judged (0 when all were)."""
+        if not self.pending or not self.judged:
+            return 0.0
+        share = self.killed / self.judged
+        finite = (self.mutants - self.judged) / max(self.mutants - 1, 1)  # finite-population correction
+        return 100.0 * 1.96 * math.sqrt(share * (1 - share) / self.judged * finite)
 
 
 def scratch_dir(module: str) -> Path:
@@ -195,14 +214,33 @@ def _section(path: Path, name: str) -> str:
     return text[start : start + 1 + following.start()] if following else text[start:]
 
 
-def run(module: str, max_children: int, timeout: float, *, retest_survivors: bool = False) -> Path:
+def run(
+    module: str, max_children: int, timeout: float, *, retest_survivors: bool = False, sample: int = 0, seed: int = 0
+) -> Path:
     """One mutmut run over ``module``; with ``retest_survivors`` only the mutants that survived last time run again
-    (after adding tests: fresh tests are copied in, every other verdict is kept)."""
-    names = survivors(module) if retest_survivors else []
+    (after adding tests: fresh tests are copied in, every other verdict is kept); with ``sample`` only that many
+    mutants drawn at random (``seed``) from those not judged yet, for an estimate when a full run takes hours."""
+    if retest_survivors:
+        names = survivors(module)
+        if not names:
+            return prepare(module)
+        return _mutmut(module, names, max_children, timeout)
+    if sample:
+        if not _meta_path(module).exists():
+            # The first mutant of each function: mutmut generates every mutant (their names land in the meta) and
+            # collects the test coverage once, at a small cost.
+            _mutmut(module, [module.removesuffix(".py").replace("/", ".") + ".*__mutmut_1"], max_children, timeout)
+        pending = sorted(name for name, code in _exit_codes(module).items() if code is None)
+        names = random.Random(seed).sample(pending, min(sample, len(pending)))
+        if not names:
+            return scratch_dir(module)
+        return _mutmut(module, names, max_children, timeout)
+    return _mutmut(module, [], max_children, timeout)
+
+
+def _mutmut(module: str, names: list[str], max_children: int, timeout: float) -> Path:
     earlier = _exit_codes(module)
     scratch = prepare(module)
-    if retest_survivors and not names:
-        return scratch
     mutmut = Path(sys.executable).with_name("mutmut")
     log = scratch / "mutmut.log"
     with log.open("w") as output:
@@ -215,9 +253,9 @@ def run(module: str, max_children: int, timeout: float, *, retest_survivors: boo
             timeout=timeout,
             check=False,
         )
-    if retest_survivors:
+    if names:
         # mutmut forgets the verdicts of mutants it did not re-run when tests changed; added tests cannot revive a
-        # killed mutant, so those verdicts still hold.
+        # killed mutant, so those verdicts still hold (and a survivor is re-run by --retest-survivors).
         meta_path = _meta_path(module)
         meta = json.loads(meta_path.read_text())
         codes = meta.get("exit_code_by_key", {})
@@ -254,6 +292,8 @@ def score(module: str) -> Score | None:
             result.no_tests += 1
         elif code in _SKIPPED_CODES:
             result.skipped += 1
+        elif code is None:
+            result.pending += 1
         else:
             result.other += 1
     return result
@@ -266,11 +306,16 @@ def survivors(module: str) -> list[str]:
 
 
 def print_table(scores: list[Score], target: float) -> None:
-    print(f"{'module':36} {'mutants':>8} {'killed':>7} {'survived':>9} {'no tests':>9} {'other':>6} {'score':>7}")
+    print(
+        f"{'module':36} {'mutants':>8} {'not run':>8} {'killed':>7} {'survived':>9} {'no tests':>9} {'other':>6}"
+        f" {'score':>7}"
+    )
     for s in scores:
         flag = "" if s.percent >= target else "  < target"
+        margin = f" ± {s.margin:.1f} (partial)" if s.margin else ""
         print(
-            f"{s.module:36} {s.mutants:8} {s.killed:7} {s.survived:9} {s.no_tests:9} {s.other:6} {s.percent:6.1f}%{flag}"
+            f"{s.module:36} {s.mutants:8} {s.pending:8} {s.killed:7} {s.survived:9} {s.no_tests:9} {s.other:6}"
+            f" {s.percent:6.1f}%{margin}{flag}"
         )
 
 
@@ -284,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retest-survivors", action="store_true", help="re-run only the mutants that survived the last run"
     )
+    parser.add_argument(
+        "--sample", type=int, default=0, help="judge only this many more mutants, drawn at random (an estimate)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of --sample")
     parser.add_argument("--target", type=float, default=90.0, help="score to flag modules below (default 90)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULE_TESTS]
@@ -294,7 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     for module in modules:
         if not args.report_only:
             print(f"mutating {module} ...", flush=True)
-            run(module, args.max_children, args.timeout, retest_survivors=args.retest_survivors)
+            run(
+                module,
+                args.max_children,
+                args.timeout,
+                retest_survivors=args.retest_survivors,
+                sample=args.sample,
+                seed=args.seed,
+            )
         result = score(module)
         if result is not None:
             scores.append(result)

@@ -1102,6 +1102,12 @@ class Node:
                 logger.info("relay %s: allocation expired (%s); allocating again", relay_id, event.reason)
                 self._drop_relay(relay_id, now, graceful=False)
                 self._add_relay(relay.config, now)
+                if not event.unanswered:
+                    # The relay answered (e.g. 437 after it restarted): only the allocation is being made again, so
+                    # it keeps its measured RTT and new connections may still sample it, with host and srflx
+                    # candidates now and relayed ones once the allocation succeeds (docs/protocol.md §4.5), instead
+                    # of being refused `no_relays` meanwhile. A relay that stopped answering loses it.
+                    self._relays[relay_id].allocation.rtt = relay.rtt
                 self._relay_candidates_changed(now)
                 return
             elif isinstance(event, turn.AllocationFailed):

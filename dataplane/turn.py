@@ -132,6 +132,9 @@ class AllocationExpired:
     server: Address
     relay_addresses: tuple[Address, ...]
     reason: str
+    # True when the relay stopped answering (a request gave up); False when it answered (an error such as 437 after
+    # it restarted) or the lifetime ran out: then its measured round-trip time still describes it.
+    unanswered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -764,11 +767,11 @@ class Allocation:
 
     def _on_give_up(self, request: _Request, now: float) -> None:
         if request.kind is _Kind.BINDING:
-            self._on_binding_failed(request, "relay did not answer BINDING", now)
+            self._on_binding_failed(request, "relay did not answer BINDING", now, unanswered=True)
         else:
-            self._on_request_failed(request, f"{request.kind.value} timed out", None, now)
+            self._on_request_failed(request, f"{request.kind.value} timed out", None, now, unanswered=True)
 
-    def _on_binding_failed(self, request: _Request, reason: str, now: float) -> None:
+    def _on_binding_failed(self, request: _Request, reason: str, now: float, *, unanswered: bool = False) -> None:
         if self._server_chosen and request.transaction.destination != self.server:
             return
         if not self._server_chosen and self._pending(_Kind.BINDING):
@@ -776,9 +779,11 @@ class Allocation:
         if self.state is AllocationState.ALLOCATING and not self._pending(_Kind.ALLOCATE):
             self._fail(reason, None)
         elif self.state is AllocationState.ALLOCATED:
-            self._expire(reason, now)
+            self._expire(reason, now, unanswered=unanswered)
 
-    def _on_request_failed(self, request: _Request, reason: str, code: int | None, now: float) -> None:
+    def _on_request_failed(
+        self, request: _Request, reason: str, code: int | None, now: float, *, unanswered: bool = False
+    ) -> None:
         kind = request.kind
         logger.debug("turn %s: %s failed: %s", self.server, kind.value, reason)
         if kind is _Kind.BINDING:
@@ -788,7 +793,7 @@ class Allocation:
                 self._fail(reason, code)
         elif kind is _Kind.REFRESH:
             if self.state is AllocationState.ALLOCATED:
-                self._expire(f"REFRESH failed: {reason}", now)
+                self._expire(f"REFRESH failed: {reason}", now, unanswered=unanswered)
         elif kind is _Kind.CHANNEL_BIND:
             self._on_channel_bind_failed(request, reason, code, now)
         elif kind is _Kind.DELETE:
@@ -804,11 +809,11 @@ class Allocation:
         self._stop_everything()
         self._events.append(AllocationFailed(self.server, reason, code))
 
-    def _expire(self, reason: str, now: float) -> None:
+    def _expire(self, reason: str, now: float, *, unanswered: bool = False) -> None:
         relays = self.relay_addresses
         self.state = AllocationState.EXPIRED
         self._stop_everything()
-        self._events.append(AllocationExpired(self.server, relays, reason))
+        self._events.append(AllocationExpired(self.server, relays, reason, unanswered))
 
     def _stop_everything(self) -> None:
         self._requests.clear()

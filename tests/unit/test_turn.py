@@ -288,7 +288,7 @@ def test_stale_nonce_loop_gives_up() -> None:
         alloc.handle_input(relay.answer(transmit), SERVER, 5.0)
     assert transmits(alloc) == []
     (expired,) = events(alloc)
-    assert isinstance(expired, AllocationExpired) and "438" in expired.reason
+    assert isinstance(expired, AllocationExpired) and "438" in expired.reason and not expired.unanswered
     assert expired.relay_addresses == (RELAY, RELAY_V6)
 
 
@@ -299,7 +299,7 @@ def test_refresh_timeout_expires_the_allocation_8s_later() -> None:
     transmits(alloc)
     advance(alloc, 18.0)
     evs = [e for e in events(alloc) if isinstance(e, AllocationExpired)]
-    assert evs == [AllocationExpired(SERVER, (RELAY, RELAY_V6), "REFRESH failed: refresh timed out")]
+    assert evs == [AllocationExpired(SERVER, (RELAY, RELAY_V6), "REFRESH failed: refresh timed out", unanswered=True)]
     assert alloc.state is AllocationState.EXPIRED
 
 
@@ -518,7 +518,9 @@ def test_keepalive_binding_lost_expires_the_allocation() -> None:
     alloc, _ = allocated()
     events(alloc)
     advance(alloc, 40.0)  # keepalive at 25, retransmits at 26, 28, 32, gives up at 33
-    assert events(alloc) == [AllocationExpired(SERVER, (RELAY, RELAY_V6), "relay did not answer BINDING")]
+    assert events(alloc) == [
+        AllocationExpired(SERVER, (RELAY, RELAY_V6), "relay did not answer BINDING", unanswered=True)
+    ]
 
 
 def test_allocation_mismatch_deletes_the_stale_allocation_then_allocates_once_more() -> None:

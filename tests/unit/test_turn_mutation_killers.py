@@ -429,3 +429,14 @@ def test_malformed_channel_data_is_dropped_and_logged_with_what_is_wrong(caplog:
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
     expected = "dropped (turn_malformed_channel_data): length field 10 but 3 bytes follow"
     assert f"turn ('198.51.100.7', 3478): {expected}" in lines
+
+
+def test_channel_data_on_a_number_we_did_not_bind_is_dropped_and_logged_with_the_number(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, _ = _allocated()
+    assert alloc.handle_input(turn.encode_channel_data(0x4001, b"x"), SERVER, 1.0) is True
+    assert alloc.drops[turn.DropReason.UNKNOWN_CHANNEL] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): dropped (turn_unknown_channel): channel 0x4001" in lines

@@ -606,7 +606,8 @@ def test_losing_the_selected_pair_to_a_candidate_removal_names_the_removal() -> 
 def test_any_first_input_starts_the_idle_clock() -> None:
     """Idle = ``idle_after`` (20 s) without activity, counted from the agent's first input, whatever it is."""
     unknown = Candidate.host(("10.9.9.9", 1))
-    inputs: list[Callable[[IceAgent], None]] = [
+    inputs: list[Callable[[IceAgent], object]] = [
+        lambda agent: agent.handle_stun(b"not STUN", B_HOST, A_HOST, 5.0),
         lambda agent: agent.remove_local_candidate(unknown, 5.0),
         lambda agent: agent.invalidate_remote_candidate(unknown, 5.0),
         lambda agent: agent.handle_timeout(5.0),
@@ -908,3 +909,38 @@ def test_a_probe_round_the_selected_pair_answers_keeps_its_nomination() -> None:
     assert by_remote[B_RELAY].unresponsive and not by_remote[B_HOST].unresponsive
     assert by_remote[B_HOST].nominated
     assert not wire.kinds("a", PathsUnanswered)
+
+
+def test_what_is_not_a_binding_check_or_answer_is_left_to_the_caller(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=_AGENT_LOGGER)
+    _, b, _ = host_setup()
+    assert not b.handle_stun(b"\x17\x03\x03" + bytes(29), A_HOST, B_HOST, 0.0)  # not STUN at all
+    indication = stun.StunMessage(stun.Method.BINDING, stun.MessageClass.INDICATION, b"\x15" * 12)
+    assert not b.handle_stun(stun.encode(indication), A_HOST, B_HOST, 0.0)  # a keepalive, not a check
+    assert not _debug_messages(caplog) and not b.drops.total()
+    overrun = bytearray(_check_to_b(b"\x16" * 12)[:28])
+    overrun[2:4] = (8).to_bytes(2, "big")  # STUN-shaped, but its first attribute claims more than is there
+    with pytest.raises(stun.StunParseError) as error:
+        stun.decode(bytes(overrun))
+    assert not b.handle_stun(bytes(overrun), A_HOST, B_HOST, 0.0)
+    assert b.drops[DropReason.MALFORMED] == 1
+    assert _debug_messages(caplog) == [f"dropping malformed STUN from ('10.0.0.1', 1000): {error.value}"]
+
+
+def test_checks_announce_the_priority_of_a_peer_reflexive_candidate_of_their_base() -> None:
+    """RFC 8445 §7.1.1: PRIORITY = type preference 110 (peer-reflexive), the base's local preference, component 1."""
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST, local_preference=100), A_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    a.handle_timeout(0.0)
+    check = a.poll_transmit()
+    assert check is not None
+    assert stun.decode(check.payload).priority() == (110 << 24) + (100 << 8) + 255
+
+
+def test_a_triggered_check_for_a_pair_removed_meanwhile_is_not_sent() -> None:
+    b = _full_check_list_b()
+    assert b.handle_stun(_check_to_b(b"\x18" * 12), A_HOST, B_RELAY, 0.0)  # triggers B_RELAY -> A_HOST
+    b.remove_local_candidate(Candidate.relayed(B_RELAY, B_HOST), 0.0)
+    check = _next_check(b)
+    assert check.src == B_HOST

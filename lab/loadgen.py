@@ -530,6 +530,7 @@ SOAK_SAMPLE_INTERVAL = 10.0
 SOAK_ROUND_SECONDS = 30.0
 SOAK_RELAY_FLAP_EVERY = 120.0
 SOAK_RELAY_DOWN_SECONDS = 10.0
+SOAK_GATEWAY_REJOIN_TIMEOUT = 60.0  # s; the gateway's reconnect backoff starts at 0.5 s (docs/protocol.md §1.7)
 
 
 @dataclass(frozen=True)
@@ -576,8 +577,9 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
     """The soak run (``make soak``): a lab world with the real gateway and two relays; back-to-back rounds of
     ``clients`` load identities (new keys every round: churn) pinging at ``rate``; relay 2 flaps every two minutes
     (killed and announced gone, back 10 s later); one portal restart halfway (every socket closed, listening again
-    2 s later: the gateway and the identities rejoin). The gateway's RSS, descriptors, connections and drops are
-    sampled every 10 s, printed, and written as JSON lines to ``samples_path``."""
+    2 s later: the gateway and the identities rejoin; the next round waits for the gateway's rejoin, whose time the
+    restart's note reports). The gateway's RSS, descriptors, connections and drops are sampled every 10 s, printed,
+    and written as JSON lines to ``samples_path``."""
     from lab.world import LabWorld  # only the soak drives a whole world; the identity runner does not need it
 
     duration = minutes * 60
@@ -594,8 +596,18 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
         def elapsed() -> float:
             return time.monotonic() - started
 
+        # Set while the gateway is joined to the portal. A round asks the portal for flows through the gateway, so
+        # after the portal restart the next round waits for the gateway to rejoin (as an operator would before
+        # sending users its way): started earlier, every identity would be refused `offline` by design, which says
+        # nothing about the gateway. The gateway's rejoin time is reported in the restart's note instead.
+        gateway_present = asyncio.Event()
+        gateway_present.set()
+
         async def churn() -> None:
             while (left := duration - elapsed()) > 5:
+                await gateway_present.wait()
+                if (left := duration - elapsed()) <= 5:
+                    break
                 summary = await world.run_loadgen(
                     clients, rate=rate, duration=min(SOAK_ROUND_SECONDS, max(1.0, left - 5)), setup_timeout=60
                 )
@@ -617,8 +629,18 @@ async def soak(minutes: float, clients: int, rate: float, samples_path: str | No
             while elapsed() < duration:
                 if not portal_restarted and elapsed() >= duration / 2:
                     portal_restarted = True
-                    await world.restart_portal(downtime=2.0)
-                    notes.append("portal restart")
+                    gateway_present.clear()
+                    since = world.need_portal().next_seq
+                    restarted_at = time.monotonic()
+                    try:
+                        await world.restart_portal(downtime=2.0)
+                        await world.wait_gateway_joined(timeout=SOAK_GATEWAY_REJOIN_TIMEOUT, since=since)
+                        notes.append(f"portal restart (gateway rejoined in {time.monotonic() - restarted_at:.1f} s)")
+                    except TimeoutError:
+                        # A finding, not an expected refusal: the rounds go on and their `offline` failures show it.
+                        notes.append(f"portal restart (gateway not back after {SOAK_GATEWAY_REJOIN_TIMEOUT:.0f} s)")
+                    finally:
+                        gateway_present.set()
                 elif elapsed() >= next_flap and duration - elapsed() > SOAK_RELAY_DOWN_SECONDS + 10:
                     next_flap += SOAK_RELAY_FLAP_EVERY
                     await world.kill_relay(1)

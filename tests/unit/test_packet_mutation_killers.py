@@ -525,12 +525,39 @@ def test_an_offload_frame_without_payload_is_one_packet(packet: bytes) -> None:
     assert len(_split_like_the_kernel(packet, 1000)) == 1
 
 
-@pytest.mark.parametrize("gso_size", [65495, 65535])
-def test_a_tso_segment_of_exactly_65535_bytes_is_allowed(gso_size: int) -> None:
-    packet = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(flags="A") / bytes(65495))
+_OPTIONS = b"\x01\x01\x01\x00"
+
+
+@pytest.mark.parametrize(
+    ("headers", "payload_len"),
+    [
+        (IP(src="10.0.0.1", dst="10.0.0.2") / TCP(flags="A"), 65495),
+        (IP(src="10.0.0.1", dst="10.0.0.2", options=_OPTIONS) / TCP(flags="A"), 65491),
+        (IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2), 65507),
+    ],
+    ids=["tcp4", "tcp4-options", "udp4"],
+)
+@pytest.mark.parametrize("larger_gso_size", [False, True])
+def test_an_offload_segment_of_exactly_65535_bytes_is_allowed(
+    headers: Packet, payload_len: int, larger_gso_size: bool
+) -> None:
+    packet = bytes(headers / bytes(payload_len))
     assert len(packet) == 65535
-    [segment] = _split_like_the_kernel(packet, gso_size)
+    [segment] = _split_like_the_kernel(packet, 65535 if larger_gso_size else payload_len)
     assert len(segment) == 65535
+
+
+def test_an_ipv6_uso_datagram_may_be_longer_than_32_kib() -> None:
+    [datagram] = _split_like_the_kernel(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP() / bytes(40000)), 40000)
+    assert len(datagram) == 40048
+
+
+def test_tso_refusals_name_tso_also_with_ipv4_options() -> None:
+    optioned = bytes(IP(src="10.0.0.1", dst="10.0.0.2", options=_OPTIONS) / TCP(flags="A") / bytes(100))
+    no_size = VirtioNetHdr(gso_type=VIRTIO_NET_HDR_GSO_TCPV4, gso_size=0, csum_start=24, csum_offset=16)
+    assert _error(split_gso, no_size, optioned) == "TSO frame with gso_size 0"
+    too_long = VirtioNetHdr(gso_type=VIRTIO_NET_HDR_GSO_TCPV4, gso_size=65500, csum_start=24, csum_offset=16)
+    assert _error(split_gso, too_long, optioned[:44] + bytes(65500)) == "TSO segment longer than an IP packet"
 
 
 @pytest.mark.parametrize("ip", [IP(src="10.0.0.1", dst="10.0.0.2"), IPv6(src="2001:db8::1", dst="2001:db8::2")])

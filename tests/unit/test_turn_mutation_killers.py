@@ -440,3 +440,55 @@ def test_channel_data_on_a_number_we_did_not_bind_is_dropped_and_logged_with_the
     assert alloc.drops[turn.DropReason.UNKNOWN_CHANNEL] == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
     assert "turn ('198.51.100.7', 3478): dropped (turn_unknown_channel): channel 0x4001" in lines
+
+
+# ---- RFC 8656 §12 channel numbers -----------------------------------------------------------------------------------
+
+
+def test_a_peer_is_bound_to_one_channel_whatever_the_calls() -> None:
+    alloc, relay = _allocated()
+    assert alloc.bind_channel(PEER, 1.0) == 0x4000
+    assert alloc.bind_channel(PEER, 1.5) == 0x4000  # pending: no second number, no second request
+    assert [stun.decode(t.payload).method for t in transmits(alloc)] == [Method.CHANNEL_BIND]
+    alloc.bind_channel(OTHER_PEER, 2.0)
+    _exchange(alloc, relay, 2.0)
+    assert alloc.bind_channel(PEER, 3.0) == 0x4000  # bound
+    assert transmits(alloc) == []
+
+
+def test_binding_a_channel_before_the_allocation_names_the_state() -> None:
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    with pytest.raises(RuntimeError) as info:
+        alloc.bind_channel(PEER, 0.0)
+    assert str(info.value) == "cannot bind a channel in state allocating"
+
+
+def test_numbers_run_from_0x4000_to_0x4fff_and_then_none_is_free(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, _ = _allocated()
+    numbers = [alloc.bind_channel((f"10.1.{i >> 8}.{i & 0xFF}", 9000), 1.0) for i in range(0x1000)]
+    assert numbers == list(range(0x4000, 0x5000))
+    assert alloc.bind_channel(PEER, 1.0) is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert lines[-1] == "turn ('198.51.100.7', 3478): no free channel number for ('192.0.2.50', 6000)"
+
+
+def test_a_new_peer_gets_the_next_number_past_held_and_bound_ones() -> None:
+    alloc, relay = _allocated()
+    third: Address = ("192.0.2.52", 6002)
+    alloc.bind_channel(PEER, 0.0)
+    alloc.bind_channel(OTHER_PEER, 0.0)
+    _exchange(alloc, relay, 0.0)
+    alloc.handle_input(turn.encode_channel_data(0x4001, b"in use"), SERVER, 10.0)  # OTHER_PEER's stays (refreshed)
+    _run_until(alloc, 610.0, relay)
+    assert not alloc.has_channel(PEER) and alloc.has_channel(OTHER_PEER)
+    assert alloc.bind_channel(third, 610.0) == 0x4002  # 0x4000 held for PEER until 900, 0x4001 bound
+
+
+def test_a_held_number_goes_to_another_peer_exactly_five_minutes_after_expiry() -> None:
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 0.0)
+    _exchange(alloc, relay, 0.0)
+    _run_until(alloc, 899.0, relay)  # expired unused at 600
+    assert not alloc.has_channel(PEER)
+    assert alloc.bind_channel(OTHER_PEER, 900.0) == 0x4000

@@ -1082,6 +1082,7 @@ class Node:
                     logger.info("relay %s: mapped address changed to %s; allocating again", relay_id, event.srflx)
                     self._drop_relay(relay_id, now, graceful=False)
                     self._add_relay(relay.config, now)
+                    self._relays[relay_id].allocation.rtt = event.rtt  # it just answered: still measured
                     self._relay_candidates_changed(now)
                     return
                 # One NAT mapping per socket and relay: a new answer replaces the old srflx address.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dataplane.node import NoRelays
-from tests.sim.nat import PORT_RESTRICTED_CONE
+from tests.sim.nat import PORT_RESTRICTED_CONE, SYMMETRIC
 from tests.sim.world import GATEWAY_ID, Client, World, build_world
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,3 +51,20 @@ def _established(world: World, client: Client) -> bool:
     gw = world.gateway.node.connection(client.client_id)
     cl = client.peer.node.connection(GATEWAY_ID)
     return bool(gw and cl and gw.established and cl.established)
+
+
+def test_relay_reallocating_after_our_nat_mapping_changed_still_takes_new_clients() -> None:
+    # The gateway's NAT forgets its mappings: the relay's next BINDING answer shows a new mapped address, the old
+    # allocation is keyed by the old 5-tuple, so the gateway allocates again; the relay answered, so it stays usable.
+    world = build_world(SYMMETRIC, seed=15, relays=1)  # random ports: a reboot gives new mappings
+    gateway = world.gateway.node
+    client = world.add_client(PORT_RESTRICTED_CONE, seed=15)
+    world.net.run_for(2.0)
+    srflx_before = gateway.relays[0].srflx
+    assert world.gateway_nat is not None
+    world.gateway_nat.reset()
+    assert world.net.run_until_true(lambda: gateway.relays[0].state != "allocated", timeout=60.0)
+    assert gateway.relays[0].srflx != srflx_before
+    world.connect(client)
+    assert not world.gateway.events_of(NoRelays), "a relay that is only re-allocating must not turn clients away"
+    assert world.net.run_until_true(lambda: _established(world, client), timeout=30.0)

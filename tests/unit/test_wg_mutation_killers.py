@@ -31,7 +31,7 @@ from dataplane.wireguard.timers import PeerTimers
 from dataplane.wireguard.tunn import DropReason as TunnDropReason
 from dataplane.wireguard.tunn import HandshakeGaveUp, KeysZeroed
 
-from .test_wg_device import TUNNEL_A, TUNNEL_B, ipv4_packet
+from .test_wg_device import ADDRESS_B, TUNNEL6_B, TUNNEL_A, TUNNEL_B, Pair, ipv4_packet
 from .test_wg_tunn import TunnPair
 from .test_wg_vectors import hchacha20_rounds
 
@@ -448,3 +448,20 @@ def test_a_handshake_that_gives_up_zeroes_the_keys_three_reject_after_times_late
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.tunn"]
     assert f"handshake with {peer} gave up after 20 s" in lines
     assert lines[-1] == f"keys for {peer} zeroed"
+
+
+# --- Device: its peers ---
+
+
+def test_a_device_iterates_over_its_peers_and_a_peer_shows_key_endpoint_and_allowed_ips() -> None:
+    pair = Pair()
+    assert list(pair.a) == [pair.peer_b]
+    public = pair.peer_b.public_key
+    assert repr(pair.peer_b) == (
+        f"Peer({public.hex()[:16]}…, endpoint={ADDRESS_B}, "
+        f"allowed_ips=[IPv4Network('{TUNNEL_B}/32'), IPv6Network('{TUNNEL6_B}/128')])"
+    )
+    other = pair.a.upsert_peer(SeededRng(77).random_bytes(32), 0.0)
+    assert list(pair.a) == [pair.peer_b, other]
+    pair.a.remove_peer(pair.peer_b.public_key, 0.0)
+    assert list(pair.a) == [other]

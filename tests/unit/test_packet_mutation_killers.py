@@ -653,3 +653,49 @@ def test_udp_datagrams_merge_only_when_their_ip_header_allows() -> None:
     for datagram in padded:
         datagram[24:26] = (len(datagram) - 20).to_bytes(2, "big")
     assert _unmerged([bytes(datagram) for datagram in padded], udp=True)
+
+
+def _udp_datagram(index: int = 0, *, src: str = "10.0.0.1", **ip_fields: Any) -> bytes:
+    ip_fields.setdefault("id", 1 + index)
+    return bytes(IP(src=src, dst="10.0.0.2", **ip_fields) / UDP(sport=1, dport=2) / (bytes([index]) * 100))
+
+
+def test_udp_datagrams_of_different_ip_headers_stay_apart() -> None:
+    assert len(coalesce([_udp_datagram(0), _udp_datagram(1)], udp=True)) == 1
+    assert _unmerged([_udp_datagram(0, tos=0), _udp_datagram(1, tos=0x10)], udp=True)
+    assert _unmerged([_udp_datagram(0, ttl=64), _udp_datagram(1, ttl=63)], udp=True)
+    assert _unmerged([_udp_datagram(0), _udp_datagram(1, src="11.0.0.1")], udp=True)
+    # with DF the IPv4 id plays no part in reassembly, so it need not count up
+    assert len(coalesce([_udp_datagram(0, flags="DF", id=0), _udp_datagram(1, flags="DF", id=0)], udp=True)) == 1
+
+
+def test_ipv6_udp_datagrams_of_different_traffic_classes_stay_apart() -> None:
+    def datagram(index: int, traffic_class: int) -> bytes:
+        ip = IPv6(src="2001:db8::1", dst="2001:db8::2", tc=traffic_class)
+        return bytes(ip / UDP(sport=1, dport=2) / (bytes([index]) * 100))
+
+    assert len(coalesce([datagram(0, 0x10), datagram(1, 0x10)], udp=True)) == 1
+    assert _unmerged([datagram(0, 0x10), datagram(1, 0x20)], udp=True)
+
+
+def _v6_tcp_segment(index: int, *, first_seq: int = 1, sport: int = 1000, flags: str = "A") -> bytes:
+    tcp = TCP(sport=sport, dport=2000, seq=(first_seq + index * 100) & 0xFFFFFFFF, flags=flags)
+    return bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / tcp / (bytes([index]) * 100))
+
+
+def test_ipv6_tcp_segments_merge_only_when_their_tcp_headers_allow() -> None:
+    assert len(coalesce([_v6_tcp_segment(0), _v6_tcp_segment(1)])) == 1
+    across_16_mib = [_v6_tcp_segment(0, first_seq=0x00FFFFC0), _v6_tcp_segment(1, first_seq=0x00FFFFC0)]
+    assert len(coalesce(across_16_mib)) == 1
+    assert _unmerged([_v6_tcp_segment(0, flags="FA"), _v6_tcp_segment(1, flags="FA")])
+    assert _unmerged([_v6_tcp_segment(0, sport=1000), _v6_tcp_segment(1, sport=1001)])
+    # A data offset shorter than a TCP header (16 bytes), or longer than the packet (60 bytes, 30 bytes there): the
+    # sequence numbers are those that would follow if the offset were believed.
+    for data_offset, payload, seq_step in ((0x40, bytes(100), 104), (0xF0, bytes(10), -30)):
+        segments = []
+        for index in range(2):
+            tcp = TCP(sport=1000, dport=2000, seq=1000 + index * seq_step, flags="A")
+            segment = bytearray(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / tcp / payload))
+            segment[52] = data_offset
+            segments.append(bytes(segment))
+        assert _unmerged(segments)

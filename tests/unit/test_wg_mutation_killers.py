@@ -24,12 +24,17 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from dataplane.base import Address
 from dataplane.io.rng import SeededRng
 from dataplane.wireguard import noise
-from dataplane.wireguard.constants import MESSAGE_TRANSPORT, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+from dataplane.wireguard.constants import (
+    MESSAGE_TRANSPORT,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    UNDER_LOAD_AFTER_TIME,
+)
 from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
 from dataplane.wireguard.crypto import hmac_blake2s, public_key, tai64n
 from dataplane.wireguard.timers import PeerTimers
 from dataplane.wireguard.tunn import DropReason as TunnDropReason
-from dataplane.wireguard.tunn import HandshakeGaveUp, KeysZeroed
+from dataplane.wireguard.tunn import HandshakeGaveUp, HandshakeLoad, KeysZeroed
 
 from .test_wg_device import ADDRESS_B, TUNNEL6_B, TUNNEL_A, TUNNEL_B, Pair, ipv4_packet
 from .test_wg_tunn import TunnPair
@@ -465,3 +470,32 @@ def test_a_device_iterates_over_its_peers_and_a_peer_shows_key_endpoint_and_allo
     assert list(pair.a) == [pair.peer_b, other]
     pair.a.remove_peer(pair.peer_b.public_key, 0.0)
     assert list(pair.a) == [other]
+
+
+# --- handshake load: one-second buckets ---
+
+
+def test_handshake_load_counts_per_one_second_bucket_and_stays_on_for_under_load_after_time() -> None:
+    load = HandshakeLoad(threshold=2)
+    for now in (0.0, 0.5, 1.0, 1.5):  # two per bucket: never more than the threshold
+        load.count(now)
+        assert not load.under_load(now)
+    load.count(1.9)  # a third message in the bucket that started at 1.0
+    assert load.under_load(1.9)
+    assert load.under_load(1.9 + UNDER_LOAD_AFTER_TIME - 0.01)
+    assert not load.under_load(1.9 + UNDER_LOAD_AFTER_TIME)
+    burst = HandshakeLoad(threshold=2)
+    for _ in range(3):  # three at one instant are three in one bucket
+        burst.count(7.0)
+    assert burst.under_load(7.0)
+
+
+def test_handshake_load_starts_a_new_bucket_when_the_clock_goes_back() -> None:
+    load = HandshakeLoad(threshold=2)
+    load.count(10.0)
+    load.count(10.2)
+    load.count(5.0)  # earlier than the bucket start: a fresh bucket, not a third message
+    assert not load.under_load(5.0)
+    assert load.force is False
+    load.force = True  # pinned on by an operator or a test
+    assert load.under_load(100.0)

@@ -15,12 +15,16 @@ import pytest
 from dataplane import stun
 from dataplane.base import Transmit
 from dataplane.ice import (
+    CLIENT_PROFILE,
+    SERVER_PROFILE,
     AgentDirectory,
     Candidate,
+    CandidateKind,
     DropReason,
     IceAgent,
     IceConnected,
     IceDisconnected,
+    IceFailed,
     IceState,
     PairState,
     PeerReflexiveCandidateLearned,
@@ -36,9 +40,11 @@ from dataplane.ice.agent import (
     MAX_PEER_REFLEXIVE_CANDIDATES,
     PathsUnanswered,
 )
+from dataplane.ice.candidate import compute_foundation, compute_priority
 from dataplane.io.rng import SeededRng
 from tests.unit.test_ice_agent import (
     A_HOST,
+    A_PUBLIC,
     B_HOST,
     B_RELAY,
     Wire,
@@ -608,6 +614,8 @@ def test_any_first_input_starts_the_idle_clock() -> None:
     unknown = Candidate.host(("10.9.9.9", 1))
     inputs: list[Callable[[IceAgent], object]] = [
         lambda agent: agent.handle_stun(b"not STUN", B_HOST, A_HOST, 5.0),
+        lambda agent: agent.add_local_candidate(Candidate.server_reflexive(A_PUBLIC, A_HOST), A_HOST, 5.0),
+        lambda agent: agent.add_remote_candidate(Candidate.host(("fd00::2", 2000)), 5.0),
         lambda agent: agent.remove_local_candidate(unknown, 5.0),
         lambda agent: agent.invalidate_remote_candidate(unknown, 5.0),
         lambda agent: agent.handle_timeout(5.0),
@@ -944,3 +952,151 @@ def test_a_triggered_check_for_a_pair_removed_meanwhile_is_not_sent() -> None:
     b.remove_local_candidate(Candidate.relayed(B_RELAY, B_HOST), 0.0)
     check = _next_check(b)
     assert check.src == B_HOST
+
+
+# ---- constructor, states, failure reasons --------------------------------------------------------------------------
+
+
+def test_every_credential_is_required() -> None:
+    credentials = ["aufr", "a-password-0123456789a", "bufr", B_PASSWORD]
+    for index in range(4):
+        local_ufrag, local_pwd, remote_ufrag, remote_pwd = [c if i != index else "" for i, c in enumerate(credentials)]
+        with pytest.raises(ValueError, match="^ICE credentials must not be empty$"):
+            IceAgent(True, local_ufrag, local_pwd, remote_ufrag, remote_pwd, SeededRng(1))
+
+
+def test_an_explicit_timing_profile_wins_and_an_agent_starts_active() -> None:
+    a = IceAgent(True, "aufr", "a-pw-0123456789012345", "bufr", B_PASSWORD, SeededRng(3), timing=SERVER_PROFILE)
+    assert a.timing is SERVER_PROFILE and a.idle is False
+    b = IceAgent(False, "bufr", B_PASSWORD, "aufr", "a-pw-0123456789012345", SeededRng(3), timing=CLIENT_PROFILE)
+    assert b.timing is CLIENT_PROFILE
+
+
+def test_states_new_checking_connected_and_a_new_candidate_keeps_connected() -> None:
+    a, b, wire = host_setup()
+    fresh, _ = make_pair()
+    states = [fresh.state]
+    fresh.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    states.append(fresh.state)  # no pair yet
+    fresh.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+    states.append(fresh.state)
+    assert states == [IceState.NEW, IceState.NEW, IceState.CHECKING]
+    wire.run(3.0)
+    assert a.state is IceState.CONNECTED
+    a.add_remote_candidate(Candidate.host(("10.0.0.9", 9000)), 3.0)
+    assert a.state is IceState.CONNECTED
+
+
+def test_failure_reasons_and_failed_is_reported_once() -> None:
+    a, _, _ = host_setup()
+    a.handle_timeout(0.0)
+    check = a.poll_transmit()
+    assert check is not None
+    answer = stun.decode(check.payload).error_response(400, "Bad Request")
+    assert a.handle_stun(stun.encode(answer, integrity_key=stun.short_term_key(B_PASSWORD)), B_HOST, A_HOST, 0.01)
+    assert [e for e in iter(a.poll_event, None) if isinstance(e, IceFailed)] == [
+        IceFailed("all candidate pairs failed")
+    ]
+    a.remove_local_candidate(Candidate.host(A_HOST), 0.02)
+    a.invalidate_remote_candidate(Candidate.host(B_HOST), 0.03)
+    assert not [e for e in iter(a.poll_event, None) if isinstance(e, IceFailed)]  # terminal: reported once
+    a, _, _ = host_setup()
+    a.invalidate_remote_candidate(Candidate.host(B_HOST), 0.0)
+    assert [e for e in iter(a.poll_event, None) if isinstance(e, IceFailed)] == [IceFailed("no candidate pairs left")]
+
+
+def test_the_check_list_holds_exactly_max_pairs_and_only_component_1_candidates() -> None:
+    a, _ = make_pair(a_controlling=True)
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_local_candidate(Candidate.relayed(B_RELAY, A_HOST), B_RELAY, 0.0)
+    for index in range(MAX_PAIRS // 2 + 5):
+        a.add_remote_candidate(Candidate.host((f"10.4.0.{index + 1}", 7000)), 0.0)
+    assert len(a.pairs) == MAX_PAIRS
+    assert a.drops[DropReason.TOO_MANY_PAIRS] > 0
+    rtcp = Candidate.host(("10.0.0.8", 7001))
+    b, _ = make_pair()
+    b.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    b.add_remote_candidate(Candidate(rtcp.foundation, 2, "udp", rtcp.priority, rtcp.address, rtcp.kind), 0.0)
+    assert b.remote_candidates == [] and b.pairs == []
+
+
+def test_a_shared_directory_lists_every_agent_holding_a_pair() -> None:
+    directory = AgentDirectory()
+    agents = [
+        IceAgent(True, f"u{i}", "a-pw-0123456789012345", "bufr", B_PASSWORD, SeededRng(i), directory=directory)
+        for i in range(2)
+    ]
+    for agent in agents:
+        agent.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+        agent.add_remote_candidate(Candidate.host(B_HOST), 0.0)
+        agent.add_remote_candidate(Candidate.host(B_HOST), 0.0)  # again: listed once
+    assert directory.agents_with_pair(A_HOST, B_HOST) == agents
+
+
+# ---- signalled candidates replace learned and synthesized ones (RFC 8445 §7.3.1.3) ----------------------------------
+
+
+def test_a_signalled_candidate_stops_counting_as_learned() -> None:
+    _, b, _ = host_setup()
+    for index in range(MAX_PEER_REFLEXIVE_CANDIDATES):
+        source: tuple[str, int] = ("203.0.113.9", 21000 + index)
+        assert b.handle_stun(_check_to_b(bytes([0x40, index]) * 6), source, B_HOST, 0.0)
+        b.add_remote_candidate(Candidate.host(source), 0.0)  # the peer signals it after all
+    assert b.handle_stun(_check_to_b(b"\x41" * 12), ("203.0.113.9", 22000), B_HOST, 0.0)
+    assert ("203.0.113.9", 22000) in {c.address for c in b.remote_candidates}
+    assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 0
+
+
+def test_a_signalled_candidate_that_was_synthesized_outlives_the_synthesis_sources() -> None:
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    host = Candidate.host(("10.0.0.2", 2000))
+    srflx = Candidate.server_reflexive(("203.0.113.9", 5000), host.address)
+    a.add_remote_candidate(host, 0.0)
+    a.add_remote_candidate(srflx, 0.0)
+    signalled = Candidate.server_reflexive(("203.0.113.9", 2000), host.address)
+    a.add_remote_candidate(signalled, 0.0)
+    a.invalidate_remote_candidate(host, 0.1)
+    assert signalled in a.remote_candidates
+
+
+def test_optimistic_candidates_are_srflx_ip_times_host_port_ranked_just_below_the_srflx() -> None:
+    """Firezone's optimistic candidates (docs/protocol.md §4.3): IPv4 only, host × srflx, one local preference below
+    the srflx candidate, the host as related address; an address already known is skipped, not the rest."""
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    known = Candidate.host(("203.0.113.9", 2000))  # already the optimistic address of the first host below
+    hosts = [known, Candidate.host(("10.0.0.2", 2000)), Candidate.host(("10.0.0.3", 7000))]
+    for candidate in [*hosts, Candidate.host(("fd00::2", 2000)), Candidate.relayed(("198.51.100.7", 9), B_HOST)]:
+        a.add_remote_candidate(candidate, 0.0)
+    srflx = Candidate.server_reflexive(("203.0.113.9", 5000), ("10.0.0.2", 2000), local_preference=300)
+    a.add_remote_candidate(srflx, 0.0)
+    a.add_remote_candidate(Candidate.server_reflexive(("fd00::9", 5000), ("fd00::2", 2000)), 0.0)  # IPv6: none
+    synthesized = {c.address: c for c in a.remote_candidates if c not in hosts and c.address[0] == "203.0.113.9"}
+    synthesized.pop(srflx.address)
+    assert set(synthesized) == {("203.0.113.9", 7000)}
+    assert [c.address for c in a.remote_candidates if c.address[0] == "fd00::9"] == [("fd00::9", 5000)]
+    optimistic = synthesized[("203.0.113.9", 7000)]
+    assert optimistic == Candidate(
+        foundation=compute_foundation(CandidateKind.SERVER_REFLEXIVE, "10.0.0.3", "optimistic"),
+        component=1,
+        transport="udp",
+        priority=compute_priority(CandidateKind.SERVER_REFLEXIVE, 299),
+        address=("203.0.113.9", 7000),
+        kind=CandidateKind.SERVER_REFLEXIVE,
+        related=("10.0.0.3", 7000),
+    )
+    assert a.has_pair(A_HOST, optimistic.address)
+    late_host = Candidate.host(("10.0.0.4", 8000))  # a host signalled after the srflx pairs with it too
+    a.add_remote_candidate(late_host, 0.0)
+    assert ("203.0.113.9", 8000) in {c.address for c in a.remote_candidates}
+
+    b, _ = make_pair()
+    b.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    b.add_remote_candidate(Candidate.server_reflexive(("203.0.113.9", 5000), B_HOST, local_preference=0), 0.0)
+    for index in range(MAX_OPTIMISTIC_CANDIDATES + 3):
+        b.add_remote_candidate(Candidate.host(("10.0.0.2", 3000 + index)), 0.0)
+    optimistic_b = [c for c in b.remote_candidates if c.address[0] == "203.0.113.9" and c.address[1] != 5000]
+    assert len(optimistic_b) == MAX_OPTIMISTIC_CANDIDATES
+    assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 3
+    assert {c.priority for c in optimistic_b} == {compute_priority(CandidateKind.SERVER_REFLEXIVE, 0)}

@@ -699,3 +699,26 @@ def test_ipv6_tcp_segments_merge_only_when_their_tcp_headers_allow() -> None:
             segment[52] = data_offset
             segments.append(bytes(segment))
         assert _unmerged(segments)
+
+
+def test_ipv6_tcp_segments_of_different_ack_window_or_options_stay_apart() -> None:
+    def segment(index: int, **tcp_fields: Any) -> bytes:
+        tcp = TCP(sport=1000, dport=2000, seq=1 + index * 100, flags="A", **tcp_fields)
+        return bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / tcp / (bytes([index]) * 100))
+
+    timestamp = ("Timestamp", (1, 2))
+    nops_first = [("NOP", None), ("NOP", None), timestamp]
+    assert len(coalesce([segment(0, options=nops_first), segment(1, options=nops_first)])) == 1
+    assert _unmerged([segment(0, ack=0x01000000), segment(1, ack=0x02000000)])
+    assert _unmerged([segment(0, window=0x1000), segment(1, window=0x2000)])
+    assert _unmerged([segment(0, options=nops_first), segment(1, options=[timestamp, ("NOP", None), ("NOP", None)])])
+    other_first_option_byte = bytearray(segment(1, options=nops_first))
+    other_first_option_byte[60] = 0  # end of option list instead of a no-operation
+    assert _unmerged([segment(0, options=nops_first), bytes(other_first_option_byte)])
+
+
+def test_udp_datagrams_whose_udp_length_disagrees_are_not_merged() -> None:
+    datagrams = [bytearray(_udp_datagram(0)), bytearray(_udp_datagram(1))]
+    for datagram in datagrams:
+        datagram[24:26] = (len(datagram) - 20 - 1).to_bytes(2, "big")
+    assert _unmerged([bytes(datagram) for datagram in datagrams], udp=True)

@@ -25,6 +25,7 @@ from dataplane.base import Address
 from dataplane.io.rng import SeededRng
 from dataplane.wireguard import noise
 from dataplane.wireguard.constants import (
+    MAX_STAGED_PACKETS,
     MESSAGE_TRANSPORT,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
@@ -499,3 +500,13 @@ def test_handshake_load_starts_a_new_bucket_when_the_clock_goes_back() -> None:
     assert load.force is False
     load.force = True  # pinned on by an operator or a test
     assert load.under_load(100.0)
+
+
+def test_a_batch_larger_than_the_staging_queue_is_sent_whole_over_a_session() -> None:
+    # the staging queue (MAX_STAGED_PACKETS) holds packets waiting for a handshake; with a session up, nothing waits
+    pair = _established(1000.0)
+    packets = [ipv4_packet(TUNNEL_A, TUNNEL_B, n.to_bytes(2, "big")) for n in range(MAX_STAGED_PACKETS + 5)]
+    pair.a.encapsulate_batch(packets, 1001.0)
+    pair.pump(1001.0)
+    assert pair.delivered["b"][1:] == packets
+    assert pair.a.drops.total() == 0

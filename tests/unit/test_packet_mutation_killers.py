@@ -722,3 +722,9 @@ def test_udp_datagrams_whose_udp_length_disagrees_are_not_merged() -> None:
     for datagram in datagrams:
         datagram[24:26] = (len(datagram) - 20 - 1).to_bytes(2, "big")
     assert _unmerged([bytes(datagram) for datagram in datagrams], udp=True)
+
+
+def test_a_truncated_udp_header_passes_through() -> None:
+    truncated = bytearray(_udp_datagram(0)[:24])
+    truncated[2:4] = (24).to_bytes(2, "big")  # the IP total length agrees: only the UDP header is cut
+    assert _unmerged([bytes(truncated), bytes(truncated)], udp=True)

@@ -26,6 +26,8 @@ settings.register_profile(
 # inputs, and fewer of them where a test does not set its own count.
 settings.register_profile("mutation", parent=settings.get_profile("project"), max_examples=20, derandomize=True)
 settings.load_profile(os.environ.get("FIREZONE_HYPOTHESIS_PROFILE", "project"))
+_MUTATION_RUN = os.environ.get("FIREZONE_HYPOTHESIS_PROFILE") == "mutation"
+_MUTATION_MAX_EXAMPLES = 20
 
 
 class _ErrorRecorder(logging.Handler):
@@ -81,3 +83,20 @@ def _no_leaked_namespaces(request: pytest.FixtureRequest) -> Iterator[None]:
     leaked = set(leftover_namespaces()) - before
     if leaked:
         pytest.fail(f"network namespaces left behind: {sorted(leaked)}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In a mutation run, tests that set their own example count get at most ``_MUTATION_MAX_EXAMPLES`` too: a
+    survivor runs every test that covers it, and hundreds of examples per test per mutant made a module take hours."""
+    if not _MUTATION_RUN:
+        return
+    for item in items:
+        test = getattr(item, "obj", None)
+        owner = getattr(test, "__self__", None)  # a stateful machine's TestCase.runTest
+        for target in (test, type(owner) if owner is not None else None):
+            own = getattr(target, "_hypothesis_internal_use_settings", None)
+            if isinstance(own, settings) and own.max_examples > _MUTATION_MAX_EXAMPLES:
+                target._hypothesis_internal_use_settings = settings(own, max_examples=_MUTATION_MAX_EXAMPLES)  # type: ignore[union-attr]
+            case_settings = getattr(target, "settings", None)
+            if isinstance(case_settings, settings) and case_settings.max_examples > _MUTATION_MAX_EXAMPLES:
+                target.settings = settings(case_settings, max_examples=_MUTATION_MAX_EXAMPLES)  # type: ignore[union-attr]

@@ -1100,3 +1100,28 @@ def test_optimistic_candidates_are_srflx_ip_times_host_port_ranked_just_below_th
     assert len(optimistic_b) == MAX_OPTIMISTIC_CANDIDATES
     assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 3
     assert {c.priority for c in optimistic_b} == {compute_priority(CandidateKind.SERVER_REFLEXIVE, 0)}
+
+
+def test_when_every_pair_loses_consent_at_once_every_pair_is_checked_again() -> None:
+    """The selected pair's consent runs out and takes the agent to Disconnected: every pair goes back to be re-checked
+    (docs/architecture.md, ICE), also one whose consent ran out in the same instant."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    a.handle_timeout(wire.now + 60.0)
+    assert a.state is IceState.DISCONNECTED
+    assert [e for e in iter(a.poll_event, None) if isinstance(e, IceDisconnected)] == [
+        IceDisconnected("consent expired")
+    ]
+    assert all(p.state in (PairState.WAITING, PairState.IN_PROGRESS) for p in a.pairs)
+
+
+def test_an_answer_from_the_wrong_address_fails_only_its_pair() -> None:
+    """RFC 8445 §7.2.5.2.1: a response whose source is not the check's destination fails that pair; the selected pair
+    is kept."""
+    a, b, wire, b_host, b_relay = _direct_and_relay_setup()
+    check, _ = _answer_next_request(wire, B_RELAY, 400, "unused")
+    answer = stun.decode(check.payload).success_response().add_xor_address(stun.Attr.XOR_MAPPED_ADDRESS, A_HOST)
+    payload = stun.encode(answer, integrity_key=stun.short_term_key(B_PASSWORD), fingerprint=True)
+    assert a.handle_stun(payload, B_HOST, A_HOST, wire.now)
+    assert a.drops[DropReason.ASYMMETRIC_RESPONSE] == 1
+    assert next(p for p in a.pairs if p.remote.address == B_RELAY).state is PairState.FAILED
+    assert a.selected_pair is not None and a.selected_pair[1] == b_host

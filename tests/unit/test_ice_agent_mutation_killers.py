@@ -1125,3 +1125,11 @@ def test_an_answer_from_the_wrong_address_fails_only_its_pair() -> None:
     assert a.drops[DropReason.ASYMMETRIC_RESPONSE] == 1
     assert next(p for p in a.pairs if p.remote.address == B_RELAY).state is PairState.FAILED
     assert a.selected_pair is not None and a.selected_pair[1] == b_host
+
+
+def test_a_check_due_when_the_agent_turns_idle_is_named_first() -> None:
+    """Deadlines that coincide keep the earlier kind's name: the connectivity check, not the idle switch."""
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    a.add_remote_candidate(Candidate.host(B_HOST), 20.0)  # no activity since 0.0: idle is due at 20.0 too
+    assert a.poll_timeout() == (20.0, "connectivity check")

@@ -21,7 +21,7 @@ with ``X-Authorization: Bearer <clients[].token>`` and join topic ``client``; th
     gateway ← create_authorization ... gateway → authorization_created {ref} (within authorization_timeout, 15 s)
     client ← flow_created {resource_id, gateway_id, site_id, gateway_public_key, gateway_ipv4, gateway_ipv6,
              preshared_key, client_ice_credentials, gateway_ice_credentials, relays}
-             or flow_creation_failed {resource_id, reason: not_found | offline | too_many_requests}
+             or flow_creation_failed {resource_id, reason: not_found | offline | no_relays | too_many_requests}
     client broadcast_(invalidated_)ice_candidates {gateway_ids, candidates} → gateway (invalidate_)ice_candidates
              {client_id, candidates}; the gateway's {client_ids, candidates} → client {gateway_id, candidates}
              (only between peers the portal brokered)

@@ -1069,8 +1069,10 @@ class DevPortal:
         if event in _COMMON_GATEWAY_EVENTS:
             await self._send(session, wire.reply(frame, "ok", {}))
             if event == "no_relays":
-                # The real portal only answers with fresh relays (docs/protocol.md §2.1); it fails no flow, so a flow
-                # the gateway did not confirm ends at the authorization timeout, as a silent gateway's would.
+                # It answers create_authorization this way when it has no relay to sample (§2.1): the flows it was
+                # asked for will not be confirmed.
+                for flow in [f for f in self._pending_flows.values() if f.gateway_conn_id == session.conn_id]:
+                    await self._fail_flow(flow, "no_relays")
                 payload = {"disconnected_ids": [], "connected": self.config.relay_entries(session.public_key)}
                 await self._push(session, "relays_presence", payload)
             elif event in _CANDIDATE_EVENTS:

@@ -492,3 +492,12 @@ def test_a_held_number_goes_to_another_peer_exactly_five_minutes_after_expiry() 
     _run_until(alloc, 899.0, relay)  # expired unused at 600
     assert not alloc.has_channel(PEER)
     assert alloc.bind_channel(OTHER_PEER, 900.0) == 0x4000
+
+
+def test_a_retransmission_repeats_the_request_to_the_address_it_was_sent_to() -> None:
+    # RFC 8489 §6.2.1: a retransmission is the same request (same transaction ID and bytes) to the same destination
+    alloc = turn.Allocation([SERVER, SERVER_V6], "u1", "p1", rng=SeededRng(7), now=0.0, local=LOCAL)
+    first = transmits(alloc)
+    assert [t.dst for t in first] == [SERVER, SERVER_V6]
+    alloc.handle_timeout(1.0)
+    assert transmits(alloc) == first

@@ -100,6 +100,8 @@ class GatewayProcess:
                 "FIREZONE_API_URL": api_url,
                 "FIREZONE_LOG_LEVEL": log_level,
                 "FIREZONE_STATE_DIR": str(state_dir),
+                # Not the host's /run/firezone: a gateway a test kills cannot leave its socket there.
+                "FIREZONE_STATUS_SOCKET": str(state_dir / "status.sock"),
                 "HEALTH_CHECK_ADDR": f"{health_addr[0]}:{health_addr[1]}",
                 "PYTHONUNBUFFERED": "1",
             }

@@ -336,6 +336,7 @@ def _gateway_env(port: int, state_dir: Path) -> dict[str, str]:
         FIREZONE_API_URL=f"ws://127.0.0.1:{port}",
         FIREZONE_ID="a" * 64,
         FIREZONE_STATE_DIR=str(state_dir),
+        FIREZONE_STATUS_SOCKET=str(state_dir / "status.sock"),
         HEALTH_CHECK_ADDR="127.0.0.1:0",
         FIREZONE_LOG_LEVEL="debug,websockets=debug",
     )

@@ -510,3 +510,12 @@ def test_a_batch_larger_than_the_staging_queue_is_sent_whole_over_a_session() ->
     pair.pump(1001.0)
     assert pair.delivered["b"][1:] == packets
     assert pair.a.drops.total() == 0
+
+
+def test_a_dropped_datagram_is_counted_and_logged_with_its_source_and_reason(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.wireguard.drops")
+    pair = Pair()
+    pair.a.receive_datagrams([(b"\x09" + bytes(40), ("192.0.2.77", 4242))], 0.0)  # no WireGuard message type 9
+    assert pair.a.drops[TunnDropReason.BAD_TYPE] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.drops"]
+    assert lines == [f"dropped a datagram from ('192.0.2.77', 4242): {TunnDropReason.BAD_TYPE.value}"]

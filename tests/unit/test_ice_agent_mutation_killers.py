@@ -38,6 +38,7 @@ from dataplane.ice.agent import (
     MAX_OPTIMISTIC_CANDIDATES,
     MAX_PAIRS,
     MAX_PEER_REFLEXIVE_CANDIDATES,
+    MAX_REMOTE_CANDIDATES,
     PathsUnanswered,
 )
 from dataplane.ice.candidate import compute_foundation, compute_priority
@@ -1133,3 +1134,35 @@ def test_a_check_due_when_the_agent_turns_idle_is_named_first() -> None:
     a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
     a.add_remote_candidate(Candidate.host(B_HOST), 20.0)  # no activity since 0.0: idle is due at 20.0 too
     assert a.poll_timeout() == (20.0, "connectivity check")
+
+
+def test_an_agent_keeps_its_credentials() -> None:
+    a = IceAgent(True, "aufr", "a-pw-0123456789012345", "bufr", B_PASSWORD, SeededRng(3))
+    assert (a.local_ufrag, a.local_pwd, a.remote_ufrag, a.remote_pwd) == (
+        "aufr",
+        "a-pw-0123456789012345",
+        "bufr",
+        B_PASSWORD,
+    )
+
+
+def test_a_candidate_signalled_twice_keeps_its_first_signal() -> None:
+    """RFC 8838 §11.4: a trickled candidate the agent already has is a duplicate and is discarded."""
+    a, _ = make_pair()
+    a.add_local_candidate(Candidate.host(A_HOST), A_HOST, 0.0)
+    first = Candidate.host(B_HOST)
+    a.add_remote_candidate(first, 0.0)
+    a.add_remote_candidate(Candidate.server_reflexive(B_HOST, ("10.9.9.9", 1)), 0.0)
+    assert a.remote_candidates == [first]
+    assert a.pairs[0].remote == first
+
+
+def test_learned_candidates_do_not_use_up_the_budget_for_signalled_ones() -> None:
+    _, b, _ = host_setup()
+    for index in range(MAX_PEER_REFLEXIVE_CANDIDATES):
+        assert b.handle_stun(_check_to_b(bytes([0x50, index]) * 6), ("203.0.113.9", 23000 + index), B_HOST, 0.0)
+    for index in range(MAX_REMOTE_CANDIDATES - 1):  # one (A_HOST) is signalled already
+        b.add_remote_candidate(Candidate.host((f"10.5.{index // 200}.{index % 200 + 1}", 7000)), 0.0)
+    assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 0
+    b.add_remote_candidate(Candidate.host(("10.6.0.1", 7000)), 0.0)
+    assert b.drops[DropReason.TOO_MANY_CANDIDATES] == 1

@@ -728,3 +728,56 @@ def test_a_truncated_udp_header_passes_through() -> None:
     truncated = bytearray(_udp_datagram(0)[:24])
     truncated[2:4] = (24).to_bytes(2, "big")  # the IP total length agrees: only the UDP header is cut
     assert _unmerged([bytes(truncated), bytes(truncated)], udp=True)
+
+
+def test_udp_datagrams_are_merged_only_when_asked() -> None:
+    datagrams = [_udp_datagram(0), _udp_datagram(1)]
+    assert len(coalesce(datagrams, udp=True)) == 1
+    assert len(coalesce(datagrams)) == 2  # udp defaults to False
+
+
+def _v4_tcp_segment(index: int, payload: bytes, seq_step: int, **ip_fields: Any) -> bytes:
+    ip_fields.setdefault("id", 1 + index)
+    tcp = TCP(sport=1000, dport=2000, seq=1000 + index * seq_step, flags="A")
+    return bytes(IP(src="10.0.0.1", dst="10.0.0.2", **ip_fields) / tcp / payload)
+
+
+def test_a_one_byte_last_segment_joins_its_flow() -> None:
+    packets = [_v4_tcp_segment(0, bytes(100), 100), _v4_tcp_segment(1, b"x", 100)]
+    assert len(packets[1]) == 41
+    [frame] = coalesce(packets)
+    assert kernel_segments(frame) == packets
+
+
+def test_segments_of_one_flow_merge_whatever_their_ip_checksum_bytes() -> None:
+    # An id for the second segment that makes its IPv4 checksum start with the byte 6 (the TCP protocol number).
+    header_sum = _sum16(_v4_tcp_segment(1, bytes(100), 100, id=0, chksum=0)[:20])
+
+    def checksum_with_id(ident: int) -> int:
+        total = header_sum + ident
+        return ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+
+    second_id = next(ident for ident in range(1, 0xFFFF) if checksum_with_id(ident) >> 8 == 6)
+    packets = [_v4_tcp_segment(index, bytes(100), 100, id=second_id - 1 + index) for index in range(2)]
+    assert packets[1][10] == 6
+    [frame] = coalesce(packets)
+    assert kernel_segments(frame) == packets
+
+
+def test_ipv4_tcp_segments_that_cannot_merge_pass_through_alone() -> None:
+    # Data offset 16 bytes; the sequence numbers follow as if it were believed.
+    short_offset = [bytearray(_v4_tcp_segment(index, bytes(100), 104)) for index in range(2)]
+    for segment in short_offset:
+        segment[32] = 0x40
+    assert _unmerged([bytes(segment) for segment in short_offset])
+    # Link padding after the IP total length (with DF), sequence numbers as if the padding were payload.
+    padded = [_v4_tcp_segment(index, bytes(100), 104, flags="DF") + bytes(4) for index in range(2)]
+    assert _unmerged(padded)
+    # IPv4 options with a type-of-service byte of 0x45 and TCP bytes that, read as if there were no options, would
+    # make one flow: still never merged.
+    optioned = []
+    for index in range(2):
+        tcp = TCP(sport=1000, dport=2000 + index * 104, seq=7, ack=0x50100000, flags="A")
+        ip = IP(src="10.0.0.1", dst="10.0.0.2", tos=0x45, flags="DF", options=b"\x01\x01\x01\x00")
+        optioned.append(bytes(ip / tcp / bytes(100)))
+    assert _unmerged(optioned)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 
 import pytest
@@ -33,11 +34,12 @@ from dataplane.wireguard.constants import (
 )
 from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
 from dataplane.wireguard.crypto import hmac_blake2s, public_key, tai64n
+from dataplane.wireguard.device import Device
 from dataplane.wireguard.timers import PeerTimers
 from dataplane.wireguard.tunn import DropReason as TunnDropReason
 from dataplane.wireguard.tunn import HandshakeGaveUp, HandshakeLoad, KeysZeroed
 
-from .test_wg_device import ADDRESS_B, TUNNEL6_B, TUNNEL_A, TUNNEL_B, Pair, ipv4_packet
+from .test_wg_device import ADDRESS_B, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, Pair, WallClock, ipv4_packet
 from .test_wg_tunn import TunnPair
 from .test_wg_vectors import hchacha20_rounds
 
@@ -519,3 +521,26 @@ def test_a_dropped_datagram_is_counted_and_logged_with_its_source_and_reason(cap
     assert pair.a.drops[TunnDropReason.BAD_TYPE] == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.drops"]
     assert lines == [f"dropped a datagram from ('192.0.2.77', 4242): {TunnDropReason.BAD_TYPE.value}"]
+
+
+def test_a_device_hands_its_mtu_to_every_peer_and_refuses_bad_keys_by_name() -> None:
+    rng = SeededRng(90)
+    device = Device(rng=rng, wall_clock=WallClock(), private_key=rng.random_bytes(32), mtu=1280)
+    peer = device.upsert_peer(rng.random_bytes(32), 0.0)
+    assert peer.tunn.mtu == 1280  # padding never goes past the device's MTU
+    with pytest.raises(ValueError) as info:
+        device.upsert_peer(bytes(31), 0.0)
+    assert str(info.value) == "public key must be 32 bytes"
+    assert device.public_key is not None
+    with pytest.raises(ValueError) as info:
+        device.upsert_peer(device.public_key, 0.0)
+    assert str(info.value) == "a peer cannot have the device's own public key"
+
+
+def test_a_header_only_ipv6_packet_is_routed_to_its_peer() -> None:
+    pair = Pair()
+    header_only = bytes([0x60]) + bytes(7) + ipaddress.IPv6Address(TUNNEL6_A).packed
+    header_only += ipaddress.IPv6Address(TUNNEL6_B).packed
+    assert len(header_only) == 40
+    routed = pair.a._route_packets([header_only])
+    assert routed == {pair.peer_b: [header_only]}

@@ -501,3 +501,24 @@ def test_a_retransmission_repeats_the_request_to_the_address_it_was_sent_to() ->
     assert [t.dst for t in first] == [SERVER, SERVER_V6]
     alloc.handle_timeout(1.0)
     assert transmits(alloc) == first
+
+
+def test_an_allocation_whose_refresh_is_still_unanswered_expires_exactly_at_its_lifetime() -> None:
+    # RFC 8656 §7.2 / §9: the allocation lives LIFETIME seconds unless refreshed; a REFRESH still in flight then
+    # does not keep it alive
+    relay = Relay()
+    patient = stun.RetransmitPolicy(initial_rto=100.0, max_rto=100.0, backoff=1.0, max_elapsed=1000.0)
+    alloc = turn.Allocation(SERVER, relay.username, relay.password, rng=SeededRng(7), now=0.0, policy=patient)
+    _exchange(alloc, relay, 0.0)
+    assert alloc.is_allocated  # LIFETIME 600
+    events(alloc)
+    while (deadline := alloc.poll_timeout()) is not None and deadline < 600.0:
+        alloc.handle_timeout(deadline)
+        for transmit in transmits(alloc):
+            if stun.decode(transmit.payload).method != Method.REFRESH:  # the relay never answers the REFRESH
+                alloc.handle_input(relay.answer(transmit), SERVER, deadline)
+    assert alloc.is_allocated and alloc.poll_timeout() == 600.0
+    alloc.handle_timeout(600.0)
+    assert [e for e in events(alloc) if isinstance(e, turn.AllocationExpired)] == [
+        turn.AllocationExpired(SERVER, (RELAY,), "lifetime ran out")
+    ]

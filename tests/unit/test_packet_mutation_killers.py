@@ -781,3 +781,20 @@ def test_ipv4_tcp_segments_that_cannot_merge_pass_through_alone() -> None:
         ip = IP(src="10.0.0.1", dst="10.0.0.2", tos=0x45, flags="DF", options=b"\x01\x01\x01\x00")
         optioned.append(bytes(ip / tcp / bytes(100)))
     assert _unmerged(optioned)
+
+
+def test_ipv4_tcp_segments_with_options_merge_only_when_the_options_are_equal() -> None:
+    def segment(index: int, timestamp: int = 1, payload_len: int = 100) -> bytes:
+        options = [("NOP", None), ("NOP", None), ("Timestamp", (timestamp, 2))]
+        tcp = TCP(sport=1000, dport=2000, seq=1000 + index * 100 * bool(payload_len), flags="A", options=options)
+        return bytes(IP(src="10.0.0.1", dst="10.0.0.2", id=1 + index) / tcp / (bytes([index]) * payload_len))
+
+    same_options = [segment(0), segment(1)]
+    [frame] = coalesce(same_options)
+    assert kernel_segments(frame) == same_options
+    assert _unmerged([segment(0, timestamp=1), segment(1, timestamp=2)])
+    other_first_option_byte = bytearray(segment(1))
+    other_first_option_byte[40] = 0  # end of option list instead of a no-operation
+    assert _unmerged([segment(0), bytes(other_first_option_byte)])
+    pure_acks = [segment(index, payload_len=0) for index in range(2)]  # same sequence number, no payload
+    assert _unmerged(pure_acks)

@@ -7,6 +7,8 @@ mac2 = MAC(cookie, msg), cookie = MAC(secret, source) with the secret renewed ev
 XChaCha20-Poly1305 under HASH("cookie--" || Spub) with mac1 as associated data; the initiator uses it for 120 s.
 Tunn: a session sends nothing at or past Reject-After-Time (180 s) or Reject-After-Messages, reserve_send and
 encapsulate_batch agree on it, peer settings keep to their UAPI ranges, a forged cookie reply is dropped and counted.
+Device: wireguard-go's SetPrivateKey (the same key changes nothing, a peer holding the new key goes), a bounded
+peer table, open_datagrams decrypting each run, one-second handshake-load buckets.
 Expected values are computed here from the spec with hashlib and an independent XChaCha20 (the HChaCha20 rounds of
 test_wg_vectors), never with the module under test.
 """
@@ -24,9 +26,11 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from dataplane.base import Address
 from dataplane.io.rng import SeededRng
+from dataplane.wireguard import device as device_module
 from dataplane.wireguard import noise
 from dataplane.wireguard.constants import (
     MAX_STAGED_PACKETS,
+    MESSAGE_INITIATION,
     MESSAGE_TRANSPORT,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
@@ -39,7 +43,7 @@ from dataplane.wireguard.timers import PeerTimers
 from dataplane.wireguard.tunn import DropReason as TunnDropReason
 from dataplane.wireguard.tunn import HandshakeGaveUp, HandshakeLoad, KeysZeroed
 
-from .test_wg_device import ADDRESS_B, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, Pair, WallClock, ipv4_packet
+from .test_wg_device import ADDRESS_A, ADDRESS_B, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, Pair, WallClock, ipv4_packet
 from .test_wg_tunn import TunnPair
 from .test_wg_vectors import hchacha20_rounds
 
@@ -544,3 +548,96 @@ def test_a_header_only_ipv6_packet_is_routed_to_its_peer() -> None:
     assert len(header_only) == 40
     routed = pair.a._route_packets([header_only])
     assert routed == {pair.peer_b: [header_only]}
+
+
+# --- Device: its private key, its peer table, open_datagrams, handshake load ---
+
+
+def test_a_private_key_is_refused_by_name_and_setting_the_same_key_again_keeps_the_sessions() -> None:
+    pair = Pair()
+    with pytest.raises(ValueError) as info:
+        pair.a.set_private_key(bytes(31), 0.0)
+    assert str(info.value) == "private key must be 32 bytes"
+    assert pair.a_to_b() == [ipv4_packet(TUNNEL_A, TUNNEL_B)]
+    # wireguard-go (SetPrivateKey): the key it already has changes nothing, so the session stays up and the next
+    # packet goes out as a transport message, not as a new initiation
+    assert pair.a.private_key is not None
+    pair.a.set_private_key(pair.a.private_key, 1.0)
+    pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B, b"same key")], 1.0)
+    assert [int.from_bytes(t.payload[:4], "little") for t in pair.a.drain_transmits()] == [MESSAGE_TRANSPORT]
+
+
+def test_taking_the_key_of_a_configured_peer_removes_that_peer() -> None:
+    # wireguard-go (SetPrivateKey): a peer whose public key is now our own would be a loop, so it goes
+    pair = Pair()
+    assert pair.b.private_key is not None and pair.b.public_key is not None
+    pair.a.set_private_key(pair.b.private_key, 1.0)
+    assert pair.a.public_key == pair.b.public_key
+    assert pair.b.public_key not in pair.a.peers
+    pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B)], 1.0)  # its allowed IPs went with it
+    assert pair.a.drops[TunnDropReason.NO_ROUTE] == 1
+
+
+def test_a_device_without_a_key_takes_peers_and_handshakes_once_a_key_is_set() -> None:
+    pair = Pair()
+    key_a = pair.a.private_key
+    assert key_a is not None and pair.b.public_key is not None
+    keyless = Device(rng=SeededRng(5), wall_clock=pair.wall)
+    assert keyless.private_key is None and keyless.public_key is None
+    # UAPI allows peers before the private key (wg set ... peer ... then private-key)
+    pair.a = keyless
+    pair.peer_b = keyless.upsert_peer(
+        pair.b.public_key, 0.0, endpoint=ADDRESS_B, allowed_ips=[ipaddress.ip_network(f"{TUNNEL_B}/32")]
+    )
+    keyless.set_private_key(key_a, 0.0)  # the key device B knows this device by
+    assert pair.a_to_b(b"keyed now") == [ipv4_packet(TUNNEL_A, TUNNEL_B, b"keyed now")]
+
+
+def test_the_peer_table_is_bounded_by_max_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # remote input (the portal) grows the peer table: it holds at most MAX_PEERS peers (lowered here to 3)
+    monkeypatch.setattr(device_module, "MAX_PEERS", 3)
+    pair = Pair()
+    rng = SeededRng(41)
+    pair.a.upsert_peer(rng.random_bytes(32), 0.0)
+    third = pair.a.upsert_peer(rng.random_bytes(32), 0.0)
+    assert len(pair.a.peers) == 3
+    with pytest.raises(ValueError) as info:
+        pair.a.upsert_peer(rng.random_bytes(32), 0.0)
+    assert str(info.value) == "too many peers"
+    assert len(pair.a.peers) == 3
+    assert pair.a.upsert_peer(third.public_key, 0.0, persistent_keepalive=25) is third  # updates still go through
+
+
+def test_open_datagrams_decrypts_a_transport_run_with_the_keypair_its_index_names() -> None:
+    pair = Pair()
+    assert pair.a_to_b() == [ipv4_packet(TUNNEL_A, TUNNEL_B)]
+    packets = [ipv4_packet(TUNNEL_A, TUNNEL_B, b"first"), ipv4_packet(TUNNEL_A, TUNNEL_B, b"second!")]
+    pair.a.send_packets(packets, 0.0)
+    runs = pair.b.open_datagrams([(t.payload, ADDRESS_A) for t in pair.a.drain_transmits()])
+    assert len(runs) == 1 and runs[0].keypair is not None
+    plaintexts = runs[0].plaintexts
+    assert plaintexts is not None and len(plaintexts) == 2
+    for plaintext, packet in zip(plaintexts, packets, strict=True):
+        # the padded plaintext: the packet, then zeros up to a multiple of 16 (whitepaper §5.4.6)
+        assert plaintext is not None and len(plaintext) % 16 == 0
+        assert plaintext[: len(packet)] == packet and not any(plaintext[len(packet) :])
+    pair.b.receive_opened(runs, 0.0)
+    assert pair.b.drain_packets() == packets
+
+
+def test_device_handshake_load_buckets_start_at_the_first_message_after_the_previous_one_ended() -> None:
+    # a bucket is the second from the first counted message on (not a wall-clock second), and a message a second or
+    # more after a bucket began starts a new one
+    pair = Pair()
+    pair.b.under_load_threshold = 2
+    pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B)], 0.0)
+    initiation = pair.a.drain_transmits()[0].payload
+    assert initiation[0] == MESSAGE_INITIATION  # mac1 valid for B: every copy is counted
+    for now in (1.5, 1.6):
+        pair.b.receive_datagrams([(initiation, ADDRESS_A)], now)
+        assert not pair.b.is_under_load(now)
+    pair.b.receive_datagrams([(initiation, ADDRESS_A)], 2.2)  # the third in the bucket that began at 1.5
+    assert pair.b.is_under_load(2.2)
+    for now in (5.0, 6.5, 8.0, 9.5):  # one per bucket: never more than the threshold
+        pair.b.receive_datagrams([(initiation, ADDRESS_A)], now)
+        assert not pair.b.is_under_load(now)

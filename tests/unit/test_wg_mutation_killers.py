@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -641,3 +642,80 @@ def test_device_handshake_load_buckets_start_at_the_first_message_after_the_prev
     for now in (5.0, 6.5, 8.0, 9.5):  # one per bucket: never more than the threshold
         pair.b.receive_datagrams([(initiation, ADDRESS_A)], now)
         assert not pair.b.is_under_load(now)
+
+
+# --- Device: every receive-path drop is counted by reason and logged with the datagram's source ---
+
+STRANGER: Address = ("192.0.2.77", 4242)
+
+
+def _mac1_for(responder_public: bytes, body: bytes) -> bytes:
+    """``body`` (an initiation without its macs) with the mac1 ``responder_public`` checks and an empty mac2."""
+    return body + keyed_mac(blake2s(b"mac1----", responder_public), body) + bytes(16)
+
+
+def _bad_mac1(pair: Pair) -> tuple[bytes, Address, float]:
+    return b"\x01\x00\x00\x00" + bytes(144), STRANGER, 0.0
+
+
+def _cookie_reply_too_long(pair: Pair) -> tuple[bytes, Address, float]:
+    return b"\x03\x00\x00\x00" + bytes(61), STRANGER, 0.0  # a cookie reply is 64 bytes
+
+
+def _cookie_reply_for_no_handshake(pair: Pair) -> tuple[bytes, Address, float]:
+    return b"\x03\x00\x00\x00" + b"\xde\xad\xbe\xef" + bytes(56), STRANGER, 0.0
+
+
+def _initiation_that_does_not_decrypt(pair: Pair) -> tuple[bytes, Address, float]:
+    assert pair.b.public_key is not None
+    # mac1 is right, but the ephemeral key is the all-zero low-order point: the Noise handshake refuses it
+    return _mac1_for(pair.b.public_key, b"\x01\x00\x00\x00" + b"\x01\x02\x03\x04" + bytes(108)), STRANGER, 0.0
+
+
+def _initiation_from_an_unknown_peer(pair: Pair) -> tuple[bytes, Address, float]:
+    assert pair.a.public_key is not None
+    pair.b.remove_peer(pair.a.public_key, 0.0)  # A still knows B; B no longer knows A
+    pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B)], 0.0)
+    return pair.a.drain_transmits()[0].payload, ADDRESS_A, 0.0
+
+
+def _initiation_over_the_rate_limit(pair: Pair) -> tuple[bytes, Address, float]:
+    # wireguard-go (ratelimiter.go, docs/protocol.md §F): under load only an initiation with a valid mac2 (keyed with B's cookie for A's address) goes
+    # on, and then at most 20 a second per source with a burst of 5: the same one eight times at once overruns it
+    pair.b.force_under_load = True
+    pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B)], 0.0)
+    pair.b.receive_datagrams([(pair.a.drain_transmits()[0].payload, ADDRESS_A)], 0.0)
+    (reply,) = pair.b.drain_transmits()
+    assert reply.dst == ADDRESS_A and reply.payload[0] == 3  # a cookie reply
+    pair.a.receive_datagrams([(reply.payload, ADDRESS_B)], 0.0)
+    retransmit_at = pair.a.poll_timeout()
+    assert retransmit_at is not None
+    pair.a.handle_timeout(retransmit_at)
+    with_mac2 = pair.a.drain_transmits()[0].payload
+    for _ in range(7):
+        pair.b.receive_datagrams([(with_mac2, ADDRESS_A)], retransmit_at)
+    return with_mac2, ADDRESS_A, retransmit_at
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (_bad_mac1, TunnDropReason.BAD_MAC1),
+        (_cookie_reply_too_long, TunnDropReason.BAD_LENGTH),
+        (_cookie_reply_for_no_handshake, TunnDropReason.UNKNOWN_INDEX),
+        (_initiation_that_does_not_decrypt, TunnDropReason.HANDSHAKE_FAILED),
+        (_initiation_from_an_unknown_peer, TunnDropReason.UNKNOWN_PEER),
+        (_initiation_over_the_rate_limit, TunnDropReason.RATE_LIMITED),
+    ],
+)
+def test_a_receive_path_drop_is_counted_and_logged_with_its_source(
+    build: Callable[[Pair], tuple[bytes, Address, float]], reason: TunnDropReason, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.wireguard.drops")
+    pair = Pair()
+    datagram, source, now = build(pair)
+    before = pair.b.drops[reason]
+    pair.b.receive_datagrams([(datagram, source)], now)
+    assert pair.b.drops[reason] == before + 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.drops"]
+    assert lines[-1] == f"dropped a datagram from {source}: {reason.value}"

@@ -719,3 +719,21 @@ def test_a_receive_path_drop_is_counted_and_logged_with_its_source(
     assert pair.b.drops[reason] == before + 1
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.drops"]
     assert lines[-1] == f"dropped a datagram from {source}: {reason.value}"
+
+
+def test_a_deadline_moved_thousands_of_times_is_still_the_one_polled_and_fired() -> None:
+    # every sent packet moves the persistent keepalive (docs/protocol.md §F): the timer heap drops the stale
+    # deadlines it piles up (lazy deletion, compacted past 2 x peers + 1024 entries) and keeps the current one
+    pair = Pair()
+    assert pair.a_to_b() == [ipv4_packet(TUNNEL_A, TUNNEL_B)]
+    pair.a.upsert_peer(pair.peer_b.public_key, 0.0, persistent_keepalive=1)
+    pair.a.drain_transmits()
+    last = 0.0
+    for n in range(1, 2100):
+        last = n / 1000
+        pair.a.send_packets([ipv4_packet(TUNNEL_A, TUNNEL_B)], last)
+        pair.a.drain_transmits()
+    assert len(pair.a._timer_heap) <= 2 * len(pair.a.peers) + 1024
+    assert pair.a.poll_timeout() == last + 1
+    pair.a.handle_timeout(last + 1)
+    assert [len(t.payload) for t in pair.a.drain_transmits()] == [32]  # the keepalive: an empty transport message

@@ -239,8 +239,13 @@ def run(
 
 
 def _mutmut(module: str, names: list[str], max_children: int, timeout: float) -> Path:
-    earlier = _exit_codes(module)
     scratch = prepare(module)
+    backup = scratch / "verdicts-before-run.json"
+    if backup.exists():  # a run over named mutants was interrupted before it could put the forgotten verdicts back
+        _restore_verdicts(module, json.loads(backup.read_text()))
+    earlier = _exit_codes(module)
+    if names:
+        backup.write_text(json.dumps(earlier))
     mutmut = Path(sys.executable).with_name("mutmut")
     log = scratch / "mutmut.log"
     with log.open("w") as output:
@@ -254,16 +259,23 @@ def _mutmut(module: str, names: list[str], max_children: int, timeout: float) ->
             check=False,
         )
     if names:
-        # mutmut forgets the verdicts of mutants it did not re-run when tests changed; added tests cannot revive a
-        # killed mutant, so those verdicts still hold (and a survivor is re-run by --retest-survivors).
-        meta_path = _meta_path(module)
-        meta = json.loads(meta_path.read_text())
-        codes = meta.get("exit_code_by_key", {})
-        for name, code in codes.items():
-            if code is None and earlier.get(name) is not None:
-                codes[name] = earlier[name]
-        meta_path.write_text(json.dumps(meta))
+        _restore_verdicts(module, earlier)
+        backup.unlink()
     return scratch
+
+
+def _restore_verdicts(module: str, earlier: dict[str, int | None]) -> None:
+    """mutmut forgets the verdicts of mutants it did not re-run when tests changed; added tests cannot revive a killed
+    mutant, so those verdicts still hold (and a survivor is re-run by --retest-survivors)."""
+    meta_path = _meta_path(module)
+    if not meta_path.exists():
+        return
+    meta = json.loads(meta_path.read_text())
+    codes = meta.get("exit_code_by_key", {})
+    for name, code in codes.items():
+        if code is None and earlier.get(name) is not None:
+            codes[name] = earlier[name]
+    meta_path.write_text(json.dumps(meta))
 
 
 def _meta_path(module: str) -> Path:

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -35,6 +36,8 @@ from dataplane.wireguard.constants import (
     MESSAGE_TRANSPORT,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
     UNDER_LOAD_AFTER_TIME,
 )
 from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
@@ -42,7 +45,7 @@ from dataplane.wireguard.crypto import hmac_blake2s, public_key, tai64n
 from dataplane.wireguard.device import Device
 from dataplane.wireguard.timers import PeerTimers
 from dataplane.wireguard.tunn import DropReason as TunnDropReason
-from dataplane.wireguard.tunn import HandshakeGaveUp, HandshakeLoad, KeysZeroed
+from dataplane.wireguard.tunn import HandshakeCompleted, HandshakeGaveUp, HandshakeLoad, IndexTable, KeysZeroed, Tunn
 
 from .test_wg_device import ADDRESS_A, ADDRESS_B, TUNNEL6_A, TUNNEL6_B, TUNNEL_A, TUNNEL_B, Pair, WallClock, ipv4_packet
 from .test_wg_tunn import TunnPair
@@ -737,3 +740,225 @@ def test_a_deadline_moved_thousands_of_times_is_still_the_one_polled_and_fired()
     assert pair.a.poll_timeout() == last + 1
     pair.a.handle_timeout(last + 1)
     assert [len(t.payload) for t in pair.a.drain_transmits()] == [32]  # the keepalive: an empty transport message
+
+
+# --- Tunn: the receive path (whitepaper §5.4.6, §6; wireguard-go receive.go) ---
+
+
+def _ipv6_packet(source: str, payload: bytes = b"ping", declared: int | None = None) -> bytes:
+    payload_length = len(payload) if declared is None else declared
+    header = struct.pack(
+        "!IHBB16s16s",
+        0x6 << 28,
+        payload_length,
+        17,
+        64,
+        ipaddress.IPv6Address(source).packed,
+        ipaddress.IPv6Address(TUNNEL6_B).packed,
+    )
+    return header + payload
+
+
+def _ipv4_declaring(total_length: int) -> bytes:
+    packet = bytearray(ipv4_packet(TUNNEL_A, TUNNEL_B, b"data"))
+    packet[2:4] = total_length.to_bytes(2, "big")
+    return bytes(packet)
+
+
+def _sealed_by_a(pair: TunnPair, packets: list[bytes], now: float) -> list[bytes]:
+    pair.a.encapsulate_batch(packets, now)
+    messages = pair.a.drain_transmits()
+    assert [m[0] for m in messages] == [MESSAGE_TRANSPORT] * len(packets)
+    return messages
+
+
+def test_inner_packets_are_checked_one_by_one_and_a_bad_one_costs_only_itself() -> None:
+    # wireguard-go RoutineDecryption/RoutineSequentialReceiver: an inner packet shorter than its header or than its
+    # own length field is dropped; header-only IPv4 (20 bytes) and IPv6 (40 bytes) packets are valid
+    pair = _established(0.0)
+    header_only4 = ipv4_packet(TUNNEL_A, TUNNEL_B, b"")
+    header_only6 = _ipv6_packet(TUNNEL6_A, b"")
+    good4 = ipv4_packet(TUNNEL_A, TUNNEL_B, b"x" * 5)
+    good6 = _ipv6_packet(TUNNEL6_A, b"y" * 7)
+    packets = [
+        _ipv4_declaring(200),
+        header_only4,
+        _ipv6_packet(TUNNEL6_A, b"", declared=100),
+        header_only6,
+        _ipv4_declaring(19),
+        good4,
+        good6,
+    ]
+    messages = _sealed_by_a(pair, packets, 1.0)
+    out: list[bytes] = []
+    assert pair.b.receive_transport_batch(messages, 1.0, out) == len(packets)  # all authenticated
+    assert out == [header_only4, header_only6, good4, good6]  # padding removed by each packet's length
+    assert pair.b.drops[TunnDropReason.INVALID_INNER_PACKET] == 3
+    assert pair.b.drops.total() == 3
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_cryptokey_routing_drops_only_the_packets_from_a_source_the_peer_does_not_own(family: int) -> None:
+    # whitepaper §2: a decrypted packet is accepted only if its source address is in the sending peer's allowed IPs
+    pair = _established(0.0)
+    owner = object()
+    if family == 4:
+        mine = [ipv4_packet(TUNNEL_A, TUNNEL_B, bytes([n])) for n in range(3)]
+        stranger = ipv4_packet("10.9.0.99", TUNNEL_B)
+        allowed = {ipaddress.IPv4Address(TUNNEL_A).packed: owner}
+    else:
+        mine = [_ipv6_packet(TUNNEL6_A, bytes([n])) for n in range(3)]
+        stranger = _ipv6_packet("fd00::99")
+        allowed = {ipaddress.IPv6Address(TUNNEL6_A).packed: owner}
+    messages = _sealed_by_a(pair, [mine[0], stranger, mine[1], stranger, mine[2]], 1.0)
+    index = int.from_bytes(messages[0][4:8], "little")
+    out: list[bytes] = []
+    assert pair.b.receive_transport_run(index, messages, 1.0, out, allowed.get, owner) == 5
+    assert out == mine
+    assert pair.b.drops[TunnDropReason.ALLOWED_IPS_MISMATCH] == 2
+    # without a router every authenticated packet is handed on
+    out = []
+    assert pair.b.receive_transport_run(index, _sealed_by_a(pair, [stranger], 2.0), 2.0, out) == 1
+    assert out == [stranger]
+
+
+def test_a_batch_is_split_into_runs_by_receiver_index_and_an_unknown_index_is_not_authenticated() -> None:
+    pair = _established(0.0)
+    packets = [ipv4_packet(TUNNEL_A, TUNNEL_B, bytes([n])) for n in range(3)]
+    messages = _sealed_by_a(pair, packets, 1.0)
+    index = int.from_bytes(messages[0][4:8], "little")
+    unknown_index = (index + 1) & 0xFFFFFFFF
+    assert pair.b.keypair_for_index(unknown_index) is None
+    stray = bytearray(messages[0])
+    stray[4:8] = unknown_index.to_bytes(4, "little")
+    batch = [messages[0], bytes(stray), messages[1], messages[2], bytes(stray)]
+    out: list[bytes] = []
+    assert pair.b.receive_transport_batch(batch, 1.0, out) == 3
+    assert out == packets
+    assert pair.b.drops[TunnDropReason.UNKNOWN_INDEX] == 2
+    assert pair.b.drops[TunnDropReason.DECRYPTION_FAILED] == 0
+    # one message: None when it did not authenticate (not b"", which means authenticated but nothing to deliver)
+    assert pair.b.receive_transport(bytes(stray), 1.0) is None
+    assert pair.b.receive_transport_batch([bytes(stray)], 1.0, out) == 0
+
+
+def test_the_responder_confirms_its_next_session_once_on_a_batch_of_several_messages() -> None:
+    # whitepaper §5.4.6 / wireguard-go: the responder's new keypair becomes current on the first authenticated
+    # transport message the initiator sends with it; later messages of the same batch keep it current
+    pair = TunnPair()
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B, b"0"), 0.0)
+    (initiation,) = pair.a.drain_transmits()
+    pair.b.decapsulate(initiation, 0.0)
+    (response,) = pair.b.drain_transmits()
+    pair.a.decapsulate(response, 0.0)
+    pair.a.encapsulate_batch([ipv4_packet(TUNNEL_A, TUNNEL_B, b"1"), ipv4_packet(TUNNEL_A, TUNNEL_B, b"2")], 0.0)
+    messages = pair.a.drain_transmits()
+    assert len(messages) == 3
+    assert not pair.b.has_session
+    out: list[bytes] = []
+    assert pair.b.receive_transport_batch(messages, 0.0, out) == 3
+    assert pair.b.has_session
+    assert pair.b.poll_event() == HandshakeCompleted(public_key(pair.key_a), False)
+    assert pair.b.poll_event() is None
+    pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A), 0.5)
+    (reply,) = pair.b.drain_transmits()
+    assert reply[0] == MESSAGE_TRANSPORT
+    assert pair.a.decapsulate(reply, 0.5) == ipv4_packet(TUNNEL_B, TUNNEL_A)
+
+
+@pytest.mark.parametrize(("age", "rekeys"), [(REKEY_ON_RECEIVE_AGE - 0.5, False), (REKEY_ON_RECEIVE_AGE, True)])
+def test_the_initiator_rekeys_on_receive_from_reject_after_time_minus_keepalive_and_rekey_timeout(
+    age: float, rekeys: bool
+) -> None:
+    # wireguard-go keepKeyFreshReceiving: the initiator receiving on a keypair at least
+    # Reject-After-Time - Keepalive-Timeout - Rekey-Timeout (165 s) old starts a handshake
+    pair = _established(0.0)
+    pair.a.drain_transmits()
+    pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A), age)
+    (message,) = pair.b.drain_transmits()
+    assert pair.a.decapsulate(message, age) == ipv4_packet(TUNNEL_B, TUNNEL_A)
+    kinds = [m[0] for m in pair.a.drain_transmits()]
+    assert kinds == ([MESSAGE_INITIATION] if rekeys else [])
+
+
+def test_initiation_and_response_are_consumed_once() -> None:
+    pair = TunnPair()
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 0.0)
+    (initiation,) = pair.a.drain_transmits()
+    b_private = pair.b._static_private
+    assert b_private is not None
+    consumed = noise.consume_initiation(
+        static_private=b_private, static_public=public_key(pair.key_b), message=initiation
+    )
+    assert consumed is not None
+    assert pair.b.receive_initiation(consumed, len(initiation), 0.0) is True
+    (response,) = pair.b.drain_transmits()
+    # the same TAI64N timestamp again is a replay (whitepaper §5.1)
+    assert pair.b.receive_initiation(consumed, len(initiation), 1.0) is False
+    assert pair.b.drops[TunnDropReason.STALE_TIMESTAMP] == 1
+    # a response for our handshake that does not decrypt (mac1 valid) fails and leaves the handshake in flight
+    forged = bytearray(response[:60])
+    forged[44] ^= 1  # the sealed empty payload
+    assert pair.a.receive_response(_mac1_for(public_key(pair.key_a), bytes(forged)), 0.0) is False
+    assert pair.a.drops[TunnDropReason.HANDSHAKE_FAILED] == 1
+    assert pair.a.receive_response(response, 0.0) is True
+    assert pair.a.receive_response(response, 0.1) is False  # no handshake of ours is in flight any more
+    assert pair.a.drops[TunnDropReason.UNEXPECTED_RESPONSE] == 1
+
+
+def test_a_responder_keypair_keeps_the_replay_limit_persistent_keepalive_and_byte_counts() -> None:
+    pair = TunnPair()
+    pair.b = Tunn(
+        pair.key_b,
+        public_key(pair.key_a),
+        None,
+        IndexTable(SeededRng(9)),
+        SeededRng(9),
+        pair.wall,
+        persistent_keepalive=25,
+        replay_limit=4,
+    )
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 0.0)
+    pair.pump(0.0)
+    assert pair.delivered["b"] == [ipv4_packet(TUNNEL_A, TUNNEL_B)]  # counter 0
+    # counters at or past the keypair's replay limit are refused (replay.py: wireguard-go and the kernel differ)
+    packets = [ipv4_packet(TUNNEL_A, TUNNEL_B, bytes([n])) for n in range(1, 6)]
+    out: list[bytes] = []
+    assert pair.b.receive_transport_batch(_sealed_by_a(pair, packets, 1.0), 1.0, out) == 3
+    assert out == packets[:3]
+    assert pair.b.drops[TunnDropReason.REPLAY] == 2
+    # a rekey: the byte counters add up every datagram either way, the response included
+    pair.wall.now += REKEY_AFTER_TIME + 1.0  # a later TAI64N timestamp
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), REKEY_AFTER_TIME + 1.0)
+    pair.pump(REKEY_AFTER_TIME + 1.0)
+    assert pair.b.poll_event() == HandshakeCompleted(public_key(pair.key_a), False)
+    assert pair.b.poll_event() == HandshakeCompleted(public_key(pair.key_a), False)
+    assert pair.b.tx_bytes == sum(len(d) for target, d in pair.wire if target == "a")
+
+
+def test_three_handshakes_rotate_current_previous_and_next() -> None:
+    # whitepaper §6.x / wireguard-go: a new session moves current to previous and drops the old previous; a
+    # message still in flight on the previous keypair is received
+    pair = _established(0.0)
+    for round_start in (REKEY_AFTER_TIME + 1.0, 2 * REKEY_AFTER_TIME + 2.0):
+        pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A, b"late"), round_start)
+        (in_flight,) = pair.b.drain_transmits()
+        old_index = int.from_bytes(in_flight[4:8], "little")
+        pair.wall.now += REKEY_AFTER_TIME + 1.0  # a later TAI64N timestamp
+        pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), round_start)  # old enough: rekeys on send
+        pair.pump(round_start)
+        assert pair.b.has_session
+        assert pair.a.decapsulate(in_flight, round_start) == ipv4_packet(TUNNEL_B, TUNNEL_A, b"late")
+        assert pair.a.keypair_for_index(old_index) is not None
+    pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A), 2 * REKEY_AFTER_TIME + 3.0)
+    pair.pump(2 * REKEY_AFTER_TIME + 3.0)
+    assert pair.delivered["a"][-1] == ipv4_packet(TUNNEL_B, TUNNEL_A)
+    assert pair.b.drops.total() == 0 and pair.a.drops.total() == 0
+
+
+def test_a_completed_handshake_is_logged_with_the_peer_and_our_role(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.wireguard.tunn")
+    pair = _established(0.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.tunn"]
+    assert f"handshake with {public_key(pair.key_b).hex()[:16]} completed (initiator)" in lines
+    assert f"handshake with {public_key(pair.key_a).hex()[:16]} completed (responder)" in lines

@@ -795,6 +795,13 @@ def test_inner_packets_are_checked_one_by_one_and_a_bad_one_costs_only_itself() 
     assert out == [header_only4, header_only6, good4, good6]  # padding removed by each packet's length
     assert pair.b.drops[TunnDropReason.INVALID_INNER_PACKET] == 3
     assert pair.b.drops.total() == 3
+    # a peer whose MTU leaves no room for padding sends header-only packets at their exact size
+    for mtu, packet in ((20, header_only4), (40, header_only6)):
+        pair.a.mtu = mtu
+        (message,) = _sealed_by_a(pair, [packet], 2.0)
+        assert len(message) == 32 + len(packet)
+        assert pair.b.decapsulate(message, 2.0) == packet
+    assert pair.b.drops.total() == 3
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -962,3 +969,60 @@ def test_a_completed_handshake_is_logged_with_the_peer_and_our_role(caplog: pyte
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.wireguard.tunn"]
     assert f"handshake with {public_key(pair.key_b).hex()[:16]} completed (initiator)" in lines
     assert f"handshake with {public_key(pair.key_a).hex()[:16]} completed (responder)" in lines
+
+
+def test_an_initiation_that_cannot_be_answered_fails_without_a_response_or_session() -> None:
+    # whitepaper §5.4.3 / wireguard-go CreateMessageResponse: a low-order ephemeral gives an all-zero DH: no response
+    pair = TunnPair()
+    forged = noise.ConsumedInitiation(public_key(pair.key_a), bytes(12), bytes(32), bytes(32), LOW_ORDER_POINT, 7)
+    assert pair.b.receive_initiation(forged, 148, 0.0) is False
+    assert pair.b.drops[TunnDropReason.HANDSHAKE_FAILED] == 1
+    assert pair.b.drain_transmits() == []
+    assert not pair.b.has_session
+
+
+def test_a_response_while_our_own_answer_is_pending_keeps_that_keypair_as_previous_until_the_next_rotation() -> None:
+    # wireguard-go BeginSymmetricSession (initiator): with a next keypair pending, next becomes previous and the
+    # old previous goes; the rotation after that drops it, so the peer's index table never grows
+    pair = TunnPair()
+    pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A), 0.0)
+    (initiation_b,) = pair.b.drain_transmits()
+    assert pair.a.decapsulate(initiation_b, 0.0) is None
+    (lost_response,) = pair.a.drain_transmits()  # never reaches b
+    pending_index = int.from_bytes(lost_response[4:8], "little")
+    assert pair.a.keypair_for_index(pending_index) is not None
+    pair.wall.now += 1.0
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 1.0)
+    (initiation_a,) = pair.a.drain_transmits()
+    assert initiation_a[0] == MESSAGE_INITIATION
+    assert pair.b.decapsulate(initiation_a, 1.0) is None
+    (response,) = pair.b.drain_transmits()
+    assert pair.a.decapsulate(response, 1.0) is None
+    assert pair.a.has_session
+    assert pair.a.keypair_for_index(pending_index) is not None  # kept as previous
+    pair.pump(1.0)
+    assert pair.delivered["b"] == [ipv4_packet(TUNNEL_A, TUNNEL_B)]
+    pair.wall.now += REKEY_AFTER_TIME + 1.0
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), REKEY_AFTER_TIME + 2.0)  # old enough: rekeys on send
+    pair.pump(REKEY_AFTER_TIME + 2.0)
+    assert pair.a.poll_event() == HandshakeCompleted(public_key(pair.key_b), True)
+    assert pair.a.poll_event() == HandshakeCompleted(public_key(pair.key_b), True)
+    assert pair.a.keypair_for_index(pending_index) is None
+
+
+def test_packets_staged_during_an_attempt_run_leave_the_next_initiation_to_the_retransmit_timer() -> None:
+    # timers.go: an initiation is retransmitted Rekey-Timeout plus jitter after the last; traffic staged meanwhile
+    # (past Rekey-Timeout but before the jittered deadline) does not send another one (tunn.py keeps one run)
+    rng = FixedJitterRng(0.5)
+    table = IndexTable(rng)
+    tunn = Tunn(SeededRng(4).random_bytes(32), public_key(SeededRng(5).random_bytes(32)), None, table, rng, WallClock())
+    tunn.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 0.0)
+    assert [m[0] for m in tunn.drain_transmits()] == [MESSAGE_INITIATION]
+    retransmit_at = tunn.poll_timeout()
+    assert retransmit_at == pytest.approx(5.0 + 1 / 6)
+    tunn.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B, b"more"), 5.1)
+    assert tunn.drain_transmits() == []
+    assert retransmit_at is not None
+    tunn.handle_timeout(retransmit_at)
+    assert [m[0] for m in tunn.drain_transmits()] == [MESSAGE_INITIATION]
+    assert len(table) == 1  # the retry replaced the first attempt's index

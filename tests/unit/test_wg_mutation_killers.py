@@ -1026,3 +1026,39 @@ def test_packets_staged_during_an_attempt_run_leave_the_next_initiation_to_the_r
     tunn.handle_timeout(retransmit_at)
     assert [m[0] for m in tunn.drain_transmits()] == [MESSAGE_INITIATION]
     assert len(table) == 1  # the retry replaced the first attempt's index
+
+
+def _initiation_from_a(pair: TunnPair, seed: int, now: float) -> tuple[bytes, noise.ConsumedInitiation]:
+    """A fresh initiation from a's key (a later TAI64N timestamp), as b consumes it."""
+    pair.wall.now += 1.0
+    sender = Tunn(pair.key_a, public_key(pair.key_b), None, IndexTable(SeededRng(seed)), SeededRng(seed), pair.wall)
+    sender.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), now)
+    (initiation,) = sender.drain_transmits()
+    b_private = pair.b._static_private
+    assert b_private is not None
+    consumed = noise.consume_initiation(
+        static_private=b_private, static_public=public_key(pair.key_b), message=initiation
+    )
+    assert consumed is not None
+    return initiation, consumed
+
+
+def test_initiations_are_answered_at_most_every_twenty_milliseconds_with_mac2_once_a_cookie_is_held() -> None:
+    # wireguard-go handshakeInitiationRate (50/s per peer), whitepaper §5.4.7 (mac2 = MAC(cookie, msg) for 120 s)
+    pair = TunnPair()
+    initiation, consumed = _initiation_from_a(pair, 30, 0.0)
+    assert pair.b.receive_initiation(consumed, len(initiation), 0.0) is True
+    (response,) = pair.b.drain_transmits()
+    assert response[-16:] == bytes(16)  # no cookie yet: empty mac2
+    # a under load answers the response with a cookie reply; b keeps the cookie
+    checker = CookieChecker(public_key(pair.key_a), SeededRng(6))
+    source = ("192.0.2.7", 51820)
+    assert pair.b.decapsulate(checker.create_reply(response, source, 0.0), 0.0) is None
+    assert pair.b.drops.total() == 0
+    initiation, consumed = _initiation_from_a(pair, 31, 0.01)
+    assert pair.b.receive_initiation(consumed, len(initiation), 0.01) is False
+    assert pair.b.drops[TunnDropReason.INITIATION_FLOOD] == 1
+    assert pair.b.drain_transmits() == []
+    assert pair.b.receive_initiation(consumed, len(initiation), 0.03) is True
+    (response,) = pair.b.drain_transmits()
+    assert checker.check_mac2(response, source, 0.03)

@@ -708,9 +708,7 @@ class Tun:
         frames = self._merge(packets)
         queue.tx_packets += len(packets)
         queue.tx_frames += len(frames)
-        if self._one_writer:
-            return self._write_frames_by_flow(frames)
-        return self._write_frames(queue.fd, frames)
+        return self._write_frames(queue.fd, frames, by_flow=self._one_writer)
 
     def _merge(self, packets: Sequence[bytes]) -> Sequence[bytes]:
         """The frames that carry ``packets`` to the device, in order: merged runs with offloads, else the packets."""
@@ -720,27 +718,16 @@ class Tun:
             return [_PLAIN_HEADER + packets[0]]  # nothing to merge: skip the flow bookkeeping
         return coalesce(packets, tcp=self._coalesce_tcp, udp=self._coalesce_udp)
 
-    def _write_frames(self, fd: int, frames: Sequence[bytes]) -> bool:
+    def _write_frames(self, fd: int, frames: Sequence[bytes], *, by_flow: bool = False) -> bool:
         """Writes frames to ``fd`` (a failed write is counted and the rest still go); False once the device is
-        closing."""
-        for frame in frames:
-            try:
-                os.write(fd, frame)
-            except OSError as exc:
-                if self._closed:
-                    return False
-                self._on_write_error(frame, exc)
-        return True
-
-    def _write_frames_by_flow(self, frames: Sequence[bytes]) -> bool:
-        """:meth:`_write_frames`, each frame to the fd of the queue its flow hash picks (a merged frame carries one
-        flow): the kernel then reads each flow's other direction on that queue, so the reader threads share the
-        flows."""
+        closing. With ``by_flow`` each frame goes instead to the fd of the queue its flow hash picks (a merged frame
+        carries one flow): the kernel then reads each flow's other direction on that queue, so the reader threads
+        share the flows."""
         fds = self._queue_fds
-        count = len(fds)
         header = VIRTIO_NET_HDR_LEN if self.offload_enabled else 0
         for frame in frames:
-            fd = fds[flow_hash(memoryview(frame)[header:] if header else frame) % count]
+            if by_flow:
+                fd = fds[flow_hash(memoryview(frame)[header:] if header else frame) % len(fds)]
             try:
                 os.write(fd, frame)
             except OSError as exc:

@@ -355,9 +355,6 @@ def default_num_tun_threads() -> int:
 
 # --- command line -------------------------------------------------------------------------------------------------
 
-# The data plane is not built yet: these settings are validated so deployments can set them, but nothing reads them.
-
-
 def describe_settings(settings: Settings) -> str:
     """One line of the effective settings for a start-up debug log; never the token."""
     shown: list[str] = []

@@ -488,9 +488,11 @@ class Tun:
         a ping goes straight to the device), counted in :meth:`stats`; a failed write is counted as ``write_failed``.
 
         For an owner whose thread already holds the batch: handing it to a writer thread would cost a GIL hand-over per
-        batch, more than the write, which releases the GIL while the kernel delivers anyway. All go to queue 0's fd
-        (any queue's fd reaches the same device). Per-flow order holds as long as one thread calls this and the owner
-        does not also hand the same flows to :meth:`send`/:meth:`send_many`."""
+        batch, more than the write, which releases the GIL while the kernel delivers anyway. Each frame goes to the fd
+        of the queue its flow hash picks: the kernel records the queue a flow was written on and hands that flow's
+        packets in the other direction to the same queue's reader, so writing everything on one queue would leave the
+        other readers idle. Per-flow order holds as long as one thread calls this and the owner does not also hand the
+        same flows to :meth:`send`/:meth:`send_many`."""
         if not packets:
             return
         if self._closed:
@@ -499,7 +501,7 @@ class Tun:
         frames = self._merge(packets)
         self._caller_tx_packets += len(packets)
         self._caller_tx_frames += len(frames)
-        self._write_frames(self._queues[0].fd, frames)
+        self._write_frames(self._queues[0].fd, frames, by_flow=len(self._queues) > 1)
 
     def pending_outbound(self) -> int:
         """Packets accepted by ``send`` but not yet written (for tests and metrics)."""

@@ -96,13 +96,18 @@ def test_with_offloads_frames_are_what_coalesce_gives(make_tun: MakeTun) -> None
     assert (stats.tx_frames, stats.tx_packets) == (len(frames), len(packets))
 
 
-def test_every_write_goes_to_the_first_queue_on_the_calling_thread(make_tun: MakeTun) -> None:
+def test_each_flow_is_written_to_the_queue_its_hash_picks_on_the_calling_thread(make_tun: MakeTun) -> None:
+    # The kernel hands a flow's replies to the queue it was written on: all on queue 0 would idle the other readers.
     tun, readers = make_tun(0, queues=2)
-    packets = [udp_packet(bytes([i])) for i in range(8)]  # one flow: its hash picks one queue for send_many
-    tun.write_now(packets)
-    # Written before write_now returned (no writer thread involved), all to queue 0, in order.
-    assert written(readers[0]) == packets
-    assert written(readers[1]) == []
+    flows = [[udp_packet(bytes([flow, i]), sport=20000 + flow) for i in range(5)] for flow in range(8)]
+    queue_of = [flow_hash(packets[0]) % 2 for packets in flows]
+    assert set(queue_of) == {0, 1}  # both queues get flows (else the test would prove nothing)
+    tun.write_now([packet for i in range(5) for packets in flows for packet in packets[i : i + 1]])
+    # Written before write_now returned (no writer thread involved), each flow complete and in order on its queue.
+    got = [written(reader) for reader in readers]
+    for flow, packets in enumerate(flows):
+        assert [p for p in got[queue_of[flow]] if p in packets] == packets
+    assert sorted(map(len, got)) == sorted(5 * queue_of.count(q) for q in (0, 1))
     assert tun.pending_outbound() == 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lab.world import RELAY_IPS, RESOURCE_IP, ClientProcess, LabWorld
+from lab.world import RELAY_IPS, RESOURCE_IP, ClientProcess, LabWorld, NatMode
 from tests.scenarios.helpers import (
     SCENARIO_MARKS,
     Pinger,
@@ -31,21 +31,32 @@ BLOB_SIZE = 2 * 1024 * 1024
 LOSS_PERCENT = 5.0
 
 
-async def test_relayed_download_with_loss_each_way() -> None:
-    """Symmetric NATs on both sides leave only the relays; 5 % of the client link's datagrams vanish each way."""
-    async with LabWorld(
-        gateway_nat="masquerade random", client_nat="masquerade random", relays=2, blob_size=BLOB_SIZE
-    ) as world:
+@pytest.mark.parametrize(
+    ("name", "nat", "loss_percent", "path"),
+    [
+        # Port-preserving NATs both sides: hole punching gives a direct path.
+        ("direct_download", "masquerade", 0.0, "direct"),
+        # Symmetric NATs on both sides leave only the relays.
+        ("relayed_download", "masquerade random", 0.0, "relayed"),
+        # The same, with 5 % of the client link's datagrams vanishing each way.
+        ("relayed_download_5pct_loss", "masquerade random", LOSS_PERCENT, "relayed"),
+    ],
+)
+async def test_download(name: str, nat: NatMode, loss_percent: float, path: str) -> None:
+    """A 2 MiB download through the gateway arrives intact over the path the NATs allow."""
+    async with LabWorld(gateway_nat=nat, client_nat=nat, relays=2, blob_size=BLOB_SIZE) as world:
         await world.wait_gateway_joined(timeout=20)
-        world.set_loss("natc", LOSS_PERCENT)
+        if loss_percent:
+            world.set_loss("natc", loss_percent)
         client, established = await connect_client(world)
-        assert client.path == "relayed", client.events
+        assert client.path == path, client.events
         fetched = await world.http_get_sha256("cl", timeout=60)
         assert fetched.get("matches") is True, fetched
-        lost = world.lost_datagrams("natc")
-        assert lost > 0, "the loss rule dropped nothing"
+        lost = world.lost_datagrams("natc") if loss_percent else 0
+        if loss_percent:
+            assert lost > 0, "the loss rule dropped nothing"
         report(
-            "relayed_download_5pct_loss",
+            name,
             lost_datagrams=str(lost),
             setup_seconds=established["wall_setup_seconds"],
             download_seconds=fetched["seconds"],

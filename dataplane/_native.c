@@ -576,6 +576,20 @@ static int plan_split(long gso, long gso_size, const unsigned char *p, Py_ssize_
     return 0;
 }
 
+/* Sets the length fields of the IP header at ``header`` (``ihl`` bytes, then ``l4_total`` bytes of TCP/UDP; IPv4:
+   total length and header checksum, so any other field must be set before) and returns its pseudo-header sum
+   without the L4 length: addresses and ``protocol``. Split and coalesce share it. */
+static uint64_t finish_ip_header(unsigned char *header, Py_ssize_t ihl, Py_ssize_t l4_total, unsigned protocol) {
+    if (header[0] >> 4 == 4) {
+        store16(header + 2, (unsigned)(ihl + l4_total));
+        store16(header + 10, 0);
+        store16(header + 10, negated_fold(header_sum(header, ihl)));
+        return header_sum(header + 12, 8) + protocol;
+    }
+    store16(header + 4, (unsigned)l4_total);
+    return header_sum(header + 8, 32) + protocol;
+}
+
 /* Writes segment ``index`` of the super-packet ``p`` to ``out``. Runs without the GIL. */
 static void write_segment(const SplitPlan *plan, const unsigned char *p, Py_ssize_t n, Py_ssize_t index,
                           unsigned char *out) {
@@ -586,17 +600,10 @@ static void write_segment(const SplitPlan *plan, const unsigned char *p, Py_ssiz
     Py_ssize_t l4_total = plan->l4_len + seg_len;
     memcpy(out, p, (size_t)headers_len);
     memcpy(out + headers_len, p + start, (size_t)seg_len);
-    uint64_t pseudo;
     if (plan->version == 4) {
-        store16(out + 2, (unsigned)(ihl + l4_total));
         store16(out + 4, (load16(p + 4) + (unsigned)index) & 0xFFFF);
-        store16(out + 10, 0);
-        store16(out + 10, negated_fold(header_sum(out, ihl)));
-        pseudo = header_sum(p + 12, 8);
-    } else {
-        store16(out + 4, (unsigned)l4_total);
-        pseudo = header_sum(p + 8, 32);
     }
+    uint64_t pseudo = finish_ip_header(out, ihl, l4_total, plan->is_tcp ? PROTO_TCP : PROTO_UDP);
     unsigned char *l4 = out + ihl;
     Py_ssize_t csum_at;
     if (plan->is_tcp) {
@@ -610,11 +617,9 @@ static void write_segment(const SplitPlan *plan, const unsigned char *p, Py_ssiz
         store32(l4 + 4, load32(p + ihl + 4) + (uint32_t)((uint64_t)index * (uint64_t)plan->size));
         l4[13] = (unsigned char)flags;
         csum_at = 16;
-        pseudo += PROTO_TCP;
     } else {
         store16(l4 + 4, (unsigned)l4_total);
         csum_at = 6;
-        pseudo += PROTO_UDP;
     }
     store16(l4 + csum_at, 0);
     uint64_t sum = pseudo + (uint64_t)l4_total + header_sum(l4, plan->l4_len) +
@@ -1030,28 +1035,17 @@ static void emit_group(const Group *group, const Packet *packets, const Py_ssize
     Py_ssize_t l4_total = total - ihl;
     int version = first->data[0] >> 4;
     int is_tcp = group->kind == KIND_V4_TCP || group->kind == KIND_V6_TCP;
-    uint64_t pseudo;
-    if (version == 4) {
-        store16(header + 2, (unsigned)total);
-        store16(header + 10, 0);
-        store16(header + 10, negated_fold(header_sum(header, ihl)));
-        pseudo = header_sum(first->data + 12, 8);
-    } else {
-        store16(header + 4, (unsigned)l4_total);
-        pseudo = header_sum(first->data + 8, 32);
-    }
+    uint64_t pseudo = finish_ip_header(header, ihl, l4_total, is_tcp ? PROTO_TCP : PROTO_UDP);
     unsigned gso_type, csum_offset;
     if (is_tcp) {
         /* PSH of the last segment carries over (the kernel keeps it on the last segment only). */
         header[ihl + 13] |= packets[group->last].data[ihl + 13] & TCP_PSH;
         gso_type = version == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
         csum_offset = 16;
-        pseudo += PROTO_TCP;
     } else {
         store16(header + ihl + 4, (unsigned)l4_total);
         gso_type = VNET_GSO_UDP_L4;
         csum_offset = 6;
-        pseudo += PROTO_UDP;
     }
     unsigned partial = (unsigned)((pseudo + (uint64_t)l4_total) % FOLD);
     store16(header + ihl + csum_offset, partial ? partial : 0xFFFF);

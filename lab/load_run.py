@@ -2,8 +2,8 @@
 
 A :class:`lab.world.LabWorld` (masquerading NATs both sides, one relay, the dev portal in this process) gets ``--clients``
 load identities; ``--processes`` load generators (:mod:`lab.loadgen`, one event loop each, an equal share of the
-identities) start them all at the same moment and ping the resource host at ``--rate`` for ``--duration`` s once
-all have settled. Meanwhile the gateway process is sampled every half second (RSS, open descriptors, CPU seconds).
+identities) start them all at the same moment (or, with ``--arrival-rate``, that many per second, interleaved) and
+ping the resource host at ``--rate`` for ``--duration`` s once all have settled. Meanwhile the gateway process is sampled every half second (RSS, open descriptors, CPU seconds).
 One JSON object goes to stdout: identities connected, bring-up (first start → last connection, over all
 processes), setup p50/p99/max (``create_flow`` sent → connection established), pings answered, the gateway's RSS
 and descriptors (before and peak), its CPU seconds during bring-up and over the whole run, the portal's and load
@@ -115,7 +115,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--token-prefix", LOAD_CLIENT_TOKEN_PREFIX, "--first", str(first), "--clients", str(count),
                 "--resource", world.resource_id("lan"), "--target", RESOURCE_IP, "--rate", f"{args.rate:g}",
                 "--duration", f"{args.duration:g}", "--setup-timeout", f"{args.setup_timeout:g}",
-                "--start-at", f"{start_at:.3f}", "--all-setup-times",
+                "--start-at", f"{start_at + _arrival_offset(index, args.arrival_rate):.3f}", "--all-setup-times",
+                "--spread", f"{_arrival_spread(args.processes, args.arrival_rate):g}",
             ]  # fmt: skip
             loadgens.append(
                 await asyncio.create_subprocess_exec(
@@ -217,6 +218,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "clients": args.clients,
         "processes": args.processes,
+        "arrival_rate": args.arrival_rate,
         "connected": connected,
         "bring_up_seconds": round(last_up - started, 2) if all_up and last_up is not None else None,
         "setup_seconds": {
@@ -265,6 +267,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _arrival_spread(processes: int, arrival_rate: float) -> float:
+    """Seconds between two starts within one load process, so that all processes together start ``arrival_rate``
+    identities per second (0: all at once)."""
+    return processes / arrival_rate if arrival_rate > 0 else 0.0
+
+
+def _arrival_offset(index: int, arrival_rate: float) -> float:
+    """Process ``index`` starts this much after the first, so that the processes' starts interleave evenly."""
+    return index / arrival_rate if arrival_rate > 0 else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lab.load_run", description=__doc__.split("\n\n")[0] if __doc__ else None
@@ -274,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="pings per second per identity")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of pinging once all have settled")
     parser.add_argument("--setup-timeout", type=float, default=90.0)
+    parser.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=0.0,
+        help="identities started per second over all processes (default 0: all at the same moment)",
+    )
     parser.add_argument(
         "--nat",
         default="masquerade",
@@ -286,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clients < 1 or not 1 <= args.processes <= args.clients:
         raise SystemExit("--clients must be ≥ 1 and --processes 1..clients")
+    if args.arrival_rate < 0:
+        raise SystemExit("--arrival-rate must be ≥ 0")
     summary = asyncio.run(run(args))
     print(json.dumps(summary), flush=True)
     return 0 if summary.get("connected") == args.clients else 1

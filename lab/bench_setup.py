@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
-import hashlib
 import heapq
 import io
 import ipaddress
@@ -50,7 +49,7 @@ from typing import Any
 from agent.config import parse_log_directives
 from agent.logs import configure_logging
 from dataplane.base import Address
-from dataplane.node import ConnectionEstablished, IceCredentials, NodeEvent, NodeRole
+from dataplane.node import ConnectionEstablished, NodeEvent, NodeRole
 from dataplane.packet import internet_checksum
 from lab.loadgen import echo_request, parse_echo_reply, percentile
 from tests.sim.gateway import (
@@ -58,7 +57,6 @@ from tests.sim.gateway import (
     GatewayPortal,
     SimClient,
     SimGateway,
-    b64,
 )
 from tests.sim.harness import NODE_PORT, SimPeer
 from tests.sim.nat import PORT_RESTRICTED_CONE, NatBox
@@ -78,7 +76,8 @@ SETTLE_TIMEOUT = 120.0
 
 class BenchNetwork(SimNetwork):
     """The sim network with each participant's next wakeup cached (refreshed when it was touched), so a step costs
-    O(log N) and not N ``poll_timeout`` calls: the plain :class:`SimNetwork` asks every participant at every step."""
+    O(log N) and not N ``poll_timeout`` calls: the plain :class:`SimNetwork` asks every participant at every step.
+    It keeps SimNetwork's step and overrides the two hooks that find and wake the due participants."""
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__(seed=seed)
@@ -112,20 +111,7 @@ class BenchNetwork(SimNetwork):
             heapq.heappop(self._wakeups)  # stale: the participant's deadline moved since
         return None
 
-    def next_event_time(self) -> float | None:
-        candidates = [t for t in (self._earliest_wakeup(), self._queue[0][0] if self._queue else None) if t is not None]
-        return min(candidates) if candidates else None
-
-    def step(self, limit: float | None = None) -> bool:
-        at = self.next_event_time()
-        if at is None or (limit is not None and at > limit):
-            if limit is not None:
-                self.now = max(self.now, limit)
-            return False
-        self.now = max(self.now, at)
-        while self._queue and self._queue[0][0] <= self.now:
-            _, _, action = heapq.heappop(self._queue)
-            action()
+    def _wake_due(self) -> None:
         self._refresh()
         while self._wakeups and self._wakeups[0][0] <= self.now:
             at, _, participant = heapq.heappop(self._wakeups)
@@ -133,7 +119,6 @@ class BenchNetwork(SimNetwork):
                 self._wakeup_of[id(participant)] = None
                 participant.wake(self.now)
                 self.touch(participant)
-        return True
 
 
 @dataclass
@@ -301,17 +286,14 @@ class SetupBench:
         else:
             nat, host = None, self.net.add_host(f"client-{index}", [public_ip])
         peer = SimPeer(self.net, host, NodeRole.CLIENT, client_id, seed=1000 + index)
-        digest = hashlib.sha256(f"{client_id}:{GATEWAY_ID}".encode()).hexdigest()
         tunnel_ipv4 = ipaddress.IPv4Address("100.64.0.0") + 256 + index
-        client = SimClient(
+        client = SimClient.derived(
             peer,
             client_id,
             str(tunnel_ipv4),
             f"fd00:2021:1111::1:{index:x}",
-            hashlib.sha256(f"psk:{digest}".encode()).digest(),
-            IceCredentials(digest[0:4], digest[4:26]),
-            IceCredentials(digest[26:30], digest[30:52]),
-            nat,
+            secret=f"{client_id}:{GATEWAY_ID}",
+            nat=nat,
         )
         self.portal.clients[client_id] = client
         peer.on_event = lambda event: self._on_client_event(client, event)
@@ -357,40 +339,7 @@ class SetupBench:
 
     def _authorize_now(self, client: SimClient) -> None:
         self.requested_at[client.client_id] = self.net.now
-        self.authorize(client)
-
-    def authorize(self, client: SimClient) -> None:
-        payload = {
-            "ref": f"ref-{client.client_id}",
-            "resource": _resource(),
-            "client": {
-                "id": client.client_id,
-                "public_key": client.public_key_b64,
-                "preshared_key": b64(client.psk),
-                "ipv4": client.ipv4,
-                "ipv6": client.ipv6,
-            },
-            "client_ice_credentials": {
-                "username": client.client_credentials.username,
-                "password": client.client_credentials.password,
-            },
-            "gateway_ice_credentials": {
-                "username": client.gateway_credentials.username,
-                "password": client.gateway_credentials.password,
-            },
-            "expires_at": None,
-        }
-        self.portal.push("create_authorization", payload)
-        node = client.peer.node
-        node.upsert_connection(
-            GATEWAY_ID,
-            remote_public_key=self.gateway.public_key,
-            preshared_key=client.psk,
-            local_credentials=client.client_credentials,
-            remote_credentials=client.gateway_credentials,
-            now=self.net.now,
-        )
-        client.peer.flush(self.net.now)
+        self.portal.authorize(client, _resource())  # the client's Node gets its side of the connection too
 
     # -- the run ------------------------------------------------------------------------------------------------
 

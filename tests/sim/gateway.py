@@ -40,6 +40,20 @@ GATEWAY_IPV6 = "fd00:2021:1111::1"
 RELAY_SECRET_EXPIRY = 2145916800
 
 
+# Resources the tests and benches authorize clients for (as the portal sends them).
+LAN: dict[str, Any] = {"id": "res-lan", "type": "cidr", "name": "LAN", "address": "172.20.0.0/24", "filters": []}
+DNS: dict[str, Any] = {
+    "id": "res-dns",
+    "type": "dns",
+    "name": "corp",
+    "address": "*.corp.example",
+    "filters": [{"protocol": "udp", "port_range_start": 1, "port_range_end": 9000}],
+}
+# Proxy IPs a client assigns to a DNS resource's domain (``assigned_ips``).
+PROXY4: list[IpAddress] = [ipaddress.IPv4Address(f"100.96.0.{i}") for i in range(1, 5)]
+PROXY6: list[IpAddress] = [ipaddress.IPv6Address(f"fd00:2021:1111:8000::{i}") for i in range(1, 5)]
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -118,6 +132,24 @@ class SimClient:
     gateway_credentials: IceCredentials
     nat: NatBox | None = None
 
+    @classmethod
+    def derived(
+        cls, peer: SimPeer, client_id: str, ipv4: str, ipv6: str, *, secret: str, nat: NatBox | None = None
+    ) -> SimClient:
+        """A client whose preshared key and ICE credentials (its own and the gateway's) are derived from ``secret``:
+        the same secret gives the same ones, run after run."""
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        return cls(
+            peer,
+            client_id,
+            ipv4,
+            ipv6,
+            hashlib.sha256(f"psk:{digest}".encode()).digest(),
+            IceCredentials(digest[0:4], digest[4:26]),
+            IceCredentials(digest[26:30], digest[30:52]),
+            nat,
+        )
+
     @property
     def public_key_b64(self) -> str:
         return b64(self.peer.public_key)
@@ -192,6 +224,11 @@ class GatewayPortal:
                 "account_slug": "sim",
             },
         )
+
+    def add_client(self, client: SimClient) -> None:
+        """The portal knows the client: the gateway's candidates reach it, and its own reach the gateway."""
+        self.clients[client.client_id] = client
+        client.peer.on_event = lambda event: self.from_client(client, event)
 
     def set_connected(self, connected: bool) -> None:
         self.connected = connected
@@ -297,19 +334,15 @@ class GatewayWorld:
         peer.add_relays(
             [(rid, relay) for rid, relay in sorted(self.relays.items()) if relay.online]  # the portal's init for it
         )
-        digest = hashlib.sha256(f"{client_id}:{GATEWAY_ID}".encode()).hexdigest()
-        client = SimClient(
+        client = SimClient.derived(
             peer,
             client_id,
             f"100.64.1.{index}",
             f"fd00:2021:1111::1:{index}",
-            hashlib.sha256(f"psk:{digest}".encode()).digest(),
-            IceCredentials(digest[0:4], digest[4:26]),
-            IceCredentials(digest[26:30], digest[30:52]),
-            nat,
+            secret=f"{client_id}:{GATEWAY_ID}",
+            nat=nat,
         )
-        self.portal.clients[client_id] = client
-        peer.on_event = lambda event, client=client: self.portal.from_client(client, event)
+        self.portal.add_client(client)
         return client
 
 

@@ -190,11 +190,13 @@ class SimNetwork:
         heapq.heappush(self._queue, (max(at, self.now), self._sequence, action))
 
     def next_event_time(self) -> float | None:
-        times = [p.next_wakeup() for p in self._participants]
-        candidates = [t for t in times if t is not None]
-        if self._queue:
-            candidates.append(self._queue[0][0])
+        candidates = [t for t in (self._earliest_wakeup(), self._queue[0][0] if self._queue else None) if t is not None]
         return min(candidates) if candidates else None
+
+    def _earliest_wakeup(self) -> float | None:
+        """The earliest deadline a participant asks for, asking every participant. A subclass that caches deadlines
+        (asking again only the participants that took input) overrides this and :meth:`_wake_due`."""
+        return min((t for p in self._participants if (t := p.next_wakeup()) is not None), default=None)
 
     def step(self, limit: float | None = None) -> bool:
         """Advances to the next event (not beyond ``limit``) and runs everything due then; False if idle."""
@@ -207,11 +209,15 @@ class SimNetwork:
         while self._queue and self._queue[0][0] <= self.now:
             _, _, action = heapq.heappop(self._queue)
             action()
+        self._wake_due()
+        return True
+
+    def _wake_due(self) -> None:
+        """Wakes every participant whose deadline has come (a subclass caching deadlines overrides this too)."""
         for participant in list(self._participants):
             wakeup = participant.next_wakeup()
             if wakeup is not None and wakeup <= self.now:
                 participant.wake(self.now)
-        return True
 
     def run_for(self, duration: float) -> None:
         self.run_until(self.now + duration)

@@ -24,7 +24,6 @@ import contextlib
 import enum
 import functools
 import gc
-import hashlib
 import logging
 import statistics
 import sys
@@ -33,16 +32,15 @@ import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, ip_address
-from typing import Any
+from ipaddress import ip_address
 
 from dataplane import p2p_control, turn
 from dataplane.dns_nat import IpAddress
 from dataplane.gateway import AuthorizationOutcome, GatewayState, ResolveDomain
 from dataplane.ice import agent as ice_agent
-from dataplane.node import ConnectionEstablished, IceCredentials, NodeRole
+from dataplane.node import ConnectionEstablished, NodeRole
 from tests.sim import relay as sim_relay
-from tests.sim.gateway import GATEWAY_ID, GatewayWorld, SimClient, build_gateway_world
+from tests.sim.gateway import DNS, GATEWAY_ID, LAN, PROXY4, GatewayWorld, SimClient, build_gateway_world
 from tests.sim.harness import SimPeer
 from tests.sim.nat import PORT_RESTRICTED_CONE, NatBox
 from tests.sim.net import SimNetwork
@@ -53,16 +51,7 @@ LIVE = 5  # clients per round, one per departure mode; in alternate rounds the o
 ROUND = 30.0  # simulated seconds per round
 EXCHANGES = 3  # packets each client sends (and gets answered) per round, EXCHANGE_INTERVAL apart
 EXCHANGE_INTERVAL = 5.0
-RESOURCE_IP = "172.20.0.10"
-LAN: dict[str, Any] = {"id": "res-lan", "type": "cidr", "name": "LAN", "address": "172.20.0.0/24", "filters": []}
-DNS: dict[str, Any] = {
-    "id": "res-dns",
-    "type": "dns",
-    "name": "corp",
-    "address": "*.corp.example",
-    "filters": [{"protocol": "udp", "port_range_start": 1, "port_range_end": 9000}],
-}
-PROXY4: list[IpAddress] = [IPv4Address(f"100.96.0.{i}") for i in range(1, 5)]
+RESOURCE_IP = "172.20.0.10"  # in LAN
 
 
 class Departure(enum.Enum):
@@ -125,21 +114,16 @@ class Churn:
             self.net.block(box.public_ip, self.world.gateway.host.addresses[0])
         peer = SimPeer(self.net, host, NodeRole.CLIENT, f"{client_id}/{n}", seed=1000 + n)
         peer.add_relays(sorted(self.world.relays.items()))
-        digest = hashlib.sha256(f"{client_id}/{n}".encode()).hexdigest()
         tunnel = n % 60000 + 2
-        client = SimClient(
+        client = SimClient.derived(
             peer,
             client_id,
             f"100.64.{tunnel >> 8}.{tunnel & 255}",
             f"fd00:2021:1111::1:{tunnel:x}",
-            hashlib.sha256(f"psk:{digest}".encode()).digest(),
-            IceCredentials(digest[0:4], digest[4:26]),
-            IceCredentials(digest[26:30], digest[30:52]),
-            box,
+            secret=f"{client_id}/{n}",
+            nat=box,
         )
-        portal = self.world.portal
-        portal.clients[client_id] = client
-        peer.on_event = lambda event, client=client: portal.from_client(client, event)
+        self.world.portal.add_client(client)
         return Member(client, departure, relayed, dns=departure is Departure.GOODBYE)
 
     def remove_client(self, member: Member) -> None:

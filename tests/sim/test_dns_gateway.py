@@ -7,8 +7,7 @@ resolve the domain (here a dict stands in for DNS), answers ``domain_status`` an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
+from ipaddress import IPv4Address, ip_address
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
@@ -16,18 +15,8 @@ from scapy.layers.inet6 import IPv6
 from dataplane import p2p_control
 from dataplane.dns_nat import IpAddress, NatDropReason
 from dataplane.gateway import GatewayDropReason, ResolveDomain
-from tests.sim.gateway import GatewayWorld, SimClient, build_gateway_world
+from tests.sim.gateway import DNS, PROXY4, PROXY6, GatewayWorld, SimClient, build_gateway_world
 from tests.sim.test_gateway_state import connected_client, send
-
-DNS: dict[str, Any] = {
-    "id": "res-dns",
-    "type": "dns",
-    "name": "corp",
-    "address": "*.corp.example",
-    "filters": [{"protocol": "udp", "port_range_start": 1, "port_range_end": 9000}],
-}
-PROXY4: list[IpAddress] = [IPv4Address(f"100.96.0.{i}") for i in range(1, 5)]
-PROXY6: list[IpAddress] = [IPv6Address(f"fd00:2021:1111:8000::{i}") for i in range(1, 5)]
 
 
 def world_with_records(records: dict[str, list[str]]) -> tuple[GatewayWorld, list[ResolveDomain]]:

@@ -28,8 +28,8 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 from dataplane import p2p_control
 from dataplane.dns_nat import IpAddress
 from dataplane.gateway import AuthorizationOutcome, ResolveDomain
-from tests.sim.gateway import GATEWAY_ID, GATEWAY_IPV4, GatewayWorld, SimClient, build_gateway_world
-from tests.sim.test_gateway_state import LAN, connected_client, send
+from tests.sim.gateway import GATEWAY_ID, GATEWAY_IPV4, LAN, GatewayWorld, SimClient, build_gateway_world
+from tests.sim.test_gateway_state import connected_client, send
 from tests.sim.world import ipv4_udp
 
 DNS_ID = "res-dns"

@@ -15,12 +15,11 @@ from dataplane import p2p_control
 from dataplane.gateway import AuthorizationOutcome, GatewayDropReason
 from dataplane.policy import PolicyDropReason
 from protocol.messages import BroadcastIceCandidates, BroadcastInvalidatedIceCandidates, NoRelays
-from tests.sim.gateway import GATEWAY_ID, GATEWAY_IPV4, GatewayWorld, SimClient, build_gateway_world
+from tests.sim.gateway import GATEWAY_ID, GATEWAY_IPV4, LAN, GatewayWorld, SimClient, build_gateway_world
 from tests.sim.nat import PORT_RESTRICTED_CONE
 from tests.sim.relay import SIM_EPOCH
 from tests.sim.world import ipv4_udp
 
-LAN: dict[str, Any] = {"id": "res-lan", "type": "cidr", "name": "LAN", "address": "172.20.0.0/24", "filters": []}
 WEB_ONLY: dict[str, Any] = {
     "id": "res-web",
     "type": "cidr",

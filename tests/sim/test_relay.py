@@ -34,6 +34,10 @@ class RawClient:
         self._tid += 1
         return self._tid.to_bytes(12, "big")
 
+    def authenticated(self, method: int, username: str, nonce: str) -> stun.StunMessage:
+        """A request carrying the long-term credential attributes (the caller adds the rest and the key)."""
+        return stun.StunMessage.request(method, self.tid()).add_username(username).add_realm(REALM).add_nonce(nonce)
+
 
 def _world():
     net = SimNetwork(seed=1)
@@ -80,13 +84,16 @@ def test_allocate_channel_bind_and_channel_data_both_ways():
 
     key = stun.long_term_key(username, REALM, password)
 
-    def authed(method: int) -> stun.StunMessage:
-        return stun.StunMessage.request(method, client.tid()).add_username(username).add_realm(REALM).add_nonce(nonce)
-
-    wrong = client.request(server, authed(stun.Method.ALLOCATE).add_requested_transport(), key=b"wrong" * 4)
+    wrong = client.request(
+        server, client.authenticated(stun.Method.ALLOCATE, username, nonce).add_requested_transport(), key=b"wrong" * 4
+    )
     assert wrong.error_code()[0] == 401
 
-    allocate = authed(stun.Method.ALLOCATE).add_requested_transport().add_additional_address_family()
+    allocate = (
+        client.authenticated(stun.Method.ALLOCATE, username, nonce)
+        .add_requested_transport()
+        .add_additional_address_family()
+    )
     ok = client.request(server, allocate, key=key)
     assert ok.message_class == stun.MessageClass.SUCCESS, ok.error_code()
     relayed = ok.xor_addresses(stun.Attr.XOR_RELAYED_ADDRESS)
@@ -99,7 +106,7 @@ def test_allocate_channel_bind_and_channel_data_both_ways():
     assert client.inbox == []
 
     bind = (
-        authed(stun.Method.CHANNEL_BIND)
+        client.authenticated(stun.Method.CHANNEL_BIND, username, nonce)
         .add_channel_number(0x4001)
         .add_xor_address(stun.Attr.XOR_PEER_ADDRESS, peer.local)
     )
@@ -113,7 +120,9 @@ def test_allocate_channel_bind_and_channel_data_both_ways():
     net.run_for(1.0)
     assert client.inbox == [(struct.pack("!HH", 0x4001, 4) + b"back", server)]
 
-    refresh = client.request(server, authed(stun.Method.REFRESH).add_lifetime(0), key=key)
+    refresh = client.request(
+        server, client.authenticated(stun.Method.REFRESH, username, nonce).add_lifetime(0), key=key
+    )
     assert refresh.message_class == stun.MessageClass.SUCCESS
     assert relay.allocations == 0
 
@@ -126,13 +135,7 @@ def test_stale_nonce_is_answered_with_438():
     server = relay.addresses[0]
     nonce = client.request(server, stun.StunMessage.request(stun.Method.ALLOCATE, client.tid())).nonce()
     net.run_for(10.0)
-    msg = (
-        stun.StunMessage.request(stun.Method.ALLOCATE, client.tid())
-        .add_username(username)
-        .add_realm(REALM)
-        .add_nonce(nonce)
-        .add_requested_transport()
-    )
+    msg = client.authenticated(stun.Method.ALLOCATE, username, nonce).add_requested_transport()
     response = client.request(server, msg, key=key)
     assert response.error_code()[0] == 438
     assert response.nonce() != nonce
@@ -144,11 +147,5 @@ def test_expired_username_is_rejected():
     key = stun.long_term_key(username, REALM, password)
     server = relay.addresses[0]
     nonce = client.request(server, stun.StunMessage.request(stun.Method.ALLOCATE, client.tid())).nonce()
-    msg = (
-        stun.StunMessage.request(stun.Method.ALLOCATE, client.tid())
-        .add_username(username)
-        .add_realm(REALM)
-        .add_nonce(nonce)
-        .add_requested_transport()
-    )
+    msg = client.authenticated(stun.Method.ALLOCATE, username, nonce).add_requested_transport()
     assert client.request(server, msg, key=key).error_code()[0] == 401

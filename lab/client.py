@@ -14,9 +14,10 @@ p2p-control messages (a ``goodbye`` closes that connection, §3.4).
   application looked the name up: proxy IPs are assigned and announced, §3.4), ``{"quit": true}`` (also EOF)
 * stdout: ``joined`` {ipv4, ipv6, public_key, local, resources}, ``flow_created`` {resource_id, gateway_id,
   gateway_ipv4, flow_seconds}, ``flow_creation_failed`` {resource_id, reason}, ``established`` {gateway_id, path,
-  local, remote, setup_seconds: flow_created → established}, ``flow_retry`` {resource_id, reason, attempt} (the
-  gateway answered ``no_relays``: asked again 1 s later, up to 5 times), ``path_changed``, ``failed`` {gateway_id?, reason},
-  ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``domain_status`` {resource_id, domain,
+  local, remote, setup_seconds: flow_created → established}, ``flow_retry`` {resource_id, reason: unanswered,
+  attempt} (no answer yet: asked again, as Firezone's client does, at 3, 7 and 15 s; without any answer 20 s after
+  the last ask the request ends with ``flow_creation_failed`` reason ``unanswered``), ``path_changed``, ``failed``
+  {gateway_id?, reason}, ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``domain_status`` {resource_id, domain,
   status: Active|Inactive, proxy_ips}, ``portal_lost`` {reason, retry_seconds} (one per failed session or attempt),
   ``portal_rejoined`` {down_seconds} (the next ``init``), ``error`` (a bad command).
 
@@ -88,6 +89,9 @@ from dataplane.node import (
 from dataplane.wireguard.allowedips import AllowedIps
 from lab.portal_channel import (
     CandidateAnnouncements,
+    FlowRequestDue,
+    FlowRequests,
+    FlowRequestTimer,
     NodeTimer,
     PortalChannelDriver,
     SessionEnd,
@@ -317,8 +321,6 @@ MAX_EARLY_CANDIDATES = 64
 """Per gateway: candidates that arrive before ``flow_created`` (the gateway announces before it confirms, §2.3)."""
 MAX_EARLY_GATEWAYS = 16
 PORTAL_OPEN_TIMEOUT = 10.0
-NO_RELAYS_RETRIES = 5
-NO_RELAYS_RETRY_DELAY = 1.0
 
 
 ASSIGNED_IPS_RETRANSMIT = 2.0  # docs/protocol.md §3.4: until a domain_status arrives
@@ -495,8 +497,8 @@ class HeadlessClient:
         self.routes = ResourceRoutes()
         self.resources: dict[str, object] = {}
         self.flows: dict[str, _Flow] = {}  # by gateway id
-        self.requested_at: dict[str, float] = {}  # resource id → when create_flow went out
-        self.retries: dict[str, int] = {}  # resource id → create_flow retries after no_relays
+        self.flow_requests = FlowRequests()  # create_flow sent, no answer yet
+        self.flow_request_timer = FlowRequestTimer(self.loop, self.flow_requests, self.on_flow_requests_due)
         self.queued_requests: list[str] = list(args.resource)
         self.early_candidates: dict[str, list[str]] = {}
         self.replaced: set[str] = set()  # gateways whose connection we closed to replace it: no "closed" report
@@ -546,6 +548,7 @@ class HeadlessClient:
             self.loop.remove_reader(self.stdin_fd)
         self.timer.cancel()
         self.portal.cancel_timer()
+        self.flow_request_timer.cancel()
         for assignment in self.dns_assignments.values():
             if assignment.retransmit is not None:
                 assignment.retransmit.cancel()
@@ -594,9 +597,11 @@ class HeadlessClient:
         if self.portal_lost_at is None and self.initialised:
             self.portal_lost_at = self.now()
             log.info("portal lost: %s", ended)
-        unanswered = [r for r in self.requested_at if r not in self.queued_requests]
+        unanswered = [r for r in self.flow_requests.resource_ids() if r not in self.queued_requests]
         self.queued_requests.extend(unanswered)
-        self.requested_at.clear()
+        for resource_id in unanswered:
+            self.flow_requests.forget(resource_id)
+        self.flow_request_timer.arm()
 
     def on_portal_event(self, event: ChannelEvent) -> None:
         if isinstance(event, PushReceived):
@@ -698,25 +703,37 @@ class HeadlessClient:
             if resource_id not in self.queued_requests:
                 self.queued_requests.append(resource_id)
             return
+        # Wanted again while unanswered: asked again only if the last ask is old enough (FlowRequests' spacing).
+        pending = resource_id in self.flow_requests
+        if self.flow_requests.ask(resource_id, self.now()):
+            self.send_create_flow(resource_id)
+            self.flow_request_timer.arm()
+        elif not pending:
+            self.emit("flow_creation_failed", resource_id=resource_id, reason="too_many_requests")
+
+    def send_create_flow(self, resource_id: str) -> None:
         connected = [g for g, f in self.flows.items() if f.connected]
-        self.requested_at[resource_id] = self.now()
         self.portal.push("create_flow", {"resource_id": resource_id, "connected_gateway_ids": connected})
+
+    def on_flow_requests_due(self, due: list[FlowRequestDue]) -> None:
+        """Requests the portal has not answered: asked again, or given up (docs/protocol.md §2.3: a gateway without
+        relays says so to the portal only, and the portal answers nothing until it confirms or 15 s passed)."""
+        for item in due:
+            if not item.ask_again:
+                self.emit("flow_creation_failed", resource_id=item.resource_id, reason="unanswered")
+            elif self.portal_lost_at is None and self.portal.joined:
+                self.emit("flow_retry", resource_id=item.resource_id, reason="unanswered", attempt=item.asks - 1)
+                self.send_create_flow(item.resource_id)
 
     def on_flow_creation_failed(self, body: dict[str, Any]) -> None:
         resource_id, reason = body.get("resource_id"), body.get("reason")
         if not isinstance(resource_id, str):
             self.drops.drop(ClientDropReason.BAD_PUSH)
             return
-        self.requested_at.pop(resource_id, None)
-        attempt = self.retries.get(resource_id, 0) + 1
-        if reason == "no_relays" and attempt <= NO_RELAYS_RETRIES:
-            # The gateway had no relay with a measured RTT yet (it just started): it is asking the portal for
-            # relays now, so a second try shortly after usually succeeds.
-            self.retries[resource_id] = attempt
-            self.emit("flow_retry", resource_id=resource_id, reason=reason, attempt=attempt)
-            self.loop.call_later(NO_RELAYS_RETRY_DELAY, self.request, resource_id)
-            return
-        self.retries.pop(resource_id, None)
+        # An answer ends the request (Firezone's client, on ``offline``, marks the site offline and asks again only
+        # on the application's next packet; the lab reports the failure).
+        self.flow_requests.answered(resource_id)
+        self.flow_request_timer.arm()
         self.emit("flow_creation_failed", resource_id=resource_id, reason=reason)
 
     def on_flow_created(self, payload: object) -> None:
@@ -726,8 +743,8 @@ class HeadlessClient:
             log.warning("dropped a malformed flow_created: %r", payload)
             return
         now = self.now()
-        requested = self.requested_at.pop(grant.resource_id, None)
-        self.retries.pop(grant.resource_id, None)
+        requested = self.flow_requests.answered(grant.resource_id)
+        self.flow_request_timer.arm()
         flow = self.flows.get(grant.gateway_id)
         if flow is not None and flow.grant.gateway_public_key != grant.gateway_public_key:
             # The gateway restarted (new key): its old connection goes now, quietly; routes stay (same gateway id).

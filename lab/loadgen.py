@@ -14,7 +14,8 @@ starts them together, ``--all-setup-times`` lists the setup times for figures ov
 
 Progress goes to stderr; stdout gets one JSON object at the end (:meth:`LoadSummary.to_json`): how many identities
 connected, setup times (``create_flow`` sent → connection established: median, p99, max), the time to bring them all
-up, pings sent and answered, round-trip times and the failures by reason. Exit status 0 when every identity connected
+up, pings sent and answered, round-trip times, the failures by reason and how often a ``create_flow`` was asked again
+(``flow_retries``: unanswered for a while, asked again as Firezone's client does, see :class:`FlowRequests`). Exit status 0 when every identity connected
 and at least one ping each was answered.
 
 Used by the scenario tests (a 20-client smoke run), ``make bench`` and the soak.
@@ -56,7 +57,15 @@ from dataplane.node import (
     RelayConfig,
 )
 from lab.client import FlowGrant, parse_portal_relays
-from lab.portal_channel import CandidateAnnouncements, NodeTimer, PortalChannelDriver, client_socket_url
+from lab.portal_channel import (
+    CandidateAnnouncements,
+    FlowRequestDue,
+    FlowRequests,
+    FlowRequestTimer,
+    NodeTimer,
+    PortalChannelDriver,
+    client_socket_url,
+)
 from protocol.phoenix import ChannelEvent, ChannelFailed, ChannelJoined, LinkHiccuped, PushReceived
 
 log = logging.getLogger("lab.loadgen")
@@ -126,6 +135,7 @@ class LoadSummary:
     failures: Counter[str]
     portal_retries: int
     answered_by_every_client: bool
+    flow_retries: int = 0
     datagrams: Counter[str] = field(default_factory=Counter)
     started_at: float = 0.0
     """Unix time the first identity started (several load processes' bring-up is measured across them)."""
@@ -152,6 +162,7 @@ class LoadSummary:
             "rtt_ms": {k: None if v is None else v * 1000 for k, v in figures(self.rtt_seconds).items()},
             "failures": dict(self.failures),
             "portal_retries": self.portal_retries,
+            "flow_retries": self.flow_retries,
             "datagrams": dict(self.datagrams),
             "answered_by_every_client": self.answered_by_every_client,
             "started_at": self.started_at,
@@ -176,6 +187,9 @@ class LoadClient:
     node: Node = field(init=False)
     portal: PortalChannelDriver = field(init=False)
     timer: NodeTimer = field(init=False)
+    flow_requests: FlowRequests = field(init=False)
+    flow_request_timer: FlowRequestTimer = field(init=False)
+    flow_retries: int = 0
     public_key_b64: str = field(init=False)
     socket: UdpSocket | None = None
     local: Address = ("0.0.0.0", 0)
@@ -210,6 +224,8 @@ class LoadClient:
             open_timeout=PORTAL_OPEN_TIMEOUT,
         )
         self.timer = NodeTimer(self.loop, self.node, self.flush)
+        self.flow_requests = FlowRequests()
+        self.flow_request_timer = FlowRequestTimer(self.loop, self.flow_requests, self.on_flow_requests_due)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -233,6 +249,8 @@ class LoadClient:
         attempts = 0
         while True:
             reason = f"portal: {(await self.portal.session()).reason}"
+            self.flow_requests.forget(self.generator.args.resource)  # asked again after the next init
+            self.flow_request_timer.arm()
             if self.generator.stopping or self.failure is not None:
                 return
             attempts = 1 if self.portal_joins > self.joins_at_last_loss else attempts + 1
@@ -258,6 +276,8 @@ class LoadClient:
         elif event == "flow_created":
             self.on_flow_created(payload)
         elif event == "flow_creation_failed":
+            self.flow_requests.answered(self.generator.args.resource)
+            self.flow_request_timer.arm()
             self.fail(f"flow_creation_failed: {body.get('reason')}")
         elif event == "ice_candidates":
             self.on_candidates(body)
@@ -288,14 +308,34 @@ class LoadClient:
             return  # a rejoin after the connection was granted: nothing to ask again
         if self.requested_at is None:
             self.requested_at = self.now()
-        payload = {"resource_id": self.generator.args.resource, "connected_gateway_ids": []}
-        self.portal.push("create_flow", payload)
+        resource_id = self.generator.args.resource
+        self.flow_requests.forget(resource_id)  # a rejoin: the portal that had the request is gone
+        self.flow_requests.ask(resource_id, self.now())
+        self.flow_request_timer.arm()
+        self.send_create_flow()
+
+    def send_create_flow(self) -> None:
+        self.portal.push("create_flow", {"resource_id": self.generator.args.resource, "connected_gateway_ids": []})
+
+    def on_flow_requests_due(self, due: list[FlowRequestDue]) -> None:
+        """No answer yet: asked again, as Firezone's client does (a gateway without relays tells only the portal, which
+        then answers nothing until the gateway confirms or 15 s passed; docs/protocol.md §2.3); or given up."""
+        for item in due:
+            if not item.ask_again:
+                self.fail("flow request unanswered")
+            elif self.portal.joined and self.grant is None:
+                self.flow_retries += 1
+                self.send_create_flow()
 
     def on_flow_created(self, payload: object) -> None:
         grant = FlowGrant.parse(payload)
         if grant is None:
             self.fail("malformed flow_created")
             return
+        self.flow_requests.answered(grant.resource_id)
+        self.flow_request_timer.arm()
+        if self.grant is not None:
+            return  # a second answer (to an ask the portal had replaced): the first grant stands
         self.grant = _Grant(grant)
         self.node.update_relays([], self.relays(grant.relays), self.now())
         self.connect_when_ready()
@@ -413,6 +453,7 @@ class LoadClient:
 
     def close(self) -> None:
         self.timer.cancel()
+        self.flow_request_timer.cancel()
         self.portal.cancel_timer()
         if self.ping_timer is not None:
             self.ping_timer.cancel()
@@ -489,6 +530,7 @@ class LoadGenerator:
             rtt_seconds=[rtt for c in self.clients for rtt in c.rtts],
             failures=failures,
             portal_retries=sum(c.portal_retries for c in self.clients),
+            flow_retries=sum(c.flow_retries for c in self.clients),
             datagrams=sum((c.datagrams for c in self.clients), Counter()),
             answered_by_every_client=bool(self.clients) and all(c.rtts for c in self.clients),
             started_at=started_wall,

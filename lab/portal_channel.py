@@ -6,13 +6,18 @@ announce the candidates their Node gathers with one portal push per (kind, gatew
 the owner, keeps the channel's deadline (join timeout, heartbeat) on one loop timer and ends when the socket closes, the
 link hiccups or the channel fails. Reconnecting is the owner's choice (its policy differs: the headless client backs
 off as the gateway does, a load identity only retries until it connected).
+
+:class:`FlowRequests` keeps the ``create_flow`` requests the portal has not answered and says when to ask again, the
+way Firezone's client does (docs/protocol.md §2.3): the portal answers only with ``flow_created`` or
+``flow_creation_failed``, and a gateway that could not confirm (``no_relays``) is not reported, so the client asks
+again while it still wants the resource, at most once per 2 s, each ask replacing the last at the portal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -221,3 +226,153 @@ class CandidateAnnouncements:
         if self._sdps:
             portal.flush()
         self._sdps.clear()
+
+
+FLOW_REQUEST_SPACING = 2.0
+"""Firezone's client asks the portal for a resource at most once per 2 s (docs/protocol.md §2.3)."""
+FLOW_DEMAND_OFFSETS: tuple[float, ...] = (0.0, 1.0, 3.0, 7.0, 15.0)
+"""When the lab's identities want a resource after first asking, in s: what makes Firezone's client ask again is the
+application's next packet, and the lab plays an application opening a TCP connection: its SYN and the retransmissions
+(initial RTO 1 s, doubled each time). Through :data:`FLOW_REQUEST_SPACING` that asks at 0, 3, 7 and 15 s."""
+FLOW_ANSWER_TIMEOUT = 15.0
+"""The portal answers ``flow_creation_failed`` ``offline`` this long after the last ask at the latest (§2.3)."""
+FLOW_ANSWER_GRACE = 5.0
+MAX_FLOW_REQUESTS = 64
+"""Unanswered requests one client keeps (a resource asked for beyond that is refused locally)."""
+
+
+@dataclass
+class _FlowRequest:
+    first_asked_at: float
+    last_asked_at: float
+    asks: int = 1
+    demands: int = 1
+    """How many of :data:`FLOW_DEMAND_OFFSETS` have passed (the first is the first ask)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRequestDue:
+    """What :meth:`FlowRequests.handle_timeout` found due for one resource."""
+
+    resource_id: str
+    ask_again: bool
+    """True: send ``create_flow`` again (this is ask number ``asks``); False: give up, no answer will come."""
+    asks: int
+
+
+class FlowRequests:
+    """The client's unanswered ``create_flow`` requests, by resource id, and when each is asked again (sans-IO: the
+    caller passes ``now`` and drives the timer from :meth:`poll_timeout`).
+
+    Like Firezone's client (its pending authorizations) a request is asked again when the resource is wanted again
+    and the last ask is at least :data:`FLOW_REQUEST_SPACING` old; the wants follow :data:`FLOW_DEMAND_OFFSETS`.
+    Firezone's client has no deadline of its own: the portal answers ``offline`` 15 s after the last ask. So that
+    nothing waits forever on a portal that never answers, a request is given up :data:`FLOW_ANSWER_TIMEOUT` plus
+    :data:`FLOW_ANSWER_GRACE` after its last ask (a lab-only safety net)."""
+
+    def __init__(
+        self,
+        *,
+        demand_offsets: Sequence[float] = FLOW_DEMAND_OFFSETS,
+        spacing: float = FLOW_REQUEST_SPACING,
+        answer_timeout: float = FLOW_ANSWER_TIMEOUT + FLOW_ANSWER_GRACE,
+        limit: int = MAX_FLOW_REQUESTS,
+    ) -> None:
+        self._offsets = tuple(sorted(demand_offsets)) or (0.0,)
+        self._spacing = spacing
+        self._answer_timeout = answer_timeout
+        self._limit = limit
+        self._pending: dict[str, _FlowRequest] = {}
+
+    def __contains__(self, resource_id: object) -> bool:
+        return resource_id in self._pending
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def resource_ids(self) -> list[str]:
+        return list(self._pending)
+
+    def ask(self, resource_id: str, now: float) -> bool:
+        """The resource is wanted: True when ``create_flow`` should go out now (a new request, or one whose last ask
+        is at least the spacing old); False while it is too soon, or when the table is full."""
+        request = self._pending.get(resource_id)
+        if request is None:
+            if len(self._pending) >= self._limit:
+                return False
+            self._pending[resource_id] = _FlowRequest(now, now)
+            return True
+        if now - request.last_asked_at < self._spacing:
+            return False
+        request.last_asked_at = now
+        request.asks += 1
+        return True
+
+    def answered(self, resource_id: str) -> float | None:
+        """``flow_created`` or ``flow_creation_failed`` arrived: forgets the request; returns when it was first asked
+        (None when it was not pending: a late or unasked-for answer)."""
+        request = self._pending.pop(resource_id, None)
+        return None if request is None else request.first_asked_at
+
+    def forget(self, resource_id: str) -> None:
+        """Drops a request without an answer (the portal that had it is gone)."""
+        self._pending.pop(resource_id, None)
+
+    def _next_due(self, request: _FlowRequest) -> float:
+        if request.demands < len(self._offsets):
+            demand = request.first_asked_at + self._offsets[request.demands]
+            return min(demand, request.last_asked_at + self._answer_timeout)
+        return request.last_asked_at + self._answer_timeout
+
+    def poll_timeout(self) -> float | None:
+        """When :meth:`handle_timeout` has something to do next; None without pending requests."""
+        return min((self._next_due(r) for r in self._pending.values()), default=None)
+
+    def handle_timeout(self, now: float) -> list[FlowRequestDue]:
+        """Advances every request to ``now``: the asks that are due, and the requests given up (forgotten)."""
+        due: list[FlowRequestDue] = []
+        for resource_id, request in list(self._pending.items()):
+            if now >= request.last_asked_at + self._answer_timeout:
+                del self._pending[resource_id]
+                due.append(FlowRequestDue(resource_id, ask_again=False, asks=request.asks))
+                continue
+            wanted = False
+            while (
+                request.demands < len(self._offsets) and now >= request.first_asked_at + self._offsets[request.demands]
+            ):
+                request.demands += 1
+                wanted = True
+            if wanted and self.ask(resource_id, now):
+                due.append(FlowRequestDue(resource_id, ask_again=True, asks=request.asks))
+        return due
+
+
+class FlowRequestTimer:
+    """The one loop timer of a :class:`FlowRequests`: due at its ``poll_timeout()``, it hands what is due to
+    ``on_due``; :meth:`arm` after every change to the requests."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, requests: FlowRequests, on_due: Callable[[list[FlowRequestDue]], None]
+    ) -> None:
+        self.loop = loop
+        self.requests = requests
+        self._on_due = on_due
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self.cancel()
+        deadline = self.requests.poll_timeout()
+        if deadline is not None:
+            self._handle = self.loop.call_at(max(deadline, self.loop.time()), self._on_timer)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _on_timer(self) -> None:
+        self._handle = None
+        due = self.requests.handle_timeout(self.loop.time())
+        if due:
+            self._on_due(due)
+        self.arm()

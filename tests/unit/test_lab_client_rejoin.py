@@ -106,13 +106,13 @@ async def test_a_resource_asked_for_while_the_portal_is_away_is_asked_for_after_
             await portal.stop()
             await until(lambda: client.portal_lost_at is not None)
             client.request("res-lan")  # no gateway is up: the portal will answer flow_creation_failed
-            assert client.queued_requests == ["res-lan"] and not client.requested_at
+            assert client.queued_requests == ["res-lan"] and not client.flow_requests
             restarted_at = portal.next_seq
             await portal.start()
             asked = await portal.wait_for(since=restarted_at, kind="received", event="create_flow", timeout=15)
             assert asked.payload["resource_id"] == "res-lan"
             await portal.wait_for(since=restarted_at, kind="sent", event="flow_creation_failed")
-            await until(lambda: not client.requested_at)
+            await until(lambda: not client.flow_requests)
     events = emitted(capsys)
     lost = [e for e in events if e["event"] == "portal_lost"]
     assert lost and all(e["retry_seconds"] > 0 for e in lost), events
@@ -130,7 +130,7 @@ async def test_a_flow_the_portal_left_unanswered_is_asked_for_again_after_the_re
             async with running_client(portal, monkeypatch, "res-lan") as client:
                 # The gateway never answers create_authorization: the flow is pending when the portal stops.
                 await portal.wait_for(kind="sent", event="create_authorization")
-                assert list(client.requested_at) == ["res-lan"]
+                assert client.flow_requests.resource_ids() == ["res-lan"]
                 restarted_at = portal.next_seq
                 await restart(portal)
                 asked = await portal.wait_for(since=restarted_at, kind="received", event="create_flow", timeout=15)

@@ -13,6 +13,9 @@ from dataplane.node import CandidateGathered, CandidateInvalidated, ConnectionCl
 from lab.portal import DevPortal
 from lab.portal_channel import (
     CandidateAnnouncements,
+    FlowRequestDue,
+    FlowRequests,
+    FlowRequestTimer,
     NodeTimer,
     PortalChannelDriver,
     SessionEnd,
@@ -136,3 +139,80 @@ async def test_the_node_timer_fires_once_at_the_deadline_then_runs_the_owner() -
     timer.cancel()
     await asyncio.sleep(0.1)
     assert len(node.timeouts) == 1
+
+
+# -- FlowRequests: unanswered create_flow requests, on a fake clock --------------------------------------------------
+
+
+def run_requests(requests: FlowRequests, until: float) -> list[tuple[float, str, bool, int]]:
+    """Drives ``requests`` as its timer would, from its own deadlines, up to ``until``: (when, resource, ask_again,
+    asks) for everything that came due."""
+    seen: list[tuple[float, str, bool, int]] = []
+    while (deadline := requests.poll_timeout()) is not None and deadline <= until:
+        seen.extend((deadline, d.resource_id, d.ask_again, d.asks) for d in requests.handle_timeout(deadline))
+    return seen
+
+
+def test_an_unanswered_request_is_asked_again_at_3_7_and_15_s_then_given_up() -> None:
+    # The lab plays an application's TCP connect (SYN at 0, 1, 3, 7, 15 s) through Firezone's 2 s spacing.
+    requests = FlowRequests()
+    assert requests.ask("res", 100.0)
+    assert run_requests(requests, 1000.0) == [
+        (103.0, "res", True, 2),
+        (107.0, "res", True, 3),
+        (115.0, "res", True, 4),
+        (135.0, "res", False, 4),  # the portal's 15 s after the last ask, and 5 s grace: no answer will come
+    ]
+    assert "res" not in requests and requests.poll_timeout() is None
+
+
+def test_an_answer_ends_the_request_and_says_when_it_was_first_asked() -> None:
+    requests = FlowRequests()
+    assert requests.ask("res", 10.0)
+    assert run_requests(requests, 13.0) == [(13.0, "res", True, 2)]
+    assert requests.answered("res") == 10.0
+    assert requests.poll_timeout() is None and run_requests(requests, 100.0) == []
+    assert requests.answered("res") is None  # a late second answer
+
+
+def test_wanting_a_pending_resource_again_asks_at_most_once_per_2_s() -> None:
+    requests = FlowRequests()
+    assert requests.ask("res", 0.0)
+    assert not requests.ask("res", 1.9)
+    assert requests.ask("res", 2.0)
+    # The schedule counts from the first ask; the 3 s demand is too soon after the ask at 2 s and is dropped.
+    assert run_requests(requests, 7.0) == [(7.0, "res", True, 3)]
+
+
+def test_requests_are_kept_per_resource_and_bounded() -> None:
+    requests = FlowRequests(limit=2)
+    assert requests.ask("a", 0.0) and requests.ask("b", 1.0)
+    assert not requests.ask("c", 1.0) and "c" not in requests
+    assert len(requests) == 2 and requests.resource_ids() == ["a", "b"]
+    assert run_requests(requests, 4.0) == [(3.0, "a", True, 2), (4.0, "b", True, 2)]
+    requests.forget("a")
+    assert requests.ask("c", 5.0) and requests.resource_ids() == ["b", "c"]
+
+
+def test_a_shorter_schedule_gives_up_after_its_answer_timeout() -> None:
+    requests = FlowRequests(demand_offsets=(0.0, 0.5), spacing=0.2, answer_timeout=1.0)
+    assert requests.ask("res", 0.0)
+    assert run_requests(requests, 10.0) == [(0.5, "res", True, 2), (1.5, "res", False, 2)]
+
+
+async def test_the_timer_hands_over_what_is_due() -> None:
+    requests = FlowRequests(demand_offsets=(0.0, 0.01), spacing=0.0, answer_timeout=0.05)
+    seen: list[FlowRequestDue] = []
+    done = asyncio.Event()
+
+    def on_due(due: list[FlowRequestDue]) -> None:
+        seen.extend(due)
+        if any(not d.ask_again for d in due):
+            done.set()
+
+    timer = FlowRequestTimer(asyncio.get_running_loop(), requests, on_due)
+    requests.ask("res", asyncio.get_running_loop().time())
+    timer.arm()
+    await asyncio.wait_for(done.wait(), 5)
+    assert seen == [FlowRequestDue("res", ask_again=True, asks=2), FlowRequestDue("res", ask_again=False, asks=2)]
+    timer.cancel()

@@ -21,7 +21,9 @@ with ``X-Authorization: Bearer <clients[].token>`` and join topic ``client``; th
     gateway ← create_authorization ... gateway → authorization_created {ref} (within authorization_timeout, 15 s)
     client ← flow_created {resource_id, gateway_id, site_id, gateway_public_key, gateway_ipv4, gateway_ipv6,
              preshared_key, client_ice_credentials, gateway_ice_credentials, relays}
-             or flow_creation_failed {resource_id, reason: not_found | offline | no_relays | too_many_requests}
+             or flow_creation_failed {resource_id, reason: not_found | offline | too_many_requests}
+             (the gateway's no_relays only gets it relays_presence; create_flow again for a resource still pending
+             replaces that request and restarts its timeout, with no answer for the earlier one)
     client broadcast_(invalidated_)ice_candidates {gateway_ids, candidates} → gateway (invalidate_)ice_candidates
              {client_id, candidates}; the gateway's {client_ids, candidates} → client {gateway_id, candidates}
              (only between peers the portal brokered)
@@ -34,7 +36,7 @@ Admin HTTP API (JSON, same server, under ``/admin``):
 =====================================  ===========================================================================
 ``GET  /admin/gateways``               every gateway seen: ids, name, public key, User-Agent, version, connected
 ``GET  /admin/clients``                every client seen: id, its announced public key, tunnel IPs, connected
-``GET  /admin/flows``                  brokered flows (filters ``client``, ``state``: pending/created/failed/abandoned)
+``GET  /admin/flows``                  brokered flows (``client``, ``state``: pending/created/failed/abandoned/superseded)
 ``GET  /admin/events``                 the log; filters ``since kind event gateway client conn_id``; ``timeout``
 ``GET  /admin/wait``                   first matching log entry (same filters), 504 after ``timeout`` s
 ``GET/POST /admin/faults``             read / change :class:`Faults` (reject_remaining, reject_status, reject_code,

@@ -5,8 +5,9 @@ their problem+json answers, the ``gateway`` channel, ``init`` after every join, 
 cause, and the replies to what the gateway sends. Headless clients connect on ``/client/websocket`` (topic ``client``)
 and are brokered as the real portal does (§2.3): ``create_flow`` picks a joined gateway of the resource's site, pushes
 ``create_authorization`` with the derived ICE credentials and PSK, and answers ``flow_created`` once the gateway
-confirms (``flow_creation_failed`` on ``no_relays``, a vanished gateway or after 15 s); candidates go both ways. Everything it sees and sends is kept in an event log that tests read
-with :meth:`DevPortal.wait_for` (or ``GET /admin/events``) instead of sleeping. Faults (rejected upgrades, silent
+confirms (``flow_creation_failed`` ``offline`` for a vanished gateway or after 15 s; a gateway's ``no_relays`` only gets
+it fresh relays, and asking again for a resource replaces the client's pending request); candidates go both ways.
+Everything it sees and sends is kept in an event log that tests read with :meth:`DevPortal.wait_for` (or ``GET /admin/events``) instead of sleeping. Faults (rejected upgrades, silent
 heartbeats, dropped sockets, downtime) are switched on through :attr:`DevPortal.faults` or ``POST /admin/faults``.
 """
 
@@ -282,7 +283,8 @@ class Flow:
     resource_id: str
     requested_at: float
     state: str = "pending"
-    """``pending`` (waiting for the gateway), ``created``, ``failed`` or ``abandoned`` (the client left first)."""
+    """``pending`` (waiting for the gateway), ``created``, ``failed``, ``abandoned`` (the client left first) or
+    ``superseded`` (the client asked for the resource again before the gateway confirmed: the newer request counts)."""
     gateway_id: str | None = None
     gateway_conn_id: int | None = None
     ref: str | None = None
@@ -380,6 +382,9 @@ class DevPortal:
         self._flows: dict[int, Flow] = {}
         self._pending_flows: dict[str, Flow] = {}
         """Flows waiting for ``authorization_created``, by the ref pushed to the gateway."""
+        self._pending_by_resource: dict[tuple[int, str], Flow] = {}
+        """The same flows by (client connection, resource): a client has one request per resource, as with the real
+        portal, whose pending authorizations are keyed by resource (docs/protocol.md §2.3)."""
         # Indexes kept next to the tables above, so that brokering stays O(1) per message with thousands of clients:
         self._client_by_id: dict[str, ClientSession] = {}
         """The live client socket of each client id (a second one is refused with 409)."""
@@ -1069,10 +1074,9 @@ class DevPortal:
         if event in _COMMON_GATEWAY_EVENTS:
             await self._send(session, wire.reply(frame, "ok", {}))
             if event == "no_relays":
-                # It answers create_authorization this way when it has no relay to sample (§2.1): the flows it was
-                # asked for will not be confirmed.
-                for flow in [f for f in self._pending_flows.values() if f.gateway_conn_id == session.conn_id]:
-                    await self._fail_flow(flow, "no_relays")
+                # As the real portal (docs/protocol.md §2.3): fresh relays, nothing else. A flow the gateway could not
+                # confirm for want of a relay stays pending: the client asks again (and gets this gateway, now with
+                # relays) or the flow fails ``offline`` at the authorization timeout.
                 payload = {"disconnected_ids": [], "connected": self.config.relay_entries(session.public_key)}
                 await self._push(session, "relays_presence", payload)
             elif event in _CANDIDATE_EVENTS:
@@ -1233,6 +1237,11 @@ class DevPortal:
             await self._send(session, wire.reply(frame, "error", {"reason": "invalid_payload"}))
             return
         await self._send(session, wire.reply(frame, "ok", {}))
+        earlier = self._pending_by_resource.get((session.conn_id, resource_id))
+        if earlier is not None:
+            # Asking again replaces the request and its timeout, without an answer for the earlier one (as the real
+            # portal, §2.3); the gateway may still confirm the earlier ref, which is then acknowledged and ignored.
+            self._finish_flow(earlier, "superseded", "asked again")
         flow = Flow(next(self._flow_ids), session.conn_id, session.client_id, resource_id, self._wall_clock())
         self._add_flow(flow)
         if self._pending_by_client[session.conn_id] >= MAX_PENDING_FLOWS_PER_CLIENT:
@@ -1254,6 +1263,7 @@ class DevPortal:
         flow.ref, flow.authorization = authorization["ref"], authorization
         gateway.issued_refs.add(authorization["ref"])
         self._pending_flows[authorization["ref"]] = flow
+        self._pending_by_resource[(flow.client_conn_id, flow.resource_id)] = flow
         self._pending_by_client[flow.client_conn_id] += 1
         self._make_live(flow)
         flow.timer = asyncio.get_running_loop().call_later(
@@ -1273,6 +1283,9 @@ class DevPortal:
 
     def _finish_flow(self, flow: Flow, state: str, reason: str | None) -> None:
         if flow.ref is not None and self._pending_flows.pop(flow.ref, None) is not None:
+            key = (flow.client_conn_id, flow.resource_id)
+            if self._pending_by_resource.get(key) is flow:
+                del self._pending_by_resource[key]
             self._pending_by_client[flow.client_conn_id] -= 1
             if self._pending_by_client[flow.client_conn_id] <= 0:
                 del self._pending_by_client[flow.client_conn_id]

@@ -233,18 +233,66 @@ async def test_candidates_for_peers_without_a_flow_are_not_forwarded(portal: Dev
             await client.push("ice_candidates", timeout=0.3)
 
 
-async def test_no_relays_from_the_gateway_fails_the_flow(portal: DevPortal) -> None:
+async def test_no_relays_from_the_gateway_gets_it_relays_and_fails_no_flow() -> None:
+    # As the real portal (docs/protocol.md §2.3): the gateway gets relays_presence and nothing else happens; the client,
+    # unanswered, asks again and the gateway (with relays now) confirms. A long timeout: no flow may time out here.
+    async with DevPortal({**CONFIG, "authorization_timeout": 30}, host="127.0.0.1", port=0) as portal:
+        async with gateway_socket(portal, new_key()) as gws, client_socket(portal, new_key()) as cws:
+            gateway, client = Peer(gws, "gateway"), Peer(cws, "client")
+            await gateway.join()
+            await client.join()
+            await client.send("create_flow", {"resource_id": "res-lan"})
+            first = await gateway.push("create_authorization")
+            await gateway.send("no_relays", {})
+            presence = await gateway.push("relays_presence")
+            assert presence["disconnected_ids"] == [] and presence["connected"]
+            assert [f.state for f in portal.flows()] == ["pending"]
+
+            await client.send("create_flow", {"resource_id": "res-lan"})
+            second = await gateway.push("create_authorization")
+            assert second["ref"] != first["ref"]
+            ref = await gateway.send("authorization_created", {"ref": second["ref"]})
+            assert (await gateway.reply(ref))["status"] == "ok"
+            created = await client.push("flow_created")
+            assert created["resource_id"] == "res-lan"
+            assert [f["event"] for f in client.pushes if f["event"].startswith("flow_")] == []
+            assert [(f.state, f.reason) for f in portal.flows()] == [("superseded", "asked again"), ("created", None)]
+
+
+async def test_asking_again_replaces_the_pending_request_and_its_timeout(portal: DevPortal) -> None:
+    # The real portal keeps one request per (client, resource): a second ask cancels the first one's timer, so the
+    # client hears about the resource once (here: offline, after the second ask's timeout).
+    async with gateway_socket(portal, new_key()) as gws, client_socket(portal, new_key()) as cws:
+        gateway, client = Peer(gws, "gateway"), Peer(cws, "client")
+        await gateway.join()
+        await client.join()
+        await client.send("create_flow", {"resource_id": "res-lan"})
+        first = await gateway.push("create_authorization")
+        await client.send("create_flow", {"resource_id": "res-lan"})
+        await gateway.push("create_authorization")
+        earlier, latest = portal.flows()
+        assert (earlier.state, earlier.timer, latest.state) == ("superseded", None, "pending")
+        assert await client.push("flow_creation_failed") == {"resource_id": "res-lan", "reason": "offline"}
+        with pytest.raises(TimeoutError):
+            await client.push("flow_creation_failed", timeout=0.8)
+        # The superseded ref is still the gateway's to confirm: acknowledged, and the client hears nothing.
+        ref = await gateway.send("authorization_created", {"ref": first["ref"]})
+        assert (await gateway.reply(ref))["status"] == "ok"
+        with pytest.raises(TimeoutError):
+            await client.push("flow_created", timeout=0.3)
+        assert [(f.state, f.reason) for f in portal.flows()] == [("superseded", "asked again"), ("failed", "offline")]
+
+
+async def test_requests_for_different_resources_stay_apart(portal: DevPortal) -> None:
     async with gateway_socket(portal, new_key()) as gws, client_socket(portal, new_key()) as cws:
         gateway, client = Peer(gws, "gateway"), Peer(cws, "client")
         await gateway.join()
         await client.join()
         await client.send("create_flow", {"resource_id": "res-lan"})
         await gateway.push("create_authorization")
-        await gateway.send("no_relays", {})
-        assert await client.push("flow_creation_failed") == {"resource_id": "res-lan", "reason": "no_relays"}
-        assert (await gateway.push("relays_presence"))["connected"]
-        [flow] = portal.flows(state="failed")
-        assert flow.reason == "no_relays"
+        await client.send("create_flow", {"resource_id": "res-far"})  # site-2 has no gateway: offline at once
+        assert await client.push("flow_creation_failed") == {"resource_id": "res-far", "reason": "offline"}
+        assert [(f.resource_id, f.state) for f in portal.flows()] == [("res-lan", "pending"), ("res-far", "failed")]
 
 
 async def test_a_silent_gateway_fails_the_flow_after_the_timeout(portal: DevPortal) -> None:

@@ -522,3 +522,181 @@ def test_an_allocation_whose_refresh_is_still_unanswered_expires_exactly_at_its_
     assert [e for e in events(alloc) if isinstance(e, turn.AllocationExpired)] == [
         turn.AllocationExpired(SERVER, (RELAY,), "lifetime ran out")
     ]
+
+
+# ---- second half of the mutation run (issue 11): responses the relay may get wrong, and what is reported ------------
+
+
+def _first_allocate(alloc: turn.Allocation, relay: Relay, now: float) -> Transmit:
+    """Answers the BINDING and the 401 challenge; returns the authenticated ALLOCATE, left unanswered."""
+    pending = transmits(alloc)
+    while pending:
+        transmit = pending.pop(0)
+        request = stun.decode(transmit.payload)
+        if request.method == Method.ALLOCATE and request.nonce() is not None:
+            return transmit
+        alloc.handle_input(relay.answer(transmit), transmit.dst, now)
+        pending += transmits(alloc)
+    raise AssertionError("no authenticated ALLOCATE was sent")
+
+
+def test_a_truncated_channel_data_is_refused_as_shorter_than_its_header() -> None:
+    with pytest.raises(turn.ChannelDataParseError) as info:
+        turn.decode_channel_data(b"\x40\x00\x00")
+    assert str(info.value) == "shorter than a ChannelData header"
+
+
+@pytest.mark.parametrize(("first", "expected"), [(0x3F, False), (0x40, True), (0x7F, True), (0x80, False)])
+def test_only_first_bytes_0x40_to_0x7f_demultiplex_as_channel_data(first: int, expected: bool) -> None:
+    # RFC 8656 §12 / RFC 7983: ChannelData starts with the bits 01 (numbers 0x4000-0x7FFF); 0x80-0xBF is RTP/RTCP
+    assert turn.is_channel_data(bytes([first, 0, 0, 0])) is expected
+
+
+def test_nothing_is_known_about_the_relay_before_it_answers() -> None:
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    assert alloc.srflx is None
+    assert alloc.relay_addresses == ()
+    assert alloc.ipv4_relay is None and alloc.ipv6_relay is None
+    assert alloc.rtt is None and alloc.lifetime is None
+
+
+@pytest.mark.parametrize("missing", ["relayed address", "lifetime"])
+def test_an_allocate_success_without_relayed_address_or_lifetime_fails_the_allocation(missing: str) -> None:
+    # RFC 8656 §7.3: the success response carries XOR-RELAYED-ADDRESS and LIFETIME; without them there is nothing to use
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    allocate = _first_allocate(alloc, relay, 0.0)
+    response = stun.decode(allocate.payload).success_response()
+    if missing == "lifetime":
+        response.add_xor_address(Attr.XOR_RELAYED_ADDRESS, RELAY)
+    else:
+        response.add_lifetime(600)
+    alloc.handle_input(stun.encode(response, integrity_key=relay.key()), SERVER, 0.1)
+    assert alloc.state is AllocationState.FAILED
+    assert events(alloc)[-1] == AllocationFailed(
+        SERVER, "ALLOCATE success without XOR-RELAYED-ADDRESS or LIFETIME", None
+    )
+
+
+def test_the_round_trip_time_is_measured_on_the_allocate_too() -> None:
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    (binding,) = transmits(alloc)
+    alloc.handle_input(relay.answer(binding), SERVER, 0.1)
+    assert alloc.rtt == pytest.approx(0.1)
+    (unauthenticated,) = transmits(alloc)
+    alloc.handle_input(relay.answer(unauthenticated), SERVER, 0.2)  # the 401 challenge
+    (allocate,) = transmits(alloc)
+    alloc.handle_input(relay.answer(allocate), SERVER, 0.5)
+    assert alloc.is_allocated
+    assert alloc.rtt == pytest.approx(0.3)
+
+
+def test_the_allocate_response_mapped_address_is_the_server_reflexive_address() -> None:
+    # RFC 8656 §7.3: the ALLOCATE success carries XOR-MAPPED-ADDRESS, the client's address as the relay saw it
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    allocate = _first_allocate(alloc, relay, 0.0)
+    assert events(alloc) == [turn.BindingSucceeded(SERVER, SRFLX, 0.0)]
+    moved: Address = ("203.0.113.21", 40001)
+    response = stun.decode(allocate.payload).success_response()
+    response.add_xor_address(Attr.XOR_RELAYED_ADDRESS, RELAY).add_xor_address(Attr.XOR_MAPPED_ADDRESS, moved)
+    alloc.handle_input(stun.encode(response.add_lifetime(600), integrity_key=relay.key()), SERVER, 0.25)
+    assert alloc.srflx == moved
+    assert events(alloc) == [
+        turn.BindingSucceeded(SERVER, moved, 0.25),
+        turn.AllocationSucceeded(SERVER, (RELAY,), moved, 600),
+    ]
+
+
+def test_an_error_response_without_error_code_fails_the_allocation_saying_so() -> None:
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    allocate = _first_allocate(alloc, relay, 0.0)
+    request = stun.decode(allocate.payload)
+    bare_error = StunMessage(request.method, stun.MessageClass.ERROR, request.transaction_id, [])
+    alloc.handle_input(stun.encode(bare_error, integrity_key=relay.key()), SERVER, 0.1)
+    assert events(alloc)[-1] == AllocationFailed(SERVER, "0 error response without ERROR-CODE", None)
+
+
+def test_a_refresh_success_without_lifetime_is_counted_and_keeps_the_current_lifetime(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0, lifetime=1200)
+    allocate = _first_allocate(alloc, relay, 0.0)
+    response = stun.decode(allocate.payload).success_response().add_xor_address(Attr.XOR_RELAYED_ADDRESS, RELAY)
+    alloc.handle_input(stun.encode(response.add_lifetime(1200), integrity_key=relay.key()), SERVER, 0.0)
+    assert alloc.lifetime == 1200
+    events(alloc)
+    alloc.refresh(100.0)
+    (refresh,) = transmits(alloc)
+    bare = stun.decode(refresh.payload).success_response()  # no LIFETIME
+    alloc.handle_input(stun.encode(bare, integrity_key=relay.key()), SERVER, 100.0)
+    assert events(alloc) == [turn.AllocationRefreshed(SERVER, 1200)]
+    assert alloc.expires_at == 1300.0
+    assert alloc.drops[turn.DropReason.MALFORMED_RESPONSE] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): dropped (turn_malformed_response): REFRESH success without LIFETIME" in lines
+
+
+def test_deleting_a_stale_allocation_is_logged_before_allocating_again(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    allocate = _first_allocate(alloc, relay, 0.0)
+    alloc.handle_input(relay.error(allocate, ErrorCode.ALLOCATION_MISMATCH, "Allocation Mismatch"), SERVER, 0.0)
+    _exchange(alloc, relay, 0.0)  # the REFRESH with LIFETIME 0 is accepted, then the ALLOCATE succeeds
+    assert alloc.is_allocated
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): stale allocation deleted; allocating again" in lines
+
+
+@pytest.mark.parametrize("missing", ["nonce", "realm"])
+def test_a_challenge_without_nonce_or_realm_is_malformed_and_fails_the_allocation(
+    caplog: pytest.LogCaptureFixture, missing: str
+) -> None:
+    # RFC 8489 §9.2.4: a 401 carries REALM and NONCE; without them the client cannot compute a key to retry with
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    (binding,) = transmits(alloc)
+    alloc.handle_input(Relay().answer(binding), SERVER, 0.0)
+    (allocate,) = transmits(alloc)
+    challenge = stun.decode(allocate.payload).error_response(ErrorCode.UNAUTHENTICATED, "Unauthorized")
+    if missing == "nonce":
+        challenge.add_realm(REALM)
+    else:
+        challenge.add_nonce("n1")
+    alloc.handle_input(stun.encode(challenge), SERVER, 0.1)
+    assert events(alloc)[-1] == AllocationFailed(SERVER, "401 Unauthorized", ErrorCode.UNAUTHENTICATED)
+    assert transmits(alloc) == []
+    assert alloc.drops[turn.DropReason.MALFORMED_RESPONSE] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): dropped (turn_malformed_response): challenge without NONCE/REALM" in lines
+
+
+def test_a_response_to_a_request_we_did_not_send_is_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, relay = _allocated()
+    stranger = StunMessage.request(Method.BINDING, bytes(range(12))).success_response()
+    assert alloc.handle_input(stun.encode(stranger.add_xor_address(Attr.XOR_MAPPED_ADDRESS, SRFLX)), SERVER, 1.0)
+    assert alloc.drops[turn.DropReason.UNKNOWN_TRANSACTION] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    expected = "dropped (turn_unknown_transaction): no request with that transaction id"
+    assert f"turn ('198.51.100.7', 3478): {expected}" in lines
+
+
+def test_a_refresh_already_in_flight_is_not_doubled_at_half_the_lifetime() -> None:
+    # RFC 8656 §7: one REFRESH at a time; the half-lifetime deadline finds the one sent early still unanswered
+    relay = Relay()
+    patient = stun.RetransmitPolicy(initial_rto=100.0, max_rto=100.0, backoff=1.0, max_elapsed=1000.0)
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0, policy=patient)
+    _exchange(alloc, relay, 0.0)
+    assert alloc.is_allocated  # LIFETIME 600: refreshed at 300
+    alloc.refresh(290.0)
+    (early,) = transmits(alloc)
+    alloc.handle_timeout(300.0)
+    assert [t for t in transmits(alloc) if stun.decode(t.payload).method == Method.REFRESH] == []
+    alloc.handle_input(relay.answer(early), SERVER, 301.0)
+    assert alloc.expires_at == 901.0

@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dataplane.base import DropCounter
+from dataplane.io.osthread import set_os_thread_name
 from dataplane.native import coalesce, flow_hash, split_gso_frame
 from dataplane.packet import VIRTIO_NET_HDR_LEN, PacketParseError
 
@@ -255,7 +256,10 @@ class Tun:
                 roles.append(("tx", self._writer))
             for role, target in roles:
                 thread = threading.Thread(
-                    target=self._guarded, args=(target, queue), name=f"tun-{name}-{role}{index}", daemon=True
+                    target=self._guarded,
+                    args=(target, queue, f"tun-{role}{index}"),
+                    name=f"tun-{name}-{role}{index}",
+                    daemon=True,
                 )
                 self._threads.append(thread)
         for thread in self._threads:
@@ -550,9 +554,10 @@ class Tun:
 
     # -- the threads -------------------------------------------------------------------------------------------------
 
-    def _guarded(self, target: Callable[[_Queue], None], queue: _Queue) -> None:
-        """Runs a queue's thread; an unexpected exception is logged, counted and reported through :attr:`failure`
-        (and the event loop is woken to notice it)."""
+    def _guarded(self, target: Callable[[_Queue], None], queue: _Queue, os_name: str) -> None:
+        """Runs a queue's thread (``os_name``: its name for the kernel, e.g. ``tun-rx0``); an unexpected exception is
+        logged, counted and reported through :attr:`failure` (and the event loop is woken to notice it)."""
+        set_os_thread_name(os_name)
         try:
             target(queue)
         except BaseException as exc:

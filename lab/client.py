@@ -17,7 +17,8 @@ p2p-control messages (a ``goodbye`` closes that connection, §3.4).
   local, remote, setup_seconds: flow_created → established}, ``flow_retry`` {resource_id, reason: unanswered,
   attempt} (no answer yet: asked again, as Firezone's client does, at 3, 7 and 15 s; without any answer 20 s after
   the last ask the request ends with ``flow_creation_failed`` reason ``unanswered``), ``path_changed``, ``failed``
-  {gateway_id?, reason}, ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays``, ``domain_status`` {resource_id, domain,
+  {gateway_id?, reason}, ``closed`` {gateway_id, reason: goodbye|closed}, ``no_relays`` (also told to the portal, which
+  answers with relays), ``domain_status`` {resource_id, domain,
   status: Active|Inactive, proxy_ips}, ``portal_lost`` {reason, retry_seconds} (one per failed session or attempt),
   ``portal_rejoined`` {down_seconds} (the next ``init``), ``error`` (a bad command).
 
@@ -944,7 +945,9 @@ class HeadlessClient:
                 self.emit("closed", gateway_id=event.connection_id, reason="closed")
                 self.remove_flow(event.connection_id)
         elif isinstance(event, NoRelays):
+            # As Firezone's client: the portal answers with fresh relays (relays_presence, docs/protocol.md §2.3).
             self.emit("no_relays")
+            self.portal.push("no_relays", {})
 
     # -- commands -------------------------------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ from dataplane.node import (
     ConnectionFailed,
     Node,
     NodeRole,
+    NoRelays,
     RelayConfig,
 )
 from lab.client import FlowGrant, parse_portal_relays
@@ -434,6 +435,8 @@ class LoadClient:
                 self.fail(f"connection failed: {event.reason}")
             elif isinstance(event, ConnectionClosed):
                 self.fail("connection closed")
+            elif isinstance(event, NoRelays):
+                self.portal.push("no_relays", {})  # as Firezone's client: the portal answers with fresh relays
         announced.push_to(self.portal)
         if self.grant is not None and not self.grant.connected:
             # A relay may just have been measured: the connection can be made now, and its first checks go out.

@@ -27,6 +27,7 @@ with ``X-Authorization: Bearer <clients[].token>`` and join topic ``client``; th
     client broadcast_(invalidated_)ice_candidates {gateway_ids, candidates} → gateway (invalidate_)ice_candidates
              {client_id, candidates}; the gateway's {client_ids, candidates} → client {gateway_id, candidates}
              (only between peers the portal brokered)
+    client → no_relays {}; client ← relays_presence {disconnected_ids: [], connected: relays for its key}
 
 :meth:`DevPortal.flows`, :meth:`DevPortal.wait_for_flow`, :meth:`DevPortal.clients` and ``wait_for(client=...)`` show
 what was brokered.

@@ -1180,6 +1180,11 @@ class DevPortal:
         elif frame.event in _CANDIDATE_EVENTS:
             await self._send(session, wire.reply(frame, "ok", {}))
             await self._forward_client_candidates(session, _CANDIDATE_EVENTS[frame.event], frame.payload)
+        elif frame.event == "no_relays":
+            # The client ran out of relays: fresh ones for its key, as the real portal answers (docs/protocol.md §2.3).
+            await self._send(session, wire.reply(frame, "ok", {}))
+            payload = {"disconnected_ids": [], "connected": self.config.relay_entries(session.public_key)}
+            await self._push(session, "relays_presence", payload, topic=CLIENT_TOPIC)
         else:
             await self._send(session, wire.reply(frame, "error", {"reason": "unknown_message"}))
 

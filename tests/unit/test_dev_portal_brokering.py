@@ -259,6 +259,19 @@ async def test_no_relays_from_the_gateway_gets_it_relays_and_fails_no_flow() -> 
             assert [(f.state, f.reason) for f in portal.flows()] == [("superseded", "asked again"), ("created", None)]
 
 
+async def test_no_relays_from_a_client_gets_it_relays_for_its_key(portal: DevPortal) -> None:
+    key = new_key()
+    async with client_socket(portal, key) as cws:
+        client = Peer(cws, "client")
+        await client.join()
+        ref = await client.send("no_relays", {})
+        assert (await client.reply(ref))["status"] == "ok"
+        presence = await client.push("relays_presence")
+    username, password = relay_credentials(key, "relay-secret")
+    assert presence["disconnected_ids"] == []
+    assert [(r["id"], r["username"], r["password"]) for r in presence["connected"]] == [("relay-1", username, password)]
+
+
 async def test_asking_again_replaces_the_pending_request_and_its_timeout(portal: DevPortal) -> None:
     # The real portal keeps one request per (client, resource): a second ask cancels the first one's timer, so the
     # client hears about the resource once (here: offline, after the second ask's timeout).

@@ -1,6 +1,7 @@
 """The headless lab client's unanswered ``create_flow`` requests against the dev portal on loopback: asked again as
 Firezone's client does when the gateway could not confirm (``no_relays``), and given up when nothing ever answers (the
-data plane stubbed out; a short request schedule instead of 3/7/15 s)."""
+data plane stubbed out; a short request schedule instead of 3/7/15 s). A client out of relays asks the portal for
+relays, as Firezone's client does."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+from dataplane.node import NoRelays
 from lab.client import HeadlessClient
 from lab.portal import DevPortal
 from lab.portal_channel import FlowRequests, FlowRequestTimer
@@ -76,3 +78,18 @@ async def test_a_failure_from_the_portal_ends_the_request_without_asking_again(
             await until(lambda: len(portal.flows()) == 2 and portal.flows()[1].state == "failed")
     events = [e for e in emitted(capsys) if e["event"].startswith("flow_")]
     assert [(e["event"], e.get("reason")) for e in events] == [("flow_creation_failed", "offline")] * 2, events
+
+
+async def test_a_client_out_of_relays_tells_the_portal_and_gets_relays(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with DevPortal(CONFIG, host="127.0.0.1", port=0) as portal:
+        async with running_client(portal, monkeypatch) as client:
+            await portal.wait_for(kind="sent", event="init", client="client-1")
+            await until(lambda: client.initialised and client.portal.joined)
+            since = portal.next_seq
+            client.on_node_event(NoRelays())
+            await portal.wait_for(since=since, kind="received", event="no_relays", client="client-1")
+            presence = await portal.wait_for(since=since, kind="sent", event="relays_presence", client="client-1")
+            assert presence.payload["connected"]
+    assert [e["event"] for e in emitted(capsys)].count("no_relays") == 1

@@ -14,7 +14,9 @@ the two tunnel processes together (utime+stime from /proc/<pid>/stat), with each
 run (``a`` = the iperf3 client's side, ``b`` = the server's; ~100% means that side saturates) and how busy the whole
 machine was (``host``: all cores; near 100% means CPU, not either process, is the limit). Prints a table with the
 ratios to the reference measured in the same run (throughput ``[N×]``, CPU per GB ``cpu N×``, RTT ``(N×)``), then
-the queue scaling (2 queues over 1, per direction and path), and writes JSON under ``bench-results/``.
+the queue scaling (2 queues over 1, per direction and path), then each tunnel process's threads' share of one core
+during ``tcp4 a→b`` (by their kernel names: which thread, if any, is the bottleneck), and writes JSON under
+``bench-results/`` (per-thread shares for every run).
 
     python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz1py-fz1py,fz2py-fz2py,
         fz2r-fz2r,gateway] [--scaling-rounds N] [--output DIR]
@@ -108,6 +110,8 @@ class Measurement:
     cpu_a_s_per_gb: float | None = None  # each side's own CPU seconds per GB (in the JSON only)
     cpu_b_s_per_gb: float | None = None
     host_busy: float | None = None  # all CPUs of the machine (iperf3, kernel, other load): 1.0 = every core busy
+    threads_a: dict[str, float] = field(default_factory=dict)  # side a's threads (kernel names): share of one core
+    threads_b: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -139,6 +143,32 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     # Fields after "(comm)": state is index 0, so utime (field 14) is index 11 and stime index 12.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime per thread of a process, keyed by the thread's kernel name (the main thread as ``main``; threads
+    of one name summed), in seconds; empty if the process is gone."""
+    seconds: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return seconds
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        name = "main" if tid == str(pid) else text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def _thread_shares(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Each thread's CPU seconds per wall second between two samples (threads under 1 % left out)."""
+    shares = {name: (value - before.get(name, 0.0)) / wall for name, value in after.items()}
+    return {name: round(share, 3) for name, share in sorted(shares.items()) if share >= 0.01}
 
 
 @dataclass(frozen=True)
@@ -191,12 +221,17 @@ def run_iperf(
     def cpu(pid: int | None) -> float:
         return cpu_seconds(pid) if pid is not None else 0.0
 
+    def threads(pid: int | None) -> dict[str, float]:
+        return thread_cpu_seconds(pid) if pid is not None else {}
+
     cpu_a_before, cpu_b_before = cpu(target.pid_a), cpu(target.pid_b)
+    threads_a_before, threads_b_before = threads(target.pid_a), threads(target.pid_b)
     host_busy_before, host_total_before = host_cpu_times()
     started = time.monotonic()
     proc = subprocess.run(target.client.argv(argv), capture_output=True, text=True, timeout=seconds + 60)
     wall = time.monotonic() - started
     cpu_a, cpu_b = cpu(target.pid_a) - cpu_a_before, cpu(target.pid_b) - cpu_b_before
+    threads_a_after, threads_b_after = threads(target.pid_a), threads(target.pid_b)
     host_busy_after, host_total_after = host_cpu_times()
     result = Measurement(name)
     try:
@@ -231,6 +266,8 @@ def run_iperf(
         # iperf3's own connect and teardown are in the wall time: a saturated side shows slightly under 100%.
         result.cpu_a_busy = cpu_a / wall if target.pid_a is not None else None
         result.cpu_b_busy = cpu_b / wall if target.pid_b is not None else None
+        result.threads_a = _thread_shares(threads_a_before, threads_a_after, wall)
+        result.threads_b = _thread_shares(threads_b_before, threads_b_after, wall)
     if host_total_after > host_total_before:
         result.host_busy = (host_busy_after - host_busy_before) / (host_total_after - host_total_before)
     return result
@@ -510,6 +547,28 @@ def format_scaling(results: list[PairResult]) -> str:
     return "\n".join(lines)
 
 
+THREADS_SHOWN = "tcp4 a→b"
+"""The measurement whose per-thread CPU the summary prints (the one the queue scaling is judged on)."""
+
+
+def format_threads(results: list[PairResult]) -> str:
+    """Per row, each tunnel process's threads' share of one core during the ``THREADS_SHOWN`` run, with how busy the
+    whole machine was: a thread near 100 % is the bottleneck; none near it while the host is, and CPU is."""
+    lines = []
+    for result in results:
+        m = next((m for m in result.measurements if m.name == THREADS_SHOWN and m.error is None), None)
+        if m is None or not (m.threads_a or m.threads_b):
+            continue
+        sides = [
+            f"{side}: " + " ".join(f"{name} {share * 100:.0f}%" for name, share in threads.items())
+            for side, threads in zip(result.sides, (m.threads_a, m.threads_b), strict=True)
+            if threads
+        ]
+        host = f" (host {m.host_busy * 100:.0f}%)" if m.host_busy is not None else ""
+        lines.append(f"{result.label}{host}: {'; '.join(sides)}")
+    return f"threads' share of one core during {THREADS_SHOWN}:\n" + "\n".join(lines) if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 s per iperf3 run, 10 pings")
@@ -598,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     scaling = "\n".join(part for part in (format_scaling(results), format_interleaved(interleaved)) if part)
     if scaling:
         table += "\n\n" + scaling
+    threads = format_threads(results)
+    if threads:
+        table += "\n\n" + threads
     print(table)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import pytest
 
+from dataplane.io.osthread import set_os_thread_name
 from lab.bench import (
     GATEWAY_ROW,
     REFERENCE,
@@ -14,8 +19,10 @@ from lab.bench import (
     format_interleaved,
     format_scaling,
     format_table,
+    format_threads,
     host_cpu_times,
     main,
+    thread_cpu_seconds,
 )
 from lab.bench_gateway import summarize_collapsed
 
@@ -65,6 +72,44 @@ def test_cpu_figures_come_from_proc() -> None:
     assert 0 < busy <= total
     assert cpu_seconds(1) >= 0.0
     assert cpu_seconds(2**22 + 12345) == 0.0  # no such process
+
+
+def test_thread_cpu_comes_from_proc_by_kernel_name_with_the_main_thread_as_main() -> None:
+    done = threading.Event()
+
+    def spin() -> None:
+        set_os_thread_name("bench-spin")
+        deadline = time.thread_time() + 0.05
+        while time.thread_time() < deadline:
+            pass
+        done.wait()
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        seconds = thread_cpu_seconds(os.getpid())
+        for _ in range(100):
+            if "bench-spin" in seconds:
+                break
+            threading.Event().wait(0.01)
+            seconds = thread_cpu_seconds(os.getpid())
+    finally:
+        done.set()
+        thread.join()
+    assert "main" in seconds and "bench-spin" in seconds
+    assert thread_cpu_seconds(2**22 + 12345) == {}
+
+
+def test_the_thread_summary_shows_each_sides_threads_and_the_host() -> None:
+    row = _row("fz2-fz2", "firezone-wg(q2) pair", 500.0)
+    tcp4 = Measurement("tcp4 a→b", mbit_per_s=600.0, bytes=10**9, host_busy=0.98)
+    tcp4.threads_a, tcp4.threads_b = {"main": 0.05, "tun-rx0": 0.3, "tun-rx1": 0.28}, {"main": 0.41}
+    row.measurements.append(tcp4)
+    text = format_threads([row, _row("wgo-wgo", "wireguard-go pair", 500.0)])
+    assert text.splitlines() == [
+        "threads' share of one core during tcp4 a→b:",
+        "firezone-wg(q2) pair (host 98%): a: main 5% tun-rx0 30% tun-rx1 28%; b: main 41%",
+    ]
 
 
 def test_profile_summary_ranks_frames_by_self_samples() -> None:

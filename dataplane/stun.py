@@ -191,6 +191,16 @@ ATTRIBUTES: dict[int, AttrSpec] = {
 }
 
 _TRAILER_ATTRIBUTES = frozenset({Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256, Attr.FINGERPRINT})
+# Members used by the accessors every connectivity check and answer goes through: reading a member off an Enum class
+# goes through the metaclass's __getattr__ hook (Python 3.11), several times the cost of a global.
+_REQUEST = MessageClass.REQUEST
+_INDICATION = MessageClass.INDICATION
+_RESPONSE_CLASSES = (MessageClass.SUCCESS, MessageClass.ERROR)
+_USERNAME = Attr.USERNAME
+_PRIORITY = Attr.PRIORITY
+_USE_CANDIDATE = Attr.USE_CANDIDATE
+_ICE_CONTROLLING = Attr.ICE_CONTROLLING
+_ICE_CONTROLLED = Attr.ICE_CONTROLLED
 
 
 def attribute_name(attr: int) -> str:
@@ -357,6 +367,9 @@ class StunMessage:
     message_class: int
     transaction_id: bytes
     attributes: list[tuple[int, bytes]] = field(default_factory=list)
+    # Set by decode(), which validated every known attribute: the typed getters then skip validating again (an ICE
+    # agent reads five of them from every check it answers). add() clears it.
+    _validated: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.transaction_id) != TRANSACTION_ID_LENGTH:
@@ -382,15 +395,15 @@ class StunMessage:
 
     @property
     def is_request(self) -> bool:
-        return self.message_class == MessageClass.REQUEST
+        return self.message_class == _REQUEST
 
     @property
     def is_indication(self) -> bool:
-        return self.message_class == MessageClass.INDICATION
+        return self.message_class == _INDICATION
 
     @property
     def is_response(self) -> bool:
-        return self.message_class in (MessageClass.SUCCESS, MessageClass.ERROR)
+        return self.message_class in _RESPONSE_CLASSES
 
     # raw access
 
@@ -402,6 +415,7 @@ class StunMessage:
         if len(value) > 0xFFFF:
             raise ValueError("attribute value longer than 65535 bytes")
         self.attributes.append((attr, bytes(value)))
+        self._validated = False
         return self
 
     def get(self, attr: int) -> bytes | None:
@@ -429,7 +443,7 @@ class StunMessage:
         return self.add(attr, text.encode())
 
     def add_username(self, username: str) -> StunMessage:
-        return self.add_text(Attr.USERNAME, username)
+        return self.add_text(_USERNAME, username)
 
     def add_realm(self, realm: str) -> StunMessage:
         return self.add_text(Attr.REALM, realm)
@@ -447,16 +461,16 @@ class StunMessage:
         return self.add(attr, struct.pack("!Q", value))
 
     def add_priority(self, priority: int) -> StunMessage:
-        return self.add_u32(Attr.PRIORITY, priority)
+        return self.add_u32(_PRIORITY, priority)
 
     def add_use_candidate(self) -> StunMessage:
-        return self.add(Attr.USE_CANDIDATE, b"")
+        return self.add(_USE_CANDIDATE, b"")
 
     def add_ice_controlling(self, tie_breaker: int) -> StunMessage:
-        return self.add_u64(Attr.ICE_CONTROLLING, tie_breaker)
+        return self.add_u64(_ICE_CONTROLLING, tie_breaker)
 
     def add_ice_controlled(self, tie_breaker: int) -> StunMessage:
-        return self.add_u64(Attr.ICE_CONTROLLED, tie_breaker)
+        return self.add_u64(_ICE_CONTROLLED, tie_breaker)
 
     def add_error_code(self, code: int, reason: str = "") -> StunMessage:
         return self.add(Attr.ERROR_CODE, encode_error_code(code, reason))
@@ -489,7 +503,7 @@ class StunMessage:
 
     def _checked(self, attr: int) -> bytes | None:
         value = self.get(attr)
-        if value is not None and attr in ATTRIBUTES:
+        if value is not None and not self._validated and attr in ATTRIBUTES:
             _validate_value(ATTRIBUTES[attr], value)
         return value
 
@@ -514,7 +528,7 @@ class StunMessage:
         return None if value is None else value.decode()
 
     def username(self) -> str | None:
-        return self.text(Attr.USERNAME)
+        return self.text(_USERNAME)
 
     def realm(self) -> str | None:
         return self.text(Attr.REALM)
@@ -534,16 +548,16 @@ class StunMessage:
         return None if value is None or len(value) != 8 else int(struct.unpack("!Q", value)[0])
 
     def priority(self) -> int | None:
-        return self.u32(Attr.PRIORITY)
+        return self.u32(_PRIORITY)
 
     def use_candidate(self) -> bool:
-        return self.has(Attr.USE_CANDIDATE)
+        return self.has(_USE_CANDIDATE)
 
     def ice_controlling(self) -> int | None:
-        return self.u64(Attr.ICE_CONTROLLING)
+        return self.u64(_ICE_CONTROLLING)
 
     def ice_controlled(self) -> int | None:
-        return self.u64(Attr.ICE_CONTROLLED)
+        return self.u64(_ICE_CONTROLLED)
 
     def error_code(self) -> tuple[int, str] | None:
         value = self.get(Attr.ERROR_CODE)
@@ -690,7 +704,9 @@ def decode(data: bytes) -> StunMessage:
             after_integrity = True
         elif not after_integrity:
             attributes.append((attr, value))
-    return StunMessage(method, message_class, transaction_id, attributes)
+    message = StunMessage(method, message_class, transaction_id, attributes)
+    message._validated = True
+    return message
 
 
 def has_fingerprint(data: bytes) -> bool:
@@ -704,6 +720,43 @@ def has_fingerprint(data: bytes) -> bool:
     return int.from_bytes(data[offset + 4 :], "big") == _fingerprint(data[:offset])
 
 
+_MESSAGE_HEADER = struct.Struct("!HHI")
+_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")  # by value length % 4
+_MI_SHA1_HEADER = _ATTRIBUTE_HEADER.pack(_MI_TYPE, HMAC_SHA1_LENGTH)
+_MI_SHA256_HEADER = _ATTRIBUTE_HEADER.pack(_MI_SHA256_TYPE, HMAC_SHA256_LENGTH)
+_FINGERPRINT_HEADER = _ATTRIBUTE_HEADER.pack(_FINGERPRINT_TYPE, 4)
+_HMAC_BLOCK_SIZE = 64  # SHA-1 and SHA-256
+_HMAC_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_HMAC_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+_HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+HMAC_KEYS_CACHED = 4096
+"""Keys whose HMAC pads are kept ready: an agent's two short-term keys and each relay's long-term key, per
+connection (a few thousand connections' worth; only our own credentials ever become keys)."""
+
+
+@functools.lru_cache(maxsize=HMAC_KEYS_CACHED)
+def _hmac_pads(key: bytes, digest: str) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """The HMAC (RFC 2104) inner and outer hashes with the padded key already absorbed, to be copied per message:
+    every check and answer is signed or verified with one of a few keys, and ``hmac.digest`` prepares the key (and
+    looks the digest up in OpenSSL) again for each -- about half the cost of signing a short STUN message."""
+    new = _HASHES[digest]
+    if len(key) > _HMAC_BLOCK_SIZE:
+        key = new(key).digest()
+    key = key.ljust(_HMAC_BLOCK_SIZE, b"\0")
+    return new(key.translate(_HMAC_INNER_PAD)), new(key.translate(_HMAC_OUTER_PAD))
+
+
+def _hmac(key: bytes, digest: str, *parts: bytes | bytearray) -> bytes:
+    """HMAC-``digest`` of the concatenated ``parts`` (the same bytes as ``hmac.digest(key, b"".join(parts), digest)``)."""
+    inner_pad, outer_pad = _hmac_pads(key, digest)
+    inner = inner_pad.copy()
+    for part in parts:
+        inner.update(part)
+    outer = outer_pad.copy()
+    outer.update(inner.digest())
+    return outer.digest()
+
+
 def encode(
     msg: StunMessage,
     *,
@@ -713,28 +766,39 @@ def encode(
 ) -> bytes:
     """Serialises ``msg`` with zero padding; appends MESSAGE-INTEGRITY (and -SHA256) when a key is given, then FINGERPRINT."""
     body = bytearray()
+    pack_attribute_header = _ATTRIBUTE_HEADER.pack
     for attr, value in msg.attributes:
-        body += struct.pack("!HH", attr, len(value)) + value + b"\x00" * (-len(value) % 4)
+        length = len(value)
+        body += pack_attribute_header(attr, length)
+        body += value
+        if length % 4:
+            body += _PADDING[length % 4]
     header_type = encode_message_type(msg.method, msg.message_class)
+    transaction_id = msg.transaction_id
 
     def header(length: int) -> bytes:
         # Checked for every header built, so a trailer (MI, MI-SHA256, FINGERPRINT) that pushes the length past the
         # 16-bit field fails the same way as an over-long body.
         if length > 0xFFFF:
             raise ValueError("message too long")
-        return struct.pack("!HHI", header_type, length, MAGIC_COOKIE) + msg.transaction_id
+        return _MESSAGE_HEADER.pack(header_type, length, MAGIC_COOKIE) + transaction_id
 
     if integrity_key is not None:
-        mac = hmac.digest(integrity_key, header(len(body) + 4 + HMAC_SHA1_LENGTH) + body, "sha1")
-        body += struct.pack("!HH", Attr.MESSAGE_INTEGRITY, HMAC_SHA1_LENGTH) + mac
+        mac = _hmac(integrity_key, "sha1", header(len(body) + 4 + HMAC_SHA1_LENGTH), body)
+        body += _MI_SHA1_HEADER
+        body += mac
         if integrity_sha256:
-            mac = hmac.digest(integrity_key, header(len(body) + 4 + HMAC_SHA256_LENGTH) + body, "sha256")
-            body += struct.pack("!HH", Attr.MESSAGE_INTEGRITY_SHA256, HMAC_SHA256_LENGTH) + mac
+            mac = _hmac(integrity_key, "sha256", header(len(body) + 4 + HMAC_SHA256_LENGTH), body)
+            body += _MI_SHA256_HEADER
+            body += mac
     elif integrity_sha256:
         raise ValueError("integrity_sha256 needs an integrity_key")
     if fingerprint:
-        prefix = header(len(body) + FINGERPRINT_ATTRIBUTE_LENGTH) + body
-        return prefix + struct.pack("!HHI", Attr.FINGERPRINT, 4, _fingerprint(prefix))
+        prefix = header(len(body) + FINGERPRINT_ATTRIBUTE_LENGTH)
+        crc = (zlib.crc32(body, zlib.crc32(prefix)) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
+        body += _FINGERPRINT_HEADER
+        body += crc.to_bytes(4, "big")
+        return prefix + body
     return header(len(body)) + bytes(body)
 
 
@@ -771,9 +835,9 @@ def check_integrity(data: bytes, key: bytes) -> bool:
             digest = "sha256"
         else:
             continue  # before MI: covered by it; after MI: ignored (RFC 8489 §14.5)
-        signed = bytearray(data[:attr_offset])
-        signed[2:4] = (attr_offset + ATTRIBUTE_HEADER_LENGTH + length - HEADER_LENGTH).to_bytes(2, "big")
-        mac = hmac.digest(key, bytes(signed), digest)[:length]
+        # The MAC covers the message up to this attribute, with the header's length as if it ended after it.
+        signed_length = (attr_offset + ATTRIBUTE_HEADER_LENGTH + length - HEADER_LENGTH).to_bytes(2, "big")
+        mac = _hmac(key, digest, data[:2], signed_length, data[4:attr_offset])[:length]
         if not hmac.compare_digest(mac, data[value_offset : value_offset + length]):
             return False
         found = True
@@ -899,6 +963,9 @@ class TransactionStep(enum.Enum):
     GAVE_UP = "gave-up"
 
 
+_WAIT = TransactionStep.WAIT  # returned on most calls; an Enum class attribute costs a metaclass hook
+
+
 class Transaction:
     """The timing of one client transaction: a ladder of retransmit deadlines ending in give-up.
 
@@ -945,7 +1012,7 @@ class Transaction:
 
     def handle_timeout(self, now: float) -> TransactionStep:
         if self.finished or self._deadline is None or now < self._deadline:
-            return TransactionStep.WAIT
+            return _WAIT
         elapsed_out = self.policy.max_elapsed is not None and now >= self.started_at + self.policy.max_elapsed
         sent_out = self.policy.max_transmissions is not None and self.transmissions >= self.policy.max_transmissions
         if elapsed_out or sent_out:

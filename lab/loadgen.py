@@ -15,7 +15,12 @@ starts them together, ``--all-setup-times`` lists the setup times for figures ov
 Progress goes to stderr; stdout gets one JSON object at the end (:meth:`LoadSummary.to_json`): how many identities
 connected, setup times (``create_flow`` sent → connection established: median, p99, max), the time to bring them all
 up, pings sent and answered, round-trip times, the failures by reason and how often a ``create_flow`` was asked again
-(``flow_retries``: unanswered for a while, asked again as Firezone's client does, see :class:`FlowRequests`). Exit status 0 when every identity connected
+(``flow_retries``). An identity's application sends its first packet once connected, so by default it asks once
+(``--flow-demand 0``): Firezone's client asks again only when the application wants the resource again. A request
+nothing answers is given up 20 s after the ask (the portal answers ``offline`` after 15 s). ``--flow-demand 0,1,3,7,15``
+plays an application that opens a TCP connection instead (asks at 0, 3, 7, 15 s, as the headless client does); with
+1,000 identities at once and a slow gateway that asks again for most of them, which triples the brokering work
+(docs/scenarios.md). Exit status 0 when every identity connected
 and at least one ping each was answered.
 
 Used by the scenario tests (a 20-client smoke run), ``make bench`` and the soak.
@@ -225,7 +230,7 @@ class LoadClient:
             open_timeout=PORTAL_OPEN_TIMEOUT,
         )
         self.timer = NodeTimer(self.loop, self.node, self.flush)
-        self.flow_requests = FlowRequests()
+        self.flow_requests = FlowRequests(demand_offsets=self.generator.args.flow_demand)
         self.flow_request_timer = FlowRequestTimer(self.loop, self.flow_requests, self.on_flow_requests_due)
 
     @property
@@ -892,8 +897,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spread", type=float, default=0.0, help="seconds between two identities' starts")
     parser.add_argument("--start-at", type=float, default=None, help="unix time to start the identities at")
     parser.add_argument("--all-setup-times", action="store_true", help="list every setup time in the summary")
+    parser.add_argument(
+        "--flow-demand",
+        type=demand_offsets,
+        default=(0.0,),
+        help="seconds after the first create_flow when the identity wants the resource again, comma-separated; "
+        "Firezone's client asks again for a want at least 2 s after its last ask (default 0: ask once)",
+    )
     parser.add_argument("--log-level", default="WARNING")
     return parser
+
+
+def demand_offsets(text: str) -> tuple[float, ...]:
+    """``0,1,3,7,15`` → the offsets, sorted; 0 is always in (the first ask)."""
+    try:
+        offsets = {float(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of seconds: {text!r}") from None
+    if any(not 0 <= offset <= 300 for offset in offsets):
+        raise argparse.ArgumentTypeError("offsets must be within 0..300 s")
+    return tuple(sorted(offsets | {0.0}))
 
 
 def build_soak_parser() -> argparse.ArgumentParser:

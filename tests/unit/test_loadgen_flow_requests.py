@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 
 from dataplane.base import Address
-from lab.loadgen import LoadClient, LoadGenerator
+from lab.loadgen import LoadClient, LoadGenerator, build_parser
 from lab.portal import DevPortal
 from lab.portal_channel import FlowRequests, FlowRequestTimer
 from tests.unit.test_lab_client import CONFIG
@@ -27,7 +27,7 @@ class FakeGenerator:
 
     def __init__(self, portal: DevPortal) -> None:
         self.loop = asyncio.get_running_loop()
-        self.args = argparse.Namespace(portal=portal.url, resource="res-lan", rate=1.0)
+        self.args = argparse.Namespace(portal=portal.url, resource="res-lan", rate=1.0, flow_demand=(0.0,))
         self.bind = "127.0.0.1"
         self.target = bytes(4)
         self.stopping = False
@@ -81,3 +81,32 @@ async def test_an_identity_nothing_answers_fails_as_unanswered() -> None:
                 assert client.failure == "flow request unanswered" and client.grant is None
                 assert client.flow_retries == 1
                 assert cast(FakeGenerator, client.generator).settled_count == 1
+
+
+def test_flow_demand_offsets_are_parsed_sorted_with_the_first_ask() -> None:
+    parser = build_parser()
+    base = ["--portal", "ws://x", "--token-prefix", "t", "--resource", "r", "--target", "10.0.0.1"]
+    assert parser.parse_args(base).flow_demand == (0.0,)
+    assert parser.parse_args([*base, "--flow-demand", "7,1,3, 15"]).flow_demand == (0.0, 1.0, 3.0, 7.0, 15.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--flow-demand", "1,x"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--flow-demand", "-1"])
+
+
+async def test_by_default_an_identity_asks_once_and_takes_the_portals_offline() -> None:
+    # Its application sends its first packet only once connected: nothing makes Firezone's client ask again.
+    async with DevPortal({**CONFIG, "authorization_timeout": 0.3}, host="127.0.0.1", port=0) as portal:
+        async with joined_gateway(portal):
+            generator = FakeGenerator(portal)
+            client = LoadClient(1, "client-token", cast(LoadGenerator, generator))
+            link = asyncio.create_task(client.run_portal())
+            try:
+                await until(lambda: client.failure is not None)
+            finally:
+                generator.stopping = True
+                link.cancel()
+                await asyncio.gather(link, return_exceptions=True)
+                client.close()
+        assert client.failure == "flow_creation_failed: offline" and client.flow_retries == 0
+        assert [f.state for f in portal.flows()] == ["failed"]

@@ -79,7 +79,12 @@ MODULE_TESTS: dict[str, list[str]] = {
     "dataplane/wireguard/crypto.py": _WG_TESTS,
     "dataplane/wireguard/noise.py": _WG_TESTS,
     "dataplane/wireguard/tunn.py": [*_WG_TESTS, *_WG_BATCH_TESTS],
-    "dataplane/wireguard/device.py": [*_WG_TESTS, *_WG_BATCH_TESTS, "tests/unit/test_mutation_killers.py"],
+    "dataplane/wireguard/device.py": [
+        *_WG_TESTS,
+        *_WG_BATCH_TESTS,
+        "tests/unit/test_mutation_killers.py",
+        "tests/unit/test_wg_device_mutation_killers.py",
+    ],
     "dataplane/ice/timing.py": [*_ICE_TESTS, _KILLERS],
     "dataplane/ice/candidate.py": [*_ICE_TESTS, "tests/unit/test_candidate_mutation_killers.py"],
     "dataplane/ice/agent.py": [

@@ -64,6 +64,7 @@ MAX_RELAYS = 32  # the portal lists a handful; each relay costs an allocation an
 # A client connection whose pairs all stopped answering (ICE PathsUnanswered: e.g. both sides use the same relay and
 # it died without a word) moves to another relay, at most once per this many seconds.
 RELAY_SWITCH_HOLDOFF = 30.0
+_STUN_REQUEST = stun.MessageClass.REQUEST  # read per datagram; an Enum class attribute costs a metaclass hook
 
 ConnectionId = str
 RelayId = str
@@ -219,6 +220,26 @@ class _Relay:
     _cached: dict[bool, tuple[tuple[frozenset[Address], ...], list[tuple[Candidate, Address]]]] = field(
         default_factory=dict
     )
+    # The allocation's deadline as last asked, in a 1-tuple (None: ask again). The node asks after every datagram and
+    # timer; only input, encapsulate and handle_timeout move an allocation's timers, and each calls allocation_touched.
+    _deadline_cache: tuple[float | None] | None = None
+    # The relayed address per family (True: IPv6), the lowest when there are several; rebuilt when relayed changes.
+    relayed_by_family: dict[bool, Address] = field(default_factory=dict)
+
+    def deadline(self) -> float | None:
+        cached = self._deadline_cache
+        if cached is None:
+            cached = self._deadline_cache = (_deadline(self.allocation.poll_timeout()),)
+        return cached[0]
+
+    def allocation_touched(self) -> None:
+        self._deadline_cache = None
+
+    def set_relayed(self, addresses: Iterable[Address]) -> None:
+        self.relayed = set(addresses)
+        self.relayed_by_family = {}
+        for address in sorted(self.relayed):
+            self.relayed_by_family.setdefault(":" in address[0], address)
 
     @property
     def rtt(self) -> float | None:
@@ -272,6 +293,9 @@ class _Connection:
     pending: deque[bytes] = field(default_factory=deque)
     handshakes: int = 0
     agent_deadline: float | None = None  # the ICE agent's next deadline when it was last asked
+    # Whether agent_deadline is what the agent would answer now (it was asked after the last change to the agent),
+    # so a timer wake need not ask again before handle_timeout.
+    agent_deadline_exact: bool = False
     relay_switch_wanted: bool = False  # ICE found no pair answering: try another relay (after the event loop)
     relay_switched_at: float | None = None
     # The relay used before the last such switch: its relayed candidates stay (the pairs through it keep their
@@ -784,6 +808,7 @@ class Node:
     ) -> tuple[ConnectionId, bytes] | None:
         relay = self._relays[relay_id]
         result = relay.allocation.handle_input(data, src, now)
+        relay.allocation_touched()
         if local not in relay.host and local[0] not in ("0.0.0.0", "::"):
             # The socket address our relay traffic arrives on is our host candidate (§4.3); it outlives the relay.
             relay.host.add(local)
@@ -804,8 +829,7 @@ class Node:
 
     @staticmethod
     def _relayed_address_for(relay: _Relay, peer: Address) -> Address | None:
-        v6 = ":" in peer[0]
-        return next((a for a in sorted(relay.relayed) if (":" in a[0]) == v6), None)
+        return relay.relayed_by_family.get(":" in peer[0])
 
     def _handle_peer_input(
         self, data: bytes, src: Address, local: Address, now: float
@@ -822,7 +846,7 @@ class Node:
         message_class = (data[0] & 0x01) << 1 | (data[1] & 0x10) >> 4
         conn: _Connection | None
         decoded: stun.StunMessage | None = None
-        if message_class == stun.MessageClass.REQUEST:
+        if message_class == _STUN_REQUEST:
             conn, decoded = self._connection_for_request(data)
         else:
             # The transaction id (bytes 8-20 of the header) names the agent that sent the request.
@@ -831,7 +855,7 @@ class Node:
         if conn is not None and conn.agent.handle_stun(data, src, local, now, decoded):
             self._pump_connection(conn, now)
             return
-        if message_class != stun.MessageClass.REQUEST and conn is None and self._agents.recently_finished(data[8:20]):
+        if message_class != _STUN_REQUEST and conn is None and self._agents.recently_finished(data[8:20]):
             self.drops.drop(DropReason.STUN_LATE_RESPONSE)
             return
         self.drops.drop(DropReason.STUN_NO_CONNECTION)
@@ -975,6 +999,7 @@ class Node:
             armed_at = now + conn.agent.timing.suspect_after
             if conn.agent_deadline is None or armed_at < conn.agent_deadline:
                 conn.agent_deadline = armed_at
+            conn.agent_deadline_exact = False
         conn.tunnel.encapsulate_batch(packets, now)
         self._flush_tunnel(conn, now)
         self._refresh_deadline(conn, agent_touched=was_idle)
@@ -991,7 +1016,7 @@ class Node:
         O(relays + log connections): connection deadlines come from the timer heap."""
         earliest = self._earliest_connection_deadline()
         for relay in self._relays.values():
-            deadline = _deadline(relay.allocation.poll_timeout())
+            deadline = relay.deadline()
             if deadline is not None and (earliest is None or deadline < earliest):
                 earliest = deadline
         return earliest
@@ -1001,18 +1026,25 @@ class Node:
             relay = self._relays.get(relay_id)
             if relay is None:
                 continue
-            deadline = _deadline(relay.allocation.poll_timeout())
+            deadline = relay.deadline()
             if deadline is not None and deadline <= now:
                 relay.allocation.handle_timeout(now)
+                relay.allocation_touched()
             self._pump_relay(relay_id, now)
         for connection_id in self._pop_due_connections(now):
             conn = self._connections.get(connection_id)
             if conn is None:
                 continue
             # The filed agent deadline is never later than the agent's own (see _refresh_deadline): when it lies
-            # ahead, the tunnel's timer is what is due and the agent's pairs need no walk.
+            # ahead, the tunnel's timer is what is due and the agent's pairs need no walk; when it is exact, it is
+            # the agent's own and needs no asking either.
             filed = conn.agent_deadline
-            deadline = _deadline(conn.agent.poll_timeout()) if filed is not None and filed <= now else None
+            if filed is None or filed > now:
+                deadline = None
+            elif conn.agent_deadline_exact:
+                deadline = filed
+            else:
+                deadline = _deadline(conn.agent.poll_timeout())
             if deadline is not None and deadline <= now:
                 conn.agent.handle_timeout(now)
             deadline = _deadline(conn.tunnel.poll_timeout())
@@ -1030,6 +1062,7 @@ class Node:
             return
         if agent_touched:
             conn.agent_deadline = _deadline(conn.agent.poll_timeout())
+        conn.agent_deadline_exact = agent_touched
         agent_deadline = conn.agent_deadline
         tunnel_deadline = conn.tunnel.poll_timeout()
         if agent_deadline is None or (tunnel_deadline is not None and tunnel_deadline < agent_deadline):
@@ -1091,7 +1124,7 @@ class Node:
             elif isinstance(event, turn.AllocationSucceeded):
                 for address in relay.relayed:
                     self._relay_by_relayed.pop(address, None)
-                relay.relayed = set(event.relay_addresses)
+                relay.set_relayed(event.relay_addresses)
                 for address in relay.relayed:
                     self._relay_by_relayed[address] = relay_id
                 self._retired = []  # replacements exist now
@@ -1240,6 +1273,7 @@ class Node:
             return
         relay = self._relays[relay_id]
         transmit = relay.allocation.encapsulate(remote, payload, now)
+        relay.allocation_touched()
         if transmit is not None:
             self._transmits.append(transmit)
         self._drain_allocation_transmits(relay)
@@ -1247,6 +1281,6 @@ class Node:
 
 def _deadline(timeout: float | tuple[float, str] | None) -> float | None:
     """Sub-machines answer ``poll_timeout`` with a deadline or (deadline, reason) (design.md §3)."""
-    if timeout is None or isinstance(timeout, float | int):
-        return timeout
-    return timeout[0]
+    if isinstance(timeout, tuple):
+        return timeout[0]
+    return timeout

@@ -98,6 +98,16 @@ class PairState(enum.Enum):
     FAILED = "failed"
 
 
+# For the loops over pairs that run on every datagram and timer: reading a member off an Enum class goes through the
+# metaclass's __getattr__ hook (Python 3.11), several times the cost of a global.
+_WAITING = PairState.WAITING
+_SUCCEEDED = PairState.SUCCEEDED
+_FAILED = PairState.FAILED
+_AGENT_FAILED = IceState.FAILED
+_RETRANSMIT = stun.TransactionStep.RETRANSMIT
+_GAVE_UP = stun.TransactionStep.GAVE_UP
+
+
 # ---- events ----------------------------------------------------------------------------------------------------
 
 
@@ -355,6 +365,8 @@ class IceAgent:
         self._silent_since: float | None = None
         self._probe_hold_until = 0.0
         self._probe_backoff = self.timing.suspect_after
+        # One transmission per consent check; the next check comes on its own schedule (RFC 7675 §5.1).
+        self._consent_policy = stun.RetransmitPolicy(initial_rto=self.timing.consent_timeout, max_transmissions=1)
 
         self._transmits: deque[Transmit] = deque()
         self._events: deque[IceEvent] = deque()
@@ -514,9 +526,11 @@ class IceAgent:
         """
         self._tick(now)
         try:
-            if not stun.is_stun(data):
-                return False
-            message = stun.decode(data) if decoded is None else decoded
+            if decoded is None:
+                if not stun.is_stun(data):
+                    return False
+                decoded = stun.decode(data)
+            message = decoded  # decoded from data, so data passed is_stun's shape checks too
             if message.method != stun.Method.BINDING:
                 return False
             if message.is_request:
@@ -677,7 +691,7 @@ class IceAgent:
 
     def handle_timeout(self, now: float) -> None:
         self._tick(now)
-        if self.state is IceState.FAILED:
+        if self.state is _AGENT_FAILED:
             return
         if not self.idle and self._last_activity is not None and now >= self._last_activity + self.timing.idle_after:
             self.idle = True
@@ -685,12 +699,12 @@ class IceAgent:
         unanswered_probes: list[CandidatePair] = []
         for outstanding in list(self._outstanding.values()):
             step = outstanding.transaction.handle_timeout(now)
-            if step is stun.TransactionStep.RETRANSMIT:
+            if step is _RETRANSMIT:
                 transaction = outstanding.transaction
                 self._transmits.append(
                     Transmit(transaction.destination, transaction.payload, outstanding.pair.local.address)
                 )
-            elif step is stun.TransactionStep.GAVE_UP:
+            elif step is _GAVE_UP:
                 self._finish(outstanding, now)
                 current = self._pairs.get(outstanding.pair.key) is outstanding.pair
                 if outstanding.purpose is _Purpose.PROBE:
@@ -704,8 +718,8 @@ class IceAgent:
             # A round's probes all give up together: mark every silent pair before choosing among the others.
             self._probes_unanswered(unanswered_probes, now)
 
-        for pair in [p for p in self._pairs.values() if p.state is PairState.SUCCEEDED]:
-            if pair.state is not PairState.SUCCEEDED or self._pairs.get(pair.key) is not pair:
+        for pair in [p for p in self._pairs.values() if p.state is _SUCCEEDED]:
+            if pair.state is not _SUCCEEDED or self._pairs.get(pair.key) is not pair:
                 continue  # changed by an earlier iteration
             assert pair.last_response_at is not None and pair.next_consent_at is not None
             if now >= pair.last_response_at + self.timing.consent_timeout:
@@ -727,7 +741,7 @@ class IceAgent:
 
     def poll_timeout(self) -> tuple[float, str] | None:
         """(deadline, reason) of the earliest timer, or None; a deadline may lie in the past (then call now)."""
-        if self.state is IceState.FAILED:
+        if self.state is _AGENT_FAILED:
             return None
         # The node asks after every datagram of this connection: one pass over the transactions and one over the
         # pairs, no (deadline, reason) tuple per item. On ties the earlier kind wins: retransmit, connectivity check,
@@ -747,9 +761,9 @@ class IceAgent:
         consent_timeout = self.timing.consent_timeout
         for pair in self._pairs.values():
             state = pair.state
-            if state is PairState.WAITING:
+            if state is _WAITING:
                 checks_to_start = True
-            elif state is PairState.SUCCEEDED and pair.last_response_at is not None:
+            elif state is _SUCCEEDED and pair.last_response_at is not None:
                 expiry = pair.last_response_at + consent_timeout
                 if consent is None or expiry < consent:
                     consent, consent_reason = expiry, "consent expiry"
@@ -877,7 +891,7 @@ class IceAgent:
             pair = self._triggered.popleft()
             if self._pairs.get(pair.key) is pair and pair.state is PairState.WAITING:
                 return pair
-        waiting = [p for p in self._pairs.values() if p.state is PairState.WAITING]
+        waiting = [p for p in self._pairs.values() if p.state is _WAITING]
         return max(waiting, key=lambda p: p.priority) if waiting else None
 
     def _send_request(self, pair: CandidatePair, purpose: _Purpose, now: float) -> None:
@@ -894,8 +908,7 @@ class IceAgent:
             request.add_ice_controlled(self.tie_breaker)
         payload = stun.encode(request, integrity_key=self._remote_key, fingerprint=True)
         if purpose is _Purpose.CONSENT:
-            # One transmission per consent check; the next check comes on its own schedule (RFC 7675 §5.1).
-            policy = stun.RetransmitPolicy(initial_rto=self.timing.consent_timeout, max_transmissions=1)
+            policy = self._consent_policy
             if pair is self._selected and self.controlling and self._silent_since is None:
                 self._silent_since = now  # an unanswered consent check on the selected pair is reason to probe
         elif purpose is _Purpose.PROBE:
@@ -964,7 +977,7 @@ class IceAgent:
 
     def _usable(self, pair: CandidatePair, now: float) -> bool:
         return (
-            pair.state is PairState.SUCCEEDED
+            pair.state is _SUCCEEDED
             and pair.last_response_at is not None
             and now < pair.last_response_at + self.timing.consent_timeout
         )
@@ -1080,7 +1093,7 @@ class IceAgent:
     def _check_failed(self, now: float) -> None:
         if self.state is IceState.FAILED or not self._had_pairs or self._selected is not None:
             return
-        if all(p.state is PairState.FAILED for p in self._pairs.values()):
+        if all(p.state is _FAILED for p in self._pairs.values()):
             self.state = IceState.FAILED
             for outstanding in list(self._outstanding.values()):
                 self._finish(outstanding, now)

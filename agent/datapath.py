@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.dns_forwarder import DnsForwarder
+from agent.looptimer import DeadlineTimer
 from dataplane.base import Transmit
 from dataplane.gateway import GatewayState, ResolveDomain, TunnelAddressesChanged
 from dataplane.io import netlink
@@ -66,8 +67,7 @@ class DataPlane:
         self.sockets: DualStackSockets | None = None
         self.host_setup: HostSetup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_deadline: float | None = None
+        self._timer: DeadlineTimer | None = None
         self.resolver = DomainResolver()
         self.dns_forwarder: DnsForwarder | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -82,6 +82,7 @@ class DataPlane:
         """Creates the TUN device and the sockets and applies the host setup; raises OSError with nothing left."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._timer = DeadlineTimer(loop, self.state.poll_timeout, self._on_timer)
         options = self.options
         try:
             self.tun = Tun.create(options.tun_name, queues=options.tun_queues)
@@ -123,7 +124,6 @@ class DataPlane:
             self.dns_forwarder = None
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         if self.sockets is not None:
             for udp in self.sockets.sockets():
                 if loop is not None:
@@ -175,10 +175,8 @@ class DataPlane:
             self.state.handle_tun_packets(packets, self._now())
         self.flush()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_deadline = None
-        self.state.handle_timeout(self._now())
+    def _on_timer(self, now: float) -> None:
+        self.state.handle_timeout(now)
         self.flush()
 
     # -- outputs --------------------------------------------------------------------------------------------------
@@ -257,15 +255,5 @@ class DataPlane:
         self.dns_forwarder = forwarder
 
     def _arm_timer(self) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        deadline = self.state.poll_timeout()
-        if deadline == self._timer_deadline and self._timer is not None:
-            return
         if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_deadline = deadline
-        if deadline is not None:
-            self._timer = loop.call_at(max(deadline, loop.time()), self._on_timer)
+            self._timer.arm()

@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
+from agent.looptimer import DeadlineTimer
 from agent.portal import classify_rejection
 from dataplane.node import CandidateGathered, CandidateInvalidated, Node
 from protocol.errors import PortalError
@@ -81,7 +82,7 @@ class PortalChannelDriver:
         self.channel = PhoenixChannel(topic=CLIENT_TOPIC)
         # Frames for the session's sender; None asks it to close the socket (the channel gave the link up).
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = DeadlineTimer(loop, self._channel_deadline, self._on_timer)
         self._ended_by: ChannelEvent | None = None
 
     @property
@@ -153,52 +154,31 @@ class PortalChannelDriver:
         """Queues the channel's frames for the socket and re-arms its timer."""
         while (frame := self.channel.poll_send()) is not None:
             self._outbox.put_nowait(frame)
-        self.cancel_timer()
-        deadline = self.channel.poll_timeout()
-        if deadline is not None:
-            self._timer = self.loop.call_at(max(deadline[0], self.loop.time()), self._on_timer)
+        self._timer.arm()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.channel.handle_timeout(self.loop.time())
+    def _channel_deadline(self) -> float | None:
+        deadline = self.channel.poll_timeout()
+        return None if deadline is None else deadline[0]
+
+    def _on_timer(self, now: float) -> None:
+        self.channel.handle_timeout(now)
         self._handle_input()
 
     def cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
 
-class NodeTimer:
+class NodeTimer(DeadlineTimer):
     """A Node's one timer on the event loop: due at ``node.poll_timeout()``, it runs ``handle_timeout`` and then
     ``after`` (the owner's flush, which re-arms it)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, node: Node, after: Callable[[], None]) -> None:
-        self.loop = loop
+        def on_due(now: float) -> None:
+            node.handle_timeout(now)
+            after()
+
+        super().__init__(loop, node.poll_timeout, on_due)
         self.node = node
-        self._after = after
-        self._handle: asyncio.TimerHandle | None = None
-
-    def arm(self) -> None:
-        deadline = self.node.poll_timeout()
-        now = self.loop.time()
-        if self._handle is not None:
-            if deadline is not None and abs(self._handle.when() - max(deadline, now)) < 1e-4:
-                return
-            self._handle.cancel()
-            self._handle = None
-        if deadline is not None:
-            self._handle = self.loop.call_at(max(deadline, now), self._on_timer)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _on_timer(self) -> None:
-        self._handle = None
-        self.node.handle_timeout(self.loop.time())
-        self._after()
 
 
 class CandidateAnnouncements:
@@ -347,32 +327,18 @@ class FlowRequests:
         return due
 
 
-class FlowRequestTimer:
+class FlowRequestTimer(DeadlineTimer):
     """The one loop timer of a :class:`FlowRequests`: due at its ``poll_timeout()``, it hands what is due to
     ``on_due``; :meth:`arm` after every change to the requests."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, requests: FlowRequests, on_due: Callable[[list[FlowRequestDue]], None]
     ) -> None:
-        self.loop = loop
+        def handle(now: float) -> None:
+            due = requests.handle_timeout(now)
+            if due:
+                on_due(due)
+            self.arm()
+
+        super().__init__(loop, requests.poll_timeout, handle)
         self.requests = requests
-        self._on_due = on_due
-        self._handle: asyncio.TimerHandle | None = None
-
-    def arm(self) -> None:
-        self.cancel()
-        deadline = self.requests.poll_timeout()
-        if deadline is not None:
-            self._handle = self.loop.call_at(max(deadline, self.loop.time()), self._on_timer)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _on_timer(self) -> None:
-        self._handle = None
-        due = self.requests.handle_timeout(self.loop.time())
-        if due:
-            self._on_due(due)
-        self.arm()

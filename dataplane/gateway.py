@@ -405,7 +405,8 @@ class GatewayState:
         to_tun: list[bytes] = []
         # Runs of transport messages from one client are decrypted together (Node.handle_input_batch); the policy,
         # NAT and p2p-control handling below stays per packet, in order.
-        batch = datagrams if isinstance(datagrams, Sequence) else list(datagrams)
+        # A list is the usual case: checking it against the Sequence ABC costs more than handling a STUN check's header.
+        batch = datagrams if type(datagrams) is list or isinstance(datagrams, Sequence) else list(datagrams)
         for client_id, packet in node.handle_input_batch(batch, now):
             peer = self._peers.get(client_id)
             if peer is None:

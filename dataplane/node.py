@@ -1173,8 +1173,12 @@ class Node:
     def _pump_connection_output(self, conn: _Connection, now: float) -> None:
         if conn.id not in self._connections:
             return
+        relayed = self._relay_by_relayed
         while (transmit := conn.agent.poll_transmit()) is not None:
-            self._send_from(transmit.src, transmit.dst, transmit.payload, now)
+            if transmit.src is None or transmit.src not in relayed:
+                self._transmits.append(transmit)  # from a host socket: what _send_from would build, as is
+            else:
+                self._send_from(transmit.src, transmit.dst, transmit.payload, now)
         while (event := conn.agent.poll_event()) is not None:
             self._on_ice_event(conn, event, now)
             if conn.id not in self._connections:

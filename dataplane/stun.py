@@ -837,7 +837,7 @@ def check_integrity(data: bytes, key: bytes) -> bool:
             continue  # before MI: covered by it; after MI: ignored (RFC 8489 §14.5)
         # The MAC covers the message up to this attribute, with the header's length as if it ended after it.
         signed_length = (attr_offset + ATTRIBUTE_HEADER_LENGTH + length - HEADER_LENGTH).to_bytes(2, "big")
-        mac = _hmac(key, digest, data[:2], signed_length, data[4:attr_offset])[:length]
+        mac = _hmac(key, digest, data[:2] + signed_length + data[4:attr_offset])[:length]
         if not hmac.compare_digest(mac, data[value_offset : value_offset + length]):
             return False
         found = True

@@ -557,7 +557,7 @@ def test_nothing_is_known_about_the_relay_before_it_answers() -> None:
     assert alloc.srflx is None
     assert alloc.relay_addresses == ()
     assert alloc.ipv4_relay is None and alloc.ipv6_relay is None
-    assert alloc.rtt is None and alloc.lifetime is None
+    assert alloc.rtt is None and alloc.lifetime is None and alloc.expires_at is None
 
 
 @pytest.mark.parametrize("missing", ["relayed address", "lifetime"])
@@ -641,13 +641,20 @@ def test_a_refresh_success_without_lifetime_is_counted_and_keeps_the_current_lif
     assert "turn ('198.51.100.7', 3478): dropped (turn_malformed_response): REFRESH success without LIFETIME" in lines
 
 
-def test_deleting_a_stale_allocation_is_logged_before_allocating_again(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stale_allocation_is_deleted_with_a_signed_lifetime_zero_refresh_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG, logger="dataplane.turn")
     relay = Relay()
     alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
     allocate = _first_allocate(alloc, relay, 0.0)
     alloc.handle_input(relay.error(allocate, ErrorCode.ALLOCATION_MISMATCH, "Allocation Mismatch"), SERVER, 0.0)
-    _exchange(alloc, relay, 0.0)  # the REFRESH with LIFETIME 0 is accepted, then the ALLOCATE succeeds
+    (deletion,) = transmits(alloc)  # signed at once: the key and nonce are known, no second 401 round trip
+    request = stun.decode(deletion.payload)
+    assert (request.method, request.lifetime(), request.nonce()) == (Method.REFRESH, 0, relay.nonce)
+    assert stun.check_integrity(deletion.payload, relay.key())
+    alloc.handle_input(relay.answer(deletion), SERVER, 0.0)
+    _exchange(alloc, relay, 0.0)  # then the ALLOCATE succeeds
     assert alloc.is_allocated
     lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
     assert "turn ('198.51.100.7', 3478): stale allocation deleted; allocating again" in lines
@@ -700,3 +707,149 @@ def test_a_refresh_already_in_flight_is_not_doubled_at_half_the_lifetime() -> No
     assert [t for t in transmits(alloc) if stun.decode(t.payload).method == Method.REFRESH] == []
     alloc.handle_input(relay.answer(early), SERVER, 301.0)
     assert alloc.expires_at == 901.0
+
+
+def test_a_channel_bind_retried_after_a_stale_nonce_still_binds_its_channel() -> None:
+    # RFC 8489 §9.2.5: a 438 is answered by repeating the request (new transaction) with the new NONCE; the repeated
+    # CHANNEL-BIND binds the same number to the same peer
+    alloc, relay = _allocated()
+    assert alloc.bind_channel(PEER, 1.0) == 0x4000
+    (bind,) = transmits(alloc)
+    request = stun.decode(bind.payload)
+    stale = request.error_response(ErrorCode.STALE_NONCE, "Stale Nonce").add_realm(REALM).add_nonce("n2")
+    alloc.handle_input(stun.encode(stale), SERVER, 1.0)
+    (retry,) = transmits(alloc)
+    retried = stun.decode(retry.payload)
+    assert retried.nonce() == "n2" and retried.transaction_id != request.transaction_id
+    assert (retried.channel_number(), retried.xor_address(Attr.XOR_PEER_ADDRESS)) == (0x4000, PEER)
+    alloc.handle_input(relay.answer(retry), SERVER, 1.1)
+    assert events(alloc) == [ChannelBound(PEER, 0x4000)]
+    assert alloc.channel_for(PEER) == 0x4000
+
+
+@pytest.mark.parametrize("datagram", [b"", b"\x40", b"\x40\x00\x00"])
+def test_a_datagram_shorter_than_any_header_is_dropped_as_malformed_stun(datagram: bytes) -> None:
+    alloc, _ = _allocated()
+    assert alloc.handle_input(datagram, SERVER, 1.0) is True
+    assert alloc.drops[turn.DropReason.MALFORMED_STUN] == 1
+    assert alloc.drops.total() == 1
+
+
+def test_an_empty_channel_data_message_delivers_an_empty_payload() -> None:
+    # RFC 8656 §12.4: the length field may be 0
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 1.0)
+    _exchange(alloc, relay, 1.0)
+    assert turn.decode_channel_data(b"\x40\x00\x00\x00") == (0x4000, b"")
+    assert alloc.handle_input(b"\x40\x00\x00\x00", SERVER, 2.0) == Decapsulated(PEER, b"")
+
+
+def test_channel_numbers_up_to_0x7fff_parse_and_a_refusal_names_the_number() -> None:
+    # RFC 5766 allowed 0x4000-0x7FFF; RFC 8656 narrowed what a client binds, a parser still accepts the old range
+    assert turn.decode_channel_data(b"\x7f\xff\x00\x01x") == (0x7FFF, b"x")
+    with pytest.raises(turn.ChannelDataParseError) as info:
+        turn.decode_channel_data(b"\x80\x00\x00\x00")
+    assert str(info.value) == "channel number 0x8000 outside 0x4000..0x7fff"
+
+
+def test_relay_addresses_may_come_as_a_tuple_but_not_as_nothing() -> None:
+    alloc = turn.Allocation((SERVER, SERVER_V6), "u1", "p1", rng=SeededRng(7), now=0.0)
+    assert alloc.servers == [SERVER, SERVER_V6]
+    assert [t.dst for t in transmits(alloc)] == [SERVER, SERVER_V6]
+    with pytest.raises(ValueError) as info:
+        turn.Allocation([], "u1", "p1", rng=SeededRng(7), now=0.0)
+    assert str(info.value) == "an allocation needs at least one server address"
+
+
+@pytest.mark.parametrize("challenge_realm", [REALM, None])
+def test_a_configured_realm_signs_requests_when_the_challenge_names_the_same_or_none(
+    challenge_realm: str | None,
+) -> None:
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0, realm=REALM)
+    (binding,) = transmits(alloc)
+    alloc.handle_input(relay.answer(binding), SERVER, 0.0)
+    (allocate,) = transmits(alloc)
+    challenge = stun.decode(allocate.payload).error_response(ErrorCode.UNAUTHENTICATED, "Unauthorized")
+    if challenge_realm is not None:
+        challenge.add_realm(challenge_realm)
+    alloc.handle_input(stun.encode(challenge.add_nonce(relay.nonce)), SERVER, 0.0)
+    (signed,) = transmits(alloc)
+    assert stun.decode(signed.payload).realm() == REALM
+    assert stun.check_integrity(signed.payload, relay.key())
+    alloc.handle_input(relay.answer(signed), SERVER, 0.0)
+    assert alloc.is_allocated
+
+
+def test_the_first_allocate_carries_no_credentials_until_a_nonce_is_known() -> None:
+    # RFC 8489 §9.2.3: without a NONCE from the server the first request goes out without USERNAME/NONCE/integrity,
+    # even when the realm (and so the key) is known beforehand
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0, realm=REALM)
+    alloc.update_credentials("u1", "p1", 0.0)
+    (binding,) = transmits(alloc)
+    alloc.handle_input(relay.answer(binding), SERVER, 0.0)
+    (allocate,) = transmits(alloc)
+    request = stun.decode(allocate.payload)
+    assert (request.username(), request.nonce(), request.has(Attr.MESSAGE_INTEGRITY)) == (None, None, False)
+
+
+def test_a_response_with_bad_integrity_is_dropped_and_logged_with_the_request_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, _ = _allocated()
+    alloc.refresh(1.0)
+    (refresh,) = transmits(alloc)
+    forged = stun.encode(stun.decode(refresh.payload).success_response().add_lifetime(600), integrity_key=b"forged")
+    assert alloc.handle_input(forged, SERVER, 1.1) is True
+    assert alloc.drops[turn.DropReason.BAD_INTEGRITY] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): dropped (turn_bad_integrity): refresh response" in lines
+
+
+def test_a_binding_success_with_only_a_plain_mapped_address_tells_the_srflx() -> None:
+    # RFC 8489 §14.1: MAPPED-ADDRESS is still understood (servers speaking RFC 3489 send only it)
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    (binding,) = transmits(alloc)
+    response = stun.decode(binding.payload).success_response().add_address(Attr.MAPPED_ADDRESS, SRFLX)
+    alloc.handle_input(stun.encode(response), SERVER, 0.1)
+    assert alloc.srflx == SRFLX
+    assert events(alloc) == [turn.BindingSucceeded(SERVER, SRFLX, pytest.approx(0.1))]
+
+
+def test_a_binding_success_without_any_mapped_address_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    (binding,) = transmits(alloc)
+    alloc.handle_input(stun.encode(stun.decode(binding.payload).success_response()), SERVER, 0.1)
+    assert alloc.srflx is None
+    assert alloc.drops[turn.DropReason.MALFORMED_RESPONSE] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    expected = "dropped (turn_malformed_response): BINDING success without a mapped address"
+    assert f"turn ('198.51.100.7', 3478): {expected}" in lines
+
+
+def test_malformed_and_unexpected_stun_is_dropped_and_logged_with_what_it_was(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dataplane.turn")
+    alloc, _ = _allocated()
+    assert alloc.handle_input(b"\x00\x01\x00", SERVER, 1.0) is True
+    assert alloc.handle_input(stun.encode(StunMessage.request(Method.BINDING, bytes(12))), SERVER, 1.0) is True
+    assert alloc.drops[turn.DropReason.MALFORMED_STUN] == 1
+    assert alloc.drops[turn.DropReason.UNEXPECTED_MESSAGE] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dataplane.turn"]
+    assert "turn ('198.51.100.7', 3478): dropped (turn_malformed_stun): shorter than a STUN header" in lines
+    assert "turn ('198.51.100.7', 3478): dropped (turn_unexpected_message): class 0 method 1" in lines
+
+
+def test_a_request_after_a_burst_of_answered_ones_is_still_retransmitted() -> None:
+    # a gateway binds a channel per client: answered requests must not cost the next one its retransmission timer
+    alloc, relay = _allocated()
+    for i in range(100):
+        alloc.bind_channel((f"10.2.0.{i}", 9000), 1.0)
+    _exchange(alloc, relay, 1.0)
+    assert alloc.bind_channel(PEER, 1.0) == 0x4064
+    (bind,) = transmits(alloc)
+    assert alloc.poll_timeout() == 2.0
+    alloc.handle_timeout(2.0)
+    assert transmits(alloc) == [bind]

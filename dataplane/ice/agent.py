@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from dataplane import stun
@@ -257,8 +257,9 @@ class AgentDirectory:
         self._transactions: dict[bytes, IceAgent] = {}
         self._pairs: dict[tuple[Address, Address], list[IceAgent]] = {}
         # Transactions no agent waits for any more (answered, given up, pair gone), newest last: a retransmitted
-        # check can be answered twice, and the second answer is then expected, not foreign traffic.
-        self._finished: dict[bytes, None] = {}
+        # check can be answered twice, and the second answer is then expected, not foreign traffic. An OrderedDict:
+        # a plain dict's oldest key, once many were deleted from the front, takes a scan over the holes to find.
+        self._finished: OrderedDict[bytes, None] = OrderedDict()
 
     def agent_for_transaction(self, transaction_id: bytes) -> IceAgent | None:
         return self._transactions.get(transaction_id)
@@ -285,7 +286,7 @@ class AgentDirectory:
             finished = self._finished
             finished[transaction_id] = None
             if len(finished) > FINISHED_TRANSACTIONS_KEPT:
-                del finished[next(iter(finished))]
+                finished.popitem(last=False)
 
     def _add_pair(self, key: tuple[Address, Address], agent: IceAgent) -> None:
         agents = self._pairs.get(key)

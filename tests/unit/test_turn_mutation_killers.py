@@ -853,3 +853,39 @@ def test_a_request_after_a_burst_of_answered_ones_is_still_retransmitted() -> No
     assert alloc.poll_timeout() == 2.0
     alloc.handle_timeout(2.0)
     assert transmits(alloc) == [bind]
+
+
+def test_every_request_leaves_from_the_allocation_local_socket() -> None:
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0, local=LOCAL)
+    sent = _exchange(alloc, relay, 0.0)
+    alloc.bind_channel(PEER, 1.0)
+    sent += _exchange(alloc, relay, 1.0)
+    assert [stun.decode(t.payload).method for t in sent] == [
+        Method.BINDING,
+        Method.ALLOCATE,
+        Method.ALLOCATE,
+        Method.CHANNEL_BIND,
+    ]
+    assert {t.src for t in sent} == {LOCAL}
+
+
+def test_an_unsigned_success_carrying_an_error_code_is_not_taken_as_authentic() -> None:
+    # only an error response with a challenge code may come without MESSAGE-INTEGRITY (RFC 8489 §9.2.5)
+    alloc, _ = _allocated()
+    alloc.refresh(1.0)
+    (refresh,) = transmits(alloc)
+    forged = stun.decode(refresh.payload).success_response().add_lifetime(0)
+    forged.add_error_code(ErrorCode.UNAUTHENTICATED, "Unauthorized")
+    assert alloc.handle_input(stun.encode(forged), SERVER, 1.1) is True
+    assert alloc.drops[turn.DropReason.BAD_INTEGRITY] == 1
+    assert events(alloc) == []
+    assert alloc.expires_at == 600.0
+
+
+def test_an_indication_other_than_data_is_dropped_as_unexpected() -> None:
+    alloc, _ = _allocated()
+    keepalive = StunMessage.indication(Method.BINDING, bytes(range(12)))
+    assert alloc.handle_input(stun.encode(keepalive), SERVER, 1.0) is True
+    assert alloc.drops[turn.DropReason.UNEXPECTED_MESSAGE] == 1
+    assert alloc.drops.total() == 1

@@ -889,3 +889,73 @@ def test_an_indication_other_than_data_is_dropped_as_unexpected() -> None:
     assert alloc.handle_input(stun.encode(keepalive), SERVER, 1.0) is True
     assert alloc.drops[turn.DropReason.UNEXPECTED_MESSAGE] == 1
     assert alloc.drops.total() == 1
+
+
+def test_the_lifetime_the_relay_grants_on_refresh_is_the_one_kept() -> None:
+    # RFC 8656 §7.3/§9: the server may grant less than asked; the granted LIFETIME rules the next refresh and expiry
+    alloc, relay = _allocated()
+    alloc.refresh(100.0)
+    (refresh,) = transmits(alloc)
+    granted = stun.decode(refresh.payload).success_response().add_lifetime(300)
+    alloc.handle_input(stun.encode(granted, integrity_key=relay.key()), SERVER, 100.0)
+    assert events(alloc) == [turn.AllocationRefreshed(SERVER, 300)]
+    assert (alloc.lifetime, alloc.expires_at) == (300, 400.0)
+    assert alloc.drops.total() == 0
+
+
+def _patient_allocation() -> tuple[turn.Allocation, Relay, Transmit]:
+    """An allocation whose first signed ALLOCATE is in flight; retransmissions only every 100 s."""
+    relay = Relay()
+    patient = stun.RetransmitPolicy(initial_rto=100.0, max_rto=100.0, backoff=1.0, max_elapsed=1000.0)
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0, policy=patient)
+    return alloc, relay, _first_allocate(alloc, relay, 0.0)
+
+
+def _answer_keepalive(alloc: turn.Allocation, relay: Relay, now: float) -> list[Transmit]:
+    """Fires the 25 s keepalive, answers it; returns whatever else was sent."""
+    alloc.handle_timeout(now)
+    others = []
+    for transmit in transmits(alloc):
+        if stun.decode(transmit.payload).method == Method.BINDING:
+            alloc.handle_input(relay.answer(transmit), SERVER, now)
+        else:
+            others.append(transmit)
+    return others + transmits(alloc)
+
+
+def test_a_keepalive_answered_while_the_allocate_is_in_flight_sends_no_second_allocate() -> None:
+    alloc, relay, allocate = _patient_allocation()
+    assert _answer_keepalive(alloc, relay, 25.0) == []
+    alloc.handle_input(relay.answer(allocate), SERVER, 26.0)
+    assert alloc.is_allocated
+
+
+def test_a_keepalive_answered_while_a_stale_allocation_is_being_deleted_waits_for_the_deletion() -> None:
+    alloc, relay, allocate = _patient_allocation()
+    alloc.handle_input(relay.error(allocate, ErrorCode.ALLOCATION_MISMATCH, "Allocation Mismatch"), SERVER, 0.0)
+    (deletion,) = transmits(alloc)
+    assert stun.decode(deletion.payload).lifetime() == 0
+    assert _answer_keepalive(alloc, relay, 25.0) == []  # no ALLOCATE before the relay confirmed the deletion
+    alloc.handle_input(relay.answer(deletion), SERVER, 26.0)
+    (again,) = transmits(alloc)
+    assert stun.decode(again.payload).method == Method.ALLOCATE
+
+
+def test_an_error_that_is_no_challenge_is_neither_retried_nor_counted_as_a_malformed_one() -> None:
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 1.0)
+    (bind,) = transmits(alloc)
+    refused = stun.decode(bind.payload).error_response(ErrorCode.FORBIDDEN, "Forbidden").add_nonce("n2")
+    alloc.handle_input(stun.encode(refused, integrity_key=relay.key()), SERVER, 1.0)
+    assert events(alloc) == [ChannelBindFailed(PEER, 0x4000, "403 Forbidden", 403)]
+    assert transmits(alloc) == []
+    assert alloc.drops.total() == 0
+
+
+def test_refused_credentials_fail_at_the_first_401_to_a_signed_request() -> None:
+    # RFC 8489 §9.2.5: a 401 to a request that carried credentials means they are wrong: retrying cannot help
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "wrong", rng=SeededRng(7), now=0.0)
+    sent = _exchange(alloc, relay, 0.0)
+    assert [stun.decode(t.payload).method for t in sent] == [Method.BINDING, Method.ALLOCATE, Method.ALLOCATE]
+    assert events(alloc)[-1] == AllocationFailed(SERVER, "401 Unauthorized", ErrorCode.UNAUTHENTICATED)

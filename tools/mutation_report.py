@@ -78,7 +78,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "dataplane/wireguard/timers.py": _WG_TESTS,
     "dataplane/wireguard/crypto.py": _WG_TESTS,
     "dataplane/wireguard/noise.py": _WG_TESTS,
-    "dataplane/wireguard/tunn.py": [*_WG_TESTS, *_WG_BATCH_TESTS],
+    "dataplane/wireguard/tunn.py": [*_WG_TESTS, *_WG_BATCH_TESTS, "tests/unit/test_wg_tunn_mutation_killers.py"],
     "dataplane/wireguard/device.py": [
         *_WG_TESTS,
         *_WG_BATCH_TESTS,

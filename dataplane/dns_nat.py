@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from dataplane.base import DropCounter
+from dataplane.base import DropCounter, evict_oldest
 from dataplane.icmp import UnreachableKind, destination_unreachable
 from dataplane.packet import (
     IPPROTO_ICMP,
@@ -52,7 +52,7 @@ FIN_LINGER = 5.0  # after FIN both ways
 
 MAX_TRANSLATIONS = 4096  # proxy IPs per client (a client hands out 8 per domain: 512 domains)
 MAX_SESSIONS = 16_384  # NAT sessions per client
-MAX_EXPIRED = 16_384  # remembered outside keys of expired sessions per client
+MAX_EXPIRED = 16_384  # remembered outside keys of expired sessions per client (the oldest eighth forgotten when full)
 ICMP_ERROR_HOP_LIMIT = 20
 
 # L4 "source protocol" kinds. ICMP echo is one kind in both families: the address length tells them apart.
@@ -257,8 +257,8 @@ class DnsNat:
     def _remember_expired(self, outside: _Key) -> None:
         self._expired.pop(outside, None)
         self._expired[outside] = None
-        while len(self._expired) > MAX_EXPIRED:
-            del self._expired[next(iter(self._expired))]
+        if len(self._expired) > MAX_EXPIRED:
+            evict_oldest(self._expired, len(self._expired) - MAX_EXPIRED + MAX_EXPIRED // 8)
 
     # --- per packet ---------------------------------------------------------------------------------------------------
 

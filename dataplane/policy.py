@@ -39,7 +39,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from dataplane.base import DropCounter
+from dataplane.base import DropCounter, evict_oldest
 from dataplane.icmp import UnreachableKind, destination_unreachable
 from dataplane.packet import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from protocol.messages import CidrResource, DnsResource, IcmpFilter, InternetResource, PortFilter
@@ -56,6 +56,8 @@ MAX_PROXY_ROUTES_PER_CLIENT = 4096
 CLASSIFICATION_CACHE_SIZE = 1024
 # Allowed flows remembered per direction and protocol between state changes (a flow is bytes 12-24 of its packets).
 FLOW_TABLE_SIZE = 4096
+# A full cache or flow table drops its oldest eighth at once (see evict_oldest): a decision evicted early is only
+# computed again.
 
 
 class PolicyDropReason(enum.Enum):
@@ -288,7 +290,7 @@ def _through_flow_table(
         decision = decide(packet)
         if decision.allowed:
             if len(table) >= FLOW_TABLE_SIZE:
-                del table[next(iter(table))]
+                evict_oldest(table, FLOW_TABLE_SIZE // 8)
             table[key] = decision
     return decision
 
@@ -695,7 +697,7 @@ class ClientPolicy:
                         break
                     outcome = PolicyDropReason.FILTERED
         if len(self._cache) >= CLASSIFICATION_CACHE_SIZE:
-            del self._cache[next(iter(self._cache))]
+            evict_oldest(self._cache, CLASSIFICATION_CACHE_SIZE // 8)
         self._cache[key] = outcome
         return outcome
 

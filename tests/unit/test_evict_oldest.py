@@ -25,7 +25,7 @@ def test_a_full_flow_table_drops_its_oldest_eighth_and_stays_within_its_bound() 
     table: dict[bytes, policy.Decision] = {}
     decisions = 0
 
-    def decide(packet: bytes) -> policy.Decision:
+    def decide(packet: bytes | bytearray | memoryview) -> policy.Decision:
         nonlocal decisions
         decisions += 1
         return policy.Decision(allowed=True)

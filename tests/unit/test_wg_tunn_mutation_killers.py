@@ -18,16 +18,17 @@ from dataplane.wireguard.constants import (
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
     REKEY_ATTEMPT_TIME,
+    REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
     ZERO_KEYS_AFTER,
 )
 from dataplane.wireguard.cookie import CookieGenerator
 from dataplane.wireguard.crypto import public_key
 from dataplane.wireguard.replay import RING_BLOCKS
-from dataplane.wireguard.tunn import DropReason, HandshakeGaveUp, IndexTable, Tunn
+from dataplane.wireguard.tunn import DropReason, HandshakeCompleted, HandshakeGaveUp, IndexTable, Tunn
 
 from .test_wg_device import TUNNEL_A, TUNNEL_B, ipv4_packet
-from .test_wg_mutation_killers import FixedJitterRng
+from .test_wg_mutation_killers import FixedJitterRng, _ipv6_packet
 from .test_wg_tunn import TunnPair
 
 KEEPALIVE_SIZE = 32  # transport header + the tag of an empty plaintext
@@ -372,15 +373,22 @@ def test_byte_counters_add_up_every_datagram_across_rekeys() -> None:
 # --- timers ---
 
 
-def test_passive_keepalives_answer_received_data_twice_at_most() -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_passive_keepalives_answer_two_received_data_packets_twice_at_most(batched: bool) -> None:
     # wireguard-go timers.go: data received arms the keepalive (Keepalive-Timeout); data received while it is armed
-    # asks for one more; the second expiry sends it and does not re-arm
+    # asks for one more; the second expiry sends it and does not re-arm. A run of messages counts as one by one.
     pair = TunnPair()
     _established(pair, 0.0)
     for payload in (b"one", b"two"):
         pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B, payload), 1.0)
-    for message in pair.a.drain_transmits():
-        assert pair.b.decapsulate(message, 1.0) is not None
+    messages = pair.a.drain_transmits()
+    if batched:
+        out: list[bytes] = []
+        assert pair.b.receive_transport_run(int.from_bytes(messages[0][4:8], "little"), messages, 1.0, out) == 2
+        assert len(out) == 2
+    else:
+        for message in messages:
+            assert pair.b.decapsulate(message, 1.0) is not None
     first = 1.0 + KEEPALIVE_TIMEOUT
     assert pair.b.poll_timeout() == first
     pair.b.handle_timeout(first)
@@ -433,17 +441,18 @@ def test_with_no_jitter_retries_leave_every_rekey_timeout_until_rekey_attempt_ti
     assert gave_up_at == REKEY_ATTEMPT_TIME
 
 
-def _rekey_in_flight() -> TunnPair:
-    """A session A initiated, then A's rekey initiation at 130 s (its keypair is past Rekey-After-Time), unanswered;
-    A's jitter is 0.3 s, so the retry is due at 135.3 s."""
+def _rekey_in_flight(at: float = 130.0) -> TunnPair:
+    """A session A initiated at 0 s, then A's rekey initiation at ``at`` (its keypair is past Rekey-After-Time),
+    unanswered; A's jitter is 0.3 s, so the retry is due at ``at`` + 5.3 s, and a reply to data A sent at ``at`` - 10.2 s
+    (before Rekey-After-Time) is missed at ``at`` + 5.1 s."""
     pair = TunnPair()
     pair.a = _tunn(pair, "a", FixedJitterRng(0.9))
     _established(pair)
-    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 119.8)  # expects a reply by 119.8 + 15.3 = 135.1
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), at - 10.2)  # expects a reply within 10 + 5 + 0.3 s
     pair.a.drain_transmits()
-    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 130.0)
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), at)
     assert _kinds(pair.a) == [MESSAGE_TRANSPORT, MESSAGE_INITIATION]
-    assert pair.a.poll_timeout() == pytest.approx(135.1)
+    assert pair.a.poll_timeout() == pytest.approx(at + 5.1)
     return pair
 
 
@@ -464,3 +473,66 @@ def test_a_missing_reply_does_not_start_a_second_initiation_while_one_is_in_flig
     assert retry_at is not None and retry_at == pytest.approx(135.3)
     pair.a.handle_timeout(retry_at)
     assert _kinds(pair.a) == [MESSAGE_INITIATION]
+
+
+def test_data_received_on_an_aging_session_does_not_start_a_second_initiation_while_one_is_in_flight() -> None:
+    # keep-key-fresh on receive (past Reject-After-Time - Keepalive-Timeout - Rekey-Timeout) with a rekey in flight
+    pair = TunnPair()
+    pair.a = _tunn(pair, "a", FixedJitterRng(0.9))  # retries 5.3 s apart
+    _established(pair)
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), 160.0)  # past Rekey-After-Time: rekeys on send
+    assert _kinds(pair.a) == [MESSAGE_TRANSPORT, MESSAGE_INITIATION]
+    late = 160.0 + REKEY_TIMEOUT + 0.05  # past the Rekey-Timeout spacing, before the retry is due
+    assert late >= REKEY_ON_RECEIVE_AGE
+    reply = ipv4_packet(TUNNEL_B, TUNNEL_A)
+    assert pair.a.decapsulate(_transport(pair.b, reply, late), late) == reply
+    assert pair.a.drain_transmits() == []
+
+
+def test_the_initiator_rekeys_on_receive_once_per_session_from_rekey_on_receive_age() -> None:
+    # whitepaper §6.2 / wireguard-go receive.go: an initiator receiving on a keypair Reject-After-Time - Keepalive-Timeout
+    # - Rekey-Timeout old starts one handshake (sentLastMinuteHandshake), not one per message, even once it gave up
+    pair = TunnPair()
+    pair.a = _tunn(pair, "a", SeededRng(8), rekey_attempt_time=REKEY_TIMEOUT)
+    created = 100.0
+    _established(pair, created)
+    reply = ipv4_packet(TUNNEL_B, TUNNEL_A)
+    before = created + REKEY_ON_RECEIVE_AGE - 1.0
+    assert pair.a.decapsulate(_transport(pair.b, reply, before), before) == reply
+    assert pair.a.drain_transmits() == []
+    due = created + REKEY_ON_RECEIVE_AGE
+    assert pair.a.decapsulate(_transport(pair.b, reply, due), due) == reply
+    assert _kinds(pair.a) == [MESSAGE_INITIATION]
+    retry_at = pair.a.poll_timeout()
+    assert retry_at is not None and retry_at < created + REJECT_AFTER_TIME
+    pair.a.handle_timeout(retry_at)  # the attempt run is Rekey-Attempt-Time (here 5 s) old: give up
+    assert pair.a.drain_transmits() == []
+    assert isinstance(pair.a.poll_event(), HandshakeCompleted)
+    assert isinstance(pair.a.poll_event(), HandshakeGaveUp)
+    later = retry_at + 1.0
+    assert later < created + REJECT_AFTER_TIME
+    assert pair.a.decapsulate(_transport(pair.b, reply, later), later) == reply
+    assert pair.a.drain_transmits() == []
+
+
+def test_a_run_of_keepalives_does_not_arm_the_passive_keepalive() -> None:
+    # wireguard-go: a keepalive is authenticated traffic but not data; only data asks for a keepalive in return
+    pair = TunnPair()
+    _established(pair)
+    pair.a.send_keepalive(1.0)
+    pair.a.send_keepalive(1.0)
+    keepalives = pair.a.drain_transmits()
+    assert [len(m) for m in keepalives] == [KEEPALIVE_SIZE, KEEPALIVE_SIZE]
+    out: list[bytes] = []
+    assert pair.b.receive_transport_run(int.from_bytes(keepalives[0][4:8], "little"), keepalives, 1.0, out) == 2
+    assert out == []
+    assert pair.b.poll_timeout() == ZERO_KEYS_AFTER  # no keepalive due at 1 + Keepalive-Timeout
+
+
+@pytest.mark.parametrize("payload_length", [255, 256, 300, 1000])
+def test_an_ipv6_packet_is_delivered_by_its_16_bit_payload_length(payload_length: int) -> None:
+    pair = TunnPair()
+    _established(pair)
+    packet = _ipv6_packet("fd00::1", bytes(range(256)) * 4)[: 40 + payload_length]
+    packet = _ipv6_packet("fd00::1", packet[40:])
+    assert pair.b.decapsulate(_transport(pair.a, packet, 1.0), 1.0) == packet

@@ -17,6 +17,7 @@ from dataplane.wireguard.constants import (
     MESSAGE_TRANSPORT,
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
@@ -536,3 +537,28 @@ def test_an_ipv6_packet_is_delivered_by_its_16_bit_payload_length(payload_length
     packet = _ipv6_packet("fd00::1", bytes(range(256)) * 4)[: 40 + payload_length]
     packet = _ipv6_packet("fd00::1", packet[40:])
     assert pair.b.decapsulate(_transport(pair.a, packet, 1.0), 1.0) == packet
+
+
+def test_the_initiator_rekeys_on_send_once_its_keypair_is_rekey_after_time_old() -> None:
+    # docs/protocol.md timers table: Rekey-After-Time (120 s) counts from the keypair's creation
+    pair = TunnPair()
+    created = 100.0
+    _established(pair, created)
+    for now in (created + 50.0, created + REKEY_AFTER_TIME - 1.0):
+        pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), now)
+        assert _kinds(pair.a) == [MESSAGE_TRANSPORT]
+    pair.a.encapsulate(ipv4_packet(TUNNEL_A, TUNNEL_B), created + REKEY_AFTER_TIME + 0.5)
+    assert _kinds(pair.a) == [MESSAGE_TRANSPORT, MESSAGE_INITIATION]
+
+
+def test_either_side_rekeys_on_send_after_rekey_after_messages_messages() -> None:
+    # wireguard-go send.go keepKeyFreshSending: a new handshake once more than Rekey-After-Messages were sent
+    pair = TunnPair()
+    _established(pair)
+    keypair = pair.b._current  # the responder's keypair: no rekey by age on its side
+    assert keypair is not None
+    keypair.send_counter = REKEY_AFTER_MESSAGES - 1
+    pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A), 1.0)  # the 2^60th message
+    assert _kinds(pair.b) == [MESSAGE_TRANSPORT]
+    pair.b.encapsulate(ipv4_packet(TUNNEL_B, TUNNEL_A), 1.0)
+    assert _kinds(pair.b) == [MESSAGE_TRANSPORT, MESSAGE_INITIATION]

@@ -959,3 +959,32 @@ def test_refused_credentials_fail_at_the_first_401_to_a_signed_request() -> None
     sent = _exchange(alloc, relay, 0.0)
     assert [stun.decode(t.payload).method for t in sent] == [Method.BINDING, Method.ALLOCATE, Method.ALLOCATE]
     assert events(alloc)[-1] == AllocationFailed(SERVER, "401 Unauthorized", ErrorCode.UNAUTHENTICATED)
+
+
+def test_a_stale_nonce_right_after_the_401_dance_is_retried_with_the_fresh_nonce() -> None:
+    # RFC 8489 §9.2.5: the nonce may expire between the challenge and the signed request: 438, retry, succeed
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0)
+    allocate = _first_allocate(alloc, relay, 0.0)
+    stale = stun.decode(allocate.payload).error_response(ErrorCode.STALE_NONCE, "Stale Nonce")
+    alloc.handle_input(stun.encode(stale.add_realm(REALM).add_nonce("n2")), SERVER, 0.1)
+    (retry,) = transmits(alloc)
+    assert stun.decode(retry.payload).nonce() == "n2"
+    alloc.handle_input(relay.answer(retry), SERVER, 0.2)
+    assert alloc.is_allocated
+
+
+def test_the_realm_named_by_the_challenge_replaces_a_configured_one_in_the_key() -> None:
+    # RFC 8489 §9.2.2: the key is MD5(username ":" realm ":" password) with the realm the server sent
+    relay = Relay()
+    alloc = turn.Allocation(SERVER, "u1", "p1", rng=SeededRng(7), now=0.0, realm="elsewhere")
+    alloc.update_credentials("u1", "p1", 0.0)  # a key for the configured realm exists already
+    (binding,) = transmits(alloc)
+    alloc.handle_input(relay.answer(binding), SERVER, 0.0)
+    (allocate,) = transmits(alloc)
+    alloc.handle_input(relay.answer(allocate), SERVER, 0.0)  # 401 naming REALM "firezone"
+    (signed,) = transmits(alloc)
+    assert stun.decode(signed.payload).realm() == REALM
+    assert stun.check_integrity(signed.payload, relay.key())
+    alloc.handle_input(relay.answer(signed), SERVER, 0.0)
+    assert alloc.is_allocated

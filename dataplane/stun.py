@@ -725,36 +725,12 @@ _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")  # by value length % 4
 _MI_SHA1_HEADER = _ATTRIBUTE_HEADER.pack(_MI_TYPE, HMAC_SHA1_LENGTH)
 _MI_SHA256_HEADER = _ATTRIBUTE_HEADER.pack(_MI_SHA256_TYPE, HMAC_SHA256_LENGTH)
 _FINGERPRINT_HEADER = _ATTRIBUTE_HEADER.pack(_FINGERPRINT_TYPE, 4)
-_HMAC_BLOCK_SIZE = 64  # SHA-1 and SHA-256
-_HMAC_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
-_HMAC_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
-_HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
-HMAC_KEYS_CACHED = 4096
-"""Keys whose HMAC pads are kept ready: an agent's two short-term keys and each relay's long-term key, per
-connection (a few thousand connections' worth; only our own credentials ever become keys)."""
-
-
-@functools.lru_cache(maxsize=HMAC_KEYS_CACHED)
-def _hmac_pads(key: bytes, digest: str) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """The HMAC (RFC 2104) inner and outer hashes with the padded key already absorbed, to be copied per message:
-    every check and answer is signed or verified with one of a few keys, and ``hmac.digest`` prepares the key (and
-    looks the digest up in OpenSSL) again for each -- about half the cost of signing a short STUN message."""
-    new = _HASHES[digest]
-    if len(key) > _HMAC_BLOCK_SIZE:
-        key = new(key).digest()
-    key = key.ljust(_HMAC_BLOCK_SIZE, b"\0")
-    return new(key.translate(_HMAC_INNER_PAD)), new(key.translate(_HMAC_OUTER_PAD))
 
 
 def _hmac(key: bytes, digest: str, *parts: bytes | bytearray) -> bytes:
-    """HMAC-``digest`` of the concatenated ``parts`` (the same bytes as ``hmac.digest(key, b"".join(parts), digest)``)."""
-    inner_pad, outer_pad = _hmac_pads(key, digest)
-    inner = inner_pad.copy()
-    for part in parts:
-        inner.update(part)
-    outer = outer_pad.copy()
-    outer.update(inner.digest())
-    return outer.digest()
+    """HMAC-``digest`` of the concatenated ``parts`` (the standard library's; hand-made HMAC pads saved about 1 µs
+    per signature, not worth a second implementation of a MAC)."""
+    return hmac.digest(key, b"".join(parts), digest)
 
 
 def encode(

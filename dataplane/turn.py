@@ -402,7 +402,8 @@ class Allocation:
         while self._unbound_from in self._channels_by_number:
             self._unbound_from += 1
         self._channels_by_peer[peer] = channel
-        self._cooldown.pop(number, None)
+        # A held number stays held while the same peer binds it again: if the relay refuses that bind, no new binding
+        # exists and the old one's hold still runs (RFC 8656 §12); a bound number is never handed out anyway.
         self._send_channel_bind(channel, now)
         return number
 

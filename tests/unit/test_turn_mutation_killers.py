@@ -494,6 +494,23 @@ def test_a_held_number_goes_to_another_peer_exactly_five_minutes_after_expiry() 
     assert alloc.bind_channel(OTHER_PEER, 900.0) == 0x4000
 
 
+def test_a_refused_rebind_by_the_same_peer_keeps_the_numbers_hold() -> None:
+    # RFC 8656 §12: a number is held for 5 minutes after its binding expired; a rebind the relay refuses creates no
+    # binding, so the number must not go to another peer before the old hold ends (600 + 300 s).
+    alloc, relay = _allocated()
+    alloc.bind_channel(PEER, 0.0)
+    _exchange(alloc, relay, 0.0)
+    _run_until(alloc, 650.0, relay)  # expired unused at 600
+    assert not alloc.has_channel(PEER)
+    assert alloc.bind_channel(PEER, 700.0) == 0x4000  # the same peer may have its number back at once
+    (bind,) = [t for t in transmits(alloc) if stun.decode(t.payload).method == Method.CHANNEL_BIND]
+    alloc.handle_input(relay.error(bind, ErrorCode.FORBIDDEN, "Forbidden"), SERVER, 700.0)
+    assert events(alloc)[-1] == ChannelBindFailed(PEER, 0x4000, "403 Forbidden", 403)
+    assert alloc.bind_channel(OTHER_PEER, 700.0) == 0x4001
+    _run_until(alloc, 900.0, relay)
+    assert alloc.bind_channel(("192.0.2.52", 6002), 900.0) == 0x4000  # the hold has ended
+
+
 def test_a_retransmission_repeats_the_request_to_the_address_it_was_sent_to() -> None:
     # RFC 8489 §6.2.1: a retransmission is the same request (same transaction ID and bytes) to the same destination
     alloc = turn.Allocation([SERVER, SERVER_V6], "u1", "p1", rng=SeededRng(7), now=0.0, local=LOCAL)

@@ -355,6 +355,7 @@ def default_num_tun_threads() -> int:
 
 # --- command line -------------------------------------------------------------------------------------------------
 
+
 def describe_settings(settings: Settings) -> str:
     """One line of the effective settings for a start-up debug log; never the token."""
     shown: list[str] = []

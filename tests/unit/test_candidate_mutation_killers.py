@@ -7,6 +7,7 @@ error says what was wrong with which field (the reason ends up in the drop log).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 import pytest
@@ -205,3 +206,48 @@ def test_raddr_and_rport_come_together(extras: str) -> None:
 )
 def test_rejections_carry_their_reason(text: object, reason: str) -> None:
     assert _parse_error(text) == reason
+
+
+# ---- addresses: the canonical-IPv4 fast path agrees with ipaddress ------------------------------------------------
+
+ADDRESS_TEXTS = [
+    "0.0.0.0",
+    "1.2.3.4",
+    "9.99.199.255",
+    "255.255.255.255",
+    "256.1.1.1",  # out of range
+    "1.2.3.256",
+    "1.2.3.999",
+    "01.2.3.4",  # leading zero: ipaddress refuses
+    "1.2.3.04",
+    "00.1.2.3",
+    "1.2.3",  # too few parts
+    "1.2.3.4.5",  # too many
+    "1..2.3",
+    "1.2.3.",
+    ".1.2.3",
+    "1.2.3.1234",
+    "1.2.3.+4",
+    "1.2.3.-4",
+    "\u0661.2.3.4",  # an Arabic-Indic digit: isdigit() but not ASCII
+    "1.2.3.\u00b2",  # a superscript two: isdigit() but not a decimal
+    "::1",
+    "2001:db8::1",
+    "2001:DB8::0001",  # not canonical: normalized by the parse
+    "fe80::1%eth0",  # scoped: refused
+    "",
+]
+
+
+@pytest.mark.parametrize("text", ADDRESS_TEXTS)
+def test_a_candidate_address_is_what_ipaddress_makes_of_it_or_refused(text: str) -> None:
+    line = f"candidate:1 1 udp 2130706431 {text} 4000 typ host"
+    try:
+        expected = str(ipaddress.ip_address(text))
+    except ValueError:
+        expected = None
+    if expected is None or "%" in expected:
+        with pytest.raises(CandidateParseError):
+            Candidate.from_sdp(line)
+    else:
+        assert Candidate.from_sdp(line).address == (expected, 4000)

@@ -634,7 +634,9 @@ class LabWorld:
                 secret=RELAY_SECRET,
                 netns=self.ns["wan"],
                 allow_loopback_peers=False,
-                relay_ports=(40000 + 1000 * index, 40999 + 1000 * index),
+                # A relay port per allocation: 10,000 each, enough for MAX_LOAD_CLIENTS identities and the gateways
+                # (1,000 ran out at 1,000 identities: "508 Cannot create socket"), below the ephemeral range.
+                relay_ports=(10000 + 10000 * index, 19999 + 10000 * index),
                 relay_threads=LAB_RELAY_THREADS,
             )
             self.coturns.append(relay)

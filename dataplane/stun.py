@@ -645,8 +645,12 @@ def is_stun(data: bytes) -> bool:
     )
 
 
-def _fingerprint(data: bytes) -> int:
-    return (zlib.crc32(data) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
+def _fingerprint(*parts: bytes | bytearray) -> int:
+    """FINGERPRINT's value (RFC 8489 §14.7) over the concatenated ``parts``."""
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return (crc ^ FINGERPRINT_XOR) & 0xFFFFFFFF
 
 
 _ATTRIBUTE_HEADER = struct.Struct("!HH")
@@ -727,12 +731,6 @@ _MI_SHA256_HEADER = _ATTRIBUTE_HEADER.pack(_MI_SHA256_TYPE, HMAC_SHA256_LENGTH)
 _FINGERPRINT_HEADER = _ATTRIBUTE_HEADER.pack(_FINGERPRINT_TYPE, 4)
 
 
-def _hmac(key: bytes, digest: str, *parts: bytes | bytearray) -> bytes:
-    """HMAC-``digest`` of the concatenated ``parts`` (the standard library's; hand-made HMAC pads saved about 1 µs
-    per signature, not worth a second implementation of a MAC)."""
-    return hmac.digest(key, b"".join(parts), digest)
-
-
 def encode(
     msg: StunMessage,
     *,
@@ -760,18 +758,18 @@ def encode(
         return _MESSAGE_HEADER.pack(header_type, length, MAGIC_COOKIE) + transaction_id
 
     if integrity_key is not None:
-        mac = _hmac(integrity_key, "sha1", header(len(body) + 4 + HMAC_SHA1_LENGTH), body)
+        mac = hmac.digest(integrity_key, header(len(body) + 4 + HMAC_SHA1_LENGTH) + body, "sha1")
         body += _MI_SHA1_HEADER
         body += mac
         if integrity_sha256:
-            mac = _hmac(integrity_key, "sha256", header(len(body) + 4 + HMAC_SHA256_LENGTH), body)
+            mac = hmac.digest(integrity_key, header(len(body) + 4 + HMAC_SHA256_LENGTH) + body, "sha256")
             body += _MI_SHA256_HEADER
             body += mac
     elif integrity_sha256:
         raise ValueError("integrity_sha256 needs an integrity_key")
     if fingerprint:
         prefix = header(len(body) + FINGERPRINT_ATTRIBUTE_LENGTH)
-        crc = (zlib.crc32(body, zlib.crc32(prefix)) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
+        crc = _fingerprint(prefix, body)
         body += _FINGERPRINT_HEADER
         body += crc.to_bytes(4, "big")
         return prefix + body
@@ -813,7 +811,7 @@ def check_integrity(data: bytes, key: bytes) -> bool:
             continue  # before MI: covered by it; after MI: ignored (RFC 8489 §14.5)
         # The MAC covers the message up to this attribute, with the header's length as if it ended after it.
         signed_length = (attr_offset + ATTRIBUTE_HEADER_LENGTH + length - HEADER_LENGTH).to_bytes(2, "big")
-        mac = _hmac(key, digest, data[:2] + signed_length + data[4:attr_offset])[:length]
+        mac = hmac.digest(key, data[:2] + signed_length + data[4:attr_offset], digest)[:length]
         if not hmac.compare_digest(mac, data[value_offset : value_offset + length]):
             return False
         found = True

@@ -134,15 +134,20 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _stat_cpu_seconds(stat: str) -> float:
+    """utime + stime, in seconds, from the text of a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat file."""
+    # Fields after "(comm)": state is index 0, so utime (field 14) is index 11 and stime index 12.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, all threads, in seconds (0 if it is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            return _stat_cpu_seconds(f.read())
     except OSError:
         return 0.0
-    # Fields after "(comm)": state is index 0, so utime (field 14) is index 11 and stime index 12.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -160,8 +165,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         except OSError:
             continue  # ended meanwhile
         name = "main" if tid == str(pid) else text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[name] = seconds.get(name, 0.0) + _stat_cpu_seconds(text)
     return seconds
 
 

@@ -100,6 +100,11 @@ class DataPlane:
             raise
         for udp in self.sockets.sockets():
             loop.add_reader(udp.fileno(), self._on_udp_readable, udp)
+        # Handshake bursts count as load only while the receive queue backs up (docs/protocol.md §4.2): possible
+        # when the kernel reports the queue.
+        self.state.node.handshake_load.needs_backlog = all(
+            udp.receive_queue() is not None for udp in self.sockets.sockets()
+        )
         loop.add_reader(self.tun.wakeup_fd, self._on_tun_readable)
         ports = ", ".join(f"{s.local_address[0]}:{s.local_address[1]}" for s in self.sockets.sockets())
         logger.info("data plane started", extra={"tun": options.tun_name, "udp": ports, "queues": options.tun_queues})
@@ -157,7 +162,12 @@ class DataPlane:
         if not datagrams:
             return
         self.datagrams_in += len(datagrams)
-        packets = self.state.handle_datagrams(datagrams, self._now())
+        now = self._now()
+        if len(datagrams) >= UDP_BATCH:  # a short batch emptied the queue: nothing waits behind it
+            queue = udp.receive_queue()
+            if queue is not None:
+                self.state.node.handshake_load.note_backlog(*queue, now)
+        packets = self.state.handle_datagrams(datagrams, now)
         if packets and self.tun is not None:
             self.packets_to_tun += len(packets)
             self.tun.write_now(packets)  # on this thread: a writer-thread hand-off costs more than the write

@@ -27,6 +27,8 @@ UDP_GRO = 104
 SO_MARK = 36
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+SO_MEMINFO = 55  # u32 array; [0] SK_MEMINFO_RMEM_ALLOC (bytes queued, as truesize), [1] SK_MEMINFO_RCVBUF
+_MEMINFO = struct.Struct("=2I")
 
 DEFAULT_PORT = 52625
 FIREZONE_MARK = 0xFD002021
@@ -178,6 +180,18 @@ class UdpSocket:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def receive_queue(self) -> tuple[int, int] | None:
+        """(bytes waiting in the receive queue, the queue's capacity), as the kernel accounts them; None when the
+        kernel cannot tell (SO_MEMINFO, Linux 3.19+)."""
+        try:
+            raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 9 * 4)
+        except OSError:
+            return None
+        if len(raw) < _MEMINFO.size:
+            return None
+        queued, capacity = _MEMINFO.unpack_from(raw)
+        return queued, capacity
 
     def set_mark(self, mark: int) -> bool:
         """SO_MARK (fwmark); False when not permitted."""

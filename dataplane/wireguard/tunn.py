@@ -47,6 +47,8 @@ from .constants import (
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
     UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_QUEUE_BYTES,
+    UNDER_LOAD_QUEUE_FRACTION,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .crypto import PrivateKey, dh, load_private_key, public_key, tai64n
@@ -139,20 +141,29 @@ class HandshakeLoad:
     """Whether handshake messages arrive too fast: the "under load" state of Device, for a caller of many Tunns.
 
     mac1-valid handshake messages are counted in one-second buckets (a bucket starts at the first message after the
-    previous one ended); a bucket holding more than ``threshold`` of them means under load, until
-    ``UNDER_LOAD_AFTER_TIME`` after the last message over the threshold. Under load the caller answers a message
-    without a valid mac2 with a cookie reply only, and sends one with a valid mac2 through a per-source rate limiter
-    before any Curve25519 work.
+    previous one ended); a bucket holding more than ``threshold`` of them is a burst, which lasts until
+    ``UNDER_LOAD_AFTER_TIME`` after the last message over the threshold. A burst alone is Firezone's "under load".
+
+    A driver that can see its receive queue sets ``needs_backlog`` and reports the queue with :meth:`note_backlog`:
+    then a burst is under load only while the queue is also backed up (at least 1/8 of the buffer, or
+    ``UNDER_LOAD_QUEUE_BYTES``, within the last ``UNDER_LOAD_AFTER_TIME``), as in wireguard-go. A thousand clients
+    arriving at once (a restart, a portal reconnect) are then served at once while the node keeps up, instead of
+    waiting a 5 s handshake retry for their cookies; a flood it cannot keep up with still gets cookies.
+
+    Under load the caller answers a message without a valid mac2 with a cookie reply only, and sends one with a valid
+    mac2 through a per-source rate limiter before any Curve25519 work.
     """
 
-    __slots__ = ("_bucket_count", "_bucket_start", "_until", "force", "threshold")
+    __slots__ = ("_backlogged_until", "_bucket_count", "_bucket_start", "_until", "force", "needs_backlog", "threshold")
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
         self.force = False  # pins the state on (tests, operators)
+        self.needs_backlog = False
         self._bucket_start = 0.0
         self._bucket_count = 0
         self._until: float | None = None
+        self._backlogged_until: float | None = None
 
     def count(self, now: float) -> None:
         if now - self._bucket_start >= 1.0 or now < self._bucket_start:
@@ -162,8 +173,21 @@ class HandshakeLoad:
         if self._bucket_count > self.threshold:
             self._until = now + UNDER_LOAD_AFTER_TIME
 
+    def note_backlog(self, queued_bytes: int, capacity_bytes: int, now: float) -> None:
+        """The receive queue holds ``queued_bytes`` of ``capacity_bytes`` (both as the kernel accounts them)."""
+        if capacity_bytes > 0 and queued_bytes >= min(
+            capacity_bytes // UNDER_LOAD_QUEUE_FRACTION, UNDER_LOAD_QUEUE_BYTES
+        ):
+            self._backlogged_until = now + UNDER_LOAD_AFTER_TIME
+
     def under_load(self, now: float) -> bool:
-        return self.force or (self._until is not None and now < self._until)
+        if self.force:
+            return True
+        if self._until is None or now >= self._until:
+            return False
+        if not self.needs_backlog:
+            return True
+        return self._backlogged_until is not None and now < self._backlogged_until
 
 
 _log = logging.getLogger(__name__)

@@ -211,3 +211,23 @@ def test_recv_on_a_closed_socket_raises_instead_of_spinning() -> None:
     with pytest.raises(OSError) as raised:
         sock.recv_many()
     assert raised.value.errno == errno.EBADF
+
+
+def test_receive_queue_reports_what_waits_unread_and_the_buffer_it_fills() -> None:
+    receiver = UdpSocket.bind("127.0.0.1", 0)
+    sender = UdpSocket.bind("127.0.0.1", 0)
+    try:
+        queue = receiver.receive_queue()
+        assert queue is not None
+        assert queue[0] == 0
+        assert queue[1] >= 2 * 1024 * 1024  # the enlarged receive buffer, as the kernel accounts it
+        sender.send_many(numbered(20, 148, receiver.local_address))
+        deadline = time.monotonic() + 3.0
+        while (queue := receiver.receive_queue()) is not None and queue[0] < 20 * 148 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert queue is not None and queue[0] >= 20 * 148  # at least the payloads (the kernel counts skb truesize)
+        assert len(drain(receiver, 20)) == 20
+        assert receiver.receive_queue() == (0, queue[1])
+    finally:
+        receiver.close()
+        sender.close()

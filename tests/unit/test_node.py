@@ -318,6 +318,26 @@ def test_under_load_valid_mac2_still_passes_a_per_source_rate_limit() -> None:
     assert node.drops[DropReason.HANDSHAKE_RATE_LIMITED] == 5  # burst 5, then 20/s
 
 
+def test_a_handshake_burst_the_gateway_keeps_up_with_gets_no_cookie_when_it_sees_its_queue() -> None:
+    node, client, src, local, now = _gateway_with_a_client_tunnel()
+    load = node.handshake_load
+    load.needs_backlog = True
+    for _ in range(load.threshold + 1):  # a burst over Firezone's 100 per second
+        load.count(now)
+    client.send_keepalive(now)
+    (initiation,) = client.drain_transmits()
+    node.handle_input(initiation, src, local, now)
+    assert [message[0] for message in _handshake_transmits(node)] == [2]  # a response, no cookie
+    assert node.drops[DropReason.COOKIE_REQUIRED] == 0
+    load.note_backlog(16 * 1024 * 1024, 32 * 1024 * 1024, now)  # the receive queue backs up: now it is load
+    client.handle_timeout(now + 10.0)
+    client.send_keepalive(now + 10.0)
+    for message in client.drain_transmits():
+        if message[0] == 1:
+            node.handle_input(message, src, local, now + 0.5)
+    assert node.drops[DropReason.COOKIE_REQUIRED] == 1
+
+
 def test_handshake_load_is_shared_across_connections() -> None:
     world = build_world(PORT_RESTRICTED_CONE, seed=3)
     world.gateway.node.handshake_load.threshold = 1

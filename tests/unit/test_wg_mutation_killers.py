@@ -39,6 +39,7 @@ from dataplane.wireguard.constants import (
     REKEY_AFTER_TIME,
     REKEY_ON_RECEIVE_AGE,
     UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_QUEUE_BYTES,
 )
 from dataplane.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
 from dataplane.wireguard.crypto import hmac_blake2s, public_key, tai64n
@@ -499,6 +500,40 @@ def test_handshake_load_counts_per_one_second_bucket_and_stays_on_for_under_load
     for _ in range(3):  # three at one instant are three in one bucket
         burst.count(7.0)
     assert burst.under_load(7.0)
+
+
+def test_handshake_load_with_a_visible_queue_needs_a_burst_and_a_backlog_at_once() -> None:
+    load = HandshakeLoad(threshold=2)
+    load.needs_backlog = True
+    for _ in range(5):
+        load.count(10.0)
+    assert not load.under_load(10.0)  # a burst the node keeps up with is not load
+    capacity = 1024 * 1024  # 1/8 of it (128 KiB) is below UNDER_LOAD_QUEUE_BYTES
+    load.note_backlog(capacity // 8 - 1, capacity, 10.1)
+    assert not load.under_load(10.1)
+    load.note_backlog(capacity // 8, capacity, 10.2)
+    assert load.under_load(10.2)
+    assert load.under_load(10.0 + UNDER_LOAD_AFTER_TIME - 0.01)
+    assert not load.under_load(10.0 + UNDER_LOAD_AFTER_TIME)  # the burst is over although the backlog is recent
+    load.count(20.0)
+    load.count(20.0)
+    load.count(20.0)
+    assert not load.under_load(20.0)  # the backlog seen at 10.2 is stale
+    big = 64 * 1024 * 1024  # a large buffer: 512 KiB queued is enough, not 1/8 of it
+    load.note_backlog(UNDER_LOAD_QUEUE_BYTES - 1, big, 20.0)
+    assert not load.under_load(20.0)
+    load.note_backlog(UNDER_LOAD_QUEUE_BYTES, big, 20.0)
+    assert load.under_load(20.0)
+
+
+def test_handshake_load_ignores_a_queue_of_unknown_capacity() -> None:
+    load = HandshakeLoad(threshold=0)
+    load.needs_backlog = True
+    load.count(1.0)
+    load.note_backlog(0, 0, 1.0)
+    assert not load.under_load(1.0)
+    load.needs_backlog = False  # without a queue to see, a burst alone is load (Firezone's rule)
+    assert load.under_load(1.0)
 
 
 def test_handshake_load_starts_a_new_bucket_when_the_clock_goes_back() -> None:

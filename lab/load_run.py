@@ -4,8 +4,11 @@ A :class:`lab.world.LabWorld` (masquerading NATs both sides, one relay, the dev 
 load identities; ``--processes`` load generators (:mod:`lab.loadgen`, one event loop each, an equal share of the
 identities) start them all at the same moment (or, with ``--arrival-rate``, that many per second, interleaved) and
 ping the resource host at ``--rate`` for ``--duration`` s once all have settled. Meanwhile the gateway process is sampled every half second (RSS, open descriptors, CPU seconds).
-One JSON object goes to stdout: identities connected, bring-up (first start → last connection, over all
-processes), setup p50/p99/max (``create_flow`` sent → connection established), pings answered, the gateway's RSS
+One JSON object goes to stdout: identities connected (an echo reply received: ICE, WireGuard handshake and one
+ping done) and those whose ICE completed, bring-up (first start → last identity ready, over all processes; only when
+all connected), setup p50/p99/max from the first ``create_flow`` to ICE up (``ice_seconds``) and to the first echo
+reply (``ready_seconds``, over the connected ones), pings answered, the gateway's handshakes answered with a cookie
+reply or refused by its rate limit (its drop counters ``cookie_required`` and ``handshake_rate_limited``), its RSS
 and descriptors (before and peak), its CPU seconds during bring-up and over the whole run, the portal's and load
 generators' CPU seconds, and the load average.
 
@@ -40,6 +43,8 @@ SAMPLE_INTERVAL = 0.5
 START_MARGIN = 2.0
 """Seconds from spawning the load generators to their common start (interpreter start-up and key generation)."""
 START_MARGIN_PER_IDENTITY = 0.003
+HANDSHAKE_DROP_REASONS = ("cookie_required", "handshake_rate_limited")
+"""The gateway's drop reasons for handshakes it answered with a cookie reply or refused (its handshake load rule)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--token-prefix", LOAD_CLIENT_TOKEN_PREFIX, "--first", str(first), "--clients", str(count),
                 "--resource", world.resource_id("lan"), "--target", RESOURCE_IP, "--rate", f"{args.rate:g}",
                 "--duration", f"{args.duration:g}", "--setup-timeout", f"{args.setup_timeout:g}",
-                "--start-at", f"{start_at + _arrival_offset(index, args.arrival_rate):.3f}", "--all-setup-times",
+                "--start-at", f"{start_at + _arrival_offset(index, args.arrival_rate):.3f}",
                 "--spread", f"{_arrival_spread(args.processes, args.arrival_rate):g}",
             ]  # fmt: skip
             loadgens.append(
@@ -160,6 +165,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await process.wait()
         _report_profiles(samplers)
         metrics = await world.gateway_metrics()
+        handshake_drops = {
+            reason: int(prometheus_sum(metrics, "firezone_dataplane_drops", reason=reason))
+            for reason in HANDSHAKE_DROP_REASONS
+        }
         flows = world.need_portal().flows()
         brokering = [f.finished_at - f.requested_at for f in flows if f.state == "created" and f.finished_at]
         timed_out = {f.ref for f in flows if f.state == "failed" and f.reason == "offline" and f.ref is not None}
@@ -203,12 +212,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     failed = [s for s in summaries if "error" in s]
     if failed:
         return {"error": failed}
-    setup = [float(t) for s in summaries for t in s["setup_all"]]
-    connected = sum(int(s["connected"]) for s in summaries)
-    started = min(float(s["started_at"]) for s in summaries)
-    lasts = [s["last_established_at"] for s in summaries]
-    all_up = connected == args.clients and all(t is not None for t in lasts)
-    last_up = max(float(t) for t in lasts if t is not None) if any(t is not None for t in lasts) else None
+    setup, last_up = combine_setup(summaries, args.clients)
     up_samples = [s for s in samples if last_up is None or s.wall <= last_up + SAMPLE_INTERVAL]
     cpu_at_up = up_samples[-1].cpu_seconds if up_samples else gateway_cpu_after
     failures: dict[str, int] = {}
@@ -219,16 +223,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "clients": args.clients,
         "processes": args.processes,
         "arrival_rate": args.arrival_rate,
-        "connected": connected,
-        "bring_up_seconds": round(last_up - started, 2) if all_up and last_up is not None else None,
-        "setup_seconds": {
-            name: None if value is None else round(value, 3)
-            for name, value in (
-                ("p50", percentile(setup, 0.5)),
-                ("p99", percentile(setup, 0.99)),
-                ("max", max(setup, default=None)),
-            )
-        },
+        **setup,
+        "gateway_handshake_drops": handshake_drops,
         "brokering_seconds": {
             "p50": None if not brokering else round(percentile(brokering, 0.5) or 0.0, 3),
             "p99": None if not brokering else round(percentile(brokering, 0.99) or 0.0, 3),
@@ -264,6 +260,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadgen_cpu_seconds": [round(v, 1) for v in loadgen_cpu.values()],
         "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
         "gateway_warnings": problems[:10],
+    }
+
+
+def combine_setup(summaries: list[dict[str, Any]], clients: int) -> tuple[dict[str, Any], float | None]:
+    """The setup figures over several load processes' summaries (:meth:`lab.loadgen.LoadSummary.to_json`), and the
+    unix time the last identity became ready (None when none did).
+
+    ``connected`` counts identities with an answered ping (ICE, WireGuard handshake and one ping done),
+    ``ice_connected`` those whose ICE completed; ``ready_seconds`` is over the connected ones; ``bring_up_seconds``
+    (first start → last identity ready) only when all ``clients`` connected, ``last_ready_seconds`` whenever any did.
+    """
+    identities = [identity for s in summaries for identity in s["identities"]]
+    ice = [float(i) for i, _ in identities if i is not None]
+    ready = [float(r) for _, r in identities if r is not None]
+    connected = sum(int(s["connected"]) for s in summaries)
+    started = min(float(s["started_at"]) for s in summaries)
+    last_up = max((float(s["last_ready_at"]) for s in summaries if s["last_ready_at"] is not None), default=None)
+    since_start = None if last_up is None else round(last_up - started, 2)
+    return {
+        "connected": connected,
+        "ice_connected": sum(int(s["ice_connected"]) for s in summaries),
+        "bring_up_seconds": since_start if connected == clients else None,
+        "last_ready_seconds": since_start,
+        "ice_seconds": _figures(ice),
+        "ready_seconds": _figures(ready),
+    }, last_up
+
+
+def _figures(values: list[float]) -> dict[str, float | None]:
+    return {
+        name: None if value is None else round(value, 3)
+        for name, value in (
+            ("p50", percentile(values, 0.5)),
+            ("p99", percentile(values, 0.99)),
+            ("max", max(values, default=None)),
+        )
     }
 
 

@@ -2,26 +2,30 @@
 
 Every identity is a lean headless client without a TUN: it joins the portal's ``client`` channel with its own token
 and a fresh X25519 key, asks for one resource with ``create_flow``, connects its own Node (ICE controlling, WireGuard
-initiator) to the gateway the portal brokers, and sends one ICMP echo request from its tunnel address to a target
-behind the gateway as soon as the connection is up; once every identity has settled (connected or failed) all of them
-ping at a fixed rate for ``--duration`` s, matching the replies they decrypt (so the bring-up measures setting up,
-not pinging). Identities share the process's event loop, not their sockets or keys: to the gateway and the portal they
-are as many separate clients. Several processes can share a run: ``--first`` picks the identities, ``--start-at``
-starts them together, ``--all-setup-times`` lists the setup times for figures over all of them (:mod:`lab.load_run`).
+initiator) to the gateway the portal brokers, and sends an ICMP echo request from its tunnel address to a target
+behind the gateway as soon as ICE is up, and again every second until one is answered (as ``ping`` does; they wait in
+the tunnel behind its WireGuard handshake). An identity is *connected* once an echo reply came back: ICE, the
+handshake and one ping done. Once every identity has settled (connected or failed) all of them ping at a fixed rate
+for ``--duration`` s, matching the replies they decrypt (so the bring-up measures setting up, not pinging).
+Identities share the process's event loop, not their sockets or keys: to the gateway and the portal they are as many
+separate clients. Several processes can share a run: ``--first`` picks the identities, ``--start-at`` starts them
+together, and every identity's times are listed for figures over all of them (:mod:`lab.load_run`).
 
     python -m lab.loadgen --portal ws://172.31.0.1:8443 --token-prefix lab-load-token- --clients 20 \\
         --resource RESOURCE_ID --target 172.20.0.10 --rate 2 --duration 5
 
 Progress goes to stderr; stdout gets one JSON object at the end (:meth:`LoadSummary.to_json`): how many identities
-connected, setup times (``create_flow`` sent → connection established: median, p99, max), the time to bring them all
-up, pings sent and answered, round-trip times, the failures by reason and how often a ``create_flow`` was asked again
-(``flow_retries``). An identity's application sends its first packet once connected, so by default it asks once
-(``--flow-demand 0``): Firezone's client asks again only when the application wants the resource again. A request
-nothing answers is given up 20 s after the ask (the portal answers ``offline`` after 15 s). ``--flow-demand 0,1,3,7,15``
-plays an application that opens a TCP connection instead (asks at 0, 3, 7, 15 s, as the headless client does); with
-1,000 identities at once and a slow gateway that asks again for most of them, which triples the brokering work
-(docs/scenarios.md). Exit status 0 when every identity connected
-and at least one ping each was answered.
+connected (an echo reply received), two setup times from the first ``create_flow`` (median, p99, max):
+``ice_seconds`` to the connection established (the Node's ``ConnectionEstablished``: ICE nominated a pair, before the
+WireGuard handshake) and ``ready_seconds`` to the first echo reply (handshake and one ping done: what the goal calls
+connected); the time to bring them all up (first start → last ready), pings sent and answered, round-trip times, the
+failures by reason and how often a ``create_flow`` was asked again (``flow_retries``). An identity's application
+sends its first packet once connected, so by default it asks once (``--flow-demand 0``): Firezone's client asks again
+only when the application wants the resource again. A request nothing answers is given up 20 s after the ask (the
+portal answers ``offline`` after 15 s). ``--flow-demand 0,1,3,7,15`` plays an application that opens a TCP connection
+instead (asks at 0, 3, 7, 15 s, as the headless client does); with 1,000 identities at once and a slow gateway that
+asks again for most of them, which triples the brokering work (docs/scenarios.md). Exit status 0 when every identity
+connected.
 
 Used by the scenario tests (a 20-client smoke run), ``make bench`` and the soak.
 """
@@ -84,6 +88,8 @@ PING_PAYLOAD = b"firezone-loadgen"
 MAX_PINGS_IN_FLIGHT = 256
 """Per identity: echo requests remembered for matching; older ones count as lost."""
 MAX_EARLY_CANDIDATES = 64
+READY_PING_INTERVAL = 1.0
+"""Seconds between an identity's echo requests while ICE is up and none has been answered yet (``ping``'s pace)."""
 PORTAL_OPEN_TIMEOUT = 20.0
 PORTAL_ATTEMPTS = 10
 PORTAL_RETRY_DELAY = 0.5
@@ -129,26 +135,43 @@ def percentile(values: Sequence[float], fraction: float) -> float | None:
     return ordered[rank]
 
 
+@dataclass(frozen=True)
+class IdentityTimes:
+    """One identity's setup, in seconds from its first ``create_flow``; None for a stage it never reached."""
+
+    ice_seconds: float | None
+    """To the connection established (ICE nominated a pair; the WireGuard handshake starts then)."""
+    ready_seconds: float | None
+    """To its first echo reply (handshake and one ping done): the identity counts as connected only with this."""
+
+
 @dataclass
 class LoadSummary:
     clients: int
-    connected: int
-    setup_seconds: list[float]
+    identities: list[IdentityTimes]
     bring_up_seconds: float | None
+    """First start → last identity ready; None unless every identity became ready."""
     pings_sent: int
     pings_answered: int
     rtt_seconds: list[float]
     failures: Counter[str]
     portal_retries: int
-    answered_by_every_client: bool
     flow_retries: int = 0
     datagrams: Counter[str] = field(default_factory=Counter)
     started_at: float = 0.0
     """Unix time the first identity started (several load processes' bring-up is measured across them)."""
-    last_established_at: float | None = None
-    """Unix time the last identity's connection came up (None when not all did)."""
-    all_setup_seconds: bool = False
-    """Whether :meth:`to_json` lists every setup time (``setup_all``), for figures over several processes."""
+    last_ready_at: float | None = None
+    """Unix time the last ready identity got its first echo reply (None when none did)."""
+
+    @property
+    def connected(self) -> int:
+        """Identities with an answered ping."""
+        return sum(1 for times in self.identities if times.ready_seconds is not None)
+
+    @property
+    def ice_connected(self) -> int:
+        """Identities whose ICE completed (a few of them may still have had no ping answered)."""
+        return sum(1 for times in self.identities if times.ice_seconds is not None)
 
     def to_json(self) -> dict[str, Any]:
         def figures(values: Sequence[float]) -> dict[str, float | None]:
@@ -158,10 +181,14 @@ class LoadSummary:
                 "max": max(values, default=None),
             }
 
+        ice = [t.ice_seconds for t in self.identities if t.ice_seconds is not None]
+        ready = [t.ready_seconds for t in self.identities if t.ready_seconds is not None]
         return {
             "clients": self.clients,
             "connected": self.connected,
-            "setup_seconds": figures(self.setup_seconds),
+            "ice_connected": self.ice_connected,
+            "ice_seconds": figures(ice),
+            "ready_seconds": figures(ready),
             "bring_up_seconds": self.bring_up_seconds,
             "pings_sent": self.pings_sent,
             "pings_answered": self.pings_answered,
@@ -170,10 +197,10 @@ class LoadSummary:
             "portal_retries": self.portal_retries,
             "flow_retries": self.flow_retries,
             "datagrams": dict(self.datagrams),
-            "answered_by_every_client": self.answered_by_every_client,
             "started_at": self.started_at,
-            "last_established_at": self.last_established_at,
-            **({"setup_all": self.setup_seconds} if self.all_setup_seconds else {}),
+            "last_ready_at": self.last_ready_at,
+            # Per identity, in order, for figures over several processes and the smoke test's checks.
+            "identities": [[t.ice_seconds, t.ready_seconds] for t in self.identities],
         }
 
 
@@ -208,7 +235,11 @@ class LoadClient:
     """Joins counted when the portal was last lost: a join since then starts the attempts from one again."""
     requested_at: float | None = None
     established_at: float | None = None
+    """When ICE nominated a pair (the Node's ``ConnectionEstablished``)."""
+    ready_at: float | None = None
+    """When the first echo reply came back: ICE, the WireGuard handshake and one ping done."""
     failure: str | None = None
+    has_settled: bool = False
     ping_timer: asyncio.TimerHandle | None = None
     in_flight: dict[int, float] = field(default_factory=dict)
     next_sequence: int = 0
@@ -241,17 +272,36 @@ class LoadClient:
         return self.loop.time()
 
     def fail(self, reason: str) -> None:
-        if self.failure is None and self.established_at is None:
+        """A failure before ICE is up ends the identity; after that its tunnel no longer needs the portal or the flow
+        request, so only the data plane's failures (:meth:`fail_tunnel`) count."""
+        if self.established_at is None:
+            self.fail_tunnel(reason)
+
+    def fail_tunnel(self, reason: str) -> None:
+        """A failure before the first echo reply: this identity will not become ready."""
+        if self.failure is None and self.ready_at is None:
             self.failure = reason
             log.info("client %d failed: %s", self.index, reason)
+            self.settle()
+
+    def settle(self) -> None:
+        """Tells the generator, once, that this identity is ready or has failed."""
+        if not self.has_settled:
+            self.has_settled = True
             self.generator.settled()
+
+    def times(self) -> IdentityTimes:
+        def since_request(moment: float | None) -> float | None:
+            return None if moment is None or self.requested_at is None else moment - self.requested_at
+
+        return IdentityTimes(since_request(self.established_at), since_request(self.ready_at))
 
     # -- the portal -------------------------------------------------------------------------------------------------
 
     async def run_portal(self) -> None:
         """Holds the portal link while the run lasts. A connection refused or lost is tried again (as a client would
-        after a portal restart), up to :data:`PORTAL_ATTEMPTS` times in a row: before this identity connected that
-        ends it as failed; once connected its connection and pings go on, and so do the rejoins."""
+        after a portal restart), up to :data:`PORTAL_ATTEMPTS` times in a row: before this identity's ICE was up
+        that ends it as failed; after that its connection and pings go on, and so do the rejoins."""
         attempts = 0
         while True:
             reason = f"portal: {(await self.portal.session()).reason}"
@@ -399,6 +449,15 @@ class LoadClient:
         sent_at = self.in_flight.pop(reply[1], None)
         if sent_at is not None:
             self.rtts.append(now - sent_at)
+            if self.ready_at is None:
+                self.on_ready(now)
+
+    def on_ready(self, now: float) -> None:
+        self.ready_at = now
+        if not self.generator.pinging and self.ping_timer is not None:
+            self.ping_timer.cancel()  # answered: no more bring-up pings; the rate pinging starts it again
+            self.ping_timer = None
+        self.settle()
 
     @property
     def identifier(self) -> int:
@@ -406,7 +465,7 @@ class LoadClient:
 
     def send_ping(self) -> None:
         self.ping_timer = None
-        if self.grant is None or self.tunnel_ipv4 is None or self.generator.stopping:
+        if self.grant is None or self.tunnel_ipv4 is None or self.generator.stopping or self.failure is not None:
             return
         now = self.now()
         sequence = self.next_sequence
@@ -420,6 +479,8 @@ class LoadClient:
         self.flush()
         if self.generator.pinging:
             self.ping_timer = self.loop.call_later(1.0 / self.generator.args.rate, self.send_ping)
+        elif self.ready_at is None:
+            self.ping_timer = self.loop.call_later(READY_PING_INTERVAL, self.send_ping)
 
     def flush(self) -> None:
         transmits: list[Transmit] = []
@@ -437,9 +498,9 @@ class LoadClient:
             if isinstance(event, ConnectionEstablished):
                 self.on_established()
             elif isinstance(event, ConnectionFailed):
-                self.fail(f"connection failed: {event.reason}")
+                self.fail_tunnel(f"connection failed: {event.reason}")
             elif isinstance(event, ConnectionClosed):
-                self.fail("connection closed")
+                self.fail_tunnel("connection closed")
             elif isinstance(event, NoRelays):
                 self.portal.push("no_relays", {})  # as Firezone's client: the portal answers with fresh relays
         announced.push_to(self.portal)
@@ -455,8 +516,6 @@ class LoadClient:
         if self.established_at is not None:
             return
         self.established_at = self.now()
-        if self.failure is None:
-            self.generator.settled()
         self.send_ping()
 
     def close(self) -> None:
@@ -488,7 +547,7 @@ class LoadGenerator:
         """Until every identity has settled each sends one ping when it connects; then all ping at ``--rate``."""
 
     def settled(self) -> None:
-        """One more identity is either connected or has failed."""
+        """One more identity is either ready (an echo reply came back) or has failed."""
         self.unsettled -= 1
         if self.unsettled <= 0:
             self.all_settled.set()
@@ -508,14 +567,18 @@ class LoadGenerator:
             portals.append(self.loop.create_task(client.run_portal()))
             if args.spread > 0:
                 await asyncio.sleep(args.spread)
-        bring_up: float | None = None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.all_settled.wait(), args.setup_timeout)
-        connected = [c for c in self.clients if c.established_at is not None]
-        if len(connected) == len(self.clients):
-            bring_up = max(c.established_at for c in connected if c.established_at is not None) - started
-        log.info("%d of %d connected; pinging for %.1f s", len(connected), len(self.clients), args.duration)
-        self.start_pinging(connected)
+        # Every identity whose ICE is up pings at the rate, also one not answered yet (its reply may still come).
+        tunnels = [c for c in self.clients if c.established_at is not None and c.failure is None]
+        log.info(
+            "%d of %d ready, %d with ICE up; pinging for %.1f s",
+            sum(1 for c in self.clients if c.ready_at is not None),
+            len(self.clients),
+            len(tunnels),
+            args.duration,
+        )
+        self.start_pinging(tunnels)
         await asyncio.sleep(args.duration)
         self.stopping = True
         # The last pings get one more second to come back before they count as lost.
@@ -525,38 +588,41 @@ class LoadGenerator:
         await asyncio.gather(*portals, return_exceptions=True)
         for client in self.clients:
             client.close()
-        failures: Counter[str] = Counter(
-            c.failure or "not established in time" for c in self.clients if c not in connected
-        )
+        ready_moments = [c.ready_at for c in self.clients if c.ready_at is not None]
+        last_ready = max(ready_moments, default=None)
+        all_ready = len(ready_moments) == len(self.clients)
         return LoadSummary(
             clients=len(self.clients),
-            connected=len(connected),
-            setup_seconds=[c.established_at - c.requested_at for c in connected if c.established_at and c.requested_at],
-            bring_up_seconds=bring_up,
+            identities=[c.times() for c in self.clients],
+            bring_up_seconds=last_ready - started if all_ready and last_ready is not None else None,
             pings_sent=sum(c.pings_sent for c in self.clients),
             pings_answered=sum(len(c.rtts) for c in self.clients),
             rtt_seconds=[rtt for c in self.clients for rtt in c.rtts],
-            failures=failures,
+            failures=Counter(_not_ready_reason(c) for c in self.clients if c.ready_at is None),
             portal_retries=sum(c.portal_retries for c in self.clients),
             flow_retries=sum(c.flow_retries for c in self.clients),
             datagrams=sum((c.datagrams for c in self.clients), Counter()),
-            answered_by_every_client=bool(self.clients) and all(c.rtts for c in self.clients),
             started_at=started_wall,
-            last_established_at=None if bring_up is None else started_wall + bring_up,
-            all_setup_seconds=args.all_setup_times,
+            last_ready_at=None if last_ready is None else started_wall + (last_ready - started),
         )
 
     def now(self) -> float:
         return self.loop.time()
 
     def start_pinging(self, connected: Sequence[LoadClient]) -> None:
-        """Every connected identity pings at ``--rate`` from now on, their first pings spread over one interval
+        """Every identity in ``connected`` (ICE up) pings at ``--rate`` from now on, their first pings spread over one interval
         (1,000 echo requests in the same millisecond would measure a burst, not the rate)."""
         self.pinging = True
         interval = 1.0 / self.args.rate
         for position, client in enumerate(connected):
             if client.ping_timer is None:
                 client.ping_timer = self.loop.call_later(interval * position / len(connected), client.send_ping)
+
+
+def _not_ready_reason(client: LoadClient) -> str:
+    if client.failure is not None:
+        return client.failure
+    return "no echo reply" if client.established_at is not None else "not established in time"
 
 
 def source_address_towards(host: str) -> str:
@@ -896,7 +962,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first", type=int, default=0, help="index of the first identity (token PREFIX + index)")
     parser.add_argument("--spread", type=float, default=0.0, help="seconds between two identities' starts")
     parser.add_argument("--start-at", type=float, default=None, help="unix time to start the identities at")
-    parser.add_argument("--all-setup-times", action="store_true", help="list every setup time in the summary")
     parser.add_argument(
         "--flow-demand",
         type=demand_offsets,
@@ -948,7 +1013,7 @@ async def _main(argv: Sequence[str] | None) -> int:
         raise SystemExit("--clients must be ≥ 1 and --rate > 0")
     summary = await LoadGenerator(args).run()
     print(json.dumps(summary.to_json()), flush=True)
-    return 0 if summary.connected == summary.clients and summary.answered_by_every_client else 1
+    return 0 if summary.connected == summary.clients else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,14 +6,23 @@ from __future__ import annotations
 import asyncio
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 from scapy.layers.inet import ICMP, IP
 
+from lab.client import FlowGrant
+from lab.load_run import combine_setup
 from lab.loadgen import (
+    READY_PING_INTERVAL,
+    IdentityTimes,
     LoadClient,
     LoadGenerator,
+    LoadSummary,
     SoakSample,
+    _Grant,
     build_parser,
     echo_request,
     parse_echo_reply,
@@ -112,3 +121,101 @@ async def test_a_connected_identity_rejoins_a_restarted_portal() -> None:
             link.cancel()
             await asyncio.gather(link, return_exceptions=True)
             identity.close()
+
+
+def identity_for_test(portal_url: str = "ws://127.0.0.1:9") -> tuple[LoadGenerator, LoadClient]:
+    """An identity whose portal link is never opened: its data-plane bookkeeping is driven by hand."""
+    arguments = ["--portal", portal_url, "--token-prefix", "t", "--resource", "r", "--target", "172.20.0.10"]
+    generator = LoadGenerator(build_parser().parse_args([*arguments, "--bind", "127.0.0.1"]))
+    identity = LoadClient(0, "t0", generator)
+    generator.clients, generator.unsettled = [identity], 1
+    identity.tunnel_ipv4 = SOURCE
+    identity.grant = _Grant(cast(FlowGrant, SimpleNamespace(gateway_id="gateway")))
+    return generator, identity
+
+
+def reply_to(identity: LoadClient, sequence: int) -> bytes:
+    return bytes(IP(src="172.20.0.10", dst="100.66.0.1") / ICMP(type=0, id=identity.identifier, seq=sequence) / b"x")
+
+
+async def test_an_identity_is_ready_at_its_first_echo_reply_not_at_ice() -> None:
+    generator, identity = identity_for_test()
+    try:
+        identity.requested_at = identity.now() - 2.0
+        identity.on_established()  # ICE up: the first ping goes out, and is asked again each second until answered
+        assert identity.pings_sent == 1 and identity.ready_at is None and generator.unsettled == 1
+        assert identity.ping_timer is not None
+        assert identity.ping_timer.when() - identity.now() <= READY_PING_INTERVAL
+        identity.on_packet(reply_to(identity, 9), identity.now())  # a sequence never sent: not an answer
+        assert identity.ready_at is None
+        identity.fail("portal: LinkHiccuped")  # ICE is up: the portal's loss does not end it
+        assert identity.failure is None
+        identity.on_packet(reply_to(identity, 0), identity.now())
+        assert identity.ready_at is not None and generator.unsettled == 0 and len(identity.rtts) == 1
+        assert identity.ping_timer is None  # answered: no more bring-up pings
+        identity.fail_tunnel("connection closed")  # after ready: it stays connected and settles only once
+        assert identity.failure is None and generator.unsettled == 0
+        times = identity.times()
+        assert times.ice_seconds is not None and times.ready_seconds is not None
+        assert 2.0 <= times.ice_seconds <= times.ready_seconds
+    finally:
+        identity.close()
+
+
+async def test_a_tunnel_failure_before_the_first_reply_settles_the_identity_as_failed() -> None:
+    generator, identity = identity_for_test()
+    try:
+        identity.requested_at = identity.now()
+        identity.on_established()
+        identity.fail_tunnel("connection failed: all candidate pairs failed")
+        assert identity.failure is not None and generator.unsettled == 0
+        assert identity.times().ready_seconds is None and identity.times().ice_seconds is not None
+        pending = identity.ping_timer
+        assert pending is not None
+        pending.cancel()
+        identity.send_ping()  # the bring-up ping that was due: a failed identity sends no more
+        assert identity.pings_sent == 1 and identity.ping_timer is None
+    finally:
+        identity.close()
+
+
+def test_the_summary_counts_connected_by_answered_ping() -> None:
+    summary = LoadSummary(
+        clients=3,
+        identities=[IdentityTimes(0.5, 0.7), IdentityTimes(0.6, None), IdentityTimes(None, None)],
+        bring_up_seconds=None,
+        pings_sent=4,
+        pings_answered=1,
+        rtt_seconds=[0.2],
+        failures=Counter({"no echo reply": 1, "not established in time": 1}),
+        portal_retries=0,
+    )
+    figures = summary.to_json()
+    assert (figures["connected"], figures["ice_connected"]) == (1, 2)
+    assert figures["ice_seconds"] == {"p50": 0.5, "p99": 0.6, "max": 0.6}
+    assert figures["ready_seconds"] == {"p50": 0.7, "p99": 0.7, "max": 0.7}
+    assert figures["identities"] == [[0.5, 0.7], [0.6, None], [None, None]]
+
+
+def test_load_run_combines_the_processes_setup_figures() -> None:
+    def process(
+        identities: list[list[float | None]], started_at: float, last_ready_at: float | None
+    ) -> dict[str, object]:
+        ready = sum(1 for _, r in identities if r is not None)
+        ice = sum(1 for i, _ in identities if i is not None)
+        return {"identities": identities, "connected": ready, "ice_connected": ice, "started_at": started_at,
+                "last_ready_at": last_ready_at}  # fmt: skip
+
+    both_up = [process([[0.1, 0.3], [0.2, 0.4]], 100.0, 100.5), process([[0.3, 1.5]], 100.2, 101.7)]
+    figures, last_up = combine_setup(both_up, clients=3)
+    assert last_up == 101.7
+    assert (figures["connected"], figures["ice_connected"]) == (3, 3)
+    assert figures["bring_up_seconds"] == figures["last_ready_seconds"] == 1.7
+    assert figures["ready_seconds"] == {"p50": 0.4, "p99": 1.5, "max": 1.5}
+    assert figures["ice_seconds"]["max"] == 0.3
+
+    one_short = [process([[0.1, 0.3], [0.2, None]], 100.0, 100.5), process([[None, None]], 100.2, None)]
+    figures, last_up = combine_setup(one_short, clients=3)
+    assert (figures["connected"], figures["ice_connected"], last_up) == (1, 2, 100.5)
+    assert figures["bring_up_seconds"] is None and figures["last_ready_seconds"] == 0.5
+    assert figures["ready_seconds"]["max"] == 0.3

@@ -13,8 +13,9 @@ from typing import cast
 
 from scapy.layers.inet import ICMP, IP
 
+from dataplane.node import DropReason
 from lab.client import FlowGrant
-from lab.load_run import combine_setup
+from lab.load_run import HANDSHAKE_DROP_REASONS, combine_setup
 from lab.loadgen import (
     READY_PING_INTERVAL,
     IdentityTimes,
@@ -219,3 +220,9 @@ def test_load_run_combines_the_processes_setup_figures() -> None:
     assert (figures["connected"], figures["ice_connected"], last_up) == (1, 2, 100.5)
     assert figures["bring_up_seconds"] is None and figures["last_ready_seconds"] == 0.5
     assert figures["ready_seconds"]["max"] == 0.3
+
+
+def test_load_run_reads_the_gateways_handshake_drop_reasons() -> None:
+    # The names the gateway's Node counts its cookie replies and rate-limited handshakes under (a rename there would
+    # make the run report 0 for ever).
+    assert set(HANDSHAKE_DROP_REASONS) == {DropReason.COOKIE_REQUIRED.value, DropReason.HANDSHAKE_RATE_LIMITED.value}

@@ -934,7 +934,7 @@ class Node:
             self._send_from(local, src, checker.create_reply(data, src, now), now)
             self.drops.drop(DropReason.COOKIE_REQUIRED)
             return False
-        if not self._handshake_rate_limiter.allow(src[0], now):
+        if not self._handshake_rate_limiter.allow(src[0], now, src[1]):  # per endpoint: NATed clients share an IP
             self.drops.drop(DropReason.HANDSHAKE_RATE_LIMITED)
             return False
         return True

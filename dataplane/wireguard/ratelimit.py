@@ -1,6 +1,7 @@
 """Per-source token bucket for handshake messages under load (wireguard-go ratelimiter: 20/s, burst 5).
 
-IPv4 sources are limited per address, IPv6 per /64. Unlike wireguard-go, a full bucket admits ``burst`` messages at
+IPv4 sources are limited per address, IPv6 per /64; with a ``port``, per endpoint (the gateway's Node: a proven mac2
+answers for an address and port, and a thousand clients behind one office NAT share an address). Unlike wireguard-go, a full bucket admits ``burst`` messages at
 the same instant (``>=`` rather than ``>``), since a fake clock has no nanoseconds passing between calls.
 """
 
@@ -18,7 +19,7 @@ class RateLimiter:
         self._cost = _NS // packets_per_second
         self._max_tokens = self._cost * burst
         # key -> [tokens (ns), last update (ns)]
-        self._entries: dict[bytes | str, list[int]] = {}
+        self._entries: dict[bytes | str | tuple[bytes | str, int], list[int]] = {}
         self._last_gc = 0
 
     def __len__(self) -> int:
@@ -33,11 +34,11 @@ class RateLimiter:
         except ValueError:
             return ip
 
-    def allow(self, ip: str, now: float) -> bool:
+    def allow(self, ip: str, now: float, port: int | None = None) -> bool:
         now_ns = int(now * _NS)
         if now_ns - self._last_gc >= RATELIMIT_GC_INTERVAL * _NS:
             self._collect(now_ns)
-        key = self._key(ip)
+        key = self._key(ip) if port is None else (self._key(ip), port)
         entry = self._entries.get(key)
         if entry is None:
             self._entries[key] = [self._max_tokens - self._cost, now_ns]

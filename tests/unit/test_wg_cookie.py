@@ -98,6 +98,16 @@ def test_rate_limiter_table(steps: list[tuple[float, str]], expected: list[bool]
     assert [limiter.allow(source, now) for now, source in steps] == expected
 
 
+def test_rate_limiter_with_ports_keeps_one_bucket_per_endpoint() -> None:
+    limiter = RateLimiter()
+    ports = range(40000, 40010)
+    assert all(limiter.allow("198.51.100.7", 0.0, port) for port in ports for _ in range(5))  # ten NATed clients
+    assert not any(limiter.allow("198.51.100.7", 0.0, port) for port in ports)  # each one's burst is spent
+    assert limiter.allow("198.51.100.7", 0.0)  # the address alone is a bucket of its own
+    v6 = [limiter.allow("2001:db8::1", 0.0, 5000) for _ in range(6)] + [limiter.allow("2001:db8::2", 0.0, 5000)]
+    assert v6 == [True] * 5 + [False, False]  # IPv6 still per /64, then per port
+
+
 def test_rate_limiter_forgets_idle_sources() -> None:
     limiter = RateLimiter()
     for i in range(100):

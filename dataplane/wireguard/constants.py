@@ -51,10 +51,8 @@ RATELIMIT_GC_INTERVAL: Final = 1.0
 # Under load: more than this many handshake messages within one second, sticky for UNDER_LOAD_AFTER_TIME.
 UNDER_LOAD_HANDSHAKES_PER_SECOND: Final = 512
 UNDER_LOAD_AFTER_TIME: Final = 1.0
-# A receive queue this full means the reader is falling behind (wireguard-go: its handshake queue 4096/8 = 512 full;
-# 512 small datagrams take about this much of a socket's receive buffer).
+# A receive queue 1/8 full means the reader is falling behind (wireguard-go: its handshake queue 4096/8 = 512 full).
 UNDER_LOAD_QUEUE_FRACTION: Final = 8
-UNDER_LOAD_QUEUE_BYTES: Final = 512 * 1024
 
 REPLAY_WINDOW_SIZE: Final = 8128
 MAX_STAGED_PACKETS: Final = 128

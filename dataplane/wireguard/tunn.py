@@ -47,7 +47,6 @@ from .constants import (
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
     UNDER_LOAD_AFTER_TIME,
-    UNDER_LOAD_QUEUE_BYTES,
     UNDER_LOAD_QUEUE_FRACTION,
 )
 from .cookie import CookieChecker, CookieGenerator
@@ -145,8 +144,8 @@ class HandshakeLoad:
     ``UNDER_LOAD_AFTER_TIME`` after the last message over the threshold. A burst alone is Firezone's "under load".
 
     A driver that can see its receive queue sets ``needs_backlog`` and reports the queue with :meth:`note_backlog`:
-    then a burst is under load only while the queue is also backed up (at least 1/8 of the buffer, or
-    ``UNDER_LOAD_QUEUE_BYTES``, within the last ``UNDER_LOAD_AFTER_TIME``), as in wireguard-go. A thousand clients
+    then a burst is under load only while the queue is also backed up (at least 1/8 full within the last
+    ``UNDER_LOAD_AFTER_TIME``), as in wireguard-go. A thousand clients
     arriving at once (a restart, a portal reconnect) are then served at once while the node keeps up, instead of
     waiting a 5 s handshake retry for their cookies; a flood it cannot keep up with still gets cookies.
 
@@ -175,9 +174,7 @@ class HandshakeLoad:
 
     def note_backlog(self, queued_bytes: int, capacity_bytes: int, now: float) -> None:
         """The receive queue holds ``queued_bytes`` of ``capacity_bytes`` (both as the kernel accounts them)."""
-        if capacity_bytes > 0 and queued_bytes >= min(
-            capacity_bytes // UNDER_LOAD_QUEUE_FRACTION, UNDER_LOAD_QUEUE_BYTES
-        ):
+        if capacity_bytes > 0 and queued_bytes * UNDER_LOAD_QUEUE_FRACTION >= capacity_bytes:
             self._backlogged_until = now + UNDER_LOAD_AFTER_TIME
 
     def under_load(self, now: float) -> bool:

@@ -19,12 +19,19 @@ cumulative time).
 Runs from a checkout (it imports the simulation in ``tests/sim``).
 
 ``--spread S`` authorizes the clients evenly over S seconds instead of in one instant (then the setup window holds the
-earlier clients' ongoing checks too). All at once, more than 100 handshakes in a second put the gateway "under load"
-(Firezone's threshold): initiations without a cookie get a cookie reply, and the client sends again only after
-WireGuard's 5 s retransmit -- that, not CPU, is what the simulated setup times show at 1,000 at once.
+earlier clients' ongoing checks too).
+
+The gateway is a single server on the fake clock (``--cpu-queue``, the default): each call's measured CPU time keeps it
+busy for that long in simulated time, datagrams that arrive meanwhile wait in a FIFO queue (its depth is the receive
+queue the real driver reports to the handshake-load rule, at 832 bytes of kernel truesize per small datagram), and
+what a call sends leaves when the call ends. The simulated setup times then include the gateway's own CPU queueing,
+as if it had one core of this machine to itself and the clients, relay and portal were infinitely fast: the part of a
+setup the gateway is responsible for. ``--no-cpu-queue`` gives the gateway no duration (protocol round trips and
+timers only), and no queue to see, so a burst of more than 100 handshakes in a second puts it "under load"
+(Firezone's rule) and most clients wait WireGuard's 5 s retransmit for their cookie.
 
     python -m lab.bench_setup [--clients 100,1000] [--client-nat cone|none] [--tail 5] [--spread 0] [--rounds 1]
-        [--profile 25 [--profile-out PATH]] [--log-level info]
+        [--no-cpu-queue] [--profile 25 [--profile-out PATH]] [--log-level info]
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import os
 import pstats
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,7 +56,8 @@ from typing import Any
 from agent.config import parse_log_directives
 from agent.logs import configure_logging
 from dataplane.base import Address
-from dataplane.node import ConnectionEstablished, NodeEvent, NodeRole
+from dataplane.io.udp import RECV_BUFFER
+from dataplane.node import ConnectionEstablished, DropReason, NodeEvent, NodeRole
 from dataplane.packet import internet_checksum
 from lab.loadgen import echo_request, parse_echo_reply, percentile
 from tests.sim.gateway import (
@@ -71,6 +79,9 @@ CLIENT_NATS = ("cone", "none")
 """``cone``: each client behind its own endpoint-independent mapping, port-restricted filtering NAT (what Linux
 masquerading does); ``none``: clients on public addresses (host and relayed candidates only)."""
 PORTAL_DELAY = 0.05
+DATAGRAM_TRUESIZE = 832  # kernel accounting of a small UDP datagram waiting in a socket (measured on loopback)
+RECEIVE_BUFFER_CAPACITY = 2 * RECV_BUFFER  # the kernel doubles SO_RCVBUF
+DRIVER_BATCH = 64  # the gateway's driver reads this many datagrams at a time (agent.datapath.UDP_BATCH)
 SETTLE_TIMEOUT = 120.0
 
 
@@ -129,6 +140,7 @@ class GatewayMeter:
     after: Callable[[], None] | None = None  # runs after each measured call, outside the measurement
     nanoseconds: Counter[str] = field(default_factory=Counter)
     calls: Counter[str] = field(default_factory=Counter)
+    last_ns: int = 0  # the latest measured call's
     _depth: int = 0
 
     @contextmanager
@@ -143,7 +155,8 @@ class GatewayMeter:
         try:
             yield
         finally:
-            self.nanoseconds[kind] += time.thread_time_ns() - start
+            self.last_ns = time.thread_time_ns() - start
+            self.nanoseconds[kind] += self.last_ns
             self.calls[kind] += 1
             if self.profiler is not None:
                 self.profiler.disable()
@@ -192,7 +205,10 @@ class SetupBench:
     meter: GatewayMeter
     tail: float = 0.0
     spread: float = 0.0
+    cpu_queue: bool = True
     setup_ns: int = 0
+    busy_until: float = 0.0  # simulated time at which the gateway finishes what it started (cpu_queue)
+    longest_queue: int = 0
     requested_at: dict[str, float] = field(default_factory=dict)
     net: BenchNetwork = field(init=False)
     gateway: SimGateway = field(init=False)
@@ -219,21 +235,36 @@ class SetupBench:
         on_datagram, wake, push, next_wakeup = gateway._on_datagram, gateway.wake, self.portal.push, gateway.next_wakeup
 
         # What the gateway sends is routed by the simulation after the measured call: routing is not the gateway's.
+        # With the CPU queue it leaves when the call's CPU time has passed on the fake clock.
         send = host.send
         unsent: list[tuple[Address, Address, bytes]] = []
+        waiting: deque[tuple[bytes, Address, Address]] = deque()
+        drain_scheduled = False
+        load = gateway.state.node.handshake_load
+        load.needs_backlog = self.cpu_queue
 
         def send_later(src: Address, dst: Address, payload: bytes) -> None:
             unsent.append((src, dst, payload))
 
-        def send_now() -> None:
-            for src, dst, payload in unsent:
+        def send_batch(batch: list[tuple[Address, Address, bytes]]) -> None:
+            for src, dst, payload in batch:
                 send(src, dst, payload)
+
+        def after_call() -> None:
+            cost = meter.last_ns / 1e9
+            batch = unsent[:]
             unsent.clear()
+            if not self.cpu_queue:
+                send_batch(batch)
+                return
+            self.busy_until = max(self.busy_until, net.now) + cost
+            if batch:
+                net.schedule(self.busy_until, functools.partial(send_batch, batch))
 
+        meter.after = after_call
         host.send = send_later
-        meter.after = send_now
 
-        def datagram(data: bytes, src: Address, local: Address, now: float) -> None:
+        def handle(data: bytes, src: Address, local: Address, now: float) -> None:
             with meter.measure(datagram_kind(data, src)):
                 before = len(gateway.to_tun)
                 on_datagram(data, src, local, now)
@@ -242,6 +273,28 @@ class SetupBench:
                         gateway.from_resource(reply)  # the resource answers at once (a TUN read)
                 del gateway.to_tun[before:]
             net.touch(gateway)
+
+        def drain() -> None:
+            nonlocal drain_scheduled
+            drain_scheduled = False
+            if len(waiting) >= DRIVER_BATCH:  # what the driver would see after a full batch
+                load.note_backlog(len(waiting) * DATAGRAM_TRUESIZE, RECEIVE_BUFFER_CAPACITY, net.now)
+            handle(*waiting.popleft(), net.now)
+            schedule_drain()
+
+        def schedule_drain() -> None:
+            nonlocal drain_scheduled
+            if waiting and not drain_scheduled:
+                drain_scheduled = True
+                net.schedule(self.busy_until, drain)
+
+        def datagram(data: bytes, src: Address, local: Address, now: float) -> None:
+            if not self.cpu_queue:
+                handle(data, src, local, now)
+                return
+            waiting.append((data, src, local))
+            self.longest_queue = max(self.longest_queue, len(waiting))
+            schedule_drain()
 
         def timer(now: float) -> None:
             with meter.measure("timer"):
@@ -351,6 +404,8 @@ class SetupBench:
         self.net.run_for(2.0)  # relays allocated and measured on every side: upsert_connection needs that
         self.meter.nanoseconds.clear()
         self.meter.calls.clear()
+        self.busy_until = self.net.now
+        self.longest_queue = 0
         if self.meter.profiler is not None:
             self.meter.profiler.clear()
         self.authorized_at = self.net.now
@@ -387,11 +442,12 @@ def run_one(
     *,
     tail: float = 0.0,
     spread: float = 0.0,
+    cpu_queue: bool = True,
     profile: int = 0,
     profile_out: str | None = None,
 ) -> dict[str, Any]:
     meter = GatewayMeter(cProfile.Profile() if profile else None)
-    bench = SetupBench(clients, client_nat, meter, tail, spread)
+    bench = SetupBench(clients, client_nat, meter, tail, spread, cpu_queue)
     wall = time.perf_counter()
     bench.run()
     wall = time.perf_counter() - wall
@@ -405,6 +461,8 @@ def run_one(
         "sim_setup_p50_s": percentile(setups, 0.5),
         "sim_setup_p99_s": percentile(setups, 0.99),
         "bench_wall_s": wall,
+        "longest_queue": bench.longest_queue,
+        "cookie_replies": bench.gateway.state.node.drops[DropReason.COOKIE_REQUIRED],
     }
     if meter.profiler is not None:
         result["profile"] = _profile_text(meter.profiler, profile)
@@ -427,6 +485,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SECONDS",
         help="authorize the clients evenly over this many seconds instead of all in one instant",
     )
+    parser.add_argument(
+        "--cpu-queue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the gateway is busy for its measured CPU time on the fake clock; datagrams queue meanwhile",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="runs per client count; the best one is shown")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N hottest gateway functions")
     parser.add_argument("--profile-out", metavar="PATH", help="with --profile: also dump the stats to PATH.<clients>")
@@ -446,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.client_nat,
                     tail=args.tail,
                     spread=args.spread,
+                    cpu_queue=args.cpu_queue,
                     profile=args.profile,
                     profile_out=args.profile_out,
                 )
@@ -456,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{count} clients ({args.client_nat} NAT): gateway {figures['gateway_us_per_client']:.0f} µs CPU per client "
             f"setup; simulated setup p50 {figures['sim_setup_p50_s']:.2f} s p99 {figures['sim_setup_p99_s']:.2f} s; "
+            f"longest queue {figures['longest_queue']}, cookie replies {figures['cookie_replies']}; "
             f"bench wall {figures['bench_wall_s']:.1f} s; with the next {args.tail:g} s: "
             f"{figures['with_tail_us_per_client']:.0f} µs per client (breakdown below)",
             flush=True,

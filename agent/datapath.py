@@ -19,13 +19,14 @@ from typing import Any
 
 from agent.dns_forwarder import DnsForwarder
 from agent.looptimer import DeadlineTimer
-from dataplane.base import Transmit
+from dataplane.base import Address
 from dataplane.gateway import GatewayState, ResolveDomain, TunnelAddressesChanged
 from dataplane.io import netlink
 from dataplane.io.hostsetup import HostSetup
 from dataplane.io.resolver import DomainResolver
 from dataplane.io.tun import Tun
 from dataplane.io.udp import FIREZONE_MARK, DualStackSockets, UdpSocket, bind_dual_stack
+from dataplane.node import TransmitRun
 
 logger = logging.getLogger(__name__)
 
@@ -203,26 +204,37 @@ class DataPlane:
         self._arm_timer()
 
     def _send_transmits(self) -> None:
-        state = self.state
-        transmit = state.poll_transmit()
-        if transmit is None:
+        """Sends the state's datagrams in order: each run to one destination (a sealed batch arrives as one
+        TransmitRun, and lone datagrams in a row to one destination are joined) as GSO batches."""
+        entries = self.state.drain_transmits()
+        if not entries:
             return
         sockets = self.sockets
-        v4: list[Transmit] = []
-        v6: list[Transmit] = []
-        while transmit is not None:
-            (v6 if ":" in transmit.dst[0] else v4).append(transmit)
-            transmit = state.poll_transmit()
         if sockets is None:
             return
-        for udp, batch in ((sockets.v4, v4), (sockets.v6, v6)):
-            if not batch:
+        run_dst: Address | None = None
+        run: list[bytes] = []
+        for entry in entries:
+            if isinstance(entry, TransmitRun):
+                dst, payloads = entry.dst, entry.payloads
+            else:
+                dst, payloads = entry.dst, [entry.payload]
+            if dst == run_dst:
+                run += payloads
                 continue
-            if udp is None:
-                logger.debug("no socket for %d datagrams of that family", len(batch))
-                continue
-            self.datagrams_out += len(batch)
-            udp.send_many(batch)
+            if run_dst is not None:
+                self._send_run(sockets, run_dst, run)
+            run_dst, run = dst, payloads
+        if run_dst is not None:
+            self._send_run(sockets, run_dst, run)
+
+    def _send_run(self, sockets: DualStackSockets, dst: Address, payloads: list[bytes]) -> None:
+        udp = sockets.v6 if ":" in dst[0] else sockets.v4
+        if udp is None:
+            logger.debug("no socket for %d datagrams of that family", len(payloads))
+            return
+        self.datagrams_out += len(payloads)
+        udp.send_batch(dst, payloads)
 
     def _configure_tunnel(self, event: TunnelAddressesChanged) -> None:
         try:

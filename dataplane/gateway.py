@@ -38,6 +38,7 @@ from dataplane.node import (
     Node,
     NodeRole,
     RelayConfig,
+    TransmitRun,
 )
 from dataplane.node import NoRelays as NodeNoRelays
 from dataplane.policy import ClientPolicy
@@ -141,6 +142,38 @@ class PeerInfo:
     ipv4: str
     ipv6: str
     resources: tuple[str, ...]
+
+
+# A data-path flow: (bytes 12-24 of a plain IPv4 TCP/UDP packet, protocol, least total length the protocol needs).
+_Flow = tuple[bytes, int, int]
+_NO_FLOW: _Flow = (b"\x00" * 13, -1, 0)  # 13 bytes: equal to no packet's bytes 12-24
+
+
+def _plain_flow(packet: bytes) -> _Flow:
+    """The flow of a plain IPv4 TCP or UDP packet (no options, not a fragment, lengths consistent), else _NO_FLOW.
+
+    These are the packets ClientPolicy keeps in its flow tables (``dataplane.policy._flow_table``): the decision on
+    such a packet, its client (bytes 16-20 towards the client; the connection from it) and whether it goes to a DNS
+    proxy address (bytes 16-17) depend only on the protocol and bytes 12-24. So a packet of the same flow as one that
+    was just let through (and needed no NAT) is let through for the same resource without asking again."""
+    if len(packet) < 28 or packet[0] != 0x45 or packet[6] & 0x3F or packet[7]:
+        return _NO_FLOW
+    end = (packet[2] << 8) | packet[3]
+    protocol = packet[9]
+    least = 40 if protocol == 6 else 28 if protocol == 17 else 0
+    if not least or end < least or end > len(packet):
+        return _NO_FLOW
+    return (packet[12:24], protocol, least)
+
+
+def _same_plain_flow(packet: bytes, flow: _Flow) -> bool:
+    """For a packet whose bytes 12-24 equal ``flow``'s: whether it is a plain packet of that flow (_plain_flow)."""
+    return (
+        packet[0] == 0x45
+        and packet[9] == flow[1]
+        and not (packet[6] & 0x3F or packet[7])
+        and flow[2] <= ((packet[2] << 8) | packet[3]) <= len(packet)
+    )
 
 
 def relay_configs(relays: Iterable[Relay]) -> list[RelayConfig]:
@@ -403,40 +436,60 @@ class GatewayState:
         node = self.node
         observer = self.flow_observer
         to_tun: list[bytes] = []
-        # Runs of transport messages from one client are decrypted together (Node.handle_input_batch); the policy,
-        # NAT and p2p-control handling below stays per packet, in order.
+        append = to_tun.append
+        # Runs of transport messages from one client are decrypted together (Node.handle_input_runs); the policy,
+        # NAT and p2p-control handling below stays per packet, in order, except that a packet of the same plain
+        # flow as the last one let through untranslated reuses its decision (_same_plain_flow).
         # A list is the usual case: checking it against the Sequence ABC costs more than handling a STUN check's header.
         batch = datagrams if type(datagrams) is list or isinstance(datagrams, Sequence) else list(datagrams)
-        for client_id, packet in node.handle_input_batch(batch, now):
+        for client_id, packets in node.handle_input_runs(batch, now):
             peer = self._peers.get(client_id)
             if peer is None:
-                self.drops.drop(GatewayDropReason.NO_PEER_FOR_CONNECTION)
+                self.drops.drop(GatewayDropReason.NO_PEER_FOR_CONNECTION, len(packets))
                 continue
-            if p2p_control.is_control_packet(packet):
-                self._handle_control(peer, packet, now)
-                continue
-            decision = peer.policy.from_client(packet, wall_now)  # counts its refusals in self.drops
-            client_view = packet  # flow logs key a flow by the addresses the client sees (proxy IPs, not NAT'd)
-            if decision.allowed and decision.resource_id is not None and is_proxy_address(packet):
-                translated = peer.nat.translate_outbound(packet, now)  # §3.4: counts its refusals in self.drops
-                if translated.packet is None:
-                    if translated.icmp_reply is not None:
-                        node.encapsulate(client_id, translated.icmp_reply, now)
+            policy = peer.policy
+            flow = _NO_FLOW
+            resource_id: str | None = None
+            for position, packet in enumerate(packets):
+                if packet[12:24] == flow[0] and _same_plain_flow(packet, flow):
+                    append(packet)
+                    if observer is not None:
+                        observer.from_client(client_id, resource_id, packet, wall_now)
                     continue
-                packet = translated.packet
-            if decision.allowed:
-                to_tun.append(packet)
-                if observer is not None:
-                    observer.from_client(client_id, decision.resource_id, client_view, wall_now)
-            elif decision.icmp_reply is not None:
-                node.encapsulate(client_id, decision.icmp_reply, now)
+                flow = _NO_FLOW
+                if p2p_control.is_control_packet(packet):
+                    self._handle_control(peer, packet, now)
+                    if client_id not in self._peers:  # a goodbye: the rest of the run has no peer any more
+                        if position + 1 < len(packets):
+                            self.drops.drop(GatewayDropReason.NO_PEER_FOR_CONNECTION, len(packets) - position - 1)
+                        break
+                    continue
+                decision = policy.from_client(packet, wall_now)  # counts its refusals in self.drops
+                client_view = packet  # flow logs key a flow by the addresses the client sees (proxy IPs, not NAT'd)
+                if decision.allowed and decision.resource_id is not None and is_proxy_address(packet):
+                    translated = peer.nat.translate_outbound(packet, now)  # §3.4: counts its refusals in self.drops
+                    if translated.packet is None:
+                        if translated.icmp_reply is not None:
+                            node.encapsulate(client_id, translated.icmp_reply, now)
+                        continue
+                    packet = translated.packet
+                elif decision.allowed:
+                    flow = _plain_flow(packet)
+                if decision.allowed:
+                    resource_id = decision.resource_id
+                    append(packet)
+                    if observer is not None:
+                        observer.from_client(client_id, resource_id, client_view, wall_now)
+                elif decision.icmp_reply is not None:
+                    node.encapsulate(client_id, decision.icmp_reply, now)
         self._drain_node(now)
         return to_tun
 
     def handle_tun_packets(self, packets: Iterable[bytes], now: float) -> None:
         """Packets read from the TUN: those addressed to a client it may receive them from are encrypted to it.
 
-        Consecutive packets for one client (a TSO-split burst) are sealed in one batch, in order."""
+        Consecutive packets for one client (a TSO-split burst) are sealed in one batch, in order. A packet of the same
+        plain flow as the last one let through (not NAT'd) reuses its client and decision (_same_plain_flow)."""
         wall_now = self._wall_clock()
         by_address = self._peer_by_address
         peers = self._peers
@@ -444,7 +497,16 @@ class GatewayState:
         observer = self.flow_observer
         batch: list[bytes] = []
         batch_client: ClientId | None = None
+        flow = _NO_FLOW
+        flow_client: ClientId = ""
+        resource_id: str | None = None
         for packet in packets:
+            if packet[12:24] == flow[0] and _same_plain_flow(packet, flow):
+                batch.append(packet)
+                if observer is not None:
+                    observer.to_client(flow_client, resource_id, packet, wall_now)
+                continue
+            flow = _NO_FLOW
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
                 client_id = by_address.get(packet[16:20])
@@ -457,8 +519,9 @@ class GatewayState:
             if peer is None:
                 self.drops.drop(GatewayDropReason.NO_PEER_FOR_ADDRESS)
                 continue
-            if peer.nat.active:
-                inbound = peer.nat.translate_inbound(packet, now)
+            nat = peer.nat
+            if nat.active:
+                inbound = nat.translate_inbound(packet, now)
                 if inbound.verdict is InboundVerdict.EXPIRED:
                     continue  # counted by the NAT: a late reply for a session that ended
                 if inbound.packet is not None:
@@ -466,8 +529,12 @@ class GatewayState:
             decision = peer.policy.to_client(packet, wall_now)
             if not decision.allowed:
                 continue  # counted by the policy
+            if not nat.active:
+                flow = _plain_flow(packet)
+                flow_client = peer.client_id
+            resource_id = decision.resource_id
             if observer is not None:
-                observer.to_client(peer.client_id, decision.resource_id, packet, wall_now)
+                observer.to_client(peer.client_id, resource_id, packet, wall_now)
             if client_id != batch_client:
                 if batch_client is not None:
                     node.encapsulate_batch(batch_client, batch, now)
@@ -505,6 +572,10 @@ class GatewayState:
 
     def poll_transmit(self) -> Transmit | None:
         return self.node.poll_transmit()
+
+    def drain_transmits(self) -> list[Transmit | TransmitRun]:
+        """Every datagram :meth:`poll_transmit` would hand out, in order, sealed batches as runs (the data path's)."""
+        return self.node.drain_transmits()
 
     def shut_down(self, now: float) -> None:
         """SIGTERM (§5): every client is told ``goodbye`` and its connection closed."""

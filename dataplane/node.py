@@ -70,6 +70,16 @@ ConnectionId = str
 RelayId = str
 
 
+@dataclass(slots=True)
+class TransmitRun:
+    """Datagrams from one local address (None = any socket of the family) to one destination, in order: a sealed
+    batch leaves the Node as one of these instead of a :class:`Transmit` per datagram (see :meth:`Node.drain_transmits`)."""
+
+    dst: Address
+    payloads: list[bytes]
+    src: Address | None = None
+
+
 class NodeRole(enum.Enum):
     CLIENT = "client"  # ICE controlling, WireGuard initiator
     GATEWAY = "gateway"  # ICE controlled, WireGuard responder
@@ -365,7 +375,7 @@ class Node:
         self._retired_hosts: set[Address] = set()
         # Host candidates built from the addresses above (rebuilt when they change; see _wanted_candidates).
         self._host_candidates: tuple[frozenset[Address], dict[Candidate, Address]] = (frozenset(), {})
-        self._transmits: deque[Transmit] = deque()
+        self._transmits: deque[Transmit | TransmitRun] = deque()
         self._events: deque[NodeEvent] = deque()
         # Monotonic totals for metrics: handshakes, and the WireGuard bytes of connections already closed (the live
         # ones are read from their tunnels at scrape time, so the hot path counts nothing extra).
@@ -714,14 +724,25 @@ class Node:
         self, datagrams: Sequence[tuple[bytes, Address, Address]], now: float
     ) -> list[tuple[ConnectionId, bytes]]:
         """:meth:`handle_input` for received datagrams (data, source, local address), in order; returns the
-        decrypted IP packets with their connections, in order.
+        decrypted IP packets with their connections, in order (:meth:`handle_input_runs`, one pair per packet)."""
+        return [
+            (connection_id, packet)
+            for connection_id, packets in self.handle_input_runs(datagrams, now)
+            for packet in packets
+        ]
+
+    def handle_input_runs(
+        self, datagrams: Sequence[tuple[bytes, Address, Address]], now: float
+    ) -> list[tuple[ConnectionId, list[bytes]]]:
+        """:meth:`handle_input_batch` with the decrypted packets grouped: consecutive packets of one connection
+        come as one (connection, packets) run, in order (no tuple per packet on the data path).
 
         Consecutive WireGuard transport messages with the same receiver index, source and local address (a burst
         from one peer) are decrypted as one run with one connection lookup and one round of connection
         bookkeeping; everything else takes :meth:`handle_input`. The outcome is the same as feeding the datagrams
         one by one (tests/unit/test_node_batch.py checks that).
         """
-        results: list[tuple[ConnectionId, bytes]] = []
+        runs: list[tuple[ConnectionId, list[bytes]]] = []
         count = len(datagrams)
         position = 0
         while position < count:
@@ -729,7 +750,10 @@ class Node:
             if not self._is_peer_transport(data, src):
                 result = self.handle_input(data, src, local, now)
                 if result is not None:
-                    results.append(result)
+                    if runs and runs[-1][0] == result[0]:
+                        runs[-1][1].append(result[1])
+                    else:
+                        runs.append((result[0], [result[1]]))
                 position += 1
                 continue
             index_bytes = data[4:8]
@@ -745,9 +769,9 @@ class Node:
                     break
                 end += 1
             run = [datagrams[at][0] for at in range(position, end)]
-            self._handle_transport_run(int.from_bytes(index_bytes, "little"), run, src, local, now, results)
+            self._handle_transport_run(int.from_bytes(index_bytes, "little"), run, src, local, now, runs)
             position = end
-        return results
+        return runs
 
     def _is_peer_transport(self, data: bytes, src: Address) -> bool:
         """A WireGuard transport message straight from a peer: at least the minimum transport size (so never a
@@ -766,9 +790,10 @@ class Node:
         src: Address,
         local: Address,
         now: float,
-        results: list[tuple[ConnectionId, bytes]],
+        runs: list[tuple[ConnectionId, list[bytes]]],
     ) -> None:
-        """:meth:`_handle_wireguard` for transport messages that all carry receiver index ``index``."""
+        """:meth:`_handle_wireguard` for transport messages that all carry receiver index ``index``; the packets
+        are added to ``runs`` (joined to the last run when it is the same connection's)."""
         tunnel = self._indices.get(index)
         conn = None if tunnel is None else self._by_tunnel.get(id(tunnel))
         if conn is None:
@@ -801,7 +826,10 @@ class Node:
         heard = self._note_received(conn, local, src, now)
         self._pump_connection(conn, now, agent_touched=was_idle or heard)
         connection_id = conn.id
-        results.extend((connection_id, packet) for packet in packets)
+        if runs and runs[-1][0] == connection_id:
+            runs[-1][1].extend(packets)
+        else:
+            runs.append((connection_id, packets))
 
     def _handle_relay_input(
         self, relay_id: RelayId, data: bytes, src: Address, local: Address, now: float
@@ -1005,7 +1033,23 @@ class Node:
         self._refresh_deadline(conn, agent_touched=was_idle)
 
     def poll_transmit(self) -> Transmit | None:
-        return self._transmits.popleft() if self._transmits else None
+        """The next datagram to send, one at a time (a :class:`TransmitRun` is handed out datagram by datagram)."""
+        transmits = self._transmits
+        if not transmits:
+            return None
+        head = transmits.popleft()
+        if isinstance(head, Transmit):
+            return head
+        dst, src = head.dst, head.src
+        transmits.extendleft([Transmit(dst, payload, src) for payload in reversed(head.payloads)])
+        return self.poll_transmit()
+
+    def drain_transmits(self) -> list[Transmit | TransmitRun]:
+        """Everything :meth:`poll_transmit` would hand out, in order, with sealed batches kept as runs: the data path's
+        drivers send a run as GSO batches without a Transmit per datagram."""
+        out = list(self._transmits)
+        self._transmits.clear()
+        return out
 
     def poll_event(self) -> NodeEvent | None:
         return self._events.popleft() if self._events else None
@@ -1267,8 +1311,19 @@ class Node:
         else:
             self.drops.drop(DropReason.NO_PATH)
             return
-        for datagram in datagrams:
-            self._send_from(local, remote, datagram, now)
+        if local in self._relay_by_relayed:
+            for datagram in datagrams:
+                self._send_from(local, remote, datagram, now)
+            return
+        # From a host socket: one run (what _send_from would queue datagram by datagram), joined to the previous run
+        # when that goes the same way, so that a burst sealed in several calls still leaves as full GSO batches.
+        transmits = self._transmits
+        if transmits:
+            last = transmits[-1]
+            if type(last) is TransmitRun and last.dst == remote and last.src == local:
+                last.payloads += datagrams
+                return
+        transmits.append(TransmitRun(remote, datagrams, local))
 
     def _send_from(self, local: Address | None, remote: Address, payload: bytes, now: float) -> None:
         relay_id = self._relay_by_relayed.get(local) if local is not None else None

@@ -841,6 +841,69 @@ static PyObject *flow_hash(PyObject *module, PyObject *packet_object) {
     return PyLong_FromSsize_t(key_len ? _Py_HashBytes(key, key_len) : 0);
 }
 
+/* --- plain_flow_end ---------------------------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(plain_flow_end_doc,
+             "plain_flow_end(packets, start, key, protocol, least, /) -> int\n\n"
+             "The end of the run of packets from packets[start] that are plain IPv4 packets of one flow: bytes objects "
+             "starting 0x45, not fragments, of that protocol, bytes 12-24 equal to key, total length within "
+             "[least, len]. packets must be a list; start >= 0.");
+
+static PyObject *plain_flow_end(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "plain_flow_end(packets, start, key, protocol, least) takes 5 arguments");
+        return NULL;
+    }
+    PyObject *packets = args[0];
+    PyObject *key_object = args[2];
+    if (!PyList_Check(packets) || !PyBytes_Check(key_object)) {
+        PyErr_SetString(PyExc_TypeError, "plain_flow_end: packets must be a list and key bytes");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long protocol = PyLong_AsLong(args[3]);
+    if (protocol == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long least = PyLong_AsLong(args[4]);
+    if (least == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "plain_flow_end: start must not be negative");
+        return NULL;
+    }
+    Py_ssize_t end = start;
+    if (PyBytes_GET_SIZE(key_object) != 12) {
+        return PyLong_FromSsize_t(end);
+    }
+    const char *key = PyBytes_AS_STRING(key_object);
+    Py_ssize_t count = PyList_GET_SIZE(packets);
+    for (; end < count; end++) {
+        PyObject *item = PyList_GET_ITEM(packets, end);
+        if (!PyBytes_Check(item)) {
+            break;
+        }
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
+        Py_ssize_t n = PyBytes_GET_SIZE(item);
+        if (n < 24 || memcmp(p + 12, key, 12) != 0) {
+            break;
+        }
+        if (p[0] != 0x45 || (long)p[9] != protocol || (p[6] & 0x3F) || p[7]) {
+            break;
+        }
+        long total = ((long)p[2] << 8) | p[3];
+        if (total < least || total > n) {
+            break;
+        }
+    }
+    return PyLong_FromSsize_t(end);
+}
+
 /* --- coalesce ---------------------------------------------------------------------------------------------------- */
 /*
  * The twin of dataplane/packet.py's coalesce (GRO in reverse for TUN writes). Packets are classified and grouped with
@@ -1182,6 +1245,7 @@ static PyMethodDef native_methods[] = {
     {"split_gso_frame", split_gso_frame, METH_O, split_gso_frame_doc},
     {"flow_hash", flow_hash, METH_O, flow_hash_doc},
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_FASTCALL, coalesce_doc},
+    {"plain_flow_end", (PyCFunction)(void (*)(void))plain_flow_end, METH_FASTCALL, plain_flow_end_doc},
     {NULL, NULL, 0, NULL},
 };
 

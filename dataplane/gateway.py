@@ -27,6 +27,7 @@ from typing import Protocol
 from dataplane import dns_pattern, p2p_control
 from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
 from dataplane.dns_nat import DnsNat, InboundVerdict, IpAddress, is_proxy_address, is_proxy_ip
+from dataplane.native import plain_flow_end
 from dataplane.node import (
     CandidateGathered,
     CandidateInvalidated,
@@ -144,9 +145,10 @@ class PeerInfo:
     resources: tuple[str, ...]
 
 
-# A data-path flow: (bytes 12-24 of a plain IPv4 TCP/UDP packet, protocol, least total length the protocol needs).
+# A data-path flow: (bytes 12-24 of a plain IPv4 TCP/UDP packet, protocol, least total length the protocol needs),
+# the arguments native.plain_flow_end takes after the packets and the start.
 _Flow = tuple[bytes, int, int]
-_NO_FLOW: _Flow = (b"\x00" * 13, -1, 0)  # 13 bytes: equal to no packet's bytes 12-24
+_NO_FLOW: _Flow = (b"", -1, 0)
 
 
 def _plain_flow(packet: bytes) -> _Flow:
@@ -155,7 +157,8 @@ def _plain_flow(packet: bytes) -> _Flow:
     These are the packets ClientPolicy keeps in its flow tables (``dataplane.policy._flow_table``): the decision on
     such a packet, its client (bytes 16-20 towards the client; the connection from it) and whether it goes to a DNS
     proxy address (bytes 16-17) depend only on the protocol and bytes 12-24. So a packet of the same flow as one that
-    was just let through (and needed no NAT) is let through for the same resource without asking again."""
+    was just let through (and needed no NAT) is let through for the same resource without asking again: the run of
+    such packets that follows is found by ``native.plain_flow_end`` (C when built), one call per run."""
     if len(packet) < 28 or packet[0] != 0x45 or packet[6] & 0x3F or packet[7]:
         return _NO_FLOW
     end = (packet[2] << 8) | packet[3]
@@ -164,16 +167,6 @@ def _plain_flow(packet: bytes) -> _Flow:
     if not least or end < least or end > len(packet):
         return _NO_FLOW
     return (packet[12:24], protocol, least)
-
-
-def _same_plain_flow(packet: bytes, flow: _Flow) -> bool:
-    """For a packet whose bytes 12-24 equal ``flow``'s: whether it is a plain packet of that flow (_plain_flow)."""
-    return (
-        packet[0] == 0x45
-        and packet[9] == flow[1]
-        and not (packet[6] & 0x3F or packet[7])
-        and flow[2] <= ((packet[2] << 8) | packet[3]) <= len(packet)
-    )
 
 
 def relay_configs(relays: Iterable[Relay]) -> list[RelayConfig]:
@@ -438,8 +431,8 @@ class GatewayState:
         to_tun: list[bytes] = []
         append = to_tun.append
         # Runs of transport messages from one client are decrypted together (Node.handle_input_runs); the policy,
-        # NAT and p2p-control handling below stays per packet, in order, except that a packet of the same plain
-        # flow as the last one let through untranslated reuses its decision (_same_plain_flow).
+        # NAT and p2p-control handling below stays per packet, in order, except that the packets following one let
+        # through untranslated that are of its plain flow go through with its decision (_plain_flow).
         # A list is the usual case: checking it against the Sequence ABC costs more than handling a STUN check's header.
         batch = datagrams if type(datagrams) is list or isinstance(datagrams, Sequence) else list(datagrams)
         for client_id, packets in node.handle_input_runs(batch, now):
@@ -450,18 +443,27 @@ class GatewayState:
             policy = peer.policy
             flow = _NO_FLOW
             resource_id: str | None = None
-            for position, packet in enumerate(packets):
-                if packet[12:24] == flow[0] and _same_plain_flow(packet, flow):
-                    append(packet)
-                    if observer is not None:
-                        observer.from_client(client_id, resource_id, packet, wall_now)
-                    continue
-                flow = _NO_FLOW
+            count = len(packets)
+            position = 0
+            while position < count:
+                if flow is not _NO_FLOW:
+                    end = plain_flow_end(packets, position, *flow)
+                    flow = _NO_FLOW  # the packet at ``end`` is not of that flow
+                    if end > position:
+                        run = packets[position:end]
+                        to_tun += run
+                        if observer is not None:
+                            for packet in run:
+                                observer.from_client(client_id, resource_id, packet, wall_now)
+                        position = end
+                        continue
+                packet = packets[position]
+                position += 1
                 if p2p_control.is_control_packet(packet):
                     self._handle_control(peer, packet, now)
                     if client_id not in self._peers:  # a goodbye: the rest of the run has no peer any more
-                        if position + 1 < len(packets):
-                            self.drops.drop(GatewayDropReason.NO_PEER_FOR_CONNECTION, len(packets) - position - 1)
+                        if position < count:
+                            self.drops.drop(GatewayDropReason.NO_PEER_FOR_CONNECTION, count - position)
                         break
                     continue
                 decision = policy.from_client(packet, wall_now)  # counts its refusals in self.drops
@@ -488,8 +490,8 @@ class GatewayState:
     def handle_tun_packets(self, packets: Iterable[bytes], now: float) -> None:
         """Packets read from the TUN: those addressed to a client it may receive them from are encrypted to it.
 
-        Consecutive packets for one client (a TSO-split burst) are sealed in one batch, in order. A packet of the same
-        plain flow as the last one let through (not NAT'd) reuses its client and decision (_same_plain_flow)."""
+        Consecutive packets for one client (a TSO-split burst) are sealed in one batch, in order. The packets following
+        one let through (not NAT'd) that are of its plain flow go to the same client with its decision (_plain_flow)."""
         wall_now = self._wall_clock()
         by_address = self._peer_by_address
         peers = self._peers
@@ -498,15 +500,24 @@ class GatewayState:
         batch: list[bytes] = []
         batch_client: ClientId | None = None
         flow = _NO_FLOW
-        flow_client: ClientId = ""
         resource_id: str | None = None
-        for packet in packets:
-            if packet[12:24] == flow[0] and _same_plain_flow(packet, flow):
-                batch.append(packet)
-                if observer is not None:
-                    observer.to_client(flow_client, resource_id, packet, wall_now)
-                continue
-            flow = _NO_FLOW
+        read = packets if type(packets) is list else list(packets)
+        count = len(read)
+        position = 0
+        while position < count:
+            if flow is not _NO_FLOW:
+                end = plain_flow_end(read, position, *flow)
+                flow = _NO_FLOW  # the packet at ``end`` is not of that flow
+                if end > position:
+                    run = read[position:end]
+                    batch += run
+                    if observer is not None and batch_client is not None:
+                        for packet in run:
+                            observer.to_client(batch_client, resource_id, packet, wall_now)
+                    position = end
+                    continue
+            packet = read[position]
+            position += 1
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
                 client_id = by_address.get(packet[16:20])
@@ -531,7 +542,6 @@ class GatewayState:
                 continue  # counted by the policy
             if not nat.active:
                 flow = _plain_flow(packet)
-                flow_client = peer.client_id
             resource_id = decision.resource_id
             if observer is not None:
                 observer.to_client(peer.client_id, resource_id, packet, wall_now)

@@ -43,6 +43,8 @@ else:
 seal_batch: Callable[[Buffer, int, int, Sequence[Buffer], int | None], list[bytes]] = implementation.seal_batch
 open_batch: Callable[[Buffer, Sequence[Buffer]], list[bytes | None]] = implementation.open_batch
 ones_complement_sum: OnesComplementSum = implementation.ones_complement_sum
+#: The end of a run of plain IPv4 packets of one flow in a list (the gateway's per-flow fast path).
+plain_flow_end: Callable[[list[bytes], int, bytes, int, int], int] = implementation.plain_flow_end
 
 # The packet transforms. Their pure twins are the functions of dataplane.packet (the reference), which imports this
 # module for ones_complement_sum: hence the import below comes last and the pure functions are looked up per call.

@@ -105,3 +105,27 @@ def ones_complement_sum(data: Buffer, initial: int = 0) -> int:
         return 0
     folded = value % _FOLD
     return folded if folded else _FOLD
+
+
+def plain_flow_end(packets: list[bytes], start: int, key: bytes, protocol: int, least: int, /) -> int:
+    """The end of the run of packets from ``packets[start]`` that are plain IPv4 packets of one flow: bytes objects
+    starting 0x45, not fragments, of ``protocol``, bytes 12-24 equal to ``key``, total length within [least, len]."""
+    if type(packets) is not list or not isinstance(key, bytes):
+        raise TypeError("plain_flow_end: packets must be a list and key bytes")
+    if start < 0:
+        raise ValueError("plain_flow_end: start must not be negative")
+    end = start
+    if len(key) != 12:
+        return end
+    count = len(packets)
+    while end < count:
+        packet = packets[end]
+        if not isinstance(packet, bytes) or len(packet) < 24 or packet[12:24] != key:
+            break
+        if packet[0] != 0x45 or packet[9] != protocol or packet[6] & 0x3F or packet[7]:
+            break
+        total = (packet[2] << 8) | packet[3]
+        if total < least or total > len(packet):
+            break
+        end += 1
+    return end

@@ -193,3 +193,61 @@ def test_a_tunn_pair_behaves_identically_with_either_implementation(
     batches: list[list[tuple[bytes, str, int]]],
 ) -> None:
     assert _run_tunn_scenario(_native(), batches) == _run_tunn_scenario(pure, batches)
+
+
+@st.composite
+def _flow_packets(draw: st.DrawFn, key: bytes, protocol: int) -> list[bytes | bytearray]:
+    """Packets of the flow (key, protocol) and look-alikes with one field off (first byte, protocol, fragment bits,
+    total length, a key byte, size), now and then a bytearray."""
+    out: list[bytes | bytearray] = []
+    for _ in range(draw(st.integers(0, 12))):
+        total = draw(st.integers(24, 80))
+        packet = bytearray(bytes([0x45, 0]) + total.to_bytes(2, "big") + bytes([0, 0, 0x40, 0, 64, protocol, 0, 0]))
+        packet += key + bytes(max(0, total - 24))
+        change = draw(st.sampled_from(["none"] * 4 + ["first", "protocol", "flags", "offset", "total", "key", "cut"]))
+        if change == "first":
+            packet[0] = draw(st.sampled_from([0x46, 0x60, 0x44]))
+        elif change == "protocol":
+            packet[9] ^= draw(st.integers(1, 255))
+        elif change == "flags":
+            packet[6] |= draw(st.integers(1, 0x3F))
+        elif change == "offset":
+            packet[7] = draw(st.integers(1, 255))
+        elif change == "total":
+            packet[2:4] = draw(st.integers(0, 100)).to_bytes(2, "big")
+        elif change == "key":
+            packet[12 + draw(st.integers(0, 11))] ^= 1
+        elif change == "cut":
+            del packet[draw(st.integers(0, len(packet))) :]
+        out.append(packet if draw(st.integers(0, 9)) == 0 else bytes(packet))
+    return out
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_plain_flow_end_is_identical(data: st.DataObject) -> None:
+    key = data.draw(st.binary(min_size=12, max_size=12), label="key")
+    protocol = data.draw(st.sampled_from([6, 17, 1]), label="protocol")
+    least = data.draw(st.sampled_from([28, 40, 0, 90]), label="least")
+    items = data.draw(_flow_packets(key, protocol), label="packets")
+    start = data.draw(st.integers(0, len(items) + 1), label="start")
+    probe = data.draw(st.sampled_from([key, key[:11], b""]), label="probe")
+    end = _native().plain_flow_end(items, start, probe, protocol, least)
+    assert end == pure.plain_flow_end(items, start, probe, protocol, least)  # type: ignore[arg-type]
+    assert end >= start
+
+
+def test_plain_flow_end_takes_a_whole_run_and_stops_at_the_first_other_packet() -> None:
+    key = bytes(range(12))
+    plain = bytes([0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]) + key + bytes(16)
+    fragment = plain[:7] + b"\x01" + plain[8:]
+    for implementation in (_native(), pure):
+        assert implementation.plain_flow_end([plain, plain, fragment, plain], 0, key, 6, 40) == 2
+        assert implementation.plain_flow_end([plain, plain, fragment, plain], 3, key, 6, 40) == 4
+        assert implementation.plain_flow_end([plain], 0, key, 17, 28) == 0
+        assert implementation.plain_flow_end([plain], 0, key, 6, 41) == 0
+        assert implementation.plain_flow_end([plain[:39]], 0, key, 6, 28) == 0  # claims 40 bytes, has 39
+        with pytest.raises(ValueError):
+            implementation.plain_flow_end([plain], -1, key, 6, 40)
+        with pytest.raises(TypeError):
+            implementation.plain_flow_end((plain,), 0, key, 6, 40)

@@ -893,11 +893,21 @@ class HeadlessClient:
         self.flush()
 
     def send_transmits(self) -> None:
-        transmits: list[Transmit] = []
-        while (transmit := self.node.poll_transmit()) is not None:
-            transmits.append(transmit)
-        if transmits and self.socket is not None:
-            self.socket.send_many(transmits)
+        # A sealed batch comes as one TransmitRun: sent as GSO batches without a Transmit per datagram (as the gateway).
+        entries = self.node.drain_transmits()
+        if not entries or self.socket is None:
+            return
+        singles: list[Transmit] = []
+        for entry in entries:
+            if isinstance(entry, Transmit):
+                singles.append(entry)
+                continue
+            if singles:
+                self.socket.send_many(singles)
+                singles = []
+            self.socket.send_batch(entry.dst, entry.payloads)
+        if singles:
+            self.socket.send_many(singles)
 
     def flush(self) -> None:
         self.send_transmits()

@@ -756,20 +756,23 @@ class Node:
                         runs.append((result[0], [result[1]]))
                 position += 1
                 continue
-            index_bytes = data[4:8]
+            # The run goes on while the type, the zero bytes and the receiver index (the first 8 bytes), the source and
+            # the local address stay the same: with the same source, _is_peer_transport only has the size left to ask.
+            header = data[:8]
+            run = [data]
             end = position + 1
             while end < count:
                 next_data, next_src, next_local = datagrams[end]
                 if (
-                    next_data[4:8] != index_bytes
+                    next_data[:8] != header
+                    or len(next_data) < MESSAGE_TRANSPORT_MIN_SIZE
                     or next_src != src
                     or next_local != local
-                    or not self._is_peer_transport(next_data, next_src)
                 ):
                     break
+                run.append(next_data)
                 end += 1
-            run = [datagrams[at][0] for at in range(position, end)]
-            self._handle_transport_run(int.from_bytes(index_bytes, "little"), run, src, local, now, runs)
+            self._handle_transport_run(int.from_bytes(header[4:8], "little"), run, src, local, now, runs)
             position = end
         return runs
 

@@ -134,6 +134,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         samplers: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
         if args.profile is not None:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
             pids = {"gateway": gateway_pid, "portal": os.getpid()}
             pids.update({f"loadgen{i}": p.pid for i, p in enumerate(loadgens)})
             await asyncio.sleep(max(0.0, start_at - time.time() - 0.5))

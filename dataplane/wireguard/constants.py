@@ -47,6 +47,8 @@ COOKIE_SECRET_LATENCY: Final = 5.0
 RATELIMIT_PACKETS_PER_SECOND: Final = 20
 RATELIMIT_BURST: Final = 5
 RATELIMIT_GC_INTERVAL: Final = 1.0
+# Sources tracked at once (each proved its address with a cookie within the last second); beyond, new ones wait.
+RATELIMIT_MAX_SOURCES: Final = 65536
 
 # Under load: more than this many handshake messages within one second, sticky for UNDER_LOAD_AFTER_TIME.
 UNDER_LOAD_HANDSHAKES_PER_SECOND: Final = 512

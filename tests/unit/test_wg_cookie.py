@@ -108,6 +108,15 @@ def test_rate_limiter_with_ports_keeps_one_bucket_per_endpoint() -> None:
     assert v6 == [True] * 5 + [False, False]  # IPv6 still per /64, then per port
 
 
+def test_rate_limiter_refuses_new_sources_while_its_table_is_full() -> None:
+    limiter = RateLimiter(max_sources=3)
+    assert all(limiter.allow("198.51.100.7", 0.0, port) for port in (1, 2, 3))
+    assert not limiter.allow("198.51.100.7", 0.0, 4)  # a fourth source waits
+    assert limiter.allow("198.51.100.7", 0.0, 1)  # known ones keep their buckets
+    assert len(limiter) == 3
+    assert limiter.allow("198.51.100.7", 2.5, 4)  # a second later the idle ones are forgotten
+
+
 def test_rate_limiter_forgets_idle_sources() -> None:
     limiter = RateLimiter()
     for i in range(100):

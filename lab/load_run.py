@@ -36,7 +36,7 @@ from typing import Any
 
 from lab.bench import cpu_seconds, progress
 from lab.bench_gateway import py_spy_command, summarize_collapsed, wait_sampler
-from lab.loadgen import percentile, process_sample, prometheus_sum
+from lab.loadgen import percentile, process_sample, prometheus_sum, spread
 from lab.world import LOAD_CLIENT_TOKEN_PREFIX, RESOURCE_IP, LabWorld
 
 SAMPLE_INTERVAL = 0.5
@@ -284,20 +284,9 @@ def combine_setup(summaries: list[dict[str, Any]], clients: int) -> tuple[dict[s
         "ice_connected": sum(int(s["ice_connected"]) for s in summaries),
         "bring_up_seconds": since_start if connected == clients else None,
         "last_ready_seconds": since_start,
-        "ice_seconds": _figures(ice),
-        "ready_seconds": _figures(ready),
+        "ice_seconds": spread(ice, 3),
+        "ready_seconds": spread(ready, 3),
     }, last_up
-
-
-def _figures(values: list[float]) -> dict[str, float | None]:
-    return {
-        name: None if value is None else round(value, 3)
-        for name, value in (
-            ("p50", percentile(values, 0.5)),
-            ("p99", percentile(values, 0.99)),
-            ("max", max(values, default=None)),
-        )
-    }
 
 
 def _arrival_spread(processes: int, arrival_rate: float) -> float:

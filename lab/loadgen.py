@@ -126,6 +126,14 @@ def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
     return identifier, sequence
 
 
+def spread(values: Sequence[float], digits: int | None = None) -> dict[str, float | None]:
+    """p50, p99 and max of ``values`` (None when empty), rounded to ``digits`` when given."""
+    figures = {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99), "max": max(values, default=None)}
+    if digits is None:
+        return figures
+    return {name: None if value is None else round(value, digits) for name, value in figures.items()}
+
+
 def percentile(values: Sequence[float], fraction: float) -> float | None:
     """The nearest-rank percentile (``fraction`` in 0..1) of ``values``; None when empty."""
     if not values:
@@ -174,25 +182,18 @@ class LoadSummary:
         return sum(1 for times in self.identities if times.ice_seconds is not None)
 
     def to_json(self) -> dict[str, Any]:
-        def figures(values: Sequence[float]) -> dict[str, float | None]:
-            return {
-                "p50": percentile(values, 0.5),
-                "p99": percentile(values, 0.99),
-                "max": max(values, default=None),
-            }
-
         ice = [t.ice_seconds for t in self.identities if t.ice_seconds is not None]
         ready = [t.ready_seconds for t in self.identities if t.ready_seconds is not None]
         return {
             "clients": self.clients,
             "connected": self.connected,
             "ice_connected": self.ice_connected,
-            "ice_seconds": figures(ice),
-            "ready_seconds": figures(ready),
+            "ice_seconds": spread(ice),
+            "ready_seconds": spread(ready),
             "bring_up_seconds": self.bring_up_seconds,
             "pings_sent": self.pings_sent,
             "pings_answered": self.pings_answered,
-            "rtt_ms": {k: None if v is None else v * 1000 for k, v in figures(self.rtt_seconds).items()},
+            "rtt_ms": {k: None if v is None else v * 1000 for k, v in spread(self.rtt_seconds).items()},
             "failures": dict(self.failures),
             "portal_retries": self.portal_retries,
             "flow_retries": self.flow_retries,

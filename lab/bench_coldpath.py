@@ -1,16 +1,16 @@
 """``python -m lab.bench_coldpath``: what one tunnel hop costs a lone packet, warm and after the process sat idle.
 
 Two in-memory :class:`~dataplane.wireguard.device.Device` peers complete a handshake; then, many times over, one
-84-byte ICMP-sized packet is sealed by A and the receiving Device B opens it and hands it out (``receive_datagrams`` +
-``drain_packets``: the work firezone-wg's event loop does between ``recvmsg`` and the TUN ``write``). Each sample is
-the wall time of that receive, taken right after one of:
+ICMP echo request (:func:`lab.loadgen.echo_request`) is sealed by A and the receiving Device B opens it and hands it
+out (``receive_datagrams`` + ``drain_packets``: the work firezone-wg's event loop does between ``recvmsg`` and the
+TUN ``write``). Each sample is the wall time of that receive, taken right after one of:
 
 * nothing (back to back: the interpreter, the keys and the tables are in the CPU caches);
 * ``time.sleep(S)`` for each ``--idle`` S (the thread sleeps, as between two pings);
 * writing over a buffer of ``--evict-mib`` MiB without sleeping (caches evicted, the CPU never idle).
 
-On this project's 2-core VM the warm receive takes 11-15 µs and the same receive after 10-200 ms idle 210-215 µs,
-with 167 µs after the eviction alone: a lone ping pays for cache misses, not for the protocol. That is most of the
+On this project's 2-core VM the warm receive takes 11-22 µs, the same receive after 10-200 ms idle 195-240 µs, and
+167-220 µs after the eviction alone: a lone ping pays for cache misses, not for the protocol. That is most of the
 idle ping gap to wireguard-go in ``make bench`` (four such hops and two seals per round trip).
 
     python -m lab.bench_coldpath [--samples 30] [--idle 0.0005,0.002,0.01,0.2] [--evict-mib 8]
@@ -21,41 +21,20 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import statistics
-import struct
 import time
 from collections.abc import Callable
 
 from dataplane.base import Address
 from dataplane.io.rng import SeededRng
-from dataplane.packet import internet_checksum
 from dataplane.wireguard.device import Device
+from lab.loadgen import echo_request
 
 _TUNNEL_A = "10.77.0.1"
 _TUNNEL_B = "10.77.0.2"
+_SOURCE = ipaddress.IPv4Address(_TUNNEL_A).packed
+_DESTINATION = ipaddress.IPv4Address(_TUNNEL_B).packed
 _ENDPOINT_A: Address = ("192.0.2.1", 51820)
 _ENDPOINT_B: Address = ("192.0.2.2", 51820)
-
-
-def _echo_request(sequence: int) -> bytes:
-    icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 1, sequence) + bytes(56))
-    icmp[2:4] = struct.pack("!H", internet_checksum(icmp))
-    header = bytearray(
-        struct.pack(
-            "!BBHHHBBH4s4s",
-            0x45,
-            0,
-            20 + len(icmp),
-            sequence,
-            0x4000,
-            64,
-            1,
-            0,
-            ipaddress.IPv4Address(_TUNNEL_A).packed,
-            ipaddress.IPv4Address(_TUNNEL_B).packed,
-        )
-    )
-    header[10:12] = struct.pack("!H", internet_checksum(header))
-    return bytes(header + icmp)
 
 
 class Hop:
@@ -72,7 +51,7 @@ class Hop:
         )
         self.b.upsert_peer(self.a.public_key, 0.0, allowed_ips=[ipaddress.ip_network(f"{_TUNNEL_A}/32")])
         self.sequence = 0
-        self.a.send_packets([_echo_request(0)], 0.0)  # staged; the handshake goes first
+        self.a.send_packets([self._echo_request(0)], 0.0)  # staged; the handshake goes first
         for _ in range(10):
             moved = False
             for source, target, address in ((self.a, self.b, _ENDPOINT_A), (self.b, self.a, _ENDPOINT_B)):
@@ -85,9 +64,13 @@ class Hop:
         if len(self.b.drain_packets()) != 1:
             raise SystemExit("the in-memory handshake did not complete")
 
+    @staticmethod
+    def _echo_request(sequence: int) -> bytes:
+        return echo_request(_SOURCE, _DESTINATION, 1, sequence)
+
     def sealed(self) -> list[tuple[bytes, Address]]:
         self.sequence = (self.sequence + 1) & 0xFFFF
-        self.a.send_packets([_echo_request(self.sequence)], 0.0)
+        self.a.send_packets([self._echo_request(self.sequence)], 0.0)
         return [(t.payload, _ENDPOINT_A) for t in self.a.drain_transmits()]
 
     def receive_microseconds(self, before: Callable[[], None]) -> float:

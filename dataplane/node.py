@@ -949,7 +949,7 @@ class Node:
 
     def _admit_handshake(self, data: bytes, src: Address, local: Address, now: float) -> bool:
         """Whether an initiation or response may go on to the (costly) Noise handshake: its mac1 must be valid,
-        and under load it needs a valid mac2 (else it gets a cookie reply) and passes a per-source rate limit."""
+        and under load it needs a valid mac2 (else it gets a cookie reply) and passes a per-endpoint rate limit."""
         if len(data) != (MESSAGE_INITIATION_SIZE if data[0] == 1 else MESSAGE_RESPONSE_SIZE):
             self.drops.drop(DropReason.HANDSHAKE_BAD_LENGTH)
             return False

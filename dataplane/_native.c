@@ -1234,6 +1234,399 @@ done:
     return result;
 }
 
+/* --- sealed_size, gso_run_ends, destination_runs: the per-packet loops of the send path -------------------------- */
+
+/* len(item): the bytes fast path, else the object's length (-1 with an exception set). */
+static inline Py_ssize_t item_length(PyObject *item) {
+    return PyBytes_Check(item) ? PyBytes_GET_SIZE(item) : PyObject_Length(item);
+}
+
+PyDoc_STRVAR(sealed_size_doc,
+             "sealed_size(packets, mtu, /) -> int\n\n"
+             "Bytes of the transport messages seal_batch makes of packets (header, padding to 16 but never past mtu, "
+             "tag), without sealing them. mtu None: no limit.");
+
+static PyObject *sealed_size(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sealed_size(packets, mtu) takes 2 arguments");
+        return NULL;
+    }
+    int limited = args[1] != Py_None;
+    long long mtu = 0;
+    if (limited) {
+        mtu = PyLong_AsLongLong(args[1]);
+        if (mtu == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    PyObject *items = PySequence_Fast(args[0], "sealed_size: packets must be a sequence");
+    if (items == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+    PyObject **objects = PySequence_Fast_ITEMS(items);
+    long long total = (long long)(HEADER_SIZE + TAG_SIZE) * count;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t size = item_length(objects[i]);
+        if (size < 0) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        long long padded = size + (PADDING_MULTIPLE - size % PADDING_MULTIPLE) % PADDING_MULTIPLE;
+        if (limited && padded > mtu) {
+            padded = mtu > size ? mtu : size;
+        }
+        total += padded;
+    }
+    Py_DECREF(items);
+    return PyLong_FromLongLong(total);
+}
+
+PyDoc_STRVAR(gso_run_ends_doc,
+             "gso_run_ends(payloads, max_segments, max_bytes, /) -> list[int]\n\n"
+             "payloads cut into runs one UDP GSO send can carry, as the index after each run's last payload: equal "
+             "sizes except that the last may be shorter, non-empty, at most max_segments payloads and max_bytes bytes "
+             "(a lone payload is a run of its own whatever its size).");
+
+static PyObject *gso_run_ends(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "gso_run_ends(payloads, max_segments, max_bytes) takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t max_segments = PyLong_AsSsize_t(args[1]);
+    if (max_segments == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[2]);
+    if (max_bytes == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *items = PySequence_Fast(args[0], "gso_run_ends: payloads must be a sequence");
+    if (items == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+    PyObject **objects = PySequence_Fast_ITEMS(items);
+    PyObject *ends = PyList_New(0);
+    Py_ssize_t i = 0;
+    while (ends != NULL && i < count) {
+        Py_ssize_t size = item_length(objects[i]);
+        if (size < 0) {
+            Py_CLEAR(ends);
+            break;
+        }
+        Py_ssize_t j = i + 1;
+        if (size) {
+            Py_ssize_t total = size;
+            while (j < count && j - i < max_segments) {
+                Py_ssize_t length = item_length(objects[j]);
+                if (length < 0) {
+                    Py_CLEAR(ends);
+                    break;
+                }
+                if (length > size || length == 0 || total > max_bytes - length) {
+                    break;
+                }
+                total += length;
+                j++;
+                if (length < size) {
+                    break; /* only the last segment may be short */
+                }
+            }
+            if (ends == NULL) {
+                break;
+            }
+        }
+        PyObject *end = PyLong_FromSsize_t(j);
+        if (end == NULL || PyList_Append(ends, end) < 0) {
+            Py_XDECREF(end);
+            Py_CLEAR(ends);
+            break;
+        }
+        Py_DECREF(end);
+        i = j;
+    }
+    Py_DECREF(items);
+    return ends;
+}
+
+/* An IP packet's destination address: its offset and size, or size 0 when the packet is not IPv4/IPv6 or too short. */
+static inline void destination_of(const unsigned char *p, Py_ssize_t n, Py_ssize_t *offset, Py_ssize_t *size) {
+    int version = n ? p[0] >> 4 : 0;
+    if (version == 4 && n >= 20) {
+        *offset = 16;
+        *size = 4;
+    } else if (version == 6 && n >= 40) {
+        *offset = 24;
+        *size = 16;
+    } else {
+        *offset = 0;
+        *size = 0;
+    }
+}
+
+/* Appends (end, address) to runs, address None when size is 0. 0 on success. */
+static int append_run(PyObject *runs, Py_ssize_t end, const unsigned char *address, Py_ssize_t size) {
+    PyObject *run;
+    if (size) {
+        run = Py_BuildValue("(ny#)", end, (const char *)address, size);
+    } else {
+        run = Py_BuildValue("(nO)", end, Py_None);
+    }
+    if (run == NULL) {
+        return -1;
+    }
+    int status = PyList_Append(runs, run);
+    Py_DECREF(run);
+    return status;
+}
+
+PyDoc_STRVAR(destination_runs_doc,
+             "destination_runs(packets, /) -> list[tuple[int, bytes | None]]\n\n"
+             "packets cut into runs of one destination address (4 bytes for IPv4, 16 for IPv6), as (index after the "
+             "run, address); address None for a run of packets too short for their IP version or of no version 4 or 6.");
+
+static PyObject *destination_runs(PyObject *module, PyObject *packets_object) {
+    (void)module;
+    PyObject *items = PySequence_Fast(packets_object, "destination_runs: packets must be a sequence");
+    if (items == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+    PyObject **objects = PySequence_Fast_ITEMS(items);
+    PyObject *runs = PyList_New(0);
+    unsigned char current[16];
+    Py_ssize_t current_size = -1; /* -1: no run open yet; 0: a run of invalid packets */
+    for (Py_ssize_t i = 0; runs != NULL && i < count; i++) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(objects[i], &view, PyBUF_SIMPLE) < 0) {
+            Py_CLEAR(runs);
+            break;
+        }
+        const unsigned char *p = view.buf;
+        Py_ssize_t offset, size;
+        destination_of(p, view.len, &offset, &size);
+        int same = current_size == size && memcmp(current, p + offset, (size_t)size) == 0;
+        if (!same) {
+            if (current_size >= 0 && append_run(runs, i, current, current_size) < 0) {
+                Py_CLEAR(runs);
+            }
+            memcpy(current, p + offset, (size_t)size);
+            current_size = size;
+        }
+        PyBuffer_Release(&view);
+    }
+    if (runs != NULL && current_size >= 0 && append_run(runs, count, current, current_size) < 0) {
+        Py_CLEAR(runs);
+    }
+    Py_DECREF(items);
+    return runs;
+}
+
+/* --- accept_transport_run: the replay check and inner header checks of a run of opened messages ------------------ */
+
+#define REPLAY_BLOCK_BIT_LOG 6
+#define REPLAY_RING_BLOCKS 128
+#define REPLAY_BLOCK_MASK (REPLAY_RING_BLOCKS - 1)
+#define REPLAY_WINDOW_SIZE ((uint64_t)(REPLAY_RING_BLOCKS - 1) << REPLAY_BLOCK_BIT_LOG)
+
+/* dataplane/wireguard/replay.py's replay_accept: 1 when counter is new (marked seen, *last moved), 0 if rejected. */
+static int replay_accept(uint64_t *ring, uint64_t *last, uint64_t limit, uint64_t counter) {
+    if (counter >= limit) {
+        return 0;
+    }
+    if (counter > *last) {
+        uint64_t block = counter >> REPLAY_BLOCK_BIT_LOG;
+        uint64_t current = *last >> REPLAY_BLOCK_BIT_LOG;
+        if (block != current) {
+            uint64_t diff = block - current;
+            if (diff > REPLAY_RING_BLOCKS) {
+                diff = REPLAY_RING_BLOCKS;
+            }
+            for (uint64_t i = current + 1; i <= current + diff; i++) {
+                ring[i & REPLAY_BLOCK_MASK] = 0;
+            }
+        }
+        ring[block & REPLAY_BLOCK_MASK] |= (uint64_t)1 << (counter & 63);
+        *last = counter;
+        return 1;
+    }
+    if (*last - counter > REPLAY_WINDOW_SIZE) {
+        return 0;
+    }
+    uint64_t *word = &ring[(counter >> REPLAY_BLOCK_BIT_LOG) & REPLAY_BLOCK_MASK];
+    uint64_t bit = (uint64_t)1 << (counter & 63);
+    if (*word & bit) {
+        return 0;
+    }
+    *word |= bit;
+    return 1;
+}
+
+static inline uint64_t load_le64(const unsigned char *in) {
+    uint64_t value = 0;
+    for (int i = 7; i >= 0; i--) {
+        value = (value << 8) | in[i];
+    }
+    return value;
+}
+
+PyDoc_STRVAR(accept_transport_run_doc,
+             "accept_transport_run(messages, plaintexts, ring, last, limit, /) -> tuple\n\n"
+             "What a run of transport messages delivers once open_batch gave their plaintexts: the replay check (ring, "
+             "an array('Q') of 128 blocks updated in place, last and limit of a ReplayFilter) and the inner packet's "
+             "header checks. Returns (packets, source runs, new last, decryption failed, replayed, rejected bytes, "
+             "invalid inner packets, keepalives); see dataplane/native_fallback.py.");
+
+static PyObject *accept_transport_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "accept_transport_run(messages, plaintexts, ring, last, limit) takes 5 arguments");
+        return NULL;
+    }
+    uint64_t last = PyLong_AsUnsignedLongLong(args[3]);
+    if (last == (uint64_t)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    uint64_t limit = PyLong_AsUnsignedLongLong(args[4]);
+    if (limit == (uint64_t)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer ring;
+    if (PyObject_GetBuffer(args[2], &ring, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        return NULL;
+    }
+    if (ring.itemsize != 8 || ring.len != REPLAY_RING_BLOCKS * 8 || ring.format == NULL ||
+        (strcmp(ring.format, "Q") != 0 && strcmp(ring.format, "L") != 0)) {
+        PyBuffer_Release(&ring);
+        PyErr_SetString(PyExc_TypeError, "accept_transport_run: ring must be an array of 128 64-bit blocks");
+        return NULL;
+    }
+    PyObject *messages = PySequence_Fast(args[0], "accept_transport_run: messages must be a sequence");
+    PyObject *plaintexts = messages ? PySequence_Fast(args[1], "accept_transport_run: plaintexts must be a sequence")
+                                    : NULL;
+    PyObject *packets = NULL, *sources = NULL, *result = NULL;
+    if (plaintexts == NULL) {
+        goto done;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(messages);
+    if (PySequence_Fast_GET_SIZE(plaintexts) != count) {
+        PyErr_SetString(PyExc_ValueError, "accept_transport_run: messages and plaintexts differ in length");
+        goto done;
+    }
+    packets = PyList_New(0);
+    sources = PyList_New(0);
+    if (packets == NULL || sources == NULL) {
+        goto done;
+    }
+    uint64_t *blocks = ring.buf;
+    long long failed = 0, replayed = 0, rejected_bytes = 0, invalid = 0, keepalives = 0;
+    unsigned char source[16];
+    Py_ssize_t source_size = 0; /* of the open source run; 0: none yet */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *message = PySequence_Fast_GET_ITEM(messages, i);
+        PyObject *plaintext = PySequence_Fast_GET_ITEM(plaintexts, i);
+        Py_ssize_t message_size;
+        uint64_t counter = 0;
+        if (PyBytes_Check(message)) {
+            message_size = PyBytes_GET_SIZE(message);
+            if (message_size >= HEADER_SIZE) {
+                counter = load_le64((const unsigned char *)PyBytes_AS_STRING(message) + 8);
+            }
+        } else {
+            Py_buffer header;
+            if (PyObject_GetBuffer(message, &header, PyBUF_SIMPLE) < 0) {
+                goto done;
+            }
+            message_size = header.len;
+            if (message_size >= HEADER_SIZE) {
+                counter = load_le64((const unsigned char *)header.buf + 8);
+            }
+            PyBuffer_Release(&header);
+        }
+        int short_message = message_size < HEADER_SIZE;
+        if (plaintext == Py_None) {
+            failed++;
+            rejected_bytes += message_size;
+            continue;
+        }
+        if (!PyBytes_Check(plaintext)) {
+            PyErr_SetString(PyExc_TypeError, "accept_transport_run: a plaintext must be bytes or None");
+            goto done;
+        }
+        if (short_message) {
+            /* open_batch never authenticates these; the reference reads their counter from fewer than 8 bytes. */
+            PyErr_SetString(PyExc_ValueError, "accept_transport_run: an opened message is shorter than its header");
+            goto done;
+        }
+        if (!replay_accept(blocks, &last, limit, counter)) {
+            replayed++;
+            rejected_bytes += message_size;
+            continue;
+        }
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(plaintext);
+        Py_ssize_t size = PyBytes_GET_SIZE(plaintext);
+        if (!size) {
+            keepalives++;
+            continue;
+        }
+        Py_ssize_t length, offset, address_size;
+        int version = p[0] >> 4;
+        if (version == 4 && size >= 20) {
+            length = ((Py_ssize_t)p[2] << 8) | p[3];
+            if (length < 20 || length > size) {
+                invalid++;
+                continue;
+            }
+            offset = 12;
+            address_size = 4;
+        } else if (version == 6 && size >= 40) {
+            length = 40 + (((Py_ssize_t)p[4] << 8) | p[5]);
+            if (length > size) {
+                invalid++;
+                continue;
+            }
+            offset = 8;
+            address_size = 16;
+        } else {
+            invalid++;
+            continue;
+        }
+        PyObject *packet = length < size ? PyBytes_FromStringAndSize((const char *)p, length) : Py_NewRef(plaintext);
+        if (packet == NULL) {
+            goto done;
+        }
+        int appended = PyList_Append(packets, packet);
+        Py_DECREF(packet);
+        if (appended < 0) {
+            goto done;
+        }
+        if (source_size != address_size || memcmp(source, p + offset, (size_t)address_size) != 0) {
+            /* A new source: the open run ends before this packet. */
+            if (source_size && append_run(sources, PyList_GET_SIZE(packets) - 1, source, source_size) < 0) {
+                goto done;
+            }
+            memcpy(source, p + offset, (size_t)address_size);
+            source_size = address_size;
+        }
+    }
+    if (source_size && append_run(sources, PyList_GET_SIZE(packets), source, source_size) < 0) {
+        goto done;
+    }
+    result = Py_BuildValue("(OOKLLLLL)", packets, sources, (unsigned long long)last, failed, replayed, rejected_bytes,
+                           invalid, keepalives);
+done:
+    Py_XDECREF(packets);
+    Py_XDECREF(sources);
+    Py_XDECREF(plaintexts);
+    Py_XDECREF(messages);
+    PyBuffer_Release(&ring);
+    return result;
+}
+
 /* --- module ------------------------------------------------------------------------------------------------------ */
 
 static PyMethodDef native_methods[] = {
@@ -1246,6 +1639,11 @@ static PyMethodDef native_methods[] = {
     {"flow_hash", flow_hash, METH_O, flow_hash_doc},
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_FASTCALL, coalesce_doc},
     {"plain_flow_end", (PyCFunction)(void (*)(void))plain_flow_end, METH_FASTCALL, plain_flow_end_doc},
+    {"sealed_size", (PyCFunction)(void (*)(void))sealed_size, METH_FASTCALL, sealed_size_doc},
+    {"gso_run_ends", (PyCFunction)(void (*)(void))gso_run_ends, METH_FASTCALL, gso_run_ends_doc},
+    {"destination_runs", destination_runs, METH_O, destination_runs_doc},
+    {"accept_transport_run", (PyCFunction)(void (*)(void))accept_transport_run, METH_FASTCALL,
+     accept_transport_run_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,6 +7,7 @@ Both have the same API and give byte-identical results; the choice is made once,
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Protocol
@@ -45,6 +46,17 @@ open_batch: Callable[[Buffer, Sequence[Buffer]], list[bytes | None]] = implement
 ones_complement_sum: OnesComplementSum = implementation.ones_complement_sum
 #: The end of a run of plain IPv4 packets of one flow in a list (the gateway's per-flow fast path).
 plain_flow_end: Callable[[list[bytes], int, bytes, int, int], int] = implementation.plain_flow_end
+#: Bytes of the messages seal_batch makes of packets (for the send accounting done before sealing).
+sealed_size: Callable[[Sequence[Buffer], int | None], int] = implementation.sealed_size
+#: A batch of datagrams for one destination cut into UDP GSO sends.
+gso_run_ends: Callable[[Sequence[Buffer], int, int], list[int]] = implementation.gso_run_ends
+#: A batch of packets cut into runs of one destination address (the send path's cryptokey routing).
+destination_runs: Callable[[Sequence[Buffer]], list[tuple[int, bytes | None]]] = implementation.destination_runs
+AcceptedRun = native_fallback.AcceptedRun
+#: The replay check and inner header checks of an opened run of transport messages (the receive path).
+accept_transport_run: Callable[[Sequence[Buffer], Sequence[bytes | None], array[int], int, int], AcceptedRun] = (
+    implementation.accept_transport_run
+)
 
 # The packet transforms. Their pure twins are the functions of dataplane.packet (the reference), which imports this
 # module for ones_complement_sum: hence the import below comes last and the pure functions are looked up per call.

@@ -6,11 +6,17 @@ Used when the extension is not built or ``FIREZONE_NATIVE=0``; ``dataplane.nativ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from array import array
+from collections.abc import MutableSequence, Sequence
 from functools import lru_cache
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from .wireguard.replay import BLOCK_BIT_LOG as _REPLAY_BLOCK_BIT_LOG
+from .wireguard.replay import RING_BLOCKS as REPLAY_RING_BLOCKS
+from .wireguard.replay import replay_accept
 
 Buffer = bytes | bytearray | memoryview
 
@@ -22,6 +28,10 @@ _PADDINGS = tuple(bytes(size) for size in range(_PADDING_MULTIPLE))
 _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _FOLD = 0xFFFF
 _MAX_INITIAL = 1 << 62
+_U64_MAX = (1 << 64) - 1
+_unpack_counter = struct.Struct("<8xQ").unpack_from
+_REPLAY_BLOCK_MASK = REPLAY_RING_BLOCKS - 1
+_REPLAY_BIT_MASK = (1 << _REPLAY_BLOCK_BIT_LOG) - 1
 
 
 @lru_cache(maxsize=4096)
@@ -129,3 +139,154 @@ def plain_flow_end(packets: list[bytes], start: int, key: bytes, protocol: int, 
             break
         end += 1
     return end
+
+
+def sealed_size(packets: Sequence[Buffer], mtu: int | None, /) -> int:
+    """Bytes of the transport messages ``seal_batch`` makes of ``packets`` (header, padding to 16 but never past
+    ``mtu``, tag), without sealing them."""
+    total = 0
+    for packet in packets:
+        size = len(packet)
+        padded = size + (-size % _PADDING_MULTIPLE)
+        if mtu is not None and padded > mtu:
+            padded = max(mtu, size)
+        total += padded
+    return total + (_HEADER_SIZE + _TAG_SIZE) * len(packets)
+
+
+def gso_run_ends(payloads: Sequence[Buffer], max_segments: int, max_bytes: int, /) -> list[int]:
+    """``payloads`` cut into runs one UDP GSO send can carry, as the index after each run's last payload: equal
+    sizes except that the last may be shorter, non-empty, at most ``max_segments`` payloads and ``max_bytes`` bytes
+    (a lone payload is a run of its own whatever its size)."""
+    ends: list[int] = []
+    i = 0
+    count = len(payloads)
+    while i < count:
+        size = len(payloads[i])
+        j = i + 1
+        if size:
+            total = size
+            while j < count and j - i < max_segments:
+                length = len(payloads[j])
+                if length > size or length == 0 or total + length > max_bytes:
+                    break
+                total += length
+                j += 1
+                if length < size:
+                    break  # only the last segment may be short
+        ends.append(j)
+        i = j
+    return ends
+
+
+def destination_runs(packets: Sequence[Buffer], /) -> list[tuple[int, bytes | None]]:
+    """``packets`` cut into runs of one destination address (4 bytes for IPv4, 16 for IPv6), as (index after the
+    run, address); address None for a run of packets too short for their IP version or of no version 4 or 6."""
+    runs: list[tuple[int, bytes | None]] = []
+    current: bytes | None = None
+    for index, packet in enumerate(packets):
+        size = len(packet)
+        if size >= 20 and packet[0] >> 4 == 4:
+            destination: bytes | None = packet[16:20]  # type: ignore[assignment]
+        elif size >= 40 and packet[0] >> 4 == 6:
+            destination = packet[24:40]  # type: ignore[assignment]
+        else:
+            destination = None
+        if destination is not None and type(destination) is not bytes:
+            destination = bytes(destination)
+        if not index:
+            current = destination
+        elif destination != current:
+            runs.append((index, current))
+            current = destination
+    if packets:
+        runs.append((len(packets), current))
+    return runs
+
+
+#: accept_transport_run's result: (packets, source runs, last, decryption failed, replayed, rejected bytes,
+#: invalid inner packets, keepalives).
+AcceptedRun = tuple[list[bytes], list[tuple[int, bytes]], int, int, int, int, int, int]
+
+
+def accept_transport_run(
+    messages: Sequence[Buffer],
+    plaintexts: Sequence[bytes | None],
+    ring: MutableSequence[int],
+    last: int,
+    limit: int,
+    /,
+) -> AcceptedRun:
+    """What a run of transport messages delivers once ``open_batch`` gave their ``plaintexts``: the replay check
+    (``ring``, ``last`` and ``limit`` of a ``ReplayFilter``; ``ring`` is updated, the new ``last`` returned) and the
+    inner packet's header checks.
+
+    Returns the IP packets (each cut to its IP total length), the runs of their source addresses as (index after the
+    run in the packets, address) for the caller's cryptokey routing, the new ``last``, and how many messages failed
+    authentication, were replays (with the bytes of both), carried no valid IP packet, or were keepalives.
+    """
+    if not 0 <= last <= _U64_MAX or not 0 <= limit <= _U64_MAX:
+        raise OverflowError("accept_transport_run: last and limit must fit in 64 bits")
+    if (
+        not isinstance(ring, array)
+        or ring.typecode not in "QL"
+        or ring.itemsize != 8
+        or len(ring) != REPLAY_RING_BLOCKS
+    ):
+        raise TypeError(f"accept_transport_run: ring must be an array of {REPLAY_RING_BLOCKS} 64-bit blocks")
+    if len(messages) != len(plaintexts):
+        raise ValueError("accept_transport_run: messages and plaintexts differ in length")
+    packets: list[bytes] = []
+    sources: list[tuple[int, bytes]] = []
+    failed = replayed = rejected_bytes = invalid = keepalives = 0
+    run_source = b""
+    for message, plaintext in zip(messages, plaintexts, strict=True):
+        if plaintext is None:
+            failed += 1
+            rejected_bytes += len(message)
+            continue
+        if not isinstance(plaintext, bytes):
+            raise TypeError("accept_transport_run: a plaintext must be bytes or None")
+        if len(message) < _HEADER_SIZE:
+            # open_batch never authenticates these; a counter cannot be read from fewer than 8 bytes.
+            raise ValueError("accept_transport_run: an opened message is shorter than its header")
+        counter = _unpack_counter(message)[0]
+        if last < counter < limit and not (counter ^ last) >> _REPLAY_BLOCK_BIT_LOG:
+            # The common case of replay_accept inline: a new counter in the block of the highest one.
+            ring[counter >> _REPLAY_BLOCK_BIT_LOG & _REPLAY_BLOCK_MASK] |= 1 << (counter & _REPLAY_BIT_MASK)
+            last = counter
+        else:
+            accepted = replay_accept(ring, last, limit, counter)
+            if accepted < 0:
+                replayed += 1
+                rejected_bytes += len(message)
+                continue
+            last = accepted
+        size = len(plaintext)
+        if not size:
+            keepalives += 1
+            continue
+        version = plaintext[0] >> 4
+        if version == 4 and size >= 20:
+            length = (plaintext[2] << 8) | plaintext[3]
+            if length < 20 or length > size:
+                invalid += 1
+                continue
+            source = plaintext[12:16]
+        elif version == 6 and size >= 40:
+            length = 40 + ((plaintext[4] << 8) | plaintext[5])
+            if length > size:
+                invalid += 1
+                continue
+            source = plaintext[8:24]
+        else:
+            invalid += 1
+            continue
+        if source != run_source:
+            if packets:
+                sources.append((len(packets), run_source))
+            run_source = source
+        packets.append(plaintext[:length] if length < size else plaintext)
+    if packets:
+        sources.append((len(packets), run_source))
+    return packets, sources, last, failed, replayed, rejected_bytes, invalid, keepalives

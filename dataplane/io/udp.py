@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dataplane.base import Address, DropCounter, Transmit
+from dataplane.native import gso_run_ends
 
 log = logging.getLogger(__name__)
 
@@ -287,26 +288,13 @@ class UdpSocket:
             for payload in payloads:
                 self._send_one(payload, dst)
             return
-        i = 0
-        n = len(payloads)
-        while i < n:
-            size = len(payloads[i])
-            j = i + 1
-            if size:
-                total = size
-                while j < n and j - i < GSO_MAX_SEGMENTS:
-                    length = len(payloads[j])
-                    if length > size or length == 0 or total + length > GSO_MAX_BYTES:
-                        break
-                    total += length
-                    j += 1
-                    if length < size:
-                        break  # only the last segment may be short
-            if j - i == 1:
-                self._send_one(payloads[i], dst)
+        start = 0
+        for end in gso_run_ends(payloads, GSO_MAX_SEGMENTS, GSO_MAX_BYTES):
+            if end - start == 1:
+                self._send_one(payloads[start], dst)
             else:
-                self._send_gso(payloads[i:j], size, dst)
-            i = j
+                self._send_gso(payloads[start:end], len(payloads[start]), dst)
+            start = end
 
     def _send_one(self, payload: bytes, dst: Address) -> None:
         try:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from dataplane.base import Address, DropCounter, Rng, Transmit, WallClock
-from dataplane.native import open_batch
+from dataplane.native import destination_runs, open_batch
 
 from . import noise
 from .allowedips import AllowedIps, Network
@@ -466,34 +466,19 @@ class Device:
         lookup = self._routes.lookup
         batches: dict[Peer, list[bytes]] = {}
         drops = self.drops
-        last_destination = b""
-        last_batch: list[bytes] | None = None
-        for packet in packets:
-            if not packet:
-                drops.drop(DropReason.INVALID_INNER_PACKET)
-                continue
-            version = packet[0] >> 4
-            if version == 4 and len(packet) >= 20:
-                destination = packet[16:20]
-            elif version == 6 and len(packet) >= 40:
-                destination = packet[24:40]
-            else:
-                drops.drop(DropReason.INVALID_INNER_PACKET)
-                continue
-            if destination == last_destination and last_batch is not None:
-                last_batch.append(packet)
-                continue
-            peer = lookup(destination)
+        start = 0
+        for end, destination in destination_runs(packets):
+            peer = lookup(destination) if destination is not None else None
             if peer is None:
-                drops.drop(DropReason.NO_ROUTE)
-                continue
-            batch = batches.get(peer)
-            if batch is None:
-                batch = batches[peer] = [packet]
+                drops.drop(
+                    DropReason.NO_ROUTE if destination is not None else DropReason.INVALID_INNER_PACKET, end - start
+                )
             else:
-                batch.append(packet)
-            last_destination = destination
-            last_batch = batch
+                batch = batches.get(peer)
+                if batch is None:
+                    batches[peer] = batch = []
+                batch += packets[start:end] if start or end < len(packets) else packets
+            start = end
         return batches
 
     # --- timers ---

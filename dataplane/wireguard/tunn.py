@@ -22,7 +22,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from dataplane.base import DropCounter, Rng, WallClock
-from dataplane.native import open_batch, seal_batch
+from dataplane.native import accept_transport_run, open_batch, seal_batch, sealed_size
 
 from . import noise
 from .constants import (
@@ -51,8 +51,6 @@ from .constants import (
 )
 from .cookie import CookieChecker, CookieGenerator
 from .crypto import PrivateKey, dh, load_private_key, public_key, tai64n
-from .replay import BLOCK_BIT_LOG as _BLOCK_BIT_LOG
-from .replay import RING_BLOCKS as REPLAY_RING_BLOCKS
 from .session import Keypair
 from .timers import PeerTimers
 
@@ -189,22 +187,6 @@ class HandshakeLoad:
 
 _log = logging.getLogger(__name__)
 _RECEIVER_INDEX = struct.Struct("<4xI")
-_COUNTER = struct.Struct("<8xQ")
-_RING_MASK = REPLAY_RING_BLOCKS - 1
-_BIT_MASK = (1 << _BLOCK_BIT_LOG) - 1
-
-
-def sealed_size(packets: Sequence[bytes], mtu: int | None) -> int:
-    """Bytes of the transport messages ``seal_batch`` makes of ``packets`` (header, padding to 16 but never past
-    ``mtu``, tag), without sealing them."""
-    total = 0
-    for packet in packets:
-        size = len(packet)
-        padded = size + (-size % 16)
-        if mtu is not None and padded > mtu:
-            padded = max(mtu, size)
-        total += padded
-    return total + MESSAGE_TRANSPORT_MIN_SIZE * len(packets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -622,72 +604,29 @@ class Tunn:
         else:
             plaintexts = open_batch(keypair.receive_key, messages)
         replay = keypair.replay
-        validate = replay.validate
-        ring = replay.ring
-        limit = replay.limit
-        unpack_counter = _COUNTER.unpack_from
-        confirm = keypair is self._next
-        # Counted on the rare paths so that the common one does no bookkeeping: rejected = not authenticated.
-        rejected = 0
-        rejected_bytes = 0
-        keepalives = 0
-        checked_source = b""
-        for message, plaintext in zip(messages, plaintexts, strict=True):
-            if plaintext is None:
-                drops.drop(DropReason.DECRYPTION_FAILED)
-                rejected += 1
-                rejected_bytes += len(message)
-                continue
-            counter = unpack_counter(message)[0]
-            # Replay check after authentication, as wireguard-go; the in-order case inline (see ReplayFilter).
-            last = replay.last
-            if last < counter < limit and not (counter ^ last) >> _BLOCK_BIT_LOG:
-                ring[(counter >> _BLOCK_BIT_LOG) & _RING_MASK] |= 1 << (counter & _BIT_MASK)
-                replay.last = counter
-            elif not validate(counter):
-                drops.drop(DropReason.REPLAY)
-                rejected += 1
-                rejected_bytes += len(message)
-                continue
-            if confirm:
-                confirm = False
-                self._confirm_next(now)
-            size = len(plaintext)
-            if not size:
-                keepalives += 1
-                continue
-            first = plaintext[0]
-            # Each branch checks the size before reading header fields: a peer with a valid session can send any
-            # plaintext length, and an IndexError here would lose the rest of the caller's receive batch.
-            if first >> 4 == 4 and size >= 20:
-                length = (plaintext[2] << 8) | plaintext[3]
-                if length < 20 or length > size:
-                    drops.drop(DropReason.INVALID_INNER_PACKET)
-                    continue
-                if source_owner is not None:
-                    source = plaintext[12:16]
-                    if source != checked_source:
-                        if source_owner(source) is not owner:
-                            drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
-                            continue
-                        checked_source = source
-            elif first >> 4 == 6 and size >= 40:
-                length = 40 + ((plaintext[4] << 8) | plaintext[5])
-                if length > size:
-                    drops.drop(DropReason.INVALID_INNER_PACKET)
-                    continue
-                if source_owner is not None:
-                    source = plaintext[8:24]
-                    if source != checked_source:
-                        if source_owner(source) is not owner:
-                            drops.drop(DropReason.ALLOWED_IPS_MISMATCH)
-                            continue
-                        checked_source = source
-            else:
-                drops.drop(DropReason.INVALID_INNER_PACKET)
-                continue
-            out.append(plaintext[:length] if length < size else plaintext)
-        authenticated = len(messages) - rejected
+        # Replay check after authentication, as wireguard-go; then the inner packet's header checks.
+        packets, sources, replay.last, failed, replayed, rejected_bytes, invalid, keepalives = accept_transport_run(
+            messages, plaintexts, replay.ring, replay.last, replay.limit
+        )
+        if failed:
+            drops.drop(DropReason.DECRYPTION_FAILED, failed)
+        if replayed:
+            drops.drop(DropReason.REPLAY, replayed)
+        if invalid:
+            drops.drop(DropReason.INVALID_INNER_PACKET, invalid)
+        authenticated = len(messages) - failed - replayed
+        if authenticated and keypair is self._next:
+            self._confirm_next(now)
+        if source_owner is None:
+            out += packets
+        else:
+            start = 0
+            for end, source in sources:
+                if source_owner(source) is owner:
+                    out += packets[start:end] if start or end < len(packets) else packets
+                else:
+                    drops.drop(DropReason.ALLOWED_IPS_MISMATCH, end - start)
+                start = end
         received_bytes = sum(map(len, messages)) - rejected_bytes
         data_messages = authenticated - keepalives
         if not authenticated:

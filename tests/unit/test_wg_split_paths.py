@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 
+from dataplane.native import sealed_size
 from dataplane.wireguard.device import DropReason, ReceivedRun
-from dataplane.wireguard.tunn import sealed_size
 from tests.unit.test_wg_device import (
     ADDRESS_A,
     ADDRESS_B,

@@ -16,4 +16,5 @@ TARGETS = (
     "fuzz_p2p_control",
     "fuzz_portal_message",
     "fuzz_uapi",
+    "fuzz_native",
 )

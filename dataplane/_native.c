@@ -1326,7 +1326,7 @@ static PyObject *gso_run_ends(PyObject *module, PyObject *const *args, Py_ssize_
                     Py_CLEAR(ends);
                     break;
                 }
-                if (length > size || length == 0 || total > max_bytes - length) {
+                if (length > size || length == 0 || max_bytes < length || total > max_bytes - length) {
                     break;
                 }
                 total += length;
@@ -1497,6 +1497,9 @@ static PyObject *accept_transport_run(PyObject *module, PyObject *const *args, P
     }
     Py_buffer ring;
     if (PyObject_GetBuffer(args[2], &ring, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        /* Whatever the object's own complaint (e.g. BufferError from a memoryview), the twin's: not a ring. */
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "accept_transport_run: ring must be an array of 128 64-bit blocks");
         return NULL;
     }
     if (ring.itemsize != 8 || ring.len != REPLAY_RING_BLOCKS * 8 || ring.format == NULL ||

@@ -29,6 +29,8 @@ _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _FOLD = 0xFFFF
 _MAX_INITIAL = 1 << 62
 _U64_MAX = (1 << 64) - 1
+_SSIZE_MAX = (1 << 63) - 1  # the C twin's integer limits (64-bit Linux)
+_SSIZE_MIN = -(1 << 63)
 _unpack_counter = struct.Struct("<8xQ").unpack_from
 _REPLAY_BLOCK_MASK = REPLAY_RING_BLOCKS - 1
 _REPLAY_BIT_MASK = (1 << _REPLAY_BLOCK_BIT_LOG) - 1
@@ -144,6 +146,8 @@ def plain_flow_end(packets: list[bytes], start: int, key: bytes, protocol: int, 
 def sealed_size(packets: Sequence[Buffer], mtu: int | None, /) -> int:
     """Bytes of the transport messages ``seal_batch`` makes of ``packets`` (header, padding to 16 but never past
     ``mtu``, tag), without sealing them."""
+    if mtu is not None and not _SSIZE_MIN <= mtu <= _SSIZE_MAX:
+        raise OverflowError("sealed_size: mtu must fit in a C long long")
     total = 0
     for packet in packets:
         size = len(packet)
@@ -158,6 +162,8 @@ def gso_run_ends(payloads: Sequence[Buffer], max_segments: int, max_bytes: int, 
     """``payloads`` cut into runs one UDP GSO send can carry, as the index after each run's last payload: equal
     sizes except that the last may be shorter, non-empty, at most ``max_segments`` payloads and ``max_bytes`` bytes
     (a lone payload is a run of its own whatever its size)."""
+    if not _SSIZE_MIN <= max_segments <= _SSIZE_MAX or not _SSIZE_MIN <= max_bytes <= _SSIZE_MAX:
+        raise OverflowError("gso_run_ends: limits must fit in a C ssize_t")
     ends: list[int] = []
     i = 0
     count = len(payloads)
@@ -191,6 +197,8 @@ def destination_runs(packets: Sequence[Buffer], /) -> list[tuple[int, bytes | No
         elif size >= 40 and packet[0] >> 4 == 6:
             destination = packet[24:40]  # type: ignore[assignment]
         else:
+            if not isinstance(packet, bytes | bytearray | memoryview):
+                raise TypeError("destination_runs: a packet must be a bytes-like object")
             destination = None
         if destination is not None and type(destination) is not bytes:
             destination = bytes(destination)

@@ -9,8 +9,9 @@ its ring in place: each side gets its own copy and the two copies must end equal
 transform means "ask the reference" and is not compared.
 
 Integer arguments stay within the C types the extension converts them to (``Py_ssize_t``, ``long``): beyond them the C
-side raises OverflowError where the pure side computes on. ``gso_run_ends``' ``max_bytes`` also stays above
-``-2**62``: at ``PY_SSIZE_T_MIN`` the C comparison ``total > max_bytes - length`` overflows.
+side of ``plain_flow_end`` raises OverflowError where the pure side computes on (``gso_run_ends`` and ``sealed_size``
+now refuse such integers on both sides; the overflow this target found in C's ``gso_run_ends`` under a byte limit near
+``PY_SSIZE_T_MIN`` is fixed, with the reproducers in tests/property/test_native_run_equivalence.py).
 ``seal_batch`` of an empty batch gets no counter past 64 bits (C refuses to convert it, the pure side returns []).
 ``last``/``limit`` of ``accept_transport_run`` range over the whole 64 bits and one past both ends (both sides raise
 OverflowError there).

@@ -302,3 +302,19 @@ def test_accept_transport_run_refuses_bad_arguments_alike(implementation: str) -
         module.accept_transport_run([message], [packet], new_ring(), 0, 2**64)
     # A message too short for a header that did not authenticate is only counted.
     assert module.accept_transport_run([message[:10]], [None], new_ring(), 0, limit)[3:6] == (1, 0, 10)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_differences_the_differential_fuzzer_found_are_gone(implementation: str) -> None:
+    """Inputs from fuzz/fuzz_native.py on which the two sides once differed (the first was undefined behaviour in C:
+    a signed overflow computing the room left under a hugely negative byte limit)."""
+    module = _module(implementation)
+    assert module.gso_run_ends([b"a", b"a"], 5, -(2**63)) == [1, 2]
+    with pytest.raises(OverflowError):
+        module.gso_run_ends([b"a"], 2**63, 5)
+    with pytest.raises(OverflowError):
+        module.sealed_size([b"a"], 2**63)
+    with pytest.raises(TypeError):
+        module.accept_transport_run([], [], memoryview(new_ring()), 0, 5)
+    with pytest.raises(TypeError):
+        module.destination_runs(["abc"])

@@ -49,6 +49,10 @@ SOCKET_DIRECTORY = "/var/run/wireguard"
 DEFAULT_MTU = 1420  # wireguard-go's DefaultMTU
 TUN_BATCH = 128  # wireguard-go's conn.IdealBatchSize
 UDP_BATCH = 64
+# How long the event loop waits for the TUN writer to make room before it drops decrypted packets. Waiting is
+# backpressure (datagrams stay in the socket buffer meanwhile), as wireguard-go's blocking TUN write; dropping here
+# cost TCP retransmits whenever the receive loop outpaced the writer.
+TUN_OUTBOUND_WAIT = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 UAPI_MAX_UNSENT = 4 * 1024 * 1024  # reply bytes a UAPI client may leave unread before we stop reading its requests
 PORT_RETRIES = 100  # wireguard-go retries this often to find a random port free on both families
@@ -227,7 +231,11 @@ class WgDaemon:
                 # One writer thread for all queues: the event loop is this process's busiest thread, and hashing each
                 # decrypted packet to a queue and waking a writer per queue cost it more than a second writer gains.
                 self.tun = Tun.create(
-                    self.ifname, queues=self.num_tun_queues, on_packets=self._on_tun_packets, one_writer=True
+                    self.ifname,
+                    queues=self.num_tun_queues,
+                    on_packets=self._on_tun_packets,
+                    one_writer=True,
+                    outbound_wait=TUN_OUTBOUND_WAIT,
                 )
             except OSError as exc:
                 if exc.errno == errno.EEXIST:

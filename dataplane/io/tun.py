@@ -39,6 +39,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -167,6 +168,8 @@ class _Queue:
         "fd",
         "outbound",
         "park_fd",
+        "producer_waiting",
+        "room_fd",
         "rx_direct_frames",
         "rx_frames",
         "rx_packets",
@@ -190,6 +193,9 @@ class _Queue:
         self.outbound: collections.deque[bytes] = collections.deque()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.writer_idle = False
+        # A producer waiting for room in ``outbound`` (``outbound_wait``) sets the flag; the writer then signals room_fd.
+        self.room_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.producer_waiting = False
 
 
 class Tun:
@@ -209,6 +215,7 @@ class Tun:
         lock_path: str | None = None,
         on_packets: Callable[[list[bytes]], None] | None = None,
         one_writer: bool = False,
+        outbound_wait: float = 0.0,
     ) -> None:
         self.name = name
         self.queues = len(queue_fds)
@@ -218,6 +225,7 @@ class Tun:
         self.drops = DropCounter()
         self.inbound_capacity = inbound_capacity
         self.outbound_capacity = outbound_capacity
+        self.outbound_wait = outbound_wait
         self._coalesce_tcp = bool(offload_flags & (TUN_F_TSO4 | TUN_F_TSO6))
         self._coalesce_udp = bool(offload_flags & (TUN_F_USO4 | TUN_F_USO6))
         self._lock_fd = lock_fd
@@ -279,6 +287,7 @@ class Tun:
         adaptive_reads: bool = True,
         on_packets: Callable[[list[bytes]], None] | None = None,
         one_writer: bool = False,
+        outbound_wait: float = 0.0,
     ) -> Tun:
         """Creates ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE`` when more than one) in the calling thread's
         network namespace. Raises :class:`TunError` when another process holds the device or it exists already.
@@ -347,6 +356,7 @@ class Tun:
             one_writer=one_writer,
             inbound_capacity=inbound_capacity,
             outbound_capacity=outbound_capacity,
+            outbound_wait=outbound_wait,
             lock_path=lock_path,
         )
 
@@ -432,12 +442,16 @@ class Tun:
         return all(len(queue.outbound) < capacity for queue in self._queues)
 
     def send(self, packet: bytes) -> bool:
-        """Queues one IP packet for writing; False (and counted) when its queue is full or the device is closed."""
+        """Queues one IP packet for writing; False (and counted) when its queue is full (after waiting up to
+        ``outbound_wait`` for room) or the device is closed."""
         queues = self._queues
         queue = queues[flow_hash(packet) % len(queues)] if len(queues) > 1 and not self._one_writer else queues[0]
         if len(queue.outbound) >= self.outbound_capacity or self._closed:
-            self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
-            return False
+            if queue.writer_idle:
+                os.eventfd_write(queue.wake_fd, 1)
+            if self._closed or not self._wait_for_room(queue):
+                self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
+                return False
         if queue.writer_idle and not queue.outbound:
             # Nothing of this queue is in flight: writing here saves a thread wakeup (latency of pings, lone ACKs).
             self._write_batch(queue, [packet])
@@ -448,7 +462,10 @@ class Tun:
         return True
 
     def send_many(self, packets: Sequence[bytes]) -> int:
-        """Queues packets (per-flow order kept); returns how many were accepted, the rest are counted as drops."""
+        """Queues packets (per-flow order kept); returns how many were accepted, the rest are counted as drops.
+
+        A full queue makes the caller wait up to ``outbound_wait`` seconds for its writer to take packets (default 0:
+        drop at once)."""
         queues = self._queues
         if self._closed:
             for _ in packets:
@@ -460,14 +477,18 @@ class Tun:
         accepted = 0
         if len(queues) == 1 or self._one_writer:
             queue = queues[0]
-            room = capacity - len(queue.outbound)
-            if room >= len(packets):
-                queue.outbound.extend(packets)
-                accepted = len(packets)
-            else:
-                queue.outbound.extend(packets[: max(room, 0)])
-                accepted = max(room, 0)
-            touched = [queue] if accepted else []
+            start = 0
+            count = len(packets)
+            while True:
+                room = min(capacity - len(queue.outbound), count - start)
+                if room > 0:
+                    queue.outbound.extend(packets[start : start + room] if start or room < count else packets)
+                    start += room
+                if queue.writer_idle:
+                    os.eventfd_write(queue.wake_fd, 1)
+                if start == count or not self._wait_for_room(queue):
+                    break
+            accepted = start
         else:
             n = len(queues)
             touched_set: set[int] = set()
@@ -475,17 +496,42 @@ class Tun:
                 index = flow_hash(packet) % n
                 queue = queues[index]
                 if len(queue.outbound) >= capacity:
-                    continue
+                    if queue.writer_idle:
+                        os.eventfd_write(queue.wake_fd, 1)
+                    if not self._wait_for_room(queue):
+                        continue
                 queue.outbound.append(packet)
                 accepted += 1
                 touched_set.add(index)
-            touched = [queues[i] for i in touched_set]
-        for queue in touched:
-            if queue.writer_idle:
-                os.eventfd_write(queue.wake_fd, 1)
+            for index in touched_set:
+                if queues[index].writer_idle:
+                    os.eventfd_write(queues[index].wake_fd, 1)
         for _ in range(len(packets) - accepted):
             self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
         return accepted
+
+    def _wait_for_room(self, queue: _Queue) -> bool:
+        """Blocks the caller until ``queue``'s writer has taken packets out of its full deque: True, or False after
+        ``outbound_wait`` seconds without room (at once when it is 0) or when the device closes.
+
+        Waiting instead of dropping is backpressure: the caller (the UDP receive loop) stops reading meanwhile, so the
+        datagrams wait in the socket's buffer and nothing that arrived intact is lost here.
+        """
+        deadline = time.monotonic() + self.outbound_wait
+        capacity = self.outbound_capacity
+        while len(queue.outbound) >= capacity and not self._closed:
+            queue.producer_waiting = True
+            # Re-check after publishing: a writer that saw producer_waiting False popped before this line.
+            if len(queue.outbound) < capacity:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            select.select([queue.room_fd], [], [], remaining)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(queue.room_fd)
+        queue.producer_waiting = False
+        return len(queue.outbound) < capacity and not self._closed
 
     def write_now(self, packets: Sequence[bytes]) -> None:
         """Writes packets on the calling thread, in the order given (merged when offloads allow; a lone packet such as
@@ -536,6 +582,7 @@ class Tun:
             os.close(queue.fd)
             os.close(queue.wake_fd)
             os.close(queue.park_fd)
+            os.close(queue.room_fd)
             queue.outbound.clear()
         self._inbound.clear()
         self._epoll.close()
@@ -707,7 +754,10 @@ class Tun:
             if self._closed:
                 return
             count = min(len(outbound), _WRITE_BURST)
-            if not self._write_batch(queue, [popleft() for _ in range(count)]):
+            batch = [popleft() for _ in range(count)]
+            if queue.producer_waiting:
+                os.eventfd_write(queue.room_fd, 1)
+            if not self._write_batch(queue, batch):
                 return
 
     def _write_batch(self, queue: _Queue, packets: list[bytes]) -> bool:

@@ -208,6 +208,22 @@ def test_outbound_backpressure_is_bounded_and_counted(ns: Netns) -> None:
         assert tun.send(packets[0])
 
 
+@pytest.mark.parametrize("queues", [1, 2])
+def test_outbound_wait_makes_a_full_queue_push_back_instead_of_dropping(ns: Netns, queues: int) -> None:
+    # The same burst as above: with outbound_wait the caller waits for the writer instead of dropping, and the deque
+    # never holds more than its capacity.
+    with create(ns, queues=queues, offload=False, outbound_capacity=64, outbound_wait=5.0) as tun:
+        configure(ns)
+        packets = [udp_to_tun_address(b"x" * 1000, ip_id=i) for i in range(5000)]
+        assert tun.send_many(packets) == 5000
+        assert tun.drops[TunDropReason.OUTBOUND_QUEUE_FULL] == 0
+        assert tun.pending_outbound() <= 64
+        deadline = time.monotonic() + 5
+        while tun.pending_outbound() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tun.stats().tx_packets == 5000
+
+
 def test_inbound_queue_is_bounded_and_pushes_back_without_loss(ns: Netns) -> None:
     with create(ns, queues=1, offload=False, inbound_capacity=32) as tun:
         configure(ns)

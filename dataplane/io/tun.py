@@ -446,10 +446,13 @@ class Tun:
         ``outbound_wait`` for room) or the device is closed."""
         queues = self._queues
         queue = queues[flow_hash(packet) % len(queues)] if len(queues) > 1 and not self._one_writer else queues[0]
-        if len(queue.outbound) >= self.outbound_capacity or self._closed:
+        if self._closed:
+            self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
+            return False
+        if len(queue.outbound) >= self.outbound_capacity:
             if queue.writer_idle:
                 os.eventfd_write(queue.wake_fd, 1)
-            if self._closed or not self._wait_for_room(queue):
+            if not self._wait_for_room(queue):
                 self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
                 return False
         if queue.writer_idle and not queue.outbound:

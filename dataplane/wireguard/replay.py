@@ -7,7 +7,7 @@ from collections.abc import MutableSequence
 
 from .constants import REJECT_AFTER_MESSAGES
 
-BLOCK_BIT_LOG = 6  # a counter's block is ``counter >> BLOCK_BIT_LOG``; the transport fast path in tunn.py inlines it
+BLOCK_BIT_LOG = 6  # a counter's block is ``counter >> BLOCK_BIT_LOG``; accept_transport_run's pure twin inlines it
 _BLOCK_BIT_LOG = BLOCK_BIT_LOG
 _BLOCK_BITS = 1 << _BLOCK_BIT_LOG
 RING_BLOCKS = 1 << 7

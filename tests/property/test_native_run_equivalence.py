@@ -14,22 +14,10 @@ from dataplane import native_fallback as pure
 from dataplane.wireguard.constants import REJECT_AFTER_MESSAGES
 from dataplane.wireguard.replay import RING_BLOCKS, WINDOW_SIZE, ReplayFilter, new_ring
 
-native: ModuleType | None
-try:
-    from dataplane import _native as native
-except ImportError:  # pragma: no cover - depends on the build
-    native = None
-
-pytestmark = pytest.mark.skipif(
-    native is None, reason="dataplane._native is not built (no C compiler/OpenSSL headers): pure-Python mode only"
-)
+# The C module, or a skip of this whole file when it is not built (pure-Python mode), as in the older equivalence tests.
+from tests.property.test_native_equivalence import _native, pytestmark  # noqa: F401
 
 IMPLEMENTATIONS = ["native", "pure"]
-
-
-def _native() -> ModuleType:
-    assert native is not None
-    return native
 
 
 def _module(name: str) -> ModuleType:

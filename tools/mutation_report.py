@@ -70,7 +70,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     ],
     "dataplane/wireguard/messages.py": [*_WG_TESTS, _FUZZ_PASS, _KILLERS],
     "dataplane/wireguard/uapi.py": ["tests/unit/test_uapi.py", _FUZZ_PASS, _KILLERS],
-    "dataplane/wireguard/replay.py": [*_WG_TESTS, _KILLERS],
+    "dataplane/wireguard/replay.py": [*_WG_TESTS, _KILLERS, "tests/unit/test_replay_accept.py"],
     "dataplane/wireguard/allowedips.py": _WG_TESTS,
     "dataplane/wireguard/cookie.py": _WG_TESTS,
     "dataplane/wireguard/ratelimit.py": [*_WG_TESTS, _KILLERS],

@@ -449,12 +449,9 @@ class Tun:
         if self._closed:
             self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
             return False
-        if len(queue.outbound) >= self.outbound_capacity:
-            if queue.writer_idle:
-                os.eventfd_write(queue.wake_fd, 1)
-            if not self._wait_for_room(queue):
-                self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
-                return False
+        if len(queue.outbound) >= self.outbound_capacity and not self._wait_for_room(queue):
+            self._drop(TunDropReason.OUTBOUND_QUEUE_FULL)
+            return False
         if queue.writer_idle and not queue.outbound:
             # Nothing of this queue is in flight: writing here saves a thread wakeup (latency of pings, lone ACKs).
             self._write_batch(queue, [packet])
@@ -487,10 +484,10 @@ class Tun:
                 if room > 0:
                     queue.outbound.extend(packets[start : start + room] if start or room < count else packets)
                     start += room
-                if queue.writer_idle:
-                    os.eventfd_write(queue.wake_fd, 1)
                 if start == count or not self._wait_for_room(queue):
                     break
+            if start and queue.writer_idle:
+                os.eventfd_write(queue.wake_fd, 1)
             accepted = start
         else:
             n = len(queues)
@@ -498,11 +495,8 @@ class Tun:
             for packet in packets:
                 index = flow_hash(packet) % n
                 queue = queues[index]
-                if len(queue.outbound) >= capacity:
-                    if queue.writer_idle:
-                        os.eventfd_write(queue.wake_fd, 1)
-                    if not self._wait_for_room(queue):
-                        continue
+                if len(queue.outbound) >= capacity and not self._wait_for_room(queue):
+                    continue
                 queue.outbound.append(packet)
                 accepted += 1
                 touched_set.add(index)
@@ -520,6 +514,8 @@ class Tun:
         Waiting instead of dropping is backpressure: the caller (the UDP receive loop) stops reading meanwhile, so the
         datagrams wait in the socket's buffer and nothing that arrived intact is lost here.
         """
+        if queue.writer_idle:
+            os.eventfd_write(queue.wake_fd, 1)  # it must run to make room
         deadline = time.monotonic() + self.outbound_wait
         capacity = self.outbound_capacity
         while len(queue.outbound) >= capacity and not self._closed:

@@ -4,6 +4,7 @@ and inside a pair of Tunns."""
 from __future__ import annotations
 
 import struct
+import threading
 from types import ModuleType
 
 import pytest
@@ -84,6 +85,58 @@ def test_open_batch_with_the_wrong_key_authenticates_nothing(key: bytes, other: 
     messages = _native().seal_batch(key, 1, 0, batch, 1420)
     expected = [None] * len(batch) if key != other else pure.open_batch(key, messages)
     assert _native().open_batch(other, messages) == pure.open_batch(other, messages) == expected
+
+
+# Each thread keeps its AEAD contexts keyed on the last key it used: a sequence of calls that switches keys, and a
+# failed open followed by good ones, must give the same bytes as the pure twin, which keeps no state.
+_call_keys = [bytes([n]) * 32 for n in range(3)]
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.sampled_from(_call_keys), st.booleans(), st.booleans(), packets), max_size=12))
+def test_calls_that_switch_keys_and_fail_give_the_same_bytes(calls: list[tuple[bytes, bool, bool, bytes]]) -> None:
+    for counter, (key, sealing, tamper, packet) in enumerate(calls):
+        if sealing:
+            assert _native().seal_batch(key, 3, counter, [packet], 1420) == pure.seal_batch(
+                key, 3, counter, [packet], 1420
+            )
+            continue
+        message = bytearray(pure.seal_batch(_call_keys[counter % 3], 3, counter, [packet], 1420)[0])
+        if tamper:
+            message[-1] ^= 1
+        assert _native().open_batch(key, [message, bytes(message)]) == pure.open_batch(key, [message, bytes(message)])
+
+
+def test_threads_sealing_and_opening_at_once_with_their_own_keys() -> None:
+    batch = [bytes(range(256)) * 5 + bytes(n) for n in range(16)]
+    expected = {
+        key: (
+            pure.seal_batch(key, 9, 100, batch, 1420),
+            pure.open_batch(key, pure.seal_batch(key, 9, 100, batch, 1420)),
+        )
+        for key in _call_keys
+    }
+    failures: list[str] = []
+
+    def work(key: bytes) -> None:
+        sealed, opened = expected[key]
+        other = _call_keys[(_call_keys.index(key) + 1) % 3]
+        for _ in range(200):
+            if _native().seal_batch(key, 9, 100, batch, 1420) != sealed or _native().open_batch(key, sealed) != opened:
+                failures.append(key.hex()[:2])
+                return
+            if _native().open_batch(other, sealed) != [None] * len(batch):
+                failures.append("wrong key authenticated")
+                return
+
+    # More threads than keys, and short-lived ones: each thread's contexts are freed when it ends.
+    for _ in range(3):
+        threads = [threading.Thread(target=work, args=(key,)) for key in _call_keys * 2]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
 
 
 def test_empty_batches() -> None:

@@ -516,6 +516,8 @@ class Tun:
         """
         if queue.writer_idle:
             os.eventfd_write(queue.wake_fd, 1)  # it must run to make room
+        if self.outbound_wait <= 0:
+            return False  # drop at once, even if the writer, just woken, has already made room
         deadline = time.monotonic() + self.outbound_wait
         capacity = self.outbound_capacity
         while len(queue.outbound) >= capacity and not self._closed:

@@ -5,7 +5,9 @@ device, the UDP sockets and the sans-IO :class:`dataplane.wireguard.device.Devic
 
 - TUN → peer runs in each TUN queue's reader thread: under the lock ``Device.prepare_send`` routes a batch and claims
   its counters; outside it the batch is sealed (the C extension releases the GIL) and sent as GSO runs, so two queues
-  seal on two cores. A flow is read by one queue, so its packets are sealed and sent in order by one thread.
+  seal on two cores. A flow is read by one queue, so its packets are sealed and sent in order by one thread. A queue
+  quiet for a few milliseconds is read by the event loop instead (``direct_when_quiet``), under the lock, until
+  traffic builds up: a ping's reply then leaves without waking a thread.
 - Everything else runs in the event-loop thread, under the lock for each whole wakeup: UDP (GRO) →
   ``receive_datagrams`` → ``drain_packets`` → the batch handed to the TUN's one writer thread (``one_writer``: one
   append and one wake-up per batch; the writer merges it and writes each flow to its queue's fd); the UAPI; the single
@@ -236,6 +238,10 @@ class WgDaemon:
                     on_packets=self._on_tun_packets,
                     one_writer=True,
                     outbound_wait=TUN_OUTBOUND_WAIT,
+                    # A quiet queue is read by the event loop (under the lock, in _on_tun_readable): a ping's reply
+                    # is in the device when the loop's write of the request returns, so it goes out without waking
+                    # the reader thread.
+                    direct_when_quiet=True,
                 )
             except OSError as exc:
                 if exc.errno == errno.EEXIST:
@@ -469,8 +475,8 @@ class WgDaemon:
             self.failure = f"TUN device {self.ifname}: {self.tun.failure}"
             logger.error("%s; shutting down", self.failure)
             self._stop = True
-        # With on_packets the reader threads deliver every batch themselves: this only drains the failure signal
-        # (and whatever a future Tun without the callback would queue).
+        # Busy queues' reader threads deliver their batches themselves; this reads the quiet ones (direct_when_quiet),
+        # under the lock their callback takes, so a batch of theirs after a hand-back waits until these are sent.
         packets = self.tun.poll_recv_many(TUN_BATCH)
         if packets:
             self.device.send_packets(packets, now)

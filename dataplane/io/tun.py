@@ -15,6 +15,8 @@ pays one append and one wake-up per batch instead of a flow hash per packet, and
 When a queue has been quiet for a few milliseconds the event loop reads it itself (its fd joins the ``wakeup_fd``
 epoll) until a read finds traffic building up again, then the thread takes over: a ping or a lone request pays one
 thread hop less. Switches happen under a lock, after the thread's last batch is queued, so they never reorder a flow.
+With ``on_packets`` this is opt-in (``direct_when_quiet``): the owner then handles what ``poll_recv_many`` returns
+under the same lock its callback takes, which keeps the order across a switch.
 
 A process whose own thread already holds a batch for the device (the gateway's event loop after decrypting) can write
 it with :meth:`Tun.write_now` instead: merged and written on the calling thread, through the same code as the writer
@@ -216,6 +218,7 @@ class Tun:
         on_packets: Callable[[list[bytes]], None] | None = None,
         one_writer: bool = False,
         outbound_wait: float = 0.0,
+        direct_when_quiet: bool = False,
     ) -> None:
         self.name = name
         self.queues = len(queue_fds)
@@ -245,7 +248,7 @@ class Tun:
         # parallel, e.g. sealing with the GIL released) instead of queueing them for poll_recv_many.
         self._on_packets = on_packets
         self._consumer_failures = 0
-        self._adaptive = adaptive and on_packets is None
+        self._adaptive = adaptive and (on_packets is None or direct_when_quiet)
         # wakeup_fd is an epoll instance: readable when a reader thread signalled a batch (eventfd) or when a queue in
         # direct mode has packets in the kernel.
         self._epoll = select.epoll()
@@ -288,6 +291,7 @@ class Tun:
         on_packets: Callable[[list[bytes]], None] | None = None,
         one_writer: bool = False,
         outbound_wait: float = 0.0,
+        direct_when_quiet: bool = False,
     ) -> Tun:
         """Creates ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE`` when more than one) in the calling thread's
         network namespace. Raises :class:`TunError` when another process holds the device or it exists already.
@@ -298,10 +302,16 @@ class Tun:
         while writes are still merged. Which is faster depends on the machine (see lab.bench).
 
         ``on_packets``: called by each queue's reader thread with every batch it read, in order, instead of queueing
-        it for :meth:`poll_recv_many` (which then returns nothing; no adaptive reads, since the reader thread is
-        already the one hop). One flow is read by one queue, so the callback sees each flow's packets in order, from
-        one thread; it runs concurrently for different queues. An exception from it is logged and its batch counted
-        as dropped (``consumer_failed``); the thread goes on.
+        it for :meth:`poll_recv_many` (which then returns nothing). One flow is read by one queue, so the callback
+        sees each flow's packets in order, from one thread; it runs concurrently for different queues. An exception
+        from it is logged and its batch counted as dropped (``consumer_failed``); the thread goes on.
+
+        ``direct_when_quiet`` (with ``on_packets``): a queue quiet for a few milliseconds is read by
+        :meth:`poll_recv_many` instead (``wakeup_fd`` turns readable), until a read finds traffic building up and
+        hands it back to the thread. An owner that answers ``wakeup_fd`` in the thread that received the packet which
+        provoked the reply (firezone-wg's event loop: a ping's reply is in the device when its write returns) saves
+        a thread wake-up per lone packet. It must call ``poll_recv_many`` and handle its packets under the same lock
+        that ``on_packets`` takes: a callback batch that follows a hand-back then waits for them.
 
         ``one_writer``: one writer thread for all queues instead of one per queue (see the module docstring): for an
         owner whose single producer thread is its bottleneck (firezone-wg's event loop), where hashing every packet to
@@ -353,6 +363,7 @@ class Tun:
             read_offload=bool(offload_flags and read_offload),
             adaptive=adaptive_reads,
             on_packets=on_packets,
+            direct_when_quiet=direct_when_quiet,
             one_writer=one_writer,
             inbound_capacity=inbound_capacity,
             outbound_capacity=outbound_capacity,
@@ -396,7 +407,9 @@ class Tun:
     # -- the event loop side ------------------------------------------------------------------------------------------
 
     def poll_recv_many(self, max: int = 100) -> list[bytes]:
-        """Up to ``max`` received IP packets, without blocking; ``[]`` when none wait."""
+        """Up to ``max`` received IP packets, without blocking; ``[]`` when none wait. With ``on_packets`` the last
+        super-packet read may take it past ``max``: keeping the rest back for the next call would let the reader
+        thread, given the queue back meanwhile, deliver later packets first."""
         inbound = self._inbound
         with self._mode_lock:
             count = min(max, len(inbound))
@@ -424,7 +437,7 @@ class Tun:
             return
         frames = self._read_frames(queue, packets, budget)
         queue.rx_direct_frames += max(frames, 0)
-        if len(packets) > limit:
+        if len(packets) > limit and self._on_packets is None:
             # A split super-packet overshot: the rest waits in the (empty) deque, still in order, and re-signals.
             self._inbound.extend(packets[limit:])
             del packets[limit:]

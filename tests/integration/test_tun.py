@@ -315,6 +315,73 @@ def test_adaptive_reads_switch_modes_and_keep_order(ns: Netns) -> None:
         assert 0 < stats.rx_direct_frames < stats.rx_frames, stats
 
 
+def test_direct_when_quiet_hands_quiet_queues_to_poll_recv_many_and_keeps_order(ns: Netns) -> None:
+    """With ``on_packets`` and ``direct_when_quiet``: a lone datagram on a quiet queue comes out of poll_recv_many, a
+    burst goes back to the thread's callback, and a stream stays in order across the switches when the poller takes
+    the lock the callback takes (as firezone-wg's event loop does).
+
+    The burst is USO super-packets of 10 datagrams: a direct read that splits one past ``max`` must return all of it,
+    since a remainder kept for the next call would be overtaken by the thread the queue was just handed back to."""
+    import threading
+
+    lock = threading.Lock()
+    received: list[int] = []
+    via_callback = {"batches": 0}
+
+    def take(batch: list[bytes]) -> None:
+        received.extend(struct.unpack_from("!I", p, 28)[0] for p in batch if p[0] == 0x45 and p[9] == 17)
+
+    def consume(batch: list[bytes]) -> None:
+        with lock:
+            via_callback["batches"] += 1
+            take(batch)
+
+    def poll(limit: int) -> int:
+        with lock:
+            batch = tun.poll_recv_many(limit)
+            take(batch)
+            return len(batch)
+
+    segment = 100
+    with create(ns, queues=1, offload=True, on_packets=consume, direct_when_quiet=True) as tun:
+        if not tun.offload_flags & tun_module.TUN_F_USO4:
+            pytest.skip("kernel without USO on TUN")
+        configure(ns)
+        sender = run_in_netns(ns.name, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        poller = select.poll()
+        poller.register(tun.wakeup_fd, select.POLLIN)
+        with sender:
+            seq = 0
+            direct_reads = 0
+            for _ in range(6):
+                time.sleep(0.03)  # quiet: the queue becomes direct
+                sender.setsockopt(17, 103, 0)  # UDP_SEGMENT off: one plain datagram
+                sender.sendto(struct.pack("!I", seq), (PEER_ADDR, 5000))
+                seq += 1
+                assert poller.poll(2000), "a quiet queue's datagram must make wakeup_fd readable"
+                direct_reads += poll(16)
+                time.sleep(0.03)
+                sender.setsockopt(17, 103, segment)
+                for _ in range(12):  # super-packets: the loop's read budget runs out and the thread takes over
+                    sender.sendto(
+                        b"".join(struct.pack("!I", seq + k).ljust(segment) for k in range(10)), (PEER_ADDR, 5000)
+                    )
+                    seq += 10
+                assert poller.poll(2000)
+                batches_before = via_callback["batches"]
+                direct_reads += poll(4)  # four super-packets: the budget is used up, the queue goes back
+                deadline = time.monotonic() + 2
+                while via_callback["batches"] == batches_before and time.monotonic() < deadline:
+                    time.sleep(0.005)  # the thread delivers the rest before the loop polls again
+                while len(received) < seq and time.monotonic() < deadline:
+                    if poller.poll(10):
+                        direct_reads += poll(4)
+        assert received == list(range(seq))
+        assert direct_reads >= 6 and via_callback["batches"] >= 1
+        stats = tun.stats()
+        assert 0 < stats.rx_direct_frames < stats.rx_frames, stats
+
+
 @pytest.mark.allow_error_logs
 def test_a_thread_that_dies_is_logged_counted_and_reported(ns: Netns) -> None:
     """Issue 11 finding 7: a writer thread killed by an unexpected error must not leave a silently dead queue."""

@@ -79,7 +79,8 @@ _READ_SIZE = 65536 + VIRTIO_NET_HDR_LEN
 _READ_BURST = 64
 # A queue quiet for this long is read by the event loop directly ...
 _QUIET_MS = 5
-# ... until one poll_recv_many finds this many frames waiting: then its thread takes over again.
+# ... until one poll_recv_many finds this many frames waiting, or this many packets in what it read (a super-packet):
+# then its thread takes over again.
 _DIRECT_FRAMES = 8
 # How long a reader waits before looking again when the consumer has not made room yet.
 _FULL_WAIT_MS = 1
@@ -435,16 +436,18 @@ class Tun:
         budget = min(limit - len(packets), _DIRECT_FRAMES)
         if budget <= 0:
             return
+        before = len(packets)
         frames = self._read_frames(queue, packets, budget)
         queue.rx_direct_frames += max(frames, 0)
+        split_into = len(packets) - before
         if len(packets) > limit and self._on_packets is None:
             # A split super-packet overshot: the rest waits in the (empty) deque, still in order, and re-signals.
             self._inbound.extend(packets[limit:])
             del packets[limit:]
             os.eventfd_write(self._signal_fd, 1)
-        if frames >= budget:
-            # The budget ran out, so more is waiting and traffic is building up: hand the queue back to its thread
-            # (syscalls and splitting off the loop).
+        if frames >= budget or split_into >= _DIRECT_FRAMES:
+            # The budget ran out, so more is waiting and traffic is building up, or a super-packet came (a stream,
+            # not a lone packet): hand the queue back to its thread (syscalls, splitting, sealing off the loop).
             queue.direct = False
             self._epoll.unregister(queue.fd)
             os.eventfd_write(queue.park_fd, 1)

@@ -9,9 +9,10 @@ TUN ``write``). Each sample is the wall time of that receive, taken right after 
 * ``time.sleep(S)`` for each ``--idle`` S (the thread sleeps, as between two pings);
 * writing over a buffer of ``--evict-mib`` MiB without sleeping (caches evicted, the CPU never idle).
 
-On this project's 2-core VM the warm receive takes 11-22 µs, the same receive after 10-200 ms idle 195-240 µs, and
-167-220 µs after the eviction alone: a lone ping pays for cache misses, not for the protocol. That is most of the
-idle ping gap to wireguard-go in ``make bench`` (four such hops and two seals per round trip).
+On this project's 2-core VM the warm receive takes 5-10 µs, the same receive after 10-200 ms idle about 140 µs, and
+110-130 µs after the eviction alone (2026-12-04, with per-thread AEAD contexts; 11-22 µs and 195-240 µs before): a
+lone ping pays for cache misses, not for the protocol. That is most of the idle ping gap to wireguard-go in
+``make bench`` (four such hops and two seals per round trip).
 
     python -m lab.bench_coldpath [--samples 30] [--idle 0.0005,0.002,0.01,0.2] [--evict-mib 8]
 """

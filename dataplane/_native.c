@@ -3,9 +3,10 @@
  * Internet checksums, and the TUN packet transforms of dataplane/packet.py (TSO/USO split, write-side coalescing,
  * flow hash).
  *
- * A pure function library: no sockets, threads or clocks. Each call takes a whole batch, takes references to its
- * input buffers and allocates its output objects while holding the GIL, then releases the GIL for all the
- * cryptography / summing, so that another thread (a second TUN queue, the event loop) can run meanwhile.
+ * A pure function library: no sockets, threads or clocks (each calling thread keeps AEAD contexts, a cache that no
+ * result depends on). Each call takes a whole batch, takes references to its input buffers and allocates its output
+ * objects while holding the GIL, then releases the GIL for all the cryptography / summing, so that another thread (a
+ * second TUN queue, the event loop) can run meanwhile.
  *
  * dataplane/native_fallback.py is the pure-Python twin with the same API and byte-identical results; the
  * equivalence tests (tests/property/test_native_equivalence.py) hold the two together.

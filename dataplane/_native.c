@@ -1708,6 +1708,61 @@ done:
     return result;
 }
 
+/* --- split_datagrams --------------------------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(split_datagrams_doc,
+             "split_datagrams(buffer, size, segment_size, source, /) -> list[tuple[bytes, object]]\n\n"
+             "The first ``size`` bytes of ``buffer`` (one UDP GRO read) cut into datagrams of ``segment_size`` bytes\n"
+             "(the last may be shorter), each paired with ``source``: one copy out of the receive buffer.");
+
+static PyObject *split_datagrams(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "split_datagrams(buffer, size, segment_size, source) takes 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t segment_size = PyLong_AsSsize_t(args[2]);
+    if (segment_size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (size < 0 || size > view.len) {
+        PyErr_SetString(PyExc_ValueError, "split_datagrams: size must be within the buffer");
+        goto done;
+    }
+    if (segment_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "split_datagrams: segment_size must be positive");
+        goto done;
+    }
+    result = PyList_New(size / segment_size + (size % segment_size != 0));
+    if (result == NULL) {
+        goto done;
+    }
+    const char *data = view.buf;
+    for (Py_ssize_t start = 0, i = 0; start < size; start += segment_size, i++) {
+        Py_ssize_t length = size - start < segment_size ? size - start : segment_size;
+        PyObject *datagram = PyBytes_FromStringAndSize(data + start, length);
+        PyObject *pair = datagram != NULL ? PyTuple_Pack(2, datagram, args[3]) : NULL;
+        Py_XDECREF(datagram);
+        if (pair == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, pair);
+    }
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* --- module ------------------------------------------------------------------------------------------------------ */
 
 static PyMethodDef native_methods[] = {
@@ -1725,6 +1780,7 @@ static PyMethodDef native_methods[] = {
     {"destination_runs", destination_runs, METH_O, destination_runs_doc},
     {"accept_transport_run", (PyCFunction)(void (*)(void))accept_transport_run, METH_FASTCALL,
      accept_transport_run_doc},
+    {"split_datagrams", (PyCFunction)(void (*)(void))split_datagrams, METH_FASTCALL, split_datagrams_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,9 @@
 from array import array
 from collections.abc import Sequence
+from typing import TypeVar
 
 Buffer = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 disabled_by_environment: bool
 openssl_version: str
@@ -24,3 +26,4 @@ def destination_runs(packets: Sequence[Buffer], /) -> list[tuple[int, bytes | No
 def accept_transport_run(
     messages: Sequence[Buffer], plaintexts: Sequence[bytes | None], ring: array[int], last: int, limit: int, /
 ) -> tuple[list[bytes], list[tuple[int, bytes]], int, int, int, int, int, int]: ...
+def split_datagrams(buffer: Buffer, size: int, segment_size: int, source: _T, /) -> list[tuple[bytes, _T]]: ...

@@ -10,7 +10,7 @@ import logging
 from array import array
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from . import native_fallback
 
@@ -21,6 +21,13 @@ _log = logging.getLogger(__name__)
 
 class OnesComplementSum(Protocol):
     def __call__(self, data: Buffer, initial: int = 0, /) -> int: ...
+
+
+_T = TypeVar("_T")
+
+
+class SplitDatagrams(Protocol):
+    def __call__(self, buffer: Buffer, size: int, segment_size: int, source: _T, /) -> list[tuple[bytes, _T]]: ...
 
 
 def _select() -> tuple[ModuleType, str]:
@@ -52,6 +59,8 @@ sealed_size: Callable[[Sequence[Buffer], int | None], int] = implementation.seal
 gso_run_ends: Callable[[Sequence[Buffer], int, int], list[int]] = implementation.gso_run_ends
 #: A batch of packets cut into runs of one destination address (the send path's cryptokey routing).
 destination_runs: Callable[[Sequence[Buffer]], list[tuple[int, bytes | None]]] = implementation.destination_runs
+#: One UDP GRO read cut into its datagrams, each paired with the sender's address.
+split_datagrams: SplitDatagrams = implementation.split_datagrams
 AcceptedRun = native_fallback.AcceptedRun
 #: The replay check and inner header checks of an opened run of transport messages (the receive path).
 accept_transport_run: Callable[[Sequence[Buffer], Sequence[bytes | None], array[int], int, int], AcceptedRun] = (

@@ -10,6 +10,7 @@ import struct
 from array import array
 from collections.abc import MutableSequence, Sequence
 from functools import lru_cache
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -19,6 +20,7 @@ from .wireguard.replay import RING_BLOCKS as REPLAY_RING_BLOCKS
 from .wireguard.replay import replay_accept
 
 Buffer = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 KEY_SIZE = 32
 _HEADER_SIZE = 16
@@ -183,6 +185,22 @@ def gso_run_ends(payloads: Sequence[Buffer], max_segments: int, max_bytes: int, 
         ends.append(j)
         i = j
     return ends
+
+
+def split_datagrams(buffer: Buffer, size: int, segment_size: int, source: _T, /) -> list[tuple[bytes, _T]]:
+    """The first ``size`` bytes of ``buffer`` (one UDP GRO read) cut into datagrams of ``segment_size`` bytes (the
+    last may be shorter), each paired with ``source``."""
+    if not _SSIZE_MIN <= size <= _SSIZE_MAX or not _SSIZE_MIN <= segment_size <= _SSIZE_MAX:
+        raise OverflowError("split_datagrams: sizes must fit in a C ssize_t")
+    with memoryview(buffer) as view:
+        if not 0 <= size <= view.nbytes:
+            raise ValueError("split_datagrams: size must be within the buffer")
+        if segment_size <= 0:
+            raise ValueError("split_datagrams: segment_size must be positive")
+        flat = view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
+        # One copy out of the buffer, then bytes slices: cheaper than a memoryview slice and a bytes() per segment.
+        blob = bytes(flat[:size])
+    return [(blob[start : start + segment_size], source) for start in range(0, size, segment_size)]
 
 
 def destination_runs(packets: Sequence[Buffer], /) -> list[tuple[int, bytes | None]]:

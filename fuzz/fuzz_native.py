@@ -358,6 +358,17 @@ def _check_ones_complement_sum(reader: Reader, c: ModuleType) -> None:
     )
 
 
+def _check_split_datagrams(reader: Reader, c: ModuleType) -> None:
+    size, segment_size = reader.bounded(), reader.bounded()
+    data = reader.buffer(reader.sized())
+    source = ("192.0.2.1", 51820)
+    _same(
+        "split_datagrams",
+        lambda: c.split_datagrams(data, size, segment_size, source),
+        lambda: pure.split_datagrams(data, size, segment_size, source),
+    )
+
+
 CHECKS: tuple[Callable[[Reader, ModuleType], None], ...] = (
     _check_accept_transport_run,
     _check_destination_runs,
@@ -368,8 +379,9 @@ CHECKS: tuple[Callable[[Reader, ModuleType], None], ...] = (
     _check_coalesce,
     _check_split_gso_frame,
     _check_ones_complement_sum,
+    _check_split_datagrams,
 )
-ACCEPT, DESTINATIONS, GSO_RUNS, SEALED_SIZE, PLAIN_FLOW, OPEN, COALESCE, SPLIT, CHECKSUM = range(len(CHECKS))
+ACCEPT, DESTINATIONS, GSO_RUNS, SEALED_SIZE, PLAIN_FLOW, OPEN, COALESCE, SPLIT, CHECKSUM, DATAGRAMS = range(len(CHECKS))
 
 
 def TestOneInput(data: bytes) -> None:
@@ -461,6 +473,10 @@ def seeds() -> list[bytes]:
         for size in sizes:
             writer.zeros(size).byte(0)
         out.append(writer.done())
+
+    # split_datagrams: a GRO read with a short last segment, one exactly divisible, a size past the buffer.
+    for size, segment_size, length in ((4000, 1452, 4000), (2904, 1452, 3000), (100, 1452, 100), (5000, 100, 4000)):
+        out.append(Writer(DATAGRAMS).number(size).number(segment_size).zeros(length).byte(6).done())
 
     # sealed_size: sizes around the padding rule and the MTU, no MTU.
     for mtu in (1420, None, -5):

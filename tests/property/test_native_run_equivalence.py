@@ -1,5 +1,5 @@
 """The per-packet loops of the send and receive paths in C (``sealed_size``, ``gso_run_ends``, ``destination_runs``,
-``accept_transport_run``) give the same results as their pure-Python twins, malformed input included."""
+``accept_transport_run``, ``split_datagrams``) give the same results as their pure-Python twins, malformed input included."""
 
 from __future__ import annotations
 
@@ -306,3 +306,44 @@ def test_differences_the_differential_fuzzer_found_are_gone(implementation: str)
         module.accept_transport_run([], [], memoryview(new_ring()), 0, 5)
     with pytest.raises(TypeError):
         module.destination_runs(["abc"])
+
+
+# --- split_datagrams ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=3000), st.data(), st.sampled_from(["bytes", "bytearray", "memoryview"]))
+def test_split_datagrams_is_identical_and_cuts_the_read_into_segments(
+    data: bytes, draw: st.DataObject, kind: str
+) -> None:
+    size = draw.draw(st.integers(0, len(data)), label="size")
+    segment_size = draw.draw(st.integers(1, 1500), label="segment_size")
+    source = ("192.0.2.1", 51820)
+    split = _native().split_datagrams(_as(kind, data), size, segment_size, source)
+    assert split == pure.split_datagrams(_as(kind, data), size, segment_size, source)
+    assert b"".join(datagram for datagram, _ in split) == data[:size]
+    assert all(len(datagram) == segment_size for datagram, _ in split[:-1])
+    assert all(0 < len(datagram) <= segment_size and owner is source for datagram, owner in split)
+    assert all(type(datagram) is bytes for datagram, _ in split)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_split_datagrams_rejects_what_it_cannot_cut(implementation: str) -> None:
+    module = _module(implementation)
+    buffer = bytearray(100)
+    assert module.split_datagrams(buffer, 0, 10, None) == []
+    assert module.split_datagrams(buffer, 100, 1000, None) == [(bytes(100), None)]
+    for size, segment_size, error in (
+        (101, 10, ValueError),
+        (-1, 10, ValueError),
+        (50, 0, ValueError),
+        (50, -3, ValueError),
+        (2**63, 10, OverflowError),
+        (50, -(2**63) - 1, OverflowError),
+    ):
+        with pytest.raises(error):
+            module.split_datagrams(buffer, size, segment_size, None)
+    with pytest.raises(TypeError):
+        module.split_datagrams(object(), 1, 1, None)
+    with pytest.raises(TypeError):
+        module.split_datagrams(buffer, 1.5, 1, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import select
 import socket
 import struct
 import threading
@@ -100,6 +101,10 @@ class UdpSocket:
         self.local_address: Address = (str(host), int(port))
         self._buffer = bytearray(_RECV_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
+        # Asked between two receives whether another datagram waits: a recvmsg that fails with EAGAIN raises, and an
+        # exception after an idle pause costs about 40 us more than this poll (cold caches), on every lone ping.
+        self._readable = select.poll()
+        self._readable.register(sock.fileno(), select.POLLIN)
 
     @classmethod
     def bind(
@@ -205,7 +210,10 @@ class UdpSocket:
         view = self._view
         buffers = [self._buffer]
         cmsg_space = _GRO_CMSG_SPACE if self.gro_enabled else 0
+        readable = self._readable.poll
         while len(out) < max:
+            if out and not readable(0):
+                break
             try:
                 nbytes, ancdata, _flags, address = sock.recvmsg_into(buffers, cmsg_space)
             except (BlockingIOError, InterruptedError):
@@ -238,7 +246,10 @@ class UdpSocket:
         buffers = [self._buffer]
         port = self.local_address[1]
         bound = self.local_address
+        readable = self._readable.poll
         while len(out) < max:
+            if out and not readable(0):
+                break  # as in recv_many
             try:
                 nbytes, ancdata, _flags, address = sock.recvmsg_into(buffers, _LOCAL_CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
@@ -325,6 +336,9 @@ class UdpSocket:
             self.drops.drop(reason, datagrams)
 
     def close(self) -> None:
+        fd = self._sock.fileno()
+        if fd >= 0:
+            self._readable.unregister(fd)  # the number may be reused by the next file opened
         self._sock.close()
 
     def __enter__(self) -> UdpSocket:

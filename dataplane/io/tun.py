@@ -647,15 +647,15 @@ class Tun:
 
     def _read_frames(self, queue: _Queue, batch: list[bytes], limit: int, *, ask_first: bool = False) -> int:
         """Reads up to ``limit`` frames without blocking into ``batch`` (split when offloaded); returns frames read,
-        or -1 when the device is gone. ``ask_first``: poll before each read after the first instead of reading until
-        EAGAIN (for the event loop's direct reads, mostly of one lone frame)."""
+        or -1 when the device is gone. ``ask_first``: poll before each read instead of reading until EAGAIN (for the
+        event loop's direct reads: mostly one lone frame, and nothing on the other queues it looks at)."""
         fd = queue.fd
         read = os.read
         offload = self.offload_enabled
         frames = 0
         before = len(batch)
         for _ in range(limit):
-            if ask_first and frames and not queue.direct_readable.poll(0):
+            if ask_first and not queue.direct_readable.poll(0):
                 break
             try:
                 frame = read(fd, _READ_SIZE)

@@ -271,8 +271,7 @@ class UdpSocket:
                 elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
                     local = (socket.inet_ntop(socket.AF_INET6, data[:16]), port)
             if segment_size and nbytes > segment_size:
-                blob = bytes(view[:nbytes])  # one copy out of the receive buffer, then bytes slices
-                out += [(blob[start : start + segment_size], src, local) for start in range(0, nbytes, segment_size)]
+                out += [(datagram, src, local) for datagram, _ in split_datagrams(view, nbytes, segment_size, src)]
             else:
                 out.append((bytes(view[:nbytes]), src, local))
         return out

@@ -8,14 +8,16 @@ the C hot path and pure Python (``FIREZONE_NATIVE=0``, rows ``…py``), and with
 The ``gateway`` row is the product's own path: the lab's headless client ↔ the real ``firezone-gateway`` process ↔ the
 resource host, through a lab world with plain routing (see :mod:`lab.bench_gateway`).
 
-For each: ping RTT at idle and under load (pinging while the ``tcp1 a→b`` stream runs), iperf3 TCP with 1 and 4
-streams in both directions (retransmits), UDP at a fixed rate (loss, out-of-order datagrams), and CPU seconds per GB of
-the two tunnel processes together (utime+stime from /proc/<pid>/stat), with each side's share of one core during the
-run (``a`` = the iperf3 client's side, ``b`` = the server's; ~100% means that side saturates) and how busy the whole
-machine was (``host``: all cores; near 100% means CPU, not either process, is the limit). Prints a table with the
-ratios to the reference measured in the same run (throughput ``[N×]``, CPU per GB ``cpu N×``, RTT ``(N×)``), then
-the queue scaling (2 queues over 1, per direction and path), then each tunnel process's threads' share of one core
-during ``tcp4 a→b`` (by their kernel names: which thread, if any, is the bottleneck), and writes JSON under
+For each: ping RTT at idle (also with pings 2 and 10 ms apart instead of 50: a short gap keeps both processes warm,
+so it shows the packet path's length without the cost of waking up cold) and under load (pinging while the ``tcp1
+a→b`` stream runs), iperf3 TCP with 1 and 4 streams in both directions (retransmits), UDP at a fixed rate (loss,
+out-of-order datagrams), and CPU seconds per GB of the two tunnel processes together (utime+stime from
+/proc/<pid>/stat), with each side's share of one core during the run (``a`` = the iperf3 client's side, ``b`` = the
+server's; ~100% means that side saturates) and how busy the whole machine was (``host``: all cores; near 100% means
+CPU, not either process, is the limit). Prints a table with the ratios to the reference measured in the same run
+(throughput ``[N×]``, CPU per GB ``cpu N×``, RTT ``(N×)``), then the idle RTT by gap between pings, the queue
+scaling (2 queues over 1, per direction and path), then each tunnel process's threads' share of one core during
+``tcp4 a→b`` (by their kernel names: which thread, if any, is the bottleneck), and writes JSON under
 ``bench-results/`` (per-thread shares for every run).
 
     python -m lab.bench [--quick] [--seconds N] [--only wgo-wgo,wgo-fz2,fz1-fz1,fz2-fz2,fz1py-fz1py,fz2py-fz2py,
@@ -92,6 +94,11 @@ REFERENCE = "wgo-wgo"
 QUEUE_SCALING = (("fz1-fz1", "fz2-fz2", "native"), ("fz1py-fz1py", "fz2py-fz2py", "pure Python"))
 SCALING_MEASUREMENTS = ("tcp4 a→b", "tcp4 b→a")
 LOADED_PING_DURING = "tcp1 a→b"  # the iperf3 run that the ping under load rides on
+IDLE_PING_GAP = 0.05  # seconds between the idle pings of the table
+# Also pinged at these gaps: how much of the idle RTT is the processes waking up cold (caches refilled after the
+# CPU idled or ran other work) rather than the length of their packet path, which is what a short gap shows.
+SHORTER_PING_GAPS = (0.002, 0.01)
+SHORTER_GAP_PINGS = 100
 LOADED_PING_INTERVAL = 0.2
 
 
@@ -126,6 +133,7 @@ class PairResult:
     rtt_loaded_avg_ms: float = math.nan  # while the LOADED_PING_DURING stream runs
     rtt_loaded_max_ms: float = math.nan
     ping_loaded_lost: int = 0
+    rtt_by_gap_ms: dict[str, float] = field(default_factory=dict)  # gap between pings (ms, e.g. "2") → avg RTT ms
     measurements: list[Measurement] = field(default_factory=list)
     error: str | None = None
 
@@ -369,14 +377,24 @@ def run_plan(target: IperfTarget, result: PairResult, *, seconds: int) -> None:
         progress(f"{result.label}: {name}: {_cell(measurement, result.sides)}")
 
 
+def measure_idle_pings(result: PairResult, ns: Netns, address: str, *, pings: int) -> None:
+    """The idle ping (:data:`IDLE_PING_GAP` apart), then at each of :data:`SHORTER_PING_GAPS`, with enough pings there
+    that the first, cold one weighs little in the average."""
+    result.rtt_avg_ms, result.rtt_max_ms, result.ping_lost = ping_rtt_ms(
+        ns, address, count=pings, interval=IDLE_PING_GAP
+    )
+    result.rtt_by_gap_ms[f"{IDLE_PING_GAP * 1000:g}"] = result.rtt_avg_ms
+    for gap in SHORTER_PING_GAPS:
+        count = max(pings, SHORTER_GAP_PINGS)
+        result.rtt_by_gap_ms[f"{gap * 1000:g}"] = ping_rtt_ms(ns, address, count=count, interval=gap)[0]
+
+
 def measure_pair(spec: PairSpec, *, seconds: int, pings: int, log_dir: Path) -> PairResult:
     result = PairResult(spec.key, spec.label)
     try:
         with _pair(spec, log_dir) as pair:
             progress(f"{spec.label}: tunnel up; ping ×{pings}")
-            result.rtt_avg_ms, result.rtt_max_ms, result.ping_lost = ping_rtt_ms(
-                pair.a.ns, pair.b.tunnel_ip, count=pings
-            )
+            measure_idle_pings(result, pair.a.ns, pair.b.tunnel_ip, pings=pings)
             run_plan(_pair_target(pair), result, seconds=seconds)
     except Exception as exc:  # one broken implementation must not hide the others' figures
         result.error = f"{type(exc).__name__}: {exc}"[:300]
@@ -532,6 +550,24 @@ def format_interleaved(results: list[InterleavedScaling]) -> str:
     return "\n".join(lines)
 
 
+def format_ping_gaps(results: list[PairResult]) -> str:
+    """One line per row: the average idle RTT by the gap between pings, with the ratio to the reference's."""
+    reference = next((r for r in results if r.key == REFERENCE and r.error is None), None)
+    lines = []
+    for result in results:
+        if result.error is not None or not result.rtt_by_gap_ms:
+            continue
+        parts = []
+        for gap, rtt in sorted(result.rtt_by_gap_ms.items(), key=lambda item: float(item[0])):
+            part = f"{gap} ms {rtt:.3f}"
+            base = reference.rtt_by_gap_ms.get(gap) if reference is not None and result is not reference else None
+            if base is not None and base > 0 and not math.isnan(rtt):
+                part += f" ({rtt / base:.2f}×)"
+            parts.append(part)
+        lines.append(f"idle ping avg ms by gap between pings, {result.label}: {', '.join(parts)}")
+    return "\n".join(lines)
+
+
 def format_scaling(results: list[PairResult]) -> str:
     """One line per 1-queue/2-queue pair of rows present: throughput with 2 queues over 1, per measurement."""
     by_key = {r.key: r for r in results if r.error is None}
@@ -658,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.scaling_rounds > 0 and one in keys and two in keys
         ]
     table = format_table(results)
+    gaps = format_ping_gaps(results)
+    if gaps:
+        table += "\n\n" + gaps
     scaling = "\n".join(part for part in (format_scaling(results), format_interleaved(interleaved)) if part)
     if scaling:
         table += "\n\n" + scaling

@@ -26,9 +26,8 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from lab.bench import GATEWAY_ROW, IperfTarget, PairResult, progress, run_iperf, run_plan
+from lab.bench import GATEWAY_ROW, IperfTarget, PairResult, measure_idle_pings, progress, run_iperf, run_plan
 from lab.netns import Netns
-from lab.wg import ping_rtt_ms
 from lab.world import RESOURCE_IP, LabWorld
 
 GATEWAY_UDP_PAYLOAD = 1200  # fits the client's 1280-byte TUN MTU with room for IPv4 and UDP headers
@@ -100,9 +99,7 @@ async def _measure(
                     f"{[e.get('event') for e in client.events]}, stderr {client.stderr_text()[-300:]!r}"
                 )
             progress(f"{result.label}: tunnel up; ping ×{pings}")
-            result.rtt_avg_ms, result.rtt_max_ms, result.ping_lost = await asyncio.to_thread(
-                ping_rtt_ms, client_ns, RESOURCE_IP, count=pings
-            )
+            await asyncio.to_thread(measure_idle_pings, result, client_ns, RESOURCE_IP, pings=pings)
             target = IperfTarget(
                 client_ns,
                 RESOURCE_IP,

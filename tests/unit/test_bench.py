@@ -17,6 +17,7 @@ from lab.bench import (
     PairResult,
     cpu_seconds,
     format_interleaved,
+    format_ping_gaps,
     format_scaling,
     format_table,
     format_threads,
@@ -154,3 +155,19 @@ def test_interleaved_scaling_reports_the_median_ratio_and_every_round() -> None:
         "2 queues / 1 queue interleaved (pure Python, fz2py-fz2py / fz1py-fz1py, 5 s runs): "
         "FAILED: RuntimeError: no ping",
     ]
+
+
+def test_idle_ping_by_gap_is_a_ratio_to_the_reference_at_the_same_gap() -> None:
+    reference = _row(REFERENCE, "wgo", 1000.0)
+    reference.rtt_by_gap_ms = {"50": 0.5, "2": 0.25, "10": 0.4}
+    row = _row("fz1-fz1", "fz q1", 2000.0)
+    row.rtt_by_gap_ms = {"2": 0.3, "10": 0.8, "50": 1.0}
+    unmeasured = _row("fz2-fz2", "fz q2", 2000.0)
+    failed = PairResult("gateway", "gateway", error="RuntimeError: no ping", rtt_by_gap_ms={"2": 1.0})
+    assert format_ping_gaps([reference, row, unmeasured, failed]).splitlines() == [
+        "idle ping avg ms by gap between pings, wgo: 2 ms 0.250, 10 ms 0.400, 50 ms 0.500",
+        "idle ping avg ms by gap between pings, fz q1: 2 ms 0.300 (1.20×), 10 ms 0.800 (2.00×), 50 ms 1.000 (2.00×)",
+    ]
+    assert (
+        format_ping_gaps([row]) == "idle ping avg ms by gap between pings, fz q1: 2 ms 0.300, 10 ms 0.800, 50 ms 1.000"
+    )

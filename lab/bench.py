@@ -280,9 +280,21 @@ def run_iperf(
         result.cpu_b_busy = cpu_b / wall if target.pid_b is not None else None
         result.threads_a = _thread_shares(threads_a_before, threads_a_after, wall)
         result.threads_b = _thread_shares(threads_b_before, threads_b_after, wall)
-    if host_total_after > host_total_before:
-        result.host_busy = (host_busy_after - host_busy_before) / (host_total_after - host_total_before)
+    result.host_busy = host_share(
+        host_busy_after - host_busy_before, host_total_after - host_total_before, cpu_a + cpu_b, wall
+    )
     return result
+
+
+def host_share(busy: int, total: int, tunnel_cpu_seconds: float, wall: float, cpus: int | None = None) -> float | None:
+    """The machine's busy share from /proc/stat deltas, or None when it cannot be right: below what the two tunnel
+    processes alone used. On this project's VM the idle count in /proc/stat sometimes jumps ahead (one 5 s UDP run read
+    1 % busy while the tunnel processes used 22 % of a core each), so the figure is checked against their own."""
+    if total <= 0 or wall <= 0:
+        return None
+    share = busy / total
+    own = tunnel_cpu_seconds / (wall * (cpus or os.cpu_count() or 1))
+    return None if share < 0.9 * own else share
 
 
 def _udp_out_of_order(report: dict[str, object]) -> int | None:

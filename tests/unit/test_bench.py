@@ -22,6 +22,7 @@ from lab.bench import (
     format_table,
     format_threads,
     host_cpu_times,
+    host_share,
     main,
     thread_cpu_seconds,
 )
@@ -171,3 +172,12 @@ def test_idle_ping_by_gap_is_a_ratio_to_the_reference_at_the_same_gap() -> None:
     assert (
         format_ping_gaps([row]) == "idle ping avg ms by gap between pings, fz q1: 2 ms 0.300, 10 ms 0.800, 50 ms 1.000"
     )
+
+
+def test_a_host_share_below_the_tunnel_processes_own_is_not_reported() -> None:
+    # 2 CPUs, 5 s: the tunnel processes used 2.2 CPU seconds, 22 % of the machine.
+    assert host_share(900, 1000, 2.2, 5.0, cpus=2) == 0.9
+    assert host_share(200, 1000, 2.2, 5.0, cpus=2) == 0.2  # within 10 % of their own share: rounding, kept
+    assert host_share(9, 1000, 2.2, 5.0, cpus=2) is None
+    assert host_share(0, 0, 2.2, 5.0, cpus=2) is None
+    assert host_share(500, 1000, 0.0, 0.0, cpus=2) is None

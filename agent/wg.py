@@ -26,7 +26,6 @@ import fcntl
 import gc
 import logging
 import os
-import random
 import selectors
 import signal
 import socket
@@ -153,26 +152,6 @@ def _set_link_up(ifname: str, mtu: int) -> None:
         fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", name, flags | IFF_UP))
 
 
-class _FastJitterRng:
-    """SystemRng for keys and indices; a PRNG seeded from it for ``uniform`` (timer jitter only).
-
-    Jitter needs no secrecy (wireguard-go draws it from ``fastrandn``), and it is drawn on every send batch that
-    follows a receive: a getrandom(2) syscall each time showed up in profiles of the daemon under load.
-    """
-
-    def __init__(self) -> None:
-        from dataplane.io.rng import SystemRng
-
-        self._system = SystemRng()
-        self.random_bytes = self._system.random_bytes
-        self.random_u32 = self._system.random_u32
-        self.random_u64 = self._system.random_u64
-        self._jitter = random.Random(self._system.random_u64())
-
-    def uniform(self, low: float, high: float) -> float:
-        return self._jitter.uniform(low, high)
-
-
 class _UdpReader:
     """Selector data for a UDP socket: the event loop receives from it before taking the Device lock."""
 
@@ -224,6 +203,7 @@ class WgDaemon:
 
     def start(self) -> None:
         """Creates everything; raises StartupError (or OSError) with nothing left behind."""
+        from dataplane.io.rng import SystemRng
         from dataplane.io.tun import Tun
         from dataplane.wireguard.device import Device
         from dataplane.wireguard.uapi import Uapi
@@ -249,7 +229,7 @@ class WgDaemon:
                 raise StartupError(exc.strerror or str(exc)) from exc
             self._listener, self._socket_stat = _open_uapi_listener(self.ifname)
             # Padding must not grow a full-size packet past the MTU (wireguard-go pads to min(MTU, 16-multiple)).
-            self.device = Device(rng=_FastJitterRng(), wall_clock=time.time, mtu=self.mtu)
+            self.device = Device(rng=SystemRng(), wall_clock=time.time, mtu=self.mtu)
             port = self._bind(0)
             self.uapi = Uapi(self.device, listen_port=port, on_listen_port=self._bind, on_fwmark=self._set_fwmark)
             _set_link_up(self.ifname, self.mtu)

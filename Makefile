@@ -2,8 +2,8 @@
 SHELL := /bin/bash
 # Debian's python3 is what the gateway runs on when installed (packaging/install-gateway.sh, the cloud-init of
 # terraform/), so the venv, the tests and `make bench` use it too when it is there. It is built with PGO and LTO; an
-# unoptimized interpreter earlier on PATH (pyenv's, say) carries the tunnel about 15 % slower and answers an idle ping
-# about 100 µs later. PYTHON=... picks another.
+# unoptimized interpreter earlier on PATH (pyenv's, say) answered an idle ping about 100 µs later
+# (docs/architecture.md). PYTHON=... picks another.
 PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV := .venv
 PY := $(VENV)/bin/python

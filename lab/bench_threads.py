@@ -41,12 +41,13 @@ def _sealer(implementation: ModuleType) -> Callable[[bytes, int], int]:
 
 
 def _opener(implementation: ModuleType) -> Callable[[bytes, int], int]:
-    keys: dict[bytes, list[bytes]] = {}
+    sealed_by_key: dict[bytes, list[bytes]] = {}  # each thread's key: the batch it opens again and again
 
     def open_(key: bytes, counter: int) -> int:
-        messages = keys.get(key)
+        messages = sealed_by_key.get(key)
         if messages is None:
-            messages = keys[key] = implementation.seal_batch(key, RECEIVER_INDEX, 0, [bytes(PACKET_SIZE)] * BATCH, MTU)
+            packets = [bytes(PACKET_SIZE)] * BATCH
+            messages = sealed_by_key[key] = implementation.seal_batch(key, RECEIVER_INDEX, 0, packets, MTU)
         opened = implementation.open_batch(key, messages)
         if opened[0] is None:
             raise SystemExit("open_batch failed to authenticate its own messages")
